@@ -1,0 +1,44 @@
+"""Shared fixtures: the demo shards, one short training run and its ONNX export, built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> Path:
+    """The embedded digits data set written as shards (train: 1618 images, test: 179), 32x32."""
+    from toolkit.data.digits import ATTRIBUTES, SPLITS, digit_samples
+    from toolkit.data.shards import write_split
+
+    out = tmp_path_factory.mktemp("shards") / "digits"
+    for split in SPLITS:
+        write_split(digit_samples(split, 32), out, split, ATTRIBUTES, (32, 32), "scikit-learn digits", shard_size=1000)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(digits_shards, tmp_path_factory) -> Path:
+    """A short training run on the digits shards (CPU); returns its run folder."""
+    from toolkit.config import load_config
+    from toolkit.train import train
+
+    run_dir = tmp_path_factory.mktemp("runs") / "digits"
+    config = load_config(
+        ["recipe=digits", f"run_dir={run_dir}", f"data.shards={digits_shards}", "max_steps=60", "batch_size=32",
+         "log_every=10", "sample_every=30", "data.num_workers=0"]
+    )
+    return train(config)
+
+
+@pytest.fixture(scope="session")
+def exported(trained_run, tmp_path_factory) -> Path:
+    """The trained run exported to ONNX."""
+    from toolkit.export import export_onnx
+
+    path, _ = export_onnx(trained_run, tmp_path_factory.mktemp("export") / "digits.onnx")
+    return path

@@ -1,0 +1,115 @@
+"""The `cvae-tk` command line as a user runs it: one-line errors with exit code 2, nothing written on a mistake."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = [f"digit_{i}" for i in range(10)]
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run(
+        [sys.executable, "-m", "toolkit.cli", *map(str, args)],
+        cwd=cwd, capture_output=True, text=True, timeout=300, env=env,
+    )
+
+
+def snapshot(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output, output
+    assert result.returncode == 2, output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, f"stderr should be one line, got:\n{result.stderr}"
+    (line,) = lines
+    assert line.startswith("error:") and line[len("error:"):].strip(), line
+    for fragment in fragments:
+        assert fragment in line, f"{fragment!r} not in {line!r}"
+    return line
+
+
+def identity_onnx(path: Path) -> Path:
+    """A valid ONNX model that is not a cvae-tk export."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "identity",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return path
+
+
+def test_train_unknown_recipe(tmp_path):
+    result = run_cli(["train", "recipe=nope"], tmp_path)
+    assert_user_error(result, "nope", "digits")
+    assert snapshot(tmp_path) == []
+
+
+def test_train_unknown_config_key(tmp_path):
+    result = run_cli(["train", "recipe=digits", "data.shardz=x"], tmp_path)
+    assert_user_error(result, "data.shardz")
+    assert snapshot(tmp_path) == []
+
+
+def test_export_of_a_folder_without_a_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run_cli(["export", "--onnx", "empty"], tmp_path)
+    assert_user_error(result, "empty", "config.json")
+    assert snapshot(tmp_path) == ["empty"]
+
+
+def test_sample_from_an_onnx_file_that_is_not_a_cvae_export(tmp_path):
+    identity_onnx(tmp_path / "identity.onnx")
+    before = snapshot(tmp_path)
+    result = run_cli(["sample", "identity.onnx", "--grid", "g.png"], tmp_path)
+    assert_user_error(result, "identity.onnx", "cvae-tk")
+    assert snapshot(tmp_path) == before
+
+
+def test_sample_with_an_unknown_attribute(tmp_path, exported):
+    exported_before = snapshot(exported.parent)
+    result = run_cli(["sample", exported, "--attr", "digit_33=1", "--grid", "g.png"], tmp_path)
+    line = assert_user_error(result, "digit_33", "digit_3,")
+    assert all(name in line for name in DIGITS)
+    assert snapshot(tmp_path) == []
+    assert snapshot(exported.parent) == exported_before
+
+
+def test_sample_a_grid_with_each_attribute(tmp_path, exported):
+    from PIL import Image
+
+    from toolkit.sampler import Sampler, image_grid
+
+    result = run_cli(["sample", exported, "--each-attribute", "-n", "3", "--seed", "0", "--grid", "g.png"], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "g.png" in result.stdout
+    assert snapshot(tmp_path) == ["g.png"]
+
+    with Image.open(tmp_path / "g.png") as picture:
+        assert picture.format == "PNG"
+        assert picture.size == (3 * (32 + 2) + 2, 10 * (32 + 2) + 2)  # (width, height)
+        pixels = np.asarray(picture.convert("RGB"))
+
+    # row r holds digit_r alone, three seeds' worth of noise: the same as the Python API gives
+    images = Sampler(exported, device="cpu").sample(np.eye(10, dtype=np.float32), n=3, seed=0)
+    expected = image_grid(images, columns=3)
+    assert pixels.shape == expected.shape
+    assert np.abs(pixels.astype(np.int16) - expected.astype(np.int16)).max() <= 1

@@ -1,0 +1,49 @@
+import pytest
+
+from toolkit.config import TrainConfig, load_config
+from toolkit.errors import UserError
+
+
+def test_recipe_plus_overrides_give_typed_config():
+    config = load_config(["recipe=digits", "max_steps=7", "lr=0.01", "beta=0.9", "data.shards=/x/y", "model.latent_dim=32"])
+    assert isinstance(config, TrainConfig)
+    assert (config.max_steps, config.lr, config.beta) == (7, 0.01, 0.9)
+    assert isinstance(config.max_steps, int) and isinstance(config.lr, float)
+    assert config.data.shards == "/x/y" and config.model.latent_dim == 32
+    assert config.recipe == "digits" and config.run_dir == "runs/digits"
+    assert config.model.arch == "paper" and config.mixed_precision == "auto"
+
+
+def test_recipe_by_path(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("max_steps: 3\ndata:\n  shards: here\n")
+    config = load_config([f"recipe={path}"])
+    assert (config.max_steps, config.data.shards, config.recipe, config.run_dir) == (3, "here", "mine", "runs/mine")
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["recipe=nope"], ["nope", "digits"]),
+        (["recipe=digits", "data.shardz=x"], ["data.shardz", "data.shards"]),
+        (["recipe=digits", "max_stepz=3"], ["max_stepz", "max_steps"]),
+        (["recipe=digits", "max_steps=many"], ["max_steps", "int"]),
+        (["recipe=digits", "beta=2"], ["beta", "[0, 1]"]),
+        (["recipe=digits", "mixed_precision=fp8"], ["mixed_precision", "bf16"]),
+        (["recipe=digits", "model.arch=vit"], ["model.arch", "paper"]),
+        (["recipe=digits", "max_steps"], ["key=value", "max_steps"]),
+        ([], ["recipe=NAME"]),
+    ],
+)
+def test_bad_config_names_the_key(args, words):
+    with pytest.raises(UserError) as caught:
+        load_config(args)
+    for word in words:
+        assert word in str(caught.value)
+
+
+def test_unknown_key_in_recipe_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("max_steps: 3\nbatchsize: 4\n")
+    with pytest.raises(UserError, match="batchsize"):
+        load_config([f"recipe={path}"])

@@ -1,0 +1,270 @@
+"""toolkit.sampler: runs without torch, draws reproducible noise, matches PyTorch, and rejects bad input clearly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from toolkit.errors import UserError
+from toolkit.sampler import Sampler, image_grid
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = [f"digit_{i}" for i in range(10)]
+LATENT_DIM = 16  # the digits recipe
+
+
+@pytest.fixture(scope="module")
+def sampler(exported) -> Sampler:
+    return Sampler(exported, device="cpu")
+
+
+def test_sampler_reads_the_metadata(sampler):
+    assert sampler.attributes == DIGITS
+    assert sampler.latent_dim == LATENT_DIM
+    assert tuple(sampler.image_size) == (32, 32)
+    assert sampler.provider == "CPUExecutionProvider"
+    assert sampler.metadata["cvae_tk.format"] == "sampler/1"
+
+
+BLOCKED_TORCH = textwrap.dedent(
+    """
+    import sys
+
+    class BlockTorch:
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ImportError(f"torch is blocked in this test ({name})")
+            return None
+
+    sys.meta_path.insert(0, BlockTorch())
+    try:
+        import torch
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("the torch blocker does not work")
+
+    from toolkit.sampler import Sampler
+
+    images = Sampler(sys.argv[1]).sample({"digit_3": 1}, n=4, seed=0)
+    assert images.shape == (4, 32, 32, 3), images.shape
+    assert images.dtype.name == "uint8", images.dtype
+    assert "torch" not in sys.modules, "torch was imported"
+    assert not any(name.startswith("torch.") for name in sys.modules), "a torch submodule was imported"
+    print("sampled", images.shape)
+    """
+)
+
+
+def test_sampler_works_where_torch_cannot_be_imported(exported):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCKED_TORCH, str(exported)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "sampled (4, 32, 32, 3)" in result.stdout
+
+
+def test_same_seed_same_images_other_seed_other_images(sampler):
+    first = sampler.sample({"digit_3": 1}, n=4, seed=123)
+    again = sampler.sample({"digit_3": 1}, n=4, seed=123)
+    other = sampler.sample({"digit_3": 1}, n=4, seed=124)
+    assert first.shape == (4, 32, 32, 3) and first.dtype == np.uint8
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    # the images within one call differ too (each gets its own noise)
+    assert not np.array_equal(first[0], first[1])
+
+
+def test_result_sizes_and_condition_by_condition_order(sampler):
+    assert sampler.sample({"digit_3": 1}, n=5, seed=0).shape == (5, 32, 32, 3)
+
+    mappings = [{"digit_1": 1}, {"digit_5": 1}, {"digit_9": 1}]
+    from_list = sampler.sample(mappings, n=2, seed=7)
+    assert from_list.shape == (6, 32, 32, 3)
+
+    array = np.zeros((4, 10), dtype=np.float32)
+    array[[0, 1, 2, 3], [2, 4, 6, 8]] = 1
+    from_array = sampler.sample(array, n=3, seed=1)
+    assert from_array.shape == (12, 32, 32, 3)
+
+    # a list of mappings and the equivalent array are the same conditions
+    np.testing.assert_array_equal(sampler.sample(array[:3], n=2, seed=7), sampler.sample(
+        [{"digit_2": 1}, {"digit_4": 1}, {"digit_6": 1}], n=2, seed=7))
+
+    # order: rows are condition 0 x n, condition 1 x n, ... with noise drawn for all rows at once
+    rows = np.repeat(array, 3, axis=0)
+    noise = np.random.default_rng(1).standard_normal((12, LATENT_DIM), dtype=np.float32)
+    expected = np.round(np.clip(sampler.run(rows, noise), 0, 1) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(from_array, expected)
+    interleaved = np.tile(array, (3, 1))  # condition 0, 1, 2, 3, 0, 1, ... would differ
+    wrong = np.round(np.clip(sampler.run(interleaved, noise), 0, 1) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    assert not np.array_equal(from_array, wrong)
+
+
+def test_images_match_pytorch(sampler, trained_run):
+    import torch
+
+    from toolkit.model import load_model
+
+    model = load_model(trained_run)
+    mappings = [{"digit_0": 1}, {"digit_7": 1, "digit_2": 1}, {}]
+    n, seed = 3, 42
+    images = sampler.sample(mappings, n=n, seed=seed)
+
+    attributes = np.zeros((3, 10), dtype=np.float32)
+    attributes[0, 0] = attributes[1, 7] = attributes[1, 2] = 1
+    rows = np.repeat(attributes, n, axis=0)
+    noise = np.random.default_rng(seed).standard_normal((len(rows), LATENT_DIM), dtype=np.float32)
+    with torch.no_grad():
+        reference = model.generate(torch.from_numpy(rows), torch.from_numpy(noise)).numpy()
+    expected = np.round(np.clip(reference, 0, 1) * 255).transpose(0, 2, 3, 1)
+
+    assert images.shape == expected.shape == (9, 32, 32, 3)
+    difference = np.abs(images.astype(np.int16) - expected.astype(np.int16))
+    assert difference.max() <= 1
+    assert images.std() > 1  # real pictures, not a constant
+
+
+def test_batch_size_does_not_change_the_images(exported, sampler):
+    small = Sampler(exported, device="cpu", batch_size=3)
+    np.testing.assert_array_equal(
+        small.sample({"digit_1": 1}, n=10, seed=5), sampler.sample({"digit_1": 1}, n=10, seed=5)
+    )
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+def test_unknown_attribute_suggests_a_close_match(sampler):
+    with pytest.raises(UserError) as caught:
+        sampler.sample({"digit_33": 1}, n=1)
+    message = str(caught.value)
+    assert "digit_33" in message
+    assert "did you mean digit_3" in message
+    assert all(name in message for name in DIGITS)
+
+
+@pytest.mark.parametrize("value", [2, -1, 0.5, "1"])
+def test_attribute_value_must_be_0_or_1(sampler, value):
+    with pytest.raises(UserError) as caught:
+        sampler.sample({"digit_3": value}, n=1)
+    assert "digit_3" in str(caught.value)
+    assert "0 or 1" in str(caught.value)
+
+
+def test_attribute_array_of_wrong_width(sampler):
+    with pytest.raises(UserError) as caught:
+        sampler.sample(np.zeros((2, 7), dtype=np.float32), n=1)
+    assert "(2, 7)" in str(caught.value)
+    assert "10" in str(caught.value)
+
+
+def test_attribute_array_values_must_be_0_or_1(sampler):
+    array = np.zeros((2, 10), dtype=np.float32)
+    array[1, 4] = 0.5
+    with pytest.raises(UserError, match="0 or 1"):
+        sampler.sample(array, n=1)
+
+
+@pytest.mark.parametrize("n", [0, -2, 1.5, True])
+def test_n_must_be_a_positive_integer(sampler, n):
+    with pytest.raises(UserError, match="n must be an integer >= 1"):
+        sampler.sample({"digit_3": 1}, n=n)
+
+
+def test_file_that_is_not_onnx(tmp_path):
+    path = tmp_path / "noise.onnx"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(UserError) as caught:
+        Sampler(path, device="cpu")
+    assert str(path) in str(caught.value)
+    assert "not a loadable ONNX model" in str(caught.value)
+
+
+def test_onnx_model_without_cvae_metadata(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "identity",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    path = tmp_path / "identity.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(UserError) as caught:
+        Sampler(path, device="cpu")
+    assert "not a cvae-tk sampler" in str(caught.value)
+    assert str(path) in str(caught.value)
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nowhere" / "model.onnx"
+    with pytest.raises(UserError) as caught:
+        Sampler(path)
+    assert "not found" in str(caught.value)
+    assert str(path) in str(caught.value)
+
+
+def test_bad_device_and_batch_size(exported):
+    with pytest.raises(UserError, match="device"):
+        Sampler(exported, device="gpu")
+    with pytest.raises(UserError, match="batch_size"):
+        Sampler(exported, batch_size=0)
+
+
+def _onnxruntime_really_uses_cuda(path: Path) -> bool:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    try:
+        session = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    except Exception:
+        return False
+    return "CUDAExecutionProvider" in session.get_providers()
+
+
+def test_cuda_asked_for_on_a_machine_without_it(exported):
+    if _onnxruntime_really_uses_cuda(exported):
+        pytest.skip("ONNX Runtime can use CUDA here")
+    with pytest.raises(UserError) as caught:
+        Sampler(exported, device="cuda")
+    assert "cuda" in str(caught.value).lower()
+    assert "device='cpu'" in str(caught.value)
+
+
+# -- image_grid --------------------------------------------------------------------------------
+
+
+def test_image_grid_layout():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (5, 4, 6, 3), dtype=np.uint8)  # never 255: padding is distinguishable
+    grid = image_grid(images, columns=2, padding=2)
+    assert grid.shape == (3 * (4 + 2) + 2, 2 * (6 + 2) + 2, 3)
+    assert grid.dtype == np.uint8
+
+    covered = np.zeros(grid.shape[:2], dtype=bool)
+    for index, image in enumerate(images):
+        top = 2 + (index // 2) * (4 + 2)
+        left = 2 + (index % 2) * (6 + 2)
+        np.testing.assert_array_equal(grid[top : top + 4, left : left + 6], image)
+        covered[top : top + 4, left : left + 6] = True
+    assert covered.sum() == 5 * 4 * 6
+    assert (grid[~covered] == 255).all()  # padding and the empty sixth cell
+    # spot checks: image 3 is row 1, column 1; image 4 starts row 2
+    np.testing.assert_array_equal(grid[8, 10], images[3, 0, 0])
+    np.testing.assert_array_equal(grid[14, 2], images[4, 0, 0])
+    assert (grid[14:18, 10:16] == 255).all()

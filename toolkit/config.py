@@ -1,0 +1,162 @@
+"""Recipes: a YAML file plus `key=value` overrides (OmegaConf dotlist style) -> one typed config.
+
+    load_config(["recipe=digits", "max_steps=500", "data.shards=shards/mine"])
+
+The schema below is the single source of truth for keys, types and defaults. An unknown key
+or a value of the wrong type is a `UserError` naming the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from toolkit.errors import UserError, one_line
+
+# Recipes ship beside the package (repo root / recipes); a recipe in the current folder wins.
+PACKAGED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+ARCHS = ("paper",)
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards/digits"  # the folder `cvae-tk shards` wrote (holds train/ and test/)
+    num_workers: int = 1  # DataLoader worker processes per rank
+    shuffle_buffer: int = 1000  # samples shuffled in memory before decoding
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "paper"  # PAPER.md's architecture
+    latent_dim: int = 128
+
+
+@dataclass
+class TrainConfig:
+    recipe: str = ""  # set from `recipe=NAME`; names the default run folder
+    run_dir: str = ""  # default: runs/<recipe>
+    seed: int = 0
+    max_steps: int = 2000
+    batch_size: int = 64
+    lr: float = 1e-3
+    beta: float = 0.5  # loss = (1 - beta) * MSE + beta * KL
+    mixed_precision: str = "auto"  # auto: whatever `accelerate launch` / its config says
+    log_every: int = 50
+    sample_every: int = 500  # write a sample grid every N steps (and at the end)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+def available_recipes() -> list[str]:
+    names = {p.stem for p in PACKAGED_RECIPES.glob("*.yaml")}
+    names |= {p.stem for p in Path("recipes").glob("*.yaml")}
+    return sorted(names)
+
+
+def find_recipe(name: str) -> Path:
+    """`digits` -> recipes/digits.yaml (current folder first, then the packaged ones); a path is taken as is."""
+    if name.endswith((".yaml", ".yml")) or "/" in name:
+        path = Path(name)
+        if not path.is_file():
+            raise UserError(f"recipe file not found: {path}")
+        return path
+    for folder in (Path("recipes"), PACKAGED_RECIPES):
+        path = folder / f"{name}.yaml"
+        if path.is_file():
+            return path
+    raise UserError(f"unknown recipe '{name}': expected recipes/{name}.yaml; available: {', '.join(available_recipes())}")
+
+
+def _all_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in node.items():
+        full = f"{prefix}{key}"
+        keys += _all_keys(value, full + ".") if isinstance(value, DictConfig) else [full]
+    return keys
+
+
+def _explain(error: OmegaConfBaseException, source: str, schema: DictConfig) -> UserError:
+    key = getattr(error, "full_key", None) or "?"
+    valid = _all_keys(schema)
+    if type(error).__name__ in ("ConfigKeyError", "ConfigAttributeError") or key not in valid:
+        close = difflib.get_close_matches(key, valid, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(valid)}"
+        return UserError(f"unknown config key '{key}' in {source}{hint}")
+    expected = OmegaConf.select(schema, key)
+    return UserError(f"bad value for config key '{key}' in {source}: expected {type(expected).__name__}")
+
+
+def _merge(config: DictConfig, other: DictConfig, source: str, schema: DictConfig) -> DictConfig:
+    try:
+        return OmegaConf.merge(config, other)
+    except OmegaConfBaseException as error:
+        raise _explain(error, source, schema) from None
+
+
+def parse_overrides(args: list[str]) -> tuple[str | None, list[str]]:
+    """Split `recipe=NAME` from the other `key=value` arguments; reject anything else."""
+    recipe, dotlist = None, []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"expected key=value, got '{arg}'")
+        if key == "recipe":
+            recipe = value
+        else:
+            dotlist.append(arg)
+    return recipe, dotlist
+
+
+def load_config(args: list[str], default_recipe: str | None = None) -> TrainConfig:
+    recipe, dotlist = parse_overrides(args)
+    recipe = recipe or default_recipe
+    if not recipe:
+        raise UserError(f"no recipe given: pass recipe=NAME (available: {', '.join(available_recipes())})")
+    schema = OmegaConf.structured(TrainConfig)
+    path = find_recipe(recipe)
+    try:
+        from_file = OmegaConf.load(path)
+    except Exception as error:  # YAML syntax errors come in many types
+        raise UserError(f"recipe {path} is not valid YAML: {one_line(error)}") from None
+    config = _merge(schema, from_file, f"recipe {path}", schema)
+    overrides = OmegaConf.create()
+    for item in dotlist:
+        try:
+            overrides = OmegaConf.merge(overrides, OmegaConf.from_dotlist([item]))
+        except Exception as error:  # OmegaConf and YAML errors alike
+            raise UserError(f"bad override '{item}': {one_line(error)}") from None
+    config = _merge(config, overrides, "the command line", schema)
+    config.recipe = path.stem
+    if not config.run_dir:
+        config.run_dir = f"runs/{path.stem}"
+    result: TrainConfig = OmegaConf.to_object(config)
+    validate(result)
+    return result
+
+
+def validate(config: TrainConfig) -> None:
+    def check(ok: bool, key: str, expected: str) -> None:
+        if not ok:
+            raise UserError(f"bad value for config key '{key}': expected {expected}")
+
+    check(config.max_steps > 0, "max_steps", "a positive integer")
+    check(config.batch_size > 0, "batch_size", "a positive integer")
+    check(config.lr > 0, "lr", "a positive number")
+    check(0.0 <= config.beta <= 1.0, "beta", "a number in [0, 1]")
+    check(config.mixed_precision in PRECISIONS, "mixed_precision", " | ".join(PRECISIONS))
+    check(config.log_every > 0, "log_every", "a positive integer")
+    check(config.sample_every > 0, "sample_every", "a positive integer")
+    check(config.data.num_workers >= 0, "data.num_workers", "an integer >= 0")
+    check(config.data.shuffle_buffer >= 1, "data.shuffle_buffer", "an integer >= 1")
+    check(config.model.arch in ARCHS, "model.arch", " | ".join(ARCHS))
+    check(config.model.latent_dim > 0, "model.latent_dim", "a positive integer")
+
+
+def to_yaml(config: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))

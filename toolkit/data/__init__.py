@@ -1,0 +1,1 @@
+"""Raw data sets -> WebDataset shards (`shards.py`) -> training batches (`stream.py`)."""

@@ -1,0 +1,42 @@
+"""The embedded demo data set: scikit-learn's bundled handwritten digits (1,797 images, 8x8, 10 classes).
+
+It installs with scikit-learn and needs no network. Each digit becomes a white-on-black RGB PNG
+upscaled to `size` x `size`, conditioned on a one-hot vector named digit_0 ... digit_9.
+Split: every tenth image (index % 10 == 9) is test, the rest train (fixed, so rebuilds match).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+from toolkit.data.shards import Sample
+
+ATTRIBUTES = [f"digit_{i}" for i in range(10)]
+SPLITS = ("train", "test")
+
+
+def _load():
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+
+    digits = load_digits()
+    return digits.images, digits.target
+
+
+def digit_samples(split: str, size: int = 32) -> Iterator[Sample]:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    images, labels = _load()
+    for index, (pixels, label) in enumerate(zip(images, labels)):
+        if (index % 10 == 9) != (split == "test"):
+            continue
+        gray = Image.fromarray(np.round(pixels * (255 / 16)).astype(np.uint8), mode="L")
+        rgb = gray.resize((size, size), Image.BICUBIC).convert("RGB")
+        buffer = io.BytesIO()
+        rgb.save(buffer, format="PNG", optimize=False)
+        attributes = np.zeros(len(ATTRIBUTES), dtype=np.uint8)
+        attributes[int(label)] = 1
+        yield Sample(key=f"digits_{index:06d}", image=buffer.getvalue(), ext="png", attributes=attributes)
