@@ -108,3 +108,91 @@ def test_train_batches_are_shuffled_full_batches(digits_shards):
     assert len(set(labels.tolist())) > 5  # shuffled, not in file order
     again = iter(train_batches(digits_shards, batch_size=50, seed=3, num_workers=0, shuffle_buffer=500))
     assert np.array_equal(next(again)[0].numpy(), first[0][0].numpy())  # the seed fixes the order
+
+
+def indexed_shards(out, sizes):
+    """Shards of the given sizes; sample i's image is a flat grey of value i, so it can be told apart."""
+    names, start = {}, 0
+    for number, size in enumerate(sizes):
+        samples = []
+        for index in range(start, start + size):
+            buffer = io.BytesIO()
+            Image.fromarray(np.full((4, 4, 3), index, np.uint8)).save(buffer, format="PNG")
+            samples.append(Sample(f"s{index:04d}", buffer.getvalue(), "png", np.zeros(len(NAMES), np.uint8)))
+        write_split(samples, out / f"part{number}", "train", NAMES, (4, 4), "synthetic")
+        names[f"train-{number:06d}.tar"] = size
+        start += size
+    # one split folder holding all shards, with a manifest listing them
+    split = out / "all" / "train"
+    split.mkdir(parents=True)
+    for number in range(len(sizes)):
+        (out / f"part{number}" / "train" / "train-000000.tar").rename(split / f"train-{number:06d}.tar")
+    manifest = json.loads((out / "part0" / "train" / "manifest.json").read_text())
+    manifest.update(shards=names, count=sum(sizes))
+    (split / "manifest.json").write_text(json.dumps(manifest))
+    return out / "all", start
+
+
+def ids(batch):
+    return [round(float(x) * 255) for x in batch[0][:, 0, 0, 0]]
+
+
+def test_two_ranks_two_workers_get_equal_disjoint_batches(tmp_path):
+    from toolkit.data.stream import epoch_batches
+
+    shards, total = indexed_shards(tmp_path, [5, 9, 3, 12, 7, 1, 8, 6])
+    for epoch in (0, 1):
+        seen, counts = [], []
+        for rank in (0, 1):
+            loader = epoch_batches(shards, "train", batch_size=2, epoch=epoch, seed=4, rank=rank, world=2, num_workers=2)
+            batches = list(loader)
+            assert len(batches) == len(loader) > 0
+            counts.append(len(batches))
+            seen.append([i for batch in batches for i in ids(batch)])
+        assert counts[0] == counts[1]  # equal steps on every rank: DDP cannot hang
+        assert not set(seen[0]) & set(seen[1])  # disjoint across ranks
+        everything = seen[0] + seen[1]
+        assert len(everything) == len(set(everything))  # each sample at most once per epoch
+        assert set(everything) <= set(range(total))
+        assert len(everything) == 2 * counts[0] * 2  # ranks x batches x batch size, all full batches
+    # one rank, batch 1: the epoch is complete, every sample exactly once
+    single = [i for b in epoch_batches(shards, "train", 1, epoch=0, seed=4, num_workers=2) for i in ids(b)]
+    assert sorted(single) == list(range(total))
+    # a new epoch deals the shards differently
+    first = [ids(b) for b in epoch_batches(shards, "train", 2, epoch=0, seed=4, rank=0, world=2, num_workers=2)]
+    second = [ids(b) for b in epoch_batches(shards, "train", 2, epoch=1, seed=4, rank=0, world=2, num_workers=2)]
+    assert first != second
+
+
+def test_too_few_samples_for_the_ranks_is_a_clear_error(tmp_path):
+    from toolkit.data.stream import epoch_batches
+
+    shards, _ = indexed_shards(tmp_path, [3])
+    with pytest.raises(UserError, match="rank"):
+        epoch_batches(shards, "train", batch_size=2, world=2)
+
+
+def test_tars_are_exactly_what_webdataset_tarwriter_writes(tmp_path):
+    import webdataset as wds
+
+    from toolkit.data.shards import FIXED_MTIME, encode_attributes
+
+    samples, _ = synthetic(5)
+    write_split(samples, tmp_path, "train", NAMES, (6, 5), "synthetic")
+    reference = tmp_path / "reference.tar"
+    with wds.TarWriter(str(reference), encoder=False, mtime=FIXED_MTIME) as writer:
+        for sample in samples:
+            writer.write({"__key__": sample.key, "png": sample.image, "attr.npy": encode_attributes(sample.attributes)})
+    assert (tmp_path / "train" / "train-000000.tar").read_bytes() == reference.read_bytes()
+
+
+def test_shards_and_manifest_can_be_read_through_a_pipe_url(tmp_path):
+    samples, pixels = synthetic(5)
+    write_split(samples, tmp_path, "test", NAMES, (6, 5), "synthetic", shard_size=2)
+    url = f"pipe:cat {tmp_path}"  # any command printing the file: curl, aws s3 cp ... -
+    assert read_manifest(url, "test")["count"] == 5
+    images = [x for batch in eval_batches(url, "test", batch_size=2) for x in batch[0]]
+    assert len(images) == 5
+    assert np.array_equal(np.round(images[4].permute(1, 2, 0).numpy() * 255).astype(np.uint8), pixels[4])
+    with pytest.raises(UserError, match="could not read"):
+        read_manifest(f"pipe:cat {tmp_path / 'nowhere'}", "test")

@@ -39,6 +39,72 @@ def shards_digits(
         typer.echo(f"{split}: {manifest['count']} images in {len(manifest['shards'])} shard(s) -> {out / split}")
 
 
+# Options shared by the image data sets (typer allows reusing these markers).
+SIZE = typer.Option("64", "--size", help="N (N x N), HxW (e.g. 218x178) or original (keep the JPEG bytes).")
+CROP = typer.Option(None, "--crop", help="center:N - a centred N x N square before resizing (CelebA faces: center:148).")
+WORKERS = typer.Option(0, "--workers", min=0, help="Worker processes (0: every core).")
+SHARD_SIZE = typer.Option(10_000, "--shard-size", min=1, help="Samples per tar shard.")
+STRICT = typer.Option(False, "--strict", help="Fail on a corrupt image instead of skipping and listing it.")
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace shards that another build left in --out.")
+
+
+def _build(table, out: Path, size: str, crop: Optional[str], workers: int, shard_size: int, strict: bool, overwrite: bool) -> None:
+    from toolkit.data.build import ImageSpec, build_shards
+
+    spec = ImageSpec.parse(size, crop)
+    for split, manifest in build_shards(table, out, spec, workers, shard_size, strict, overwrite).items():
+        skipped = manifest.get("skipped", {}).get("count", 0)
+        note = f", {skipped} skipped (listed in the manifest)" if skipped else ""
+        typer.echo(f"{split}: {manifest['count']} images in {len(manifest['shards'])} shard(s) -> {out / split}{note}")
+
+
+@shards_app.command("celeba")
+def shards_celeba(
+    root: Path = typer.Option(..., "--root", help="The CelebA folder: img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt."),
+    out: Path = typer.Option(Path("shards/celeba"), "--out"),
+    size: str = typer.Option("original", "--size", help="original (the paper: 218x178 JPEGs untouched), N (N x N) or HxW."),
+    crop: Optional[str] = CROP, workers: int = WORKERS, shard_size: int = SHARD_SIZE,
+    strict: bool = STRICT, overwrite: bool = OVERWRITE,
+) -> None:
+    """CelebA: 40 attributes (-1/1 -> 0/1), the official train / val / test partition."""
+    from toolkit.data.celeba import read_celeba
+
+    _build(read_celeba(root), out, size, crop, workers, shard_size, strict, overwrite)
+
+
+@shards_app.command("cub")
+def shards_cub(
+    root: Path = typer.Option(..., "--root", help="The archive root (attributes.txt beside CUB_200_2011/) or CUB_200_2011/ itself."),
+    out: Path = typer.Option(Path("shards/cub"), "--out"),
+    size: str = typer.Option("224", "--size", help="N (N x N), HxW or original."),
+    bbox_crop: bool = typer.Option(False, "--bbox-crop", help="Crop each bird to its bounding box first."),
+    crop: Optional[str] = CROP, workers: int = WORKERS, shard_size: int = SHARD_SIZE,
+    strict: bool = STRICT, overwrite: bool = OVERWRITE,
+) -> None:
+    """CUB-200-2011: 200-way species one-hot + 312 attributes (present and certainty >= 3), official split."""
+    from toolkit.data.cub import read_cub
+
+    _build(read_cub(root, bbox_crop=bbox_crop), out, size, crop, workers, shard_size, strict, overwrite)
+
+
+@shards_app.command("folder")
+def shards_folder(
+    root: Path = typer.Option(..., "--root", help="Folder the table's file names are relative to."),
+    attributes: Path = typer.Option(..., "--attributes", help="CSV: a file column (file/filename/image/path) and one 0/1 column per attribute."),
+    out: Path = typer.Option(..., "--out"),
+    split_column: Optional[str] = typer.Option(None, "--split-column", help="Column with train/val/test per row."),
+    test_fraction: float = typer.Option(0.1, "--test-fraction", min=0.0, max=0.9, help="Without --split-column: random test share."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random split."),
+    size: str = SIZE, crop: Optional[str] = CROP, workers: int = WORKERS, shard_size: int = SHARD_SIZE,
+    strict: bool = STRICT, overwrite: bool = OVERWRITE,
+) -> None:
+    """Your own images plus a CSV attribute table."""
+    from toolkit.data.folder import read_folder
+
+    table = read_folder(root, attributes, split_column=split_column, test_fraction=test_fraction, seed=seed)
+    _build(table, out, size, crop, workers, shard_size, strict, overwrite)
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(ctx: typer.Context) -> None:
     """Train from a recipe: cvae-tk train recipe=digits [key=value ...] (same as toolkit/train.py).

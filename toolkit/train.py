@@ -7,7 +7,7 @@
 The run folder (default runs/<recipe>) ends up holding:
     model.safetensors, config.json   fp32 weights + everything needed to rebuild the model
     recipe.yaml                      the resolved config this run used
-    samples.png                      one row per attribute (that attribute alone), prior samples
+    samples.png                      samples from the prior, one row per condition (see grid_conditions)
     samples/step-<N>.png, logs/      grids during training, TensorBoard scalars and images
 """
 
@@ -38,6 +38,17 @@ from toolkit.loss import cvae_loss
 from toolkit.model import CVAE, ModelSpec, save_model
 
 GRID_COLUMNS = 8
+GRID_ROWS = 8  # test-set conditions shown when there are too many attributes for one row each
+GRID_ROWS_ONE_HOT = 16
+
+
+def grid_conditions(shards: str, num_attributes: int) -> torch.Tensor:
+    """Rows of the sample grids: with few attributes (digits' classes) each one alone; with many
+    (CelebA, CUB) the attribute vectors of the first test images, which are real combinations."""
+    if num_attributes <= GRID_ROWS_ONE_HOT:
+        return torch.eye(num_attributes)
+    _, attributes = next(iter(eval_batches(shards, "test", batch_size=GRID_ROWS)))
+    return attributes
 
 
 @torch.no_grad()
@@ -74,6 +85,9 @@ def train(config: TrainConfig) -> Path:
     )
     set_seed(config.seed)
     manifest = read_manifest(config.data.shards, "train")
+    if not manifest.get("image_size") or 0 in manifest["image_size"]:
+        raise UserError(f"{config.data.shards}: the images have varied sizes; rebuild the shards with --size N or HxW")
+    read_manifest(config.data.shards, "test")  # needed for grids and metrics: fail now, not after training
     spec = ModelSpec(
         attributes=manifest["attributes"],
         image_size=tuple(manifest["image_size"]),
@@ -89,9 +103,9 @@ def train(config: TrainConfig) -> Path:
     )
 
     # Fixed conditions and noise for every grid, so grids are comparable across steps.
-    grid_attributes = torch.eye(spec.num_attributes, device=accelerator.device)
+    grid_attributes = grid_conditions(config.data.shards, spec.num_attributes).to(accelerator.device)
     grid_noise = torch.randn(
-        spec.num_attributes * GRID_COLUMNS, spec.latent_dim, generator=torch.Generator().manual_seed(config.seed)
+        len(grid_attributes) * GRID_COLUMNS, spec.latent_dim, generator=torch.Generator().manual_seed(config.seed)
     ).to(accelerator.device)
 
     if accelerator.is_main_process:

@@ -8,6 +8,10 @@ Layout (one folder per data set):
 Each sample in a tar: `<key>.png` (or `.jpg`): the encoded image bytes as given; `<key>.attr.npy`:
 the 0/1 attribute vector (uint8, length A). Keys are dot-free, as WebDataset requires.
 
+Tar members are laid out exactly as webdataset's `TarWriter` writes them (same header fields, sorted
+fields per sample; a test compares the bytes), but each sample is serialized on its own by
+`serialize`, so worker processes can do it and the writing process only appends bytes.
+
 Nothing half-written looks valid: the split's old manifest is removed first, every tar is written
 under a `.tmp` name and renamed when complete, and the manifest is written last. A split without a
 manifest is incomplete, and the reader refuses it. Tars have fixed mtime/owner, so the same
@@ -19,14 +23,18 @@ from __future__ import annotations
 import io
 import json
 import os
+import tarfile
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-import webdataset as wds
 
 MANIFEST = "manifest.json"
+# Fixed member time (2000-01-01) so rebuilds are byte-identical. An int: a float mtime makes
+# tarfile add a PAX header to every member, doubling the header work.
+FIXED_MTIME = 946_684_800
 IMAGE_EXTS = ("png", "jpg")
 
 
@@ -36,12 +44,20 @@ class Sample:
     image: bytes  # encoded PNG or JPEG
     ext: str  # "png" or "jpg"
     attributes: np.ndarray  # uint8 0/1, one per attribute name
+    size: tuple[int, int] | None = None  # (H, W) of the image, where the producer knows it
+
+
+@lru_cache(maxsize=16)
+def _npy_header(length: int) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(length, dtype=np.uint8), allow_pickle=False)
+    return buffer.getvalue()[: -length or None]
 
 
 def encode_attributes(attributes: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, np.asarray(attributes, dtype=np.uint8), allow_pickle=False)
-    return buffer.getvalue()
+    """The .npy bytes of a uint8 vector (what np.save writes; the header is cached: this runs per sample)."""
+    vector = np.ascontiguousarray(attributes, dtype=np.uint8)
+    return _npy_header(len(vector)) + vector.tobytes()
 
 
 def _check(sample: Sample, num_attributes: int) -> None:
@@ -52,8 +68,32 @@ def _check(sample: Sample, num_attributes: int) -> None:
     attributes = np.asarray(sample.attributes)
     if attributes.shape != (num_attributes,):
         raise ValueError(f"sample {sample.key}: {attributes.shape[0] if attributes.ndim else 0} attribute values, expected {num_attributes}")
-    if not np.isin(attributes, (0, 1)).all():
+    if attributes.size and (attributes.min() < 0 or attributes.max() > 1 or not np.array_equal(attributes, attributes.astype(np.uint8))):
         raise ValueError(f"sample {sample.key}: attribute values must be 0 or 1")
+
+
+@dataclass
+class EncodedSample:
+    """A sample already laid out as tar members (what `serialize` returns)."""
+
+    key: str
+    data: bytes
+    size: tuple[int, int] | None = None  # (H, W), carried over from the Sample
+
+
+def _member(name: str, data: bytes) -> bytes:
+    # The header webdataset's TarWriter gives each member (tarfile's default PAX format).
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = len(data), FIXED_MTIME, 0o444, "bigdata", "bigdata"
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape") + data + bytes(-len(data) % tarfile.BLOCKSIZE)
+
+
+def serialize(sample: Sample, num_attributes: int) -> EncodedSample:
+    """Check a sample and lay it out as tar members: `<key>.attr.npy`, then `<key>.<ext>` (sorted, as TarWriter)."""
+    _check(sample, num_attributes)
+    fields = {"attr.npy": encode_attributes(sample.attributes), sample.ext: sample.image}
+    data = b"".join(_member(f"{sample.key}.{field}", fields[field]) for field in sorted(fields))
+    return EncodedSample(sample.key, data, sample.size)
 
 
 class _ShardFile:
@@ -61,51 +101,62 @@ class _ShardFile:
 
     def __init__(self, path: Path):
         self.path, self.tmp = path, path.with_name(path.name + ".tmp")
-        self.stream = open(self.tmp, "wb")
-        # fixed mtime: the same samples give the same bytes
-        self.writer = wds.TarWriter(self.stream, encoder=False, mtime=0.0)
-        self.count = 0
+        self.stream = open(self.tmp, "wb", buffering=1 << 20)
+        self.count = self.size = 0
 
-    def write(self, sample: Sample) -> None:
-        self.writer.write({"__key__": sample.key, sample.ext: sample.image, "attr.npy": encode_attributes(sample.attributes)})
+    def append(self, sample: EncodedSample) -> None:
+        self.stream.write(sample.data)
         self.count += 1
+        self.size += len(sample.data)
 
     def commit(self) -> None:
-        self.writer.close()  # also closes the stream
+        # End of archive as tarfile writes it: two zero blocks, then zeros up to a whole record.
+        end = 2 * tarfile.BLOCKSIZE
+        end += -(self.size + end) % tarfile.RECORDSIZE
+        self.stream.write(bytes(end))
+        self.stream.close()
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        self.writer.close()
+        self.stream.close()
         self.tmp.unlink(missing_ok=True)
 
 
 def write_split(
-    samples: Iterable[Sample],
+    samples: Iterable[Sample | EncodedSample],
     out: str | Path,
     split: str,
     attributes: list[str],
     image_size: tuple[int, int],
     source: str,
     shard_size: int = 10_000,
+    extra: dict | None = None,
 ) -> dict:
-    """Write one split to `out/split/` and return its manifest."""
+    """Write one split to `out/split/` and return its manifest.
+
+    `extra` is merged into the manifest after the samples are exhausted, so a caller may fill it
+    while the samples stream (e.g. the list of skipped images).
+    """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     folder = Path(out) / split
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST).unlink(missing_ok=True)  # the split is incomplete until the new one lands
+    for partial in folder.glob(f"{split}-*.tar.tmp"):  # left by a build that was killed
+        partial.unlink()
     counts: dict[str, int] = {}
     shard: _ShardFile | None = None
     seen: set[str] = set()
     try:
         for sample in samples:
-            _check(sample, len(attributes))
+            if isinstance(sample, Sample):
+                sample = serialize(sample, len(attributes))
             if sample.key in seen:
                 raise ValueError(f"duplicate sample key {sample.key!r}")
             seen.add(sample.key)
             if shard is None:
                 shard = _ShardFile(folder / f"{split}-{len(counts):06d}.tar")
-            shard.write(sample)
+            shard.append(sample)
             if shard.count == shard_size:
                 shard.commit()
                 counts[shard.path.name], shard = shard.count, None
@@ -126,6 +177,7 @@ def write_split(
         "source": source,
         "split": split,
         "fields": {"image": "png|jpg", "attributes": "attr.npy (uint8 0/1)"},
+        **(extra or {}),
     }
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")

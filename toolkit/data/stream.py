@@ -6,6 +6,10 @@ Batches are (images float32 [B, 3, H, W] in [0, 1], attributes float32 [B, A]).
   seed, rank and worker), so every rank always has a next batch and step-based training never
   hangs on uneven shards; samples are shuffled in a buffer before they are decoded. An "epoch" is
   therefore a number of samples, not a pass that sees each sample exactly once.
+- `epoch_batches`: one epoch for one rank of N. Shards are shuffled per epoch with the seed and dealt
+  to ranks, then to workers; each sample is seen at most once per epoch across all ranks (disjoint),
+  and every rank gets exactly the same number of batches (the smallest any rank can fill), because
+  an unequal count hangs DDP. The samples that do not fill those batches wait for another epoch.
 - `eval_batches`: one ordered pass over a split, every sample exactly once (for metrics, grids).
 
 The loaders are already rank- and worker-aware: do not hand them to `accelerator.prepare`.
@@ -29,22 +33,41 @@ from toolkit.data.shards import MANIFEST
 from toolkit.errors import UserError
 
 
+def _is_url(shards: str | Path) -> bool:
+    text = str(shards)
+    return "://" in text or text.startswith("pipe:")
+
+
 def read_manifest(shards: str | Path, split: str) -> dict:
-    path = Path(shards) / split / MANIFEST
-    if not path.is_file():
-        raise UserError(
-            f"no {split} split in {shards}: expected {path} (run `cvae-tk shards ... --out {shards}`; "
-            "a split without a manifest was not finished)"
-        )
-    manifest = json.loads(path.read_text())
+    """The split's manifest.json, from a folder or from beside shards at a URL (`pipe:...`, `http://...`)."""
+    location = _join(shards, split, MANIFEST)
+    if _is_url(shards):
+        try:
+            with wds.gopen(location, "rb") as stream:
+                manifest = json.loads(stream.read())
+        except Exception as error:
+            raise UserError(f"could not read {location}: {' '.join(str(error).split())}") from None
+    else:
+        path = Path(location)
+        if not path.is_file():
+            raise UserError(
+                f"no {split} split in {shards}: expected {path} (run `cvae-tk shards ... --out {shards}`; "
+                "a split without a manifest was not finished)"
+            )
+        manifest = json.loads(path.read_text())
     if not manifest.get("shards"):
-        raise UserError(f"{path} lists no shards: the {split} split is empty")
+        raise UserError(f"{location} lists no shards: the {split} split is empty")
     return manifest
 
 
 def shard_urls(shards: str | Path, split: str) -> list[str]:
     manifest = read_manifest(shards, split)
-    return [str(Path(shards) / split / name) for name in manifest["shards"]]
+    return [_join(shards, split, name) for name in manifest["shards"]]
+
+
+def _join(shards: str | Path, split: str, name: str) -> str:
+    # A URL (pipe:..., http://...) is joined as text, a local folder as a path.
+    return f"{str(shards).rstrip('/')}/{split}/{name}" if _is_url(shards) else str(Path(shards) / split / name)
 
 
 def decode(sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +96,71 @@ def train_batches(shards: str | Path, batch_size: int, seed: int = 0, num_worker
         wds.batched(batch_size, collation_fn=default_collate, partial=False),
     )
     return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
+
+
+def deal_shards(names: list[str], epoch: int, seed: int, rank: int, world: int, worker: int, workers: int) -> list[str]:
+    """The shards one worker of one rank reads in `epoch`: a seeded shuffle, dealt round-robin."""
+    order = list(names)
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order[rank::world][worker::workers]
+
+
+class _EpochShards(torch.utils.data.IterableDataset):
+    def __init__(self, urls: list[str], epoch: int, seed: int, rank: int, world: int):
+        super().__init__()
+        self.urls, self.epoch, self.seed, self.rank, self.world = urls, epoch, seed, rank, world
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for url in deal_shards(self.urls, self.epoch, self.seed, self.rank, self.world, worker, workers):
+            yield {"url": url}
+
+
+def batches_per_rank(counts: dict[str, int], batch_size: int, epoch: int, seed: int, world: int, workers: int) -> int:
+    """How many full batches every rank can fill in `epoch` (each worker batches its own shards)."""
+    names, per_rank = list(counts), []
+    for rank in range(world):
+        per_rank.append(
+            sum(
+                sum(counts[name] for name in deal_shards(names, epoch, seed, rank, world, worker, workers)) // batch_size
+                for worker in range(workers)
+            )
+        )
+    return min(per_rank)
+
+
+def epoch_batches(
+    shards: str | Path,
+    split: str = "train",
+    batch_size: int = 64,
+    epoch: int = 0,
+    seed: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    num_workers: int = 0,
+    shuffle_buffer: int = 1000,
+):
+    """One epoch of shuffled batches for `rank` of `world` (see the module docstring); has len()."""
+    manifest = read_manifest(shards, split)
+    urls = [_join(shards, split, name) for name in manifest["shards"]]
+    workers = max(num_workers, 1)
+    counts = dict(zip(urls, manifest["shards"].values()))
+    count = batches_per_rank(counts, batch_size, epoch, seed, world, workers)
+    if count == 0:
+        raise UserError(
+            f"{split} split of {shards} cannot give {world} rank(s) x {workers} worker(s) a batch of {batch_size} each: "
+            f"{len(urls)} shard(s), {manifest['count']} samples; use a smaller batch_size or rebuild with a smaller --shard-size"
+        )
+    pipeline = wds.DataPipeline(
+        _EpochShards(urls, epoch, seed, rank, world),
+        wds.tarfile_to_samples(),
+        partial(_worker_shuffle, bufsize=shuffle_buffer, seed=seed * 7919 + epoch),
+        wds.map(decode),
+        wds.batched(batch_size, collation_fn=default_collate, partial=False),
+    )
+    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)
+    return loader.with_epoch(count).with_length(count, silent=True)
 
 
 def eval_batches(shards: str | Path, split: str = "test", batch_size: int = 256):

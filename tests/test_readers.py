@@ -1,0 +1,279 @@
+"""The raw-format readers (CelebA, CUB-200-2011, folder + CSV) on tiny fixtures in the official layouts."""
+
+import shutil
+
+import numpy as np
+import pytest
+from fixtures import delete_line, make_celeba, make_cub, make_folder, replace_line, write_jpeg
+
+from toolkit.data.celeba import read_celeba
+from toolkit.data.cub import read_cub
+from toolkit.data.folder import read_folder
+from toolkit.data.sources import safe_key
+from toolkit.errors import UserError
+
+
+def by_key(table):
+    return {record.key: record for records in table.splits.values() for record in records}
+
+
+def raises(match_all, call, *args, **kwargs):
+    """`call` raises a UserError whose one message contains every string of `match_all`."""
+    with pytest.raises(UserError) as caught:
+        call(*args, **kwargs)
+    message = str(caught.value)
+    for part in match_all:
+        assert part in message, f"{part!r} not in {message!r}"
+    return message
+
+
+# ----------------------------------------------------------------------------------------------- CelebA
+
+
+@pytest.fixture
+def celeba(tmp_path):
+    return make_celeba(tmp_path / "celeba")
+
+
+@pytest.mark.parametrize("crlf", [False, True])
+def test_celeba_attributes_splits_and_keys(tmp_path, crlf):
+    fixture = make_celeba(tmp_path / "celeba", crlf=crlf)
+    table = read_celeba(fixture["root"])
+    assert table.source == "celeba"
+    assert table.attributes == fixture["names"] and len(table.attributes) == 40
+    assert {split: [r.key for r in records] for split, records in table.splits.items()} == fixture["splits"]
+    assert [len(table.splits[s]) for s in ("train", "val", "test")] == [8, 2, 2]
+    records = by_key(table)
+    for stem, expected in fixture["attributes"].items():
+        assert records[stem].attributes.dtype == np.uint8
+        np.testing.assert_array_equal(records[stem].attributes, expected)
+        assert records[stem].path == fixture["images"] / f"{stem}.jpg" and records[stem].path.is_file()
+        assert records[stem].bbox is None
+
+
+def test_celeba_double_spaces_are_read_as_written(celeba):
+    # the fixture writes the real quirk: two spaces before every 1
+    line = celeba["attr_file"].read_text().splitlines()[2]
+    assert "  1" in line and line.startswith("000001.jpg ")
+    values = [0 if v == "-1" else 1 for v in line.split()[1:]]
+    np.testing.assert_array_equal(by_key(read_celeba(celeba["root"]))["000001"].attributes, values)
+
+
+def test_celeba_missing_root_and_files(tmp_path, celeba):
+    raises(["nowhere"], read_celeba, tmp_path / "nowhere")
+    celeba["partition_file"].unlink()
+    raises([str(celeba["partition_file"])], read_celeba, celeba["root"])
+    celeba["attr_file"].unlink()
+    raises([str(celeba["attr_file"])], read_celeba, celeba["root"])
+    shutil.rmtree(celeba["images"])
+    raises([str(celeba["images"])], read_celeba, celeba["root"])
+
+
+def test_celeba_bad_value_names_line_and_attribute(celeba):
+    line = celeba["attr_file"].read_text().splitlines()[4].replace(" -1", "  0", 1).replace("  1", "  0", 1)
+    replace_line(celeba["attr_file"], 5, line)
+    raises(["list_attr_celeba.txt line 5", "expected -1 or 1"], read_celeba, celeba["root"])
+
+
+def test_celeba_wrong_column_count(celeba):
+    line = celeba["attr_file"].read_text().splitlines()[6]
+    replace_line(celeba["attr_file"], 7, line.rsplit(" ", 1)[0])
+    raises(["list_attr_celeba.txt line 7", "40 values"], read_celeba, celeba["root"])
+
+
+def test_celeba_count_disagrees(celeba):
+    replace_line(celeba["attr_file"], 1, "13")
+    raises(["list_attr_celeba.txt line 1", "13", "12"], read_celeba, celeba["root"])
+
+
+def test_celeba_row_without_image(celeba):
+    (celeba["images"] / "000004.jpg").unlink()
+    (celeba["images"] / "000009.jpg").unlink()
+    raises(["list_attr_celeba.txt line 6", "2 listed image(s)", "000004.jpg, 000009.jpg"], read_celeba, celeba["root"])
+
+
+def test_celeba_image_without_row(celeba):
+    write_jpeg(celeba["images"] / "999999.jpg", 178, 218, np.random.default_rng(1))
+    raises(["1 image(s)", "999999.jpg", "list_attr_celeba.txt"], read_celeba, celeba["root"])
+
+
+def test_celeba_image_without_partition_row_and_bad_partition(celeba):
+    delete_line(celeba["partition_file"], 3)
+    raises(["list_eval_partition.txt", "1 image(s)", "000003.jpg"], read_celeba, celeba["root"])
+    replace_line(celeba["partition_file"], 3, "000004.jpg 7")
+    raises(["list_eval_partition.txt line 3", "'7'"], read_celeba, celeba["root"])
+
+
+def test_celeba_duplicate_row(celeba):
+    lines = celeba["attr_file"].read_text().splitlines()
+    replace_line(celeba["attr_file"], 4, lines[2])  # 000001 again, 000002 gone
+    raises(["list_attr_celeba.txt line 4", "000001.jpg", "line 3"], read_celeba, celeba["root"])
+
+
+# ----------------------------------------------------------------------------------------------- CUB
+
+
+@pytest.fixture
+def cub(tmp_path):
+    return make_cub(tmp_path / "CUB")
+
+
+def test_cub_vectors_names_splits_and_keys(cub):
+    table = read_cub(cub["root"])
+    assert table.source == "cub-200-2011"
+    assert table.attributes == cub["class_names"] + cub["attribute_names"]
+    assert table.attributes[:2] == ["001.Black_footed_Albatross", "002.Laysan_Albatross"]
+    assert table.attributes[3] == "has_bill_shape::curved_(up_or_down)"
+    assert [len(table.splits["train"]), len(table.splits["test"])] == [5, 4]
+    assert {split: [r.key for r in records] for split, records in table.splits.items()} == {
+        split: [safe_key(r) for r in relpaths] for split, relpaths in cub["splits"].items()}
+    records = by_key(table)
+    for relpath, expected in cub["attributes"].items():
+        record = records[safe_key(relpath)]
+        assert record.attributes.shape == (3 + 4,) and record.attributes.dtype == np.uint8
+        np.testing.assert_array_equal(record.attributes, expected)
+        # the species one-hot sits at the class's position in classes.txt
+        assert record.attributes[:3].tolist() == [int(c == cub["labels"][relpath]) for c in range(3)]
+        assert record.path == cub["data"] / "images" / relpath and record.path.is_file()
+        assert record.bbox is None
+    key = safe_key(cub["relpaths"][4])
+    assert key == "002_Laysan_Albatross__Laysan_Albatross_0002_705" and records[key].attributes[1] == 1
+
+
+def test_cub_certainty_rule(cub):
+    # image 1: attr 1 present/certainty 3 -> 1, attr 2 present/certainty 2 -> 0, attr 3 absent/certainty 4 -> 0
+    rows = cub["files"]["attribute_labels"].read_text().splitlines()[:3]
+    assert [row.split()[:4] for row in rows] == [["1", "1", "1", "3"], ["1", "2", "1", "2"], ["1", "3", "0", "4"]]
+    record = by_key(read_cub(cub["root"]))[safe_key(cub["crafted"])]
+    assert record.attributes[3:6].tolist() == [1, 0, 0]
+
+
+def test_cub_extra_columns_are_ignored(cub):
+    rows = cub["files"]["attribute_labels"].read_text().splitlines()
+    assert any(len(row.split()) > 5 for row in rows)  # the quirk is in the fixture
+    assert len(read_cub(cub["root"]).splits["train"]) == 5
+
+
+def test_cub_both_roots_and_attributes_beside_data(cub):
+    expected = {k: (r.path, r.attributes.tolist()) for k, r in by_key(read_cub(cub["root"])).items()}
+    inner = read_cub(cub["data"])  # CUB_200_2011 itself: attributes.txt one level up
+    assert {k: (r.path, r.attributes.tolist()) for k, r in by_key(inner).items()} == expected
+    cub["files"]["attributes"].rename(cub["data"] / "attributes.txt")
+    for root in (cub["root"], cub["data"]):
+        assert {k: (r.path, r.attributes.tolist()) for k, r in by_key(read_cub(root)).items()} == expected
+
+
+def test_cub_bbox_crop(cub):
+    records = by_key(read_cub(cub["root"], bbox_crop=True))
+    for relpath, box in cub["boxes"].items():
+        assert records[safe_key(relpath)].bbox == box
+    delete_line(cub["files"]["boxes"], 2)
+    raises(["bounding_boxes.txt", "1 image(s)", cub["relpaths"][1]], read_cub, cub["root"], bbox_crop=True)
+    read_cub(cub["root"])  # not read without bbox_crop
+    replace_line(cub["files"]["boxes"], 2, "3 1.0 2.0 -5.0 4.0")
+    raises(["bounding_boxes.txt line 2", "positive width"], read_cub, cub["root"], bbox_crop=True)
+
+
+def test_cub_missing_files(tmp_path, cub):
+    raises(["nowhere"], read_cub, tmp_path / "nowhere")
+    raises([str(tmp_path / "CUB_200_2011" / "images.txt")], read_cub, tmp_path)
+    cub["files"]["attributes"].unlink()
+    raises([str(cub["root"] / "attributes.txt"), str(cub["data"] / "attributes.txt")], read_cub, cub["data"])
+    for name in ("classes", "labels", "split", "attribute_labels"):
+        moved = cub["files"][name].rename(cub["files"][name].with_suffix(".bak"))
+        (cub["root"] / "attributes.txt").write_text("1 a\n2 b\n3 c\n4 d\n")
+        raises([str(cub["files"][name])], read_cub, cub["root"])
+        moved.rename(cub["files"][name])
+    read_cub(cub["root"])
+
+
+@pytest.mark.parametrize("file, line, text, expected", [
+    ("images", 2, "2", "images.txt line 2"),
+    ("images", 3, "x 001.Black_footed_Albatross/a.jpg", "images.txt line 3"),
+    ("images", 3, "1 001.Black_footed_Albatross/a.jpg", "image id 1 already used on line 1"),
+    ("classes", 2, "1 002.Laysan_Albatross", "classes.txt line 2"),
+    ("labels", 4, "4 9", "image_class_labels.txt line 4: class id 9 is not in classes.txt"),
+    ("labels", 4, "99 1", "image_class_labels.txt line 4: image id 99 is not in images.txt"),
+    ("split", 5, "5 2", "train_test_split.txt line 5"),
+    ("attribute_labels", 6, "2 9 1 3 1.0", "image_attribute_labels.txt line 6: attribute id 9 is not in attributes.txt"),
+    ("attribute_labels", 6, "42 2 1 3 1.0", "image_attribute_labels.txt line 6: image id 42 is not in images.txt"),
+    ("attribute_labels", 6, "2 2 5 3 1.0", "image_attribute_labels.txt line 6: is_present"),
+    ("attribute_labels", 6, "2 2 1 x 1.0", "image_attribute_labels.txt line 6: certainty_id"),
+    ("attribute_labels", 6, "2 2 1", "image_attribute_labels.txt line 6"),
+    ("attributes", 2, "two has_bill_shape::dagger", "attributes.txt line 2"),
+])
+def test_cub_malformed_rows(cub, file, line, text, expected):
+    replace_line(cub["files"][file], line, text)
+    raises([expected], read_cub, cub["root"])
+
+
+def test_cub_missing_rows_and_images(cub):
+    original = cub["files"]["attribute_labels"].read_bytes()
+    delete_line(cub["files"]["attribute_labels"], 6)
+    raises(["image_attribute_labels.txt", "expected 4 rows per image", "id 2 (3 rows)"], read_cub, cub["root"])
+    cub["files"]["attribute_labels"].write_bytes(original)
+    delete_line(cub["files"]["split"], 9)
+    raises(["train_test_split.txt", "1 image(s)", "id 9"], read_cub, cub["root"])
+
+
+def test_cub_missing_image_files(cub):
+    for relpath in cub["relpaths"][2:4]:
+        (cub["data"] / "images" / relpath).unlink()
+    raises(["images.txt", "2 listed image(s)", cub["relpaths"][2], cub["relpaths"][3]], read_cub, cub["root"])
+
+
+# ----------------------------------------------------------------------------------------------- folder
+
+
+def test_folder_random_split_is_seeded_and_keeps_table_order(tmp_path):
+    fixture = make_folder(tmp_path, n=10)
+    table = read_folder(fixture["root"], fixture["table"], test_fraction=0.2, seed=3)
+    assert table.source == "folder:photos" and table.attributes == ["Smiling", "Eyeglasses"]
+    assert sorted(table.splits) == ["test", "train"]
+    assert [len(table.splits["train"]), len(table.splits["test"])] == [8, 2]
+    order = {safe_key(f): i for i, f in enumerate(fixture["files"])}
+    for records in table.splits.values():
+        positions = [order[r.key] for r in records]
+        assert positions == sorted(positions)
+    again = read_folder(fixture["root"], fixture["table"], test_fraction=0.2, seed=3)
+    assert [r.key for r in again.splits["test"]] == [r.key for r in table.splits["test"]]
+    records = by_key(table)
+    for file, expected in fixture["attributes"].items():
+        assert records[safe_key(file)].path == fixture["root"] / file
+        np.testing.assert_array_equal(records[safe_key(file)].attributes, expected)
+    assert "a__img_000" in records  # subfolder in the key
+    # at least one test row for a small table, never all of them
+    assert len(read_folder(fixture["root"], fixture["table"], test_fraction=0.01).splits["test"]) == 1
+
+
+def test_folder_split_column(tmp_path):
+    fixture = make_folder(tmp_path, n=7, split_column=True)
+    table = read_folder(fixture["root"], fixture["table"], split_column="split")
+    assert table.attributes == ["Smiling", "Eyeglasses"]  # the split column is not an attribute
+    assert {s: [r.key for r in rs] for s, rs in table.splits.items()} == {
+        s: [safe_key(f) for f in files] for s, files in fixture["splits"].items()}
+
+
+@pytest.mark.parametrize("line, text, expected", [
+    (3, "b/img_001.jpg,1,2,val", "labels.csv line 3: column Eyeglasses is '2', expected 0 or 1"),
+    (3, "b/img_001.jpg,-1,0,val", "labels.csv line 3: column Smiling is '-1'"),
+    (4, "a/img_002.jpg,1,0,dev", "labels.csv line 4: column split is 'dev'"),
+    (4, "a/img_002.jpg,1,0", "labels.csv line 4: 3 column(s)"),
+    (5, "a/img_002.jpg,1,0,val", "labels.csv line 5: a/img_002.jpg already listed on line 4"),
+    (5, "../img_002.jpg,1,0,val", "labels.csv line 5"),
+    (1, "name,Smiling,Eyeglasses,split", "labels.csv line 1: expected a file column named one of file, filename, image, path; the header is name, Smiling, Eyeglasses, split"),
+])
+def test_folder_bad_rows(tmp_path, line, text, expected):
+    fixture = make_folder(tmp_path, n=7, split_column=True)
+    replace_line(fixture["table"], line, text)
+    raises([expected], read_folder, fixture["root"], fixture["table"], split_column="split")
+
+
+def test_folder_missing_things(tmp_path):
+    fixture = make_folder(tmp_path, n=7)
+    raises(["labels.csv line 1", "no split column 'fold'"], read_folder, fixture["root"], fixture["table"], split_column="fold")
+    raises(["missing.csv"], read_folder, fixture["root"], tmp_path / "missing.csv")
+    for file in fixture["files"][1:3]:
+        (fixture["root"] / file).unlink()
+    raises(["labels.csv", "2 listed image(s)", "b/img_001.jpg (line 3)", "a/img_002.jpg (line 4)"],
+           read_folder, fixture["root"], fixture["table"])

@@ -1,0 +1,130 @@
+"""CelebA in its official layout -> a SourceTable (its binary attributes, the official train/val/test split).
+
+    ROOT/img_align_celeba/000001.jpg ...
+    ROOT/list_attr_celeba.txt      line 1: the image count; line 2: the attribute names; then
+                                   `<file> v1 ... vA` with values -1 or 1, columns separated by one or more spaces
+    ROOT/list_eval_partition.txt   `<file> 0|1|2` (train, val, test)
+
+Only the text files are parsed and the image folder is listed once; no image is decoded.
+Keys are the file stems ("000001"); every split keeps the order of list_attr_celeba.txt.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.data.sources import Record, SourceTable, file_names, first_few, safe_key, text_rows
+from toolkit.errors import UserError
+
+IMAGES = "img_align_celeba"
+ATTRIBUTES = "list_attr_celeba.txt"
+PARTITION = "list_eval_partition.txt"
+SPLITS = {"0": "train", "1": "val", "2": "test"}
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+_VALUE = {"-1": 0, "1": 1}
+_value = _VALUE.__getitem__
+
+
+def read_celeba(root: str | Path) -> SourceTable:
+    root = Path(os.path.abspath(root))
+    if not root.is_dir():
+        raise UserError(f"CelebA root {root} is not a folder (expected one holding {IMAGES}/, {ATTRIBUTES} and {PARTITION})")
+    images_dir, attr_file, partition_file = root / IMAGES, root / ATTRIBUTES, root / PARTITION
+    if not images_dir.is_dir():
+        raise UserError(f"CelebA: expected the image folder {images_dir}")
+    for path in (attr_file, partition_file):
+        if not path.is_file():
+            raise UserError(f"CelebA: expected the file {path}")
+
+    names, files, lines, matrix = _read_attributes(attr_file)
+    split_of = _read_partition(partition_file, set(files))
+
+    # Both directions: a row without its image would fail in the build, an image without a row
+    # means the text files and the folder come from different copies.
+    # One listing of the folder; "._x.jpg" macOS debris is skipped.
+    on_disk = file_names(images_dir, lambda name: name.lower().endswith(IMAGE_EXTS) and not name.startswith("."))
+    absent = [(line, name) for name, line in zip(files, lines) if name not in on_disk]
+    if absent:
+        raise UserError(
+            f"{attr_file} line {absent[0][0]}: {len(absent)} listed image(s) not found in {images_dir} "
+            f"(first: {first_few([name for _, name in absent])})"
+        )
+    listed = set(files)
+    unlisted = sorted(name for name in on_disk if name not in listed)
+    if unlisted:
+        raise UserError(f"{images_dir}: {len(unlisted)} image(s) have no row in {attr_file} (first: {first_few(unlisted)})")
+    unsplit = [name for name in files if name not in split_of]
+    if unsplit:
+        raise UserError(f"{partition_file}: {len(unsplit)} image(s) have no row (first: {first_few(unsplit)})")
+
+    splits: dict[str, list[Record]] = {"train": [], "val": [], "test": []}
+    for index, name in enumerate(files):
+        splits[split_of[name]].append(Record(key=safe_key(name), path=images_dir / name, attributes=matrix[index]))
+    return SourceTable(source="celeba", attributes=names, splits=splits)
+
+
+def _read_attributes(path: Path) -> tuple[list[str], list[str], list[int], np.ndarray]:
+    """Attribute names, image file names and their line numbers, and the (images, attributes) uint8 matrix."""
+    rows = text_rows(path)
+    number, fields = next(rows, (1, []))
+    if len(fields) != 1 or not fields[0].isdigit():
+        raise UserError(f"{path} line {number}: expected the image count alone, got {' '.join(fields)!r}")
+    count, count_line = int(fields[0]), number
+    number, names = next(rows, (count_line + 1, []))
+    if not names:
+        raise UserError(f"{path} line {number}: expected the attribute names")
+    if len(set(names)) != len(names):
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        raise UserError(f"{path} line {number}: attribute name(s) repeated: {', '.join(repeated)}")
+
+    width = len(names) + 1
+    files: list[str] = []
+    lines: list[int] = []
+    seen: dict[str, int] = {}
+    values = bytearray()  # one byte per value, row after row: a single matrix at the end
+    for number, fields in rows:
+        if len(fields) != width:
+            raise UserError(
+                f"{path} line {number}: expected a file name and {len(names)} values ({width} columns), "
+                f"got {len(fields)} columns"
+            )
+        name = fields[0]
+        if name in seen:
+            raise UserError(f"{path} line {number}: {name} already listed on line {seen[name]}")
+        try:
+            values += bytes(map(_value, fields[1:]))
+        except KeyError:
+            column = next(i for i, value in enumerate(fields[1:]) if value not in _VALUE)
+            raise UserError(
+                f"{path} line {number}: {names[column]} is {fields[column + 1]!r}, expected -1 or 1"
+            ) from None
+        seen[name] = number
+        files.append(name)
+        lines.append(number)
+    if count != len(files):
+        raise UserError(f"{path} line {count_line}: says {count} images, but the file has {len(files)} image rows")
+    matrix = np.frombuffer(values, dtype=np.uint8).reshape(len(files), len(names))
+    return names, files, lines, matrix
+
+
+def _read_partition(path: Path, listed: set[str]) -> dict[str, str]:
+    """File name -> "train" / "val" / "test"."""
+    split_of: dict[str, str] = {}
+    seen: dict[str, int] = {}
+    for number, fields in text_rows(path):
+        if len(fields) != 2:
+            raise UserError(f"{path} line {number}: expected '<file> 0|1|2', got {len(fields)} column(s)")
+        name, value = fields
+        if value not in SPLITS:
+            raise UserError(f"{path} line {number}: partition {value!r}, expected 0 (train), 1 (val) or 2 (test)")
+        if name in seen:
+            raise UserError(f"{path} line {number}: {name} already listed on line {seen[name]}")
+        if name not in listed:
+            # a partition file from another copy of the data set: better to stop than guess
+            raise UserError(f"{path} line {number}: {name} has no row in {ATTRIBUTES}")
+        seen[name] = number
+        split_of[name] = SPLITS[value]
+    return split_of

@@ -1,0 +1,249 @@
+"""CUB-200-2011 in its official layout -> a SourceTable (species one-hot + certain attributes, official split).
+
+    ROOT/attributes.txt                    `<attribute_id> <name>` (beside CUB_200_2011/ in the archive)
+    ROOT/CUB_200_2011/images.txt           `<image_id> <class_dir>/<file>.jpg`
+                      classes.txt          `<class_id> <name>`
+                      image_class_labels.txt   `<image_id> <class_id>`
+                      train_test_split.txt     `<image_id> 1|0` (1 = train)
+                      bounding_boxes.txt       `<image_id> x y w h` (read only for bbox_crop)
+                      attributes/image_attribute_labels.txt
+                          `<image_id> <attribute_id> <is_present> <certainty_id> <time>`, one row per
+                          image and attribute; a few real rows carry extra columns (ignored)
+                      images/<class_dir>/<file>.jpg
+
+ROOT may also be the CUB_200_2011 folder itself. The condition vector is the species one-hot (order of
+classes.txt) followed by the attributes (order of attributes.txt); an attribute is 1 only when
+is_present == 1 and certainty_id >= 3 (the paper's code). Counts come from the files, not constants.
+Only text is parsed and each class folder listed once; no image is decoded.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+import numpy as np
+
+from toolkit.data.sources import Record, SourceTable, first_few, missing_files, safe_key, text_rows
+from toolkit.errors import UserError
+
+DATA = "CUB_200_2011"
+T = TypeVar("T")
+
+
+def read_cub(root: str | Path, bbox_crop: bool = False) -> SourceTable:
+    data, attributes_file = _locate(Path(os.path.abspath(root)))
+    class_names, class_index = _read_names(data / "classes.txt", "class")
+    attribute_names, attribute_index = _read_names(attributes_file, "attribute")
+    ids, relpaths, image_index = _read_images(data / "images.txt")
+
+    def class_of(value: str) -> int:
+        position = class_index.get(_int(value))  # type: ignore[arg-type]  # None is simply absent
+        if position is None:
+            raise ValueError(f"class id {value} is not in classes.txt")
+        return position
+
+    def is_train(value: str) -> bool:
+        if value not in ("0", "1"):
+            raise ValueError(f"split value {value!r}, expected 1 (train) or 0 (test)")
+        return value == "1"
+
+    labels = _per_image(data / "image_class_labels.txt", image_index, ids, relpaths, "<image_id> <class_id>", class_of)
+    train = _per_image(data / "train_test_split.txt", image_index, ids, relpaths, "<image_id> 1|0", is_train)
+    present = _read_attribute_labels(data / "attributes" / "image_attribute_labels.txt", image_index, ids,
+                                     relpaths, attribute_index)
+    boxes = _per_image(data / "bounding_boxes.txt", image_index, ids, relpaths, "<image_id> x y w h", _box,
+                       columns=4) if bbox_crop else None
+
+    images_dir = data / "images"
+    _check_images(images_dir, data / "images.txt", relpaths)
+
+    n_classes = len(class_names)
+    matrix = np.zeros((len(ids), n_classes + len(attribute_names)), dtype=np.uint8)
+    matrix[np.arange(len(ids)), labels] = 1
+    matrix[:, n_classes:] = present
+
+    splits: dict[str, list[Record]] = {"train": [], "test": []}
+    keys: dict[str, str] = {}
+    for index, relpath in enumerate(relpaths):
+        key = safe_key(relpath)
+        if key in keys:  # e.g. 'a.b/c.jpg' and 'a_b/c.jpg'
+            raise UserError(f"{data / 'images.txt'}: {relpath} and {keys[key]} give the same key {key!r}")
+        keys[key] = relpath
+        record = Record(key=key, path=images_dir / relpath, attributes=matrix[index],
+                        bbox=boxes[index] if boxes is not None else None)
+        splits["train" if train[index] else "test"].append(record)
+    return SourceTable(source="cub-200-2011", attributes=class_names + attribute_names, splits=splits)
+
+
+def _locate(root: Path) -> tuple[Path, Path]:
+    """The CUB_200_2011 folder and attributes.txt, from the archive root or from CUB_200_2011 itself."""
+    if not root.is_dir():
+        raise UserError(f"CUB-200-2011 root {root} is not a folder (expected the archive root or its {DATA}/ folder)")
+    if (root / DATA / "images.txt").is_file():
+        data = root / DATA
+    elif (root / "images.txt").is_file():
+        data = root
+    else:
+        raise UserError(f"CUB-200-2011: expected {root / DATA / 'images.txt'} or {root / 'images.txt'}")
+    # the official archive keeps attributes.txt one level above CUB_200_2011/
+    candidates = [data.parent / "attributes.txt", data / "attributes.txt"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return data, candidate
+    raise UserError(f"CUB-200-2011: attributes.txt not found; looked for {candidates[0]} and {candidates[1]}")
+
+
+def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """text_rows(path), for a file the layout requires."""
+    if not path.is_file():
+        raise UserError(f"CUB-200-2011: expected the file {path}")
+    yield from text_rows(path)
+
+
+def _int(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _read_names(path: Path, what: str) -> tuple[list[str], dict[int, int]]:
+    """`<id> <name>` rows -> names in file order, and id -> position."""
+    names: list[str] = []
+    index: dict[int, int] = {}
+    lines: dict[int, int] = {}
+    for number, fields in _rows(path):
+        ident = _int(fields[0])
+        if len(fields) != 2 or ident is None:
+            raise UserError(f"{path} line {number}: expected '<{what}_id> <name>', got {' '.join(fields)!r}")
+        if ident in index:
+            raise UserError(f"{path} line {number}: {what} id {ident} already used on line {lines[ident]}")
+        index[ident], lines[ident] = len(names), number
+        names.append(fields[1])
+    if not names:
+        raise UserError(f"{path}: expected at least one '<{what}_id> <name>' row, found none")
+    return names, index
+
+
+def _read_images(path: Path) -> tuple[list[int], list[str], dict[int, int]]:
+    """images.txt -> image ids and relative paths in file order, and id -> position."""
+    ids: list[int] = []
+    relpaths: list[str] = []
+    index: dict[int, int] = {}
+    seen: dict[str, int] = {}
+    for number, fields in _rows(path):
+        ident = _int(fields[0])
+        if len(fields) != 2 or ident is None:
+            raise UserError(f"{path} line {number}: expected '<image_id> <class_dir>/<file>', got {' '.join(fields)!r}")
+        relpath = fields[1]
+        if relpath.startswith("/") or ".." in relpath.split("/"):
+            raise UserError(f"{path} line {number}: {relpath!r} is not a path inside images/")
+        if ident in index:
+            raise UserError(f"{path} line {number}: image id {ident} already used on line {seen[relpaths[index[ident]]]}")
+        if relpath in seen:
+            raise UserError(f"{path} line {number}: {relpath} already listed on line {seen[relpath]}")
+        index[ident], seen[relpath] = len(ids), number
+        ids.append(ident)
+        relpaths.append(relpath)
+    if not ids:
+        raise UserError(f"{path}: expected '<image_id> <class_dir>/<file>' rows, found none")
+    return ids, relpaths, index
+
+
+def _per_image(path: Path, image_index: dict[int, int], ids: list[int], relpaths: list[str], form: str,
+               parse: Callable[..., T], columns: int = 1) -> list[T]:
+    """`<image_id> <value...>` rows -> one parsed value per image (images.txt order); every image needs a row.
+
+    `parse` gets the fields after the id and raises ValueError(reason) on a bad value.
+    """
+    values: list[T | None] = [None] * len(ids)
+    lines: dict[int, int] = {}
+    for number, fields in _rows(path):
+        ident = _int(fields[0])
+        if len(fields) != columns + 1 or ident is None:
+            raise UserError(f"{path} line {number}: expected '{form}', got {' '.join(fields)!r}")
+        if ident not in image_index:
+            raise UserError(f"{path} line {number}: image id {ident} is not in images.txt")
+        if ident in lines:
+            raise UserError(f"{path} line {number}: image id {ident} already listed on line {lines[ident]}")
+        try:
+            values[image_index[ident]] = parse(*fields[1:])
+        except ValueError as error:
+            raise UserError(f"{path} line {number}: {error}") from None
+        lines[ident] = number
+    missing = [f"id {ids[i]} ({relpaths[i]})" for i, value in enumerate(values) if value is None]
+    if missing:
+        raise UserError(f"{path}: no row for {len(missing)} image(s) of images.txt (first: {first_few(missing)})")
+    return values  # type: ignore[return-value]  # no None left
+
+
+def _box(*fields: str) -> tuple[float, float, float, float]:
+    try:
+        x, y, w, h = (float(field) for field in fields)
+    except ValueError:
+        raise ValueError(f"expected four numbers x y w h, got {' '.join(fields)!r}") from None
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+        raise ValueError(f"box {' '.join(fields)!r}: expected finite numbers and a positive width and height")
+    return (x, y, w, h)
+
+
+_PRESENT = {"0": False, "1": True}
+_CERTAIN = {"1": False, "2": False, "3": True, "4": True}  # certainty_id >= 3; other spellings go through int()
+
+
+def _read_attribute_labels(path: Path, image_index: dict[int, int], ids: list[int], relpaths: list[str],
+                           attribute_index: dict[int, int]) -> np.ndarray:
+    """image_attribute_labels.txt -> (images, attributes) uint8, 1 where present with certainty >= 3.
+
+    The real file has ~3.7M rows: ids are looked up as text first, and only the 1s are collected.
+    """
+    n_attributes = len(attribute_index)
+    images = {str(ident): position for ident, position in image_index.items()}
+    attributes = {str(ident): position for ident, position in attribute_index.items()}
+    counts = [0] * len(ids)
+    ones: list[int] = []  # flat positions image * n_attributes + attribute
+    form = "<image_id> <attribute_id> <is_present> <certainty_id> <time>"
+    for number, fields in _rows(path):
+        if len(fields) < 4:  # extra columns beyond the fourth are ignored: a few real rows have them
+            raise UserError(f"{path} line {number}: expected '{form}', got {' '.join(fields)!r}")
+        image = images.get(fields[0])
+        if image is None:
+            image = image_index.get(_int(fields[0]))  # type: ignore[arg-type]  # e.g. '007'
+            if image is None:
+                raise UserError(f"{path} line {number}: image id {fields[0]} is not in images.txt")
+        attribute = attributes.get(fields[1])
+        if attribute is None:
+            attribute = attribute_index.get(_int(fields[1]))  # type: ignore[arg-type]
+            if attribute is None:
+                raise UserError(f"{path} line {number}: attribute id {fields[1]} is not in attributes.txt")
+        present = _PRESENT.get(fields[2])
+        if present is None:
+            raise UserError(f"{path} line {number}: is_present is {fields[2]!r}, expected 0 or 1")
+        certain = _CERTAIN.get(fields[3])
+        if certain is None:
+            certainty = _int(fields[3])
+            if certainty is None:
+                raise UserError(f"{path} line {number}: certainty_id is {fields[3]!r}, expected an integer")
+            certain = certainty >= 3
+        counts[image] += 1
+        if present and certain:
+            ones.append(image * n_attributes + attribute)
+    wrong = [f"id {ids[i]} ({count} rows)" for i, count in enumerate(counts) if count != n_attributes]
+    if wrong:
+        raise UserError(
+            f"{path}: expected {n_attributes} rows per image (one per attribute in attributes.txt); "
+            f"{len(wrong)} image(s) differ (first: {first_few(wrong)})"
+        )
+    flat = np.zeros(len(ids) * n_attributes, dtype=np.uint8)
+    flat[np.asarray(ones, dtype=np.int64)] = 1
+    return flat.reshape(len(ids), n_attributes)
+
+
+def _check_images(images_dir: Path, listing: Path, relpaths: list[str]) -> None:
+    """Every listed image must exist: one directory listing per class folder, no stat per image."""
+    missing = [relpaths[i] for i in missing_files(images_dir, relpaths)]
+    if missing:
+        raise UserError(f"{listing}: {len(missing)} listed image(s) not found under {images_dir} (first: {first_few(missing)})")

@@ -1,0 +1,160 @@
+"""A folder of images plus a CSV table -> a SourceTable (your own data set).
+
+    ROOT/any/sub/folders/image.jpg ...
+    TABLE (CSV with a header row):
+        file,Smiling,Eyeglasses[,split]
+        a/0001.jpg,1,0[,train]
+
+The file column is the first of `file`, `filename`, `image`, `path` in the header (file names are
+relative to ROOT); the optional split column holds train / val / test; every other column is a 0/1
+attribute. Without a split column, a seeded random `test_fraction` of the rows is test and the rest
+train, each split in table order. Only the table is parsed and each folder listed once.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import posixpath
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.data.sources import Record, SourceTable, first_few, missing_files, safe_key
+from toolkit.errors import UserError
+
+FILE_COLUMNS = ("file", "filename", "image", "path")
+SPLITS = ("train", "val", "test")
+_VALUE = {"0": 0, "1": 1}
+
+
+def read_folder(root: str | Path, table: str | Path, split_column: str | None = None,
+                test_fraction: float = 0.1, seed: int = 0) -> SourceTable:
+    root, table = Path(os.path.abspath(root)), Path(os.path.abspath(table))
+    if not root.is_dir():
+        raise UserError(f"image folder {root} is not a folder")
+    if not table.is_file():
+        raise UserError(f"expected the table file {table} (a CSV with a header row)")
+    if not 0.0 <= test_fraction < 1.0:
+        raise UserError(f"test_fraction is {test_fraction}, expected a number in [0, 1)")
+
+    names, files, lines, matrix, split_of = _read_table(table, split_column)
+    if not files:
+        raise UserError(f"{table}: expected at least one image row after the header, found none")
+    _check_images(root, table, files, lines)
+    if split_of is None:
+        split_of = _random_split(len(files), test_fraction, seed)
+
+    splits: dict[str, list[Record]] = {split: [] for split in SPLITS}
+    keys: dict[str, int] = {}
+    for index, (name, line) in enumerate(zip(files, lines)):
+        key = safe_key(name)
+        if key in keys:  # e.g. 'a.b/c.jpg' and 'a_b/c.jpg'
+            raise UserError(f"{table} line {line}: {name} gives the key {key!r}, as line {keys[key]} does")
+        keys[key] = line
+        splits[split_of[index]].append(Record(key=key, path=root / name, attributes=matrix[index]))
+    # only the splits that have rows: a data set need not have a val split
+    splits = {split: records for split, records in splits.items() if records}
+    return SourceTable(source=f"folder:{root.name}", attributes=names, splits=splits)
+
+
+def _read_table(table: Path, split_column: str | None
+                ) -> tuple[list[str], list[str], list[int], np.ndarray, list[str] | None]:
+    """Attribute names, normalized file names, their line numbers, the uint8 matrix, and the splits if given."""
+    try:
+        with open(table, newline="", encoding="utf-8-sig") as stream:  # -sig: Excel's byte-order mark
+            reader = csv.reader(stream)
+            header = [cell.strip() for cell in next(reader, [])]
+            if not any(header):
+                raise UserError(f"{table} line 1: expected a header row (a file column and attribute columns)")
+            if "" in header:
+                raise UserError(f"{table} line 1: column {header.index('') + 1} has no name")
+            if len(set(header)) != len(header):
+                repeated = sorted({cell for cell in header if header.count(cell) > 1})
+                raise UserError(f"{table} line 1: column name(s) repeated: {', '.join(repeated)}")
+            lowered = [cell.lower() for cell in header]
+            file_column = next((lowered.index(name) for name in FILE_COLUMNS if name in lowered), None)
+            if file_column is None:
+                raise UserError(
+                    f"{table} line 1: expected a file column named one of {', '.join(FILE_COLUMNS)}; "
+                    f"the header is {', '.join(header)}"
+                )
+            split_index = None
+            if split_column is not None:
+                if split_column not in header or header.index(split_column) == file_column:
+                    raise UserError(
+                        f"{table} line 1: no split column {split_column!r}; the header is {', '.join(header)}"
+                    )
+                split_index = header.index(split_column)
+            attribute_columns = [i for i in range(len(header)) if i not in (file_column, split_index)]
+            if not attribute_columns:
+                raise UserError(f"{table} line 1: expected at least one 0/1 attribute column besides the file column")
+            names = [header[i] for i in attribute_columns]
+
+            files: list[str] = []
+            lines: list[int] = []
+            splits: list[str] = []
+            seen: dict[str, int] = {}
+            values = bytearray()  # one byte per value, row after row: a single matrix at the end
+            for row in reader:
+                number = reader.line_num
+                if not any(cell.strip() for cell in row):
+                    continue
+                if len(row) != len(header):
+                    raise UserError(f"{table} line {number}: {len(row)} column(s), the header has {len(header)}")
+                name = _normalize(row[file_column], table, number)
+                if name in seen:
+                    raise UserError(f"{table} line {number}: {name} already listed on line {seen[name]}")
+                seen[name] = number
+                for column in attribute_columns:
+                    value = _VALUE.get(row[column].strip())
+                    if value is None:
+                        raise UserError(
+                            f"{table} line {number}: column {header[column]} is {row[column]!r}, expected 0 or 1"
+                        )
+                    values.append(value)
+                if split_index is not None:
+                    split = row[split_index].strip()
+                    if split not in SPLITS:
+                        raise UserError(
+                            f"{table} line {number}: column {header[split_index]} is {row[split_index]!r}, "
+                            f"expected one of {', '.join(SPLITS)}"
+                        )
+                    splits.append(split)
+                files.append(name)
+                lines.append(number)
+    except UnicodeDecodeError as error:
+        raise UserError(f"{table}: expected a UTF-8 CSV file ({error.reason})") from None
+    except csv.Error as error:
+        raise UserError(f"{table}: not a readable CSV file ({error})") from None
+    matrix = np.frombuffer(values, dtype=np.uint8).reshape(len(files), len(names))
+    return names, files, lines, matrix, (splits if split_index is not None else None)
+
+
+def _normalize(cell: str, table: Path, number: int) -> str:
+    """A file name relative to ROOT, with '/' separators (a table written on Windows may use '\\')."""
+    name = cell.strip().replace("\\", "/")
+    if not name:
+        raise UserError(f"{table} line {number}: empty file name")
+    name = posixpath.normpath(name)
+    if name.startswith("/") or name == ".." or name.startswith("../"):
+        raise UserError(f"{table} line {number}: {cell.strip()!r} is not a path inside the image folder")
+    return name
+
+
+def _check_images(root: Path, table: Path, files: list[str], lines: list[int]) -> None:
+    """Every row's image must exist: one directory listing per folder, no stat per image."""
+    missing = [f"{files[i]} (line {lines[i]})" for i in missing_files(root, files)]
+    if missing:
+        raise UserError(f"{table}: {len(missing)} listed image(s) not found under {root} (first: {first_few(missing)})")
+
+
+def _random_split(n: int, test_fraction: float, seed: int) -> list[str]:
+    """round(test_fraction * n) rows test (at least 1 when n >= 2 and the fraction > 0; never all), the rest train."""
+    n_test = round(test_fraction * n)
+    if n >= 2 and test_fraction > 0:
+        n_test = max(n_test, 1)
+    n_test = min(n_test, max(n - 1, 0))  # keep at least one training row
+    test = set(np.random.default_rng(seed).permutation(n)[:n_test].tolist())
+    return ["test" if index in test else "train" for index in range(n)]
+

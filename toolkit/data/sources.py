@@ -1,0 +1,78 @@
+"""What every raw-format reader returns: a table of records (file path + attribute vector) per split.
+
+Readers only parse text files and list paths (cheap, no image decoding); `toolkit.data.build`
+decodes, resizes and encodes the images in worker processes and writes the shards.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from toolkit.errors import UserError
+
+
+@dataclass
+class Record:
+    key: str  # unique within the data set, dot-free (WebDataset's rule)
+    path: Path  # the image file
+    attributes: np.ndarray  # uint8 0/1, one per attribute name
+    bbox: tuple[float, float, float, float] | None = None  # (x, y, width, height) crop box, if asked for
+
+
+@dataclass
+class SourceTable:
+    source: str  # e.g. "celeba", "cub-200-2011", "folder:<root>"
+    attributes: list[str]
+    splits: dict[str, list[Record]]  # "train", "val", "test" -> records in a fixed order
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # split -> "name: reason" found while reading
+
+
+def safe_key(relative_path: str) -> str:
+    """A dot-free, slash-free WebDataset key from a relative file path: '001.Black_footed/x.jpg' -> '001_Black_footed__x'."""
+    stem = relative_path.rsplit(".", 1)[0] if "." in relative_path.rsplit("/", 1)[-1] else relative_path
+    return stem.replace("/", "__").replace(".", "_")
+
+
+def text_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line number, whitespace-separated fields) of every non-blank line; CRLF, a BOM and trailing spaces are fine."""
+    try:
+        with open(path, encoding="utf-8-sig") as lines:
+            for number, line in enumerate(lines, 1):
+                fields = line.split()
+                if fields:
+                    yield number, fields
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: expected a text file ({error.reason})") from None
+
+
+def file_names(folder: Path, keep: Callable[[str], bool] | None = None) -> set[str]:
+    """Names of the regular files directly inside `folder` (one os.scandir), those `keep` accepts if given."""
+    with os.scandir(folder) as entries:
+        return {entry.name for entry in entries if (keep is None or keep(entry.name)) and entry.is_file()}
+
+
+def missing_files(root: Path, relative_paths: Sequence[str]) -> list[int]:
+    """Indices of the '/'-separated `relative_paths` with no file under `root`: one listing per folder, no stat per file."""
+    folders: dict[str, set[str]] = {}
+    missing: list[int] = []
+    for index, relpath in enumerate(relative_paths):
+        folder, _, name = relpath.rpartition("/")
+        if folder not in folders:
+            try:
+                folders[folder] = file_names(root / folder)
+            except (FileNotFoundError, NotADirectoryError):
+                folders[folder] = set()
+        if name not in folders[folder]:
+            missing.append(index)
+    return missing
+
+
+def first_few(names: Sequence[str], shown: int = 5) -> str:
+    """The first `shown` names, comma-separated, then 'and N more' for the rest: for error messages."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
