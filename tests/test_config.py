@@ -47,3 +47,29 @@ def test_unknown_key_in_recipe_file(tmp_path):
     path.write_text("max_steps: 3\nbatchsize: 4\n")
     with pytest.raises(UserError, match="batchsize"):
         load_config([f"recipe={path}"])
+
+
+def test_model_keys():
+    config = load_config(["recipe=digits", "model.arch=resnet", "model.prior=learned", "model.width=32", "model.levels=3",
+                          "model.embed_dim=64"])
+    assert (config.model.arch, config.model.prior) == ("resnet", "learned")
+    assert (config.model.width, config.model.levels, config.model.embed_dim) == (32, 3, 64)
+    default = load_config(["recipe=digits"]).model
+    assert (default.prior, default.width, default.levels, default.embed_dim) == ("standard", 64, 4, 128)
+
+
+@pytest.mark.parametrize(
+    "arg, words",
+    [
+        ("model.prior=flow", ["model.prior", "standard | learned"]),
+        ("model.arch=vit", ["model.arch", "paper | resnet"]),
+        ("model.width=0", ["model.width", "positive"]),
+        ("model.levels=-1", ["model.levels", "positive"]),
+        ("model.embed_dim=0", ["model.embed_dim", "positive"]),
+    ],
+)
+def test_bad_model_values_name_the_key(arg, words):
+    with pytest.raises(UserError) as caught:
+        load_config(["recipe=digits", arg])
+    for word in words:
+        assert word in str(caught.value)

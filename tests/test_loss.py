@@ -1,8 +1,9 @@
 import math
 
+import pytest
 import torch
 
-from toolkit.loss import cvae_loss, kl_standard_normal
+from toolkit.loss import cvae_loss, kl_gaussians, kl_standard_normal
 
 
 def test_loss_equals_hand_computation():
@@ -33,3 +34,47 @@ def test_beta_weights_the_two_terms():
     only_mse = cvae_loss(recon, target, mu, logvar, beta=0.0)
     only_kl = cvae_loss(recon, target, mu, logvar, beta=1.0)
     assert torch.equal(only_mse.total, only_mse.mse) and torch.equal(only_kl.total, only_kl.kl)
+
+
+def test_kl_gaussians_against_the_standard_normal_is_kl_standard_normal():
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(4, 7), torch.randn(4, 7)
+    zeros = torch.zeros(4, 7)
+    assert torch.allclose(kl_gaussians(mu, logvar, zeros, zeros), kl_standard_normal(mu, logvar), atol=1e-6)
+    assert kl_gaussians(mu, logvar, zeros, zeros).shape == (4,)  # per image, summed over latent units
+
+
+def test_kl_gaussians_equals_hand_computation():
+    # one image, two units. KL per unit = 1/2 (lv_p - lv_q + (e^lv_q + (mu_q - mu_p)^2) / e^lv_p - 1)
+    mu_q, logvar_q = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, math.log(2.0)]])
+    mu_p, logvar_p = torch.tensor([[0.0, 3.0]]), torch.tensor([[math.log(4.0), 0.0]])
+    unit1 = 0.5 * (math.log(4.0) - 0 + (1 + 1) / 4 - 1)  # ln2 - 1/4
+    unit2 = 0.5 * (0 - math.log(2.0) + (2 + 9) / 1 - 1)  # 5 - ln2/2
+    got = kl_gaussians(mu_q, logvar_q, mu_p, logvar_p)
+    assert torch.allclose(got, torch.tensor([unit1 + unit2]), atol=1e-6)
+    assert torch.equal(kl_gaussians(mu_p, logvar_p, mu_p, logvar_p), torch.zeros(1))
+
+
+def test_kl_gaussians_equals_torch_distributions():
+    from torch.distributions import Independent, Normal, kl_divergence
+
+    torch.manual_seed(0)
+    mu_q, logvar_q, mu_p, logvar_p = (torch.randn(5, 9, dtype=torch.double) for _ in range(4))
+    q = Independent(Normal(mu_q, torch.exp(0.5 * logvar_q)), 1)
+    p = Independent(Normal(mu_p, torch.exp(0.5 * logvar_p)), 1)
+    assert torch.allclose(kl_gaussians(mu_q, logvar_q, mu_p, logvar_p), kl_divergence(q, p), atol=1e-10)
+
+
+def test_cvae_loss_with_a_learned_prior():
+    torch.manual_seed(0)
+    recon, target = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8)
+    mu, logvar, prior_mu, prior_logvar = (torch.randn(4, 6) for _ in range(4))
+    terms = cvae_loss(recon, target, mu, logvar, 0.25, prior_mu, prior_logvar)
+    assert torch.allclose(terms.kl, kl_gaussians(mu, logvar, prior_mu, prior_logvar).mean())
+    assert torch.allclose(terms.total, 0.75 * terms.mse + 0.25 * terms.kl)
+    standard = cvae_loss(recon, target, mu, logvar, 0.25)
+    assert torch.equal(standard.mse, terms.mse) and not torch.allclose(standard.kl, terms.kl)
+    zeros = torch.zeros(4, 6)
+    assert torch.allclose(cvae_loss(recon, target, mu, logvar, 0.25, zeros, zeros).kl, standard.kl)
+    with pytest.raises(ValueError, match="both"):
+        cvae_loss(recon, target, mu, logvar, 0.25, prior_mu, None)

@@ -1,13 +1,18 @@
 import json
+import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from conftest import ROOT
+from toolkit.config import load_config
+from toolkit.errors import UserError
 from toolkit.model import CVAE, load_model, read_spec
-from toolkit.train import heldout_metrics
+from toolkit.train import TrainingStopped, find_checkpoint, heldout_metrics, train
 
 
 def test_run_folder_holds_everything_export_needs(trained_run):
@@ -20,7 +25,8 @@ def test_run_folder_holds_everything_export_needs(trained_run):
     assert "max_steps: 60" in (trained_run / "recipe.yaml").read_text()
     # the grid: one row per attribute, 8 samples per row, 32x32 cells with 2-pixel padding
     assert Image.open(trained_run / "samples.png").size == (8 * 34 + 2, 10 * 34 + 2)
-    assert sorted(p.name for p in (trained_run / "samples").iterdir()) == ["step-000030.png", "step-000060.png"]
+    assert sorted(p.name for p in (trained_run / "samples").iterdir()) == [
+        "reconstructions-000030.png", "reconstructions-000060.png", "step-000030.png", "step-000060.png"]
     assert list((trained_run / "logs").rglob("events.out.tfevents*"))  # TensorBoard scalars
 
 
@@ -51,3 +57,104 @@ def test_runs_as_a_script_and_under_accelerate_launch(digits_shards, tmp_path):
     for run_dir in ("a", "b"):
         assert load_model(tmp_path / run_dir).spec.extra["step"] == 3
     assert (tmp_path / "a" / "samples" / "step-000002.png").is_file()
+
+
+# --- checkpoints, resume, failures -----------------------------------------------------------
+
+def quick(shards, run_dir, *extra):
+    return load_config(["recipe=digits", f"run_dir={run_dir}", f"data.shards={shards}", "batch_size=16", "log_every=2",
+                        "sample_every=1000", "data.num_workers=0", *extra])
+
+
+@pytest.mark.parametrize("sampling, accum", [("epochs", 1), ("resampled", 2)])
+def test_resume_continues_exactly(digits_shards, tmp_path, sampling, accum):
+    # (a cosine schedule depends on max_steps, so it would differ between a 4- and an 8-step run)
+    common = [f"data.sampling={sampling}", f"grad_accum={accum}", "checkpoint_every=4", "warmup_steps=3", "grad_clip=1.0"]
+    straight = train(quick(digits_shards, tmp_path / "straight", "max_steps=8", *common))
+    train(quick(digits_shards, tmp_path / "resumed", "max_steps=4", *common))
+    resumed = train(quick(digits_shards, tmp_path / "resumed", "max_steps=8", "resume=latest", *common))
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_checkpoints_are_limited_and_only_complete_ones_are_resumed(digits_shards, tmp_path):
+    run = train(quick(digits_shards, tmp_path / "run", "max_steps=6", "checkpoint_every=2", "checkpoints_total_limit=2"))
+    folder = run / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    # what an interrupted save leaves: a .tmp folder, or a folder without its trainer_state.json
+    (folder / "checkpoint-8.tmp").mkdir()
+    (folder / "checkpoint-10").mkdir()
+    assert find_checkpoint(run, "latest") == folder / "checkpoint-6"
+    with pytest.raises(UserError, match="not a complete checkpoint"):
+        find_checkpoint(run, str(folder / "checkpoint-10"))
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(digits_shards, tmp_path, monkeypatch):
+    import toolkit.train as trainer
+
+    real_loss, calls = trainer.cvae_loss, []
+
+    def poisoned(*args, **kwargs):
+        terms = real_loss(*args, **kwargs)
+        calls.append(1)
+        return terms._replace(total=terms.total * float("nan")) if len(calls) > 5 else terms
+
+    monkeypatch.setattr(trainer, "cvae_loss", poisoned)
+    with pytest.raises(TrainingStopped, match="not finite for 3 consecutive") as caught:
+        train(quick(digits_shards, tmp_path / "run", "max_steps=20", "checkpoint_every=4", "max_bad_steps=3"))
+    assert "checkpoint-4" in str(caught.value)
+    assert find_checkpoint(tmp_path / "run", "latest").name == "checkpoint-4"
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    monkeypatch.setattr(trainer, "cvae_loss", real_loss)
+    resumed = train(quick(digits_shards, tmp_path / "run", "max_steps=6", "checkpoint_every=4", "resume=latest"))
+    assert json.loads((resumed / "config.json").read_text())["extra"]["step"] == 6
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["resume=/nowhere/checkpoint-3"], ["resume", "not a complete checkpoint"]),
+    (["batch_size=5000"], ["cannot fill one batch", "5000"]),
+])
+def test_bad_input_is_refused_before_any_step(digits_shards, tmp_path, extra, words):
+    with pytest.raises(UserError) as caught:
+        train(quick(digits_shards, tmp_path / "run", "max_steps=2", *extra))
+    for word in words:
+        assert word in str(caught.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_resuming_with_other_shards_is_refused(digits_shards, tmp_path):
+    from toolkit.data.shards import write_split
+    from toolkit.data.digits import digit_samples
+
+    train(quick(digits_shards, tmp_path / "run", "max_steps=2", "checkpoint_every=2"))
+    other = tmp_path / "other"
+    for split in ("train", "test"):  # the same images, 9 attribute names instead of 10
+        samples = [s for s in digit_samples(split) if s.attributes[9] == 0]
+        for s in samples:
+            s.attributes = s.attributes[:9]
+        write_split(samples, other, split, [f"digit_{i}" for i in range(9)], (32, 32), "digits minus nines")
+    with pytest.raises(UserError, match="attributes"):
+        train(quick(other, tmp_path / "run", "max_steps=4", "resume=latest"))
+
+
+def test_two_gloo_processes_step_together_on_disjoint_samples(tmp_path):
+    from toolkit.data.digits import ATTRIBUTES, digit_samples
+    from toolkit.data.shards import write_split
+
+    shards = tmp_path / "shards"
+    for split in ("train", "test"):  # 1618 train samples in shards of 300: the last one is smaller
+        write_split(digit_samples(split), shards, split, ATTRIBUTES, (32, 32), "digits", shard_size=300)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "toolkit" / "train.py"),
+         "recipe=digits", f"run_dir={tmp_path / 'run'}", f"data.shards={shards}", "max_steps=30", "batch_size=16",
+         "data.num_workers=1", "data.record_keys=true", "checkpoint_every=1000", "sample_every=1000", "log_every=10"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout
+    seen = [(tmp_path / "run" / "seen" / f"rank-{r}.txt").read_text().split() for r in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) == 30 * 16  # the same number of steps on both ranks
+    assert not set(seen[0]) & set(seen[1])  # an epoch deals disjoint shards to the ranks

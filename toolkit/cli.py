@@ -110,7 +110,8 @@ def train(ctx: typer.Context) -> None:
     """Train from a recipe: cvae-tk train recipe=digits [key=value ...] (same as toolkit/train.py).
 
     Common keys: run_dir, seed, max_steps, batch_size, lr, beta, mixed_precision (auto|no|fp16|bf16),
-    data.shards, data.num_workers, model.arch, model.latent_dim. For several GPUs use
+    data.shards, data.num_workers, model.arch (paper|resnet), model.latent_dim, model.prior
+    (standard|learned), model.width, model.levels, model.embed_dim. For several GPUs use
     `accelerate launch toolkit/train.py recipe=...`.
     """
     from toolkit.config import load_config

@@ -20,8 +20,12 @@ from toolkit.errors import UserError, one_line
 # Recipes ship beside the package (repo root / recipes); a recipe in the current folder wins.
 PACKAGED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
-ARCHS = ("paper",)
+ARCHS = ("paper", "resnet")
+PRIORS = ("standard", "learned")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("constant", "cosine")
+SAMPLINGS = ("epochs", "resampled")
 
 
 @dataclass
@@ -29,12 +33,18 @@ class DataConfig:
     shards: str = "shards/digits"  # the folder `cvae-tk shards` wrote (holds train/ and test/)
     num_workers: int = 1  # DataLoader worker processes per rank
     shuffle_buffer: int = 1000  # samples shuffled in memory before decoding
+    sampling: str = "epochs"  # epochs: disjoint shards per rank, each sample once per epoch | resampled
+    record_keys: bool = False  # write RUN/seen/rank-<r>.txt: the sample keys each rank trained on
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "paper"  # PAPER.md's architecture
+    arch: str = "paper"  # paper: PAPER.md's architecture | resnet: deeper, for 64x64 / 128x128
     latent_dim: int = 128
+    prior: str = "standard"  # standard: N(0, I) (the paper's code) | learned: p(z | x) from the attributes
+    width: int = 64  # resnet: channels of the first level (doubling per level, up to 2x)
+    levels: int = 4  # resnet: downsamplings (64x64 -> 4x4); H and W must be multiples of 2**levels
+    embed_dim: int = 128  # resnet: size of the attribute embedding that conditions every block
 
 
 @dataclass
@@ -48,7 +58,18 @@ class TrainConfig:
     beta: float = 0.5  # loss = (1 - beta) * MSE + beta * KL
     mixed_precision: str = "auto"  # auto: whatever `accelerate launch` / its config says
     log_every: int = 50
-    sample_every: int = 500  # write a sample grid every N steps (and at the end)
+    sample_every: int = 500  # sample and reconstruction grids every N steps (and at the end)
+    eval_every: int = 0  # test-split MSE / KL every N steps; 0: at each epoch end (sampling=epochs)
+    optimizer: str = "adam"  # adam | adamw
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # constant | cosine (after warm-up)
+    warmup_steps: int = 0
+    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_clip: float = 0.0  # max gradient norm; 0: no clipping
+    max_bad_steps: int = 5  # stop after this many consecutive non-finite losses
+    checkpoint_every: int = 1000  # accelerate save_state into RUN/checkpoints/checkpoint-<step>
+    checkpoints_total_limit: int = 3  # keep the newest N checkpoints
+    resume: str = ""  # latest | a checkpoint folder
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
 
@@ -152,10 +173,25 @@ def validate(config: TrainConfig) -> None:
     check(config.mixed_precision in PRECISIONS, "mixed_precision", " | ".join(PRECISIONS))
     check(config.log_every > 0, "log_every", "a positive integer")
     check(config.sample_every > 0, "sample_every", "a positive integer")
+    check(config.eval_every >= 0, "eval_every", "an integer >= 0")
+    check(config.optimizer in OPTIMIZERS, "optimizer", " | ".join(OPTIMIZERS))
+    check(config.weight_decay >= 0, "weight_decay", "a number >= 0")
+    check(config.lr_schedule in SCHEDULES, "lr_schedule", " | ".join(SCHEDULES))
+    check(config.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
+    check(config.grad_accum >= 1, "grad_accum", "an integer >= 1")
+    check(config.grad_clip >= 0, "grad_clip", "a number >= 0 (0: off)")
+    check(config.max_bad_steps >= 1, "max_bad_steps", "an integer >= 1")
+    check(config.checkpoint_every > 0, "checkpoint_every", "a positive integer")
+    check(config.checkpoints_total_limit >= 1, "checkpoints_total_limit", "an integer >= 1")
+    check(config.data.sampling in SAMPLINGS, "data.sampling", " | ".join(SAMPLINGS))
     check(config.data.num_workers >= 0, "data.num_workers", "an integer >= 0")
     check(config.data.shuffle_buffer >= 1, "data.shuffle_buffer", "an integer >= 1")
     check(config.model.arch in ARCHS, "model.arch", " | ".join(ARCHS))
     check(config.model.latent_dim > 0, "model.latent_dim", "a positive integer")
+    check(config.model.prior in PRIORS, "model.prior", " | ".join(PRIORS))
+    check(config.model.width > 0, "model.width", "a positive integer")
+    check(config.model.levels > 0, "model.levels", "a positive integer")
+    check(config.model.embed_dim > 0, "model.embed_dim", "a positive integer")
 
 
 def to_yaml(config: TrainConfig) -> str:

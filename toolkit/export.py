@@ -4,11 +4,12 @@
 
 The graph (the contract that `toolkit.sampler` and any application rely on):
     inputs   attributes  float32 [B, A]  0/1 per attribute, in the order of the metadata's names
-             noise       float32 [B, Z]  standard normal (the prior is N(0, I))
+             noise       float32 [B, Z]  standard normal, whatever the model's prior: with the learned
+                                         prior the graph computes z = mu_p(x) + exp(0.5 logvar_p(x)) * noise
     output   images      float32 [B, 3, H, W] in [0, 1]
 B is dynamic. One self-contained file. metadata_props (all strings; JSON where noted):
     cvae_tk.format = "sampler/1", attributes (JSON list), latent_dim, image_size (JSON [H, W]),
-    value_range (JSON [0, 1]), recipe, step, beta, arch, toolkit_version.
+    value_range (JSON [0, 1]), recipe, step, beta, arch, prior (standard | learned), toolkit_version.
 
 Parity with PyTorch is checked on ONNX Runtime's CPU provider at batch sizes 1, 3 and 17 before
 the file is written: it goes to a temporary name and is renamed only once the check passes.
@@ -36,7 +37,8 @@ PARITY_TOLERANCE = 1e-4
 
 
 class SamplerGraph(torch.nn.Module):
-    """What is exported: (attributes, noise) -> images, sampling z from the prior."""
+    """What is exported: (attributes, noise) -> images, sampling z from the model's prior (learned
+    prior included) via CVAE.generate."""
 
     def __init__(self, model: CVAE):
         super().__init__()
@@ -56,6 +58,7 @@ def metadata(model: CVAE) -> dict[str, str]:
         "image_size": json.dumps(list(spec.image_size)),
         "value_range": json.dumps([0, 1]),
         "arch": spec.arch,
+        "prior": spec.prior,
         "recipe": str(extra.get("recipe", "")),
         "step": str(extra.get("step", "")),
         "beta": str(extra.get("beta", "")),

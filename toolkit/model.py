@@ -1,18 +1,29 @@
-"""The Conditional VAE (PAPER.md's `paper` architecture) and how to save / rebuild it.
+"""The Conditional VAE and how to save / rebuild it.
 
 Shapes: images [B, 3, H, W] in [0, 1], attributes [B, A] (0/1 floats), latent z [B, Z].
 
-Any H x W works. The encoder's two 2x2 max-pools floor the sides (218 -> 109 -> 54); the decoder
-starts from ceil(H/4) x ceil(W/4), doubles twice and centre-crops to H x W, so every output pixel is
-computed by the network (no constant padding rows) and the output always has the input's size.
+Two architectures (`ModelSpec.arch`):
+- `paper`: PAPER.md's network exactly. Any H x W works. The encoder's two 2x2 max-pools floor the
+  sides (218 -> 109 -> 54); the decoder starts from ceil(H/4) x ceil(W/4), doubles twice and
+  centre-crops to H x W, so every output pixel is computed by the network (no constant padding
+  rows) and the output always has the input's size.
+- `resnet`: a deeper family for 64x64, 128x128 (any H, W divisible by 2**levels). Residual blocks
+  (GroupNorm + SiLU, two 3x3 convs, identity / 1x1 skip), stride-2 conv downsampling, nearest
+  upsampling + conv, channels width * (1, 2, 2, 2, ...) per level. The condition enters through a
+  learned attribute embedding (Linear(A -> E) + SiLU) that scales and shifts (FiLM) every block.
+
+Two priors (`ModelSpec.prior`): `standard` N(0, I) (the paper's code) or `learned`, Sohn et al.'s
+conditional prior p(z | x) = N(mu_p(x), diag exp(logvar_p(x))) from a small MLP on the attributes.
+`generate` samples from the model's prior, so an exported sampler always takes standard normal noise.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +39,62 @@ class ModelSpec:
     attributes: list[str]
     image_size: tuple[int, int]  # (H, W)
     latent_dim: int = 128
-    arch: str = "paper"
+    arch: str = "paper"  # one of ARCH_OPTIONS
+    prior: str = "standard"  # one of PRIORS
+    options: dict = field(default_factory=dict)  # the arch's hyper-parameters (resnet: width, levels, embed_dim)
     extra: dict = field(default_factory=dict)  # provenance (recipe, step, beta...), not needed to rebuild
 
     @property
     def num_attributes(self) -> int:
         return len(self.attributes)
+
+
+# The hyper-parameters each arch takes, with their defaults (the same as ModelConfig's). A model's
+# spec always holds the complete set for its arch, so config.json rebuilds it exactly.
+ARCH_OPTIONS: dict[str, dict[str, int]] = {
+    "paper": {},
+    "resnet": {"width": 64, "levels": 4, "embed_dim": 128},
+}
+PRIORS = ("standard", "learned")
+PRIOR_HIDDEN = 256  # the learned prior's MLP: Linear(A, 256) - SiLU - Linear(256, 2Z)
+
+
+def arch_options(arch: str, values: Mapping | object = ()) -> dict[str, int]:
+    """The hyper-parameters `arch` takes, read from `values` (a mapping, or an object such as a
+    ModelConfig, whose attributes of those names are used) or else their defaults.
+
+        arch_options("resnet", config.model)  -> {"width": 64, "levels": 4, "embed_dim": 128}
+        arch_options("paper", config.model)   -> {}
+    """
+    if arch not in ARCH_OPTIONS:
+        raise UserError(f"unknown model.arch '{arch}': expected {' | '.join(ARCH_OPTIONS)}")
+    get = values.get if isinstance(values, Mapping) else lambda key, default: getattr(values, key, default)
+    return {key: get(key, default) for key, default in ARCH_OPTIONS[arch].items()}
+
+
+def _check_options(arch: str, options: Mapping) -> dict[str, int]:
+    """`options` completed with the arch's defaults; an unknown key or a non-positive value is a UserError."""
+    if arch not in ARCH_OPTIONS:
+        raise UserError(f"unknown model.arch '{arch}': expected {' | '.join(ARCH_OPTIONS)}")
+    unknown = sorted(set(options) - set(ARCH_OPTIONS[arch]))
+    if unknown:
+        takes = ", ".join(ARCH_OPTIONS[arch]) or "none"
+        raise UserError(f"model.arch={arch} does not take the option(s) {', '.join(unknown)} (it takes: {takes})")
+    resolved = arch_options(arch, options)
+    for key, value in resolved.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"bad value for model option '{key}' of model.arch={arch}: expected a positive integer, got {value!r}")
+    return resolved
+
+
+class ModelOutput(NamedTuple):
+    """What `CVAE.forward` returns; `recon, mu, logvar, *_ = model(images, attributes)` unpacks it."""
+
+    recon: torch.Tensor  # [B, 3, H, W] in [0, 1], decoded from z ~ q(z | x, y)
+    mu: torch.Tensor  # [B, Z] posterior q(z | x, y)
+    logvar: torch.Tensor  # [B, Z]
+    prior_mu: torch.Tensor | None  # [B, Z] learned prior p(z | x); None for N(0, I)
+    prior_logvar: torch.Tensor | None
 
 
 class PaperEncoder(nn.Module):
@@ -94,27 +155,176 @@ class PaperDecoder(nn.Module):
         return x[..., top : top + height, left : left + width]
 
 
+def _groups(channels: int) -> int:
+    return math.gcd(32, channels)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv3x3, FiLM from the condition embedding (x * (1 + scale) + shift after the
+    second GroupNorm), SiLU-conv3x3, plus the input (identity, or a 1x1 conv when channels change)."""
+
+    def __init__(self, channels_in: int, channels_out: int, embed_dim: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(channels_in), channels_in)
+        self.conv1 = nn.Conv2d(channels_in, channels_out, kernel_size=3, padding=1)
+        self.film = nn.Linear(embed_dim, 2 * channels_out)
+        self.norm2 = nn.GroupNorm(_groups(channels_out), channels_out)
+        self.conv2 = nn.Conv2d(channels_out, channels_out, kernel_size=3, padding=1)
+        self.skip = nn.Conv2d(channels_in, channels_out, kernel_size=1) if channels_in != channels_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.film(embedding)[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        return self.skip(x) + self.conv2(F.silu(h))
+
+    def zero_init(self) -> None:
+        """The residual branch starts at zero (the block is its skip) and unconditioned."""
+        for layer in (self.conv2, self.film):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+
+MAX_WIDTH_FACTOR = 2  # channels double per level up to this times `width` (as DDPM's (1, 2, 2, 2))
+
+
+def resnet_channels(width: int, levels: int) -> list[int]:
+    """Channels per level, shallowest first: width doubling per level up to MAX_WIDTH_FACTOR * width
+    (width 64, 4 levels: 64, 128, 128, 128)."""
+    return [width * min(2**level, MAX_WIDTH_FACTOR) for level in range(levels)]
+
+
+def _embedding(num_attributes: int, embed_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(num_attributes, embed_dim), nn.SiLU())
+
+
+class ResNetEncoder(nn.Module):
+    """q(z | x, y): conv3x3 stem, then per level a ResBlock and a stride-2 conv3x3, then GroupNorm-SiLU
+    and linear heads for mu and log-variance from the (C, H / 2**levels, W / 2**levels) features."""
+
+    def __init__(self, num_attributes: int, image_size: tuple[int, int], latent_dim: int, width: int, levels: int, embed_dim: int):
+        super().__init__()
+        channels = resnet_channels(width, levels)
+        self.embed = _embedding(num_attributes, embed_dim)
+        self.stem = nn.Conv2d(3, channels[0], kernel_size=3, padding=1)
+        self.blocks = nn.ModuleList()
+        self.down = nn.ModuleList()
+        previous = channels[0]
+        for c in channels:
+            self.blocks.append(ResBlock(previous, c, embed_dim))
+            self.down.append(nn.Conv2d(c, c, kernel_size=3, stride=2, padding=1))
+            previous = c
+        self.norm = nn.GroupNorm(_groups(previous), previous)
+        flat = previous * (image_size[0] >> levels) * (image_size[1] >> levels)
+        self.mu = nn.Linear(flat, latent_dim)
+        self.logvar = nn.Linear(flat, latent_dim)
+
+    def forward(self, images: torch.Tensor, attributes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.embed(attributes.to(images.dtype))
+        x = self.stem(images)
+        for block, down in zip(self.blocks, self.down):
+            x = down(block(x, embedding))
+        x = F.silu(self.norm(x)).flatten(1)
+        return self.mu(x), self.logvar(x)
+
+
+class ResNetDecoder(nn.Module):
+    """p(y | x, z): [z, embedding] -> linear -> (C, H / 2**levels, W / 2**levels), then per level
+    (deepest first) nearest 2x upsampling + conv3x3 and a ResBlock, then GroupNorm-SiLU-conv3x3 -> sigmoid."""
+
+    def __init__(self, num_attributes: int, image_size: tuple[int, int], latent_dim: int, width: int, levels: int, embed_dim: int):
+        super().__init__()
+        channels = resnet_channels(width, levels)[::-1]
+        self.grid = (channels[0], image_size[0] >> levels, image_size[1] >> levels)
+        self.embed = _embedding(num_attributes, embed_dim)
+        self.fc = nn.Linear(latent_dim + embed_dim, math.prod(self.grid))
+        self.up = nn.ModuleList()
+        self.blocks = nn.ModuleList()
+        previous = channels[0]
+        for c in channels:
+            self.up.append(nn.Conv2d(previous, c, kernel_size=3, padding=1))
+            self.blocks.append(ResBlock(c, c, embed_dim))
+            previous = c
+        self.norm = nn.GroupNorm(_groups(previous), previous)
+        self.out = nn.Conv2d(previous, 3, kernel_size=3, padding=1)
+
+    def forward(self, z: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
+        embedding = self.embed(attributes.to(z.dtype))
+        x = self.fc(torch.cat([z, embedding], dim=1)).view(-1, *self.grid)
+        for up, block in zip(self.up, self.blocks):
+            x = block(up(F.interpolate(x, scale_factor=2.0, mode="nearest")), embedding)
+        return torch.sigmoid(self.out(F.silu(self.norm(x))))
+
+
+class LearnedPrior(nn.Module):
+    """Sohn et al.'s conditional prior p(z | x): Linear(A, 256) - SiLU - Linear(256, 2Z) -> (mu_p, logvar_p).
+    Its last layer starts at zero, so an untrained prior is N(0, I)."""
+
+    def __init__(self, num_attributes: int, latent_dim: int, hidden: int = PRIOR_HIDDEN):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(num_attributes, hidden), nn.SiLU(), nn.Linear(hidden, 2 * latent_dim))
+
+    def forward(self, attributes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.net(attributes.to(self.net[0].weight.dtype)).chunk(2, dim=1)
+        return mu, logvar
+
+    def zero_init(self) -> None:
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+
 class CVAE(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        if spec.arch != "paper":
-            raise UserError(f"unknown model.arch '{spec.arch}': expected paper")
-        if min(spec.image_size) < 4:
-            raise UserError(f"image size {tuple(spec.image_size)} is too small: the paper model pools twice, so both sides must be >= 4")
-        self.spec = spec
-        args = (spec.num_attributes, tuple(spec.image_size), spec.latent_dim)
-        self.encoder = PaperEncoder(*args)
-        self.decoder = PaperDecoder(*args)
+        if spec.arch not in ARCH_OPTIONS:
+            raise UserError(f"unknown model.arch '{spec.arch}': expected {' | '.join(ARCH_OPTIONS)}")
+        if spec.prior not in PRIORS:
+            raise UserError(f"unknown model.prior '{spec.prior}': expected {' | '.join(PRIORS)}")
+        options = _check_options(spec.arch, spec.options or {})
+        size = tuple(spec.image_size)
+        # the model's own copy, options completed: what config.json records
+        self.spec = spec = replace(spec, image_size=size, options=options)
+        args = (spec.num_attributes, size, spec.latent_dim)
+        if spec.arch == "paper":
+            if min(size) < 4:
+                raise UserError(f"image size {size} is too small: the paper model pools twice, so both sides must be >= 4")
+            self.encoder = PaperEncoder(*args)
+            self.decoder = PaperDecoder(*args)
+        else:
+            factor = 2 ** options["levels"]
+            if size[0] % factor or size[1] % factor:
+                raise UserError(
+                    f"image size {size[0]}x{size[1]} does not suit model.arch=resnet with model.levels={options['levels']}: "
+                    f"both sides must be multiples of 2**{options['levels']} = {factor} (e.g. 64x64 with levels 4, "
+                    f"128x128 with levels 4 or 5); rebuild the shards with such a --size or change model.levels"
+                )
+            self.encoder = ResNetEncoder(*args, **options)
+            self.decoder = ResNetDecoder(*args, **options)
+        self.prior_net = LearnedPrior(spec.num_attributes, spec.latent_dim) if spec.prior == "learned" else None
         init_weights(self)
+        for module in self.modules():
+            if isinstance(module, (ResBlock, LearnedPrior)):
+                module.zero_init()
 
-    def forward(self, images: torch.Tensor, attributes: torch.Tensor):
-        """Returns (reconstruction, mu, logvar) with z drawn from q(z | x, y) by reparameterisation."""
+    def forward(self, images: torch.Tensor, attributes: torch.Tensor) -> ModelOutput:
+        """ModelOutput(recon, mu, logvar, prior_mu, prior_logvar), with z drawn from q(z | x, y) by
+        reparameterisation; prior_* are the learned prior's (None for N(0, I))."""
         mu, logvar = self.encoder(images, attributes)
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-        return self.decoder(z, attributes), mu, logvar
+        prior_mu, prior_logvar = self.prior(attributes) or (None, None)
+        return ModelOutput(self.decoder(z, attributes), mu, logvar, prior_mu, prior_logvar)
+
+    def prior(self, attributes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mu_p, logvar_p) of the learned prior p(z | x), or None when the prior is N(0, I)."""
+        return None if self.prior_net is None else self.prior_net(attributes)
 
     def generate(self, attributes: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Sample from the prior N(0, I): the graph that export ships."""
+        """Decode z drawn from the prior, given standard normal `noise`: z = noise for N(0, I),
+        z = mu_p + exp(0.5 * logvar_p) * noise for the learned prior. The graph that export ships."""
+        prior = self.prior(attributes)
+        if prior is not None:
+            prior_mu, prior_logvar = prior
+            noise = prior_mu + torch.exp(0.5 * prior_logvar) * noise
         return self.decoder(noise, attributes)
 
 
@@ -160,6 +370,8 @@ def read_spec(folder: str | Path) -> ModelSpec:
             image_size=tuple(raw["image_size"]),
             latent_dim=int(raw["latent_dim"]),
             arch=raw.get("arch", "paper"),
+            prior=raw.get("prior", "standard"),  # absent before the learned prior existed
+            options=dict(raw.get("options", {})),
             extra=raw.get("extra", {}),
         )
     except (ValueError, KeyError, TypeError) as error:

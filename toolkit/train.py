@@ -1,14 +1,19 @@
-"""Train a CVAE from a recipe. Accelerate manages the device, precision and processes.
+"""Train a CVAE from a recipe. Accelerate manages the devices, precision and processes.
 
-    accelerate launch toolkit/train.py recipe=digits max_steps=500
-    python toolkit/train.py recipe=digits
-    cvae-tk train recipe=digits run_dir=runs/try1
+    accelerate launch toolkit/train.py recipe=celeba                    # 1..N GPUs, `accelerate config`
+    accelerate launch --multi_gpu --num_processes 8 toolkit/train.py recipe=celeba64
+    python toolkit/train.py recipe=digits max_steps=500                 # one process, CPU or GPU
+    cvae-tk train recipe=digits resume=latest
 
-The run folder (default runs/<recipe>) ends up holding:
-    model.safetensors, config.json   fp32 weights + everything needed to rebuild the model
-    recipe.yaml                      the resolved config this run used
-    samples.png                      samples from the prior, one row per condition (see grid_conditions)
-    samples/step-<N>.png, logs/      grids during training, TensorBoard scalars and images
+The run folder (default runs/<recipe>):
+    model.safetensors, config.json   final fp32 weights + everything needed to rebuild the model
+    recipe.yaml                      the resolved config
+    checkpoints/checkpoint-<step>/   accelerate save_state (model, optimizer, scheduler, RNG) + trainer_state.json
+    samples.png, samples/            prior samples at fixed conditions and noise; reconstructions of fixed test images
+    logs/                            TensorBoard: loss, MSE, KL, lr, images/s, test metrics, grids
+
+Exact resume: the batches are a pure function of (seed, micro-batch index) and the RNG states are
+checkpointed, so N steps + resume + N steps gives the weights of 2N steps straight (on the CPU).
 """
 
 from __future__ import annotations
@@ -21,8 +26,12 @@ if __name__ == "__main__" and not __package__:
     # libraries of the same names; put the project root there instead.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+import json
 import math
+import os
+import shutil
 import time
+from itertools import islice
 
 import torch
 from accelerate import Accelerator
@@ -32,14 +41,23 @@ from tqdm.auto import tqdm
 
 import toolkit
 from toolkit.config import TrainConfig, load_config, to_yaml
-from toolkit.data.stream import eval_batches, read_manifest, train_batches
+from toolkit.data.stream import batches_per_rank, epoch_batches, eval_batches, read_manifest, train_batches
 from toolkit.errors import UserError, one_line
 from toolkit.loss import cvae_loss
-from toolkit.model import CVAE, ModelSpec, save_model
+from toolkit.model import CVAE, ModelSpec, arch_options, save_model
 
 GRID_COLUMNS = 8
 GRID_ROWS = 8  # test-set conditions shown when there are too many attributes for one row each
 GRID_ROWS_ONE_HOT = 16
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its presence marks it complete
+
+
+class TrainingStopped(UserError):
+    """Training cannot go on (e.g. the loss stayed non-finite); the last good checkpoint is intact."""
+
+
+# --- pictures and metrics --------------------------------------------------------------------
 
 
 def grid_conditions(shards: str, num_attributes: int) -> torch.Tensor:
@@ -60,26 +78,173 @@ def sample_grid(model: CVAE, attributes: torch.Tensor, noise: torch.Tensor) -> t
 
 
 @torch.no_grad()
-def heldout_metrics(model: CVAE, shards: str, device: torch.device) -> dict[str, float]:
-    """Reconstruction MSE (summed per image, and per pixel) and KL per image on the test split, from the posterior mean."""
+def reconstruction_grid(model: CVAE, images: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
+    """Fixed test images (top row) and their reconstructions from the posterior mean (bottom row)."""
+    mu, _ = model.encoder(images, attributes)
+    recon = model.decoder(mu, attributes).float().clamp(0, 1)
+    return make_grid(torch.cat([images.float(), recon]).cpu(), nrow=len(images), padding=2, pad_value=1.0)
+
+
+@torch.no_grad()
+def heldout_metrics(model: CVAE, shards: str, device: torch.device, split: str = "test") -> dict[str, float]:
+    """Reconstruction MSE (summed per image, and per pixel) and KL per image on a split, from the posterior mean."""
     mse_sum = kl_sum = count = 0.0
     pixels = 1
-    for images, attributes in eval_batches(shards, "test"):
+    for images, attributes in eval_batches(shards, split):
         images, attributes = images.to(device), attributes.to(device)
         mu, logvar = model.encoder(images, attributes)
         recon = model.decoder(mu, attributes)
-        terms = cvae_loss(recon, images, mu, logvar, beta=0.5)
+        prior = model.prior(attributes) or (None, None)
+        terms = cvae_loss(recon, images, mu, logvar, 0.5, *prior)
         mse_sum += terms.mse.item() * len(images)
         kl_sum += terms.kl.item() * len(images)
         count += len(images)
         pixels = images[0].numel()
-    return {"test/mse_per_image": mse_sum / count, "test/mse_per_pixel": mse_sum / count / pixels, "test/kl_per_image": kl_sum / count}
+    return {f"{split}/mse_per_image": mse_sum / count, f"{split}/mse_per_pixel": mse_sum / count / pixels, f"{split}/kl_per_image": kl_sum / count}
+
+
+# --- batches: a pure function of (seed, micro-batch index) -----------------------------------
+
+
+class BatchStream:
+    """This rank's micro-batches as a sequence of segments, each rebuilt from the seed alone.
+
+    sampling=epochs: segment k is epoch k (`epoch_batches`: disjoint across ranks, the same length
+    on every rank). sampling=resampled: segment k is SEGMENT batches of `train_batches` seeded
+    with (seed, k). Starting at any micro-batch index opens its segment and skips to it, so a
+    resumed run sees exactly the batches an uninterrupted run would have seen.
+    """
+
+    SEGMENT = 1000
+
+    def __init__(self, config: TrainConfig, rank: int, world: int):
+        self.config, self.rank, self.world = config, rank, world
+        self.data = config.data
+        manifest = read_manifest(self.data.shards, "train")
+        self.counts = dict(manifest["shards"])
+        self.train_count = manifest["count"]
+        if self.length(0) == 0:  # say it now, before any step
+            raise UserError(
+                f"{self.data.shards} train split ({self.train_count} samples) cannot fill one batch of "
+                f"{config.batch_size} per rank for {world} rank(s) x {max(self.data.num_workers, 1)} worker(s)"
+            )
+
+    def length(self, segment: int) -> int:
+        if self.data.sampling == "resampled":
+            return self.SEGMENT
+        workers = max(self.data.num_workers, 1)
+        return batches_per_rank(self.counts, self.config.batch_size, segment, self.config.seed, self.world, workers)
+
+    def _segment(self, segment: int):
+        config, data = self.config, self.data
+        if data.sampling == "resampled":
+            loader = train_batches(
+                data.shards, config.batch_size, config.seed * 1_000_003 + segment, data.num_workers, data.shuffle_buffer, data.record_keys
+            )
+            return islice(loader, self.SEGMENT)
+        return epoch_batches(
+            data.shards, "train", config.batch_size, epoch=segment, seed=config.seed, rank=self.rank, world=self.world,
+            num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer, with_keys=data.record_keys,
+        )
+
+    def batches(self, start: int):
+        """Yield (segment, last of its segment, batch) from micro-batch index `start` on, forever."""
+        segment, offset = 0, start
+        while offset >= self.length(segment):
+            offset -= self.length(segment)
+            segment += 1
+        while True:
+            length = self.length(segment)
+            for index, batch in enumerate(self._segment(segment)):
+                if index >= offset:
+                    yield segment, index == length - 1, batch
+            segment, offset = segment + 1, 0
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a complete checkpoint folder, or None (not a checkpoint, or an interrupted save)."""
+    state = path / TRAINER_STATE
+    if not path.name.startswith("checkpoint-") or not state.is_file():
+        return None
+    try:
+        return int(json.loads(state.read_text())["step"])
+    except (ValueError, KeyError):
+        return None
+
+
+def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
+    """`resume=latest` -> the newest complete checkpoint of the run (None if there is none);
+    `resume=PATH` -> that checkpoint, which must be complete."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = [(checkpoint_step(p), p) for p in (run_dir / CHECKPOINTS).glob("checkpoint-*")]
+        found = [(step, p) for step, p in found if step is not None]
+        return max(found)[1] if found else None
+    path = Path(resume)
+    if checkpoint_step(path) is None:
+        raise UserError(f"resume={resume} is not a complete checkpoint: expected a checkpoint-<step> folder holding {TRAINER_STATE}")
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, spec: ModelSpec, limit: int) -> Path:
+    """save_state into checkpoint-<step>.tmp, mark it complete, then rename: a save cut short never
+    replaces (or looks like) a good checkpoint. Keeps the newest `limit`."""
+    folder = run_dir / CHECKPOINTS
+    final, partial = folder / f"checkpoint-{step}", folder / f"checkpoint-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"step": step, "model": _identity(spec), "toolkit_version": toolkit.__version__}
+        (partial / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        complete = sorted((s, p) for p in folder.glob("checkpoint-*") if (s := checkpoint_step(p)) is not None)
+        for _, old in complete[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _identity(spec: ModelSpec) -> dict:
+    """What a checkpoint's model must share with the run that resumes it."""
+    return {"attributes": list(spec.attributes), "image_size": list(spec.image_size), "arch": spec.arch,
+            "latent_dim": spec.latent_dim, "prior": spec.prior, "options": dict(spec.options)}
+
+
+def _check_resume(path: Path, spec: ModelSpec) -> None:
+    saved = json.loads((path / TRAINER_STATE).read_text()).get("model", {})
+    for key, now in _identity(spec).items():
+        if key in saved and saved[key] != now:
+            raise UserError(f"cannot resume from {path}: its model has {key}={saved[key]!r}, the recipe and shards give {now!r}")
+
+
+def _schedule(config: TrainConfig):
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        if config.lr_schedule == "cosine":
+            progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+    return factor
+
+
+# --- the loop ----------------------------------------------------------------------------------
 
 
 def train(config: TrainConfig) -> Path:
     run_dir = Path(config.run_dir)
     accelerator = Accelerator(
         mixed_precision=None if config.mixed_precision == "auto" else config.mixed_precision,
+        gradient_accumulation_steps=config.grad_accum,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
     )
@@ -93,74 +258,135 @@ def train(config: TrainConfig) -> Path:
         image_size=tuple(manifest["image_size"]),
         latent_dim=config.model.latent_dim,
         arch=config.model.arch,
+        prior=config.model.prior,
+        options=arch_options(config.model.arch, config.model),
     )
-    model = CVAE(spec)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    # Already rank- and worker-aware: not passed through accelerator.prepare (it would re-shard).
-    batches = iter(
-        train_batches(config.data.shards, config.batch_size, config.seed, config.data.num_workers, config.data.shuffle_buffer)
-    )
+    resume_from = find_checkpoint(run_dir, config.resume)
+    if resume_from is not None:
+        _check_resume(resume_from, spec)
+    stream = BatchStream(config, accelerator.process_index, accelerator.num_processes)
 
-    # Fixed conditions and noise for every grid, so grids are comparable across steps.
+    model = CVAE(spec)
+    optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    optimizer = optimizer_class(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # The scheduler is stepped once per optimizer step by this loop, and checkpointed with the rest.
+    accelerator.register_for_checkpointing(scheduler)
+    start_step = 0
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        start_step = checkpoint_step(resume_from)
+
+    # Fixed conditions, noise and test images for every grid, so grids are comparable across steps.
     grid_attributes = grid_conditions(config.data.shards, spec.num_attributes).to(accelerator.device)
     grid_noise = torch.randn(
         len(grid_attributes) * GRID_COLUMNS, spec.latent_dim, generator=torch.Generator().manual_seed(config.seed)
     ).to(accelerator.device)
+    fixed_images, fixed_attributes = (t[:GRID_COLUMNS].to(accelerator.device) for t in next(iter(eval_batches(config.data.shards, "test", GRID_COLUMNS))))
+    steps_per_epoch = max(1, stream.train_count // (config.batch_size * accelerator.num_processes * config.grad_accum))
 
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(to_yaml(config))
         accelerator.init_trackers("cvae", config={"beta": config.beta, "lr": config.lr, "batch_size": config.batch_size})
-        print(f"training {spec.arch} CVAE on {config.data.shards} ({manifest['count']} train images, "
-              f"{spec.image_size[0]}x{spec.image_size[1]}, {spec.num_attributes} attributes) "
-              f"on {accelerator.device}, precision {accelerator.mixed_precision}, {accelerator.num_processes} process(es)")
+        print(f"training {spec.arch} CVAE ({spec.prior} prior) on {config.data.shards} ({stream.train_count} train images, "
+              f"{spec.image_size[0]}x{spec.image_size[1]}, {spec.num_attributes} attributes) on {accelerator.device}, "
+              f"precision {accelerator.mixed_precision}, {accelerator.num_processes} process(es)"
+              + (f"; resuming from {resume_from} (step {start_step})" if resume_from else ""))
+    seen_file = None
+    if config.data.record_keys:
+        (run_dir / "seen").mkdir(parents=True, exist_ok=True)
+        seen_file = open(run_dir / "seen" / f"rank-{accelerator.process_index}.txt", "a")
 
-    def write_grid(step: int) -> None:
-        grid = sample_grid(accelerator.unwrap_model(model), grid_attributes, grid_noise)
+    def write_grids(step: int) -> None:
+        unwrapped = accelerator.unwrap_model(model).eval()
+        tracker = accelerator.get_tracker("tensorboard", unwrap=True)
         (run_dir / "samples").mkdir(exist_ok=True)
-        save_image(grid, run_dir / "samples" / f"step-{step:06d}.png")
-        accelerator.get_tracker("tensorboard", unwrap=True).add_image("samples", grid, step)
+        samples = sample_grid(unwrapped, grid_attributes, grid_noise)
+        save_image(samples, run_dir / "samples" / f"step-{step:06d}.png")
+        tracker.add_image("samples", samples, step)
+        recon = reconstruction_grid(unwrapped, fixed_images, fixed_attributes)
+        save_image(recon, run_dir / "samples" / f"reconstructions-{step:06d}.png")
+        tracker.add_image("reconstructions", recon, step)
+        unwrapped.train()
+
+    def evaluate(step: int) -> None:
+        metrics = heldout_metrics(accelerator.unwrap_model(model).eval(), config.data.shards, accelerator.device)
+        accelerator.unwrap_model(model).train()
+        accelerator.log(metrics, step=step)
+        tqdm.write(f"step {step}: test MSE {metrics['test/mse_per_image']:.2f} per image "
+                   f"({metrics['test/mse_per_pixel']:.5f} per pixel), KL {metrics['test/kl_per_image']:.2f}")
 
     model.train()
-    progress = tqdm(range(1, config.max_steps + 1), disable=not accelerator.is_main_process, desc="train", mininterval=2)
+    step, bad_streak, last_saved = start_step, 0, start_step if resume_from else None
+    batches = stream.batches(start_step * config.grad_accum)
+    progress = tqdm(total=config.max_steps, initial=start_step, disable=not accelerator.is_main_process, desc="train", mininterval=2)
     window_start, window_images = time.perf_counter(), 0
-    for step in progress:
-        images, attributes = (t.to(accelerator.device, non_blocking=True) for t in next(batches))
-        recon, mu, logvar = model(images, attributes)
-        terms = cvae_loss(recon, images, mu, logvar, config.beta)
-        if not math.isfinite(terms.total.item()):
-            raise RuntimeError(f"loss is not finite at step {step} (mse={terms.mse.item()}, kl={terms.kl.item()}); try a lower lr")
-        accelerator.backward(terms.total)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        window_images += len(images) * accelerator.num_processes
+    try:
+        while step < config.max_steps:
+            _, epoch_end, batch = next(batches)
+            images, attributes = batch[0].to(accelerator.device, non_blocking=True), batch[1].to(accelerator.device, non_blocking=True)
+            if seen_file is not None:
+                seen_file.write("\n".join(batch[2]) + "\n")
+            with accelerator.accumulate(model):
+                out = model(images, attributes)
+                terms = cvae_loss(out.recon, images, out.mu, out.logvar, config.beta, out.prior_mu, out.prior_logvar)
+                finite = torch.isfinite(terms.total.detach()).float()
+                if accelerator.num_processes > 1:  # every rank must take the same branch, or DDP hangs
+                    finite = accelerator.reduce(finite, reduction="sum") == accelerator.num_processes
+                if bool(finite):
+                    bad_streak = 0
+                    accelerator.backward(terms.total)
+                    if accelerator.sync_gradients and config.grad_clip > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+                    optimizer.step()
+                else:
+                    bad_streak += 1
+                    if bad_streak >= config.max_bad_steps:
+                        raise TrainingStopped(
+                            f"the loss was not finite for {bad_streak} consecutive micro-batches (step {step + 1}; "
+                            f"last mse={terms.mse.item()}, kl={terms.kl.item()}); stopped without saving. "
+                            + (f"The last good checkpoint is {run_dir / CHECKPOINTS}/checkpoint-{last_saved}; " if last_saved else "")
+                            + "try a lower lr, grad_clip, or mixed_precision=bf16 instead of fp16"
+                        )
+                optimizer.zero_grad(set_to_none=True)
+            window_images += len(images) * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue  # inside a gradient accumulation
+            step += 1
+            scheduler.step()
+            progress.update(1)
 
-        if step % config.log_every == 0 or step == config.max_steps:
-            elapsed = time.perf_counter() - window_start
-            logs = {
-                "train/loss": terms.total.item(),
-                "train/mse": terms.mse.item(),
-                "train/kl": terms.kl.item(),
-                "train/lr": optimizer.param_groups[0]["lr"],
-                "train/images_per_s": window_images / max(elapsed, 1e-9),
-            }
-            accelerator.log(logs, step=step)
-            progress.set_postfix(loss=f"{logs['train/loss']:.1f}", mse=f"{logs['train/mse']:.1f}", kl=f"{logs['train/kl']:.1f}")
-            window_start, window_images = time.perf_counter(), 0
-        if accelerator.is_main_process and (step % config.sample_every == 0 or step == config.max_steps):
-            model.eval()
-            write_grid(step)
-            model.train()
+            if step % config.log_every == 0 or step == config.max_steps:
+                elapsed = time.perf_counter() - window_start
+                logs = {"train/loss": terms.total.item(), "train/mse": terms.mse.item(), "train/kl": terms.kl.item(),
+                        "train/lr": scheduler.get_last_lr()[0], "train/images_per_s": window_images / max(elapsed, 1e-9),
+                        "train/epoch": step / steps_per_epoch}
+                accelerator.log(logs, step=step)
+                progress.set_postfix(loss=f"{logs['train/loss']:.1f}", mse=f"{logs['train/mse']:.1f}", kl=f"{logs['train/kl']:.1f}")
+                window_start, window_images = time.perf_counter(), 0
+            if accelerator.is_main_process and (step % config.sample_every == 0 or step == config.max_steps):
+                write_grids(step)
+            at_eval = (step % config.eval_every == 0) if config.eval_every else (epoch_end and config.data.sampling == "epochs")
+            if at_eval and accelerator.is_main_process and step < config.max_steps:
+                evaluate(step)
+            if bad_streak == 0 and (step % config.checkpoint_every == 0 or step == config.max_steps):
+                save_checkpoint(accelerator, run_dir, step, spec, config.checkpoints_total_limit)
+                last_saved = step
+    finally:
+        progress.close()
+        if seen_file is not None:
+            seen_file.close()
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model).eval()
         metrics = heldout_metrics(final, config.data.shards, accelerator.device)
-        accelerator.log(metrics, step=config.max_steps)
+        accelerator.log(metrics, step=step)
         final.spec.extra = {
             "recipe": config.recipe,
-            "step": config.max_steps,
+            "step": step,
             "beta": config.beta,
             "toolkit_version": toolkit.__version__,
             **{k.replace("test/", "test_"): round(v, 4) for k, v in metrics.items()},

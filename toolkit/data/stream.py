@@ -70,12 +70,14 @@ def _join(shards: str | Path, split: str, name: str) -> str:
     return f"{str(shards).rstrip('/')}/{split}/{name}" if _is_url(shards) else str(Path(shards) / split / name)
 
 
-def decode(sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def decode(sample: dict, with_keys: bool = False) -> tuple:
+    """(image float [3, H, W] in [0, 1], attributes float [A]) and, with_keys, the sample's key."""
     ext = "png" if "png" in sample else "jpg"
     image = Image.open(io.BytesIO(sample[ext])).convert("RGB")
     pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div_(255)
     attributes = np.load(io.BytesIO(sample["attr.npy"]), allow_pickle=False)
-    return pixels, torch.from_numpy(attributes.astype(np.float32))
+    decoded = (pixels, torch.from_numpy(attributes.astype(np.float32)))
+    return (*decoded, sample["__key__"]) if with_keys else decoded
 
 
 def _worker_shuffle(source, bufsize: int, seed: int):
@@ -85,17 +87,20 @@ def _worker_shuffle(source, bufsize: int, seed: int):
     yield from wds.filters._shuffle(source, bufsize, min(bufsize, 100), rng)
 
 
-def train_batches(shards: str | Path, batch_size: int, seed: int = 0, num_workers: int = 1, shuffle_buffer: int = 1000):
+def train_batches(
+    shards: str | Path, batch_size: int, seed: int = 0, num_workers: int = 1, shuffle_buffer: int = 1000, with_keys: bool = False
+):
     """Endless shuffled batches from the train split (see the module docstring)."""
     urls = shard_urls(shards, "train")
     pipeline = wds.DataPipeline(
         wds.ResampledShards(urls, seed=seed, deterministic=True),
         wds.tarfile_to_samples(),
         partial(_worker_shuffle, bufsize=shuffle_buffer, seed=seed),
-        wds.map(decode),
+        wds.map(partial(decode, with_keys=with_keys)),
         wds.batched(batch_size, collation_fn=default_collate, partial=False),
     )
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
+    # Its own generator: creating a loader iterator must not draw from the global RNG (exact resume).
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
 
 
 def deal_shards(names: list[str], epoch: int, seed: int, rank: int, world: int, worker: int, workers: int) -> list[str]:
@@ -140,6 +145,7 @@ def epoch_batches(
     world: int = 1,
     num_workers: int = 0,
     shuffle_buffer: int = 1000,
+    with_keys: bool = False,
 ):
     """One epoch of shuffled batches for `rank` of `world` (see the module docstring); has len()."""
     manifest = read_manifest(shards, split)
@@ -156,10 +162,10 @@ def epoch_batches(
         _EpochShards(urls, epoch, seed, rank, world),
         wds.tarfile_to_samples(),
         partial(_worker_shuffle, bufsize=shuffle_buffer, seed=seed * 7919 + epoch),
-        wds.map(decode),
+        wds.map(partial(decode, with_keys=with_keys)),
         wds.batched(batch_size, collation_fn=default_collate, partial=False),
     )
-    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)
+    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
     return loader.with_epoch(count).with_length(count, silent=True)
 
 
@@ -172,4 +178,4 @@ def eval_batches(shards: str | Path, split: str = "test", batch_size: int = 256)
         wds.map(decode),
         wds.batched(batch_size, collation_fn=default_collate, partial=True),
     )
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=0)
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=0, generator=torch.Generator().manual_seed(0))
