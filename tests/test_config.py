@@ -73,3 +73,12 @@ def test_bad_model_values_name_the_key(arg, words):
         load_config(["recipe=digits", arg])
     for word in words:
         assert word in str(caught.value)
+
+
+@pytest.mark.parametrize("name", ["digits", "celeba", "celeba64", "cub"])
+def test_every_shipped_recipe_loads(name):
+    from toolkit.config import available_recipes
+
+    assert name in available_recipes()
+    config = load_config([f"recipe={name}"])
+    assert config.recipe == name and config.data.shards == f"shards/{name}"

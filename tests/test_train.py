@@ -158,3 +158,12 @@ def test_two_gloo_processes_step_together_on_disjoint_samples(tmp_path):
     seen = [(tmp_path / "run" / "seen" / f"rank-{r}.txt").read_text().split() for r in (0, 1)]
     assert len(seen[0]) == len(seen[1]) == 30 * 16  # the same number of steps on both ranks
     assert not set(seen[0]) & set(seen[1])  # an epoch deals disjoint shards to the ranks
+
+
+def test_bf16_mixed_precision_trains_and_saves_fp32_weights(digits_shards, tmp_path):
+    run = train(quick(digits_shards, tmp_path / "run", "max_steps=3", "mixed_precision=bf16", "model.arch=resnet",
+                      "model.width=8", "model.levels=2", "model.prior=learned", "checkpoint_every=3"))
+    weights = load_file(str(run / "model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in weights.values())
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert load_model(run).spec.prior == "learned"

@@ -1,0 +1,151 @@
+"""Benchmark: how fast training is fed. The same model, precision and optimiser, three ways of feeding it:
+
+  memory     the same batches held in device memory (the ceiling: no data loading at all)
+  shards     cvae-tk's pipeline: WebDataset shards -> `epoch_batches` (what the trainer reads)
+  folder     the usual way: a folder of JPEGs through an ImageFolder-style Dataset
+             (per-sample PIL decode, centre crop, resize, to-tensor) and a DataLoader
+
+Reports images/s for each and the ratios shards/memory ("pipeline efficiency") and shards/folder;
+writes bench/results/train.json. The data: a generated CelebA-format folder of 178x218 JPEGs,
+made into 64x64 shards with the celeba64 crop (centre 148).
+
+    .venv/bin/python bench/train.py [--arch resnet|paper] [--steps 20] [--batch-size 64]
+        [--precision no|bf16|fp16] [--workers N] [--images 4000] [--device cuda|cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from shards import make_folder  # noqa: E402  (bench/shards.py)
+
+from toolkit.data.build import ImageSpec, build_shards  # noqa: E402
+from toolkit.data.celeba import read_celeba  # noqa: E402
+from toolkit.data.stream import epoch_batches  # noqa: E402
+from toolkit.loss import cvae_loss  # noqa: E402
+from toolkit.model import CVAE, ModelSpec, arch_options  # noqa: E402
+
+
+class JpegFolder(torch.utils.data.Dataset):
+    """The usual way: one PIL decode of the full JPEG per sample, then crop, resize, to tensor."""
+
+    def __init__(self, records, size: int, crop: int):
+        self.records, self.size, self.crop = records, size, crop
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        record = self.records[index]
+        image = Image.open(record.path).convert("RGB")
+        left, top = (image.width - self.crop) // 2, (image.height - self.crop) // 2
+        image = image.crop((left, top, left + self.crop, top + self.crop)).resize((self.size, self.size), Image.BICUBIC)
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(self.size, self.size, 3)
+        return pixels.permute(2, 0, 1).float().div(255), torch.from_numpy(record.attributes.astype("float32"))
+
+
+def images_per_second(model, optimizer, batches, steps: int, device, precision: str) -> float:
+    """Train `steps` steps after 3 warm-up steps; `batches` is an iterator of (images, attributes)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    count, start = 0, None
+    for index in range(steps + 3):
+        if index == 3:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start, count = time.perf_counter(), 0
+        images, attributes = next(batches)
+        images, attributes = images.to(device, non_blocking=True), attributes.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = model(images, attributes)
+            terms = cvae_loss(out.recon, images, out.mu, out.logvar, 0.5, out.prior_mu, out.prior_logvar)
+        scaler.scale(terms.total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        count += len(images)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return count / (time.perf_counter() - start)
+
+
+def endless(make):
+    while True:
+        yield from make()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="resnet", choices=["paper", "resnet"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--images", type=int, default=4000)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--work", type=Path, help="keep the generated folder and shards here")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="cvae-bench-train-"))
+    root, shards = work / "celeba", work / "shards64"
+    if not (root / "list_attr_celeba.txt").exists():
+        make_folder(root, args.images)
+    table = read_celeba(root)
+    if not (shards / "train" / "manifest.json").exists():
+        build_shards(table, shards, ImageSpec.parse("64", "center:148"), overwrite=True, progress=False)
+
+    torch.manual_seed(0)
+    options = arch_options(args.arch, {"width": 64, "levels": 4, "embed_dim": 128}) if args.arch == "resnet" else {}
+    spec = ModelSpec(table.attributes, (64, 64), 128, args.arch, options=options)
+    model = CVAE(spec).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def from_shards():
+        return iter(epoch_batches(shards, "train", args.batch_size, num_workers=args.workers, shuffle_buffer=1000))
+
+    def from_folder():
+        dataset = JpegFolder(table.splits["train"], 64, 148)
+        loader = torch.utils.data.DataLoader(dataset, args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True,
+                                             pin_memory=device.type == "cuda", persistent_workers=False)
+        return iter(loader)
+
+    held = [tuple(t.to(device) for t in batch) for _, batch in zip(range(8), from_shards())]
+    rates = {}
+    # interleaved twice, the median (of 2: the mean) counts, so a noisy moment hits every way alike
+    for _ in range(2):
+        for name, batches in (("memory", endless(lambda: iter(held))), ("shards", endless(from_shards)), ("folder", endless(from_folder))):
+            rates.setdefault(name, []).append(images_per_second(model, optimizer, batches, args.steps, device, args.precision))
+    rate = {name: sum(values) / len(values) for name, values in rates.items()}
+
+    label = f"{args.arch} 64x64, batch {args.batch_size}, precision {args.precision}, {args.workers} loader workers, {device}"
+    print(f"\ntraining images/s ({label})")
+    for name in ("memory", "shards", "folder"):
+        print(f"  {name:8} {rate[name]:10.1f}")
+    print(f"pipeline efficiency (shards / memory): {rate['shards'] / rate['memory']:.2f}; "
+          f"shards / JPEG folder: {rate['shards'] / rate['folder']:.2f}x")
+    out = Path(__file__).resolve().parent / "results"
+    out.mkdir(exist_ok=True)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    (out / "train.json").write_text(json.dumps({
+        "date": time.strftime("%Y-%m-%d"), "device": device_name, "arch": args.arch, "batch_size": args.batch_size,
+        "precision": args.precision, "workers": args.workers, "images_per_s": rate, "runs": rates,
+        "pipeline_efficiency": rate["shards"] / rate["memory"], "shards_over_folder": rate["shards"] / rate["folder"],
+    }, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
