@@ -113,3 +113,62 @@ def test_sample_a_grid_with_each_attribute(tmp_path, exported):
     expected = image_grid(images, columns=3)
     assert pixels.shape == expected.shape
     assert np.abs(pixels.astype(np.int16) - expected.astype(np.int16)).max() <= 1
+
+
+# --- cvae-tk inspect, and the export flags through the command line --------------------------------
+
+def _inspect_lines(path: Path, cwd: Path) -> dict[str, str]:
+    result = run_cli(["inspect", path], cwd)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert all(": " in line for line in lines), lines
+    fields = dict(line.split(": ", 1) for line in lines)
+    assert len(fields) == len(lines), "each key once"
+    return fields
+
+
+def test_inspect_an_export(tmp_path, exported, trained_run):
+    import hashlib
+
+    fields = _inspect_lines(exported, tmp_path)
+    assert fields["cvae_tk.format"] == "sampler/1"
+    assert fields["attributes"].startswith("10 (digit_0, digit_1,")
+    assert fields["weights_sha256"] == hashlib.sha256((trained_run / "model.safetensors").read_bytes()).hexdigest()
+    assert fields["inputs"] == '["attributes", "noise"]'
+    assert fields["input attributes"] == "float32 [batch, 10]"
+    assert fields["input noise"] == "float32 [batch, 16]"
+    assert fields["output images"] == "float32 [batch, 3, 32, 32]"
+    assert (fields["precision"], fields["output"], fields["opset"], fields["graph opset"]) == ("fp32", "float32_nchw", "18", "18")
+    assert fields["file size"].startswith(f"{exported.stat().st_size} bytes")
+    assert snapshot(tmp_path) == []
+
+
+def test_export_variant_flags_then_inspect(tmp_path, trained_run):
+    """--fp16 --uint8 --temperature-input through the CLI; the default name keeps the plain export's free."""
+    result = run_cli(["export", "--onnx", trained_run, "--fp16", "--uint8", "--temperature-input"], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    name = f"{trained_run.name}-fp16-uint8-temperature.onnx"
+    assert snapshot(tmp_path) == ["export", f"export/{name}"]
+    assert "grey-level" in result.stdout and "temperatures 1 and 0.7" in result.stdout
+
+    fields = _inspect_lines(tmp_path / "export" / name, tmp_path)
+    assert (fields["precision"], fields["output"]) == ("fp16", "uint8_nhwc")
+    assert fields["inputs"] == '["attributes", "noise", "temperature"]'
+    assert fields["input temperature"] == "float32 [1]"
+    assert fields["output images"] == "uint8 [batch, 32, 32, 3]"
+
+
+@pytest.mark.parametrize("content", [b"", b"definitely not a protobuf \xff\xfe\x00 at all" * 5], ids=["empty", "garbage"])
+def test_inspect_a_file_that_is_not_onnx(tmp_path, content):
+    (tmp_path / "model.onnx").write_bytes(content)
+    assert_user_error(run_cli(["inspect", "model.onnx"], tmp_path), "model.onnx", "not an ONNX model")
+
+
+def test_inspect_an_onnx_file_that_is_not_a_cvae_export(tmp_path):
+    identity_onnx(tmp_path / "identity.onnx")
+    assert_user_error(run_cli(["inspect", "identity.onnx"], tmp_path), "identity.onnx", "cvae-tk")
+
+
+def test_inspect_a_missing_file(tmp_path):
+    assert_user_error(run_cli(["inspect", "nope.onnx"], tmp_path), "nope.onnx")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,3 +194,261 @@ def test_export_of_each_arch_and_prior(tmp_path, arch, prior):
         assert float(np.abs(got - expected).max()) < 1e-4
         # the learned prior is inside the graph: noise is not decoded as z directly
         assert (float(np.abs(got - from_noise).max()) > 1e-3) == (prior == "learned")
+
+
+# --- the export variants: fp16, uint8 output, temperature input (every combination) ----------------
+
+PAPER_SIZE = (24, 32)  # H != W: a swapped axis in the uint8 NHWC output shows
+FLAGS = [
+    dict(fp16=fp16, uint8=uint8, temperature_input=temperature)
+    for fp16 in (False, True) for uint8 in (False, True) for temperature in (False, True)
+]
+
+
+def _flag_id(flags: dict) -> str:
+    return "-".join(name for name, on in flags.items() if on) or "default"
+
+
+def _tiny_run(folder: Path, arch: str, prior: str, size) -> Path:
+    import torch
+
+    from toolkit.model import CVAE, ModelSpec, save_model
+
+    torch.manual_seed(1)
+    options = {"width": 8, "levels": 2, "embed_dim": 16} if arch == "resnet" else {}
+    spec = ModelSpec([f"attr_{i}" for i in range(NUM_ATTRIBUTES)], size, LATENT_DIM, arch, prior=prior, options=options)
+    model = CVAE(spec).eval()
+    with torch.no_grad():  # move the zero-initialised layers (residual branches, prior head) off zero
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    model.spec.extra = {"recipe": "tiny", "step": 7, "beta": 0.25}
+    save_model(model, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-runs")
+    return {
+        "paper": _tiny_run(root / "paper", "paper", "standard", PAPER_SIZE),
+        "resnet": _tiny_run(root / "resnet", "resnet", "learned", (32, 32)),
+    }
+
+
+@pytest.fixture(scope="module")
+def variant(tiny_runs, tmp_path_factory):
+    """variant(kind, **flags) -> (path, parity error, fp32 model), each export made once per module."""
+    from toolkit.export import export_onnx
+    from toolkit.model import load_model
+
+    out, cache = tmp_path_factory.mktemp("variants"), {}
+
+    def get(kind: str, fp16: bool = False, uint8: bool = False, temperature_input: bool = False):
+        flags = dict(fp16=fp16, uint8=uint8, temperature_input=temperature_input)
+        key = (kind, _flag_id(flags))
+        if key not in cache:
+            path, error = export_onnx(tiny_runs[kind], out / f"{kind}-{key[1]}.onnx", **flags)
+            cache[key] = (path, error, load_model(tiny_runs[kind]))
+        return cache[key]
+
+    return get
+
+
+def _run(session, attributes, noise, temperature=None):
+    feed = {"attributes": attributes, "noise": noise}
+    if temperature is not None:
+        feed["temperature"] = np.array([temperature], np.float32)
+    return session.run(["images"], feed)[0]
+
+
+def _check_variant(variant, tiny_runs, kind: str, flags: dict):
+    import hashlib
+
+    import onnxruntime as ort
+    import torch
+
+    from toolkit.export import quantize
+
+    path, error, model = variant(kind, **flags)
+    fp16, uint8, temperature_input = flags["fp16"], flags["uint8"], flags["temperature_input"]
+    height, width = model.spec.image_size
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    names = ["attributes", "noise"] + (["temperature"] if temperature_input else [])
+    assert [i.name for i in session.get_inputs()] == names
+    assert all(i.type == "tensor(float)" for i in session.get_inputs())
+    if temperature_input:
+        assert session.get_inputs()[2].shape == [1]
+    (output,) = session.get_outputs()
+    assert output.name == "images"
+    assert output.type == ("tensor(uint8)" if uint8 else "tensor(float)")
+
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["cvae_tk.format"] == "sampler/1"
+    assert meta["precision"] == ("fp16" if fp16 else "fp32")
+    assert meta["output"] == ("uint8_nhwc" if uint8 else "float32_nchw")
+    assert json.loads(meta["inputs"]) == names
+    assert meta["weights_sha256"] == hashlib.sha256((tiny_runs[kind] / "model.safetensors").read_bytes()).hexdigest()
+    assert meta["opset"] == "18"
+    assert (meta["arch"], meta["prior"], meta["step"], meta["beta"]) == (model.spec.arch, model.spec.prior, "7", "0.25")
+    assert json.loads(meta["attributes"]) == model.spec.attributes
+    assert json.loads(meta["image_size"]) == [height, width]
+
+    limit = (3 if fp16 else 1) if uint8 else (1e-2 if fp16 else 1e-4)
+    rng = np.random.default_rng(3)
+    worst = 0.0
+    for temperature in ((1.0, 0.7) if temperature_input else (None,)):
+        for batch in (1, 3, 17):
+            attributes = (rng.random((batch, NUM_ATTRIBUTES)) > 0.5).astype(np.float32)
+            noise = rng.standard_normal((batch, LATENT_DIM), dtype=np.float32)
+            got = _run(session, attributes, noise, temperature)
+            with torch.no_grad():
+                expected = model.generate(torch.from_numpy(attributes), torch.from_numpy(noise), temperature or 1.0).numpy()
+            if uint8:
+                assert got.dtype == np.uint8 and got.shape == (batch, height, width, 3)
+                difference = np.abs(got.astype(np.int16) - quantize(expected).astype(np.int16)).max()
+                assert difference <= limit, (temperature, batch, difference)
+            else:
+                assert got.dtype == np.float32 and got.shape == (batch, 3, height, width)
+                difference = float(np.abs(got - expected).max())
+                assert difference < limit, (temperature, batch, difference)
+            worst = max(worst, float(difference))
+    assert 0.0 <= error <= limit
+    if temperature_input:  # the temperature changes the images
+        attributes = np.ones((2, NUM_ATTRIBUTES), np.float32)
+        noise = rng.standard_normal((2, LATENT_DIM), dtype=np.float32)
+        assert np.abs(_run(session, attributes, noise, 1.0).astype(np.float32) - _run(session, attributes, noise, 0.3)).max() > 0
+    return path
+
+
+@pytest.mark.parametrize("flags", FLAGS, ids=_flag_id)
+def test_paper_export_variants(variant, tiny_runs, flags):
+    _check_variant(variant, tiny_runs, "paper", flags)
+
+
+@pytest.mark.parametrize("flags", [dict(fp16=True, uint8=True, temperature_input=True), dict(fp16=False, uint8=False, temperature_input=True)], ids=_flag_id)
+def test_resnet_learned_export_variants(variant, tiny_runs, flags):
+    _check_variant(variant, tiny_runs, "resnet", flags)
+
+
+def test_fp16_export_is_about_half_the_size(variant):
+    fp32, _, _ = variant("paper")
+    fp16, _, _ = variant("paper", fp16=True)
+    assert fp16.stat().st_size < 0.6 * fp32.stat().st_size
+
+
+def test_temperature_zero_standard_prior_ignores_the_noise(variant):
+    import onnxruntime as ort
+
+    path, _, _ = variant("paper", temperature_input=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(5)
+    attributes = np.repeat((rng.random((1, NUM_ATTRIBUTES)) > 0.5).astype(np.float32), 4, axis=0)
+    noise = 3 * rng.standard_normal((4, LATENT_DIM), dtype=np.float32)
+    cold = _run(session, attributes, noise, 0.0)
+    assert np.abs(cold - cold[:1]).max() == 0.0  # the same image, whatever the noise
+    assert np.abs(cold - _run(session, attributes, np.zeros_like(noise), 1.0)).max() < 1e-6  # = decoding z = 0
+    warm = _run(session, attributes, noise, 1.0)
+    assert np.abs(warm - warm[:1]).max() > 1e-3
+
+
+@pytest.mark.parametrize("flags", [dict(), dict(fp16=True, uint8=True)], ids=["fp32", "fp16-uint8"])
+def test_temperature_zero_learned_prior_decodes_the_prior_mean(variant, flags):
+    import onnxruntime as ort
+    import torch
+
+    from toolkit.export import quantize
+
+    path, _, model = variant("resnet", temperature_input=True, **flags)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(6)
+    attributes = (rng.random((3, NUM_ATTRIBUTES)) > 0.5).astype(np.float32)
+    noise = 3 * rng.standard_normal((3, LATENT_DIM), dtype=np.float32)
+    cold = _run(session, attributes, noise, 0.0)
+    with torch.no_grad():
+        prior_mu, _ = model.prior(torch.from_numpy(attributes))
+        assert prior_mu.abs().max() > 1e-2  # a real test: the prior's mean is not 0
+        mean_image = model.decoder(prior_mu, torch.from_numpy(attributes)).numpy()
+    if flags:
+        assert np.abs(cold.astype(np.int16) - quantize(mean_image).astype(np.int16)).max() <= 3
+    else:
+        assert np.abs(cold - mean_image).max() < 1e-4
+    assert np.array_equal(cold, _run(session, attributes, np.zeros_like(noise), 0.0))
+
+
+def test_failed_fp16_parity_check_writes_nothing(tiny_runs, tmp_path, monkeypatch):
+    import re
+
+    import toolkit.export
+
+    monkeypatch.setattr(toolkit.export, "FP16_TOLERANCE", 1e-9)  # the real fp16 error (~1e-3) misses it
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as caught:
+        toolkit.export.export_onnx(tiny_runs["paper"], out / "x.onnx", fp16=True)
+    message = str(caught.value)
+    assert "fp16" in message and "limit 1e-09" in message and "nothing was written" in message
+    missed = float(re.search(r"= ([0-9.e+-]+) \(limit", message).group(1))
+    assert 1e-9 < missed < 1e-2
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_default_export_names_of_the_variants(tmp_path):
+    from toolkit.export import default_path
+
+    assert default_path(tmp_path / "digits") == Path("export/digits.onnx")
+    assert default_path(tmp_path / "digits", fp16=True, uint8=True) == Path("export/digits-fp16-uint8.onnx")
+    assert default_path(tmp_path / "digits", temperature_input=True) == Path("export/digits-temperature.onnx")
+
+
+def test_opset_older_than_18_is_refused(tiny_runs, tmp_path):
+    from toolkit.export import export_onnx
+
+    with pytest.raises(UserError, match="opset 17"):
+        export_onnx(tiny_runs["paper"], tmp_path / "x.onnx", opset=17)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_temperature_default_and_tensor():
+    """CVAE.generate's temperature: 1.0 changes nothing; a float or a [1] tensor scales the noise."""
+    import torch
+
+    from toolkit.model import CVAE, ModelSpec
+
+    torch.manual_seed(0)
+    model = CVAE(ModelSpec(["a", "b"], (8, 8), 4)).eval()
+    attributes, noise = torch.tensor([[1.0, 0.0]]), torch.randn(1, 4)
+    with torch.no_grad():
+        base = model.generate(attributes, noise)
+        assert torch.equal(model.generate(attributes, noise, 1.0), base)
+        assert torch.allclose(model.generate(attributes, noise, 0.5), model.generate(attributes, 0.5 * noise))
+        assert torch.allclose(model.generate(attributes, noise, torch.tensor([0.5])), model.generate(attributes, 0.5 * noise))
+
+
+def _readme_example() -> str:
+    text = (Path(__file__).resolve().parent.parent / "export" / "README.md").read_text()
+    return text.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_embedding_example_runs(exported, tmp_path, monkeypatch):
+    from PIL import Image
+
+    code = _readme_example()
+    assert len(code.strip().splitlines()) <= 16
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.replace("export/digits.onnx", str(exported)), "README.md", "exec"), {})
+    with Image.open(tmp_path / "sevens.png") as picture:
+        assert picture.size == (8 * SIZE, SIZE)
+
+
+def test_readme_embedding_example_with_a_uint8_temperature_export(variant, tmp_path, monkeypatch):
+    """The README's note: for --uint8 skip the post-processing line, for --temperature-input feed a temperature."""
+    from PIL import Image
+
+    path, _, _ = variant("paper", uint8=True, temperature_input=True)
+    code = _readme_example().replace("export/digits.onnx", str(path)).replace('"digit_7"', '"attr_7"')
+    code = "\n".join("pixels = images" if line.startswith("pixels = ") else line for line in code.splitlines())
+    code = code.replace('"noise": noise}', '"noise": noise, "temperature": np.array([0.7], np.float32)}')
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    with Image.open(tmp_path / "sevens.png") as picture:
+        assert picture.size == (8 * PAPER_SIZE[1], PAPER_SIZE[0])

@@ -268,3 +268,41 @@ def test_image_grid_layout():
     np.testing.assert_array_equal(grid[8, 10], images[3, 0, 0])
     np.testing.assert_array_equal(grid[14, 2], images[4, 0, 0])
     assert (grid[14:18, 10:16] == 255).all()
+
+
+def test_io_binding_path_gives_the_same_images(exported, sampler):
+    bound = Sampler(exported, device="cpu", io_binding=True, batch_size=7)
+    assert bound.io_binding and not sampler.io_binding
+    attributes = np.eye(10, dtype=np.float32)
+    assert np.array_equal(bound.sample(attributes, n=2, seed=5), sampler.sample(attributes, n=2, seed=5))
+
+
+def test_temperature_zero_removes_the_noise_and_one_is_the_default(sampler):
+    cold = sampler.sample({"digit_4": 1}, n=3, seed=1, temperature=0.0)
+    assert np.array_equal(cold[0], cold[1]) and np.array_equal(cold[0], cold[2])
+    assert np.array_equal(sampler.sample({"digit_4": 1}, n=3, seed=1, temperature=1.0), sampler.sample({"digit_4": 1}, n=3, seed=1))
+    warm = sampler.sample({"digit_4": 1}, n=3, seed=1, temperature=0.5)
+    assert not np.array_equal(warm[0], warm[1])
+    for bad in (-1.0, "hot", True):
+        with pytest.raises(UserError, match="temperature"):
+            sampler.sample({"digit_4": 1}, temperature=bad)
+
+
+def test_base_vector_fills_the_unnamed_attributes(sampler):
+    base = np.zeros(10, np.float32)
+    base[7] = 1
+    rows = sampler.conditions([{"digit_2": 1}, {"digit_7": 0}], base=base)
+    assert rows[0].tolist() == [0, 0, 1, 0, 0, 0, 0, 1, 0, 0] and rows[1].tolist() == [0] * 10
+    assert sampler.conditions({"digit_1": 1}, base={"digit_3": 1})[0].tolist() == [0, 1, 0, 1, 0, 0, 0, 0, 0, 0]
+    with pytest.raises(UserError, match="shape"):
+        sampler.conditions({"digit_1": 1}, base=np.ones(4))
+
+
+def test_one_sampler_serves_many_threads(sampler):
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls = [(np.eye(10, dtype=np.float32)[i % 10 : i % 10 + 1], 1 + i % 3, i) for i in range(40)]
+    expected = [sampler.sample(a, n=n, seed=seed) for a, n, seed in calls]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda call: sampler.sample(call[0], n=call[1], seed=call[2]), calls))
+    assert all(np.array_equal(a, b) for a, b in zip(got, expected))

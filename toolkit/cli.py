@@ -124,17 +124,35 @@ def train(ctx: typer.Context) -> None:
 def export(
     run_dir: Path = typer.Argument(..., help="A run folder written by `cvae-tk train`."),
     onnx: bool = typer.Option(True, "--onnx", help="Export to ONNX (the only format so far)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output file (default export/<run name>.onnx)."),
-    opset: int = typer.Option(18, "--opset", help="ONNX opset."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Output file (default export/<run name>.onnx, with -fp16 / -uint8 / -temperature for the variants)."
+    ),
+    opset: int = typer.Option(18, "--opset", help="ONNX opset (18 or newer)."),
+    fp16: bool = typer.Option(False, "--fp16", help="fp16 weights and arithmetic (for GPU serving); inputs and outputs stay float32."),
+    uint8: bool = typer.Option(False, "--uint8", help="Output uint8 images [B, H, W, 3] (no post-processing needed)."),
+    temperature_input: bool = typer.Option(
+        False, "--temperature-input", help="An extra float32 [1] input `temperature` that scales the prior's spread."
+    ),
 ) -> None:
     """Export a run's conditional decoder as a self-contained ONNX sampler (parity-checked)."""
-    from toolkit.export import PARITY_BATCHES, export_onnx
+    from toolkit.export import PARITY_BATCHES, PARITY_TEMPERATURE, export_onnx, parity_limit
 
     if not onnx:
         raise UserError("only --onnx export exists")
-    path, error = export_onnx(run_dir, out, opset)
-    typer.echo(f"parity with PyTorch: max abs difference {error:.2e} at batch sizes {', '.join(map(str, PARITY_BATCHES))}")
-    typer.echo(f"wrote {path}")
+    path, error = export_onnx(run_dir, out, opset, fp16=fp16, uint8=uint8, temperature_input=temperature_input)
+    limit, measure = parity_limit(fp16, uint8)
+    where = f"batch sizes {', '.join(map(str, PARITY_BATCHES))}" + (f", temperatures 1 and {PARITY_TEMPERATURE:g}" if temperature_input else "")
+    typer.echo(f"parity: {measure} = {error:.3g} (limit {limit:g}) at {where}")
+    typer.echo(f"wrote {path} ({'fp16' if fp16 else 'fp32'}, {path.stat().st_size / 1e6:.1f} MB)")
+
+
+@app.command("inspect")
+def inspect_model(model: Path = typer.Argument(..., help="An ONNX file written by `cvae-tk export`.")) -> None:
+    """Show an exported sampler's metadata, inputs, outputs, opset and size (the file is only read, never run)."""
+    from toolkit.inspection import inspect_onnx
+
+    for line in inspect_onnx(model):
+        typer.echo(line)
 
 
 def _parse_attr(items: List[str]) -> dict:
@@ -154,6 +172,7 @@ def sample(
     each_attribute: bool = typer.Option(False, "--each-attribute", help="One row per attribute, that attribute alone set."),
     n: int = typer.Option(8, "-n", help="Images per condition."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Noise seed (same seed, same images)."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Scale of the prior's spread (0: its mean)."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="Write one PNG grid, one row per condition."),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Write one PNG per image."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
@@ -173,7 +192,7 @@ def sample(
         conditions = np.eye(len(sampler.attributes), dtype=np.float32)
     else:
         conditions = sampler.conditions(_parse_attr(attr))
-    images = sampler.sample(conditions, n=n, seed=seed)
+    images = sampler.sample(conditions, n=n, seed=seed, temperature=temperature)
     if grid is not None:
         grid.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image_grid(images, columns=n)).save(grid)
@@ -196,6 +215,78 @@ def recipes() -> None:
         typer.echo(f"{name}: {find_recipe(name)}")
     typer.echo("\nkeys (defaults):")
     typer.echo(OmegaConf.to_yaml(OmegaConf.structured(TrainConfig)))
+
+
+def _format_metric(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.6g}"
+
+
+@app.command("eval")
+def eval_run(
+    run_dir: Path = typer.Argument(..., help="A run folder written by `cvae-tk train`."),
+    split: str = typer.Option("test", "--split", help="The split of the run's shards to measure on."),
+    classifier: Optional[Path] = typer.Option(
+        None, "--classifier", help="An attribute classifier folder (default: RUN/../classifier or RUN/../<recipe>-classifier, if there)."
+    ),
+    shards: Optional[str] = typer.Option(None, "--shards", help="Shards to measure on (default: the run's data.shards)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the posterior and prior noise and of the shuffled floor."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+) -> None:
+    """Held-out metrics of a run (MSE, KL, diversity, attribute accuracy) -> a table and RUN/metrics.json."""
+    from toolkit.evaluate import METRICS_FILE, evaluate_run
+
+    if classifier is not None and not classifier.is_dir():
+        raise UserError(f"classifier folder not found: {classifier}")
+    report = evaluate_run(run_dir, split=split, classifier=classifier, device=device, shards=shards, seed=seed)
+    rows = list(report["metrics"].items())
+    width = max(len(name) for name, _ in rows)
+    typer.echo(f"{'metric'.ljust(width)}  value")
+    for name, value in rows:
+        typer.echo(f"{name.ljust(width)}  {_format_metric(value)}")
+    if report["classifier"] is None and report["metrics"]["attr_acc"] is None:
+        typer.echo("(no attribute classifier: train one with `cvae-tk classifier train recipe=NAME`, or pass --classifier)")
+    typer.echo(f"wrote {Path(run_dir) / METRICS_FILE}")
+
+
+classifier_app = typer.Typer(help="The attribute classifier that judges generated images.", no_args_is_help=True)
+app.add_typer(classifier_app, name="classifier")
+
+
+@classifier_app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def classifier_train(
+    ctx: typer.Context,
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimiser steps (default 2000)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (default 1e-3)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default runs/<recipe>-classifier)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+) -> None:
+    """Train the attribute classifier on a recipe's shards: cvae-tk classifier train recipe=NAME [key=value ...].
+
+    Uses the recipe's data.shards, seed, batch_size and data.num_workers; writes classifier.safetensors
+    and classifier.json (with the accuracy on the real test images).
+    """
+    from toolkit.classifier import DEFAULTS, train_classifier
+    from toolkit.config import load_config
+    from toolkit.evaluate import resolve_device
+
+    config = load_config(list(ctx.args))
+    if lr is not None and lr <= 0:
+        raise UserError(f"--lr must be positive, got {lr}")
+    out = out or Path("runs") / f"{config.recipe}-classifier"
+    path = train_classifier(
+        config.data.shards, out, steps=steps or DEFAULTS["steps"], batch_size=config.batch_size, lr=lr or DEFAULTS["lr"],
+        seed=config.seed, device=str(resolve_device(device)), num_workers=config.data.num_workers, log=typer.echo,
+    )
+    import json
+
+    accuracy = json.loads((path.parent / "classifier.json").read_text())["test_accuracy"]
+    top1 = f", top-1 {accuracy['top1']:.4f}" if accuracy["top1"] is not None else ""
+    typer.echo(f"real test images: mean attribute accuracy {accuracy['mean']:.4f}{top1}")
+    typer.echo(f"wrote {path} and {path.parent / 'classifier.json'}")
 
 
 def main() -> None:

@@ -1,22 +1,34 @@
 """Export a trained run's conditional decoder as a complete ONNX sampler.
 
-    cvae-tk export --onnx runs/digits            -> export/digits.onnx
+    cvae-tk export --onnx runs/digits                      -> export/digits.onnx
+    cvae-tk export --onnx runs/digits --fp16 --uint8       -> export/digits-fp16-uint8.onnx
 
 The graph (the contract that `toolkit.sampler` and any application rely on):
     inputs   attributes  float32 [B, A]  0/1 per attribute, in the order of the metadata's names
              noise       float32 [B, Z]  standard normal, whatever the model's prior: with the learned
                                          prior the graph computes z = mu_p(x) + exp(0.5 logvar_p(x)) * noise
-    output   images      float32 [B, 3, H, W] in [0, 1]
-B is dynamic. One self-contained file. metadata_props (all strings; JSON where noted):
+             temperature float32 [1]     only with --temperature-input: the graph uses noise * temperature
+                                         (it scales the prior's standard deviation; 0 gives the prior's mean)
+    output   images      float32 [B, 3, H, W] in [0, 1], or with --uint8
+                         uint8 [B, H, W, 3] = round(clip(x, 0, 1) * 255)
+B is dynamic. With --fp16 the weights and the arithmetic are float16; inputs and outputs keep the
+types above (the casts are inside the graph). One self-contained file. metadata_props (all strings;
+JSON where noted):
     cvae_tk.format = "sampler/1", attributes (JSON list), latent_dim, image_size (JSON [H, W]),
-    value_range (JSON [0, 1]), recipe, step, beta, arch, prior (standard | learned), toolkit_version.
+    value_range (JSON [0, 1]), recipe, step, beta, arch, prior (standard | learned), toolkit_version,
+    precision (fp32 | fp16), output (float32_nchw | uint8_nhwc), inputs (JSON list of input names, in
+    order), weights_sha256 (of the run's model.safetensors bytes), opset.
 
-Parity with PyTorch is checked on ONNX Runtime's CPU provider at batch sizes 1, 3 and 17 before
-the file is written: it goes to a temporary name and is renamed only once the check passes.
+Parity with the fp32 PyTorch model is checked on ONNX Runtime's CPU provider at batch sizes 1, 3 and
+17 (and at temperatures 1 and 0.7 when the graph takes one) before the file is written: it goes to a
+temporary name and is renamed only once the check passes. Limits: max abs difference < 1e-4 (fp32),
+< 1e-2 (fp16); uint8 output: at most 1 grey level from the quantized PyTorch output (fp16: 3).
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import os
 import tempfile
@@ -27,28 +39,75 @@ import numpy as np
 import torch
 
 import toolkit
-from toolkit.errors import UserError
-from toolkit.model import CVAE, load_model
+from toolkit.errors import UserError, one_line
+from toolkit.model import CVAE, WEIGHTS, load_model
 
 OPSET = 18
+MIN_OPSET = 18  # torch's exporter writes opset 18+; its down-conversion breaks graphs (e.g. Split)
 FORMAT = "sampler/1"
 PARITY_BATCHES = (1, 3, 17)
-PARITY_TOLERANCE = 1e-4
+PARITY_TEMPERATURE = 0.7  # checked as well as 1 when the graph takes a temperature
+PARITY_TOLERANCE = 1e-4  # fp32, float output: max abs difference (strictly below)
+FP16_TOLERANCE = 1e-2  # fp16, float output
+UINT8_LEVELS = {"fp32": 1, "fp16": 3}  # uint8 output: grey levels (at most) from the quantized fp32 output
+
+FLOAT_OUTPUT, UINT8_OUTPUT = "float32_nchw", "uint8_nhwc"
+
+
+def quantize(images: np.ndarray) -> np.ndarray:
+    """float [B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3], as the --uint8 graph does (round half to even)."""
+    return np.round(np.clip(images, 0.0, 1.0) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 class SamplerGraph(torch.nn.Module):
-    """What is exported: (attributes, noise) -> images, sampling z from the model's prior (learned
-    prior included) via CVAE.generate."""
+    """What is exported: (attributes, noise[, temperature]) -> images, sampling z from the model's
+    prior (learned prior included) via CVAE.generate. Inputs are cast to the model's dtype (a
+    `.half()` model computes in fp16) and the images back to float32, or with `uint8` quantized to
+    uint8 NHWC."""
 
-    def __init__(self, model: CVAE):
+    def __init__(self, model: CVAE, uint8: bool = False):
         super().__init__()
         self.model = model
+        self.uint8 = uint8
+        self.dtype = next(model.parameters()).dtype
 
-    def forward(self, attributes: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return self.model.generate(attributes, noise)
+    def forward(self, attributes: torch.Tensor, noise: torch.Tensor, temperature: torch.Tensor | None = None) -> torch.Tensor:
+        if self.dtype != torch.float32:
+            attributes, noise = attributes.to(self.dtype), noise.to(self.dtype)
+            if temperature is not None:
+                temperature = temperature.to(self.dtype)
+        images = self.model.generate(attributes, noise, 1.0 if temperature is None else temperature)
+        if self.dtype != torch.float32:
+            images = images.float()
+        if self.uint8:
+            images = torch.round(images.clamp(0.0, 1.0) * 255.0).to(torch.uint8).permute(0, 2, 3, 1)
+        return images
 
 
-def metadata(model: CVAE) -> dict[str, str]:
+def input_names(temperature_input: bool = False) -> list[str]:
+    return ["attributes", "noise", "temperature"] if temperature_input else ["attributes", "noise"]
+
+
+def weights_sha256(model: CVAE) -> str:
+    """SHA-256 of the model.safetensors bytes that `save_model` writes for `model` (for a model that
+    is not read from a run folder; `export_onnx` hashes the run's file itself)."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    return hashlib.sha256(save(state, metadata={"format": "pt"})).hexdigest()
+
+
+def metadata(
+    model: CVAE,
+    *,
+    fp16: bool = False,
+    uint8: bool = False,
+    temperature_input: bool = False,
+    weights: str | None = None,
+    opset: int = OPSET,
+) -> dict[str, str]:
+    """The metadata_props of an export (all strings); `weights` is the SHA-256 of model.safetensors
+    (default: that of `model`'s weights as save_model writes them)."""
     spec = model.spec
     extra = spec.extra or {}
     return {
@@ -63,33 +122,67 @@ def metadata(model: CVAE) -> dict[str, str]:
         "step": str(extra.get("step", "")),
         "beta": str(extra.get("beta", "")),
         "toolkit_version": toolkit.__version__,
+        "precision": "fp16" if fp16 else "fp32",
+        "output": UINT8_OUTPUT if uint8 else FLOAT_OUTPUT,
+        "inputs": json.dumps(input_names(temperature_input)),
+        "weights_sha256": weights if weights is not None else weights_sha256(model),
+        "opset": str(opset),
     }
 
 
-def to_onnx(model: CVAE, opset: int = OPSET) -> bytes:
-    """The serialized ONNX sampler for `model` (metadata included), not yet checked."""
+def to_onnx(
+    model: CVAE,
+    opset: int = OPSET,
+    *,
+    fp16: bool = False,
+    uint8: bool = False,
+    temperature_input: bool = False,
+    weights: str | None = None,
+) -> bytes:
+    """The serialized ONNX sampler for the fp32 `model` (metadata included), not yet parity-checked.
+    `weights`: the SHA-256 recorded as weights_sha256 (default: computed from `model`)."""
     import onnx
 
-    graph = SamplerGraph(model).eval()
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise UserError(
+            f"ONNX opset {opset} is not supported: use {MIN_OPSET} to {newest} (the exporter builds opset {MIN_OPSET}+ graphs; "
+            f"converting them to older opsets is unreliable)"
+        )
+    if weights is None:
+        weights = weights_sha256(model)
+    graph = SamplerGraph(copy.deepcopy(model).half() if fp16 else model, uint8=uint8).eval()
     spec = model.spec
-    example = (torch.zeros(2, spec.num_attributes), torch.randn(2, spec.latent_dim))  # batch >= 2: a dynamic dim
+    names = input_names(temperature_input)
+    example = [torch.zeros(2, spec.num_attributes), torch.randn(2, spec.latent_dim)]  # batch >= 2: a dynamic dim
     batch = torch.export.Dim("batch")
+    dynamic_shapes = {"attributes": {0: batch}, "noise": {0: batch}}
+    if temperature_input:
+        example.append(torch.full((1,), PARITY_TEMPERATURE))
+        dynamic_shapes["temperature"] = None  # static [1]
     with warnings.catch_warnings():
         # torch warns that both inputs' batch axes share one name: that is the intent
         warnings.filterwarnings("ignore", message=".*axis name.*")
         program = torch.onnx.export(
             graph,
-            example,
+            tuple(example),
             dynamo=True,
-            input_names=["attributes", "noise"],
+            input_names=names,
             output_names=["images"],
-            dynamic_shapes={"attributes": {0: batch}, "noise": {0: batch}},
+            dynamic_shapes=dynamic_shapes,
             opset_version=opset,
             external_data=False,
             verbose=False,
         )
     proto = program.model_proto
-    for key, value in metadata(model).items():
+    produced = next((entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")), None)
+    if produced != opset:
+        raise UserError(f"ONNX opset {opset} was asked for, but the exporter could only produce opset {produced}; try --opset {OPSET}")
+    initializers = {init.name for init in proto.graph.initializer}
+    found = [value.name for value in proto.graph.input if value.name not in initializers]
+    if found != names:
+        raise RuntimeError(f"the exported graph's inputs are {found}, expected {names}")
+    for key, value in metadata(model, fp16=fp16, uint8=uint8, temperature_input=temperature_input, weights=weights, opset=opset).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.producer_name = "cvae-tk"
@@ -98,36 +191,100 @@ def to_onnx(model: CVAE, opset: int = OPSET) -> bytes:
     return proto.SerializeToString()
 
 
-def parity_error(model: CVAE, onnx_bytes: bytes, batch_sizes=PARITY_BATCHES, seed: int = 0) -> float:
-    """Max abs difference between ONNX Runtime (CPU provider) and PyTorch over the given batch sizes."""
+def parity_error(model: CVAE, onnx_bytes: bytes, batch_sizes=PARITY_BATCHES, seed: int = 0, temperatures=None) -> float:
+    """Worst difference between ONNX Runtime (CPU provider) and the fp32 PyTorch `model` over the
+    given batch sizes: max abs difference for a float output, grey levels from the quantized PyTorch
+    output for a uint8 one. A graph with a `temperature` input is run at each of `temperatures`
+    (default 1 and PARITY_TEMPERATURE)."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    except Exception as error:  # e.g. an opset newer than this ONNX Runtime supports
+        message = one_line(error)
+        message = message[message.find("ONNX Runtime only"):] if "ONNX Runtime only" in message else message
+        raise UserError(f"ONNX Runtime {ort.__version__} cannot load the exported graph, so it cannot be checked: {message}") from None
+    has_temperature = "temperature" in [value.name for value in session.get_inputs()]
+    uint8 = session.get_outputs()[0].type == "tensor(uint8)"
+    if temperatures is None:
+        temperatures = (1.0, PARITY_TEMPERATURE) if has_temperature else (1.0,)
+    elif not has_temperature and any(t != 1.0 for t in temperatures):
+        raise ValueError("this graph has no temperature input")
     generator = torch.Generator().manual_seed(seed)
     worst = 0.0
-    for size in batch_sizes:
-        attributes = (torch.rand(size, model.spec.num_attributes, generator=generator) > 0.5).float()
-        noise = torch.randn(size, model.spec.latent_dim, generator=generator)
-        with torch.no_grad():
-            expected = model.generate(attributes, noise).numpy()
-        (got,) = session.run(["images"], {"attributes": attributes.numpy(), "noise": noise.numpy()})
-        if got.shape != expected.shape:
-            raise RuntimeError(f"ONNX output shape {got.shape} != PyTorch {expected.shape} at batch {size}")
-        worst = max(worst, float(np.abs(got - expected).max()))
+    for temperature in temperatures:
+        for size in batch_sizes:
+            attributes = (torch.rand(size, model.spec.num_attributes, generator=generator) > 0.5).float()
+            noise = torch.randn(size, model.spec.latent_dim, generator=generator)
+            with torch.no_grad():
+                expected = model.generate(attributes, noise, temperature).float().numpy()
+            feed = {"attributes": attributes.numpy(), "noise": noise.numpy()}
+            if has_temperature:
+                feed["temperature"] = np.array([temperature], np.float32)
+            (got,) = session.run(["images"], feed)
+            if uint8:
+                expected = quantize(expected)
+                got, expected = got.astype(np.int16), expected.astype(np.int16)
+            if got.shape != expected.shape:
+                raise RuntimeError(f"ONNX output shape {got.shape} != PyTorch {expected.shape} at batch {size}")
+            worst = max(worst, float(np.abs(got - expected).max()))
     return worst
 
 
-def export_onnx(run_dir: str | Path, out: str | Path | None = None, opset: int = OPSET) -> tuple[Path, float]:
-    """Export `run_dir` to `out` (default export/<run name>.onnx); returns (path written, parity error)."""
-    model = load_model(run_dir)
-    out = Path(out) if out else Path("export") / f"{Path(run_dir).resolve().name}.onnx"
-    onnx_bytes = to_onnx(model, opset)
+def parity_limit(fp16: bool = False, uint8: bool = False) -> tuple[float, str]:
+    """(limit, how the error is measured) of an export's parity check; see `parity_passes`."""
+    precision = "fp16" if fp16 else "fp32"
+    if uint8:
+        return float(UINT8_LEVELS[precision]), "max grey-level difference from the quantized fp32 PyTorch output"
+    return (FP16_TOLERANCE if fp16 else PARITY_TOLERANCE), "max abs difference from the fp32 PyTorch output"
+
+
+def parity_passes(error: float, fp16: bool = False, uint8: bool = False) -> bool:
+    """uint8: at most the limit in grey levels; float: strictly below the limit."""
+    limit, _ = parity_limit(fp16, uint8)
+    return error <= limit if uint8 else error < limit
+
+
+def default_path(run_dir: str | Path, fp16: bool = False, uint8: bool = False, temperature_input: bool = False) -> Path:
+    """export/<run name>.onnx, with -fp16 / -uint8 / -temperature for the variants (so a variant
+    never replaces the plain export)."""
+    tags = [tag for tag, on in (("fp16", fp16), ("uint8", uint8), ("temperature", temperature_input)) if on]
+    return Path("export") / ("-".join([Path(run_dir).resolve().name, *tags]) + ".onnx")
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_onnx(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    opset: int = OPSET,
+    fp16: bool = False,
+    uint8: bool = False,
+    temperature_input: bool = False,
+) -> tuple[Path, float]:
+    """Export `run_dir` to `out` (default `default_path`); returns (path written, parity error, in
+    the units of `parity_limit`)."""
+    weights_file = Path(run_dir) / WEIGHTS
+    weights = _sha256_of(weights_file) if weights_file.is_file() else None  # hashed before and after loading
+    model = load_model(run_dir)  # a missing or unreadable file is its UserError
+    out = Path(out) if out else default_path(run_dir, fp16, uint8, temperature_input)
+    onnx_bytes = to_onnx(model, opset, fp16=fp16, uint8=uint8, temperature_input=temperature_input, weights=weights)
     error = parity_error(model, onnx_bytes)
-    if error >= PARITY_TOLERANCE:
+    if not parity_passes(error, fp16, uint8):
+        limit, measure = parity_limit(fp16, uint8)
+        temperatures = f", temperatures 1 and {PARITY_TEMPERATURE:g}" if temperature_input else ""
         raise UserError(
-            f"export of {run_dir} failed its parity check: max abs difference {error:.3g} against PyTorch "
-            f"(limit {PARITY_TOLERANCE:g}, batches {PARITY_BATCHES}); nothing was written"
+            f"export of {run_dir} ({'fp16' if fp16 else 'fp32'}, {UINT8_OUTPUT if uint8 else FLOAT_OUTPUT}) failed its "
+            f"parity check: {measure} = {error:.3g} (limit {limit:g}, batches {PARITY_BATCHES}{temperatures}); nothing was written"
         )
+    if _sha256_of(weights_file) != weights:
+        raise UserError(f"{weights_file} changed while it was being exported (is a training run writing it?); nothing was written")
     out.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     try:

@@ -318,9 +318,15 @@ class CVAE(nn.Module):
         """(mu_p, logvar_p) of the learned prior p(z | x), or None when the prior is N(0, I)."""
         return None if self.prior_net is None else self.prior_net(attributes)
 
-    def generate(self, attributes: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Decode z drawn from the prior, given standard normal `noise`: z = noise for N(0, I),
-        z = mu_p + exp(0.5 * logvar_p) * noise for the learned prior. The graph that export ships."""
+    def generate(self, attributes: torch.Tensor, noise: torch.Tensor, temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
+        """Decode z drawn from the prior, given standard normal `noise`: z = noise * t for N(0, I),
+        z = mu_p + exp(0.5 * logvar_p) * noise * t for the learned prior. The graph that export ships.
+
+        The temperature t scales the prior's standard deviation (t = 0: the prior's mean); a tensor
+        broadcasts against `noise` ([1] or [B, 1]). The default 1.0 adds no operation at all.
+        """
+        if isinstance(temperature, torch.Tensor) or temperature != 1.0:
+            noise = noise * temperature
         prior = self.prior(attributes)
         if prior is not None:
             prior_mu, prior_logvar = prior

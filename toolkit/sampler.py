@@ -1,13 +1,17 @@
 """Generate images from an exported cvae-tk ONNX file. Imports numpy and onnxruntime only, never torch.
 
     from toolkit.sampler import Sampler
-    sampler = Sampler("export/digits.onnx")           # device="auto" | "cpu" | "cuda"
-    images = sampler.sample({"digit_3": 1}, n=8, seed=0)   # uint8 [8, H, W, 3]
+    sampler = Sampler("export/digits.onnx")                 # device="auto" | "cpu" | "cuda"
+    images = sampler.sample({"digit_3": 1}, n=8, seed=0)     # uint8 [8, H, W, 3]
+    print(sampler.provider)                                  # which ONNX Runtime provider really runs
 
-`attributes` may be a mapping name -> 0/1 (unnamed attributes are 0), a list of such mappings, or
-an array [M, A] in the order of `sampler.attributes`; each condition gets `n` images, so the
-result has M * n images, condition by condition. The same seed gives the same images on the same
-provider.
+`attributes` may be a mapping name -> 0/1 (unnamed attributes are 0, or taken from `base`), a list
+of such mappings, or an array [M, A] in the order of `sampler.attributes`; each condition gets `n`
+images, so the result has M * n images, condition by condition. The same seed gives the same images
+on the same provider. `temperature` scales the prior's spread (0: the prior mean).
+
+On CUDA the inputs and outputs go through IO binding: inputs copied to the device once, the output
+allocated there and copied to the host once per batch. One Sampler may serve several threads.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ def _cuda_device_present() -> bool:
 
 
 class Sampler:
-    def __init__(self, path: str | os.PathLike, device: str = "auto", batch_size: int = 256):
+    def __init__(self, path: str | os.PathLike, device: str = "auto", batch_size: int = 256, io_binding: bool | None = None):
         if device not in ("auto", "cpu", "cuda"):
             raise UserError(f"device must be auto, cpu or cuda, got {device!r}")
         if batch_size < 1:
@@ -55,6 +59,13 @@ class Sampler:
             raise UserError(f"{path}: cvae-tk metadata is incomplete or malformed ({error})") from None
         self.metadata = dict(meta)
         self._index = {name: i for i, name in enumerate(self.attributes)}
+        inputs = [i.name for i in self.session.get_inputs()]
+        if inputs[:2] != ["attributes", "noise"] or not set(inputs) <= {"attributes", "noise", "temperature"}:
+            raise UserError(f"{path}: inputs {inputs}, expected attributes, noise (and optionally temperature)")
+        self._temperature_input = "temperature" in inputs
+        self._uint8_output = meta.get("output", "float32_nchw") == "uint8_nhwc"
+        self._device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+        self.io_binding = self._device == "cuda" if io_binding is None else io_binding
 
     @staticmethod
     def _open(path: Path, device: str) -> ort.InferenceSession:
@@ -86,8 +97,8 @@ class Sampler:
         hint = f"did you mean {', '.join(close)}? " if close else ""
         return UserError(f"unknown attribute '{name}': {hint}valid attributes: {', '.join(self.attributes)}")
 
-    def _from_mapping(self, mapping: Mapping) -> np.ndarray:
-        row = np.zeros(len(self.attributes), dtype=np.float32)
+    def _from_mapping(self, mapping: Mapping, base: np.ndarray | None = None) -> np.ndarray:
+        row = np.zeros(len(self.attributes), dtype=np.float32) if base is None else base.copy()
         for name, value in mapping.items():
             if name not in self._index:
                 raise self._unknown(str(name))
@@ -98,14 +109,23 @@ class Sampler:
             row[self._index[name]] = value
         return row
 
-    def conditions(self, attributes) -> np.ndarray:
-        """Turn any accepted `attributes` argument into a float32 array [M, A]."""
+    def conditions(self, attributes, base=None) -> np.ndarray:
+        """Turn any accepted `attributes` argument into a float32 array [M, A]; mappings start from
+        `base` (a mapping or a vector [A]; default all 0)."""
+        if base is not None:
+            base = self._from_mapping(base)[None] if isinstance(base, Mapping) else self._vectors(base)
+            if len(base) != 1:
+                raise UserError(f"base must be one attribute vector, got {len(base)}")
+            base = base[0]
         if isinstance(attributes, Mapping):
-            return self._from_mapping(attributes)[None]
+            return self._from_mapping(attributes, base)[None]
         if isinstance(attributes, Sequence) and not isinstance(attributes, (str, bytes)) and attributes and all(
             isinstance(item, Mapping) for item in attributes
         ):
-            return np.stack([self._from_mapping(item) for item in attributes])
+            return np.stack([self._from_mapping(item, base) for item in attributes])
+        return self._vectors(attributes)
+
+    def _vectors(self, attributes) -> np.ndarray:
         try:
             array = np.asarray(attributes, dtype=np.float32)
         except (TypeError, ValueError):
@@ -120,22 +140,43 @@ class Sampler:
 
     # -- sampling -----------------------------------------------------------------------------
 
-    def run(self, attributes: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        """The raw graph, in batches: float32 [B, A] and [B, Z] -> float32 images [B, 3, H, W] in [0, 1]."""
+    def run(self, attributes: np.ndarray, noise: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+        """The raw graph, in batches of `batch_size`: float32 [B, A] and [B, Z] -> the model's output
+        (float32 [B, 3, H, W] in [0, 1], or uint8 [B, H, W, 3] for a --uint8 export)."""
+        if not self._temperature_input and temperature != 1.0:
+            noise = noise * np.float32(temperature)  # the same as the graph's own temperature input
         outputs = []
         for start in range(0, len(attributes), self.batch_size):
-            stop = start + self.batch_size
-            feed = {"attributes": np.ascontiguousarray(attributes[start:stop], np.float32), "noise": np.ascontiguousarray(noise[start:stop], np.float32)}
-            outputs.append(self.session.run(["images"], feed)[0])
+            feed = {
+                "attributes": np.ascontiguousarray(attributes[start : start + self.batch_size], np.float32),
+                "noise": np.ascontiguousarray(noise[start : start + self.batch_size], np.float32),
+            }
+            if self._temperature_input:
+                feed["temperature"] = np.array([temperature], np.float32)
+            outputs.append(self._run_bound(feed) if self.io_binding else self.session.run(["images"], feed)[0])
         return np.concatenate(outputs)
 
-    def sample(self, attributes, n: int = 1, seed: int | None = None) -> np.ndarray:
+    def _run_bound(self, feed: dict) -> np.ndarray:
+        # A binding per call: bindings are not shared between threads. Inputs go to the device
+        # once; the output is allocated by ONNX Runtime on the device and copied to the host once.
+        binding = self.session.io_binding()
+        for name, array in feed.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, self._device, 0))
+        binding.bind_output("images", self._device, 0)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def sample(self, attributes, n: int = 1, seed: int | None = None, temperature: float = 1.0, base=None) -> np.ndarray:
         """`n` images per condition as uint8 [M * n, H, W, 3]."""
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
             raise UserError(f"n must be an integer >= 1, got {n!r}")
-        rows = np.repeat(self.conditions(attributes), n, axis=0)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)) or not 0 <= temperature < 1e3:
+            raise UserError(f"temperature must be a number >= 0, got {temperature!r}")
+        rows = np.repeat(self.conditions(attributes, base), n, axis=0)
         noise = np.random.default_rng(seed).standard_normal((len(rows), self.latent_dim), dtype=np.float32)
-        images = self.run(rows, noise)
+        images = self.run(rows, noise, float(temperature))
+        if self._uint8_output:
+            return images
         return np.round(np.clip(images, 0.0, 1.0) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 

@@ -88,19 +88,10 @@ def reconstruction_grid(model: CVAE, images: torch.Tensor, attributes: torch.Ten
 @torch.no_grad()
 def heldout_metrics(model: CVAE, shards: str, device: torch.device, split: str = "test") -> dict[str, float]:
     """Reconstruction MSE (summed per image, and per pixel) and KL per image on a split, from the posterior mean."""
-    mse_sum = kl_sum = count = 0.0
-    pixels = 1
-    for images, attributes in eval_batches(shards, split):
-        images, attributes = images.to(device), attributes.to(device)
-        mu, logvar = model.encoder(images, attributes)
-        recon = model.decoder(mu, attributes)
-        prior = model.prior(attributes) or (None, None)
-        terms = cvae_loss(recon, images, mu, logvar, 0.5, *prior)
-        mse_sum += terms.mse.item() * len(images)
-        kl_sum += terms.kl.item() * len(images)
-        count += len(images)
-        pixels = images[0].numel()
-    return {f"{split}/mse_per_image": mse_sum / count, f"{split}/mse_per_pixel": mse_sum / count / pixels, f"{split}/kl_per_image": kl_sum / count}
+    from toolkit.evaluate import reconstruction_metrics
+
+    result = reconstruction_metrics(model, shards, split, device, sampled=False)
+    return {f"{split}/{key}": result[key] for key in ("mse_per_image", "mse_per_pixel", "kl_per_image")}
 
 
 # --- batches: a pure function of (seed, micro-batch index) -----------------------------------

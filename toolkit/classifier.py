@@ -1,0 +1,242 @@
+"""A small CNN that predicts the attribute vector of an image: the judge of generated images.
+
+    path = train_classifier("shards/digits", "runs/digits-classifier", steps=2000, batch_size=64, lr=1e-3, seed=0)
+    classifier = load_classifier(path.parent)
+    classifier_accuracy(classifier, "shards/digits", "test")   # on real images: the ceiling
+
+Architecture (`AttributeClassifier`): `depth` blocks of conv3x3 -> GroupNorm -> ReLU -> 2x2 max-pool,
+channels width, 2 width, 4 width... (capped at 8 width), then global average pooling and one linear
+layer to A logits. Multi-label: trained with BCE-with-logits on the 0/1 attribute vectors (mean over
+attributes and images), an attribute is predicted present when its logit > 0 (probability > 0.5).
+Any image size works (global pooling); it is recorded so a mismatch is caught.
+
+Saved as `classifier.safetensors` (fp32 weights, never pickle) + `classifier.json` (attributes,
+image size, architecture, training settings and the accuracy on the real test images).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from toolkit.errors import UserError, one_line
+
+WEIGHTS = "classifier.safetensors"
+CONFIG = "classifier.json"
+FORMAT = "cvae-tk-classifier"
+DEFAULTS = {"steps": 2000, "lr": 1e-3, "width": 32, "depth": 4}
+THRESHOLD = 0.0  # on the logit: probability 0.5
+
+
+class AttributeClassifier(nn.Module):
+    """images [B, 3, H, W] in [0, 1] -> attribute logits [B, A]."""
+
+    def __init__(self, attributes: list[str], image_size: tuple[int, int], width: int = 32, depth: int = 4):
+        super().__init__()
+        if width < 1 or depth < 1:
+            raise UserError(f"classifier width and depth must be positive, got width={width}, depth={depth}")
+        self.attributes = list(attributes)
+        self.image_size = tuple(int(s) for s in image_size)
+        self.width, self.depth = int(width), int(depth)
+        layers, previous = [], 3
+        for level in range(depth):
+            channels = width * min(2**level, 8)
+            layers += [nn.Conv2d(previous, channels, 3, padding=1), nn.GroupNorm(math.gcd(8, channels), channels), nn.ReLU()]
+            if min(self.image_size) >> (level + 1) >= 1:  # never pool a side below one pixel
+                layers.append(nn.MaxPool2d(2))
+            previous = channels
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(previous, len(self.attributes))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.features(images.to(self.head.weight.dtype) - 0.5)
+        return self.head(x.mean(dim=(2, 3)))
+
+    def config(self) -> dict:
+        return {"attributes": self.attributes, "image_size": list(self.image_size), "arch": {"width": self.width, "depth": self.depth}}
+
+
+# --- accuracy -------------------------------------------------------------------------------------
+
+
+class AccuracyCounter:
+    """Accumulates thresholded predictions against 0/1 targets, batch by batch.
+
+    `result()`: {"mean": mean over attributes of the per-attribute accuracy (= over all entries),
+    "per_attribute": {name: fraction of images whose prediction matches}, "top1": fraction of images
+    whose arg-max logit is the target's 1, or None unless every target is one-hot, "count": images}.
+    """
+
+    def __init__(self, names: list[str]):
+        self.names = list(names)
+        self.correct = torch.zeros(len(names), dtype=torch.float64)
+        self.top1 = 0
+        self.one_hot = True
+        self.count = 0
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        logits, targets = logits.detach().float().cpu(), targets.detach().float().cpu()
+        predicted = (logits > THRESHOLD).float()
+        self.correct += (predicted == targets).sum(dim=0).double()
+        self.one_hot = self.one_hot and bool((targets.sum(dim=1) == 1).all())
+        self.top1 += int((logits.argmax(dim=1) == targets.argmax(dim=1)).sum())
+        self.count += len(targets)
+
+    def result(self) -> dict:
+        if self.count == 0:
+            raise UserError("no images to measure the attribute accuracy on: the split is empty")
+        per = (self.correct / self.count).tolist()
+        return {
+            "mean": float(sum(per) / len(per)),
+            "top1": self.top1 / self.count if self.one_hot else None,
+            "per_attribute": dict(zip(self.names, per)),
+            "count": self.count,
+        }
+
+
+def columns_for(classifier: AttributeClassifier, names: list[str], where: str = "the data") -> torch.Tensor:
+    """Indices of `names` among the classifier's attributes (matched by name, any order)."""
+    index = {name: i for i, name in enumerate(classifier.attributes)}
+    missing = [name for name in names if name not in index]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise UserError(
+            f"the classifier does not know attribute(s) {shown} of {where} (it was trained on {len(index)} attributes: "
+            f"{', '.join(classifier.attributes[:5])}{'...' if len(index) > 5 else ''}); train one on the same shards"
+        )
+    return torch.tensor([index[name] for name in names], dtype=torch.long)
+
+
+def check_image_size(classifier: AttributeClassifier, image_size, where: str) -> None:
+    if tuple(image_size) != classifier.image_size:
+        raise UserError(
+            f"the classifier was trained on {classifier.image_size[0]}x{classifier.image_size[1]} images but {where} "
+            f"has {image_size[0]}x{image_size[1]}; train one on the same shards"
+        )
+
+
+@torch.no_grad()
+def classifier_accuracy(classifier: AttributeClassifier, shards: str | Path, split: str = "test", device: str = "cpu", batch_size: int = 256) -> dict:
+    """The classifier's accuracy on the real images of a split (the ceiling for generated images).
+
+    Returns AccuracyCounter's dict: "mean" (over attributes), "per_attribute", "top1" (one-hot
+    targets only, else None), "count".
+    """
+    from toolkit.data.stream import eval_batches, read_manifest
+
+    manifest = read_manifest(shards, split)
+    names = list(manifest["attributes"])
+    columns = columns_for(classifier, names, f"{shards}")
+    check_image_size(classifier, manifest["image_size"], f"{shards}")
+    device = torch.device(device)
+    was_training = classifier.training
+    classifier.to(device).eval()
+    counter = AccuracyCounter(names)
+    for images, attributes in eval_batches(shards, split, batch_size):
+        counter.update(classifier(images.to(device))[:, columns.to(device)], attributes)
+    classifier.train(was_training)
+    return counter.result()
+
+
+# --- training, saving, loading --------------------------------------------------------------------
+
+
+def train_classifier(
+    shards: str | Path,
+    out_dir: str | Path,
+    steps: int = DEFAULTS["steps"],
+    batch_size: int = 64,
+    lr: float = DEFAULTS["lr"],
+    seed: int = 0,
+    device: str = "cpu",
+    width: int = DEFAULTS["width"],
+    depth: int = DEFAULTS["depth"],
+    num_workers: int = 0,
+    log=None,
+) -> Path:
+    """Train on the train split (`epoch_batches`, epoch after epoch, until `steps` Adam steps), measure
+    the accuracy on the real test images, write OUT/classifier.safetensors + classifier.json; returns
+    the path of the weights. Deterministic on the CPU for a given seed. `log(str)` gets progress lines.
+    """
+    from toolkit.data.stream import epoch_batches, read_manifest
+
+    if steps < 1 or batch_size < 1 or lr <= 0:
+        raise UserError(f"classifier training needs steps >= 1, batch_size >= 1 and lr > 0 (got {steps}, {batch_size}, {lr})")
+    manifest = read_manifest(shards, "train")
+    read_manifest(shards, "test")  # the ceiling is measured there: fail before training, not after
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        classifier = AttributeClassifier(manifest["attributes"], manifest["image_size"], width, depth)
+    classifier.to(device).train()
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=lr)
+    step, epoch, start, loss = 0, 0, time.perf_counter(), torch.tensor(float("nan"))
+    while step < steps:
+        for images, attributes in epoch_batches(shards, "train", batch_size, epoch=epoch, seed=seed, num_workers=num_workers):
+            logits = classifier(images.to(device))
+            loss = F.binary_cross_entropy_with_logits(logits, attributes.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if log is not None and (step % 200 == 0 or step == steps):
+                log(f"step {step}/{steps}: loss {loss.item():.4f}")
+            if step >= steps:
+                break
+        epoch += 1
+    classifier.eval()
+    accuracy = classifier_accuracy(classifier, shards, "test", device=str(device))
+    meta = {
+        "format": FORMAT,
+        **classifier.config(),
+        "training": {"shards": str(shards), "split": "train", "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+                     "final_loss": float(loss.item()), "seconds": round(time.perf_counter() - start, 2)},
+        "test_accuracy": {"split": "test", **accuracy},
+    }
+    return save_classifier(classifier, out_dir, meta)
+
+
+def save_classifier(classifier: AttributeClassifier, out_dir: str | Path, meta: dict | None = None) -> Path:
+    """Write classifier.safetensors and classifier.json into `out_dir`, each through a temporary name."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in classifier.state_dict().items()}
+    tmp = out_dir / (WEIGHTS + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out_dir / WEIGHTS)
+    meta = {"format": FORMAT, **(meta or {}), **classifier.config()}
+    tmp = out_dir / (CONFIG + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.replace(out_dir / CONFIG)
+    return out_dir / WEIGHTS
+
+
+def load_classifier(folder: str | Path) -> AttributeClassifier:
+    """Rebuild a classifier from its folder, on the CPU, in eval mode; `.meta` holds classifier.json."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config, weights = folder / CONFIG, folder / WEIGHTS
+    if not config.is_file() or not weights.is_file():
+        raise UserError(f"{folder} is not an attribute classifier: expected {config} and {weights} (written by `cvae-tk classifier train`)")
+    try:
+        meta = json.loads(config.read_text())
+        arch = meta["arch"]
+        classifier = AttributeClassifier(list(meta["attributes"]), tuple(meta["image_size"]), int(arch["width"]), int(arch["depth"]))
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{config} is not a cvae-tk classifier config: {one_line(error)}") from None
+    try:
+        state = load_file(str(weights))
+        classifier.load_state_dict(state)
+    except Exception as error:
+        raise UserError(f"{weights} does not hold the weights {config} describes: {one_line(error)}") from None
+    classifier.meta = meta
+    return classifier.eval()

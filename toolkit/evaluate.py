@@ -1,0 +1,304 @@
+"""Held-out metrics of a trained CVAE: reconstruction, KL, sample diversity, attribute accuracy.
+
+    metrics = evaluate_run("runs/digits")            # also writes runs/digits/metrics.json
+    metrics["metrics"]["mse_per_pixel"], metrics["metrics"]["attr_acc"]
+
+Reductions (the same as the training loss, `toolkit/loss.py`):
+- MSE per image: squared error summed over the 3 x H x W values of an image; per pixel: that
+  divided by 3 * H * W (so per value, in [0, 1]^2 units). Both averaged over the split's images.
+- KL per image: KL(q(z | x, y) || p(z | x)) in closed form, summed over latent units, averaged over
+  images; p is the model's own prior (N(0, I), or the learned p(z | x)). It does not depend on z,
+  so there is one KL figure; the MSE is given twice: decoded from the posterior mean (`mse_*`,
+  Table 1 and the training logs) and from one posterior sample z = mu + exp(logvar / 2) * eps
+  (`mse_*_sampled`, what the loss optimises), eps from a CPU generator seeded with `seed`.
+- Diversity: for each condition, n images from the prior with different noise; the distance of two
+  images is their per-pixel RMS difference sqrt(mean((a - b)^2)) over the 3 x H x W values
+  (= L2 / sqrt(3 H W), in [0, 1]); averaged over the n (n - 1) / 2 pairs, then over the conditions.
+  A decoder that ignores z gives 0.
+- Attribute accuracy: one prior sample per test attribute vector, judged by an attribute classifier
+  (`toolkit/classifier.py`, logit > 0 = present); per attribute the fraction of images whose
+  prediction equals the requested value, "mean" over attributes; "top1" (arg-max logit = the
+  requested 1) only when every vector is one-hot (e.g. the digits). The floor compares the same
+  images with the vectors shuffled across images (a seeded permutation): what a generator that
+  ignores its condition would score. The ceiling is the classifier on the real test images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from toolkit.errors import UserError, one_line
+
+METRICS_FILE = "metrics.json"
+DIVERSITY_CONDITIONS = 32  # test attribute vectors diversity is averaged over
+DIVERSITY_SAMPLES = 8
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is a UserError."""
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available here (use cpu or auto)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}': expected auto | cpu | cuda") from None
+
+
+# --- reconstruction and KL ----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reconstruction_metrics(
+    model, shards: str | Path, split: str = "test", device: str | torch.device = "cpu", batch_size: int = 256,
+    seed: int = 0, sampled: bool = True,
+) -> dict[str, float]:
+    """Reconstruction error and KL over one ordered pass of `split` (streamed: per-batch sums only).
+
+    Returns {"mse_per_image", "mse_per_pixel"} (decoded from the posterior mean), with `sampled`
+    also {"mse_per_image_sampled", "mse_per_pixel_sampled"} (decoded from one posterior sample,
+    eps for each batch the next [B, Z] standard-normal draw of a CPU generator seeded with `seed`,
+    so deterministic for a given batch_size), "kl_per_image" (against the model's prior) and
+    "count" (images). Reductions: module docstring. The model is used as it is (put it in eval mode).
+    """
+    from toolkit.data.stream import eval_batches
+
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(seed)
+    sums = {"mse": 0.0, "mse_sampled": 0.0, "kl": 0.0}
+    count, values = 0, 1
+    for images, attributes in eval_batches(shards, split, batch_size):
+        images, attributes = images.to(device), attributes.to(device)
+        mu, logvar = model.encoder(images, attributes)
+        mu, logvar = mu.float(), logvar.float()
+        target = images.float().flatten(1)
+        sums["mse"] += _squared_error(model.decoder(mu, attributes), target)
+        if sampled:
+            eps = torch.randn(mu.shape, generator=generator).to(device)
+            sums["mse_sampled"] += _squared_error(model.decoder(mu + torch.exp(0.5 * logvar) * eps, attributes), target)
+        sums["kl"] += float(kl_per_image(model, mu, logvar, attributes).double().sum())
+        count += len(images)
+        values = target.shape[1]
+    if count == 0:
+        raise UserError(f"the {split} split of {shards} holds no images")
+    result = {"mse_per_image": sums["mse"] / count, "mse_per_pixel": sums["mse"] / count / values}
+    if sampled:
+        result.update(mse_per_image_sampled=sums["mse_sampled"] / count, mse_per_pixel_sampled=sums["mse_sampled"] / count / values)
+    result.update(kl_per_image=sums["kl"] / count, count=count)
+    return result
+
+
+def _squared_error(recon: torch.Tensor, target: torch.Tensor) -> float:
+    """Sum over the batch of the per-image summed squared error (fp32 per image, fp64 across images)."""
+    return float((recon.float().flatten(1) - target).pow(2).sum(dim=1).double().sum())
+
+
+def kl_per_image(model, mu: torch.Tensor, logvar: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
+    """KL(q || the model's prior) per image [B], summed over latent units."""
+    from toolkit.loss import kl_gaussians, kl_standard_normal
+
+    prior = model.prior(attributes)
+    if prior is None:
+        return kl_standard_normal(mu.float(), logvar.float())
+    return kl_gaussians(mu.float(), logvar.float(), prior[0].float(), prior[1].float())
+
+
+# --- diversity ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def diversity(model, attributes, n: int = DIVERSITY_SAMPLES, seed: int = 0, device: str | torch.device = "cpu", chunk: int = 16) -> float:
+    """Mean pairwise per-pixel RMS distance between n prior samples per condition, averaged over conditions.
+
+    `attributes`: [K, A] (or [A]) condition vectors. Noise: one [K, n, Z] standard-normal draw of a
+    CPU generator seeded with `seed` (so independent of `chunk`, the conditions decoded at once).
+    d(a, b) = sqrt(mean over the 3 H W values of (a - b)^2); the result is the mean of d over the
+    n (n - 1) / 2 pairs of each condition, then over the K conditions. ~0 when the decoder ignores z.
+    """
+    if n < 2:
+        raise UserError(f"diversity needs n >= 2 samples per condition, got {n}")
+    conditions = torch.as_tensor(attributes, dtype=torch.float32)
+    conditions = conditions[None] if conditions.dim() == 1 else conditions
+    if conditions.dim() != 2 or len(conditions) == 0:
+        raise UserError(f"diversity needs attribute vectors [K, A], got shape {tuple(conditions.shape)}")
+    device = torch.device(device)
+    noise = torch.randn(len(conditions), n, model.spec.latent_dim, generator=torch.Generator().manual_seed(seed))
+    pairs = torch.triu_indices(n, n, offset=1)
+    total = 0.0
+    for start in range(0, len(conditions), chunk):
+        cond = conditions[start : start + chunk].to(device)
+        k = len(cond)
+        images = model.generate(cond.repeat_interleave(n, dim=0), noise[start : start + k].reshape(k * n, -1).to(device))
+        flat = images.float().reshape(k, n, -1)
+        diff = flat[:, pairs[0]] - flat[:, pairs[1]]  # [k, pairs, D]
+        total += float(diff.pow(2).mean(dim=2).sqrt().mean(dim=1).double().sum())
+    return total / len(conditions)
+
+
+# --- attribute accuracy of generated images -------------------------------------------------------
+
+
+def split_attributes(shards: str | Path, split: str = "test") -> torch.Tensor:
+    """Every attribute vector of a split, in order [N, A] (small: the images are not kept)."""
+    from toolkit.data.stream import eval_batches
+
+    vectors = [attributes for _, attributes in eval_batches(shards, split)]
+    if not vectors:
+        raise UserError(f"the {split} split of {shards} holds no images")
+    return torch.cat(vectors)
+
+
+@torch.no_grad()
+def attribute_accuracy(
+    classifier, model, shards: str | Path, split: str = "test", seed: int = 0, shuffled: bool = False,
+    device: str | torch.device = "cpu", batch_size: int = 256, attributes: torch.Tensor | None = None,
+) -> dict:
+    """How often the classifier finds the requested attributes in generated images.
+
+    One prior sample per attribute vector of `split` (noise: one [N, Z] draw of a CPU generator
+    seeded with `seed`), classified (logit > 0 = present). With shuffled=True, the same images are
+    compared with the vectors permuted across images (torch.randperm seeded with seed + 1): the floor.
+    Returns {"mean": mean over attributes, "per_attribute": {name: accuracy}, "top1": arg-max accuracy
+    when every vector is one-hot else None, "count": images}. `attributes` [N, A] saves re-reading
+    the split when already at hand. The classifier is matched to the model's attributes by name.
+    """
+    from toolkit.classifier import AccuracyCounter, check_image_size, columns_for
+
+    names = list(model.spec.attributes)
+    columns = columns_for(classifier, names, "the model")
+    check_image_size(classifier, model.spec.image_size, "the model")
+    vectors = split_attributes(shards, split) if attributes is None else torch.as_tensor(attributes, dtype=torch.float32)
+    if vectors.shape[1] != len(names):
+        raise UserError(f"{shards} has {vectors.shape[1]} attributes per image, the model {len(names)}")
+    targets = vectors[torch.randperm(len(vectors), generator=torch.Generator().manual_seed(seed + 1))] if shuffled else vectors
+    noise = torch.randn(len(vectors), model.spec.latent_dim, generator=torch.Generator().manual_seed(seed))
+    device = torch.device(device)
+    classifier = classifier.to(device).eval()
+    columns = columns.to(device)
+    counter = AccuracyCounter(names)
+    for start in range(0, len(vectors), batch_size):
+        images = model.generate(vectors[start : start + batch_size].to(device), noise[start : start + batch_size].to(device))
+        counter.update(classifier(images.float().clamp(0, 1))[:, columns], targets[start : start + batch_size])
+    return counter.result()
+
+
+# --- one run ---------------------------------------------------------------------------------------
+
+
+def run_shards(run_dir: str | Path) -> str:
+    """The shards a run was trained on: data.shards of RUN/recipe.yaml."""
+    from omegaconf import OmegaConf
+
+    path = Path(run_dir) / "recipe.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no recipe.yaml to find its shards in; pass --shards")
+    try:
+        shards = OmegaConf.select(OmegaConf.load(path), "data.shards")
+    except Exception as error:
+        raise UserError(f"{path} is not readable: {one_line(error)}") from None
+    if not shards:
+        raise UserError(f"{path} names no data.shards; pass --shards")
+    shards = str(shards)
+    if "://" not in shards and not shards.startswith("pipe:") and not Path(shards).is_dir():
+        raise UserError(
+            f"the shards {run_dir} was trained on (data.shards={shards} in {path}) are not there"
+            f"{' (a relative path is taken from the current folder)' if not Path(shards).is_absolute() else ''}; pass --shards"
+        )
+    return shards
+
+
+def find_classifier(run_dir: str | Path, recipe: str | None = None) -> Path | None:
+    """Where a classifier for this run sits, if anywhere: RUN/../classifier, then
+    RUN/../<recipe>-classifier (where `cvae-tk classifier train recipe=<recipe>` writes)."""
+    from toolkit.classifier import CONFIG
+
+    parent = Path(run_dir).resolve().parent
+    candidates = [parent / "classifier"] + ([parent / f"{recipe}-classifier"] if recipe else [])
+    return next((c for c in candidates if (c / CONFIG).is_file()), None)
+
+
+def evaluate_run(
+    run_dir: str | Path, split: str = "test", classifier=None, device: str | torch.device = "auto", shards: str | None = None,
+    seed: int = 0, batch_size: int = 256, diversity_samples: int = DIVERSITY_SAMPLES, diversity_conditions: int = DIVERSITY_CONDITIONS,
+    find: bool = True, write: bool = True,
+) -> dict:
+    """All metrics of a run on `split`, written to RUN/metrics.json (tmp + rename) and returned.
+
+    `classifier`: a folder (or a loaded AttributeClassifier); None looks for one (`find_classifier`)
+    unless find=False; without one the attribute accuracies are None. `shards`: default the run's
+    data.shards (RUN/recipe.yaml). The file:
+        {"run_dir", "split", "shards", "recipe", "step", "beta", "seed", "classifier": folder | null,
+         "metrics": {mse_per_image, mse_per_pixel, mse_per_image_sampled, mse_per_pixel_sampled,
+                     kl_per_image, count, diversity, attr_acc, attr_acc_top1, attr_acc_floor,
+                     attr_acc_floor_top1, attr_acc_real, attr_acc_real_top1},   (floats or null)
+         "per_attribute": {"generated": {...}, "floor": {...}, "real": {...}} | null,
+         "settings": {"batch_size", "diversity_samples", "diversity_conditions"}}
+    Definitions and reductions: the module docstring.
+    """
+    from toolkit.classifier import AttributeClassifier, check_image_size, classifier_accuracy, columns_for, load_classifier
+    from toolkit.data.stream import read_manifest
+    from toolkit.model import load_model
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder not found: {run_dir}")
+    model = load_model(run_dir)
+    device = resolve_device(device)
+    model.to(device).eval()
+    shards = str(shards) if shards else run_shards(run_dir)
+    manifest = read_manifest(shards, split)
+    if list(manifest["attributes"]) != list(model.spec.attributes):
+        raise UserError(f"{shards} ({split}) has other attributes than the model of {run_dir}; pass the shards it was trained on with --shards")
+    if tuple(manifest["image_size"]) != tuple(model.spec.image_size):
+        raise UserError(f"{shards} ({split}) has {tuple(manifest['image_size'])} images, the model {tuple(model.spec.image_size)}")
+    extra = model.spec.extra or {}
+
+    metrics: dict = dict(reconstruction_metrics(model, shards, split, device, batch_size, seed=seed))
+    vectors = split_attributes(shards, split)
+    metrics["diversity"] = diversity(model, vectors[:diversity_conditions], diversity_samples, seed, device)
+
+    classifier_dir = None
+    if classifier is None and find:
+        classifier = find_classifier(run_dir, extra.get("recipe"))
+    if classifier is not None and not isinstance(classifier, AttributeClassifier):
+        classifier_dir = Path(classifier)
+        classifier = load_classifier(classifier_dir)
+    if classifier is not None:
+        try:
+            columns_for(classifier, list(model.spec.attributes), f"the model of {run_dir}")
+            check_image_size(classifier, model.spec.image_size, f"the model of {run_dir}")
+        except UserError as error:
+            raise UserError(f"classifier {classifier_dir or ''}: {error}") from None
+    per_attribute = None
+    metrics.update({key: None for key in ("attr_acc", "attr_acc_top1", "attr_acc_floor", "attr_acc_floor_top1", "attr_acc_real", "attr_acc_real_top1")})
+    if classifier is not None:
+        results = {
+            "generated": attribute_accuracy(classifier, model, shards, split, seed, False, device, batch_size, vectors),
+            "floor": attribute_accuracy(classifier, model, shards, split, seed, True, device, batch_size, vectors),
+            "real": classifier_accuracy(classifier, shards, split, str(device), batch_size),
+        }
+        for kind, key in (("generated", "attr_acc"), ("floor", "attr_acc_floor"), ("real", "attr_acc_real")):
+            metrics[key], metrics[f"{key}_top1"] = results[kind]["mean"], results[kind]["top1"]
+        per_attribute = {kind: result["per_attribute"] for kind, result in results.items()}
+
+    report = {
+        "run_dir": str(run_dir), "split": split, "shards": shards, "recipe": extra.get("recipe"), "step": extra.get("step"),
+        "beta": extra.get("beta"), "seed": seed, "classifier": str(classifier_dir) if classifier_dir else None,
+        "metrics": metrics, "per_attribute": per_attribute,
+        "settings": {"batch_size": batch_size, "diversity_samples": diversity_samples, "diversity_conditions": min(diversity_conditions, len(vectors))},
+    }
+    if write:
+        write_json_atomic(run_dir / METRICS_FILE, report)
+    return report
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)

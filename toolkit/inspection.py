@@ -1,0 +1,95 @@
+"""`cvae-tk inspect MODEL.onnx`: what an exported sampler holds, read from the file without running it.
+
+Imports onnx only (no torch, no onnxruntime): the file is parsed, never executed, and external data
+is not followed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from toolkit.errors import UserError, one_line
+
+SHOWN_ATTRIBUTES = 5  # names listed after the attributes count
+
+
+def _size(size: int) -> str:
+    """'268029 bytes (261.7 KiB)'."""
+    human, unit = float(size), "bytes"
+    for bigger in ("KiB", "MiB", "GiB"):
+        if human < 1024:
+            break
+        human, unit = human / 1024, bigger
+    return f"{size} bytes" if unit == "bytes" else f"{size} bytes ({human:.1f} {unit})"
+
+
+def _dtype(elem_type: int) -> str:
+    from onnx import TensorProto, helper
+
+    try:
+        return helper.tensor_dtype_to_np_dtype(elem_type).name  # float32, float16, uint8...
+    except Exception:
+        return TensorProto.DataType.Name(elem_type).lower() if elem_type in TensorProto.DataType.values() else f"type {elem_type}"
+
+
+def _value(value_info) -> str:
+    """'float32 [batch, 10]': element type and shape, a dynamic dim by its name ('?' when unnamed)."""
+    kind = value_info.type.WhichOneof("value")
+    if kind != "tensor_type":
+        return kind or "unknown type"
+    tensor = value_info.type.tensor_type
+    if not tensor.HasField("shape"):
+        return f"{_dtype(tensor.elem_type)} (shape unknown)"
+    dims = [str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim]
+    return f"{_dtype(tensor.elem_type)} [{', '.join(dims)}]"
+
+
+def _attributes(text: str) -> str:
+    try:
+        names = json.loads(text)
+        if not isinstance(names, list):
+            raise ValueError
+    except ValueError:
+        return text
+    shown = ", ".join(map(str, names[:SHOWN_ATTRIBUTES])) + (", ..." if len(names) > SHOWN_ATTRIBUTES else "")
+    return f"{len(names)} ({shown})"
+
+
+def inspect_onnx(path: str | os.PathLike) -> list[str]:
+    """The lines `cvae-tk inspect` prints: `key: value` each. A file that is not ONNX, or an ONNX model
+    without cvae-tk metadata, is a UserError."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file not found: {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # protobuf's DecodeError and friends
+        raise UserError(f"{path} is not an ONNX model: {one_line(error) or type(error).__name__}") from None
+    if not proto.HasField("graph") or not proto.ir_version:
+        # protobuf parses some non-ONNX bytes (an empty file, say) into an empty message
+        raise UserError(f"{path} is not an ONNX model (no graph in it)")
+    meta = {entry.key: entry.value for entry in proto.metadata_props}
+    if "cvae_tk.format" not in meta:
+        raise UserError(f"{path} is an ONNX model but not a cvae-tk sampler export (no cvae_tk.format metadata)")
+
+    opsets = {entry.domain or "ai.onnx": entry.version for entry in proto.opset_import}
+    others = "".join(f", {domain} {version}" for domain, version in sorted(opsets.items()) if domain != "ai.onnx")
+    lines = [
+        f"file: {path}",
+        f"file size: {_size(path.stat().st_size)}",
+        f"graph opset: {opsets.get('ai.onnx', '?')}{others}",
+        f"producer: {' '.join(filter(None, (proto.producer_name, proto.producer_version))) or '?'}",
+    ]
+    for key, value in meta.items():
+        lines.append(f"{key}: {_attributes(value) if key == 'attributes' else value}")
+    initializers = {init.name for init in proto.graph.initializer}
+    for value in proto.graph.input:
+        if value.name not in initializers:
+            lines.append(f"input {value.name}: {_value(value)}")
+    for value in proto.graph.output:
+        lines.append(f"output {value.name}: {_value(value)}")
+    return lines
