@@ -82,3 +82,9 @@ def test_every_shipped_recipe_loads(name):
     assert name in available_recipes()
     config = load_config([f"recipe={name}"])
     assert config.recipe == name and config.data.shards == f"shards/{name}"
+
+
+def test_text_keys_take_the_text_as_typed():
+    # YAML reads a bare `no` as false; mixed_precision=no must stay the string "no"
+    config = load_config(["recipe=digits", "mixed_precision=no", "run_dir=runs/007", "data.shards=pipe:cat x"])
+    assert (config.mixed_precision, config.run_dir, config.data.shards) == ("no", "runs/007", "pipe:cat x")

@@ -289,6 +289,123 @@ def classifier_train(
     typer.echo(f"wrote {path} and {path.parent / 'classifier.json'}")
 
 
+EDIT_CLASSIFIER = typer.Option(
+    None, "--classifier", help="Attribute classifier folder for images without --attr (default: RUN/../classifier or RUN/../<recipe>-classifier)."
+)
+
+
+@app.command("edit")
+def edit_command(
+    run_dir: Path = typer.Argument(..., help="A run folder written by `cvae-tk train`."),
+    image: Path = typer.Argument(..., help="The image to edit (any format PIL reads, any size)."),
+    set_: List[str] = typer.Option([], "--set", help="NAME=0|1: the change; repeat for several."),
+    attr: List[str] = typer.Option([], "--attr", help="NAME=0|1: the image's attributes, the full set (unnamed are 0); default: the classifier's prediction."),
+    classifier: Optional[Path] = EDIT_CLASSIFIER,
+    out: Optional[Path] = typer.Option(None, "--out", help="Output image: original | edit side by side (default <image stem>-edit.png here)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+) -> None:
+    """Edit a real image: encode it with its attributes, decode with --set applied, write original | edit."""
+    from PIL import Image
+
+    from toolkit.edit import ImageAttributes, attribute_vector, check_output, describe_changes, edit_image, load_image, load_run_model, parse_assignments, save_image
+
+    changes, given = parse_assignments(set_, "--set"), parse_assignments(attr, "--attr")
+    if not changes:
+        raise UserError("say what to change: --set NAME=0|1 (repeat for several)")
+    out = out or Path(f"{image.stem}-edit.png")
+    check_output(out)
+    original = load_image(image)
+    model = load_run_model(run_dir, device)
+    names = list(model.spec.attributes)
+    attribute_vector(names, given, changes)  # unknown names and values fail before any classifier is looked for
+    attributes, where = ImageAttributes(run_dir, model, classifier)(original, given)
+    edited = edit_image(model, original, attributes, changes)
+    pair = Image.new("RGB", (2 * original.width, original.height))
+    pair.paste(original, (0, 0))
+    pair.paste(edited, (original.width, 0))
+    save_image(pair, out)
+    typer.echo(f"attributes: {where}")
+    typer.echo(f"changes: {describe_changes(names, attributes, changes)}")
+    typer.echo(f"wrote {out} ({pair.width}x{pair.height}: original | edit)")
+
+
+@app.command("interpolate")
+def interpolate_command(
+    run_dir: Path = typer.Argument(..., help="A run folder written by `cvae-tk train`."),
+    from_image: Optional[Path] = typer.Option(None, "--from-image", help="First image (with --to-image)."),
+    to_image: Optional[Path] = typer.Option(None, "--to-image", help="Last image (with --from-image)."),
+    from_attr: List[str] = typer.Option([], "--from-attr", help="NAME=0|1, repeatable: the first attribute set (unnamed 0); with images, the first image's attributes."),
+    to_attr: List[str] = typer.Option([], "--to-attr", help="NAME=0|1, repeatable: the last attribute set; with images, the last image's attributes."),
+    classifier: Optional[Path] = EDIT_CLASSIFIER,
+    steps: int = typer.Option(8, "--steps", help="Frames, both ends included (>= 2)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the prior noise (attribute interpolation)."),
+    out: Path = typer.Option(Path("interpolation.png"), "--out", help="Output image: one horizontal strip of the frames."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+) -> None:
+    """Interpolate between two images (z and attributes) or two attribute sets (one prior sample) -> a strip."""
+    from toolkit.edit import (
+        ImageAttributes, attribute_vector, check_output, check_steps, describe, interpolate_attributes, interpolate_images,
+        load_image, load_run_model, parse_assignments, save_strip,
+    )
+
+    start, end = parse_assignments(from_attr, "--from-attr"), parse_assignments(to_attr, "--to-attr")
+    check_steps(steps)
+    check_output(out)
+    if from_image is not None or to_image is not None:
+        if from_image is None or to_image is None:
+            raise UserError("interpolating images needs both --from-image and --to-image")
+        images = load_image(from_image), load_image(to_image)
+    elif not start or not end:
+        raise UserError("say what to interpolate: --from-image A --to-image B, or --from-attr NAME=1 ... --to-attr NAME=1 ...")
+    else:
+        images = None
+    model = load_run_model(run_dir, device)
+    names = list(model.spec.attributes)
+    attribute_vector(names, start), attribute_vector(names, end)  # unknown names fail first
+    if images is not None:
+        source = ImageAttributes(run_dir, model, classifier, "--from-attr / --to-attr")
+        (ya, where_a), (yb, where_b) = source(images[0], start), source(images[1], end)
+        frames = interpolate_images(model, images[0], ya, images[1], yb, steps)
+        typer.echo(f"from {from_image}: {where_a}")
+        typer.echo(f"to {to_image}: {where_b}")
+    else:
+        frames = interpolate_attributes(model, start, end, steps, seed)
+        typer.echo(f"from: {describe(names, attribute_vector(names, start))}  to: {describe(names, attribute_vector(names, end))}  (seed {seed})")
+    save_strip(frames, out)
+    height, width = model.spec.image_size
+    typer.echo(f"wrote {out} ({steps} frames of {width}x{height}: {steps * width}x{height})")
+
+
+@app.command("sweep", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def sweep_command(
+    ctx: typer.Context,
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the runs (OUT/beta-<b>) and the results (default runs/sweep-<recipe>)."),
+    classifier: Optional[Path] = typer.Option(
+        None, "--classifier", help="Attribute classifier folder (default: OUT/classifier or OUT/<recipe>-classifier if there; else no accuracy)."
+    ),
+    launcher: Optional[str] = typer.Option(
+        None, "--launcher", help='Prefix of each training process instead of `python`, e.g. "accelerate launch --multi_gpu --num_processes 8".'
+    ),
+    device: str = typer.Option("auto", "--device", help="Where evaluation and figures run: auto | cpu | cuda"),
+    figure5_beta: Optional[float] = typer.Option(None, "--figure5-beta", help="The model of Figure 5 (default: the highest beta)."),
+    figure5_attributes: Optional[str] = typer.Option(
+        None, "--figure5-attributes", help="Comma-separated attributes Figure 5 changes (default: all if <= 16, else the 16 closest to 50% frequent)."
+    ),
+) -> None:
+    """The paper's study: cvae-tk sweep recipe=NAME betas=[0.25,0.5,0.75,0.9] [key=value ...].
+
+    Trains one run per beta (same recipe and overrides) into OUT/beta-<b>, each in its own process;
+    reuses finished runs and resumes interrupted ones; evaluates them; writes OUT/table1.md,
+    table1.csv, figure3.png (samples), figure4.png (reconstructions), figure5.png (attribute
+    changes), loss_curves.png and sweep.json.
+    """
+    from toolkit.sweep import run_sweep
+
+    names = [name.strip() for name in figure5_attributes.split(",") if name.strip()] if figure5_attributes else None
+    run_sweep(list(ctx.args), out=out, classifier=classifier, launcher=launcher, device=device,
+              figure5_beta=figure5_beta, figure5_attributes=names, log=typer.echo)
+
+
 def main() -> None:
     try:
         app()

@@ -148,8 +148,15 @@ def load_config(args: list[str], default_recipe: str | None = None) -> TrainConf
     config = _merge(schema, from_file, f"recipe {path}", schema)
     overrides = OmegaConf.create()
     for item in dotlist:
+        key, _, value = item.partition("=")
         try:
-            overrides = OmegaConf.merge(overrides, OmegaConf.from_dotlist([item]))
+            if isinstance(OmegaConf.select(schema, key, default=None), str):
+                # a text key takes the text as typed: YAML would read `no` (mixed_precision=no) as false
+                single = OmegaConf.create()
+                OmegaConf.update(single, key, value, force_add=True)
+            else:
+                single = OmegaConf.from_dotlist([item])
+            overrides = OmegaConf.merge(overrides, single)
         except Exception as error:  # OmegaConf and YAML errors alike
             raise UserError(f"bad override '{item}': {one_line(error)}") from None
     config = _merge(config, overrides, "the command line", schema)

@@ -1,0 +1,266 @@
+"""Editing real images and interpolations (`toolkit/edit.py`, `cvae-tk edit`, `cvae-tk interpolate`)
+on the session's short digits run: sizes, reconstruction, attribute changes, strips, errors."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.test_cli import assert_user_error, run_cli
+from toolkit.classifier import AttributeClassifier, save_classifier
+from toolkit.data.stream import eval_batches
+from toolkit.edit import (
+    attribute_vector, edit_image, encode, interpolate_attributes, interpolate_images, load_image, load_run_model,
+    parse_assignments, predict_attributes,
+)
+from toolkit.errors import UserError
+from toolkit.model import CONFIG, WEIGHTS, load_model
+
+DIGITS = [f"digit_{i}" for i in range(10)]
+SIZE = (50, 40)  # (W, H) of the test images: not the model's 32x32, not square
+
+
+def as_float(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def mse(a: Image.Image, b: Image.Image) -> float:
+    return float(((as_float(a) - as_float(b)) ** 2).mean())
+
+
+@pytest.fixture(scope="module")
+def model(trained_run):
+    return load_model(trained_run)
+
+
+@pytest.fixture(scope="module")
+def test_digits(digits_shards) -> tuple[list[Image.Image], list[int]]:
+    """The first 64 test images (32x32 PIL) and their labels."""
+    images, attributes = next(iter(eval_batches(digits_shards, "test", 64)))
+    array = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in array], attributes.argmax(dim=1).tolist()
+
+
+@pytest.fixture(scope="module")
+def three(test_digits, tmp_path_factory) -> Path:
+    """A test-split 3, saved as a 50x40 PNG."""
+    images, labels = test_digits
+    path = tmp_path_factory.mktemp("images") / "three.png"
+    images[labels.index(3)].resize(SIZE, Image.BICUBIC).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def one(test_digits, tmp_path_factory) -> Path:
+    images, labels = test_digits
+    path = tmp_path_factory.mktemp("images") / "one.png"
+    images[labels.index(1)].resize(SIZE, Image.BICUBIC).save(path)
+    return path
+
+
+def fixed_classifier(folder: Path, digit: int) -> Path:
+    """A classifier that always predicts `digit` (zero head weights, biases +-4): no training needed."""
+    torch.manual_seed(0)
+    classifier = AttributeClassifier(DIGITS, (32, 32), width=4, depth=2)
+    with torch.no_grad():
+        classifier.head.weight.zero_()
+        classifier.head.bias.fill_(-4.0)
+        classifier.head.bias[digit] = 4.0
+    save_classifier(classifier, folder, {"test_accuracy": {"top1": 1.0, "mean": 1.0}})
+    return folder
+
+
+def cli(args, monkeypatch, capsys, cwd: Path) -> tuple[int, str, str]:
+    """`cvae-tk ARGS` in this process (fast): (exit code, stdout, stderr)."""
+    from toolkit.cli import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["cvae-tk", *map(str, args)])
+    with pytest.raises(SystemExit) as exit:
+        main()
+    captured = capsys.readouterr()
+    return exit.value.code or 0, captured.out, captured.err
+
+
+# --- the API ----------------------------------------------------------------------------------------
+
+
+def test_edit_keeps_the_input_size_and_reconstructs(model, test_digits):
+    images, labels = test_digits
+    reconstruction_errors, unrelated_distances = [], []
+    for index in range(16):
+        image = images[index].resize(SIZE, Image.BICUBIC)
+        other = images[next(k for k in range(index + 1, 64) if labels[k] != labels[index])].resize(SIZE, Image.BICUBIC)
+        edited = edit_image(model, image, {f"digit_{labels[index]}": 1}, {})
+        assert edited.size == SIZE and edited.mode == "RGB"
+        reconstruction_errors.append(mse(edited, image))
+        unrelated_distances.append(mse(other, image))
+    # a short-trained model reconstructs blurrily, but much nearer the input than another digit is
+    assert np.mean(reconstruction_errors) < 0.8 * np.mean(unrelated_distances), (reconstruction_errors, unrelated_distances)
+
+
+def test_changing_the_digit_changes_the_output(model, three):
+    image = load_image(three)
+    same = edit_image(model, image, {"digit_3": 1}, {})
+    edited = edit_image(model, image, {"digit_3": 1}, {"digit_3": 0, "digit_8": 1})
+    assert edited.size == same.size == SIZE
+    assert np.abs(as_float(edited) - as_float(same)).mean() > 0.01
+    # a vector works as well as a mapping, and the changes go on top of it
+    vector = np.eye(10, dtype=np.float32)[3]
+    assert np.array_equal(np.asarray(edit_image(model, image, vector, {"digit_3": 0, "digit_8": 1})), np.asarray(edited))
+
+
+def test_interpolate_images_ends_at_the_reconstructions(model, test_digits):
+    images, labels = test_digits
+    a, b = images[labels.index(3)], images[labels.index(1)]
+    frames = interpolate_images(model, a, {"digit_3": 1}, b, {"digit_1": 1}, steps=5)
+    assert len(frames) == 5 and all(frame.size == (32, 32) for frame in frames)
+    for frame, image, label in ((frames[0], a, "digit_3"), (frames[-1], b, "digit_1")):
+        expected = edit_image(model, image, {label: 1}, {})  # 32x32 input: no resizing
+        assert np.abs(as_float(frame) - as_float(expected)).max() <= 1 / 255 + 1e-6
+    assert mse(frames[0], frames[-1]) > 1e-4
+
+
+def test_interpolate_attributes_moves_one_prior_sample(model):
+    frames = interpolate_attributes(model, {"digit_1": 1}, {"digit_7": 1}, steps=4, seed=3)
+    assert len(frames) == 4 and all(frame.size == (32, 32) for frame in frames)
+    noise = torch.randn(1, model.spec.latent_dim, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ends = model.generate(torch.eye(10)[[1, 7]], noise.expand(2, -1))
+    for frame, expected in zip((frames[0], frames[-1]), ends):
+        assert np.abs(as_float(frame) - expected.permute(1, 2, 0).numpy()).max() <= 1 / 255 + 1e-6
+    again = interpolate_attributes(model, {"digit_1": 1}, {"digit_7": 1}, steps=4, seed=3)
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(frames, again))
+    other = interpolate_attributes(model, {"digit_1": 1}, {"digit_7": 1}, steps=4, seed=4)
+    assert not np.array_equal(np.asarray(other[0]), np.asarray(frames[0]))
+
+
+def test_predicted_attributes(model, three, tmp_path):
+    from toolkit.classifier import load_classifier
+
+    classifier = load_classifier(fixed_classifier(tmp_path / "classifier", 3))
+    assert predict_attributes(classifier, model, load_image(three)) == {name: int(name == "digit_3") for name in DIGITS}
+
+
+def test_api_errors(model, tmp_path):
+    with pytest.raises(UserError, match=r"unknown attribute 'digt_3': did you mean digit_3"):
+        attribute_vector(DIGITS, {"digt_3": 1})
+    with pytest.raises(UserError, match=r"unknown attribute 'digit_10'"):
+        edit_image(model, Image.new("RGB", (8, 8)), {"digit_1": 1}, {"digit_10": 1})
+    with pytest.raises(UserError, match=r"'digit_3' must be 0 or 1, got 2"):
+        attribute_vector(DIGITS, {"digit_3": 2})
+    with pytest.raises(UserError, match=r"--set expects NAME=0 or NAME=1, got 'digit_3=yes'"):
+        parse_assignments(["digit_3=yes"], "--set")
+    with pytest.raises(UserError, match=r"has 3 values, the model 10"):
+        attribute_vector(DIGITS, [1, 0, 0])
+    with pytest.raises(UserError, match=r"steps must be an integer >= 2"):
+        interpolate_attributes(model, {"digit_1": 1}, {"digit_7": 1}, steps=1)
+    with pytest.raises(UserError, match=r"image not found"):
+        load_image(tmp_path / "missing.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(UserError, match=r"notes.png is not an image PIL can read"):
+        load_image(tmp_path / "notes.png")
+    with pytest.raises(UserError, match=r"is not a trained run"):
+        load_run_model(tmp_path)
+    with pytest.raises(UserError, match=r"run folder not found"):
+        load_run_model(tmp_path / "nothing")
+
+
+def test_encode_uses_the_posterior_mean(model, test_digits):
+    images, labels = test_digits
+    x = torch.from_numpy(as_float(images[0])).permute(2, 0, 1)[None]
+    y = torch.eye(10)[[labels[0]]]
+    with torch.no_grad():
+        mu, _ = model.encoder(x, y)
+    assert torch.allclose(encode(model, images[0], {f"digit_{labels[0]}": 1}), mu[0], atol=1e-5)
+
+
+# --- the commands ----------------------------------------------------------------------------------
+
+
+def test_cli_edit_with_given_attributes(trained_run, three, tmp_path):
+    """As a user runs it (a subprocess): --attr, the default output name, (2W) x H."""
+    result = run_cli(["edit", trained_run, three, "--attr", "digit_3=1", "--set", "digit_3=0", "--set", "digit_8=1", "--device", "cpu"], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "attributes: digit_3 (given)" in result.stdout
+    assert "changes: digit_3 1 -> 0, digit_8 0 -> 1" in result.stdout
+    pair = Image.open(tmp_path / "three-edit.png")
+    assert pair.size == (2 * SIZE[0], SIZE[1])
+    assert np.array_equal(np.asarray(pair.convert("RGB"))[:, : SIZE[0]], np.asarray(load_image(three)))
+
+
+def test_cli_edit_with_the_runs_classifier(trained_run, three, tmp_path, monkeypatch, capsys):
+    """No --attr: the classifier beside the run (RUN/../classifier) predicts them."""
+    run = tmp_path / "runs" / "digits"
+    run.mkdir(parents=True)
+    for name in (CONFIG, WEIGHTS):
+        shutil.copy(trained_run / name, run / name)
+    fixed_classifier(tmp_path / "runs" / "classifier", 3)
+    code, out, err = cli(["edit", run, three, "--set", "digit_8=1", "--out", "pair.png"], monkeypatch, capsys, tmp_path)
+    assert code == 0, err
+    assert "attributes: digit_3 (p=0.98) (predicted by the classifier in" in out
+    assert "changes: digit_8 0 -> 1" in out
+    assert Image.open(tmp_path / "pair.png").size == (2 * SIZE[0], SIZE[1])
+    expected = edit_image(load_model(run), load_image(three), {"digit_3": 1}, {"digit_8": 1})
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "pair.png"))[:, SIZE[0]:], np.asarray(expected))
+
+
+def test_cli_interpolate(trained_run, three, one, tmp_path, monkeypatch, capsys):
+    code, out, err = cli(
+        ["interpolate", trained_run, "--from-image", three, "--to-image", one, "--from-attr", "digit_3=1", "--to-attr", "digit_1=1",
+         "--steps", "6", "--out", "images.png"], monkeypatch, capsys, tmp_path,
+    )
+    assert code == 0, err
+    strip = Image.open(tmp_path / "images.png")
+    assert strip.size == (6 * 32, 32)
+    model = load_model(trained_run)
+    first = edit_image(model, load_image(three).resize((32, 32), Image.BICUBIC), {"digit_3": 1}, {})
+    assert np.abs(as_float(strip.crop((0, 0, 32, 32))) - as_float(first)).max() < 0.2  # resizing twice vs once
+
+    code, out, err = cli(["interpolate", trained_run, "--from-attr", "digit_1=1", "--to-attr", "digit_7=1", "--seed", "3"], monkeypatch, capsys, tmp_path)
+    assert code == 0, err
+    strip = np.asarray(Image.open(tmp_path / "interpolation.png"))
+    assert strip.shape == (32, 8 * 32, 3)
+    frames = interpolate_attributes(model, {"digit_1": 1}, {"digit_7": 1}, steps=8, seed=3)
+    assert np.array_equal(strip, np.concatenate([np.asarray(f) for f in frames], axis=1))
+
+
+def test_cli_error_as_a_user_sees_it(trained_run, three, tmp_path):
+    """A subprocess: exit 2, one `error:` line, no traceback, nothing written."""
+    line = assert_user_error(run_cli(["edit", trained_run, three, "--attr", "digt_3=1", "--set", "digit_8=1"], tmp_path), "unknown attribute 'digt_3'")
+    assert "did you mean digit_3" in line
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["edit", "{run}", "{image}", "--attr", "digit_3=1", "--set", "digit_8=2"], "--set expects NAME=0 or NAME=1, got 'digit_8=2'"),
+        (["edit", "{run}", "{image}", "--attr", "digit_3=1"], "say what to change: --set"),
+        (["edit", "{run}", "{notes}", "--set", "digit_8=1"], "is not an image PIL can read"),
+        (["edit", "{run}", "{empty}/missing.png", "--set", "digit_8=1"], "image not found"),
+        # the session's run has no classifier beside it: say how to get the attributes
+        (["edit", "{run}", "{image}", "--set", "digit_8=1"], "pass them with --attr NAME=1"),
+        (["edit", "{run}", "{image}", "--set", "digit_8=1"], "`cvae-tk classifier train recipe=digits`"),
+        (["edit", "{empty}", "{image}", "--attr", "digit_3=1", "--set", "digit_8=1"], "is not a trained run"),
+        (["edit", "{run}", "{image}", "--attr", "digit_3=1", "--set", "digit_8=1", "--classifier", "{empty}/nope"], "classifier folder not found"),
+        (["interpolate", "{run}", "--from-attr", "digit_1=1", "--to-attr", "digit_7=1", "--steps", "1"], "--steps must be an integer >= 2"),
+        (["interpolate", "{run}", "--from-attr", "digit_1=1", "--to-attr", "dgit_7=1"], "did you mean digit_7"),
+        (["interpolate", "{run}", "--from-image", "{image}"], "needs both --from-image and --to-image"),
+        (["interpolate", "{run}", "--from-attr", "digit_1=1"], "say what to interpolate"),
+        (["interpolate", "{run}", "--from-image", "{image}", "--to-image", "{image}"], "--from-attr / --to-attr"),
+    ],
+)
+def test_cli_errors(args, fragment, trained_run, three, tmp_path, monkeypatch, capsys):
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    values = {"run": trained_run, "image": three, "notes": tmp_path / "notes.txt", "empty": tmp_path / "empty"}
+    code, out, err = cli([a.format(**values) for a in args], monkeypatch, capsys, tmp_path)
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error:") and fragment in err, (code, out, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "notes.txt"]

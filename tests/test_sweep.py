@@ -1,0 +1,208 @@
+"""`cvae-tk sweep`: one run per beta in its own process, Table 1, Figures 3-5, loss curves; reuse and resume;
+arguments checked before anything trains."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.test_cli import assert_user_error, run_cli
+from toolkit import sweep
+from toolkit.errors import UserError
+from toolkit.figures import PAD, scale_for
+from toolkit.sweep import parse_betas, run_sweep
+
+DIGITS = [f"digit_{i}" for i in range(10)]
+OUTPUTS = ["figure3.png", "figure4.png", "figure5.png", "loss_curves.png", "sweep.json", "table1.csv", "table1.md"]
+TINY = ["max_steps=10", "batch_size=16", "log_every=5", "sample_every=1000", "checkpoint_every=100000", "data.num_workers=0"]
+
+
+def sweep_args(shards, *extra, betas="[0.5,0.9]"):
+    return ["recipe=digits", f"betas={betas}", f"data.shards={shards}", *TINY, *extra]
+
+
+@pytest.fixture(scope="module")
+def untrained_classifier(tmp_path_factory) -> Path:
+    """A classifier folder for the digits (untrained: the sweep only needs numbers in the accuracy columns)."""
+    import torch
+
+    from toolkit.classifier import AttributeClassifier, save_classifier
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("sweep-classifier") / "classifier"
+    save_classifier(AttributeClassifier(DIGITS, (32, 32), width=8, depth=2), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def swept(digits_shards, untrained_classifier, tmp_path_factory):
+    """A two-beta sweep of 10 steps each (two training processes): (OUT, result)."""
+    out = tmp_path_factory.mktemp("sweep") / "sweep-digits"
+    result = run_sweep(sweep_args(digits_shards), out=out, classifier=untrained_classifier, device="cpu", log=lambda _: None)
+    return out, result
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_a_sweep_writes_the_table_the_figures_and_sweep_json(swept):
+    out, result = swept
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS + ["beta-0.5", "beta-0.9"])
+    assert not list(out.glob(".*.tmp"))
+    for beta in ("0.5", "0.9"):
+        run = out / f"beta-{beta}"
+        assert (run / "model.safetensors").is_file() and (run / "metrics.json").is_file()
+        assert f"beta: {beta}" in (run / "recipe.yaml").read_text()  # everything else equal: only beta and run_dir differ
+    recipes = [(out / f"beta-{b}" / "recipe.yaml").read_text().splitlines() for b in ("0.5", "0.9")]
+    differing = [a for a, b in zip(*recipes) if a != b]
+    assert [line.split(":")[0] for line in differing] == ["run_dir", "beta"], differing
+
+    rows = read_csv(out / "table1.csv")
+    assert list(rows[0]) == ["beta", "mse_per_image", "mse_per_pixel", "kl_per_image", "attr_acc", "attr_acc_floor",
+                             "attr_acc_top1", "attr_acc_floor_top1", "diversity"]
+    assert [row["beta"] for row in rows] == ["0.9", "0.5"]  # descending, as the paper's Table 1
+    for row in rows:
+        values = {key: float(value) for key, value in row.items()}  # every cell numeric (a classifier was given)
+        assert values["mse_per_image"] > 0 and values["kl_per_image"] >= 0
+        assert values["mse_per_pixel"] == pytest.approx(values["mse_per_image"] / (3 * 32 * 32))
+        assert 0 <= values["attr_acc"] <= 1 and 0 <= values["attr_acc_floor"] <= 1 and values["diversity"] >= 0
+    metrics = json.loads((out / "beta-0.9" / "metrics.json").read_text())["metrics"]
+    assert float(rows[0]["kl_per_image"]) == metrics["kl_per_image"]
+
+    table = (out / "table1.md").read_text()
+    header, rule, first, second = table.splitlines()[:4]
+    assert header.startswith("| beta | MSE per image | MSE per pixel | KL per image | attribute accuracy | accuracy floor |")
+    assert first.startswith("| 0.9 |") and second.startswith("| 0.5 |")
+    assert "10 steps of batch 16" in table
+
+    saved = json.loads((out / "sweep.json").read_text())
+    assert saved["betas"] == [0.5, 0.9] and [r["action"] for r in saved["runs"]] == ["train", "train"]
+    assert all("resume=latest" in r["command"] and r["step"] == 10 for r in saved["runs"])
+    assert saved["classifier"] and saved["table"] == result["table"]
+
+
+def test_the_figures_have_one_row_per_beta_at_the_image_size(swept):
+    out, result = swept
+    layouts = result["figures"]
+    cell = 32 * scale_for((32, 32)) + PAD
+
+    def check(name, rows, columns):
+        width, height = Image.open(out / f"{name}.png").size
+        layout = layouts[name]
+        assert (layout["rows"], layout["columns"]) == (rows, columns)
+        assert height == rows * cell + PAD
+        assert width == layout["label_width"] + columns * cell + PAD and layout["label_width"] > 0
+
+    check("figure3", 2, 10)  # one row per beta; one column per digit, the same noise in every row
+    assert layouts["figure3"]["labels"] == ["beta=0.9", "beta=0.5"] and layouts["figure3"]["conditions"] == DIGITS
+    check("figure4", 3, 8)  # ground truth, then one row per beta
+    assert layouts["figure4"]["labels"][0] == "ground truth"
+    check("figure5", 10, 8)  # one-hot digits: the base class, then switched to each of the 9 others
+    assert layouts["figure5"]["beta"] == 0.9 and layouts["figure5"]["mode"] == "switch class"
+    assert layouts["figure5"]["labels"][0].startswith("base: digit_")
+    curves = layouts["loss_curves"]["points"]
+    assert set(curves) == {"beta=0.9", "beta=0.5"}
+    assert all(points == {"train/loss": 2, "train/mse": 2, "train/kl": 2} for points in curves.values())  # steps 5 and 10
+    assert Image.open(out / "loss_curves.png").size[0] > 600
+
+
+def test_a_second_sweep_reuses_the_finished_runs(swept, digits_shards, monkeypatch):
+    out, _ = swept
+    weights = {p: p.stat().st_mtime_ns for p in out.glob("beta-*/model.safetensors")}
+    monkeypatch.setattr(sweep, "stream_process", lambda *a, **k: pytest.fail("a finished run was retrained"))
+    start = time.perf_counter()
+    # no classifier this time (none beside the runs either): the accuracy columns are empty
+    result = run_sweep(sweep_args(digits_shards, betas="[0.9,0.5]"), out=out, device="cpu", log=lambda _: None)
+    assert time.perf_counter() - start < 60
+    assert [r["action"] for r in result["runs"]] == ["reuse", "reuse"]
+    assert {p: p.stat().st_mtime_ns for p in out.glob("beta-*/model.safetensors")} == weights
+    rows = read_csv(out / "table1.csv")
+    assert [row["beta"] for row in rows] == ["0.9", "0.5"] and all(row["attr_acc"] == "" for row in rows)
+    assert "| - |" in (out / "table1.md").read_text()
+
+
+def test_an_interrupted_run_resumes_and_other_settings_are_refused(swept, digits_shards, tmp_path, monkeypatch):
+    out = tmp_path / "copy"
+    shutil.copytree(swept[0], out)
+    (out / "beta-0.5" / "model.safetensors").unlink()  # as if killed before the end
+    commands = []
+
+    def fake_training(command, write=None):  # the trainer's resume itself is tested in test_train.py
+        commands.append(command)
+        shutil.copy(swept[0] / "beta-0.5" / "model.safetensors", out / "beta-0.5" / "model.safetensors")
+        return 0, ""
+
+    monkeypatch.setattr(sweep, "stream_process", fake_training)
+    args = sweep_args(digits_shards)
+    result = run_sweep(args, out=out, device="cpu", log=lambda _: None)
+    assert [r["action"] for r in result["runs"]] == ["resume", "reuse"]
+    (command,) = commands
+    assert command[-1] == "resume=latest" and "beta=0.5" in command and f"run_dir={out / 'beta-0.5'}" in command
+
+    commands.clear()
+    with pytest.raises(UserError, match=r"beta-0.5 holds a run with other settings \(lr"):
+        run_sweep(args + ["lr=0.01"], out=out, device="cpu", log=lambda _: None)
+    assert commands == []  # refused before anything trained
+
+
+@pytest.mark.parametrize("value", ["[]", "[1.5]", "[-0.1]", "[a]", "[0.5,0.5]", "true", "[0.5", ""])
+def test_bad_betas_are_refused_before_anything_is_written(value, tmp_path):
+    with pytest.raises(UserError, match="betas"):
+        run_sweep(["recipe=digits", f"betas={value}"], out=tmp_path / "out", log=lambda _: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_betas_parse_as_a_yaml_list():
+    assert parse_betas("[0.25,0.5,0.75,0.9]") == [0.25, 0.5, 0.75, 0.9]
+    assert parse_betas("[0, 1]") == [0.0, 1.0]
+    assert parse_betas("0.5") == [0.5] and parse_betas("0.25,0.5") == [0.25, 0.5]
+    assert sweep.split_arguments(["recipe=digits"])[0] == [0.25, 0.5, 0.75, 0.9]  # the paper's, by default
+
+
+@pytest.mark.parametrize("arg, words", [("nosuchkey=1", "unknown config key 'nosuchkey'"), ("beta=0.5", "set by the sweep"),
+                                        ("run_dir=x", "--out"), ("max_steps=-1", "max_steps")])
+def test_bad_overrides_fail_before_any_run_folder_exists(arg, words, digits_shards, tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "stream_process", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(UserError, match=words.replace("'", ".")):
+        run_sweep(sweep_args(digits_shards, arg), out=tmp_path / "out", log=lambda _: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failing_training_process_names_the_beta_and_its_folder(digits_shards, tmp_path):
+    with pytest.raises(UserError) as error:
+        run_sweep(sweep_args(digits_shards, betas="[0.75]"), out=tmp_path / "out", launcher="false", log=lambda _: None)
+    message = str(error.value)
+    assert "beta=0.75" in message and str(tmp_path / "out" / "beta-0.75") in message and "exit code 1" in message
+
+
+def test_cli_sweep_errors_are_one_line(tmp_path):
+    assert_user_error(run_cli(["sweep", "recipe=digits", "betas=[2]"], tmp_path), "betas", "[0, 1]")
+    assert_user_error(run_cli(["sweep", "recipe=digits", "betas=[0.5]", "nosuchkey=1"], tmp_path), "nosuchkey")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_figure5_rows_for_multi_hot_attributes():
+    import torch
+
+    from toolkit.figures import EDIT_LIMIT, attribute_rows
+
+    names = [f"a{i}" for i in range(40)]
+    base = torch.zeros(40)
+    base[[3, 7]] = 1
+    vectors, labels, mode = attribute_rows(base, names, ["a3", "a9"])
+    assert mode == "toggle attribute" and labels == ["base: a3, a7", "- a3", "+ a9"]
+    assert vectors[1].tolist() == [1.0 if i == 7 else 0.0 for i in range(40)] and vectors[2][[3, 7, 9]].tolist() == [1, 1, 1]
+    frequencies = torch.full((40,), 0.01)
+    frequencies[20:] = 0.45  # the most balanced attributes are chosen, in the data's order
+    _, labels, _ = attribute_rows(base, names, None, frequencies)
+    assert labels[1:] == [f"+ a{i}" for i in range(20, 20 + EDIT_LIMIT)]
+    with pytest.raises(UserError, match="nope"):
+        attribute_rows(base, names, ["nope"])

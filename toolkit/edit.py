@@ -1,0 +1,336 @@
+"""Editing real images with a trained CVAE: encode, change attributes, decode; and interpolations.
+
+    model = load_model("runs/digits")
+    image = load_image("three.png")                              # any PIL format, any size
+    edited = edit_image(model, image, {"digit_3": 1}, {"digit_3": 0, "digit_8": 1})   # PIL image, image's size
+    frames = interpolate_attributes(model, {"digit_1": 1}, {"digit_7": 1}, steps=8, seed=0)  # list of PIL images
+    save_strip(frames, "strip.png")
+
+How an edit works: the image is converted to RGB and resized (bicubic) to the model's H x W, then
+encoded with its attributes y to the posterior mean z = mu(x, y); z is decoded with y' (y with the
+changes applied) and the result is resized back to the input's size. y is the image's full
+attribute vector: given (a mapping: unnamed attributes are 0) or predicted by an attribute
+classifier (`predict_attributes`: logit > 0, or the arg-max for a classifier trained on one-hot
+vectors such as the digits). How well z separates "style" from the attributes is the model's
+business: a short-trained model may keep some of the old attribute.
+
+Interpolations: between two images, both are encoded (posterior means z_a, z_b) and
+(1 - t) z_a + t z_b is decoded with (1 - t) y_a + t y_b, t = 0, 1/(steps-1), ..., 1, so the first
+and last frames are exactly the decodings of the two endpoints. Between two attribute sets, one
+prior noise vector (standard normal, seeded) is decoded while the attribute vector moves linearly
+from one set to the other (through the model's prior, so a learned prior moves with it).
+Frames have the model's size.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from toolkit.errors import UserError, one_line
+
+AttributeLike = Mapping[str, int] | Sequence[float] | np.ndarray | torch.Tensor
+
+
+# --- attribute vectors ----------------------------------------------------------------------------
+
+
+def unknown_attribute(name: str, names: Sequence[str]) -> UserError:
+    """The sampler's message: close matches, then the valid names."""
+    close = difflib.get_close_matches(name, list(names), n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return UserError(f"unknown attribute '{name}': {hint}valid attributes: {', '.join(names)}")
+
+
+def parse_assignments(items: Sequence[str], option: str) -> dict[str, int]:
+    """['digit_3=1', 'digit_8=0'] -> {'digit_3': 1, 'digit_8': 0}; anything but NAME=0|1 is a UserError."""
+    mapping: dict[str, int] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or value.strip() not in ("0", "1"):
+            raise UserError(f"{option} expects NAME=0 or NAME=1, got '{item}'")
+        mapping[name.strip()] = int(value)
+    return mapping
+
+
+def _check_value(name: str, value) -> float:
+    if isinstance(value, bool):
+        value = int(value)
+    if not isinstance(value, (int, float, np.integer, np.floating)) or value not in (0, 1):
+        raise UserError(f"attribute '{name}' must be 0 or 1, got {value!r}")
+    return float(value)
+
+
+def attribute_vector(names: Sequence[str], attributes: AttributeLike, changes: Mapping[str, int] | None = None) -> torch.Tensor:
+    """A float32 0/1 vector [A] from a mapping (unnamed attributes 0) or a vector [A], with `changes`
+    (a mapping) applied on top. Unknown names and values other than 0/1 are UserErrors."""
+    names = list(names)
+    index = {name: i for i, name in enumerate(names)}
+    if isinstance(attributes, Mapping):
+        vector = torch.zeros(len(names))
+        for name, value in attributes.items():
+            if name not in index:
+                raise unknown_attribute(str(name), names)
+            vector[index[name]] = _check_value(name, value)
+    else:
+        vector = torch.as_tensor(np.asarray(attributes, dtype=np.float32)).flatten().clone()
+        if vector.numel() != len(names):
+            raise UserError(f"attribute vector has {vector.numel()} values, the model {len(names)} attributes ({', '.join(names[:5])}...)")
+        if not bool(((vector == 0) | (vector == 1)).all()):
+            raise UserError("attribute vector values must be 0 or 1")
+    for name, value in (changes or {}).items():
+        if name not in index:
+            raise unknown_attribute(str(name), names)
+        vector[index[name]] = _check_value(name, value)
+    return vector
+
+
+def describe(names: Sequence[str], vector) -> str:
+    """'digit_3' / 'Smiling, Young' / 'none': the attributes set to 1."""
+    present = [name for name, value in zip(names, np.asarray(vector).tolist()) if value >= 0.5]
+    return ", ".join(present) if present else "none"
+
+
+# --- images -----------------------------------------------------------------------------------------
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """An image file as RGB (EXIF orientation applied); a missing or unreadable file is a UserError."""
+    from PIL import ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"image not found: {path}")
+    if not path.is_file():
+        raise UserError(f"{path} is not an image file (it is a folder)")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened).convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+        raise UserError(f"{path} is not an image PIL can read: {one_line(error)}") from None
+    return image
+
+
+def _to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """PIL image -> [1, 3, H, W] in [0, 1] at size (H, W) (bicubic)."""
+    image = image.convert("RGB")
+    height, width = size
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.BICUBIC)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()
+
+
+def _to_images(batch: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [0, 1] -> B PIL RGB images."""
+    array = (batch.detach().float().clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy() * 255.0).round().astype(np.uint8)
+    return [Image.fromarray(item) for item in array]
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def save_strip(images: Sequence[Image.Image], path: str | Path) -> Path:
+    """Paste images left to right (no padding) and save; the strip is sum(widths) x max(heights)."""
+    strip = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)))
+    left = 0
+    for image in images:
+        strip.paste(image.convert("RGB"), (left, 0))
+        left += image.width
+    return save_image(strip, path)
+
+
+def save_image(image: Image.Image, path: str | Path) -> Path:
+    path = Path(path)
+    check_output(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def check_output(path: str | Path) -> None:
+    """A UserError unless PIL can write the file's extension (checked before any work is done)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in Image.registered_extensions():
+        raise UserError(f"cannot write {path}: unknown image extension '{suffix}' (use .png or .jpg)")
+
+
+# --- attributes from a classifier -------------------------------------------------------------------
+
+
+@torch.no_grad()
+def attribute_probabilities(classifier, model, image: Image.Image) -> dict[str, float]:
+    """The classifier's probability of each of the model's attributes for `image` (resized to the model's size)."""
+    from toolkit.classifier import check_image_size, columns_for
+
+    names = list(model.spec.attributes)
+    columns = columns_for(classifier, names, "the model")
+    check_image_size(classifier, model.spec.image_size, "the model")
+    device = next(classifier.parameters()).device
+    logits = classifier.eval()(_to_tensor(image, model.spec.image_size).to(device))[0, columns.to(device)]
+    return dict(zip(names, torch.sigmoid(logits.float()).cpu().tolist()))
+
+
+def predict_attributes(classifier, model, image: Image.Image, one_hot: bool | None = None) -> dict[str, int]:
+    """The image's attribute set as the classifier sees it: {name: 0 | 1} for every model attribute.
+
+    Present = probability > 0.5; with `one_hot` exactly the most probable attribute is 1. one_hot=None
+    takes it from the classifier's record: trained on one-hot vectors (classifier.json has a top-1
+    test accuracy, e.g. the digits) -> True.
+    """
+    probabilities = attribute_probabilities(classifier, model, image)
+    if one_hot is None:
+        one_hot = (getattr(classifier, "meta", None) or {}).get("test_accuracy", {}).get("top1") is not None
+    if one_hot:
+        best = max(probabilities, key=probabilities.get)
+        return {name: int(name == best) for name in probabilities}
+    return {name: int(p > 0.5) for name, p in probabilities.items()}
+
+
+# --- editing and interpolation ----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode(model, image: Image.Image, attributes: AttributeLike) -> torch.Tensor:
+    """The posterior mean z = mu(x, y) [Z] of `image` (resized to the model's size) with attributes y."""
+    vector = attribute_vector(model.spec.attributes, attributes)
+    device = _device(model)
+    mu, _ = model.eval().encoder(_to_tensor(image, model.spec.image_size).to(device), vector[None].to(device))
+    return mu[0].float()
+
+
+@torch.no_grad()
+def edit_image(model, image: Image.Image, attributes: AttributeLike, changes: Mapping[str, int] | None = None) -> Image.Image:
+    """`image` re-drawn with `changes` applied to its `attributes`, at the input's size.
+
+    attributes: the image's full set, a mapping (unnamed 0) or a 0/1 vector [A]; changes: {name: 0 | 1}.
+    No changes gives the model's reconstruction. The model stays on its device.
+    """
+    names = list(model.spec.attributes)
+    before = attribute_vector(names, attributes)
+    after = attribute_vector(names, before, changes)
+    z = encode(model, image, before)
+    device = _device(model)
+    decoded = _to_images(model.decoder(z[None].to(device), after[None].to(device)))[0]
+    return decoded if decoded.size == image.size else decoded.resize(image.size, Image.BICUBIC)
+
+
+def check_steps(steps: int) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2:
+        raise UserError(f"--steps must be an integer >= 2 (both ends are frames), got {steps!r}")
+
+
+@torch.no_grad()
+def interpolate_images(
+    model, image_a: Image.Image, attributes_a: AttributeLike, image_b: Image.Image, attributes_b: AttributeLike, steps: int = 8
+) -> list[Image.Image]:
+    """`steps` frames from image a to image b: z and the attribute vector both interpolated linearly.
+    Frame 0 is the reconstruction of a, the last that of b (the model's size)."""
+    check_steps(steps)
+    names = list(model.spec.attributes)
+    ya, yb = attribute_vector(names, attributes_a), attribute_vector(names, attributes_b)
+    za, zb = encode(model, image_a, ya), encode(model, image_b, yb)
+    t = torch.linspace(0, 1, steps)[:, None]
+    device = _device(model)
+    z = ((1 - t) * za + t * zb).to(device)
+    y = ((1 - t) * ya + t * yb).to(device)
+    return _to_images(model.decoder(z, y))
+
+
+@torch.no_grad()
+def interpolate_attributes(model, start: AttributeLike, end: AttributeLike, steps: int = 8, seed: int = 0) -> list[Image.Image]:
+    """`steps` frames of one prior sample (noise: torch.randn(1, Z) of a CPU generator seeded with
+    `seed`) while the attribute vector moves linearly from `start` to `end` (the model's size)."""
+    check_steps(steps)
+    names = list(model.spec.attributes)
+    ya, yb = attribute_vector(names, start), attribute_vector(names, end)
+    noise = torch.randn(1, model.spec.latent_dim, generator=torch.Generator().manual_seed(seed))
+    t = torch.linspace(0, 1, steps)[:, None]
+    device = _device(model)
+    y = ((1 - t) * ya + t * yb).to(device)
+    return _to_images(model.eval().generate(y, noise.expand(steps, -1).to(device)))
+
+
+# --- what the commands share ------------------------------------------------------------------------
+
+
+def load_run_model(run_dir: str | Path, device: str = "auto"):
+    """load_model with a clear message for a missing folder; moved to the resolved device, eval mode."""
+    from toolkit.evaluate import resolve_device
+    from toolkit.model import load_model
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder not found: {run_dir}")
+    model = load_model(run_dir)
+    return model.to(resolve_device(device)).eval()
+
+
+def find_run_classifier(run_dir: str | Path, model, folder: str | Path | None = None, attr_option: str = "--attr"):
+    """(classifier, folder): `folder`, else the one `evaluate.find_classifier` finds for the run; loaded
+    on the model's device and checked against its attributes and image size. None found is a UserError."""
+    from toolkit.classifier import check_image_size, columns_for, load_classifier
+    from toolkit.evaluate import find_classifier
+
+    if folder is not None:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise UserError(f"classifier folder not found: {folder}")
+    else:
+        recipe = (model.spec.extra or {}).get("recipe")
+        folder = find_classifier(run_dir, recipe)
+        if folder is None:
+            raise UserError(
+                f"the image's attributes are needed and no attribute classifier was found for {run_dir} (looked for "
+                f"RUN/../classifier{f' and RUN/../{recipe}-classifier' if recipe else ''}): pass them with {attr_option} NAME=1 "
+                f"(the full set, unnamed are 0), or train a classifier with `cvae-tk classifier train recipe={recipe or 'NAME'}` "
+                f"(or pass --classifier DIR)"
+            )
+    classifier = load_classifier(folder)
+    try:
+        columns_for(classifier, list(model.spec.attributes), "the model")
+        check_image_size(classifier, model.spec.image_size, "the model")
+    except UserError as error:
+        raise UserError(f"classifier {folder}: {error}") from None
+    return classifier.to(_device(model)), folder
+
+
+class ImageAttributes:
+    """An image's attribute set for the commands: the given mapping (the full set, unnamed 0), or else
+    the classifier's prediction (`find_run_classifier`, loaded on first need and kept)."""
+
+    def __init__(self, run_dir: str | Path, model, classifier_folder: str | Path | None = None, attr_option: str = "--attr"):
+        self.run_dir, self.model, self.classifier_folder, self.attr_option = run_dir, model, classifier_folder, attr_option
+        if classifier_folder is not None and not Path(classifier_folder).is_dir():
+            raise UserError(f"classifier folder not found: {classifier_folder}")
+        self.classifier = None
+
+    def __call__(self, image: Image.Image, given: Mapping[str, int] | None) -> tuple[dict[str, int], str]:
+        """({name: 0 | 1} for every attribute, a one-line description of them and where they came from)."""
+        names = list(self.model.spec.attributes)
+        if given:
+            vector = attribute_vector(names, given)
+            return dict(zip(names, (int(v) for v in vector.tolist()))), f"{describe(names, vector)} (given)"
+        if self.classifier is None:
+            self.classifier, self.classifier_folder = find_run_classifier(self.run_dir, self.model, self.classifier_folder, self.attr_option)
+        probabilities = attribute_probabilities(self.classifier, self.model, image)
+        predicted = predict_attributes(self.classifier, self.model, image)
+        present = [f"{name} (p={probabilities[name]:.2f})" for name in names if predicted[name]]
+        return predicted, f"{', '.join(present) or 'none'} (predicted by the classifier in {self.classifier_folder})"
+
+
+def describe_changes(names: Sequence[str], attributes: Mapping[str, int], changes: Mapping[str, int]) -> str:
+    """'digit_3 1 -> 0, digit_8 0 -> 1' (an unchanged value reads 'digit_3 stays 1')."""
+    parts = []
+    for name in names:
+        if name in changes:
+            old, new = int(attributes[name]), int(changes[name])
+            parts.append(f"{name} {old} -> {new}" if old != new else f"{name} stays {new}")
+    return ", ".join(parts) or "none"

@@ -1,0 +1,483 @@
+"""The paper's study in one command: train one model per beta, evaluate them, write Table 1 and Figures 3-5.
+
+    cvae-tk sweep recipe=digits betas=[0.25,0.5,0.75,0.9] [key=value ...] [--out DIR] [--classifier DIR] [--launcher CMD]
+    run_sweep(["recipe=digits", "betas=[0.5,0.9]", "max_steps=200"], out="runs/sweep-digits")
+
+Every beta trains with the same recipe and overrides into OUT/beta-<b>, each in its own process
+(`python toolkit/train.py ...`, or `<launcher> toolkit/train.py ...` such as `accelerate launch
+--multi_gpu`), because Accelerate fixes devices and precision once per process. A run whose
+model.safetensors exists and whose recipe.yaml equals what the sweep would train is reused; any
+other is (re)started with resume=latest, so an interrupted sweep continues where it stopped. A run
+folder holding a run with other settings is refused (before anything trains) rather than mixed in.
+
+OUT then holds table1.md / table1.csv (Table 1: MSE per image and per pixel, KL per image, plus
+attribute accuracy, its shuffled floor and diversity; one row per beta, highest first), figure3.png
+(prior samples, one row per beta, same conditions and noise), figure4.png (test images, then their
+reconstructions per beta), figure5.png (one model: a base attribute set, then one change per row),
+loss_curves.png (train/loss, train/mse, train/kl per beta from the TensorBoard logs) and
+sweep.json (everything: settings, per-run status, metrics, figure layouts). Every file is written
+through a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from toolkit.errors import UserError, one_line
+
+PAPER_BETAS = (0.25, 0.5, 0.75, 0.9)
+SET_BY_SWEEP = ("beta", "run_dir", "resume")  # the sweep sets these per run
+# Keys that do not change what the first N steps compute: a finished or interrupted run that differs
+# only in these is continued (resume=latest) rather than refused, e.g. a sweep asked for more steps.
+RESUMABLE_KEYS = {"max_steps", "log_every", "sample_every", "eval_every", "checkpoint_every", "checkpoints_total_limit", "max_bad_steps"}
+IGNORED_KEYS = {"run_dir", "resume"}  # the same folder by construction; resume is how, not what
+TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
+OUTPUTS = ("table1.md", "table1.csv", "figure3.png", "figure4.png", "figure5.png", "loss_curves.png", "sweep.json")
+TABLE_COLUMNS = [  # (csv name, markdown header, format)
+    ("beta", "beta", "{:g}"),
+    ("mse_per_image", "MSE per image", "{:.2f}"),
+    ("mse_per_pixel", "MSE per pixel", "{:.5f}"),
+    ("kl_per_image", "KL per image", "{:.2f}"),
+    ("attr_acc", "attribute accuracy", "{:.4f}"),
+    ("attr_acc_floor", "accuracy floor", "{:.4f}"),
+    ("attr_acc_top1", "top-1 accuracy", "{:.4f}"),
+    ("attr_acc_floor_top1", "top-1 floor", "{:.4f}"),
+    ("diversity", "diversity", "{:.4f}"),
+]
+OPTIONAL_COLUMNS = {"attr_acc_top1", "attr_acc_floor_top1"}  # left out of the markdown when empty (multi-hot data)
+
+
+# --- arguments ------------------------------------------------------------------------------------
+
+
+def parse_betas(value: str) -> list[float]:
+    """`[0.25,0.5]` (YAML / OmegaConf list), `0.5` or `0.25,0.5` -> floats in [0, 1] (6 significant
+    digits), at least one, no repeats."""
+    import yaml
+
+    text = value.strip()
+    try:
+        parsed = yaml.safe_load(text) if text else None
+        if isinstance(parsed, str) and "," in parsed:
+            parsed = yaml.safe_load(f"[{parsed}]")
+    except yaml.YAMLError:
+        raise UserError(f"bad value for betas: '{value}' is not a list such as betas=[0.25,0.5,0.75,0.9]") from None
+    values = parsed if isinstance(parsed, list) else [parsed]
+    if not values or parsed is None:
+        raise UserError("bad value for betas: expected at least one beta, e.g. betas=[0.25,0.5,0.75,0.9]")
+    betas = []
+    for item in values:
+        if isinstance(item, bool) or not isinstance(item, (int, float)) or not 0.0 <= float(item) <= 1.0:
+            raise UserError(f"bad value for betas: {item!r} is not a number in [0, 1] (got betas={value})")
+        betas.append(float(f"{float(item):g}"))  # 6 significant digits: the folder name beta-<b> holds the exact value
+    repeated = sorted({b for b in betas if betas.count(b) > 1})
+    if repeated:
+        raise UserError(f"bad value for betas: {', '.join(f'{b:g}' for b in repeated)} given more than once (got betas={value})")
+    return betas
+
+
+def split_arguments(args: list[str]) -> tuple[list[float], list[str]]:
+    """Pop `betas=...` from the key=value arguments (default: the paper's four); the rest go to load_config.
+    `beta`, `run_dir` and `resume` are set by the sweep and refused here."""
+    betas, rest = None, []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        key = key.strip()
+        if sep and key == "betas":
+            if betas is not None:
+                raise UserError("betas given twice: pass one list, e.g. betas=[0.25,0.5,0.75,0.9]")
+            betas = parse_betas(value)
+        elif sep and key in SET_BY_SWEEP:
+            raise UserError(
+                f"{key} is set by the sweep for each run ("
+                + {"beta": "use betas=[...]", "run_dir": "use --out DIR", "resume": "finished runs are reused, others resume"}[key]
+                + f"); drop {arg}"
+            )
+        else:
+            rest.append(arg)
+    return (list(PAPER_BETAS) if betas is None else betas), rest
+
+
+def beta_name(beta: float) -> str:
+    return f"beta-{beta:g}"
+
+
+# --- planning: what each beta needs ---------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    beta: float
+    run_dir: Path
+    config: object  # TrainConfig
+    args: list[str]  # what the training process gets
+    action: str  # reuse | train | resume
+    reason: str = ""
+    seconds: float | None = None  # training time in this sweep (None: reused)
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_differences(run_dir: Path, config) -> dict[str, tuple]:
+    """{key: (in RUN/recipe.yaml, in `config`)} for every key that differs, run_dir and resume left out.
+    A key the file lacks (an older toolkit) counts as its default."""
+    from omegaconf import OmegaConf
+
+    from toolkit.config import TrainConfig
+
+    try:
+        saved = _flatten(OmegaConf.to_container(OmegaConf.load(run_dir / "recipe.yaml")))
+    except Exception as error:
+        raise UserError(f"{run_dir / 'recipe.yaml'} is not readable: {one_line(error)}; delete {run_dir} to retrain it") from None
+    wanted = _flatten(OmegaConf.to_container(OmegaConf.structured(config)))
+    defaults = _flatten(OmegaConf.to_container(OmegaConf.structured(TrainConfig())))
+    differ = {}
+    for key in sorted(set(saved) | set(wanted)):
+        if key in IGNORED_KEYS:
+            continue
+        old, new = saved.get(key, defaults.get(key)), wanted.get(key)
+        if old != new and not (isinstance(old, (int, float)) and isinstance(new, (int, float)) and float(old) == float(new)):
+            differ[key] = (old, new)
+    return differ
+
+
+def decide(run_dir: Path, config) -> tuple[str, str]:
+    """(action, why) for one run folder: reuse a finished identical run, resume an interrupted one (or
+    one that only asks for more steps), train a new one; refuse a folder holding another experiment."""
+    from toolkit.model import WEIGHTS
+    from toolkit.train import checkpoint_step, find_checkpoint
+
+    if not (run_dir / "recipe.yaml").is_file():
+        return "train", "new run"
+    differ = config_differences(run_dir, config)
+    finished = (run_dir / WEIGHTS).is_file()
+    if not differ:
+        return ("reuse", "finished, same settings") if finished else ("resume", "interrupted")
+    if set(differ) <= RESUMABLE_KEYS:
+        latest = find_checkpoint(run_dir, "latest")
+        step = checkpoint_step(latest) if latest else 0
+        if step > config.max_steps:
+            raise UserError(f"{run_dir} already has a checkpoint at step {step}, beyond max_steps={config.max_steps}; "
+                            f"delete the folder or sweep into another --out")
+        changed = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in differ.items())
+        return "resume", f"continued from step {step} ({changed})"
+    changed = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in list(differ.items())[:4])
+    raise UserError(f"{run_dir} holds a run with other settings ({changed}); delete it or sweep into another --out")
+
+
+def plan(args: list[str], out: str | Path | None = None) -> tuple[list[Run], Path, list[str]]:
+    """Validate everything (betas, every override through load_config, the existing run folders) and
+    decide each run's action, before anything is written. Returns (runs, out, overrides)."""
+    from toolkit.config import load_config, parse_overrides
+
+    betas, rest = split_arguments(list(args))
+    recipe, overrides = parse_overrides(rest)  # rejects arguments that are not key=value
+    recipe_stem = load_config(rest).recipe  # no recipe, unknown keys, bad values: stop here
+    out = Path(out) if out else Path("runs") / f"sweep-{recipe_stem}"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    runs = []
+    for beta in betas:
+        run_dir = out / beta_name(beta)
+        run_args = [f"recipe={recipe}", *overrides, f"beta={beta:g}", f"run_dir={run_dir}"]
+        config = load_config(run_args)
+        action, reason = decide(run_dir, config)
+        runs.append(Run(beta, run_dir, config, run_args, action, reason))
+    return runs, out, overrides
+
+
+# --- training in child processes ------------------------------------------------------------------
+
+
+def training_command(run: Run, launcher: str | None) -> list[str]:
+    prefix = shlex.split(launcher) if launcher else [sys.executable]
+    beside = Path(sys.executable).parent / prefix[0]  # `accelerate` of this environment when it is not activated
+    if "/" not in prefix[0] and shutil.which(prefix[0]) is None and beside.is_file():
+        prefix[0] = str(beside)
+    resume = [] if run.action == "reuse" else ["resume=latest"]
+    return [*prefix, str(TRAIN_SCRIPT), *run.args, *resume]
+
+
+def stream_process(command: list[str], write=None) -> tuple[int, str]:
+    """Run `command`, copying its stdout and stderr to ours as they come (progress bars too);
+    returns (exit code, the last few KB of its output)."""
+    write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    try:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, bufsize=0)
+    except OSError as error:
+        raise UserError(f"cannot start {shlex.join(command[:3])}...: {one_line(error)}") from None
+    decoder, tail = codecs.getincrementaldecoder("utf-8")("replace"), ""
+    try:
+        while chunk := os.read(process.stdout.fileno(), 8192):
+            text = decoder.decode(chunk)
+            write(text)
+            tail = (tail + text)[-8000:]
+        return process.wait(), tail
+    finally:
+        if process.poll() is None:  # interrupted: a killed child keeps its last complete checkpoint
+            process.kill()
+            process.wait()
+        process.stdout.close()
+
+
+def last_error_line(output: str) -> str:
+    lines = [line.strip() for line in output.replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:") or re.match(r"[\w.]*(Error|Exception)\b", line)]
+    return (errors or lines or ["no output"])[-1][:500]
+
+
+def train_runs(runs: list[Run], launcher: str | None, log) -> None:
+    for run in runs:
+        if run.action == "reuse":
+            log(f"sweep: beta={run.beta:g}: reusing {run.run_dir} ({run.reason})")
+            continue
+        command = training_command(run, launcher)
+        log(f"sweep: beta={run.beta:g}: {run.action} ({run.reason}) -> {run.run_dir}")
+        log("$ " + shlex.join(command))
+        start = time.perf_counter()
+        code, output = stream_process(command)
+        run.seconds = round(time.perf_counter() - start, 1)
+        if code != 0:
+            raise UserError(
+                f"training beta={run.beta:g} failed (exit code {code}; run folder {run.run_dir}): {last_error_line(output)}; "
+                "run the sweep again to resume it (finished runs are reused)"
+            )
+        log(f"sweep: beta={run.beta:g}: trained in {run.seconds:.0f} s")
+
+
+# --- evaluation and the table ---------------------------------------------------------------------
+
+
+def evaluation_matches(report: dict, run_dir: Path, classifier: Path | None, step) -> bool:
+    from toolkit.evaluate import DIVERSITY_CONDITIONS, DIVERSITY_SAMPLES
+    from toolkit.model import WEIGHTS
+
+    path = run_dir / "metrics.json"
+    return (
+        path.stat().st_mtime >= (run_dir / WEIGHTS).stat().st_mtime
+        and report.get("split") == "test" and report.get("seed") == 0 and report.get("step") == step
+        and report.get("classifier") == (str(classifier) if classifier else None)
+        and report.get("settings", {}).get("diversity_samples") == DIVERSITY_SAMPLES
+        and report.get("settings", {}).get("diversity_conditions", 0) <= DIVERSITY_CONDITIONS
+        and report.get("shards") is not None
+    )
+
+
+def evaluate_runs(runs: list[Run], classifier: Path | None, device: str, log) -> dict[float, dict]:
+    """evaluate_run for each run (its RUN/metrics.json reused when it is newer than the weights and
+    was made the same way)."""
+    from toolkit.evaluate import evaluate_run
+    from toolkit.model import read_spec
+
+    reports = {}
+    for run in runs:
+        path = run.run_dir / "metrics.json"
+        step = (read_spec(run.run_dir).extra or {}).get("step")
+        report = None
+        if run.action == "reuse" and path.is_file():
+            try:
+                report = json.loads(path.read_text())
+                if not evaluation_matches(report, run.run_dir, classifier, step):
+                    report = None
+            except (ValueError, OSError):
+                report = None
+        if report is None:
+            log(f"sweep: beta={run.beta:g}: evaluating {run.run_dir} on the test split")
+            report = evaluate_run(run.run_dir, classifier=classifier, device=device, find=False)
+        else:
+            log(f"sweep: beta={run.beta:g}: reusing {path}")
+        reports[run.beta] = report
+    return reports
+
+
+def table_rows(reports: dict[float, dict]) -> list[dict]:
+    """One row per beta, highest first (as the paper's Table 1)."""
+    rows = []
+    for beta in sorted(reports, reverse=True):
+        metrics = reports[beta]["metrics"]
+        rows.append({"beta": beta, **{name: metrics.get(name) for name, _, _ in TABLE_COLUMNS[1:]}})
+    return rows
+
+
+def _cell(value, fmt: str, empty: str) -> str:
+    return empty if value is None else fmt.format(value)
+
+
+def table_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([name for name, _, _ in TABLE_COLUMNS])
+    for row in rows:
+        writer.writerow([_cell(row[name], "{!r}" if name != "beta" else "{:g}", "") for name, _, _ in TABLE_COLUMNS])
+    return buffer.getvalue()
+
+
+def table_markdown(rows: list[dict], caption: str = "") -> str:
+    columns = [c for c in TABLE_COLUMNS if c[0] not in OPTIONAL_COLUMNS or any(row[c[0]] is not None for row in rows)]
+    lines = ["| " + " | ".join(header for _, header, _ in columns) + " |", "|" + "|".join("---:" for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row[name], fmt, "-") for name, _, fmt in columns) + " |")
+    return "\n".join(lines) + "\n" + (f"\n{caption}\n" if caption else "")
+
+
+def table_caption(runs: list[Run], reports: dict, classifier: Path | None) -> str:
+    config = runs[0].config
+    report = next(iter(reports.values()))
+    metrics = report["metrics"]
+    size = "x".join(str(s) for s in json.loads((runs[0].run_dir / "config.json").read_text())["image_size"])
+    text = (
+        f"Recipe `{config.recipe}`, {config.max_steps} steps of batch {config.batch_size} per beta (model `{config.model.arch}`, "
+        f"latent {config.model.latent_dim}, {config.model.prior} prior); test split of `{report['shards']}`: {metrics['count']} images, {size}. "
+        "MSE: squared error summed over the 3 x H x W values of an image, decoded from the posterior mean; per pixel: "
+        "divided by 3 x H x W. KL: KL(q(z|x,y) || prior) summed over latent units. Both averaged over the images. "
+        f"Diversity: mean pairwise per-pixel RMS distance between {report['settings']['diversity_samples']} prior samples "
+        f"of each of the first {report['settings']['diversity_conditions']} test attribute vectors. "
+    )
+    if classifier is None:
+        return text + "No attribute classifier was given, so the accuracy columns are empty (`cvae-tk classifier train recipe=NAME`, then `--classifier`)."
+    real = metrics.get("attr_acc_real")
+    real_top1 = metrics.get("attr_acc_real_top1")
+    return text + (
+        f"Attribute accuracy: one prior sample per test attribute vector, judged by the classifier `{classifier}` "
+        f"(mean over attributes of present/absent agreement; top-1: arg-max = the requested class, one-hot data only); "
+        f"floor: the same images against shuffled vectors (a generator that ignores its condition). "
+        f"The classifier scores {real:.4f}" + (f" (top-1 {real_top1:.4f})" if real_top1 is not None else "") + " on the real test images."
+    )
+
+
+# --- writing --------------------------------------------------------------------------------------
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def resolve_classifier(classifier: str | Path | None, out: Path, recipe: str, shards: str) -> Path | None:
+    """The classifier to judge the samples with: --classifier, else one evaluate_run would find beside
+    the runs (OUT/classifier, OUT/<recipe>-classifier), else None. Checked against the shards now,
+    not after hours of training."""
+    from toolkit.classifier import check_image_size, columns_for, load_classifier
+    from toolkit.data.stream import read_manifest
+    from toolkit.evaluate import find_classifier
+
+    if classifier is not None:
+        classifier = Path(classifier)
+        if not classifier.is_dir():
+            raise UserError(f"classifier folder not found: {classifier}")
+    else:
+        classifier = find_classifier(out / "run", recipe)
+        if classifier is None:
+            return None
+    manifest = read_manifest(shards, "test")
+    loaded = load_classifier(classifier)
+    try:
+        columns_for(loaded, list(manifest["attributes"]), f"{shards}")
+        check_image_size(loaded, manifest["image_size"], f"{shards}")
+    except UserError as error:
+        raise UserError(f"classifier {classifier}: {error}") from None
+    return classifier
+
+
+def run_sweep(
+    args: list[str], out: str | Path | None = None, classifier: str | Path | None = None, launcher: str | None = None,
+    device: str = "auto", figure5_beta: float | None = None, figure5_attributes: list[str] | None = None, log=print,
+) -> dict:
+    """Train (or reuse) one run per beta, evaluate them, write OUT/{table1.md, table1.csv, figure3.png,
+    figure4.png, figure5.png, loss_curves.png, sweep.json}; returns what sweep.json holds."""
+    started = time.perf_counter()
+    runs, out, overrides = plan(args, out)  # argument mistakes stop here, before torch is even imported
+    from toolkit.data.stream import read_manifest
+    from toolkit.evaluate import resolve_device
+
+    config = runs[0].config
+    read_manifest(config.data.shards, "train")  # the shards must be there before anything starts
+    manifest = read_manifest(config.data.shards, "test")
+    device = str(resolve_device(device))
+    classifier = resolve_classifier(classifier, out, config.recipe, config.data.shards)
+    betas = [run.beta for run in runs]
+    edit_beta = max(betas) if figure5_beta is None else float(figure5_beta)
+    if edit_beta not in betas:
+        raise UserError(f"--figure5-beta {edit_beta:g} is not one of the betas ({', '.join(f'{b:g}' for b in betas)})")
+    if figure5_attributes:
+        unknown = [name for name in figure5_attributes if name not in manifest["attributes"]]
+        if unknown:
+            raise UserError(f"--figure5-attributes: unknown attribute(s) {', '.join(unknown)} in {config.data.shards}")
+    log(f"sweep: {config.recipe}, betas {', '.join(f'{b:g}' for b in betas)} -> {out} "
+        f"({sum(r.action != 'reuse' for r in runs)} to train, {sum(r.action == 'reuse' for r in runs)} finished); "
+        f"classifier: {classifier or 'none'}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    train_runs(runs, launcher, log)
+    reports = evaluate_runs(runs, classifier, device, log)
+    rows = table_rows(reports)
+    write_text_atomic(out / "table1.csv", table_csv(rows))
+    write_text_atomic(out / "table1.md", table_markdown(rows, table_caption(runs, reports, classifier)))
+
+    figures = draw_figures(runs, out, config.data.shards, device, edit_beta, figure5_attributes, log)
+    result = {
+        "recipe": config.recipe,
+        "args": list(args),
+        "overrides": overrides,
+        "betas": betas,
+        "out": str(out),
+        "launcher": launcher,
+        "classifier": str(classifier) if classifier else None,
+        "device": device,
+        "runs": [
+            {"beta": r.beta, "run_dir": str(r.run_dir), "action": r.action, "reason": r.reason, "train_seconds": r.seconds,
+             "command": shlex.join(training_command(r, launcher)) if r.action != "reuse" else None,
+             "step": reports[r.beta].get("step"), "metrics": reports[r.beta]["metrics"]}
+            for r in runs
+        ],
+        "table": rows,
+        "figures": figures,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_text_atomic(out / "sweep.json", json.dumps(result, indent=2) + "\n")
+    log(table_markdown(rows).rstrip())
+    log(f"sweep: wrote {', '.join(str(out / name) for name in OUTPUTS)} in {result['seconds']:.0f} s")
+    return result
+
+
+def draw_figures(runs: list[Run], out: Path, shards: str, device: str, edit_beta: float, edit_attributes, log) -> dict:
+    from toolkit import figures
+    from toolkit.model import load_model
+
+    ordered = sorted(runs, key=lambda r: r.beta, reverse=True)
+    models = {f"beta={r.beta:g}": load_model(r.run_dir).to(device).eval() for r in ordered}
+    layouts = {}
+    image, layouts["figure3"] = figures.samples_figure(models, shards)
+    figures.save_png(image, out / "figure3.png")
+    image, layouts["figure4"] = figures.reconstruction_figure(models, shards)
+    figures.save_png(image, out / "figure4.png")
+    image, layouts["figure5"] = figures.attribute_figure(models[f"beta={edit_beta:g}"], shards, only=edit_attributes)
+    layouts["figure5"]["beta"] = edit_beta
+    figures.save_png(image, out / "figure5.png")
+    points = figures.loss_curves({f"beta={r.beta:g}": r.run_dir for r in ordered}, out / "loss_curves.png",
+                                 title=f"{runs[0].config.recipe}: training loss per beta")
+    layouts["loss_curves"] = {"points": points}
+    log(f"sweep: figures {', '.join(str(out / name) for name in OUTPUTS[2:6])}")
+    return layouts
