@@ -130,3 +130,12 @@ def test_an_interrupted_build_is_never_taken_for_finished_and_a_rerun_completes(
     (out / "train" / "train-000007.tar.tmp").write_bytes(b"partial")  # what a SIGKILL would leave
     build_shards(table, out, ImageSpec.parse("32"), workers=1, shard_size=2, progress=False)
     assert files(out) == files(clean)
+
+
+def test_bounding_box_crop_at_original_size(table, tmp_path):
+    for record in table.splits["train"] + table.splits["test"]:
+        record.bbox = (10.0, 20.0, 100.0, 150.0)
+    manifests = build_shards(table, tmp_path / "out", ImageSpec.parse("original"), workers=1, progress=False)
+    assert manifests["train"]["image_size"] == [150, 100]
+    images, _ = next(iter(eval_batches(tmp_path / "out", "train", batch_size=2)))
+    assert images.shape == (2, 3, 150, 100)

@@ -196,3 +196,7 @@ def test_shards_and_manifest_can_be_read_through_a_pipe_url(tmp_path):
     assert np.array_equal(np.round(images[4].permute(1, 2, 0).numpy() * 255).astype(np.uint8), pixels[4])
     with pytest.raises(UserError, match="could not read"):
         read_manifest(f"pipe:cat {tmp_path / 'nowhere'}", "test")
+    # the path may also sit inside the command: {} stands for <split>/<file>
+    placeholder = f"pipe:cat {tmp_path}/{{}} -"
+    assert read_manifest(placeholder, "test")["count"] == 5
+    assert sum(len(batch[0]) for batch in eval_batches(placeholder, "test", batch_size=2)) == 5

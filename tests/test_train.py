@@ -171,3 +171,14 @@ def test_bf16_mixed_precision_trains_and_saves_fp32_weights(digits_shards, tmp_p
     assert all(t.dtype == torch.float32 for t in weights.values())
     assert all(torch.isfinite(t).all() for t in weights.values())
     assert load_model(tmp_path / "run").spec.prior == "learned"
+
+
+def test_too_few_shards_for_the_ranks_names_the_cause(digits_shards, tmp_path):
+    from toolkit.train import BatchStream
+
+    config = quick(digits_shards, tmp_path / "run", "max_steps=2")
+    # the fixture's train split is 2 shards (1000 + 618 samples)
+    with pytest.raises(UserError, match=r"2 train shard\(s\) for 3 rank\(s\).*data.sampling=resampled"):
+        BatchStream(config, rank=0, world=3)
+    config.data.sampling = "resampled"
+    assert BatchStream(config, rank=2, world=3).length(0) == BatchStream.SEGMENT

@@ -26,6 +26,7 @@ if __name__ == "__main__" and not __package__:
     # libraries of the same names; put the project root there instead.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+import errno
 import json
 import math
 import os
@@ -115,9 +116,15 @@ class BatchStream:
         self.counts = dict(manifest["shards"])
         self.train_count = manifest["count"]
         if self.length(0) == 0:  # say it now, before any step
+            workers = max(self.data.num_workers, 1)
+            if self.data.sampling == "epochs" and len(self.counts) < world * workers:
+                raise UserError(
+                    f"{self.data.shards} has {len(self.counts)} train shard(s) for {world} rank(s) x {workers} worker(s): "
+                    "rebuild with a smaller --shard-size, or use data.sampling=resampled"
+                )
             raise UserError(
                 f"{self.data.shards} train split ({self.train_count} samples) cannot fill one batch of "
-                f"{config.batch_size} per rank for {world} rank(s) x {max(self.data.num_workers, 1)} worker(s)"
+                f"{config.batch_size} per rank for {world} rank(s) x {workers} worker(s)"
             )
 
     def length(self, segment: int) -> int:
@@ -189,11 +196,17 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, spec: Mo
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    try:
+        accelerator.save_state(str(partial))
+    except OSError as error:  # e.g. a full disk: say so in one line, and which checkpoint is still good
+        raise _save_failed(run_dir, partial, error) from error
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {"step": step, "model": _identity(spec), "toolkit_version": toolkit.__version__}
-        (partial / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
+        try:
+            (partial / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
+        except OSError as error:
+            raise _save_failed(run_dir, partial, error) from error
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         complete = sorted((s, p) for p in folder.glob("checkpoint-*") if (s := checkpoint_step(p)) is not None)
@@ -201,6 +214,16 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, spec: Mo
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _save_failed(run_dir: Path, partial: Path, error: OSError) -> TrainingStopped:
+    last = find_checkpoint(run_dir, "latest")
+    code = errno.errorcode.get(error.errno, "") if error.errno else ""
+    return TrainingStopped(
+        f"could not write the checkpoint {partial}: {error.strerror or error}{f' ({code})' if code else ''}; "
+        + (f"the last complete checkpoint is {last}, " if last else "there is no complete checkpoint yet, ")
+        + "free some space (or lower checkpoints_total_limit) and run again with resume=latest"
+    )
 
 
 def _identity(spec: ModelSpec) -> dict:
@@ -279,7 +302,9 @@ def train(config: TrainConfig) -> Path:
 
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(to_yaml(config))
+        partial = run_dir / "recipe.yaml.tmp"
+        partial.write_text(to_yaml(config))
+        os.replace(partial, run_dir / "recipe.yaml")  # the sweep compares it: never leave it half-written
         accelerator.init_trackers("cvae", config={"beta": config.beta, "lr": config.lr, "batch_size": config.batch_size})
         print(f"training {spec.arch} CVAE ({spec.prior} prior) on {config.data.shards} ({stream.train_count} train images, "
               f"{spec.image_size[0]}x{spec.image_size[1]}, {spec.num_attributes} attributes) on {accelerator.device}, "
@@ -310,13 +335,14 @@ def train(config: TrainConfig) -> Path:
                    f"({metrics['test/mse_per_pixel']:.5f} per pixel), KL {metrics['test/kl_per_image']:.2f}")
 
     model.train()
-    step, bad_streak, last_saved = start_step, 0, start_step if resume_from else None
+    step, bad_streak, last_saved, epoch_ended = start_step, 0, start_step if resume_from else None, False
     batches = stream.batches(start_step * config.grad_accum)
     progress = tqdm(total=config.max_steps, initial=start_step, disable=not accelerator.is_main_process, desc="train", mininterval=2)
     window_start, window_images = time.perf_counter(), 0
     try:
         while step < config.max_steps:
-            _, epoch_end, batch = next(batches)
+            _, segment_end, batch = next(batches)
+            epoch_ended = epoch_ended or segment_end  # remembered until the optimizer step it belongs to
             images, attributes = batch[0].to(accelerator.device, non_blocking=True), batch[1].to(accelerator.device, non_blocking=True)
             if seen_file is not None:
                 seen_file.write("\n".join(batch[2]) + "\n")
@@ -359,7 +385,8 @@ def train(config: TrainConfig) -> Path:
                 window_start, window_images = time.perf_counter(), 0
             if accelerator.is_main_process and (step % config.sample_every == 0 or step == config.max_steps):
                 write_grids(step)
-            at_eval = (step % config.eval_every == 0) if config.eval_every else (epoch_end and config.data.sampling == "epochs")
+            at_eval = (step % config.eval_every == 0) if config.eval_every else (epoch_ended and config.data.sampling == "epochs")
+            epoch_ended = False
             if at_eval and accelerator.is_main_process and step < config.max_steps:
                 evaluate(step)
             if bad_streak == 0 and (step % config.checkpoint_every == 0 or step == config.max_steps):
@@ -367,6 +394,7 @@ def train(config: TrainConfig) -> Path:
                 last_saved = step
     finally:
         progress.close()
+        batches.close()  # stops the loader workers (and any pipe: readers) now, not at exit
         if seen_file is not None:
             seen_file.close()
 

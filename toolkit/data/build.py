@@ -125,7 +125,7 @@ def _encode_image(record: Record, spec: ImageSpec) -> Sample | Skipped:
             image = image.resize((spec.size[1], spec.size[0]), Image.BILINEAR, box=box)
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=spec.quality)
-        return Sample(record.key, buffer.getvalue(), "jpg", record.attributes)
+        return Sample(record.key, buffer.getvalue(), "jpg", record.attributes, (image.height, image.width))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         return Skipped(record.key, f"{record.path.name}: {' '.join(str(error).split()) or type(error).__name__}")
 

@@ -67,7 +67,10 @@ def shard_urls(shards: str | Path, split: str) -> list[str]:
 
 def _join(shards: str | Path, split: str, name: str) -> str:
     # A URL (pipe:..., http://...) is joined as text, a local folder as a path.
-    return f"{str(shards).rstrip('/')}/{split}/{name}" if _is_url(shards) else str(Path(shards) / split / name)
+    text = str(shards)
+    if "{}" in text:  # a command with the path in the middle: pipe:aws s3 cp s3://bucket/celeba64/{} -
+        return text.replace("{}", f"{split}/{name}")
+    return f"{text.rstrip('/')}/{split}/{name}" if _is_url(shards) else str(Path(shards) / split / name)
 
 
 def decode(sample: dict, with_keys: bool = False) -> tuple:
