@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from toolkit.atomic import save_state_dict, write_text
 from toolkit.errors import UserError, one_line
 
 WEIGHTS = "classifier.safetensors"
@@ -204,18 +205,11 @@ def train_classifier(
 
 def save_classifier(classifier: AttributeClassifier, out_dir: str | Path, meta: dict | None = None) -> Path:
     """Write classifier.safetensors and classifier.json into `out_dir`, each through a temporary name."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in classifier.state_dict().items()}
-    tmp = out_dir / (WEIGHTS + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out_dir / WEIGHTS)
+    save_state_dict(classifier, out_dir / WEIGHTS)
     meta = {"format": FORMAT, **(meta or {}), **classifier.config()}
-    tmp = out_dir / (CONFIG + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.replace(out_dir / CONFIG)
+    write_text(out_dir / CONFIG, json.dumps(meta, indent=2) + "\n")
     return out_dir / WEIGHTS
 
 

@@ -26,11 +26,11 @@ Reductions (the same as the training loss, `toolkit/loss.py`):
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from toolkit.atomic import write_text
 from toolkit.errors import UserError, one_line
 
 METRICS_FILE = "metrics.json"
@@ -299,6 +299,4 @@ def evaluate_run(
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_text(path, json.dumps(data, indent=2) + "\n")

@@ -30,8 +30,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -39,6 +37,7 @@ import numpy as np
 import torch
 
 import toolkit
+from toolkit.atomic import atomic_path
 from toolkit.errors import UserError, one_line
 from toolkit.model import CVAE, WEIGHTS, load_model
 
@@ -286,13 +285,6 @@ def export_onnx(
     if _sha256_of(weights_file) != weights:
         raise UserError(f"{weights_file} changed while it was being exported (is a training run writing it?); nothing was written")
     out.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(onnx_bytes)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(onnx_bytes)
     return out, error

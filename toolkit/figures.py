@@ -16,11 +16,12 @@ default font), PAD pixels between cells, and images scaled up by an integer fact
 from __future__ import annotations
 
 import math
-import os
 from itertools import islice
 from pathlib import Path
 
 import torch
+
+from toolkit.atomic import atomic_path
 
 PAD = 2
 BACKGROUND = (255, 255, 255)
@@ -251,19 +252,15 @@ def loss_curves(runs: dict, path, title: str = "") -> dict:
         axis.legend(fontsize=8)
     if title:
         figure.suptitle(title)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        figure.savefig(tmp, format="png", dpi=100)
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, format="png", dpi=100)
     finally:
         plt.close(figure)
-    tmp.replace(path)
     return {label: {tag: len(points) for tag, points in series.items()} for label, series in curves.items()}
 
 
 def save_png(image, path) -> None:
     """Save a PIL image as PNG through a temporary name + rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from toolkit.atomic import save_state_dict, write_text
 from toolkit.errors import UserError, one_line
 
 
@@ -350,19 +351,12 @@ CONFIG = "config.json"
 
 def save_model(model: CVAE, folder: str | Path) -> None:
     """Write fp32 weights and config.json into `folder`, each through a temporary name."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = folder / (WEIGHTS + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(folder / WEIGHTS)
+    save_state_dict(model, folder / WEIGHTS)
     spec = asdict(model.spec)
     spec["image_size"] = list(spec["image_size"])
-    tmp = folder / (CONFIG + ".tmp")
-    tmp.write_text(json.dumps(spec, indent=2) + "\n")
-    tmp.replace(folder / CONFIG)
+    write_text(folder / CONFIG, json.dumps(spec, indent=2) + "\n")
 
 
 def read_spec(folder: str | Path) -> ModelSpec:

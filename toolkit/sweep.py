@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from toolkit.atomic import write_text
 from toolkit.errors import UserError, one_line
 
 PAPER_BETAS = (0.25, 0.5, 0.75, 0.9)
@@ -369,12 +370,6 @@ def table_caption(runs: list[Run], reports: dict, classifier: Path | None) -> st
 # --- writing --------------------------------------------------------------------------------------
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def resolve_classifier(classifier: str | Path | None, out: Path, recipe: str, shards: str) -> Path | None:
     """The classifier to judge the samples with: --classifier, else one evaluate_run would find beside
     the runs (OUT/classifier, OUT/<recipe>-classifier), else None. Checked against the shards now,
@@ -433,8 +428,8 @@ def run_sweep(
     train_runs(runs, launcher, log)
     reports = evaluate_runs(runs, classifier, device, log)
     rows = table_rows(reports)
-    write_text_atomic(out / "table1.csv", table_csv(rows))
-    write_text_atomic(out / "table1.md", table_markdown(rows, table_caption(runs, reports, classifier)))
+    write_text(out / "table1.csv", table_csv(rows))
+    write_text(out / "table1.md", table_markdown(rows, table_caption(runs, reports, classifier)))
 
     figures = draw_figures(runs, out, config.data.shards, device, edit_beta, figure5_attributes, log)
     result = {
@@ -456,7 +451,7 @@ def run_sweep(
         "figures": figures,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    write_text_atomic(out / "sweep.json", json.dumps(result, indent=2) + "\n")
+    write_text(out / "sweep.json", json.dumps(result, indent=2) + "\n")
     log(table_markdown(rows).rstrip())
     log(f"sweep: wrote {', '.join(str(out / name) for name in OUTPUTS)} in {result['seconds']:.0f} s")
     return result

@@ -41,6 +41,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 import toolkit
+from toolkit.atomic import write_text
 from toolkit.config import TrainConfig, load_config, to_yaml
 from toolkit.data.stream import batches_per_rank, epoch_batches, eval_batches, read_manifest, train_batches
 from toolkit.errors import UserError, one_line
@@ -302,9 +303,7 @@ def train(config: TrainConfig) -> Path:
 
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        partial = run_dir / "recipe.yaml.tmp"
-        partial.write_text(to_yaml(config))
-        os.replace(partial, run_dir / "recipe.yaml")  # the sweep compares it: never leave it half-written
+        write_text(run_dir / "recipe.yaml", to_yaml(config))  # the sweep compares it: never half-written
         accelerator.init_trackers("cvae", config={"beta": config.beta, "lr": config.lr, "batch_size": config.batch_size})
         print(f"training {spec.arch} CVAE ({spec.prior} prior) on {config.data.shards} ({stream.train_count} train images, "
               f"{spec.image_size[0]}x{spec.image_size[1]}, {spec.num_attributes} attributes) on {accelerator.device}, "

@@ -31,6 +31,8 @@ from typing import Iterable
 
 import numpy as np
 
+from toolkit.atomic import write_text
+
 MANIFEST = "manifest.json"
 # Fixed member time (2000-01-01) so rebuilds are byte-identical. An int: a float mtime makes
 # tarfile add a PAX header to every member, doubling the header work.
@@ -179,7 +181,5 @@ def write_split(
         "fields": {"image": "png|jpg", "attributes": "attr.npy (uint8 0/1)"},
         **(extra or {}),
     }
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, folder / MANIFEST)
+    write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
