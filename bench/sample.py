@@ -4,14 +4,20 @@ For the `celeba` decoder (paper, 218x178, 40 attributes) and the `celeba64` deco
 learned prior), at batch sizes 1, 64 and 1024: latency per call and images/s for
   torch   PyTorch eager fp32 (`model.generate` under inference_mode)
   ort     ONNX Runtime fp32 (the exported sampler graph)
-and on a GPU (--device cuda, the default where torch sees one) also torch.compile under bf16
-autocast, and ONNX Runtime CUDA fp32 and fp16 exports with IO binding (inputs on the device, the
-output left there). CUDA graphs are not measured yet.
+and on a GPU (--device cuda, the default where torch sees one) also
+  torch_compile_bf16   torch.compile of `generate` under bf16 autocast
+  ort / ort_fp16       ONNX Runtime CUDA, fp32 and --fp16 exports, IO binding (inputs on the
+                       device, the output left there)
+  ort_graph / ort_fp16_graph   the same, recorded once as a CUDA graph and replayed (fixed batch,
+                       as `Sampler(..., cuda_graph=True)` runs it)
+  *_nhwc_graph         the same with the CUDA provider's prefer_nhwc (channels-last convolutions)
 and the memory-traffic floor: the bytes each layer must read and write per image (activations in
-and out, plus the weights shared by the batch), divided by this machine's measured copy bandwidth.
+and out, plus the weights shared by the batch), divided by the measured copy bandwidth (on a GPU:
+a device-to-device copy). `floor16` is the same for 16-bit activations and weights, the floor of
+the fp16 / bf16 paths.
 Weights are random (speed does not depend on training). Writes bench/results/sample.json.
 
-    .venv/bin/python bench/sample.py [--batches 1,64,1024] [--models celeba,celeba64] [--seconds 2] [--device cuda --bandwidth 3350]
+    .venv/bin/python bench/sample.py [--batches 1,64,1024] [--models celeba,celeba64] [--seconds 2] [--device cuda] [--bandwidth GB/s]
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ def timed(call, seconds: float) -> float:
     return statistics.median(times)
 
 
-def traffic_floor(model: CVAE, batch: int) -> float:
+def traffic_floor(model: CVAE, batch: int, bytes_per_value: int = 4) -> float:
     """Bytes per image that the decoder's layers must read and write at this batch size."""
     activations = 0
     hooks = []
@@ -66,7 +72,7 @@ def traffic_floor(model: CVAE, batch: int) -> float:
     def count(module, inputs, output):
         nonlocal activations
         tensors = [t for t in inputs if torch.is_tensor(t)] + ([output] if torch.is_tensor(output) else [])
-        activations += sum(t.numel() * t.element_size() for t in tensors)
+        activations += sum(t.numel() * (bytes_per_value if t.is_floating_point() else t.element_size()) for t in tensors)
 
     parts = [model.decoder] + ([model.prior_net] if getattr(model, "prior_net", None) is not None else [])
     for part in parts:
@@ -77,16 +83,50 @@ def traffic_floor(model: CVAE, batch: int) -> float:
         model.generate(torch.zeros(1, model.spec.num_attributes), torch.zeros(1, model.spec.latent_dim))
     for hook in hooks:
         hook.remove()
-    weights = sum(p.numel() * p.element_size() for part in parts for p in part.parameters())
+    weights = sum(p.numel() * bytes_per_value for part in parts for p in part.parameters())
     return activations + weights / batch
 
 
-def copy_bandwidth() -> float:
+def copy_bandwidth(device: str) -> float:
     """Bytes/s of a large memory copy (read + write), the best a memory-bound layer can do here."""
+    if device == "cuda":
+        source = torch.ones(512 * 2**20, dtype=torch.float32, device="cuda")  # 2 GiB, far beyond L2
+        target = torch.empty_like(source)
+
+        def copy():
+            target.copy_(source)
+            torch.cuda.synchronize()
+
+        seconds = timed(copy, 1.0)
+        del source, target
+        return 2 * 512 * 2**20 * 4 / seconds
     source = np.ones(64 * 2**20, dtype=np.float32)  # 256 MiB
     target = np.empty_like(source)
     seconds = timed(lambda: np.copyto(target, source), 1.0)
     return 2 * source.nbytes / seconds
+
+
+def graph_session(onnx_bytes: bytes, batch: int, attributes: np.ndarray, noise: np.ndarray, **cuda_options):
+    """A CUDA-graph session for one batch size and its bound buffers: returns the call to time."""
+    options = ort.SessionOptions()
+    options.add_free_dimension_override_by_name("batch", batch)
+    cuda_options = {"enable_cuda_graph": "1", **cuda_options}
+    session = ort.InferenceSession(onnx_bytes, options, providers=[("CUDAExecutionProvider", cuda_options)])
+    binding = session.io_binding()
+    inputs = {"attributes": ort.OrtValue.ortvalue_from_numpy(attributes, "cuda", 0),
+              "noise": ort.OrtValue.ortvalue_from_numpy(noise, "cuda", 0)}
+    for name, value in inputs.items():
+        binding.bind_ortvalue_input(name, value)
+    output = ort.OrtValue.ortvalue_from_shape_and_type(
+        [batch, *session.get_outputs()[0].shape[1:]], np.float32, "cuda", 0)
+    binding.bind_ortvalue_output("images", output)
+
+    def call():
+        session.run_with_iobinding(binding)  # the first calls record the graph, later ones replay it
+        binding.synchronize_outputs()
+
+    call._keep = (session, inputs, output)  # the graph reads and writes these buffers
+    return call
 
 
 def main() -> None:
@@ -99,18 +139,21 @@ def main() -> None:
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     cuda = args.device == "cuda"
-    # On a GPU the floor is the device's memory bandwidth, which a host copy does not measure:
-    # pass it with --bandwidth (GB/s, e.g. 3350 for an H100 SXM) there.
-    bandwidth = args.bandwidth * 1e9 if args.bandwidth else copy_bandwidth()
+    # The floor uses the measured copy bandwidth of the device that runs the decoder (or --bandwidth).
+    bandwidth = args.bandwidth * 1e9 if args.bandwidth else copy_bandwidth(args.device)
     provider = "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"
-    print(f"bandwidth: {bandwidth / 1e9:.1f} GB/s; ONNX Runtime provider: {provider}; torch threads: {torch.get_num_threads()}")
+    gpu = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"{gpu}; bandwidth: {bandwidth / 1e9:.1f} GB/s; ONNX Runtime {ort.__version__} provider: {provider}; "
+          f"torch {torch.__version__}, threads: {torch.get_num_threads()}", flush=True)
     device = torch.device(args.device)
     rows = []
     for name in args.models.split(","):
         model = build(name)
-        sessions = {"ort": ort.InferenceSession(to_onnx(model), providers=[provider])}
+        exports = {"ort": to_onnx(model)}
+        sessions = {"ort": ort.InferenceSession(exports["ort"], providers=[provider])}
         if cuda:
-            sessions["ort_fp16"] = ort.InferenceSession(to_onnx(model, fp16=True), providers=[provider])
+            exports["ort_fp16"] = to_onnx(model, fp16=True)
+            sessions["ort_fp16"] = ort.InferenceSession(exports["ort_fp16"], providers=[provider])
             assert all(s.get_providers()[0] == provider for s in sessions.values()), "ONNX Runtime fell back from CUDA"
         model = model.to(device)
         compiled = torch.compile(model.generate) if cuda else None
@@ -148,20 +191,42 @@ def main() -> None:
                     ways[label] = lambda session=session, binding=binding: (session.run_with_iobinding(binding), binding.synchronize_outputs())
                 else:
                     ways[label] = lambda session=session: session.run(["images"], {"attributes": attributes, "noise": noise})
-            times = {label: timed(call, args.seconds) for label, call in ways.items()}
+            if cuda:
+                for label in list(exports):
+                    # prefer_nhwc: convolutions in channels-last layout, which tensor cores want
+                    for suffix, extra in (("_graph", {}), ("_nhwc_graph", {"prefer_nhwc": "1"})):
+                        try:
+                            ways[f"{label}{suffix}"] = graph_session(exports[label], batch, attributes, noise, **extra)
+                        except Exception as error:  # report and go on: the other ways still count
+                            print(f"{label}{suffix} unavailable: {str(error).splitlines()[0][:300]}")
+            times = {}
+            for label, call in ways.items():
+                started = time.perf_counter()
+                try:
+                    times[label] = timed(call, args.seconds)
+                except Exception as error:  # one broken way (a compiler missing, say) must not hide the others
+                    print(f"  {label} failed: {' '.join(str(error).split())[:300]}")
+                    continue
+                if label.startswith("torch_compile"):
+                    print(f"  ({label} warm-up and timing took {time.perf_counter() - started:.1f} s)")
             floor = traffic_floor(model.cpu(), batch) * batch / bandwidth  # seconds per call at the floor
+            floor16 = traffic_floor(model, batch, 2) * batch / bandwidth
             model.to(device)
-            best = min(times.values())
+            best_label = min(times, key=times.get)
+            best = times[best_label]
+            low_precision = "fp16" in best_label or "bf16" in best_label
             row = {"model": name, "batch": batch, **{f"{k}_ms": v * 1e3 for k, v in times.items()},
                    **{f"{k}_images_per_s": batch / v for k, v in times.items()},
-                   "ort_over_torch": times["torch"] / times["ort"], "floor_ms": floor * 1e3, "best_over_floor": best / floor}
+                   "ort_over_torch": times.get("torch", float("nan")) / times.get("ort", float("nan")), "floor_ms": floor * 1e3, "floor16_ms": floor16 * 1e3,
+                   "best": best_label, "best_over_floor": best / (floor16 if low_precision else floor)}
             rows.append(row)
             cells = "  ".join(f"{k} {v * 1e3:9.2f} ms ({batch / v:9.1f} img/s)" for k, v in times.items())
             print(f"{name:9} batch {batch:5}: {cells}  ort/torch {row['ort_over_torch']:.2f}x  "
-                  f"floor {row['floor_ms']:8.2f} ms (best is {row['best_over_floor']:.1f}x the floor)")
+                  f"floor {row['floor_ms']:8.3f} ms, floor16 {row['floor16_ms']:8.3f} ms "
+                  f"(best, {best_label}, is {row['best_over_floor']:.1f}x its floor)", flush=True)
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
-    (out / "sample.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "provider": provider, "device": args.device,
+    (out / "sample.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "provider": provider, "device": gpu,
                                                  "bandwidth_bytes_per_s": bandwidth, "rows": rows}, indent=2) + "\n")
 
 

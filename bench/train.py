@@ -10,7 +10,7 @@ writes bench/results/train.json. The data: a generated CelebA-format folder of 1
 made into 64x64 shards with the celeba64 crop (centre 148).
 
     .venv/bin/python bench/train.py [--arch resnet|paper] [--steps 20] [--batch-size 64]
-        [--precision no|bf16|fp16] [--workers N] [--images 4000] [--device cuda|cpu]
+        [--precision no|bf16|fp16] [--workers N] [--images 4000] [--device cuda|cpu] [--loader-only]
 """
 
 from __future__ import annotations
@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--work", type=Path, help="keep the generated folder and shards here")
+    parser.add_argument("--loader-only", action="store_true", help="time one epoch of each loader without a model")
     args = parser.parse_args()
     device = torch.device(args.device)
 
@@ -122,6 +123,19 @@ def main() -> None:
         loader = torch.utils.data.DataLoader(dataset, args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True,
                                              pin_memory=device.type == "cuda", persistent_workers=False)
         return iter(loader)
+
+    if args.loader_only:  # the feeds' own rates: one epoch each, twice, interleaved
+        rates = {}
+        for _ in range(2):
+            for name, make in (("shards", from_shards), ("folder", from_folder)):
+                start, count = time.perf_counter(), 0
+                for images, _ in make():
+                    count += len(images)
+                rates.setdefault(name, []).append(count / (time.perf_counter() - start))
+        rate = {name: sum(v) / len(v) for name, v in rates.items()}
+        print(f"loader only, {args.workers} workers, batch {args.batch_size}: shards {rate['shards']:.0f} images/s, "
+              f"JPEG folder {rate['folder']:.0f} images/s, shards / folder {rate['shards'] / rate['folder']:.2f}x")
+        return
 
     held = [tuple(t.to(device) for t in batch) for _, batch in zip(range(8), from_shards())]
     rates = {}

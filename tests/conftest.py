@@ -42,3 +42,22 @@ def exported(trained_run, tmp_path_factory) -> Path:
 
     path, _ = export_onnx(trained_run, tmp_path_factory.mktemp("export") / "digits.onnx")
     return path
+
+
+TINY_ATTRIBUTES = ["a", "b", "Smiling", "x y", "é"]  # a space and a non-ASCII letter in names, on purpose
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory) -> Path:
+    """An untrained (seeded) 8x8 `paper` model with 5 attributes and 4 latent units, exported to ONNX:
+    the cheapest real sampler file, for tests of the Sampler's own logic."""
+    import torch
+
+    from toolkit.export import export_onnx
+    from toolkit.model import CVAE, ModelSpec, save_model
+
+    torch.manual_seed(0)
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    save_model(CVAE(ModelSpec(attributes=list(TINY_ATTRIBUTES), image_size=(8, 8), latent_dim=4)), run_dir)
+    path, _ = export_onnx(run_dir, run_dir.parent / "tiny.onnx")
+    return path

@@ -306,3 +306,119 @@ def test_one_sampler_serves_many_threads(sampler):
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda call: sampler.sample(call[0], n=call[1], seed=call[2]), calls))
     assert all(np.array_equal(a, b) for a, b in zip(got, expected))
+
+
+# -- the fixed-batch (CUDA graph) path and the checks made before any run -----------------------
+
+
+def test_fixed_batch_path_gives_the_same_images(exported, sampler):
+    # The CUDA-graph path's buffer handling (allocate once, update in place, pad the last batch),
+    # run on the CPU provider; the graph capture itself needs a GPU (test_cuda_graph_... below).
+    fixed = Sampler(exported, device="cpu", batch_size=4)
+    fixed._fixed_batch = True
+    attributes = np.eye(10, dtype=np.float32)
+    for n, seed in [(1, 0), (3, 1), (1, 2)]:  # 10, 30, 10 rows: full and padded batches, reused buffers
+        assert np.array_equal(fixed.sample(attributes, n=n, seed=seed), sampler.sample(attributes, n=n, seed=seed))
+    user_rows = attributes[:3].copy()
+    user_noise = np.ones((3, LATENT_DIM), np.float32)
+    fixed.run(user_rows, user_noise)
+    fixed.run(attributes[5:8], np.zeros((3, LATENT_DIM), np.float32))
+    assert np.array_equal(user_rows, attributes[:3]) and (user_noise == 1).all()  # callers' arrays never written
+
+
+def test_cuda_graph_needs_cuda(exported):
+    with pytest.raises(UserError, match="cuda_graph=True needs device='cuda'"):
+        Sampler(exported, device="cpu", cuda_graph=True)
+    if not _onnxruntime_really_uses_cuda(exported):
+        with pytest.raises(UserError, match="cuda"):
+            Sampler(exported, device="auto", cuda_graph=True)
+
+
+@pytest.mark.skipif("not __import__('toolkit.sampler').sampler._cuda_device_present()", reason="needs a GPU")
+def test_cuda_io_binding_and_cuda_graph_give_the_cpu_images(exported, sampler):
+    if not _onnxruntime_really_uses_cuda(exported):
+        pytest.skip("ONNX Runtime cannot use CUDA here")
+    attributes = np.eye(10, dtype=np.float32)
+    expected = sampler.sample(attributes, n=3, seed=4)
+    plain = Sampler(exported, device="cuda", batch_size=8)
+    graph = Sampler(exported, device="cuda", batch_size=8, cuda_graph=True)
+    assert plain.provider == graph.provider == "CUDAExecutionProvider" and plain.io_binding
+    for other in (plain, graph):
+        got = other.sample(attributes, n=3, seed=4)
+        assert np.abs(got.astype(int) - expected).max() <= 1  # GPU and CPU kernels round differently
+    # Same batch shapes (30 rows in batches of 8, the last one padded or not): the same images.
+    assert np.array_equal(graph.sample(attributes, n=3, seed=4), plain.sample(attributes, n=3, seed=4))
+    # One row: the graph still runs a batch of 8, and GPU kernels for other batch sizes may round
+    # the last bit differently (seen on an H200), so within one grey level.
+    one = graph.sample(attributes[:1], n=1, seed=9)
+    assert np.abs(one.astype(int) - plain.sample(attributes[:1], n=1, seed=9)).max() <= 1
+    assert np.array_equal(one, graph.sample(attributes[:1], n=1, seed=9))  # replays are deterministic
+
+
+def _with_metadata(exported: Path, tmp_path: Path, **changes) -> Path:
+    import onnx
+
+    model = onnx.load(str(exported))
+    entries = {p.key: p.value for p in model.metadata_props}
+    entries.update(changes)
+    del model.metadata_props[:]
+    for key, value in entries.items():
+        model.metadata_props.add(key=key, value=value)
+    path = tmp_path / "changed.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"latent_dim": "17"}, "input 'noise' has shape"),
+        ({"attributes": '["a", "b"]'}, "input 'attributes' has shape"),
+        ({"attributes": '["a", "a", "b", "c", "d", "e", "f", "g", "h", "i"]'}, "distinct"),
+        ({"attributes": '{"a": 1}'}, "malformed"),
+        ({"image_size": "[32]"}, "malformed"),
+        ({"image_size": "[64, 64]"}, "output 'images' has shape"),
+        ({"image_size": "[100000, 32]"}, "image height = 100000"),
+        ({"latent_dim": "0"}, "latent_dim = 0"),
+        ({"output": "uint8_nhwc"}, "output 'images' has shape"),
+    ],
+)
+def test_a_file_whose_shapes_disagree_with_its_metadata_is_refused_before_any_run(exported, tmp_path, changes, message):
+    path = _with_metadata(exported, tmp_path, **changes)
+    with pytest.raises(UserError, match=message) as caught:
+        Sampler(path, device="cpu")
+    assert str(path) in str(caught.value)
+
+
+def test_wrong_input_names_and_absurd_batch_sizes_are_refused(exported, tmp_path):
+    import onnx
+
+    model = onnx.load(str(exported))
+    for node in model.graph.node:
+        node.input[:] = ["z" if name == "noise" else name for name in node.input]
+    model.graph.input[1].name = "z"
+    path = tmp_path / "renamed.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(UserError, match=r"inputs \['attributes', 'z'\], expected attributes, noise"):
+        Sampler(path, device="cpu")
+    with pytest.raises(UserError, match="GiB per batch"):
+        Sampler(exported, device="cpu", batch_size=10**9)
+    for bad in (2.5, "8", True):
+        with pytest.raises(UserError, match="batch_size"):
+            Sampler(exported, device="cpu", batch_size=bad)
+
+
+@pytest.mark.skipif("not __import__('toolkit.sampler').sampler._cuda_device_present()", reason="needs a GPU")
+def test_fp16_and_uint8_exports_on_cuda_with_and_without_the_graph(trained_run, exported, sampler, tmp_path):
+    if not _onnxruntime_really_uses_cuda(exported):
+        pytest.skip("ONNX Runtime cannot use CUDA here")
+    from toolkit.export import export_onnx
+
+    path, _ = export_onnx(trained_run, tmp_path / "digits-fp16-uint8.onnx", fp16=True, uint8=True)
+    attributes = np.eye(10, dtype=np.float32)
+    expected = sampler.sample(attributes, n=2, seed=3)  # fp32 on the CPU
+    for cuda_graph in (False, True):
+        half = Sampler(path, device="cuda", batch_size=8, cuda_graph=cuda_graph)  # fp16: channels-last session
+        got = half.sample(attributes, n=2, seed=3)
+        assert got.shape == expected.shape and got.dtype == np.uint8
+        assert np.abs(got.astype(int) - expected).max() <= 3  # fp16 arithmetic: a few grey levels

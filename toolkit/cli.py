@@ -28,14 +28,14 @@ app.add_typer(shards_app, name="shards")
 def shards_digits(
     out: Path = typer.Option(Path("shards/digits"), "--out", help="Folder to write train/ and test/ into."),
     size: int = typer.Option(32, "--size", min=8, max=512, help="Side of the square images (the source is 8x8)."),
-    shard_size: int = typer.Option(10_000, "--shard-size", min=1, help="Samples per tar shard."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="Samples per tar shard (default: 100).", show_default=False),
 ) -> None:
     """The embedded demo set: scikit-learn's 1,797 handwritten digits, one-hot digit_0 ... digit_9."""
     from toolkit.data.digits import ATTRIBUTES, SPLITS, digit_samples
     from toolkit.data.shards import write_split
 
     for split in SPLITS:
-        manifest = write_split(digit_samples(split, size), out, split, ATTRIBUTES, (size, size), "scikit-learn digits", shard_size)
+        manifest = write_split(digit_samples(split, size), out, split, ATTRIBUTES, (size, size), "scikit-learn digits", shard_size or 100)
         typer.echo(f"{split}: {manifest['count']} images in {len(manifest['shards'])} shard(s) -> {out / split}")
 
 
@@ -43,12 +43,15 @@ def shards_digits(
 SIZE = typer.Option("64", "--size", help="N (N x N), HxW (e.g. 218x178) or original (keep the JPEG bytes).")
 CROP = typer.Option(None, "--crop", help="center:N - a centred N x N square before resizing (CelebA faces: center:148).")
 WORKERS = typer.Option(0, "--workers", min=0, help="Worker processes (0: every core).")
-SHARD_SIZE = typer.Option(10_000, "--shard-size", min=1, help="Samples per tar shard.")
+SHARD_SIZE = typer.Option(
+    None, "--shard-size", min=1, show_default=False,
+    help="Samples per tar shard (default: 64 shards per split, 100 to 1,000 samples each, so many loader workers read in parallel).",
+)
 STRICT = typer.Option(False, "--strict", help="Fail on a corrupt image instead of skipping and listing it.")
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace shards that another build left in --out.")
 
 
-def _build(table, out: Path, size: str, crop: Optional[str], workers: int, shard_size: int, strict: bool, overwrite: bool) -> None:
+def _build(table, out: Path, size: str, crop: Optional[str], workers: int, shard_size: Optional[int], strict: bool, overwrite: bool) -> None:
     from toolkit.data.build import ImageSpec, build_shards
 
     spec = ImageSpec.parse(size, crop)
@@ -63,7 +66,7 @@ def shards_celeba(
     root: Path = typer.Option(..., "--root", help="The CelebA folder: img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt."),
     out: Path = typer.Option(Path("shards/celeba"), "--out"),
     size: str = typer.Option("original", "--size", help="original (the paper: 218x178 JPEGs untouched), N (N x N) or HxW."),
-    crop: Optional[str] = CROP, workers: int = WORKERS, shard_size: int = SHARD_SIZE,
+    crop: Optional[str] = CROP, workers: int = WORKERS, shard_size: Optional[int] = SHARD_SIZE,
     strict: bool = STRICT, overwrite: bool = OVERWRITE,
 ) -> None:
     """CelebA: 40 attributes (-1/1 -> 0/1), the official train / val / test partition."""
@@ -78,7 +81,7 @@ def shards_cub(
     out: Path = typer.Option(Path("shards/cub"), "--out"),
     size: str = typer.Option("224", "--size", help="N (N x N), HxW or original."),
     bbox_crop: bool = typer.Option(False, "--bbox-crop", help="Crop each bird to its bounding box first."),
-    crop: Optional[str] = CROP, workers: int = WORKERS, shard_size: int = SHARD_SIZE,
+    crop: Optional[str] = CROP, workers: int = WORKERS, shard_size: Optional[int] = SHARD_SIZE,
     strict: bool = STRICT, overwrite: bool = OVERWRITE,
 ) -> None:
     """CUB-200-2011: 200-way species one-hot + 312 attributes (present and certainty >= 3), official split."""
@@ -95,7 +98,7 @@ def shards_folder(
     split_column: Optional[str] = typer.Option(None, "--split-column", help="Column with train/val/test per row."),
     test_fraction: float = typer.Option(0.1, "--test-fraction", min=0.0, max=0.9, help="Without --split-column: random test share."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random split."),
-    size: str = SIZE, crop: Optional[str] = CROP, workers: int = WORKERS, shard_size: int = SHARD_SIZE,
+    size: str = SIZE, crop: Optional[str] = CROP, workers: int = WORKERS, shard_size: Optional[int] = SHARD_SIZE,
     strict: bool = STRICT, overwrite: bool = OVERWRITE,
 ) -> None:
     """Your own images plus a CSV attribute table."""

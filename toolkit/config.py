@@ -9,6 +9,8 @@ or a value of the wrong type is a `UserError` naming the key.
 from __future__ import annotations
 
 import difflib
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +37,9 @@ class DataConfig:
     shuffle_buffer: int = 1000  # samples shuffled in memory before decoding
     sampling: str = "epochs"  # epochs: disjoint shards per rank, each sample once per epoch | resampled
     record_keys: bool = False  # write RUN/seen/rank-<r>.txt: the sample keys each rank trained on
+    # stop once more than this fraction of the samples read could not be (cut-off tars, undecodable
+    # images; skipped and counted meanwhile), of no fewer than the split's size; 0: at the first one
+    max_skipped_fraction: float = 0.01
 
 
 @dataclass
@@ -70,6 +75,7 @@ class TrainConfig:
     checkpoint_every: int = 1000  # accelerate save_state into RUN/checkpoints/checkpoint-<step>
     checkpoints_total_limit: int = 3  # keep the newest N checkpoints
     resume: str = ""  # latest | a checkpoint folder
+    dist_timeout_s: float = 1800.0  # several processes: a collective waiting longer than this fails (a rank died or froze)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
 
@@ -84,12 +90,12 @@ def find_recipe(name: str) -> Path:
     """`digits` -> recipes/digits.yaml (current folder first, then the packaged ones); a path is taken as is."""
     if name.endswith((".yaml", ".yml")) or "/" in name:
         path = Path(name)
-        if not path.is_file():
+        if not os.path.isfile(path):  # os.path: False (not OSError / ValueError) for too long names or NUL bytes
             raise UserError(f"recipe file not found: {path}")
         return path
     for folder in (Path("recipes"), PACKAGED_RECIPES):
         path = folder / f"{name}.yaml"
-        if path.is_file():
+        if os.path.isfile(path):
             return path
     raise UserError(f"unknown recipe '{name}': expected recipes/{name}.yaml; available: {', '.join(available_recipes())}")
 
@@ -102,9 +108,19 @@ def _all_keys(node: DictConfig, prefix: str = "") -> list[str]:
     return keys
 
 
-def _explain(error: OmegaConfBaseException, source: str, schema: DictConfig) -> UserError:
-    key = getattr(error, "full_key", None) or "?"
+def _explain(error: OmegaConfBaseException, source: str, schema: DictConfig, key: str | None = None) -> UserError:
+    """`key`: the key as typed, for errors that do not name one (OmegaConf leaves full_key empty for some)."""
+    key = getattr(error, "full_key", None) or key or "?"
     valid = _all_keys(schema)
+    try:
+        node = OmegaConf.select(schema, key, default=None, throw_on_missing=False)
+    except Exception:  # a key OmegaConf cannot even parse, such as '['
+        node = None
+    if isinstance(node, DictConfig):
+        return UserError(
+            f"config key '{key}' in {source} is a group, not a value: set its keys one by one "
+            f"({', '.join(k for k in valid if k.startswith(key + '.'))})"
+        )
     if type(error).__name__ in ("ConfigKeyError", "ConfigAttributeError") or key not in valid:
         close = difflib.get_close_matches(key, valid, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(valid)}"
@@ -113,11 +129,11 @@ def _explain(error: OmegaConfBaseException, source: str, schema: DictConfig) -> 
     return UserError(f"bad value for config key '{key}' in {source}: expected {type(expected).__name__}")
 
 
-def _merge(config: DictConfig, other: DictConfig, source: str, schema: DictConfig) -> DictConfig:
+def _merge(config: DictConfig, other: DictConfig, source: str, schema: DictConfig, key: str | None = None) -> DictConfig:
     try:
         return OmegaConf.merge(config, other)
     except OmegaConfBaseException as error:
-        raise _explain(error, source, schema) from None
+        raise _explain(error, source, schema, key) from None
 
 
 def parse_overrides(args: list[str]) -> tuple[str | None, list[str]]:
@@ -146,7 +162,6 @@ def load_config(args: list[str], default_recipe: str | None = None) -> TrainConf
     except Exception as error:  # YAML syntax errors come in many types
         raise UserError(f"recipe {path} is not valid YAML: {one_line(error)}") from None
     config = _merge(schema, from_file, f"recipe {path}", schema)
-    overrides = OmegaConf.create()
     for item in dotlist:
         key, _, value = item.partition("=")
         try:
@@ -156,14 +171,18 @@ def load_config(args: list[str], default_recipe: str | None = None) -> TrainConf
                 OmegaConf.update(single, key, value, force_add=True)
             else:
                 single = OmegaConf.from_dotlist([item])
-            overrides = OmegaConf.merge(overrides, single)
         except Exception as error:  # OmegaConf and YAML errors alike
             raise UserError(f"bad override '{item}': {one_line(error)}") from None
-    config = _merge(config, overrides, "the command line", schema)
-    config.recipe = path.stem
-    if not config.run_dir:
-        config.run_dir = f"runs/{path.stem}"
-    result: TrainConfig = OmegaConf.to_object(config)
+        # one override at a time, so an error the merge does not attribute still names its key
+        config = _merge(config, single, "the command line", schema, key)
+    try:  # reading a value resolves its ${...} interpolation, which may fail
+        config.recipe = path.stem
+        if not config.run_dir:
+            config.run_dir = f"runs/{path.stem}"
+        result: TrainConfig = OmegaConf.to_object(config)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None) or "?"
+        raise UserError(f"config key '{key}': {one_line(str(error).splitlines()[0] if str(error) else type(error).__name__)}") from None
     validate(result)
     return result
 
@@ -173,26 +192,29 @@ def validate(config: TrainConfig) -> None:
         if not ok:
             raise UserError(f"bad value for config key '{key}': expected {expected}")
 
+    check(0 <= config.seed < 2**32, "seed", "an integer in [0, 2**32)")  # what numpy's seeding takes
     check(config.max_steps > 0, "max_steps", "a positive integer")
     check(config.batch_size > 0, "batch_size", "a positive integer")
-    check(config.lr > 0, "lr", "a positive number")
+    check(0 < config.lr < math.inf, "lr", "a positive finite number")
     check(0.0 <= config.beta <= 1.0, "beta", "a number in [0, 1]")
     check(config.mixed_precision in PRECISIONS, "mixed_precision", " | ".join(PRECISIONS))
     check(config.log_every > 0, "log_every", "a positive integer")
     check(config.sample_every > 0, "sample_every", "a positive integer")
     check(config.eval_every >= 0, "eval_every", "an integer >= 0")
     check(config.optimizer in OPTIMIZERS, "optimizer", " | ".join(OPTIMIZERS))
-    check(config.weight_decay >= 0, "weight_decay", "a number >= 0")
+    check(0 <= config.weight_decay < math.inf, "weight_decay", "a finite number >= 0")
     check(config.lr_schedule in SCHEDULES, "lr_schedule", " | ".join(SCHEDULES))
     check(config.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
     check(config.grad_accum >= 1, "grad_accum", "an integer >= 1")
-    check(config.grad_clip >= 0, "grad_clip", "a number >= 0 (0: off)")
+    check(0 <= config.grad_clip < math.inf, "grad_clip", "a finite number >= 0 (0: off)")
     check(config.max_bad_steps >= 1, "max_bad_steps", "an integer >= 1")
     check(config.checkpoint_every > 0, "checkpoint_every", "a positive integer")
     check(config.checkpoints_total_limit >= 1, "checkpoints_total_limit", "an integer >= 1")
+    check(0 < config.dist_timeout_s < 10**7, "dist_timeout_s", "a number of seconds > 0 (and below 10**7)")
     check(config.data.sampling in SAMPLINGS, "data.sampling", " | ".join(SAMPLINGS))
     check(config.data.num_workers >= 0, "data.num_workers", "an integer >= 0")
     check(config.data.shuffle_buffer >= 1, "data.shuffle_buffer", "an integer >= 1")
+    check(0.0 <= config.data.max_skipped_fraction <= 1.0, "data.max_skipped_fraction", "a number in [0, 1] (0: no unreadable sample allowed)")
     check(config.model.arch in ARCHS, "model.arch", " | ".join(ARCHS))
     check(config.model.latent_dim > 0, "model.latent_dim", "a positive integer")
     check(config.model.prior in PRIORS, "model.prior", " | ".join(PRIORS))

@@ -57,7 +57,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 @torch.no_grad()
 def reconstruction_metrics(
     model, shards: str | Path, split: str = "test", device: str | torch.device = "cpu", batch_size: int = 256,
-    seed: int = 0, sampled: bool = True,
+    seed: int = 0, sampled: bool = True, max_skipped_fraction: float | None = None,
 ) -> dict[str, float]:
     """Reconstruction error and KL over one ordered pass of `split` (streamed: per-batch sums only).
 
@@ -66,6 +66,8 @@ def reconstruction_metrics(
     eps for each batch the next [B, Z] standard-normal draw of a CPU generator seeded with `seed`,
     so deterministic for a given batch_size), "kl_per_image" (against the model's prior) and
     "count" (images). Reductions: module docstring. The model is used as it is (put it in eval mode).
+    Unreadable samples are skipped and counted (`eval_batches`; a UserError past `max_skipped_fraction`,
+    default data.max_skipped_fraction's); "count" is of the images read.
     """
     from toolkit.data.stream import eval_batches
 
@@ -73,7 +75,8 @@ def reconstruction_metrics(
     generator = torch.Generator().manual_seed(seed)
     sums = {"mse": 0.0, "mse_sampled": 0.0, "kl": 0.0}
     count, values = 0, 1
-    for images, attributes in eval_batches(shards, split, batch_size):
+    bound = {} if max_skipped_fraction is None else {"max_skipped_fraction": max_skipped_fraction}
+    for images, attributes in eval_batches(shards, split, batch_size, **bound):
         images, attributes = images.to(device), attributes.to(device)
         mu, logvar = model.encoder(images, attributes)
         mu, logvar = mu.float(), logvar.float()

@@ -32,21 +32,23 @@ import math
 import os
 import shutil
 import time
+from datetime import timedelta
 from itertools import islice
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 import toolkit
 from toolkit.atomic import write_text
 from toolkit.config import TrainConfig, load_config, to_yaml
-from toolkit.data.stream import batches_per_rank, epoch_batches, eval_batches, read_manifest, train_batches
+from toolkit.data.stream import Skips, batches_per_rank, epoch_batches, eval_batches, read_manifest, train_batches
 from toolkit.errors import UserError, one_line
 from toolkit.loss import cvae_loss
 from toolkit.model import CVAE, ModelSpec, arch_options, save_model
+from toolkit.safe_load import verify_checkpoint
 
 GRID_COLUMNS = 8
 GRID_ROWS = 8  # test-set conditions shown when there are too many attributes for one row each
@@ -62,12 +64,13 @@ class TrainingStopped(UserError):
 # --- pictures and metrics --------------------------------------------------------------------
 
 
-def grid_conditions(shards: str, num_attributes: int) -> torch.Tensor:
+def grid_conditions(shards: str, num_attributes: int, max_skipped_fraction: float | None = None) -> torch.Tensor:
     """Rows of the sample grids: with few attributes (digits' classes) each one alone; with many
     (CelebA, CUB) the attribute vectors of the first test images, which are real combinations."""
     if num_attributes <= GRID_ROWS_ONE_HOT:
         return torch.eye(num_attributes)
-    _, attributes = next(iter(eval_batches(shards, "test", batch_size=GRID_ROWS)))
+    bound = {} if max_skipped_fraction is None else {"max_skipped_fraction": max_skipped_fraction}
+    _, attributes = next(iter(eval_batches(shards, "test", batch_size=GRID_ROWS, **bound)))
     return attributes
 
 
@@ -88,11 +91,11 @@ def reconstruction_grid(model: CVAE, images: torch.Tensor, attributes: torch.Ten
 
 
 @torch.no_grad()
-def heldout_metrics(model: CVAE, shards: str, device: torch.device, split: str = "test") -> dict[str, float]:
+def heldout_metrics(model: CVAE, shards: str, device: torch.device, split: str = "test", max_skipped_fraction: float | None = None) -> dict[str, float]:
     """Reconstruction MSE (summed per image, and per pixel) and KL per image on a split, from the posterior mean."""
     from toolkit.evaluate import reconstruction_metrics
 
-    result = reconstruction_metrics(model, shards, split, device, sampled=False)
+    result = reconstruction_metrics(model, shards, split, device, sampled=False, max_skipped_fraction=max_skipped_fraction)
     return {f"{split}/{key}": result[key] for key in ("mse_per_image", "mse_per_pixel", "kl_per_image")}
 
 
@@ -116,6 +119,8 @@ class BatchStream:
         manifest = read_manifest(self.data.shards, "train")
         self.counts = dict(manifest["shards"])
         self.train_count = manifest["count"]
+        # unreadable samples of all segments; checked by the loop, summed over the ranks (`skipped`)
+        self.skips = Skips("train", self.data.shards, self.train_count, self.data.max_skipped_fraction, check=False)
         if self.length(0) == 0:  # say it now, before any step
             workers = max(self.data.num_workers, 1)
             if self.data.sampling == "epochs" and len(self.counts) < world * workers:
@@ -138,13 +143,21 @@ class BatchStream:
         config, data = self.config, self.data
         if data.sampling == "resampled":
             loader = train_batches(
-                data.shards, config.batch_size, config.seed * 1_000_003 + segment, data.num_workers, data.shuffle_buffer, data.record_keys
+                data.shards, config.batch_size, config.seed * 1_000_003 + segment, data.num_workers, data.shuffle_buffer, data.record_keys,
+                skips=self.skips,
             )
             return islice(loader, self.SEGMENT)
         return epoch_batches(
             data.shards, "train", config.batch_size, epoch=segment, seed=config.seed, rank=self.rank, world=self.world,
-            num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer, with_keys=data.record_keys,
+            num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer, with_keys=data.record_keys, skips=self.skips,
         )
+
+    def skipped(self, accelerator: Accelerator) -> tuple[int, int]:
+        """(skipped, read) train samples since this process started, summed over the ranks: every rank calls it."""
+        counts = torch.tensor([self.skips.skipped, self.skips.read], dtype=torch.int64)
+        if accelerator.num_processes > 1:
+            counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
+        return int(counts[0]), int(counts[1])
 
     def batches(self, start: int):
         """Yield (segment, last of its segment, batch) from micro-batch index `start` on, forever."""
@@ -170,7 +183,7 @@ def checkpoint_step(path: Path) -> int | None:
         return None
     try:
         return int(json.loads(state.read_text())["step"])
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, TypeError):
         return None
 
 
@@ -262,6 +275,8 @@ def train(config: TrainConfig) -> Path:
         gradient_accumulation_steps=config.grad_accum,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        # a collective that waits longer than this (a rank frozen or its machine gone) fails instead of hanging
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.dist_timeout_s))],
     )
     set_seed(config.seed)
     manifest = read_manifest(config.data.shards, "train")
@@ -290,15 +305,16 @@ def train(config: TrainConfig) -> Path:
     accelerator.register_for_checkpointing(scheduler)
     start_step = 0
     if resume_from is not None:
+        verify_checkpoint(resume_from)  # accelerate unpickles custom_checkpoint_*.pkl: only files that load as plain data
         accelerator.load_state(str(resume_from))
         start_step = checkpoint_step(resume_from)
 
     # Fixed conditions, noise and test images for every grid, so grids are comparable across steps.
-    grid_attributes = grid_conditions(config.data.shards, spec.num_attributes).to(accelerator.device)
+    grid_attributes = grid_conditions(config.data.shards, spec.num_attributes, config.data.max_skipped_fraction).to(accelerator.device)
     grid_noise = torch.randn(
         len(grid_attributes) * GRID_COLUMNS, spec.latent_dim, generator=torch.Generator().manual_seed(config.seed)
     ).to(accelerator.device)
-    fixed_images, fixed_attributes = (t[:GRID_COLUMNS].to(accelerator.device) for t in next(iter(eval_batches(config.data.shards, "test", GRID_COLUMNS))))
+    fixed_images, fixed_attributes = (t[:GRID_COLUMNS].to(accelerator.device) for t in next(iter(eval_batches(config.data.shards, "test", GRID_COLUMNS, config.data.max_skipped_fraction))))
     steps_per_epoch = max(1, stream.train_count // (config.batch_size * accelerator.num_processes * config.grad_accum))
 
     if accelerator.is_main_process:
@@ -327,7 +343,8 @@ def train(config: TrainConfig) -> Path:
         unwrapped.train()
 
     def evaluate(step: int) -> None:
-        metrics = heldout_metrics(accelerator.unwrap_model(model).eval(), config.data.shards, accelerator.device)
+        metrics = heldout_metrics(accelerator.unwrap_model(model).eval(), config.data.shards, accelerator.device,
+                                  max_skipped_fraction=config.data.max_skipped_fraction)
         accelerator.unwrap_model(model).train()
         accelerator.log(metrics, step=step)
         tqdm.write(f"step {step}: test MSE {metrics['test/mse_per_image']:.2f} per image "
@@ -373,12 +390,18 @@ def train(config: TrainConfig) -> Path:
             step += 1
             scheduler.step()
             progress.update(1)
+            skipped, read = stream.skipped(accelerator)  # unreadable train samples so far, all ranks
+            if (problem := stream.skips.problem(skipped, read)) is not None:
+                raise TrainingStopped(
+                    f"{problem}. Stopped after step {step}, not saved"
+                    + (f"; the last good checkpoint is {run_dir / CHECKPOINTS}/checkpoint-{last_saved}" if last_saved else "")
+                )
 
             if step % config.log_every == 0 or step == config.max_steps:
                 elapsed = time.perf_counter() - window_start
                 logs = {"train/loss": terms.total.item(), "train/mse": terms.mse.item(), "train/kl": terms.kl.item(),
                         "train/lr": scheduler.get_last_lr()[0], "train/images_per_s": window_images / max(elapsed, 1e-9),
-                        "train/epoch": step / steps_per_epoch}
+                        "train/epoch": step / steps_per_epoch, "train/skipped_samples": skipped}
                 accelerator.log(logs, step=step)
                 progress.set_postfix(loss=f"{logs['train/loss']:.1f}", mse=f"{logs['train/mse']:.1f}", kl=f"{logs['train/kl']:.1f}")
                 window_start, window_images = time.perf_counter(), 0
@@ -397,10 +420,12 @@ def train(config: TrainConfig) -> Path:
         if seen_file is not None:
             seen_file.close()
 
+    if stream.skips.skipped:  # each rank its own; TensorBoard's train/skipped_samples is the sum
+        tqdm.write(f"warning: {stream.skips.summary()}", file=sys.stderr)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model).eval()
-        metrics = heldout_metrics(final, config.data.shards, accelerator.device)
+        metrics = heldout_metrics(final, config.data.shards, accelerator.device, max_skipped_fraction=config.data.max_skipped_fraction)
         accelerator.log(metrics, step=step)
         final.spec.extra = {
             "recipe": config.recipe,

@@ -198,7 +198,14 @@ def _split_samples(chunks, count: int, name: str, strict: bool, skipped: list, e
         extra["image_size"] = list(sizes.pop()) if len(sizes) == 1 else None
 
 
-def _options(table: SourceTable, spec: ImageSpec, shard_size: int) -> dict:
+def auto_shard_size(count: int) -> int:
+    """Samples per shard when none is given: enough shards for parallel reading (64 per split, so
+    8 GPUs x 8 loader workers each get one), shards of 100 to 1,000 samples (a few MB of small
+    images: cheap to shuffle and to open per epoch)."""
+    return min(1000, max(100, -(-count // 64)))
+
+
+def _options(table: SourceTable, spec: ImageSpec, shard_size: int | None) -> dict:
     # as JSON would give it back, so it compares equal to what a manifest holds
     return json.loads(json.dumps({"source": table.source, "image": asdict(spec), "shard_size": shard_size}))
 
@@ -223,12 +230,13 @@ def build_shards(
     out: str | Path,
     spec: ImageSpec,
     workers: int = 0,
-    shard_size: int = 10_000,
+    shard_size: int | None = None,
     strict: bool = False,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, dict]:
-    """Write every split of `table` under `out`; returns {split: manifest}. workers=0: all cores."""
+    """Write every split of `table` under `out`; returns {split: manifest}. workers=0: all cores;
+    shard_size None: `auto_shard_size` of each split."""
     out = Path(out)
     options = _options(table, spec, shard_size)
     check_output(out, options, overwrite)
@@ -247,7 +255,7 @@ def build_shards(
                 extra: dict = {"build": options}
                 samples = _split_samples(chunks, -(-len(records) // CHUNK), f"{table.source} {split}", strict, skipped, extra, bar)
                 size = spec.size or (0, 0)  # original: filled in from the images themselves
-                manifests[split] = write_split(samples, out, split, table.attributes, size, table.source, shard_size, extra=extra)
+                manifests[split] = write_split(samples, out, split, table.attributes, size, table.source, shard_size or auto_shard_size(len(records)), extra=extra)
     finally:
         _WORKER.clear()
         if pool is not None:

@@ -61,8 +61,14 @@ def read_celeba(root: str | Path) -> SourceTable:
         raise UserError(f"{partition_file}: {len(unsplit)} image(s) have no row (first: {first_few(unsplit)})")
 
     splits: dict[str, list[Record]] = {"train": [], "val": [], "test": []}
+    keys: dict[str, int] = {}
     for index, name in enumerate(files):
-        splits[split_of[name]].append(Record(key=safe_key(name), path=images_dir / name, attributes=matrix[index]))
+        key = safe_key(name)
+        if key in keys:  # e.g. '000001.jpg' and '000001.png': one sample key, so the shards would merge them
+            raise UserError(f"{attr_file} line {lines[index]}: {name} gives the key {key!r}, as {files[keys[key]]} on line "
+                            f"{lines[keys[key]]} does; rename one of the images")
+        keys[key] = index
+        splits[split_of[name]].append(Record(key=key, path=images_dir / name, attributes=matrix[index]))
     return SourceTable(source="celeba", attributes=names, splits=splits)
 
 
@@ -70,7 +76,7 @@ def _read_attributes(path: Path) -> tuple[list[str], list[str], list[int], np.nd
     """Attribute names, image file names and their line numbers, and the (images, attributes) uint8 matrix."""
     rows = text_rows(path)
     number, fields = next(rows, (1, []))
-    if len(fields) != 1 or not fields[0].isdigit():
+    if len(fields) != 1 or not (fields[0].isascii() and fields[0].isdigit()):  # not '²', which isdigit() takes and int() refuses
         raise UserError(f"{path} line {number}: expected the image count alone, got {' '.join(fields)!r}")
     count, count_line = int(fields[0]), number
     number, names = next(rows, (count_line + 1, []))
@@ -106,6 +112,8 @@ def _read_attributes(path: Path) -> tuple[list[str], list[str], list[int], np.nd
         lines.append(number)
     if count != len(files):
         raise UserError(f"{path} line {count_line}: says {count} images, but the file has {len(files)} image rows")
+    if not files:
+        raise UserError(f"{path}: expected at least one image row after the attribute names, found none")
     matrix = np.frombuffer(values, dtype=np.uint8).reshape(len(files), len(names))
     return names, files, lines, matrix
 

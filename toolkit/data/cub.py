@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
@@ -37,6 +38,9 @@ def read_cub(root: str | Path, bbox_crop: bool = False) -> SourceTable:
     data, attributes_file = _locate(Path(os.path.abspath(root)))
     class_names, class_index = _read_names(data / "classes.txt", "class")
     attribute_names, attribute_index = _read_names(attributes_file, "attribute")
+    repeated = sorted(name for name, count in Counter(class_names + attribute_names).items() if count > 1)
+    if repeated:  # the condition vector is addressed by name (the sampler, edits): one name per position
+        raise UserError(f"CUB-200-2011: name(s) used twice across classes.txt and attributes.txt: {first_few(repeated)}")
     ids, relpaths, image_index = _read_images(data / "images.txt")
 
     def class_of(value: str) -> int:
@@ -204,6 +208,7 @@ def _read_attribute_labels(path: Path, image_index: dict[int, int], ids: list[in
     images = {str(ident): position for ident, position in image_index.items()}
     attributes = {str(ident): position for ident, position in attribute_index.items()}
     counts = [0] * len(ids)
+    seen = bytearray(len(ids) * n_attributes)  # one flag per (image, attribute): a repeated row is an error
     ones: list[int] = []  # flat positions image * n_attributes + attribute
     form = "<image_id> <attribute_id> <is_present> <certainty_id> <time>"
     for number, fields in _rows(path):
@@ -228,9 +233,13 @@ def _read_attribute_labels(path: Path, image_index: dict[int, int], ids: list[in
             if certainty is None:
                 raise UserError(f"{path} line {number}: certainty_id is {fields[3]!r}, expected an integer")
             certain = certainty >= 3
+        position = image * n_attributes + attribute
+        if seen[position]:
+            raise UserError(f"{path} line {number}: image id {ids[image]} and attribute id {fields[1]} already have a row")
+        seen[position] = 1
         counts[image] += 1
         if present and certain:
-            ones.append(image * n_attributes + attribute)
+            ones.append(position)
     wrong = [f"id {ids[i]} ({count} rows)" for i, count in enumerate(counts) if count != n_attributes]
     if wrong:
         raise UserError(

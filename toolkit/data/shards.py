@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -38,6 +39,12 @@ MANIFEST = "manifest.json"
 # tarfile add a PAX header to every member, doubling the header work.
 FIXED_MTIME = 946_684_800
 IMAGE_EXTS = ("png", "jpg")
+# A sample key becomes the member names `<key>.attr.npy` and `<key>.<ext>`: one flat name, no
+# '.' (webdataset splits the field off at the first one), no '/' or '\\' (no folders, so nothing
+# can point outside the archive's root when extracted: `../x`, `/tmp/x`), no control characters.
+_KEY = re.compile(r"[^./\\\x00-\x1f\x7f]+")
+# A split name becomes the folder OUT/<split>/ and the shard names <split>-000000.tar.
+_SPLIT = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @dataclass
@@ -63,8 +70,8 @@ def encode_attributes(attributes: np.ndarray) -> bytes:
 
 
 def _check(sample: Sample, num_attributes: int) -> None:
-    if not sample.key or "." in sample.key or "/" in sample.key:
-        raise ValueError(f"sample key {sample.key!r}: expected a non-empty name without '.' or '/'")
+    if not isinstance(sample.key, str) or not _KEY.fullmatch(sample.key):
+        raise ValueError(f"sample key {sample.key!r}: expected a non-empty name without '.', '/', '\\' or control characters")
     if sample.ext not in IMAGE_EXTS:
         raise ValueError(f"sample {sample.key}: image extension {sample.ext!r}, expected one of {IMAGE_EXTS}")
     attributes = np.asarray(sample.attributes)
@@ -141,6 +148,8 @@ def write_split(
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if not _SPLIT.fullmatch(split):  # it names a folder and files under `out`: nothing may point elsewhere
+        raise ValueError(f"split name {split!r}: expected letters, digits, '_' or '-'")
     folder = Path(out) / split
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST).unlink(missing_ok=True)  # the split is incomplete until the new one lands

@@ -6,6 +6,7 @@ decodes, resizes and encodes the images in worker processes and writes the shard
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +34,12 @@ class SourceTable:
 
 
 def safe_key(relative_path: str) -> str:
-    """A dot-free, slash-free WebDataset key from a relative file path: '001.Black_footed/x.jpg' -> '001_Black_footed__x'."""
+    """A dot-free, slash-free WebDataset key from a relative file path: '001.Black_footed/x.jpg' -> '001_Black_footed__x'.
+
+    Also backslash- and control-character-free and never empty ('.jpg' -> '_'), as the shard writer requires."""
     stem = relative_path.rsplit(".", 1)[0] if "." in relative_path.rsplit("/", 1)[-1] else relative_path
-    return stem.replace("/", "__").replace(".", "_")
+    key = stem.replace("/", "__").replace(".", "_")
+    return "".join("_" if char == "\\" or char < " " or char == "\x7f" else char for char in key) or "_"
 
 
 def text_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
@@ -65,7 +69,11 @@ def missing_files(root: Path, relative_paths: Sequence[str]) -> list[int]:
         if folder not in folders:
             try:
                 folders[folder] = file_names(root / folder)
-            except (FileNotFoundError, NotADirectoryError):
+            except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL byte in the name
+                folders[folder] = set()
+            except OSError as error:  # a name no file system takes is missing; an unreadable folder is not
+                if error.errno != errno.ENAMETOOLONG:
+                    raise UserError(f"cannot list the folder {root / folder}: {error.strerror or error}") from None
                 folders[folder] = set()
         if name not in folders[folder]:
             missing.append(index)

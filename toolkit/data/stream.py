@@ -13,6 +13,15 @@ Batches are (images float32 [B, 3, H, W] in [0, 1], attributes float32 [B, A]).
 - `eval_batches`: one ordered pass over a split, every sample exactly once (for metrics, grids).
 
 The loaders are already rank- and worker-aware: do not hand them to `accelerator.prepare`.
+
+Unreadable data is skipped and counted, never a crash and never silent. A shard that cannot be
+opened, breaks off (a truncated tar) or ends before the count its manifest gives loses the samples it
+did not deliver; a sample whose image or attributes do not decode (or do not match the split's size
+and attribute count) loses itself. Each loss travels down the pipeline as a skip report (also out of
+DataLoader workers, in order, so the counts are deterministic) and is counted in the main process
+by the `Skips` of the returned `Batches`, which warns once per shard and reason and stops with a
+`UserError` once the skipped fraction passes its bound (`data.max_skipped_fraction`, default 1 %):
+see `Skips` for how the fraction is taken.
 """
 
 from __future__ import annotations
@@ -20,6 +29,9 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
+import sys
+import tarfile
 from functools import partial
 from pathlib import Path
 
@@ -29,8 +41,22 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import default_collate
 
-from toolkit.data.shards import MANIFEST
-from toolkit.errors import UserError
+from toolkit.config import DataConfig
+from toolkit.data.shards import IMAGE_EXTS, MANIFEST
+from toolkit.errors import UserError, one_line
+
+DEFAULT_MAX_SKIPPED_FRACTION = DataConfig.max_skipped_fraction  # data.max_skipped_fraction
+SKIPPED = "__skipped__"  # marks a skip report (shard, reason, samples lost) travelling in place of a sample
+MAX_WARNINGS = 20  # distinct (shard, reason) warnings printed per counter; later ones are only counted
+
+# A shard name from a manifest: a plain file name, so it cannot point outside the split's folder
+# (`../x.tar`, `/etc/x`) nor into the command of a `pipe:` URL (`x.tar; rm ...`).
+_SHARD_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\.tar")
+# The tar members a sample is made of (`<key>.<field>`). Members are read into memory, never
+# extracted; a member name is only split into key and field. Other members (links, folders,
+# webdataset's `__key__` / `__url__` names, stray files) are skipped unread, so they cannot clash
+# with the sample's own fields.
+FIELDS = ("png", "jpg", "attr.npy")
 
 
 def _is_url(shards: str | Path) -> bool:
@@ -57,6 +83,12 @@ def read_manifest(shards: str | Path, split: str) -> dict:
         manifest = json.loads(path.read_text())
     if not manifest.get("shards"):
         raise UserError(f"{location} lists no shards: the {split} split is empty")
+    for name in manifest["shards"]:
+        if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name):
+            raise UserError(
+                f"{location} lists the shard {name!r}: expected a plain file name such as {split}-000000.tar "
+                "(letters, digits, '_', '-', '.'; no '/', no leading '.')"
+            )
     return manifest
 
 
@@ -73,9 +105,21 @@ def _join(shards: str | Path, split: str, name: str) -> str:
     return f"{text.rstrip('/')}/{split}/{name}" if _is_url(shards) else str(Path(shards) / split / name)
 
 
+def _is_field(name: str) -> bool:
+    """Whether a tar member is one of FIELDS (webdataset's split: the field is all after the first
+    '.' of the last path component)."""
+    return name.rpartition("/")[2].partition(".")[2].lower() in FIELDS
+
+
 def decode(sample: dict, with_keys: bool = False) -> tuple:
     """(image float [3, H, W] in [0, 1], attributes float [A]) and, with_keys, the sample's key."""
     ext = "png" if "png" in sample else "jpg"
+    if ext not in sample or "attr.npy" not in sample:
+        raise UserError(
+            f"{sample.get('__url__')}: sample {sample.get('__key__')!r} has no "
+            f"{'.attr.npy' if ext in sample else 'image (.png or .jpg)'} member; the shard was not written by "
+            "`cvae-tk shards`, or it is damaged"
+        )
     image = Image.open(io.BytesIO(sample[ext])).convert("RGB")
     pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div_(255)
     attributes = np.load(io.BytesIO(sample["attr.npy"]), allow_pickle=False)
@@ -83,27 +127,320 @@ def decode(sample: dict, with_keys: bool = False) -> tuple:
     return (*decoded, sample["__key__"]) if with_keys else decoded
 
 
+# --- unreadable data: skipped, reported down the pipeline, counted in the main process -------------
+
+
+def _describe(error: BaseException) -> str:
+    text = re.sub(r" object at 0x[0-9a-fA-F]+", "", one_line(error))  # PIL names the BytesIO: same text every time
+    text = text if len(text) <= 160 else text[:157] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _tar_samples(stream, url: str):
+    """The samples of one tar stream, grouped by key as webdataset groups them. A member cut off by
+    the end of the data raises (tarfile: "unexpected end of data"); the sample being grouped is
+    delivered first if it already holds an image and its attributes."""
+    current = None
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        try:
+            for info in tar:
+                if not info.isreg() or not _is_field(info.name):
+                    continue  # skipped unread (see FIELDS)
+                prefix, suffix = wds.tariterators.base_plus_ext(info.name)
+                if prefix is None:
+                    continue
+                data = tar.extractfile(info).read()
+                tar.members = []  # stream mode would keep every header
+                if current is None or prefix != current["__key__"]:
+                    if current is not None:
+                        yield current
+                    current = {"__key__": prefix, "__url__": url}
+                current[suffix.lower()] = data
+        except Exception:
+            if current is not None and "attr.npy" in current and any(ext in current for ext in IMAGE_EXTS):
+                yield current
+            raise
+    if current is not None:
+        yield current
+
+
+def _read_shards(source, counts: dict[str, int], tally: list[int]):
+    """Samples of each shard ({"url": ...} items) in order. A shard that cannot be opened, breaks
+    off, or ends before its manifest count is followed by a skip report of the samples it did not
+    deliver (tarfile takes a cut-off header for the end of the archive: only the count tells).
+    tally[0] counts the samples yielded, for `_decode_batches` to pass on."""
+    tally[0] = 0
+    for item in source:
+        url = item["url"]
+        expected, read, error, stream = counts.get(url, 0), 0, None, None
+        try:
+            stream = wds.gopen(url, "rb")
+            for sample in _tar_samples(stream, url):
+                read += 1
+                tally[0] += 1
+                yield sample
+        except Exception as caught:
+            error = caught
+        finally:
+            if stream is not None:
+                try:
+                    stream.close()  # a pipe: reports its command's failure here
+                except Exception as caught:
+                    error = error or caught
+        lost = max(expected - read, 0)
+        if error is None and not lost:
+            continue
+        if error is None:
+            reason = f"it ended after {read} of {expected} samples (a cut-off tar?)"
+        else:
+            reason = f"broke off after {read} of {expected} samples: {_describe(error)}" if read else f"unreadable: {_describe(error)}"
+        yield {SKIPPED: (url, reason, lost, False)}
+
+
+def _check_sample(decoded: tuple, image_size, num_attributes: int | None) -> str | None:
+    pixels, attributes = decoded[0], decoded[1]
+    if image_size and 0 not in image_size and tuple(pixels.shape[1:]) != tuple(image_size):
+        return f"is {pixels.shape[1]}x{pixels.shape[2]}, not the split's {image_size[0]}x{image_size[1]}"
+    if num_attributes is not None and attributes.shape != (num_attributes,):
+        return f"has {attributes.numel()} attribute values, not {num_attributes}"
+    return None
+
+
+def _decode_batches(source, batch_size: int, partial: bool, with_keys: bool, tally: list[int], image_size=None, num_attributes=None):
+    """Decode and batch (what wds.map(decode) + wds.batched did). Yields (batch, None, read) and, at
+    once for every skip report or undecodable sample, (None, (shard, reason, samples lost,
+    undecodable), read); read: the samples the reader has yielded since the previous item (the
+    shuffle buffer reads ahead of the batches, so both losses and reads are counted when read)."""
+    batch, counted = [], 0
+
+    def read() -> int:
+        nonlocal counted
+        counted, new = tally[0], tally[0] - counted
+        return new
+
+    for sample in source:
+        if SKIPPED in sample:
+            yield None, sample[SKIPPED], read()
+            continue
+        try:
+            decoded = decode(sample, with_keys)
+            problem = _check_sample(decoded, image_size, num_attributes)
+        except UserError as error:  # decode's own message (a missing member) names the shard and sample
+            problem = one_line(error)
+        except Exception as error:
+            problem = f"could not be decoded: {_describe(error)}"
+        if problem:
+            reason = problem if problem.startswith(str(sample.get("__url__"))) else f"sample {sample.get('__key__')} {problem}"
+            yield None, (sample.get("__url__", "?"), reason, 1, True), read()
+            continue
+        batch.append(decoded)
+        if len(batch) == batch_size:
+            yield default_collate(batch), None, read()
+            batch = []
+    if batch and partial:
+        yield default_collate(batch), None, read()
+
+
+def _shard_name(url: str) -> str:
+    return str(url).rstrip("/").rsplit("/", 1)[-1].split()[0] or str(url)
+
+
+class Skips:
+    """The samples one reader (or one training run's readers) skipped, counted in the main process.
+
+    The fraction is skipped / read: read = the samples met in the shards (read out of them, or lost
+    in them: a cut-off tar's missing samples, counted from its manifest count), both counted when
+    the reader meets them, ahead of the shuffle buffer. The denominator is taken as no less than the
+    split's size (its manifest count): until a split has been read once, the bound trips only when
+    the skips alone pass `max_fraction` of the whole split. So one bad sample among the first few
+    never stops a run, a cut-off shard read early is weighed against the split, not against the
+    handful of samples read before it, and a split with more unreadable samples than the bound
+    allows stops during its first pass. Afterwards it is the fraction of everything read.
+    `max_fraction` 0: the first unreadable sample stops; 1: never (unless nothing is readable).
+    """
+
+    def __init__(self, split: str, shards, split_count: int, max_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION, check: bool = True):
+        self.split, self.shards, self.split_count = split, str(shards), int(split_count)
+        self.max_fraction, self.check = max_fraction, check  # check=False: the caller checks (e.g. summed over ranks)
+        self.delivered = 0  # samples handed over in batches
+        self.samples_read = 0  # samples read out of the shards (some of which may not decode)
+        self.lost_in_shards = self.undecodable = 0  # skipped: cut off or unreadable; read but not decodable
+        self.skipped_since_batch = 0
+        self.by_shard: dict[str, list] = {}  # shard url -> [samples skipped, first reason]
+        self._warned: set = set()
+
+    @property
+    def skipped(self) -> int:
+        return self.lost_in_shards + self.undecodable
+
+    @property
+    def read(self) -> int:
+        """The samples met so far: read out of the shards or lost in them (the fraction's denominator)."""
+        return self.samples_read + self.lost_in_shards
+
+    def deliver(self, samples: int) -> None:
+        self.delivered += int(samples)
+        self.skipped_since_batch = 0
+
+    def count_read(self, samples: int) -> None:
+        self.samples_read += int(samples)
+
+    def add(self, url: str, reason: str, lost: int, undecodable: bool = False) -> None:
+        """Count a loss: `lost` samples of the shard `url`, for `reason` (undecodable: read, then lost)."""
+        lost = int(lost)
+        if undecodable:
+            self.undecodable += lost
+        else:
+            self.lost_in_shards += lost
+        self.skipped_since_batch += lost
+        self.by_shard.setdefault(url, [0, reason])[0] += lost
+        if (url, reason) not in self._warned and len(self._warned) < MAX_WARNINGS:
+            self._warned.add((url, reason))
+            more = "; further skips are counted, not shown" if len(self._warned) == MAX_WARNINGS else ""
+            print(f"warning: skipped {lost} sample(s) of {url}: {reason}{more}", file=sys.stderr, flush=True)
+        # A split's worth skipped without one batch in between: check here even when the caller
+        # checks (it only can after a batch), and never read on forever.
+        stuck = self.skipped_since_batch > max(self.split_count, 1)
+        if (self.check or stuck) and (problem := self.problem()):
+            raise UserError(problem)
+        if self.skipped_since_batch > 10 * max(self.split_count, 1):
+            raise UserError(
+                f"nothing readable in the {self.split} split of {self.shards}: the last {self.skipped_since_batch} samples "
+                f"read were all skipped ({self._worst()}); rebuild or replace those shards"
+            )
+
+    def _worst(self, n: int = 3) -> str:
+        worst = sorted(self.by_shard.items(), key=lambda item: -item[1][0])[:n]
+        return "; ".join(f"{_shard_name(url)} ({lost} skipped: {reason})" for url, (lost, reason) in worst)
+
+    def fraction(self, skipped: int | None = None, read: int | None = None) -> float:
+        skipped = self.skipped if skipped is None else skipped
+        read = self.read if read is None else read
+        return skipped / max(read, self.split_count, 1)
+
+    def problem(self, skipped: int | None = None, read: int | None = None) -> str | None:
+        """None while within the bound, else the message to stop with. `skipped` and `read` default
+        to this counter's own; a multi-process trainer passes the sums over its ranks."""
+        skipped = self.skipped if skipped is None else skipped
+        read = self.read if read is None else read
+        if skipped == 0 or self.fraction(skipped, read) <= self.max_fraction:
+            return None
+        of = f"{read} samples read" if read >= self.split_count else f"the split's {self.split_count} samples ({read} read so far)"
+        return (
+            f"too many unreadable samples in the {self.split} split of {self.shards}: {skipped} skipped = "
+            f"{self.fraction(skipped, read):.2%} of {of}, more than data.max_skipped_fraction={self.max_fraction:g} allows; "
+            f"{self._worst() or 'skipped on other ranks'}; rebuild or replace those shards, or raise data.max_skipped_fraction"
+        )
+
+    def summary(self) -> str:
+        return f"{self.skipped} unreadable sample(s) of the {self.split} split skipped ({self._worst()})"
+
+
+class Batches:
+    """What the readers return: iterating gives the batches ([images, attributes] or with keys
+    [images, attributes, keys]); `skips` counts what could not be read. With `length`, every pass
+    gives exactly that many batches: a pass left short by skipped samples reads the same shards
+    again for the rest (webdataset's with_epoch did the same), so an epoch's length stays what
+    the manifest says and exact resume holds. Only the first pass's losses are counted: it read
+    the shards to the end, so a pass that reads them again meets the same ones."""
+
+    def __init__(self, loader, skips: Skips, length: int | None = None):
+        self.loader, self.skips, self.length = loader, skips, length
+
+    def __len__(self) -> int:
+        if self.length is None:
+            raise TypeError("this stream has no length")
+        return self.length
+
+    def __iter__(self):
+        delivered, first = 0, True
+        while True:
+            before = delivered
+            for batch, report, read in self.loader:
+                if first:  # a pass that reads the shards again meets what the first pass counted
+                    self.skips.count_read(read)
+                    if report is not None:
+                        self.skips.add(*report)
+                if report is not None:
+                    continue
+                self.skips.deliver(len(batch[1]))
+                yield batch
+                delivered += 1
+                if delivered == self.length:
+                    return
+            if self.length is None:
+                return
+            if delivered == before:
+                raise UserError(
+                    f"nothing readable in the shards of the {self.skips.split} split of {self.skips.shards} dealt to this process "
+                    f"({self.skips._worst() or 'no batch could be filled'}); rebuild or replace those shards"
+                )
+            first = False
+
+
+def _loader(pipeline, num_workers: int, seed: int):
+    # Its own generator: creating a loader iterator must not draw from the global RNG (exact resume).
+    return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+
+
+def _stages(counts: dict[str, int], manifest: dict, batch_size: int, partial_batches: bool, with_keys: bool, shuffle=None) -> list:
+    """Read the shards -> (shuffle) -> decode and batch; the first and last share a tally of the samples read."""
+    tally = [0]
+    return [
+        partial(_read_shards, counts=counts, tally=tally),
+        *([shuffle] if shuffle else []),
+        partial(_decode_batches, batch_size=batch_size, partial=partial_batches, with_keys=with_keys, tally=tally,
+                image_size=manifest.get("image_size"), num_attributes=len(manifest.get("attributes", [])) or None),
+    ]
+
+
+def _shuffle(source, bufsize: int, initial: int, rng: random.Random):
+    """webdataset's buffer shuffle (the same order from the same samples and rng), except that skip
+    reports pass straight through: never held in the buffer, drawing nothing from `rng`."""
+    source = iter(source)
+    initial, buffer = min(initial, bufsize), []
+    for sample in source:
+        if SKIPPED in sample:
+            yield sample
+            continue
+        buffer.append(sample)
+        if len(buffer) < bufsize:
+            for extra in source:
+                if SKIPPED in extra:
+                    yield extra
+                    continue
+                buffer.append(extra)
+                break
+        if len(buffer) >= initial:
+            yield wds.filters.pick(buffer, rng)
+    while buffer:
+        yield wds.filters.pick(buffer, rng)
+
+
 def _worker_shuffle(source, bufsize: int, seed: int):
     """Buffer shuffle whose seed differs per rank and worker (copies of one RNG would repeat each other)."""
     rank, _, worker, _ = wds.utils.pytorch_worker_info()
     rng = random.Random(seed * 1_000_003 + rank * 1_009 + worker)
-    yield from wds.filters._shuffle(source, bufsize, min(bufsize, 100), rng)
+    yield from _shuffle(source, bufsize, min(bufsize, 100), rng)
+
+
+def _skips(skips: Skips | None, split: str, shards, manifest: dict, max_skipped_fraction: float) -> Skips:
+    return skips if skips is not None else Skips(split, shards, manifest["count"], max_skipped_fraction)
 
 
 def train_batches(
-    shards: str | Path, batch_size: int, seed: int = 0, num_workers: int = 1, shuffle_buffer: int = 1000, with_keys: bool = False
-):
-    """Endless shuffled batches from the train split (see the module docstring)."""
-    urls = shard_urls(shards, "train")
+    shards: str | Path, batch_size: int, seed: int = 0, num_workers: int = 1, shuffle_buffer: int = 1000, with_keys: bool = False,
+    max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION, skips: Skips | None = None,
+) -> Batches:
+    """Endless shuffled batches from the train split (see the module docstring). `skips`: a counter to
+    add to (one per run), else a new one checking `max_skipped_fraction`."""
+    manifest = read_manifest(shards, "train")
+    counts = {_join(shards, "train", name): count for name, count in manifest["shards"].items()}
     pipeline = wds.DataPipeline(
-        wds.ResampledShards(urls, seed=seed, deterministic=True),
-        wds.tarfile_to_samples(),
-        partial(_worker_shuffle, bufsize=shuffle_buffer, seed=seed),
-        wds.map(partial(decode, with_keys=with_keys)),
-        wds.batched(batch_size, collation_fn=default_collate, partial=False),
+        wds.ResampledShards(list(counts), seed=seed, deterministic=True),
+        *_stages(counts, manifest, batch_size, False, with_keys, partial(_worker_shuffle, bufsize=shuffle_buffer, seed=seed)),
     )
-    # Its own generator: creating a loader iterator must not draw from the global RNG (exact resume).
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+    return Batches(_loader(pipeline, num_workers, seed), _skips(skips, "train", shards, manifest, max_skipped_fraction))
 
 
 def deal_shards(names: list[str], epoch: int, seed: int, rank: int, world: int, worker: int, workers: int) -> list[str]:
@@ -149,8 +486,11 @@ def epoch_batches(
     num_workers: int = 0,
     shuffle_buffer: int = 1000,
     with_keys: bool = False,
-):
-    """One epoch of shuffled batches for `rank` of `world` (see the module docstring); has len()."""
+    max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
+    skips: Skips | None = None,
+) -> Batches:
+    """One epoch of shuffled batches for `rank` of `world` (see the module docstring); has len().
+    `skips`: a counter to add to (one per run), else a new one checking `max_skipped_fraction`."""
     manifest = read_manifest(shards, split)
     urls = [_join(shards, split, name) for name in manifest["shards"]]
     workers = max(num_workers, 1)
@@ -163,22 +503,20 @@ def epoch_batches(
         )
     pipeline = wds.DataPipeline(
         _EpochShards(urls, epoch, seed, rank, world),
-        wds.tarfile_to_samples(),
-        partial(_worker_shuffle, bufsize=shuffle_buffer, seed=seed * 7919 + epoch),
-        wds.map(partial(decode, with_keys=with_keys)),
-        wds.batched(batch_size, collation_fn=default_collate, partial=False),
+        *_stages(counts, manifest, batch_size, False, with_keys, partial(_worker_shuffle, bufsize=shuffle_buffer, seed=seed * 7919 + epoch)),
     )
-    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
-    return loader.with_epoch(count).with_length(count, silent=True)
+    return Batches(_loader(pipeline, num_workers, seed), _skips(skips, split, shards, manifest, max_skipped_fraction), length=count)
 
 
-def eval_batches(shards: str | Path, split: str = "test", batch_size: int = 256):
-    """One ordered pass over `split`: every sample exactly once, in shard order."""
-    urls = shard_urls(shards, split)
+def eval_batches(
+    shards: str | Path, split: str = "test", batch_size: int = 256, max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION
+) -> Batches:
+    """One ordered pass over `split`: every readable sample exactly once, in shard order. Unreadable
+    ones are skipped and counted in `.skips` (a UserError past `max_skipped_fraction` of the split)."""
+    manifest = read_manifest(shards, split)
+    counts = {_join(shards, split, name): count for name, count in manifest["shards"].items()}
     pipeline = wds.DataPipeline(
-        wds.SimpleShardList(urls),
-        wds.tarfile_to_samples(),
-        wds.map(decode),
-        wds.batched(batch_size, collation_fn=default_collate, partial=True),
+        wds.SimpleShardList(list(counts)),
+        *_stages(counts, manifest, batch_size, True, False),
     )
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=0, generator=torch.Generator().manual_seed(0))
+    return Batches(_loader(pipeline, 0, 0), Skips(split, shards, manifest["count"], max_skipped_fraction))

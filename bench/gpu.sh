@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU figures in bench/RESULTS.md, on a lent machine (its own python3 with torch; the project's
+# pins do not apply there). Two stages, because onnxruntime-gpu (70 MB even with only the sm_90
+# kernels kept) travels in two parts of under 64 MiB: `train` stashes part 1 and measures the
+# training feed; `sample` joins the parts, runs the CUDA sampler tests and the sampling benchmark.
+#   OUT=/tmp/out bash bench/gpu.sh train|sample
+set -u
+stage=${1:?train or sample}
+OUT=${OUT:-/tmp/cvae-gpu-out}
+mkdir -p "$OUT" /tmp/site /tmp/ortparts
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpuw/*.whl 2>&1 | tail -2
+date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+python3 -c "import torch, onnxruntime as o; print('torch', torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), '| onnxruntime', o.__version__, o.get_available_providers())"
+
+if [ "$stage" = train ]; then
+  cp .gpu1/xpart.00 /tmp/ortparts/ && echo "part 1 stashed"
+  work=/tmp/bench-train
+  configs=${TRAIN_CONFIGS:-"resnet:no:64:120 resnet:bf16:64:120 paper:no:64:120 paper:bf16:64:120 resnet:bf16:256:30"}
+  for cfg in $configs; do
+    cfg=${cfg//:/ }
+    set -- $cfg
+    [ $SECONDS -lt 200 ] || { echo "skipped $cfg: time"; continue; }
+    timeout 100 python3 bench/train.py --arch $1 --precision $2 --batch-size $3 --steps $4 --images 12000 --workers 12 --work $work 2>&1 | grep -v Warning | tail -6
+    cp bench/results/train.json "$OUT/train-$1-$2-$3.json" 2>/dev/null; echo "[$SECONDS s]"
+  done
+  exit 0
+fi
+
+# stage sample
+[ -f /tmp/ortparts/xpart.00 ] || { echo "part 1 missing: the machine was not kept warm since stage train"; exit 3; }
+cat /tmp/ortparts/xpart.00 .gpu2/xpart.01 > /tmp/ort.tar.xz
+sha256sum /tmp/ort.tar.xz
+python3 -c "import tarfile; tarfile.open('/tmp/ort.tar.xz').extractall('/tmp/site', filter='data')" || exit 4
+python3 -c "
+import torch, onnxruntime as o
+print('onnxruntime', o.__version__, o.__file__, o.get_available_providers())
+" || exit 5
+timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/test_sampler.py -k "cuda or graph or io_binding or threads" 2>&1 | tail -8
+[ "${2:-}" = tests ] && exit 0  # the CUDA tests only
+timeout 420 python3 bench/sample.py --seconds 1 2>&1 | grep -v -i warn | tee "$OUT/sample.log"
+cp bench/results/sample.json "$OUT/" 2>/dev/null
+exit 0

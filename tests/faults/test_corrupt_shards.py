@@ -1,0 +1,182 @@
+"""A cut-off tar and a corrupt image among real shards (written as `cvae-tk shards digits` writes
+them): training goes on, counts and reports the skipped samples (which shard, why), resumes
+exactly, and stops with one clear message once the skipped fraction passes
+`data.max_skipped_fraction`; evaluation counts the same way."""
+
+import shutil
+import tarfile
+from itertools import islice
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from toolkit.config import load_config
+from toolkit.data.digits import ATTRIBUTES, digit_samples
+from toolkit.data.shards import write_split
+from toolkit.data.stream import eval_batches
+from toolkit.errors import UserError
+from toolkit.evaluate import reconstruction_metrics
+from toolkit.figures import read_scalars
+from toolkit.model import CVAE, load_model
+from toolkit.train import BatchStream, TrainingStopped, main, train
+
+SIZE = 8  # the digits at their own 8x8: a step takes milliseconds
+TRAIN, TRAIN_SHARD, TEST_SHARD = 400, 100, 50  # 4 train shards of 100; the 179 test images in shards of 50
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "digits"
+    write_split(islice(digit_samples("train", SIZE), TRAIN), out, "train", ATTRIBUTES, (SIZE, SIZE), "digits", TRAIN_SHARD)
+    write_split(digit_samples("test", SIZE), out, "test", ATTRIBUTES, (SIZE, SIZE), "digits", TEST_SHARD)
+    return out
+
+
+@pytest.fixture
+def shards(clean, tmp_path):
+    copy = tmp_path / "shards"
+    shutil.copytree(clean, copy)
+    return copy
+
+
+def members(tar):
+    with tarfile.open(tar) as archive:
+        return archive.getmembers()  # per sample: <key>.attr.npy, then <key>.png
+
+
+def cut_in_member(tar, index):
+    """Truncate the tar in the middle of its member `index`'s data, as an interrupted copy leaves it."""
+    member = members(tar)[index]
+    tar.write_bytes(tar.read_bytes()[: member.offset_data + member.size // 2])
+
+
+def corrupt_image(tar, sample):
+    """Overwrite the PNG bytes of the tar's `sample`-th sample; the tar itself stays well-formed."""
+    member = [m for m in members(tar) if m.name.endswith(".png")][sample]
+    data = bytearray(tar.read_bytes())
+    data[member.offset_data: member.offset_data + member.size] = (b"not a png " * member.size)[: member.size]
+    tar.write_bytes(bytes(data))
+
+
+def damage_train(shards):
+    """3 of the 400 train samples lost (0.75 %): 2 behind a cut in train-000001.tar, 1 undecodable image in train-000002.tar."""
+    cut_in_member(shards / "train" / "train-000001.tar", 2 * 98 + 1)  # in sample 98's PNG: 98 of 100 samples remain
+    corrupt_image(shards / "train" / "train-000002.tar", 30)
+
+
+def config(shards, run_dir, *extra):
+    return load_config(["recipe=digits", f"run_dir={run_dir}", f"data.shards={shards}", "batch_size=40", "log_every=1",
+                        "sample_every=1000", "checkpoint_every=1000", "model.latent_dim=8", *extra])
+
+
+def replayed_skips(cfg, micro_batches):
+    """What the run's reader counted over its first `micro_batches` batches, read again."""
+    stream = BatchStream(cfg, rank=0, world=1)
+    batches = stream.batches(0)
+    for _ in range(micro_batches):
+        next(batches)
+    batches.close()
+    return stream.skips
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_cut_tar_and_a_corrupt_image_are_skipped_counted_and_reported(shards, tmp_path, capfd, workers):
+    damage_train(shards)
+    # 400 / 40 = 10 batches an epoch: every skip leaves a pass short, made up by reading the shards again
+    common = [f"data.num_workers={workers}", "max_steps=20"]
+    run = train(config(shards, tmp_path / "run", *common))
+    assert load_model(run).spec.extra["step"] == 20  # training went on to the end
+    err = capfd.readouterr().err
+    assert "train-000001.tar: broke off after 98 of 100 samples: ReadError: unexpected end of data" in err
+    assert "skipped 1 sample(s) of " in err and "train-000002.tar: sample " in err and "could not be decoded" in err
+    assert "unreadable sample(s) of the train split skipped" in err  # the summary at the end
+
+    logged = read_scalars(run, ("train/skipped_samples",))["train/skipped_samples"]
+    assert [step for step, _ in logged] == list(range(1, 21))
+    counts = [int(value) for _, value in logged]
+    assert counts == sorted(counts) and counts[-1] == 6  # two epochs, each meeting the 3 lost samples once
+    # deterministic: the reader, replayed for the same 20 batches, counts exactly what was logged, in the same shards
+    skips = replayed_skips(config(shards, tmp_path / "unused", *common), 20)
+    assert (skips.skipped, skips.read) == (6, 800)  # the fraction: 6 / 800 = 0.75 %
+    cut, corrupt = (str(shards / "train" / f"train-00000{n}.tar") for n in (1, 2))
+    assert sorted(skips.by_shard) == [cut, corrupt]
+    assert skips.by_shard[cut] == [4, "broke off after 98 of 100 samples: ReadError: unexpected end of data"]
+    assert skips.by_shard[corrupt][0] == 2 and skips.by_shard[corrupt][1].startswith("sample digits_")
+    assert skips.by_shard[corrupt][1].endswith("could not be decoded: UnidentifiedImageError: cannot identify image file <_io.BytesIO>")
+
+    # and a resumed run (mid-epoch) still ends with exactly the weights of the uninterrupted one
+    train(config(shards, tmp_path / "resumed", f"data.num_workers={workers}", "max_steps=7", "checkpoint_every=7"))
+    resumed = train(config(shards, tmp_path / "resumed", *common, "checkpoint_every=7", "resume=latest"))
+    a, b = load_file(str(run / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_past_the_bound_training_stops_with_one_clear_message(shards, tmp_path):
+    damage_train(shards)  # 0.75 % lost: within the default 1 %, not within 0.1 %
+    with pytest.raises(TrainingStopped) as caught:
+        train(config(shards, tmp_path / "run", "max_steps=20", "data.max_skipped_fraction=0.001"))
+    message = str(caught.value)
+    assert message.startswith(f"too many unreadable samples in the train split of {shards}: ")
+    assert "% of the split's 400 samples" in message  # early on, weighed against the whole split
+    assert "more than data.max_skipped_fraction=0.001 allows" in message
+    assert "train-000001.tar (2 skipped: broke off after 98 of 100 samples" in message
+    assert ". Stopped after step " in message and message.endswith(", not saved")  # no checkpoint yet to name
+    assert "rebuild or replace those shards, or raise data.max_skipped_fraction" in message
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_many_corrupt_shards_stop_the_command_with_one_line(shards, tmp_path, capsys):
+    for number in range(4):  # every train shard cut in half: 50 % lost, far past the default 1 %
+        cut_in_member(shards / "train" / f"train-{number:06d}.tar", 2 * 50 + 1)
+    with pytest.raises(SystemExit) as caught:
+        main(["recipe=digits", f"run_dir={tmp_path / 'run'}", f"data.shards={shards}", "batch_size=40", "max_steps=20",
+              "sample_every=1000", "data.num_workers=0"])
+    assert caught.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"error: too many unreadable samples in the train split of {shards}: ")
+    assert "more than data.max_skipped_fraction=0.01 allows" in error and "raise data.max_skipped_fraction" in error
+
+
+def test_the_bound_is_a_checked_config_key():
+    assert load_config(["recipe=digits"]).data.max_skipped_fraction == 0.01
+    assert load_config(["recipe=digits", "data.max_skipped_fraction=0"]).data.max_skipped_fraction == 0
+    for bad in ("1.5", "-0.1", "nan"):
+        with pytest.raises(UserError, match=r"data\.max_skipped_fraction.*\[0, 1\]"):
+            load_config(["recipe=digits", f"data.max_skipped_fraction={bad}"])
+
+
+def test_evaluation_skips_and_counts_the_same_way(clean, shards, capfd):
+    cut_in_member(shards / "test" / "test-000001.tar", 2 * 5 + 1)  # 5 of its 50 samples remain
+    corrupt_image(shards / "test" / "test-000002.tar", 7)  # test sample 107
+    # the readable samples, exactly once, in order; the lost ones counted: 46 of 179 (25.7 %)
+    batches = eval_batches(shards, "test", batch_size=64, max_skipped_fraction=0.5)
+    images = torch.cat([batch[0] for batch in batches])
+    everything = torch.cat([batch[0] for batch in eval_batches(clean, "test", batch_size=64)])
+    kept = list(range(55)) + list(range(100, 107)) + list(range(108, 179))
+    assert torch.equal(images, everything[kept])
+    assert (batches.skips.skipped, batches.skips.delivered) == (46, 133)
+    err = capfd.readouterr().err
+    assert "test-000001.tar: broke off after 5 of 50 samples" in err and "test-000002.tar: sample " in err
+    # metrics are of the images read, with the bound passed through
+    model = CVAE(_spec(clean)).eval()
+    assert reconstruction_metrics(model, shards, "test", sampled=False, max_skipped_fraction=0.5)["count"] == 133
+    # past the bound (default 1 %): one clear error, raised as soon as the skips pass 1 % of the split
+    with pytest.raises(UserError) as caught:
+        list(eval_batches(shards, "test", batch_size=64))
+    assert str(caught.value).startswith(f"too many unreadable samples in the test split of {shards}: 45 skipped = 25.14% of the split's 179")
+    assert "data.max_skipped_fraction=0.01" in str(caught.value)
+    # a shard gone altogether: all its samples (29, from the manifest) skipped, the pass goes on
+    (shards / "test" / "test-000003.tar").unlink()
+    batches = eval_batches(shards, "test", batch_size=64, max_skipped_fraction=0.5)
+    assert torch.equal(torch.cat([batch[0] for batch in batches]), everything[kept[:-29]])
+    assert batches.skips.skipped == 46 + 29 and batches.skips.by_shard[str(shards / "test" / "test-000003.tar")][0] == 29
+    assert "test-000003.tar: unreadable: FileNotFoundError" in capfd.readouterr().err
+
+
+def _spec(shards):
+    from toolkit.data.stream import read_manifest
+    from toolkit.model import ModelSpec
+
+    manifest = read_manifest(shards, "test")
+    return ModelSpec(attributes=manifest["attributes"], image_size=tuple(manifest["image_size"]), latent_dim=8)
