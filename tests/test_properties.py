@@ -889,5 +889,6 @@ def test_sampler_numpy_bools_in_a_mapping_are_accepted(sampler):
 def test_sampler_text_in_an_array_and_absurd_n_give_a_user_error(sampler):
     with pytest.raises(UserError, match="0/1"):
         sampler.sample([["1", "0", "0", "0", "0"]], n=1, seed=0)
-    with pytest.raises(UserError, match="GiB"):
-        sampler.sample({"a": 1}, n=2**40, seed=0)
+    for n in (2**40, np.int64(2**62)):  # numpy's would wrap around in the size check
+        with pytest.raises(UserError, match="GiB"):
+            sampler.sample({"a": 1}, n=n, seed=0)

@@ -45,7 +45,7 @@ CROP = typer.Option(None, "--crop", help="center:N - a centred N x N square befo
 WORKERS = typer.Option(0, "--workers", min=0, help="Worker processes (0: every core).")
 SHARD_SIZE = typer.Option(
     None, "--shard-size", min=1, show_default=False,
-    help="Samples per tar shard (default: 64 shards per split, 100 to 1,000 samples each, so many loader workers read in parallel).",
+    help="Samples per tar shard (default: about 256 shards per split, 100 to 1,000 samples each, so many loader workers read in parallel).",
 )
 STRICT = typer.Option(False, "--strict", help="Fail on a corrupt image instead of skipping and listing it.")
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace shards that another build left in --out.")

@@ -14,7 +14,8 @@ On CUDA the inputs and outputs go through IO binding: inputs copied to the devic
 allocated there and copied to the host once per batch. With `cuda_graph=True` ONNX Runtime records
 the whole decoder as one CUDA graph for a fixed batch of `batch_size` and replays it: every call
 fills the same device buffers (a short last batch is padded, the padding dropped), so launches cost
-one replay instead of one per kernel; this pays at small batches. One Sampler may serve several
+one replay instead of one per kernel; this pays at small batches. Choose `batch_size` as the batch
+you serve: with the default 256, a one-image call still computes 256 images. One Sampler may serve several
 threads (graph replays take turns: they share one set of buffers).
 
 The file is checked before anything runs: the cvae-tk metadata, the input names, and that the
@@ -87,6 +88,7 @@ class Sampler:
             # fp16 convolutions run on tensor cores in channels-last layout: on an H200 this made
             # the paper decoder 1.7x faster at batch 1,024 (bench/RESULTS.md); fp32 gained nothing.
             self.session = self._open(path, device, self.batch_size if cuda_graph else None, prefer_nhwc=True)
+            self.provider = self.session.get_providers()[0]
         self._index = {name: i for i, name in enumerate(self.attributes)}
         inputs = [i.name for i in self.session.get_inputs()]
         if inputs[:2] != ["attributes", "noise"] or not set(inputs) <= {"attributes", "noise", "temperature"}:
@@ -223,9 +225,12 @@ class Sampler:
     def run(self, attributes: np.ndarray, noise: np.ndarray, temperature: float = 1.0) -> np.ndarray:
         """The raw graph, in batches of `batch_size`: float32 [B, A] and [B, Z] -> the model's output
         (float32 [B, 3, H, W] in [0, 1], or uint8 [B, H, W, 3] for a --uint8 export)."""
+        return np.concatenate(list(self._outputs(attributes, noise, temperature)))
+
+    def _outputs(self, attributes: np.ndarray, noise: np.ndarray, temperature: float):
+        """The model's output, batch by batch."""
         if not self._temperature_input and temperature != 1.0:
             noise = noise * np.float32(temperature)  # the same as the graph's own temperature input
-        outputs = []
         for start in range(0, len(attributes), self.batch_size):
             feed = {
                 "attributes": np.ascontiguousarray(attributes[start : start + self.batch_size], np.float32),
@@ -234,12 +239,11 @@ class Sampler:
             if self._temperature_input:
                 feed["temperature"] = np.array([temperature], np.float32)
             if self._fixed_batch:
-                outputs.append(self._run_fixed(feed))
+                yield self._run_fixed(feed)
             elif self.io_binding:
-                outputs.append(self._run_bound(feed))
+                yield self._run_bound(feed)
             else:
-                outputs.append(self.session.run(["images"], feed)[0])
-        return np.concatenate(outputs)
+                yield self.session.run(["images"], feed)[0]
 
     def _run_fixed(self, feed: dict) -> np.ndarray:
         # The CUDA graph replays kernels on fixed device addresses: allocate the inputs and the
@@ -285,6 +289,7 @@ class Sampler:
         """`n` images per condition as uint8 [M * n, H, W, 3]."""
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
             raise UserError(f"n must be an integer >= 1, got {n!r}")
+        n = int(n)  # a numpy integer would wrap around in the size check below
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)) or not 0 <= temperature < 1e3:
             raise UserError(f"temperature must be a number >= 0, got {temperature!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
@@ -299,10 +304,14 @@ class Sampler:
             )
         rows = np.repeat(conditions, n, axis=0)
         noise = np.random.default_rng(seed).standard_normal((len(rows), self.latent_dim), dtype=np.float32)
-        images = self.run(rows, noise, float(temperature))
-        if self._uint8_output:
-            return images
-        return np.round(np.clip(images, 0.0, 1.0) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+        images = np.empty((len(rows), height, width, 3), np.uint8)
+        start = 0
+        for output in self._outputs(rows, noise, float(temperature)):  # to uint8 batch by batch: 1/4 of float memory
+            if not self._uint8_output:
+                output = np.round(np.clip(output, 0.0, 1.0) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+            images[start : start + len(output)] = output
+            start += len(output)
+        return images
 
 
 def image_grid(images: np.ndarray, columns: int, padding: int = 2, fill: int = 255) -> np.ndarray:

@@ -152,13 +152,6 @@ class BatchStream:
             num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer, with_keys=data.record_keys, skips=self.skips,
         )
 
-    def skipped(self, accelerator: Accelerator) -> tuple[int, int]:
-        """(skipped, read) train samples since this process started, summed over the ranks: every rank calls it."""
-        counts = torch.tensor([self.skips.skipped, self.skips.read], dtype=torch.int64)
-        if accelerator.num_processes > 1:
-            counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
-        return int(counts[0]), int(counts[1])
-
     def batches(self, start: int):
         """Yield (segment, last of its segment, batch) from micro-batch index `start` on, forever."""
         segment, offset = 0, start
@@ -343,9 +336,14 @@ def train(config: TrainConfig) -> Path:
         unwrapped.train()
 
     def evaluate(step: int) -> None:
-        metrics = heldout_metrics(accelerator.unwrap_model(model).eval(), config.data.shards, accelerator.device,
-                                  max_skipped_fraction=config.data.max_skipped_fraction)
-        accelerator.unwrap_model(model).train()
+        try:
+            metrics = heldout_metrics(accelerator.unwrap_model(model).eval(), config.data.shards, accelerator.device,
+                                      max_skipped_fraction=config.data.max_skipped_fraction)
+        except UserError as error:  # a damaged test split costs the metrics, never the run (and only this rank reads it)
+            tqdm.write(f"warning: step {step}: no test metrics: {one_line(error)}", file=sys.stderr)
+            return
+        finally:
+            accelerator.unwrap_model(model).train()
         accelerator.log(metrics, step=step)
         tqdm.write(f"step {step}: test MSE {metrics['test/mse_per_image']:.2f} per image "
                    f"({metrics['test/mse_per_pixel']:.5f} per pixel), KL {metrics['test/kl_per_image']:.2f}")
@@ -365,10 +363,14 @@ def train(config: TrainConfig) -> Path:
             with accelerator.accumulate(model):
                 out = model(images, attributes)
                 terms = cvae_loss(out.recon, images, out.mu, out.logvar, config.beta, out.prior_mu, out.prior_logvar)
-                finite = torch.isfinite(terms.total.detach()).float()
-                if accelerator.num_processes > 1:  # every rank must take the same branch, or DDP hangs
-                    finite = accelerator.reduce(finite, reduction="sum") == accelerator.num_processes
-                if bool(finite):
+                finite = torch.isfinite(terms.total.detach()).long()
+                # (finite, unreadable train samples, samples read) summed over the ranks in one
+                # collective: every rank must take the same branch (or DDP hangs) and stop together.
+                status = torch.stack([finite, finite.new_tensor(stream.skips.skipped), finite.new_tensor(stream.skips.read)])
+                if accelerator.num_processes > 1:
+                    status = accelerator.reduce(status, reduction="sum")
+                finite_on_all, skipped, read = status.tolist()
+                if finite_on_all == accelerator.num_processes:
                     bad_streak = 0
                     accelerator.backward(terms.total)
                     if accelerator.sync_gradients and config.grad_clip > 0:
@@ -390,7 +392,6 @@ def train(config: TrainConfig) -> Path:
             step += 1
             scheduler.step()
             progress.update(1)
-            skipped, read = stream.skipped(accelerator)  # unreadable train samples so far, all ranks
             if (problem := stream.skips.problem(skipped, read)) is not None:
                 raise TrainingStopped(
                     f"{problem}. Stopped after step {step}, not saved"
@@ -425,8 +426,12 @@ def train(config: TrainConfig) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model).eval()
-        metrics = heldout_metrics(final, config.data.shards, accelerator.device, max_skipped_fraction=config.data.max_skipped_fraction)
-        accelerator.log(metrics, step=step)
+        try:
+            metrics = heldout_metrics(final, config.data.shards, accelerator.device, max_skipped_fraction=config.data.max_skipped_fraction)
+            accelerator.log(metrics, step=step)
+        except UserError as error:  # a damaged test split must not throw away a finished run
+            metrics = {}
+            tqdm.write(f"warning: no final test metrics: {one_line(error)}", file=sys.stderr)
         final.spec.extra = {
             "recipe": config.recipe,
             "step": step,
@@ -436,10 +441,11 @@ def train(config: TrainConfig) -> Path:
         }
         save_model(final, run_dir)
         save_image(sample_grid(final, grid_attributes, grid_noise), run_dir / "samples.png")
-        print(
-            f"test: MSE {metrics['test/mse_per_image']:.2f} per image ({metrics['test/mse_per_pixel']:.5f} per pixel), "
-            f"KL {metrics['test/kl_per_image']:.2f} per image"
-        )
+        if metrics:
+            print(
+                f"test: MSE {metrics['test/mse_per_image']:.2f} per image ({metrics['test/mse_per_pixel']:.5f} per pixel), "
+                f"KL {metrics['test/kl_per_image']:.2f} per image"
+            )
         print(f"saved {run_dir / 'model.safetensors'} and {run_dir / 'config.json'}; samples: {run_dir / 'samples.png'}")
     accelerator.end_training()
     return run_dir

@@ -3,6 +3,7 @@ them): training goes on, counts and reports the skipped samples (which shard, wh
 exactly, and stops with one clear message once the skipped fraction passes
 `data.max_skipped_fraction`; evaluation counts the same way."""
 
+import io
 import shutil
 import tarfile
 from itertools import islice
@@ -180,3 +181,48 @@ def _spec(shards):
 
     manifest = read_manifest(shards, "test")
     return ModelSpec(attributes=manifest["attributes"], image_size=tuple(manifest["image_size"]), latent_dim=8)
+
+
+def test_a_failed_pipe_command_is_reported_with_its_exit_status(shards):
+    (shards / "test" / "test-000001.tar").unlink()
+    batches = eval_batches(f"pipe:cat {shards}", "test", batch_size=64, max_skipped_fraction=1.0)
+    assert sum(len(images) for images, _ in batches) == 179 - TEST_SHARD
+    url = f"pipe:cat {shards}/test/test-000001.tar"
+    lost, reason = batches.skips.by_shard[url]
+    assert lost == TEST_SHARD and "exit 1" in reason and "empty file" not in reason, reason
+
+
+def test_an_image_of_the_wrong_size_is_skipped_before_its_pixels_are_decoded(shards, monkeypatch):
+    from PIL import Image
+
+    tar = shards / "test" / "test-000000.tar"
+    member = [m for m in members(tar) if m.name.endswith(".png")][0]
+    huge = io.BytesIO()
+    Image.new("L", (SIZE * 500, SIZE * 500)).save(huge, "PNG")  # compresses to a few kB
+    replace_member(tar, member.name, huge.getvalue())
+    converted = []
+    monkeypatch.setattr(Image.Image, "convert", lambda self, *a, **k: converted.append(self.size) or self.copy())
+    batches = eval_batches(shards, "test", batch_size=64, max_skipped_fraction=1.0)
+    sum(len(images) for images, _ in batches)
+    assert batches.skips.skipped == 1 and (SIZE * 500, SIZE * 500) not in converted
+    assert "is 4000x4000, not the split's 8x8" in batches.skips.by_shard[str(tar)][1]
+
+
+def replace_member(tar, name, data):
+    with tarfile.open(tar) as archive:
+        entries = [(m, archive.extractfile(m).read()) for m in archive.getmembers()]
+    with tarfile.open(tar, "w") as archive:
+        for m, payload in entries:
+            if m.name == name:
+                payload, m.size = data, len(data)
+            archive.addfile(m, io.BytesIO(payload))
+
+
+def test_a_damaged_test_split_costs_the_metrics_never_the_finished_run(shards, tmp_path, capfd):
+    (shards / "test" / "test-000002.tar").unlink()  # 50 of the 179 test images: far past the 1 % bound
+    run = train(config(shards, tmp_path / "run", "max_steps=12"))  # 400 / 40: an epoch-end evaluation at step 10
+    model = load_model(run)
+    assert model.spec.extra["step"] == 12 and "test_mse_per_image" not in model.spec.extra
+    err = capfd.readouterr().err
+    assert "warning: step 10: no test metrics: too many unreadable samples in the test split" in err
+    assert "warning: no final test metrics: too many unreadable samples in the test split" in err

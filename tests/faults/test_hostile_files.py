@@ -240,7 +240,7 @@ ATTR = encode_attributes(np.array([1, 0], np.uint8))
 def test_a_sample_left_without_a_field_is_skipped_and_reported_like_any_unreadable_sample(tmp_path, capsys, members, incomplete):
     shards = hostile_split(tmp_path / "shards", members + sample_members("ok"), count=1 + len(incomplete))
     tar = shards / "test" / "test-000000.tar"
-    reasons = [f"{tar}: sample {key!r} has no {missing} member; the shard was not written by `cvae-tk shards`, or it is damaged"
+    reasons = [f"sample {key!r} has no {missing} member; the shard was not written by `cvae-tk shards`, or it is damaged"
                for key, missing in incomplete]
     batches = eval_batches(shards, "test", batch_size=8, max_skipped_fraction=1.0)
     assert sum(len(images) for images, _ in batches) == 1

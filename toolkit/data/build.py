@@ -199,10 +199,11 @@ def _split_samples(chunks, count: int, name: str, strict: bool, skipped: list, e
 
 
 def auto_shard_size(count: int) -> int:
-    """Samples per shard when none is given: enough shards for parallel reading (64 per split, so
-    8 GPUs x 8 loader workers each get one), shards of 100 to 1,000 samples (a few MB of small
-    images: cheap to shuffle and to open per epoch)."""
-    return min(1000, max(100, -(-count // 64)))
+    """Samples per shard when none is given: about 256 shards per split, so that even 8 GPUs x 8
+    loader workers each read several (each reader fills only whole batches from its shards), but
+    never under 100 or over 1,000 samples (a few MB of small images: cheap to open per epoch).
+    CelebA's 162,770 train images: 256 shards of 636; CUB's 5,994: 60 of 100."""
+    return min(1000, max(100, -(-count // 256)))
 
 
 def _options(table: SourceTable, spec: ImageSpec, shard_size: int | None) -> dict:

@@ -42,7 +42,7 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from toolkit.config import DataConfig
-from toolkit.data.shards import IMAGE_EXTS, MANIFEST
+from toolkit.data.shards import MANIFEST
 from toolkit.errors import UserError, one_line
 
 DEFAULT_MAX_SKIPPED_FRACTION = DataConfig.max_skipped_fraction  # data.max_skipped_fraction
@@ -111,16 +111,21 @@ def _is_field(name: str) -> bool:
     return name.rpartition("/")[2].partition(".")[2].lower() in FIELDS
 
 
-def decode(sample: dict, with_keys: bool = False) -> tuple:
-    """(image float [3, H, W] in [0, 1], attributes float [A]) and, with_keys, the sample's key."""
+def decode(sample: dict, with_keys: bool = False, expected_size=None) -> tuple:
+    """(image float [3, H, W] in [0, 1], attributes float [A]) and, with_keys, the sample's key.
+    expected_size (H, W): refuse an image of another size before decoding its pixels."""
     ext = "png" if "png" in sample else "jpg"
     if ext not in sample or "attr.npy" not in sample:
         raise UserError(
-            f"{sample.get('__url__')}: sample {sample.get('__key__')!r} has no "
+            f"sample {sample.get('__key__')!r} has no "
             f"{'.attr.npy' if ext in sample else 'image (.png or .jpg)'} member; the shard was not written by "
             "`cvae-tk shards`, or it is damaged"
         )
-    image = Image.open(io.BytesIO(sample[ext])).convert("RGB")
+    image = Image.open(io.BytesIO(sample[ext]))
+    if expected_size and 0 not in expected_size and image.size != (expected_size[1], expected_size[0]):
+        # checked before decoding: a hostile header may declare a huge image
+        raise ValueError(f"is {image.height}x{image.width}, not the split's {expected_size[0]}x{expected_size[1]}")
+    image = image.convert("RGB")
     pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div_(255)
     attributes = np.load(io.BytesIO(sample["attr.npy"]), allow_pickle=False)
     decoded = (pixels, torch.from_numpy(attributes.astype(np.float32)))
@@ -132,36 +137,16 @@ def decode(sample: dict, with_keys: bool = False) -> tuple:
 
 def _describe(error: BaseException) -> str:
     text = re.sub(r" object at 0x[0-9a-fA-F]+", "", one_line(error))  # PIL names the BytesIO: same text every time
+    text = re.sub(r" @ <[^>]*>$", "", text)  # webdataset appends the stream it read
     text = text if len(text) <= 160 else text[:157] + "..."
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _tar_samples(stream, url: str):
-    """The samples of one tar stream, grouped by key as webdataset groups them. A member cut off by
-    the end of the data raises (tarfile: "unexpected end of data"); the sample being grouped is
-    delivered first if it already holds an image and its attributes."""
-    current = None
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        try:
-            for info in tar:
-                if not info.isreg() or not _is_field(info.name):
-                    continue  # skipped unread (see FIELDS)
-                prefix, suffix = wds.tariterators.base_plus_ext(info.name)
-                if prefix is None:
-                    continue
-                data = tar.extractfile(info).read()
-                tar.members = []  # stream mode would keep every header
-                if current is None or prefix != current["__key__"]:
-                    if current is not None:
-                        yield current
-                    current = {"__key__": prefix, "__url__": url}
-                current[suffix.lower()] = data
-        except Exception:
-            if current is not None and "attr.npy" in current and any(ext in current for ext in IMAGE_EXTS):
-                yield current
-            raise
-    if current is not None:
-        yield current
+    """The samples of one tar stream, as webdataset reads them: only FIELDS members, grouped by key
+    (a member cut off by the end of the data raises tarfile's "unexpected end of data")."""
+    members = wds.tariterators.tar_file_iterator(stream, select_files=_is_field)
+    yield from wds.tariterators.group_by_keys({**member, "__url__": url} for member in members)
 
 
 def _read_shards(source, counts: dict[str, int], tally: list[int]):
@@ -186,7 +171,8 @@ def _read_shards(source, counts: dict[str, int], tally: list[int]):
                 try:
                     stream.close()  # a pipe: reports its command's failure here
                 except Exception as caught:
-                    error = error or caught
+                    # a failed command also leaves tarfile with "empty file": the command's status says why
+                    error = caught if error is None or isinstance(error, tarfile.ReadError) else error
         lost = max(expected - read, 0)
         if error is None and not lost:
             continue
@@ -223,14 +209,16 @@ def _decode_batches(source, batch_size: int, partial: bool, with_keys: bool, tal
             yield None, sample[SKIPPED], read()
             continue
         try:
-            decoded = decode(sample, with_keys)
+            decoded = decode(sample, with_keys, image_size)
             problem = _check_sample(decoded, image_size, num_attributes)
-        except UserError as error:  # decode's own message (a missing member) names the shard and sample
+        except UserError as error:  # decode's own message (a missing member) names the sample
             problem = one_line(error)
+        except ValueError as error:  # decode's size check
+            problem = str(error) if str(error).startswith("is ") else f"could not be decoded: {_describe(error)}"
         except Exception as error:
             problem = f"could not be decoded: {_describe(error)}"
         if problem:
-            reason = problem if problem.startswith(str(sample.get("__url__"))) else f"sample {sample.get('__key__')} {problem}"
+            reason = problem if problem.startswith("sample ") else f"sample {sample.get('__key__')} {problem}"
             yield None, (sample.get("__url__", "?"), reason, 1, True), read()
             continue
         batch.append(decoded)
