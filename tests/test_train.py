@@ -182,3 +182,18 @@ def test_too_few_shards_for_the_ranks_names_the_cause(digits_shards, tmp_path):
         BatchStream(config, rank=0, world=3)
     config.data.sampling = "resampled"
     assert BatchStream(config, rank=2, world=3).length(0) == BatchStream.SEGMENT
+
+
+def test_resuming_with_another_data_order_warns_once_and_goes_on(digits_shards, tmp_path, capfd):
+    common = ["checkpoint_every=4"]
+    train(quick(digits_shards, tmp_path / "run", "max_steps=4", *common))
+    state = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["data_order"] == {"seed": 0, "batch_size": 16, "grad_accum": 1, "processes": 1, "sampling": "epochs", "num_workers": 0}
+    capfd.readouterr()
+    train(quick(digits_shards, tmp_path / "run", "max_steps=6", "resume=latest", *common))
+    assert "warning: resuming" not in capfd.readouterr().err  # the same settings: silent
+    run = train(quick(digits_shards, tmp_path / "run", "max_steps=8", "resume=latest", "batch_size=8", "seed=3", *common))
+    err = capfd.readouterr().err
+    assert err.count("warning: resuming from") == 1
+    assert "seed=3 (was 0), batch_size=8 (was 16)" in err and "will not match an uninterrupted run" in err
+    assert load_model(run).spec.extra["step"] == 8

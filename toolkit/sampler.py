@@ -103,7 +103,7 @@ class Sampler:
         self.io_binding = self._device == "cuda" if io_binding is None else io_binding
         self._fixed_batch = cuda_graph  # every run fills the same buffers of batch_size rows
         self._fixed_lock = threading.Lock()
-        self._fixed: tuple | None = None  # (binding, input OrtValues) once allocated
+        self._fixed: tuple | None = None  # (binding, input OrtValues, output OrtValue) once allocated
 
     def _check_shapes(self, inputs: list[str]) -> None:
         """Refuse, before any run, a graph whose shapes disagree with its metadata or are absurd."""
@@ -126,7 +126,7 @@ class Sampler:
         outputs = {o.name: o.shape for o in self.session.get_outputs()}
         if "images" not in outputs:
             raise UserError(f"{self.path}: no output named 'images' (outputs: {', '.join(outputs)})")
-        uint8 = self.metadata.get("output", "float32_nchw") == "uint8_nhwc"
+        uint8 = self._uint8_output
         image_dims = [height, width, 3] if uint8 else [3, height, width]
         static = outputs["images"][1:]
         if len(outputs["images"]) != 4 or any(isinstance(d, int) and d != e for d, e in zip(static, image_dims)):

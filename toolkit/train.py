@@ -195,7 +195,14 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
     return path
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, spec: ModelSpec, limit: int) -> Path:
+def _data_order(config: TrainConfig, world: int) -> dict:
+    """What a resumed run must share with the checkpoint's run to continue exactly as it would have
+    (the batches are a function of these; see BatchStream)."""
+    return {"seed": config.seed, "batch_size": config.batch_size, "grad_accum": config.grad_accum, "processes": world,
+            "sampling": config.data.sampling, "num_workers": config.data.num_workers}
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, spec: ModelSpec, limit: int, data_order: dict | None = None) -> Path:
     """save_state into checkpoint-<step>.tmp, mark it complete, then rename: a save cut short never
     replaces (or looks like) a good checkpoint. Keeps the newest `limit`."""
     folder = run_dir / CHECKPOINTS
@@ -209,7 +216,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, spec: Mo
         raise _save_failed(run_dir, partial, error) from error
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"step": step, "model": _identity(spec), "toolkit_version": toolkit.__version__}
+        state = {"step": step, "model": _identity(spec), "data_order": data_order or {}, "toolkit_version": toolkit.__version__}
         try:
             (partial / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
         except OSError as error:
@@ -239,11 +246,19 @@ def _identity(spec: ModelSpec) -> dict:
             "latent_dim": spec.latent_dim, "prior": spec.prior, "options": dict(spec.options)}
 
 
-def _check_resume(path: Path, spec: ModelSpec) -> None:
-    saved = json.loads((path / TRAINER_STATE).read_text()).get("model", {})
+def _check_resume(path: Path, spec: ModelSpec, data_order: dict, warn: bool = True) -> None:
+    state = json.loads((path / TRAINER_STATE).read_text())
+    saved = state.get("model", {})
     for key, now in _identity(spec).items():
         if key in saved and saved[key] != now:
             raise UserError(f"cannot resume from {path}: its model has {key}={saved[key]!r}, the recipe and shards give {now!r}")
+    # Another batch size, seed or process count is a legitimate choice (a bigger machine), but the
+    # run then no longer continues as the interrupted one would have: say so, once.
+    changed = [f"{key}={now!r} (was {state['data_order'][key]!r})" for key, now in data_order.items()
+               if key in state.get("data_order", {}) and state["data_order"][key] != now]
+    if changed and warn:
+        tqdm.write(f"warning: resuming from {path} with {', '.join(changed)}: training goes on, but the data order "
+                   "differs from the run that wrote the checkpoint, so it will not match an uninterrupted run", file=sys.stderr)
 
 
 def _schedule(config: TrainConfig):
@@ -285,8 +300,9 @@ def train(config: TrainConfig) -> Path:
         options=arch_options(config.model.arch, config.model),
     )
     resume_from = find_checkpoint(run_dir, config.resume)
-    if resume_from is not None:
-        _check_resume(resume_from, spec)
+    data_order = _data_order(config, accelerator.num_processes)
+    if resume_from is not None:  # on every rank: a refusal must stop them all
+        _check_resume(resume_from, spec, data_order, warn=accelerator.is_main_process)
     stream = BatchStream(config, accelerator.process_index, accelerator.num_processes)
 
     model = CVAE(spec)
@@ -413,7 +429,7 @@ def train(config: TrainConfig) -> Path:
             if at_eval and accelerator.is_main_process and step < config.max_steps:
                 evaluate(step)
             if bad_streak == 0 and (step % config.checkpoint_every == 0 or step == config.max_steps):
-                save_checkpoint(accelerator, run_dir, step, spec, config.checkpoints_total_limit)
+                save_checkpoint(accelerator, run_dir, step, spec, config.checkpoints_total_limit, data_order)
                 last_saved = step
     finally:
         progress.close()

@@ -7,14 +7,15 @@
   options give byte-identical shards whatever the number of workers.
 - JPEGs are decoded at reduced size when shrinking (PIL's draft mode: the decoder skips the
   DCT detail it would throw away), which is most of the speed.
-- Memory stays flat: workers get index ranges, results are written as they arrive; no list of
-  decoded images.
+- Memory stays flat: workers get index ranges into compact arrays of the records (not the
+  table's Python objects), results are written as they arrive; no list of decoded images.
 - A corrupt or truncated image is skipped, counted and listed in the manifest (`strict=True`
   fails instead, writing no manifest).
 """
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import math
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -130,24 +132,44 @@ def _encode_image(record: Record, spec: ImageSpec) -> Sample | Skipped:
         return Skipped(record.key, f"{record.path.name}: {' '.join(str(error).split()) or type(error).__name__}")
 
 
-# Worker state: the table and options arrive once per worker (inherited under fork), so a task is
-# just (split, start, stop) and a result one list per chunk: little pickling per image.
+class _Records:
+    """One split's records as a few numpy arrays. Forked workers read these instead of the table's
+    Python objects: reading an object writes its reference count, which copies its memory page
+    into the worker; array buffers stay shared, so a worker's memory does not grow with the data set."""
+
+    def __init__(self, records: list[Record]):
+        self.keys = np.array([r.key.encode() for r in records], dtype=np.bytes_)
+        self.paths = np.array([os.fsencode(r.path) for r in records], dtype=np.bytes_)
+        self.attributes = np.stack([r.attributes for r in records]) if records else np.zeros((0, 0), np.uint8)
+        self.bboxes = np.array([r.bbox if r.bbox is not None else (np.nan,) * 4 for r in records], dtype=np.float64).reshape(-1, 4)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index: int) -> Record:
+        bbox = self.bboxes[index]
+        return Record(self.keys[index].decode(), Path(os.fsdecode(self.paths[index])), self.attributes[index],
+                      None if np.isnan(bbox[0]) else tuple(float(v) for v in bbox))
+
+
+# Worker state: the records and options arrive once per worker (inherited under fork), so a task
+# is just (split, start, stop) and a result one bytes object per chunk: little pickling per image.
 _WORKER: dict = {}
 CHUNK = 64
 
 
-def _init_worker(table: SourceTable, spec: ImageSpec) -> None:
-    _WORKER.update(table=table, spec=spec)
+def _init_worker(splits: dict[str, _Records], spec: ImageSpec, num_attributes: int) -> None:
+    _WORKER.update(splits=splits, spec=spec, num_attributes=num_attributes)
 
 
 def _encode_chunk(task: tuple[str, int, int]) -> tuple[bytes, list]:
     """Encode records [start, stop) of a split. Returned packed (one bytes object plus a small
     index), which crosses the process boundary far cheaper than a list of objects."""
     split, start, stop = task
-    table, spec = _WORKER["table"], _WORKER["spec"]
+    records, spec, num_attributes = _WORKER["splits"][split], _WORKER["spec"], _WORKER["num_attributes"]
     blobs, index = [], []
-    for record in table.splits[split][start:stop]:
-        result = encode_record(record, spec, len(table.attributes))
+    for position in range(start, stop):
+        result = encode_record(records[position], spec, num_attributes)
         if isinstance(result, Skipped):
             index.append((result.key, -1, result.reason))
         else:
@@ -243,10 +265,17 @@ def build_shards(
     check_output(out, options, overwrite)
     workers = workers or os.cpu_count() or 1
     manifests = {}
-    _init_worker(table, spec)  # the in-process path (workers=1) reads the same state
-    # fork: workers inherit the imported modules and the table, so the pool starts in milliseconds
+    state = ({split: _Records(records) for split, records in table.splits.items()}, spec, len(table.attributes))
+    _init_worker(*state)  # the in-process path (workers=1) reads the same state
+    # fork: workers inherit the imported modules and the records, so the pool starts in milliseconds;
+    # frozen, the parent's objects are never visited by a worker's garbage collector (which would
+    # write to, and so copy, their pages)
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    pool = context.Pool(workers, initializer=_init_worker, initargs=(table, spec)) if workers > 1 else None
+    gc.freeze()
+    try:
+        pool = context.Pool(workers, initializer=_init_worker, initargs=state) if workers > 1 else None
+    finally:
+        gc.unfreeze()
     total = sum(len(records) for records in table.splits.values())
     try:
         with tqdm(total=total, desc=f"shards {table.source}", unit="img", disable=not progress, mininterval=1) as bar:
