@@ -3,7 +3,13 @@
 # pins do not apply there). Two stages, because onnxruntime-gpu (70 MB even with only the sm_90
 # kernels kept) travels in two parts of under 64 MiB: `train` stashes part 1 and measures the
 # training feed; `sample` joins the parts, runs the CUDA sampler tests and the sampling benchmark.
-#   OUT=/tmp/out bash bench/gpu.sh train|sample
+#   OUT=/tmp/out [TRAIN_CONFIGS="paper:no:64:120 ..."] [LOADER_WORKERS="1 4 8 16"] bash bench/gpu.sh train
+#   OUT=/tmp/out bash bench/gpu.sh sample [tests]
+# Made beforehand, git-ignored (.git/info/exclude): .gpuw/ = wheels of webdataset, braceexpand and
+# omegaconf (pip download --python-version 3.12 ...); .gpu1/xpart.00 + .gpu2/xpart.01 = the
+# onnxruntime-gpu 1.31.1 cp312 wheel unzipped, its CUDA provider pruned to sm_90
+# (bench/prune_fatbin.py), `tar cf - . | xz -6`, split -b 35000000. Each stage's call carries
+# .gpuw, the code and one part; the second call must reach the machine while it is still warm.
 set -u
 stage=${1:?train or sample}
 OUT=${OUT:-/tmp/cvae-gpu-out}
@@ -23,6 +29,10 @@ if [ "$stage" = train ]; then
     [ $SECONDS -lt 200 ] || { echo "skipped $cfg: time"; continue; }
     timeout 100 python3 bench/train.py --arch $1 --precision $2 --batch-size $3 --steps $4 --images 12000 --workers 12 --work $work 2>&1 | grep -v Warning | tail -6
     cp bench/results/train.json "$OUT/train-$1-$2-$3.json" 2>/dev/null; echo "[$SECONDS s]"
+  done
+  # the feeds alone, by worker count: does the shard reader scale on this host? (not yet measured)
+  for workers in ${LOADER_WORKERS:-}; do
+    timeout 60 python3 bench/train.py --loader-only --workers $workers --images 12000 --work $work 2>&1 | tail -1
   done
   exit 0
 fi
