@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from toolkit.atomic import write_text
+from toolkit.config import DataConfig
 from toolkit.errors import UserError, one_line
 
 METRICS_FILE = "metrics.json"
@@ -57,7 +58,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 @torch.no_grad()
 def reconstruction_metrics(
     model, shards: str | Path, split: str = "test", device: str | torch.device = "cpu", batch_size: int = 256,
-    seed: int = 0, sampled: bool = True, max_skipped_fraction: float | None = None,
+    seed: int = 0, sampled: bool = True, max_skipped_fraction: float = DataConfig.max_skipped_fraction,
 ) -> dict[str, float]:
     """Reconstruction error and KL over one ordered pass of `split` (streamed: per-batch sums only).
 
@@ -75,8 +76,7 @@ def reconstruction_metrics(
     generator = torch.Generator().manual_seed(seed)
     sums = {"mse": 0.0, "mse_sampled": 0.0, "kl": 0.0}
     count, values = 0, 1
-    bound = {} if max_skipped_fraction is None else {"max_skipped_fraction": max_skipped_fraction}
-    for images, attributes in eval_batches(shards, split, batch_size, **bound):
+    for images, attributes in eval_batches(shards, split, batch_size, max_skipped_fraction):
         images, attributes = images.to(device), attributes.to(device)
         mu, logvar = model.encoder(images, attributes)
         mu, logvar = mu.float(), logvar.float()

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 import toolkit
 from toolkit.atomic import write_text
-from toolkit.config import TrainConfig, load_config, to_yaml
+from toolkit.config import DataConfig, TrainConfig, load_config, to_yaml
 from toolkit.data.stream import Skips, batches_per_rank, epoch_batches, eval_batches, read_manifest, train_batches
 from toolkit.errors import UserError, one_line
 from toolkit.loss import cvae_loss
@@ -64,13 +64,12 @@ class TrainingStopped(UserError):
 # --- pictures and metrics --------------------------------------------------------------------
 
 
-def grid_conditions(shards: str, num_attributes: int, max_skipped_fraction: float | None = None) -> torch.Tensor:
+def grid_conditions(shards: str, num_attributes: int, max_skipped_fraction: float = DataConfig.max_skipped_fraction) -> torch.Tensor:
     """Rows of the sample grids: with few attributes (digits' classes) each one alone; with many
     (CelebA, CUB) the attribute vectors of the first test images, which are real combinations."""
     if num_attributes <= GRID_ROWS_ONE_HOT:
         return torch.eye(num_attributes)
-    bound = {} if max_skipped_fraction is None else {"max_skipped_fraction": max_skipped_fraction}
-    _, attributes = next(iter(eval_batches(shards, "test", batch_size=GRID_ROWS, **bound)))
+    _, attributes = next(iter(eval_batches(shards, "test", GRID_ROWS, max_skipped_fraction)))
     return attributes
 
 
@@ -91,7 +90,7 @@ def reconstruction_grid(model: CVAE, images: torch.Tensor, attributes: torch.Ten
 
 
 @torch.no_grad()
-def heldout_metrics(model: CVAE, shards: str, device: torch.device, split: str = "test", max_skipped_fraction: float | None = None) -> dict[str, float]:
+def heldout_metrics(model: CVAE, shards: str, device: torch.device, split: str = "test", max_skipped_fraction: float = DataConfig.max_skipped_fraction) -> dict[str, float]:
     """Reconstruction MSE (summed per image, and per pixel) and KL per image on a split, from the posterior mean."""
     from toolkit.evaluate import reconstruction_metrics
 

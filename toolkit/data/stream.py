@@ -111,6 +111,10 @@ def _is_field(name: str) -> bool:
     return name.rpartition("/")[2].partition(".")[2].lower() in FIELDS
 
 
+class WrongSize(ValueError):
+    """An image whose size is not the split's (found from its header, before decoding)."""
+
+
 def decode(sample: dict, with_keys: bool = False, expected_size=None) -> tuple:
     """(image float [3, H, W] in [0, 1], attributes float [A]) and, with_keys, the sample's key.
     expected_size (H, W): refuse an image of another size before decoding its pixels."""
@@ -124,7 +128,7 @@ def decode(sample: dict, with_keys: bool = False, expected_size=None) -> tuple:
     image = Image.open(io.BytesIO(sample[ext]))
     if expected_size and 0 not in expected_size and image.size != (expected_size[1], expected_size[0]):
         # checked before decoding: a hostile header may declare a huge image
-        raise ValueError(f"is {image.height}x{image.width}, not the split's {expected_size[0]}x{expected_size[1]}")
+        raise WrongSize(f"is {image.height}x{image.width}, not the split's {expected_size[0]}x{expected_size[1]}")
     image = image.convert("RGB")
     pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div_(255)
     attributes = np.load(io.BytesIO(sample["attr.npy"]), allow_pickle=False)
@@ -213,8 +217,8 @@ def _decode_batches(source, batch_size: int, partial: bool, with_keys: bool, tal
             problem = _check_sample(decoded, image_size, num_attributes)
         except UserError as error:  # decode's own message (a missing member) names the sample
             problem = one_line(error)
-        except ValueError as error:  # decode's size check
-            problem = str(error) if str(error).startswith("is ") else f"could not be decoded: {_describe(error)}"
+        except WrongSize as error:
+            problem = str(error)
         except Exception as error:
             problem = f"could not be decoded: {_describe(error)}"
         if problem:
