@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from toolkit.data import shards as shards_module
-from toolkit.data.build import ImageSpec, build_shards
+from toolkit.data.build import ImageSpec, bbox_region, build_shards
 from toolkit.data.sources import Record, SourceTable
 from toolkit.data.stream import eval_batches
 from toolkit.errors import UserError
@@ -136,6 +136,90 @@ def test_bounding_box_crop_at_original_size(table, tmp_path):
     for record in table.splits["train"] + table.splits["test"]:
         record.bbox = (10.0, 20.0, 100.0, 150.0)
     manifests = build_shards(table, tmp_path / "out", ImageSpec.parse("original"), workers=1, progress=False)
-    assert manifests["train"]["image_size"] == [150, 100]
+    # 178 x 218 images: the 224-pixel square (r = 112) around the box centre (60, 95), clipped: 172 x 207
+    assert manifests["train"]["image_size"] == [207, 172]
     images, _ = next(iter(eval_batches(tmp_path / "out", "train", batch_size=2)))
-    assert images.shape == (2, 3, 150, 100)
+    assert images.shape == (2, 3, 207, 172)
+
+
+def test_bbox_region_is_stackgans_square():
+    # r = int(0.75 * max(w, h)) around the centre, clipped to the image (StackGAN / AttnGAN get_img(s))
+    assert bbox_region((70, 50, 40, 60), 200, 160) == (45, 35, 135, 125)  # 90 x 90, inside
+    assert bbox_region((0, 50, 40, 60), 200, 160) == (0, 35, 65, 125)  # clipped on the left
+    assert bbox_region((150, 10, 60, 20), 200, 160) == (135, 0, 200, 65)  # clipped right and top
+    # whole pixels, truncated as there: x, y, w, h = 10, 20, 33, 21; r = 24; centre (26, 30)
+    assert bbox_region((10.7, 20.2, 33.9, 21.0), 200, 160) == (2, 6, 50, 54)
+    with pytest.raises(ValueError, match="outside"):
+        bbox_region((300, 10, 20, 20), 200, 160)
+
+
+def gradient(width, height):
+    """R = x and G = y scaled to 0..255, B = 0: every pixel says where it came from."""
+    xs = np.linspace(0, 255, width, dtype=np.float32)
+    ys = np.linspace(0, 255, height, dtype=np.float32)
+    rgb = np.zeros((height, width, 3), np.float32)
+    rgb[..., 0], rgb[..., 1] = xs[None, :], ys[:, None]
+    return rgb
+
+
+def stored(out, split):
+    """key -> the stored image (H, W, 3) float, read from the tars themselves."""
+    images = {}
+    for shard in sorted((out / split).glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith((".jpg", ".png")):
+                    data = tar.extractfile(member).read()
+                    images[member.name.rsplit(".", 1)[0]] = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float32)
+    return images
+
+
+def one_record_table(path, bbox):
+    record = Record("bird", path, np.array([1], np.uint8), bbox)
+    return SourceTable("synthetic", ["bird"], {"train": [record]})
+
+
+def test_bbox_crop_keeps_the_box_aspect_in_a_square_output(tmp_path):
+    # a 40 x 60 blue box at (70, 50) on a 200 x 160 gradient (lossless PNG source)
+    rgb = gradient(200, 160)
+    rgb[50:110, 70:110] = (0, 0, 255)
+    path = tmp_path / "bird.png"
+    Image.fromarray(rgb.round().astype(np.uint8)).save(path)
+    table = one_record_table(path, (70.0, 50.0, 40.0, 60.0))
+    for side in (90, 45):  # the 90 x 90 region (45, 35)-(135, 125) at 1:1, then halved
+        build_shards(table, tmp_path / f"out{side}", ImageSpec.parse(str(side)), workers=1, progress=False)
+        got = stored(tmp_path / f"out{side}", "train")["bird"]
+        assert got.shape == (side, side, 3)
+        scale = side / 90
+        rows, cols = np.nonzero(got[..., 2] > 128)  # the blue box, in output pixels
+        # the box keeps its 40 x 60 shape (scaled), where the square puts it: not stretched to the output
+        assert abs(cols.min() - 25 * scale) <= 1 and abs(cols.max() + 1 - 65 * scale) <= 1
+        assert abs(rows.min() - 15 * scale) <= 1 and abs(rows.max() + 1 - 75 * scale) <= 1
+        # the context around it is the region's: the gradient says where each corner came from
+        want = rgb[35:125, 45:135]
+        if side != 90:
+            want = np.asarray(Image.fromarray(want.round().astype(np.uint8)).resize((side, side), Image.BILINEAR), np.float32)
+        for corner in ((0, 0), (0, -1), (-1, 0), (-1, -1)):
+            assert np.abs(got[corner][:2] - want[corner][:2]).max() < 6, corner
+
+    # at the border the square is clipped, as StackGAN does: (0, 35)-(65, 125) kept as it is
+    table = one_record_table(path, (0.0, 50.0, 40.0, 60.0))
+    manifests = build_shards(table, tmp_path / "edge", ImageSpec.parse("original"), workers=1, progress=False)
+    assert manifests["train"]["image_size"] == [90, 65]
+    got = stored(tmp_path / "edge", "train")["bird"]
+    assert np.abs(got[:, :, :2] - rgb[35:125, 0:65, :2]).mean() < 3
+
+
+def test_bbox_crop_with_a_reduced_decode_is_taken_at_original_size(tmp_path):
+    # an 800 x 640 JPEG, 30 x 30 output of the 240 x 240 region (230, 160)-(470, 400): a 1/8-scale decode
+    rgb = gradient(800, 640)
+    path = tmp_path / "big.jpg"
+    Image.fromarray(rgb.round().astype(np.uint8)).save(path, quality=95)
+    table = one_record_table(path, (300.0, 200.0, 100.0, 160.0))
+    build_shards(table, tmp_path / "out", ImageSpec.parse("30"), workers=1, progress=False)
+    got = stored(tmp_path / "out", "train")["bird"]
+    # output pixel (i, j) covers original x = 230 + 8 (j + 0.5), y = 160 + 8 (i + 0.5)
+    x = 230 + 8 * (np.arange(30) + 0.5)
+    y = 160 + 8 * (np.arange(30) + 0.5)
+    assert np.abs(got[0, :, 0] - x * 255 / 799).max() < 4
+    assert np.abs(got[:, 0, 1] - y * 255 / 639).max() < 4

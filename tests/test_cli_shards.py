@@ -1,12 +1,16 @@
 """`cvae-tk shards celeba|cub|folder` end to end on fixture folders in the official layouts."""
 
+import io
 import json
 import subprocess
 import sys
+import tarfile
 
+import numpy as np
 import pytest
 
 from fixtures import make_celeba, make_cub, make_folder
+from toolkit.data.sources import safe_key
 
 
 def cli(*args, cwd):
@@ -30,6 +34,9 @@ def test_celeba_cub_and_folder(tmp_path):
     assert done.returncode == 0, done.stderr
     found = manifests(tmp_path / "out" / "cub")
     assert set(found) == {"train", "test"} and len(found["test"]["attributes"]) == 3 + 4
+    assert found["test"]["build"]["bbox_crop"]  # the crop is part of the build: without it, another build
+    again = cli("cub", "--root", cub["root"], "--out", "out/cub", "--size", "24", "--workers", "1", cwd=tmp_path)
+    assert again.returncode == 2 and "--overwrite" in again.stderr, again.stderr
 
     folder = make_folder(tmp_path / "mine", n=10)
     done = cli("folder", "--root", folder["root"], "--attributes", folder["table"], "--out", "out/mine", "--size", "16x12",
@@ -63,3 +70,57 @@ def test_mistakes_are_one_line_and_write_nothing(tmp_path, args, words):
     for word in words:
         assert word in lines[0]
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def stored_vectors(out, split):
+    """key -> the attribute vector stored in the split's tars."""
+    vectors = {}
+    for shard in sorted((out / split).glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".attr.npy"):
+                    vectors[member.name[: -len(".attr.npy")]] = np.load(io.BytesIO(tar.extractfile(member).read())).tolist()
+    return vectors
+
+
+def test_cub_species_only_without_the_attribute_labels(tmp_path):
+    cub = make_cub(tmp_path / "cub")
+    both = cli("cub", "--root", cub["root"], "--out", "out/both", "--size", "16", "--workers", "1", cwd=tmp_path)
+    assert both.returncode == 0, both.stderr
+    cub["files"]["attribute_labels"].unlink()  # the real sample lacks it
+    species = ["--size", "16", "--condition", "species", "--workers", "1"]
+    mixed = cli("cub", "--root", cub["root"], "--out", "out/both", *species, cwd=tmp_path)
+    assert mixed.returncode == 2 and "--overwrite" in mixed.stderr  # another condition is another build
+    done = cli("cub", "--root", cub["root"], "--out", "out/species", *species, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    found = manifests(tmp_path / "out" / "species")
+    assert found["train"]["attributes"] == found["test"]["attributes"] == cub["class_names"]
+    assert found["train"]["source"] == "cub-200-2011:species"
+    # the one-hot vectors say what image_class_labels.txt says, read here on its own
+    ids = dict(line.split() for line in cub["files"]["images"].read_text().splitlines())
+    labels = dict(line.split() for line in cub["files"]["labels"].read_text().splitlines())
+    expected = {safe_key(ids[i]): [int(c == int(labels[i])) for c in range(1, 4)] for i in ids}
+    got = {**stored_vectors(tmp_path / "out" / "species", "train"), **stored_vectors(tmp_path / "out" / "species", "test")}
+    assert got == expected
+
+
+@pytest.mark.parametrize("condition", [None, "both", "attributes"])
+def test_cub_attributes_without_the_labels_file_is_one_line_and_writes_nothing(tmp_path, condition):
+    cub = make_cub(tmp_path / "cub")
+    cub["files"]["attribute_labels"].unlink()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    done = cli("cub", "--root", cub["root"], "--out", "out/cub", *(["--condition", condition] if condition else []), cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:")
+    assert str(cub["files"]["attribute_labels"]) in lines[0] and "--condition species" in lines[0]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_cub_unknown_condition_is_one_line(tmp_path):
+    cub = make_cub(tmp_path / "cub")
+    done = cli("cub", "--root", cub["root"], "--condition", "birds", cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "species, attributes, both" in lines[0]
+    assert not (tmp_path / "shards").exists()

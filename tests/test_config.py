@@ -75,13 +75,17 @@ def test_bad_model_values_name_the_key(arg, words):
         assert word in str(caught.value)
 
 
-@pytest.mark.parametrize("name", ["digits", "celeba", "celeba64", "cub"])
-def test_every_shipped_recipe_loads(name):
+@pytest.mark.parametrize("name, shards", [
+    ("digits", "digits"), ("celeba", "celeba"), ("celeba64", "celeba64"), ("cub", "cub"),
+    ("celeba-laptop", "celeba64"),  # the same 64x64 shards as celeba64
+    ("cub-species", "cub-species64"),
+])
+def test_every_shipped_recipe_loads(name, shards):
     from toolkit.config import available_recipes
 
     assert name in available_recipes()
     config = load_config([f"recipe={name}"])
-    assert config.recipe == name and config.data.shards == f"shards/{name}"
+    assert config.recipe == name and config.data.shards == f"shards/{shards}"
 
 
 def test_text_keys_take_the_text_as_typed():

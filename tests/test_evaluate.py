@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from tests.test_cli import assert_user_error, run_cli
-from toolkit.classifier import AttributeClassifier, classifier_accuracy, load_classifier, train_classifier
+from toolkit.classifier import AccuracyCounter, AttributeClassifier, classifier_accuracy, load_classifier, reliable_attributes, train_classifier
 from toolkit.data.stream import eval_batches
 from toolkit.errors import UserError
-from toolkit.evaluate import attribute_accuracy, diversity, evaluate_run, reconstruction_metrics
+from toolkit.evaluate import attribute_accuracy, attribute_control, diversity, evaluate_run, reconstruction_metrics
 from toolkit.model import CVAE, ModelSpec, load_model
 
 DIGITS = [f"digit_{i}" for i in range(10)]
@@ -191,10 +191,16 @@ def test_cli_eval_writes_metrics_json(trained_run, classifier_dir, tmp_path):
     assert set(metrics) == {
         "mse_per_image", "mse_per_pixel", "mse_per_image_sampled", "mse_per_pixel_sampled", "kl_per_image", "count", "diversity",
         "attr_acc", "attr_acc_top1", "attr_acc_floor", "attr_acc_floor_top1", "attr_acc_real", "attr_acc_real_top1",
+        "control", "control_all", "control_attributes",
     }
     assert all(value is not None for value in metrics.values()), metrics
     assert report["split"] == "test" and report["classifier"] == str(tmp_path / "classifier") and report["step"] == 60
-    assert set(report["per_attribute"]) == {"generated", "floor", "real"}
+    assert set(report["per_attribute"]) == {"generated", "floor", "real", "real_balanced"}
+    control = report["control"]
+    assert set(control["per_attribute"]) == set(DIGITS) and metrics["control_attributes"] == len(control["reliable"]) > 0
+    trusted = [control["per_attribute"][name]["control"] for name in control["reliable"]]
+    assert metrics["control"] == pytest.approx(sum(trusted) / len(trusted))
+    assert metrics["control"] > 0.6, control  # 60 steps: the digit asked for already shows more often than not
     assert metrics["count"] == 179 and metrics["mse_per_pixel"] == pytest.approx(metrics["mse_per_image"] / VALUES)
     assert metrics["attr_acc_real_top1"] > 0.5
     lines = result.stdout.splitlines()
@@ -212,3 +218,138 @@ def test_cli_eval_and_classifier_errors_are_one_line(trained_run, tmp_path):
     assert_user_error(run_cli(["eval", run, "--classifier", tmp_path / "missing"], tmp_path), "missing")
     assert_user_error(run_cli(["classifier", "train", "recipe=digits", f"data.shards={tmp_path / 'noshards'}"], tmp_path), "noshards")
     assert not (tmp_path / "runs").exists() and not (run / "metrics.json").exists()
+
+
+# --- balanced accuracy and attribute control --------------------------------------------------------
+
+
+def test_balanced_accuracy_equals_a_hand_count():
+    counter = AccuracyCounter(["a", "b", "c"])
+    # a: 3 positives (2 found), 2 negatives (1 rejected); b: always predicted 0, 1 positive; c: all 1s
+    logits = torch.tensor([[1.0, -1, 1], [1, -1, 1], [-1, -1, 1], [1, -1, 1], [-1, -1, 1]])
+    targets = torch.tensor([[1.0, 0, 1], [1, 1, 1], [1, 0, 1], [0, 0, 1], [0, 0, 1]])
+    counter.update(logits[:2], targets[:2])
+    counter.update(logits[2:], targets[2:])
+    result = counter.result()
+    assert result["balanced"]["a"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert result["balanced"]["b"] == pytest.approx((0 / 1 + 4 / 4) / 2) and result["per_attribute"]["b"] == pytest.approx(0.8)
+    assert result["balanced"]["c"] is None  # no negatives: undefined, not 1.0
+    assert result["positives"] == {"a": 3, "b": 1, "c": 5}
+
+
+def test_reliable_attributes_need_accuracy_and_enough_images_on_each_side():
+    accuracy = {"count": 100, "balanced": {"a": 0.9, "b": 0.7, "c": 0.95, "d": None, "e": 0.75},
+                "positives": {"a": 50, "b": 50, "c": 3, "d": 0, "e": 95}}
+    assert reliable_attributes(accuracy) == ["a", "e"]
+
+
+class BrightnessDecoder(nn.Module):
+    """An 8x8 image whose brightness is 0.2 + 0.6 * attribute 0 (+ noise that the classifier ignores),
+    whatever attribute 1 says: attribute 0 is fully controlled, attribute 1 not at all."""
+
+    def forward(self, z, attributes):
+        value = 0.2 + 0.6 * attributes[:, 0] + 0.01 * z[:, 0].tanh()
+        return value[:, None, None, None].expand(-1, 3, 8, 8)
+
+
+class BrightnessClassifier(nn.Module):
+    """Calls attribute 0 present on bright images and attribute 1 present on a random-looking half."""
+
+    attributes, image_size = ["a", "b"], (8, 8)
+
+    def forward(self, images):
+        mean = images.mean(dim=(1, 2, 3))
+        return torch.stack([mean - 0.5, torch.sin(1000 * mean)], dim=1)
+
+
+def test_attribute_control_is_one_for_a_controlled_attribute_and_one_half_for_an_ignored_one():
+    model = CVAE(ModelSpec(["a", "b"], (8, 8), 2)).eval()
+    model.decoder = BrightnessDecoder()
+    vectors = torch.tensor([[0.0, 1], [1, 0], [0, 0], [1, 1]] * 5)
+    scores = attribute_control(BrightnessClassifier(), model, vectors, seed=0, batch_size=3)
+    assert scores["a"] == {"control": 1.0, "present": 1.0, "absent": 1.0, "count": 20}
+    # b does not reach the image: both settings give the same images, so the same calls
+    assert scores["b"]["control"] == pytest.approx(0.5) and scores["b"]["present"] + scores["b"]["absent"] == pytest.approx(1.0)
+    assert attribute_control(BrightnessClassifier(), model, vectors, seed=0, batch_size=7) == scores  # seeded, batch-free
+    assert list(attribute_control(BrightnessClassifier(), model, vectors, names=["b"])) == ["b"]
+
+
+def test_attribute_control_of_one_hot_data_compares_the_class_with_the_others():
+    names = ["c0", "c1", "c2"]
+    model = CVAE(ModelSpec(names, (8, 8), 2)).eval()
+
+    class ClassDecoder(nn.Module):  # brightness 0.1 / 0.5 / 0.9 for the three classes
+        def forward(self, z, attributes):
+            value = (attributes * torch.tensor([0.1, 0.5, 0.9])).sum(dim=1)
+            return value[:, None, None, None].expand(-1, 3, 8, 8)
+
+    class ClassClassifier(nn.Module):  # c0 dark, c1 middle, c2 bright
+        attributes, image_size = names, (8, 8)
+
+        def forward(self, images):
+            mean = images.mean(dim=(1, 2, 3))
+            return torch.stack([0.3 - mean, 0.2 - (mean - 0.5).abs(), mean - 0.7], dim=1)
+
+    model.decoder = ClassDecoder()
+    vectors = torch.eye(3)[[0, 1, 2, 2, 1, 0, 0]]
+    scores = attribute_control(ClassClassifier(), model, vectors)
+    # a=1 is the class itself; a=0 the vector's own (other) class; vectors of class a are left out
+    assert {name: (score["control"], score["count"]) for name, score in scores.items()} == {"c0": (1.0, 4), "c1": (1.0, 5), "c2": (1.0, 5)}
+
+
+def test_classifier_hflip_mirrors_images_and_stays_seeded(digits_shards, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import toolkit.classifier as classifier_module
+
+    seen = []
+    forward = AttributeClassifier.forward
+    monkeypatch.setattr(AttributeClassifier, "forward", lambda self, images: seen.append(images.clone()) or forward(self, images))
+
+    def weights(name, hflip):
+        seen.clear()
+        train_classifier(digits_shards, tmp_path / name, steps=3, batch_size=16, seed=0, width=4, depth=1, hflip=hflip)
+        return load_file(str(tmp_path / name / classifier_module.WEIGHTS)), [t for t in seen[:3]]
+
+    plain, plain_inputs = weights("plain", False)
+    flipped, flipped_inputs = weights("flipped", True)
+    again, _ = weights("again", True)
+    assert all(torch.equal(flipped[k], again[k]) for k in flipped)  # seeded
+    assert not all(torch.equal(flipped[k], plain[k]) for k in flipped)
+    for a, b in zip(plain_inputs, flipped_inputs):  # each image either as it is or mirrored, some of each
+        same = (a == b).flatten(1).all(dim=1)
+        mirrored = (a.flip(-1) == b).flatten(1).all(dim=1)
+        assert bool((same | mirrored).all())
+    assert any(bool(((a.flip(-1) == b).flatten(1).all(dim=1) & ~(a == b).flatten(1).all(dim=1)).any()) for a, b in zip(plain_inputs, flipped_inputs))
+    assert json.loads((tmp_path / "flipped" / "classifier.json").read_text())["training"]["hflip"] is True
+
+
+def test_attribute_control_of_one_hot_data_scores_the_classes_present_by_default():
+    names = [f"c{i}" for i in range(6)]
+    model = CVAE(ModelSpec(names, (8, 8), 2)).eval()
+
+    class Anything(nn.Module):
+        attributes, image_size = names, (8, 8)
+
+        def forward(self, images):
+            return images.mean(dim=(1, 2, 3))[:, None].expand(-1, len(names)) - 0.5
+
+    vectors = torch.eye(6)[[4, 1, 4, 1]]
+    assert sorted(attribute_control(Anything(), model, vectors)) == ["c1", "c4"]
+
+
+def test_balanced_classifier_weighs_each_attribute_by_its_rarity(digits_shards, tmp_path):
+    from safetensors.torch import load_file
+
+    from toolkit.classifier import positive_weights
+
+    train_vectors = torch.cat([a for _, a in eval_batches(digits_shards, "train", batch_size=10_000)])
+    positives = train_vectors.sum(dim=0)
+    assert torch.allclose(positive_weights(digits_shards), (len(train_vectors) - positives) / positives)
+    weights = {}
+    for balanced in (False, True):
+        out = tmp_path / str(balanced)
+        train_classifier(digits_shards, out, steps=3, batch_size=16, seed=0, width=4, depth=1, balanced=balanced)
+        weights[balanced] = load_file(str(out / "classifier.safetensors"))
+        assert json.loads((out / "classifier.json").read_text())["training"]["balanced"] is balanced
+    assert not torch.equal(weights[False]["head.weight"], weights[True]["head.weight"])

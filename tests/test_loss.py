@@ -78,3 +78,40 @@ def test_cvae_loss_with_a_learned_prior():
     assert torch.allclose(cvae_loss(recon, target, mu, logvar, 0.25, zeros, zeros).kl, standard.kl)
     with pytest.raises(ValueError, match="both"):
         cvae_loss(recon, target, mu, logvar, 0.25, prior_mu, None)
+
+
+def test_hybrid_loss_adds_the_prior_samples_error_with_its_weight():
+    recon = torch.tensor([[[[0.0, 1.0]]], [[[0.5, 0.5]]]])
+    target = torch.tensor([[[[1.0, 1.0]]], [[[0.0, 0.0]]]])
+    prior_recon = torch.tensor([[[[1.0, 0.0]]], [[[1.0, 1.0]]]])  # errors 1 and 2 -> batch mean 1.5
+    mu, logvar = torch.tensor([[0.0, 1.0], [2.0, 0.0]]), torch.zeros(2, 2)
+    paper = cvae_loss(recon, target, mu, logvar, beta=0.25)
+    hybrid = cvae_loss(recon, target, mu, logvar, beta=0.25, prior_recon=prior_recon, gsnn_weight=0.4)
+    assert paper.mse_prior is None and math.isclose(hybrid.mse_prior.item(), 1.5, rel_tol=1e-6)
+    assert math.isclose(hybrid.total.item(), 0.6 * paper.total.item() + 0.4 * 0.75 * 1.5, rel_tol=1e-6)
+    assert torch.equal(hybrid.mse, paper.mse) and torch.equal(hybrid.kl, paper.kl)
+    # weight 0 is the paper's loss exactly, whatever prior_recon holds
+    assert torch.equal(cvae_loss(recon, target, mu, logvar, 0.25, prior_recon=prior_recon).total, paper.total)
+    with pytest.raises(ValueError, match="prior_recon"):
+        cvae_loss(recon, target, mu, logvar, beta=0.25, gsnn_weight=0.5)
+
+
+@pytest.mark.parametrize("prior", ["standard", "learned"])
+def test_forward_decodes_a_prior_sample_when_asked(prior):
+    from toolkit.model import CVAE, ModelSpec
+
+    torch.manual_seed(0)
+    model = CVAE(ModelSpec(["a", "b", "c"], (8, 8), 4, prior=prior))
+    if prior == "learned":  # move the prior off N(0, I) so that the test tells them apart
+        with torch.no_grad():
+            model.prior_net.net[-1].bias.normal_()
+    images, attributes = torch.rand(5, 3, 8, 8), torch.tensor([[1.0, 0, 1]] * 5)
+    assert model(images, attributes).prior_recon is None
+    torch.manual_seed(1)
+    out = model(images, attributes, prior_sample=True)
+    torch.manual_seed(1)
+    mu, _ = model.encoder(images, attributes)
+    torch.randn_like(mu)  # the posterior's eps is drawn first
+    noise = torch.randn_like(mu)
+    assert out.prior_recon.shape == (5, 3, 8, 8)
+    assert torch.allclose(out.prior_recon, model.generate(attributes, noise), atol=1e-6)

@@ -293,6 +293,7 @@ def cub_data_sets(draw):
     style = draw(st.fixed_dictionaries({
         "newline": st.sampled_from(["\n", "\r\n"]), "pad": st.sampled_from(["", "0", "00"]),  # ids as '007'
         "inside": st.booleans(), "extra_columns": st.booleans(), "bbox": st.booleans(),
+        "condition": st.sampled_from(["both", "species", "attributes"]),
         "order": st.permutations(range(len(image_ids) * len(attribute_ids))),
     }))
     return dict(class_ids=class_ids, class_names=class_names, attribute_ids=attribute_ids, attribute_names=attribute_names,
@@ -338,11 +339,17 @@ def write_cub(root: Path, d, texts: dict[str, bytes]) -> Path:
     return data
 
 
-def oracle_cub(data: Path, texts: dict[str, bytes], bbox: bool):
+SPECIES_FILES = {"classes.txt", "image_class_labels.txt"}
+ATTRIBUTE_FILES = {"attributes.txt", "attributes/image_attribute_labels.txt"}
+
+
+def oracle_cub(data: Path, texts: dict[str, bytes], bbox: bool, condition: str = "both"):
     """CUB-200-2011's rules, read independently (see the docstring of toolkit/data/cub.py)."""
-    rows = {}
+    species, attributes = condition != "attributes", condition != "species"
+    rows = {name: [] for name in SPECIES_FILES | ATTRIBUTE_FILES}  # a condition's unused files stay empty
     for name in CUB_FILES:
-        if name == "bounding_boxes.txt" and not bbox:
+        if (name == "bounding_boxes.txt" and not bbox) or (name in SPECIES_FILES and not species) \
+                or (name in ATTRIBUTE_FILES and not attributes):
             continue
         blob = texts.get(name)
         require(blob is not None and decoded(blob) is not None)
@@ -354,8 +361,8 @@ def oracle_cub(data: Path, texts: dict[str, bytes], bbox: bool):
         require(unique(ids))
         return ids, [r[1] for r in rows[name]]
 
-    class_ids, class_names = named("classes.txt")
-    attribute_ids, attribute_names = named("attributes.txt")
+    class_ids, class_names = named("classes.txt") if species else ([], [])
+    attribute_ids, attribute_names = named("attributes.txt") if attributes else ([], [])
     require(unique(class_names + attribute_names))  # one name per position of the condition vector
     images = rows["images.txt"]
     require(images and all(len(r) == 2 for r in images))
@@ -389,7 +396,7 @@ def oracle_cub(data: Path, texts: dict[str, bytes], bbox: bool):
         require(all(math.isfinite(v) for v in (x, y, w, h)) and w > 0 and h > 0)
         return (x, y, w, h)
 
-    labels = per_image("image_class_labels.txt", 1, class_of)
+    labels = per_image("image_class_labels.txt", 1, class_of) if species else [None] * len(image_ids)
     train = per_image("train_test_split.txt", 1, split)
     boxes = per_image("bounding_boxes.txt", 4, box) if bbox else [None] * len(image_ids)
     present = np.zeros((len(image_ids), len(attribute_ids)), np.uint8)
@@ -402,12 +409,13 @@ def oracle_cub(data: Path, texts: dict[str, bytes], bbox: bool):
         certainty = to_int(r[3])
         seen.add((image, attribute))
         present[image_ids.index(image), attribute_ids.index(attribute)] = r[2] == "1" and certainty >= 3
-    require(len(seen) == len(image_ids) * len(attribute_ids))
+    require(len(seen) == len(image_ids) * len(attribute_ids))  # 0 == 0 when the attributes are not read
     require(all(is_file(data / "images" / p) for p in relpaths) and unique(safe_key(p) for p in relpaths))
     splits = {"train": [], "test": []}
     for index, relpath in enumerate(relpaths):
         row = [0] * len(class_ids) + present[index].tolist()
-        row[labels[index]] = 1
+        if species:
+            row[labels[index]] = 1
         splits["train" if train[index] else "test"].append((safe_key(relpath), data / "images" / relpath, row, boxes[index]))
     return class_names + attribute_names, splits
 
@@ -415,15 +423,21 @@ def oracle_cub(data: Path, texts: dict[str, bytes], bbox: bool):
 @SETTINGS
 @given(cub_data_sets())
 def test_cub_valid_files_read_back_exactly(d):
-    bbox = d["style"]["bbox"]
+    bbox, condition = d["style"]["bbox"], d["style"]["condition"]
+    species, with_attributes = condition != "attributes", condition != "species"
+    texts = cub_texts(d)
+    if not with_attributes:  # species alone must not need the attribute files
+        texts["attributes.txt"] = texts["attributes/image_attribute_labels.txt"] = None
     with tempfile.TemporaryDirectory() as folder:
-        data = write_cub(Path(folder), d, cub_texts(d))
-        attributes, splits = summary(read_cub(Path(folder), bbox_crop=bbox))
-    assert attributes == d["class_names"] + d["attribute_names"]
+        data = write_cub(Path(folder), d, texts)
+        attributes, splits = summary(read_cub(Path(folder), bbox_crop=bbox, condition=condition))
+    assert attributes == (d["class_names"] if species else []) + (d["attribute_names"] if with_attributes else [])
     expected = {"train": [], "test": []}
     for index, relpath in enumerate(d["relpaths"]):
-        row = [0] * len(d["class_ids"]) + [int(p == 1 and c >= 3) for p, c in d["marks"][index]]
-        row[d["class_ids"].index(d["labels"][index])] = 1
+        marks = [int(p == 1 and c >= 3) for p, c in d["marks"][index]]
+        row = ([0] * len(d["class_ids"]) if species else []) + (marks if with_attributes else [])
+        if species:
+            row[d["class_ids"].index(d["labels"][index])] = 1
         box = tuple(map(float, d["boxes"][index])) if bbox else None
         expected["train" if d["train"][index] else "test"].append((safe_key(relpath), data / "images" / relpath, row, box))
     assert splits == expected
@@ -432,15 +446,15 @@ def test_cub_valid_files_read_back_exactly(d):
 @SETTINGS
 @given(cub_data_sets(), st.data())
 def test_cub_mangled_files_give_the_rules_result_or_one_user_error(d, data):
-    bbox = d["style"]["bbox"]
+    bbox, condition = d["style"]["bbox"], d["style"]["condition"]
     texts = cub_texts(d)
     for name in data.draw(st.lists(st.sampled_from(sorted(texts)), min_size=1, max_size=2, unique=True), label="files"):
         texts[name] = None if data.draw(st.integers(0, 9), label="drop") == 0 else mangle(data, texts[name])
     with tempfile.TemporaryDirectory() as folder:
         data_folder = write_cub(Path(folder), d, texts)
-        got = read_or_error(read_cub, Path(folder), bbox_crop=bbox)
+        got = read_or_error(read_cub, Path(folder), bbox_crop=bbox, condition=condition)
         try:
-            expected = oracle_cub(data_folder, texts, bbox)
+            expected = oracle_cub(data_folder, texts, bbox, condition)
         except Invalid:
             expected = None
     assert got == expected

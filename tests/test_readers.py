@@ -222,6 +222,45 @@ def test_cub_missing_image_files(cub):
     raises(["images.txt", "2 listed image(s)", cub["relpaths"][2], cub["relpaths"][3]], read_cub, cub["root"])
 
 
+def test_cub_species_only_needs_no_attribute_files(cub):
+    cub["files"]["attribute_labels"].unlink()  # what many copies of CUB lack
+    cub["files"]["attributes"].unlink()
+    table = read_cub(cub["root"], condition="species")
+    assert table.source == "cub-200-2011:species" and table.attributes == cub["class_names"]
+    records = by_key(table)
+    assert len(records) == len(cub["relpaths"])
+    for relpath in cub["relpaths"]:
+        assert records[safe_key(relpath)].attributes.tolist() == [int(c == cub["labels"][relpath]) for c in range(3)]
+    assert {s: [r.key for r in rs] for s, rs in table.splits.items()} == {
+        s: [safe_key(r) for r in rs] for s, rs in cub["splits"].items()}
+    replace_line(cub["files"]["labels"], 4, "4 9")  # the species files are still checked
+    raises(["image_class_labels.txt line 4: class id 9"], read_cub, cub["root"], condition="species")
+
+
+def test_cub_attributes_only(cub):
+    cub["files"]["classes"].unlink()  # not read for attributes only
+    cub["files"]["labels"].unlink()
+    table = read_cub(cub["root"], condition="attributes")
+    assert table.source == "cub-200-2011:attributes" and table.attributes == cub["attribute_names"]
+    for relpath, expected in cub["attributes"].items():
+        assert by_key(table)[safe_key(relpath)].attributes.tolist() == expected[3:].tolist()
+    assert by_key(table)[safe_key(cub["crafted"])].attributes[:3].tolist() == [1, 0, 0]  # certainty rule kept
+
+
+@pytest.mark.parametrize("condition", ["both", "attributes"])
+@pytest.mark.parametrize("missing", ["attribute_labels", "attributes"])
+def test_cub_missing_attribute_files_say_how_to_do_without(cub, condition, missing):
+    cub["files"][missing].unlink()
+    message = raises([cub["files"][missing].name, "--condition species"], read_cub, cub["root"], condition=condition)
+    assert "\n" not in message
+    if missing == "attribute_labels":
+        assert str(cub["files"][missing]) in message
+
+
+def test_cub_unknown_condition(cub):
+    raises(["'species+attributes'", "species, attributes, both"], read_cub, cub["root"], condition="species+attributes")
+
+
 # ----------------------------------------------------------------------------------------------- folder
 
 

@@ -67,7 +67,7 @@ def test_a_sweep_writes_the_table_the_figures_and_sweep_json(swept):
 
     rows = read_csv(out / "table1.csv")
     assert list(rows[0]) == ["beta", "mse_per_image", "mse_per_pixel", "kl_per_image", "attr_acc", "attr_acc_floor",
-                             "attr_acc_top1", "attr_acc_floor_top1", "diversity"]
+                             "attr_acc_top1", "attr_acc_floor_top1", "control", "diversity"]
     assert [row["beta"] for row in rows] == ["0.9", "0.5"]  # descending, as the paper's Table 1
     for row in rows:
         values = {key: float(value) for key, value in row.items()}  # every cell numeric (a classifier was given)
@@ -206,3 +206,35 @@ def test_figure5_rows_for_multi_hot_attributes():
     assert labels[1:] == [f"+ a{i}" for i in range(20, 20 + EDIT_LIMIT)]
     with pytest.raises(UserError, match="nope"):
         attribute_rows(base, names, ["nope"])
+
+
+def test_many_class_one_hot_data_shows_the_classes_the_test_split_holds(tmp_path):
+    """CUB species-only shards (200 classes, a sample holding a few): grids and Figures 3 and 5 show
+    each class present in the test split alone, not the first test images' (mostly one) species."""
+    import io
+
+    import numpy as np
+
+    from toolkit.data.shards import Sample, write_split
+    from toolkit.figures import attribute_rows, sample_conditions, split_classes
+    from toolkit.train import grid_conditions
+
+    names = [f"species_{i}" for i in range(40)]
+    present = [7, 7, 7, 3, 7, 31, 3, 12]  # test images' classes, in order
+
+    def png() -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), (90, 120, 150)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    samples = [Sample(f"img{i}", png(), "png", np.eye(40, dtype=np.uint8)[c]) for i, c in enumerate(present)]
+    write_split(samples, tmp_path, "test", names, (8, 8), "test", shard_size=3)
+    assert split_classes(tmp_path, 40, 16) == [7, 3, 31, 12] and split_classes(tmp_path, 40, 2) == [7, 3]
+    assert grid_conditions(str(tmp_path), 40).argmax(dim=1).tolist() == [7, 3, 31, 12]
+    conditions, labels = sample_conditions(tmp_path, names)
+    assert labels == ["species_7", "species_3", "species_31", "species_12"] and conditions.sum(dim=1).tolist() == [1.0] * 4
+    import torch
+
+    vectors, labels, mode = attribute_rows(torch.eye(40)[7], names, classes=[7, 3, 31, 12])
+    assert mode == "switch class" and labels == ["base: species_7", "-> species_3", "-> species_31", "-> species_12"]
+    assert vectors.sum(dim=1).tolist() == [1.0] * 4  # never two species at once

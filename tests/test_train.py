@@ -197,3 +197,19 @@ def test_resuming_with_another_data_order_warns_once_and_goes_on(digits_shards, 
     assert err.count("warning: resuming from") == 1
     assert "seed=3 (was 0), batch_size=8 (was 16)" in err and "will not match an uninterrupted run" in err
     assert load_model(run).spec.extra["step"] == 8
+
+
+def test_the_hybrid_loss_trains_and_logs_the_prior_samples_error(digits_shards, tmp_path):
+    from toolkit.figures import read_scalars
+
+    def trained(name, *extra):
+        config = load_config(["recipe=digits", f"run_dir={tmp_path / name}", f"data.shards={digits_shards}", "max_steps=4",
+                              "batch_size=16", "log_every=2", "sample_every=100", "data.num_workers=0", *extra])
+        return train(config)
+
+    paper, hybrid = trained("paper"), trained("hybrid", "gsnn_weight=0.5")
+    assert set(read_scalars(hybrid, ("train/mse_prior",))["train/mse_prior"]) and not read_scalars(paper, ("train/mse_prior",))["train/mse_prior"]
+    a, b = load_file(str(paper / "model.safetensors")), load_file(str(hybrid / "model.safetensors"))
+    assert not torch.equal(a["decoder.fc.weight"], b["decoder.fc.weight"])  # the prior term reaches the decoder
+    with pytest.raises(UserError, match="gsnn_weight"):
+        load_config(["recipe=digits", "gsnn_weight=1"])

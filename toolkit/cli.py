@@ -80,14 +80,21 @@ def shards_cub(
     root: Path = typer.Option(..., "--root", help="The archive root (attributes.txt beside CUB_200_2011/) or CUB_200_2011/ itself."),
     out: Path = typer.Option(Path("shards/cub"), "--out"),
     size: str = typer.Option("224", "--size", help="N (N x N), HxW or original."),
-    bbox_crop: bool = typer.Option(False, "--bbox-crop", help="Crop each bird to its bounding box first."),
+    condition: str = typer.Option(
+        "both", "--condition",
+        help="species (200-way one-hot only; needs no attribute files), attributes (the 312 only) or both (the paper's 512).",
+    ),
+    bbox_crop: bool = typer.Option(
+        False, "--bbox-crop",
+        help="Crop around each bird first: the square of 1.5 x its bounding box's longer side, clipped to the image (StackGAN / AttnGAN).",
+    ),
     crop: Optional[str] = CROP, workers: int = WORKERS, shard_size: Optional[int] = SHARD_SIZE,
     strict: bool = STRICT, overwrite: bool = OVERWRITE,
 ) -> None:
-    """CUB-200-2011: 200-way species one-hot + 312 attributes (present and certainty >= 3), official split."""
+    """CUB-200-2011, official split: 200-way species one-hot + 312 attributes (present and certainty >= 3), or either alone."""
     from toolkit.data.cub import read_cub
 
-    _build(read_cub(root, bbox_crop=bbox_crop), out, size, crop, workers, shard_size, strict, overwrite)
+    _build(read_cub(root, bbox_crop=bbox_crop, condition=condition), out, size, crop, workers, shard_size, strict, overwrite)
 
 
 @shards_app.command("folder")
@@ -252,6 +259,11 @@ def eval_run(
         typer.echo(f"{name.ljust(width)}  {_format_metric(value)}")
     if report["classifier"] is None and report["metrics"]["attr_acc"] is None:
         typer.echo("(no attribute classifier: train one with `cvae-tk classifier train recipe=NAME`, or pass --classifier)")
+    if report.get("control"):
+        per = report["control"]["per_attribute"]
+        reliable = [name for name in report["control"]["reliable"] if name in per]
+        shown = ", ".join(f"{name} {per[name]['control']:.2f}" for name in reliable) or "none"
+        typer.echo(f"control of the attributes the classifier recognises reliably on real images: {shown}")
     typer.echo(f"wrote {Path(run_dir) / METRICS_FILE}")
 
 
@@ -266,6 +278,11 @@ def classifier_train(
     lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (default 1e-3)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default runs/<recipe>-classifier)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    hflip: bool = typer.Option(False, "--hflip", help="Mirror a random half of each batch (faces, birds; not digits or text)."),
+    balanced: bool = typer.Option(
+        False, "--balanced", help="Weigh each attribute's rare value up (BCE pos_weight) so rare attributes (Eyeglasses) are called present."
+    ),
+    width: Optional[int] = typer.Option(None, "--width", min=1, max=512, help="Channels of the first block (default 32)."),
 ) -> None:
     """Train the attribute classifier on a recipe's shards: cvae-tk classifier train recipe=NAME [key=value ...].
 
@@ -282,13 +299,19 @@ def classifier_train(
     out = out or Path("runs") / f"{config.recipe}-classifier"
     path = train_classifier(
         config.data.shards, out, steps=steps or DEFAULTS["steps"], batch_size=config.batch_size, lr=lr or DEFAULTS["lr"],
-        seed=config.seed, device=str(resolve_device(device)), num_workers=config.data.num_workers, log=typer.echo,
+        seed=config.seed, device=str(resolve_device(device)), num_workers=config.data.num_workers, hflip=hflip, balanced=balanced,
+        width=width or DEFAULTS["width"], log=typer.echo,
     )
     import json
+
+    from toolkit.classifier import RELIABLE_BALANCED, reliable_attributes
 
     accuracy = json.loads((path.parent / "classifier.json").read_text())["test_accuracy"]
     top1 = f", top-1 {accuracy['top1']:.4f}" if accuracy["top1"] is not None else ""
     typer.echo(f"real test images: mean attribute accuracy {accuracy['mean']:.4f}{top1}")
+    reliable = reliable_attributes(accuracy)
+    shown = ", ".join(f"{name} {accuracy['balanced'][name]:.2f}" for name in reliable)
+    typer.echo(f"recognised reliably (balanced accuracy >= {RELIABLE_BALANCED}): {len(reliable)} of {len(accuracy['balanced'])}: {shown or 'none'}")
     typer.echo(f"wrote {path} and {path.parent / 'classifier.json'}")
 
 

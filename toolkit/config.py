@@ -61,6 +61,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     beta: float = 0.5  # loss = (1 - beta) * MSE + beta * KL
+    gsnn_weight: float = 0.0  # g > 0: Sohn et al.'s hybrid loss (1 - g) * that + g * (1 - beta) * MSE of a prior sample
     mixed_precision: str = "auto"  # auto: whatever `accelerate launch` / its config says
     log_every: int = 50
     sample_every: int = 500  # sample and reconstruction grids every N steps (and at the end)
@@ -197,6 +198,7 @@ def validate(config: TrainConfig) -> None:
     check(config.batch_size > 0, "batch_size", "a positive integer")
     check(0 < config.lr < math.inf, "lr", "a positive finite number")
     check(0.0 <= config.beta <= 1.0, "beta", "a number in [0, 1]")
+    check(0.0 <= config.gsnn_weight < 1.0, "gsnn_weight", "a number in [0, 1) (0: the paper's loss; 1 would leave the encoder untrained)")
     check(config.mixed_precision in PRECISIONS, "mixed_precision", " | ".join(PRECISIONS))
     check(config.log_every > 0, "log_every", "a positive integer")
     check(config.sample_every > 0, "sample_every", "a positive integer")

@@ -21,6 +21,17 @@ Reductions (the same as the training loss, `toolkit/loss.py`):
   requested 1) only when every vector is one-hot (e.g. the digits). The floor compares the same
   images with the vectors shuffled across images (a seeded permutation): what a generator that
   ignores its condition would score. The ceiling is the classifier on the real test images.
+- Attribute control (what the paper's Figure 5 shows by eye): for each attribute a, the first
+  CONTROL_CONDITIONS test vectors are generated twice with the same noise, once with a set to 1
+  and once with a set to 0; the score is the classifier's balanced accuracy at telling the two sets
+  apart ((fraction of the a=1 images it calls a + fraction of the a=0 images it does not) / 2):
+  0.5 = the attribute does not reach the image, 1.0 = it always does. One-hot data (a class): the
+  a=1 image is the class a, the a=0 image the vector's own class, vectors of class a left out.
+  "control" averages over the attributes the classifier recognises reliably on the real test
+  images (`classifier.reliable_attributes`: balanced accuracy >= 0.75, >= 5 images each side),
+  since an attribute it cannot see in real faces says nothing about generated ones; "control_all"
+  over every attribute scored: all up to CONTROL_ALL_LIMIT (CelebA's 40), else the reliable ones;
+  one-hot data: the classes the test vectors hold.
 """
 
 from __future__ import annotations
@@ -37,6 +48,10 @@ from toolkit.errors import UserError, one_line
 METRICS_FILE = "metrics.json"
 DIVERSITY_CONDITIONS = 32  # test attribute vectors diversity is averaged over
 DIVERSITY_SAMPLES = 8
+CLASSIFIER_METRICS = ("attr_acc", "attr_acc_top1", "attr_acc_floor", "attr_acc_floor_top1", "attr_acc_real", "attr_acc_real_top1",
+                      "control", "control_all", "control_attributes")  # None without a classifier
+CONTROL_CONDITIONS = 256  # test attribute vectors the control score uses (two images each per attribute)
+CONTROL_ALL_LIMIT = 64  # with more attributes, control is scored for the reliable ones only (2 x 256 images each)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -191,6 +206,60 @@ def attribute_accuracy(
     return counter.result()
 
 
+@torch.no_grad()
+def attribute_control(
+    classifier, model, attributes: torch.Tensor, seed: int = 0, device: str | torch.device = "cpu", batch_size: int = 256,
+    names: list[str] | None = None,
+) -> dict:
+    """Per attribute, the classifier's balanced accuracy at telling images generated with it set to 1
+    from images generated with it set to 0, the same noise and the rest of the vector the same.
+
+    `attributes` [N, A]: the conditions to start from (the test split's vectors); noise: one [N, Z]
+    draw of a CPU generator seeded with `seed`. `names`: the attributes to score (default all of the
+    model's). Returns {name: {"control": balanced accuracy, "present": fraction of the a=1 images
+    classified a, "absent": fraction of the a=0 images classified not a, "count": vectors}}; one-hot
+    data (every vector one-hot) compares class a with the vectors' own other classes (module docstring).
+    """
+    from toolkit.classifier import THRESHOLD, check_image_size, columns_for
+
+    model_names = list(model.spec.attributes)
+    vectors = torch.as_tensor(attributes, dtype=torch.float32)
+    if vectors.dim() != 2 or vectors.shape[1] != len(model_names) or len(vectors) == 0:
+        raise UserError(f"attribute control needs attribute vectors [N, {len(model_names)}], got shape {tuple(vectors.shape)}")
+    one_hot = bool((vectors.sum(dim=1) == 1).all() and ((vectors == 0) | (vectors == 1)).all())
+    if names is None:  # one-hot: the classes the vectors hold (CUB's 200 species, of which a sample has a few)
+        names = [model_names[i] for i in sorted(set(vectors.argmax(dim=1).tolist()))] if one_hot else model_names
+    names = list(names)
+    columns = columns_for(classifier, names, "the model")
+    check_image_size(classifier, model.spec.image_size, "the model")
+    noise = torch.randn(len(vectors), model.spec.latent_dim, generator=torch.Generator().manual_seed(seed))
+    device = torch.device(device)
+    classifier = classifier.to(device).eval()
+
+    def called_present(conditions: torch.Tensor, z: torch.Tensor, column: int) -> torch.Tensor:
+        calls = []
+        for start in range(0, len(conditions), batch_size):
+            images = model.generate(conditions[start : start + batch_size].to(device), z[start : start + batch_size].to(device))
+            calls.append((classifier(images.float().clamp(0, 1))[:, column] > THRESHOLD).cpu())
+        return torch.cat(calls).double()
+
+    result = {}
+    for name, column in zip(names, columns.tolist()):
+        index = model_names.index(name)
+        keep = vectors[:, index] == 0 if one_hot else torch.ones(len(vectors), dtype=torch.bool)
+        if not keep.any():
+            continue
+        base, z = vectors[keep], noise[keep]
+        with_a, without_a = base.clone(), base.clone()
+        if one_hot:
+            with_a.zero_()
+        with_a[:, index], without_a[:, index] = 1.0, 0.0
+        present = float(called_present(with_a, z, column).mean())
+        absent = 1.0 - float(called_present(without_a, z, column).mean())
+        result[name] = {"control": (present + absent) / 2, "present": present, "absent": absent, "count": len(base)}
+    return result
+
+
 # --- one run ---------------------------------------------------------------------------------------
 
 
@@ -229,7 +298,7 @@ def find_classifier(run_dir: str | Path, recipe: str | None = None) -> Path | No
 def evaluate_run(
     run_dir: str | Path, split: str = "test", classifier=None, device: str | torch.device = "auto", shards: str | None = None,
     seed: int = 0, batch_size: int = 256, diversity_samples: int = DIVERSITY_SAMPLES, diversity_conditions: int = DIVERSITY_CONDITIONS,
-    find: bool = True, write: bool = True,
+    control_conditions: int = CONTROL_CONDITIONS, find: bool = True, write: bool = True,
 ) -> dict:
     """All metrics of a run on `split`, written to RUN/metrics.json (tmp + rename) and returned.
 
@@ -239,12 +308,15 @@ def evaluate_run(
         {"run_dir", "split", "shards", "recipe", "step", "beta", "seed", "classifier": folder | null,
          "metrics": {mse_per_image, mse_per_pixel, mse_per_image_sampled, mse_per_pixel_sampled,
                      kl_per_image, count, diversity, attr_acc, attr_acc_top1, attr_acc_floor,
-                     attr_acc_floor_top1, attr_acc_real, attr_acc_real_top1},   (floats or null)
-         "per_attribute": {"generated": {...}, "floor": {...}, "real": {...}} | null,
+                     attr_acc_floor_top1, attr_acc_real, attr_acc_real_top1, control, control_all,
+                     control_attributes},   (floats or null)
+         "per_attribute": {"generated": {...}, "floor": {...}, "real": {...}, "real_balanced": {...}} | null,
+         "control": {"reliable": [names], "per_attribute": {name: {control, present, absent, count,
+                     real_balanced, reliable}}} | null,
          "settings": {"batch_size", "diversity_samples", "diversity_conditions"}}
     Definitions and reductions: the module docstring.
     """
-    from toolkit.classifier import AttributeClassifier, check_image_size, classifier_accuracy, columns_for, load_classifier
+    from toolkit.classifier import AttributeClassifier, check_image_size, classifier_accuracy, columns_for, load_classifier, reliable_attributes
     from toolkit.data.stream import read_manifest
     from toolkit.model import load_model
 
@@ -278,8 +350,8 @@ def evaluate_run(
             check_image_size(classifier, model.spec.image_size, f"the model of {run_dir}")
         except UserError as error:
             raise UserError(f"classifier {classifier_dir or ''}: {error}") from None
-    per_attribute = None
-    metrics.update({key: None for key in ("attr_acc", "attr_acc_top1", "attr_acc_floor", "attr_acc_floor_top1", "attr_acc_real", "attr_acc_real_top1")})
+    per_attribute, control = None, None
+    metrics.update({key: None for key in CLASSIFIER_METRICS})
     if classifier is not None:
         results = {
             "generated": attribute_accuracy(classifier, model, shards, split, seed, False, device, batch_size, vectors),
@@ -289,12 +361,29 @@ def evaluate_run(
         for kind, key in (("generated", "attr_acc"), ("floor", "attr_acc_floor"), ("real", "attr_acc_real")):
             metrics[key], metrics[f"{key}_top1"] = results[kind]["mean"], results[kind]["top1"]
         per_attribute = {kind: result["per_attribute"] for kind, result in results.items()}
+        per_attribute["real_balanced"] = results["real"]["balanced"]
+        reliable = reliable_attributes(results["real"])
+        # up to CONTROL_ALL_LIMIT attributes each is scored; beyond (CUB's 512) the reliable ones only
+        scored = None if len(model.spec.attributes) <= CONTROL_ALL_LIMIT else reliable
+        scores = attribute_control(classifier, model, vectors[:control_conditions], seed, device, batch_size, scored)
+        control = {
+            "reliable": reliable,
+            "per_attribute": {
+                name: {**score, "real_balanced": results["real"]["balanced"][name], "reliable": name in reliable}
+                for name, score in scores.items()
+            },
+        }
+        metrics["control_all"] = sum(s["control"] for s in scores.values()) / len(scores) if scores else None
+        trusted = [scores[name]["control"] for name in reliable if name in scores]
+        metrics["control"] = sum(trusted) / len(trusted) if trusted else None
+        metrics["control_attributes"] = len(trusted)
 
     report = {
         "run_dir": str(run_dir), "split": split, "shards": shards, "recipe": extra.get("recipe"), "step": extra.get("step"),
         "beta": extra.get("beta"), "seed": seed, "classifier": str(classifier_dir) if classifier_dir else None,
-        "metrics": metrics, "per_attribute": per_attribute,
-        "settings": {"batch_size": batch_size, "diversity_samples": diversity_samples, "diversity_conditions": min(diversity_conditions, len(vectors))},
+        "metrics": metrics, "per_attribute": per_attribute, "control": control,
+        "settings": {"batch_size": batch_size, "diversity_samples": diversity_samples, "diversity_conditions": min(diversity_conditions, len(vectors)),
+                     "control_conditions": min(control_conditions, len(vectors))},
     }
     if write:
         write_json_atomic(run_dir / METRICS_FILE, report)

@@ -94,14 +94,41 @@ def is_one_hot(vectors: torch.Tensor) -> bool:
     return bool(len(vectors)) and bool(((vectors == 0) | (vectors == 1)).all()) and bool((vectors.sum(dim=1) == 1).all())
 
 
-def sample_conditions(shards, attributes: list[str]) -> tuple[torch.Tensor, list[str]]:
-    """Figure 3's columns: each class alone when there are few one-hot attributes (the digits), else
-    the attribute vectors of the first COLUMNS test images (real combinations)."""
+def split_classes(shards, num_attributes: int, limit: int, split: str = "test", **stream) -> list[int] | None:
+    """One-hot data (a class label): the classes of `split` in order of first appearance, at most
+    `limit`; None when the vectors are not one-hot. With few classes (the digits) every class; with
+    many (CUB's 200 species, of which a sample may hold 8) the ones the split really has, read until
+    `limit` are found, so a grid shows different birds rather than the first test images' species."""
     from toolkit.data.stream import eval_batches
 
+    if num_attributes <= ONE_HOT_LIMIT:
+        batches = islice(eval_batches(shards, split, batch_size=COLUMNS, **stream), 1)
+    else:
+        batches = eval_batches(shards, split, batch_size=256, **stream)
+    classes: list[int] = []
+    for _, vectors in batches:
+        if not is_one_hot(vectors):
+            return None
+        for index in vectors.argmax(dim=1).tolist():
+            if index not in classes:
+                classes.append(index)
+        if len(classes) >= limit:
+            break
+    if not classes:
+        return None
+    return list(range(num_attributes))[:limit] if num_attributes <= ONE_HOT_LIMIT else classes[:limit]
+
+
+def sample_conditions(shards, attributes: list[str]) -> tuple[torch.Tensor, list[str]]:
+    """Figure 3's columns: each class alone for one-hot data (every class when there are few, such as
+    the digits; else the first ONE_HOT_LIMIT classes the test split holds), else the attribute
+    vectors of the first COLUMNS test images (real combinations)."""
+    from toolkit.data.stream import eval_batches
+
+    classes = split_classes(shards, len(attributes), ONE_HOT_LIMIT)
+    if classes is not None:
+        return torch.eye(len(attributes))[classes], [attributes[i] for i in classes]
     _, vectors = next(iter(eval_batches(shards, "test", batch_size=COLUMNS)))
-    if len(attributes) <= ONE_HOT_LIMIT and is_one_hot(vectors):
-        return torch.eye(len(attributes)), list(attributes)
     return vectors.float(), [f"test image {i}" for i in range(len(vectors))]
 
 
@@ -135,10 +162,12 @@ def reconstruction_figure(models: dict, shards, count: int = COLUMNS):
 
 
 def attribute_rows(
-    base: torch.Tensor, names: list[str], only: list[str] | None = None, frequencies: torch.Tensor | None = None
+    base: torch.Tensor, names: list[str], only: list[str] | None = None, frequencies: torch.Tensor | None = None,
+    classes: list[int] | None = None,
 ) -> tuple[torch.Tensor, list[str], str]:
     """Figure 5's conditions: the base vector, then one change per row. One-hot data (a class label):
-    the active class switched to each other class. Multi-hot: each attribute of `only` added when
+    the active class switched to each other class (of `classes` when given: the classes the data
+    holds, for many-class labels such as CUB's species). Multi-hot: each attribute of `only` added when
     absent, removed when present; by default all of them when there are at most EDIT_LIMIT, else the
     EDIT_LIMIT whose `frequencies` (in the data) are closest to one half (CelebA: Smiling, Male...;
     CUB: common parts and colours rather than one-in-200 species bits), in the data's order.
@@ -150,10 +179,10 @@ def attribute_rows(
             from toolkit.errors import UserError
 
             raise UserError(f"Figure 5: unknown attribute(s) {', '.join(unknown)}; the model has {', '.join(names[:8])}{'...' if len(names) > 8 else ''}")
-    if len(names) <= ONE_HOT_LIMIT and is_one_hot(base[None]):
+    if is_one_hot(base[None]) and (len(names) <= ONE_HOT_LIMIT or classes is not None):
         active = int(base.argmax())
         vectors, labels = [base], [f"base: {names[active]}"]
-        for index in (names.index(n) for n in only) if only else range(len(names)):
+        for index in (names.index(n) for n in only) if only else (classes if classes is not None else range(len(names))):
             if index != active:
                 vectors.append(torch.nn.functional.one_hot(torch.tensor(index), len(names)).float())
                 labels.append(f"-> {names[index]}")
@@ -183,12 +212,14 @@ def attribute_figure(model, shards, columns: int = COLUMNS, seed: int = NOISE_SE
     from toolkit.data.stream import eval_batches
 
     names = list(model.spec.attributes)
-    frequencies = None
-    if not only and len(names) > EDIT_LIMIT:  # which attributes to change: the most balanced ones
-        seen = torch.cat([a for _, a in islice(eval_batches(shards, "test", batch_size=256), FREQUENCY_BATCHES)])
-        frequencies = seen.float().mean(dim=0)
+    frequencies, classes = None, None
+    if len(names) > EDIT_LIMIT:
+        classes = split_classes(shards, len(names), EDIT_LIMIT + 1)  # many classes: switch among those the data has
+        if not only and classes is None:  # many attributes: change the most balanced ones
+            seen = torch.cat([a for _, a in islice(eval_batches(shards, "test", batch_size=256), FREQUENCY_BATCHES)])
+            frequencies = seen.float().mean(dim=0)
     _, attributes = next(iter(eval_batches(shards, "test", batch_size=1)))
-    vectors, labels, mode = attribute_rows(attributes[0], names, only, frequencies)
+    vectors, labels, mode = attribute_rows(attributes[0], names, only, frequencies, classes)
     noise = torch.randn(columns, model.spec.latent_dim, generator=torch.Generator().manual_seed(seed))
     device = _device(model)
     rows = [model.generate(v.expand(columns, -1).to(device), noise.to(device)).float().cpu() for v in vectors]

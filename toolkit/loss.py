@@ -19,6 +19,7 @@ class LossTerms(NamedTuple):
     total: torch.Tensor  # what is minimised
     mse: torch.Tensor  # summed squared error per image, batch mean
     kl: torch.Tensor  # KL per image, batch mean
+    mse_prior: torch.Tensor | None = None  # the same for images decoded from the prior (gsnn_weight > 0)
 
 
 def kl_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -43,9 +44,18 @@ def cvae_loss(
     beta: float,
     prior_mu: torch.Tensor | None = None,
     prior_logvar: torch.Tensor | None = None,
+    prior_recon: torch.Tensor | None = None,
+    gsnn_weight: float = 0.0,
 ) -> LossTerms:
     """The loss terms, batch means of per-image sums (see the module docstring). The KL is against
-    N(0, I) unless prior_mu and prior_logvar (the learned prior's, [B, Z]) are given."""
+    N(0, I) unless prior_mu and prior_logvar (the learned prior's, [B, Z]) are given.
+
+    gsnn_weight g > 0 (with `prior_recon`: the images decoded from z drawn from the prior instead of
+    the posterior) gives Sohn et al.'s hybrid objective, (1 - g) * CVAE + g * GSNN, where the GSNN
+    term is (1 - beta) * MSE(prior_recon, target). Why: the CVAE term alone lets the decoder read an
+    attribute from z (the encoder sees the image), so at sampling time, where z comes from the prior,
+    switching the attribute changes little; the GSNN term trains the decoder the way it is sampled,
+    so it must take the attributes from the condition. g = 0 is the paper's loss exactly."""
     if (prior_mu is None) != (prior_logvar is None):
         raise ValueError("cvae_loss: give both prior_mu and prior_logvar, or neither (prior N(0, I))")
     # fp32 sums: in mixed precision the per-image sum over 100k+ pixels overflows fp16
@@ -54,4 +64,10 @@ def cvae_loss(
         kl = kl_standard_normal(mu.float(), logvar.float()).mean()
     else:
         kl = kl_gaussians(mu.float(), logvar.float(), prior_mu.float(), prior_logvar.float()).mean()
-    return LossTerms((1 - beta) * mse + beta * kl, mse, kl)
+    total = (1 - beta) * mse + beta * kl
+    if gsnn_weight == 0:
+        return LossTerms(total, mse, kl)
+    if prior_recon is None:
+        raise ValueError("cvae_loss: gsnn_weight > 0 needs prior_recon, the images decoded from the prior")
+    mse_prior = (prior_recon.float() - target.float()).pow(2).flatten(1).sum(dim=1).mean()
+    return LossTerms((1 - gsnn_weight) * total + gsnn_weight * (1 - beta) * mse_prior, mse, kl, mse_prior)

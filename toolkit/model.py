@@ -96,6 +96,7 @@ class ModelOutput(NamedTuple):
     logvar: torch.Tensor  # [B, Z]
     prior_mu: torch.Tensor | None  # [B, Z] learned prior p(z | x); None for N(0, I)
     prior_logvar: torch.Tensor | None
+    prior_recon: torch.Tensor | None = None  # [B, 3, H, W] decoded from z ~ p(z | x), when asked for
 
 
 class PaperEncoder(nn.Module):
@@ -307,13 +308,20 @@ class CVAE(nn.Module):
             if isinstance(module, (ResBlock, LearnedPrior)):
                 module.zero_init()
 
-    def forward(self, images: torch.Tensor, attributes: torch.Tensor) -> ModelOutput:
-        """ModelOutput(recon, mu, logvar, prior_mu, prior_logvar), with z drawn from q(z | x, y) by
-        reparameterisation; prior_* are the learned prior's (None for N(0, I))."""
+    def forward(self, images: torch.Tensor, attributes: torch.Tensor, prior_sample: bool = False) -> ModelOutput:
+        """ModelOutput(recon, mu, logvar, prior_mu, prior_logvar, prior_recon), with z drawn from
+        q(z | x, y) by reparameterisation; prior_* are the learned prior's (None for N(0, I)).
+        prior_sample=True also decodes one z drawn from the prior (the hybrid loss's GSNN term), in
+        the same forward so that DDP sees every parameter's gradient come from one call."""
         mu, logvar = self.encoder(images, attributes)
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
         prior_mu, prior_logvar = self.prior(attributes) or (None, None)
-        return ModelOutput(self.decoder(z, attributes), mu, logvar, prior_mu, prior_logvar)
+        prior_recon = None
+        if prior_sample:
+            noise = torch.randn_like(mu)
+            z_prior = noise if prior_mu is None else prior_mu + torch.exp(0.5 * prior_logvar) * noise
+            prior_recon = self.decoder(z_prior, attributes)
+        return ModelOutput(self.decoder(z, attributes), mu, logvar, prior_mu, prior_logvar, prior_recon)
 
     def prior(self, attributes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(mu_p, logvar_p) of the learned prior p(z | x), or None when the prior is N(0, I)."""

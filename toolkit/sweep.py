@@ -57,6 +57,7 @@ TABLE_COLUMNS = [  # (csv name, markdown header, format)
     ("attr_acc_floor", "accuracy floor", "{:.4f}"),
     ("attr_acc_top1", "top-1 accuracy", "{:.4f}"),
     ("attr_acc_floor_top1", "top-1 floor", "{:.4f}"),
+    ("control", "control", "{:.3f}"),
     ("diversity", "diversity", "{:.4f}"),
 ]
 OPTIONAL_COLUMNS = {"attr_acc_top1", "attr_acc_floor_top1"}  # left out of the markdown when empty (multi-hot data)
@@ -283,6 +284,7 @@ def evaluation_matches(report: dict, run_dir: Path, classifier: Path | None, ste
         and report.get("classifier") == (str(classifier) if classifier else None)
         and report.get("settings", {}).get("diversity_samples") == DIVERSITY_SAMPLES
         and report.get("settings", {}).get("diversity_conditions", 0) <= DIVERSITY_CONDITIONS
+        and (classifier is None or "control" in report.get("metrics", {}))  # reports from before the control score
         and report.get("shards") is not None
     )
 
@@ -365,7 +367,28 @@ def table_caption(runs: list[Run], reports: dict, classifier: Path | None) -> st
         f"Attribute accuracy: one prior sample per test attribute vector, judged by the classifier `{classifier}` "
         f"(mean over attributes of present/absent agreement; top-1: arg-max = the requested class, one-hot data only); "
         f"floor: the same images against shuffled vectors (a generator that ignores its condition). "
-        f"The classifier scores {real:.4f}" + (f" (top-1 {real_top1:.4f})" if real_top1 is not None else "") + " on the real test images."
+        f"The classifier scores {real:.4f}" + (f" (top-1 {real_top1:.4f})" if real_top1 is not None else "") + " on the real test images. "
+        + control_caption(report)
+    )
+
+
+def control_caption(report: dict) -> str:
+    """What the control column means for this table, with the attributes it averages and their scores."""
+    from toolkit.classifier import RELIABLE_BALANCED
+
+    control = report.get("control") or {}
+    per = control.get("per_attribute") or {}
+    reliable = [name for name in control.get("reliable", []) if name in per]
+    text = (
+        f"Control: per attribute, the first {report['settings'].get('control_conditions')} test vectors generated with it "
+        "set to 1 and to 0 (same noise), the classifier's balanced accuracy at telling the two apart (0.5: no control, 1: full), "
+    )
+    if not reliable:
+        return text + "averaged over the attributes the classifier recognises reliably on real test images: none here, so the column is empty."
+    shown = ", ".join(f"{name} ({per[name]['real_balanced']:.2f})" for name in reliable)
+    return text + (
+        f"averaged over the {len(reliable)} attribute(s) the classifier recognises reliably on the real test images "
+        f"(balanced accuracy >= {RELIABLE_BALANCED} there, shown in brackets): {shown}. Per attribute: `sweep.json` and each run's metrics.json."
     )
 
 

@@ -46,6 +46,7 @@ from toolkit.atomic import write_text
 from toolkit.config import DataConfig, TrainConfig, load_config, to_yaml
 from toolkit.data.stream import Skips, batches_per_rank, epoch_batches, eval_batches, read_manifest, train_batches
 from toolkit.errors import UserError, one_line
+from toolkit.figures import split_classes
 from toolkit.loss import cvae_loss
 from toolkit.model import CVAE, ModelSpec, arch_options, save_model
 from toolkit.safe_load import verify_checkpoint
@@ -65,10 +66,15 @@ class TrainingStopped(UserError):
 
 
 def grid_conditions(shards: str, num_attributes: int, max_skipped_fraction: float = DataConfig.max_skipped_fraction) -> torch.Tensor:
-    """Rows of the sample grids: with few attributes (digits' classes) each one alone; with many
-    (CelebA, CUB) the attribute vectors of the first test images, which are real combinations."""
+    """Rows of the sample grids: with few attributes (digits' classes) each one alone; one-hot data
+    with many classes (CUB's species) the first GRID_ROWS classes of the test split, each alone;
+    else (CelebA, CUB's attributes) the attribute vectors of the first test images, which are real
+    combinations."""
     if num_attributes <= GRID_ROWS_ONE_HOT:
         return torch.eye(num_attributes)
+    classes = split_classes(shards, num_attributes, GRID_ROWS, max_skipped_fraction=max_skipped_fraction)
+    if classes is not None:
+        return torch.eye(num_attributes)[classes]
     _, attributes = next(iter(eval_batches(shards, "test", GRID_ROWS, max_skipped_fraction)))
     return attributes
 
@@ -376,8 +382,9 @@ def train(config: TrainConfig) -> Path:
             if seen_file is not None:
                 seen_file.write("\n".join(batch[2]) + "\n")
             with accelerator.accumulate(model):
-                out = model(images, attributes)
-                terms = cvae_loss(out.recon, images, out.mu, out.logvar, config.beta, out.prior_mu, out.prior_logvar)
+                out = model(images, attributes, prior_sample=config.gsnn_weight > 0)
+                terms = cvae_loss(out.recon, images, out.mu, out.logvar, config.beta, out.prior_mu, out.prior_logvar,
+                                  out.prior_recon, config.gsnn_weight)
                 finite = torch.isfinite(terms.total.detach()).long()
                 # (finite, unreadable train samples, samples read) summed over the ranks in one
                 # collective: every rank must take the same branch (or DDP hangs) and stop together.
@@ -418,6 +425,8 @@ def train(config: TrainConfig) -> Path:
                 logs = {"train/loss": terms.total.item(), "train/mse": terms.mse.item(), "train/kl": terms.kl.item(),
                         "train/lr": scheduler.get_last_lr()[0], "train/images_per_s": window_images / max(elapsed, 1e-9),
                         "train/epoch": step / steps_per_epoch, "train/skipped_samples": skipped}
+                if terms.mse_prior is not None:
+                    logs["train/mse_prior"] = terms.mse_prior.item()
                 accelerator.log(logs, step=step)
                 progress.set_postfix(loss=f"{logs['train/loss']:.1f}", mse=f"{logs['train/mse']:.1f}", kl=f"{logs['train/kl']:.1f}")
                 window_start, window_images = time.perf_counter(), 0

@@ -74,14 +74,35 @@ class Skipped:
     reason: str
 
 
+def bbox_region(bbox: tuple[float, float, float, float], width: int, height: int) -> tuple[int, int, int, int]:
+    """The region (left, top, right, bottom) kept around an object box (x, y, w, h) of a width x height image.
+
+    The convention of the CUB text-to-image work, from StackGAN (Zhang et al. 2017: `custom_crop` in
+    misc/utils.py of the TensorFlow code, `TextDataset.get_img` in StackGAN-Pytorch's
+    code/miscc/datasets.py), kept by AttnGAN (`get_imgs` in code/datasets.py) and its successors: a
+    square of side 2r, r = int(0.75 * max(w, h)), i.e. 1.5 x the box's longer side, around the box
+    centre, clipped to the image; whole pixels, truncated as there (they also read the boxes as
+    ints). So a square output never stretches the bird and keeps some context around it; only where
+    the square meets the image border is the region narrower than square (then resized to the
+    output, as there). A non-square --size HxW gets the same region, resized to HxW.
+    """
+    x, y, w, h = (int(v) for v in bbox)
+    r = int(max(w, h) * 0.75)
+    cx, cy = int((2 * x + w) / 2), int((2 * y + h) / 2)
+    region = (max(0, cx - r), max(0, cy - r), min(width, cx + r), min(height, cy + r))
+    if region[2] <= region[0] or region[3] <= region[1]:  # a box off the image: nothing to keep
+        raise ValueError(f"bounding box {' '.join(f'{v:g}' for v in bbox)} lies outside the {width}x{height} image")
+    return region
+
+
 def _decode(path: Path, spec: ImageSpec, bbox) -> tuple[Image.Image, tuple[float, float, float, float]]:
     """Open (at reduced size where possible) and return the image with the region to keep, in its pixels."""
     image = Image.open(path)
     full_w, full_h = image.size
-    # Region of the original image that ends up in the output, in original pixels.
+    # Region of the original image that ends up in the output, in original pixels (even when the
+    # decode below is reduced: the box is scaled to the decoded pixels at the end).
     if bbox is not None:
-        x, y, w, h = bbox
-        box = (max(0.0, x), max(0.0, y), min(full_w, x + w), min(full_h, y + h))
+        box = tuple(float(v) for v in bbox_region(bbox, full_w, full_h))
     else:
         box = (0.0, 0.0, float(full_w), float(full_h))
     if spec.crop is not None:
@@ -229,8 +250,11 @@ def auto_shard_size(count: int) -> int:
 
 
 def _options(table: SourceTable, spec: ImageSpec, shard_size: int | None) -> dict:
+    options = {"source": table.source, "image": asdict(spec), "shard_size": shard_size}
+    if any(r.bbox is not None for records in table.splits.values() for r in records):
+        options["bbox_crop"] = "square 1.5 x longer side"  # bbox_region's convention: another crop is another build
     # as JSON would give it back, so it compares equal to what a manifest holds
-    return json.loads(json.dumps({"source": table.source, "image": asdict(spec), "shard_size": shard_size}))
+    return json.loads(json.dumps(options))
 
 
 def check_output(out: Path, options: dict, overwrite: bool) -> None:

@@ -11,10 +11,22 @@
                           image and attribute; a few real rows carry extra columns (ignored)
                       images/<class_dir>/<file>.jpg
 
-ROOT may also be the CUB_200_2011 folder itself. The condition vector is the species one-hot (order of
-classes.txt) followed by the attributes (order of attributes.txt); an attribute is 1 only when
-is_present == 1 and certainty_id >= 3 (the paper's code). Counts come from the files, not constants.
-Only text is parsed and each class folder listed once; no image is decoded.
+ROOT may also be the CUB_200_2011 folder itself. `condition` picks the vector:
+
+- "both" (default, the paper's 512): the species one-hot (order of classes.txt) followed by the
+  attributes (order of attributes.txt);
+- "species": the one-hot only; attributes.txt and image_attribute_labels.txt are not read (many
+  copies of CUB lack them);
+- "attributes": the attributes only; classes.txt and image_class_labels.txt are not read.
+
+An attribute is 1 only when is_present == 1 and certainty_id >= 3 (the paper's code). Counts come
+from the files, not constants. The table's source is "cub-200-2011" for "both", else
+"cub-200-2011:species" / "cub-200-2011:attributes" (the manifest's `source`, so builds with
+different conditions are not mixed in one --out). Only text is parsed and each class folder listed
+once; no image is decoded.
+
+With bbox_crop each record carries its bounding box as annotated (x, y, w, h); the shard builder
+crops the square around it that StackGAN / AttnGAN use (see `toolkit.data.build.bbox_region`).
 """
 
 from __future__ import annotations
@@ -34,10 +46,22 @@ DATA = "CUB_200_2011"
 T = TypeVar("T")
 
 
-def read_cub(root: str | Path, bbox_crop: bool = False) -> SourceTable:
-    data, attributes_file = _locate(Path(os.path.abspath(root)))
-    class_names, class_index = _read_names(data / "classes.txt", "class")
-    attribute_names, attribute_index = _read_names(attributes_file, "attribute")
+CONDITIONS = ("species", "attributes", "both")
+
+
+def read_cub(root: str | Path, bbox_crop: bool = False, condition: str = "both") -> SourceTable:
+    if condition not in CONDITIONS:
+        raise UserError(f"CUB-200-2011 condition {condition!r}: expected one of {', '.join(CONDITIONS)}")
+    data = _locate(Path(os.path.abspath(root)))
+    species, attributes = condition != "attributes", condition != "species"
+    class_names, class_index = _read_names(data / "classes.txt", "class") if species else ([], {})
+    attribute_names, attribute_index = [], {}
+    if attributes:
+        labels_file = data / "attributes" / "image_attribute_labels.txt"
+        if not labels_file.is_file():  # the file many copies of CUB lack: say how to do without it
+            raise UserError(f"CUB-200-2011: {labels_file} not found; it holds the attribute labels that "
+                            f"condition {condition!r} needs (--condition species builds species-only shards)")
+        attribute_names, attribute_index = _read_names(_attributes_file(data, condition), "attribute")
     repeated = sorted(name for name, count in Counter(class_names + attribute_names).items() if count > 1)
     if repeated:  # the condition vector is addressed by name (the sampler, edits): one name per position
         raise UserError(f"CUB-200-2011: name(s) used twice across classes.txt and attributes.txt: {first_few(repeated)}")
@@ -54,20 +78,18 @@ def read_cub(root: str | Path, bbox_crop: bool = False) -> SourceTable:
             raise ValueError(f"split value {value!r}, expected 1 (train) or 0 (test)")
         return value == "1"
 
-    labels = _per_image(data / "image_class_labels.txt", image_index, ids, relpaths, "<image_id> <class_id>", class_of)
+    matrix = np.zeros((len(ids), len(class_names) + len(attribute_names)), dtype=np.uint8)
+    if species:
+        labels = _per_image(data / "image_class_labels.txt", image_index, ids, relpaths, "<image_id> <class_id>", class_of)
+        matrix[np.arange(len(ids)), labels] = 1
     train = _per_image(data / "train_test_split.txt", image_index, ids, relpaths, "<image_id> 1|0", is_train)
-    present = _read_attribute_labels(data / "attributes" / "image_attribute_labels.txt", image_index, ids,
-                                     relpaths, attribute_index)
+    if attributes:
+        matrix[:, len(class_names):] = _read_attribute_labels(labels_file, image_index, ids, relpaths, attribute_index)
     boxes = _per_image(data / "bounding_boxes.txt", image_index, ids, relpaths, "<image_id> x y w h", _box,
                        columns=4) if bbox_crop else None
 
     images_dir = data / "images"
     _check_images(images_dir, data / "images.txt", relpaths)
-
-    n_classes = len(class_names)
-    matrix = np.zeros((len(ids), n_classes + len(attribute_names)), dtype=np.uint8)
-    matrix[np.arange(len(ids)), labels] = 1
-    matrix[:, n_classes:] = present
 
     splits: dict[str, list[Record]] = {"train": [], "test": []}
     keys: dict[str, str] = {}
@@ -79,25 +101,29 @@ def read_cub(root: str | Path, bbox_crop: bool = False) -> SourceTable:
         record = Record(key=key, path=images_dir / relpath, attributes=matrix[index],
                         bbox=boxes[index] if boxes is not None else None)
         splits["train" if train[index] else "test"].append(record)
-    return SourceTable(source="cub-200-2011", attributes=class_names + attribute_names, splits=splits)
+    source = "cub-200-2011" if condition == "both" else f"cub-200-2011:{condition}"
+    return SourceTable(source=source, attributes=class_names + attribute_names, splits=splits)
 
 
-def _locate(root: Path) -> tuple[Path, Path]:
-    """The CUB_200_2011 folder and attributes.txt, from the archive root or from CUB_200_2011 itself."""
+def _locate(root: Path) -> Path:
+    """The CUB_200_2011 folder, from the archive root or from CUB_200_2011 itself."""
     if not root.is_dir():
         raise UserError(f"CUB-200-2011 root {root} is not a folder (expected the archive root or its {DATA}/ folder)")
     if (root / DATA / "images.txt").is_file():
-        data = root / DATA
-    elif (root / "images.txt").is_file():
-        data = root
-    else:
-        raise UserError(f"CUB-200-2011: expected {root / DATA / 'images.txt'} or {root / 'images.txt'}")
+        return root / DATA
+    if (root / "images.txt").is_file():
+        return root
+    raise UserError(f"CUB-200-2011: expected {root / DATA / 'images.txt'} or {root / 'images.txt'}")
+
+
+def _attributes_file(data: Path, condition: str) -> Path:
     # the official archive keeps attributes.txt one level above CUB_200_2011/
     candidates = [data.parent / "attributes.txt", data / "attributes.txt"]
     for candidate in candidates:
         if candidate.is_file():
-            return data, candidate
-    raise UserError(f"CUB-200-2011: attributes.txt not found; looked for {candidates[0]} and {candidates[1]}")
+            return candidate
+    raise UserError(f"CUB-200-2011: attributes.txt not found (looked for {candidates[0]} and {candidates[1]}); "
+                    f"condition {condition!r} needs it (--condition species builds species-only shards)")
 
 
 def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:

@@ -22,7 +22,9 @@ class Record:
     key: str  # unique within the data set, dot-free (WebDataset's rule)
     path: Path  # the image file
     attributes: np.ndarray  # uint8 0/1, one per attribute name
-    bbox: tuple[float, float, float, float] | None = None  # (x, y, width, height) crop box, if asked for
+    # (x, y, width, height) object box, if asked for: the builder keeps the square around it that
+    # StackGAN / AttnGAN keep (toolkit.data.build.bbox_region)
+    bbox: tuple[float, float, float, float] | None = None
 
 
 @dataclass
