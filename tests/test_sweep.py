@@ -70,7 +70,9 @@ def test_a_sweep_writes_the_table_the_figures_and_sweep_json(swept):
                              "attr_acc_top1", "attr_acc_floor_top1", "control", "diversity"]
     assert [row["beta"] for row in rows] == ["0.9", "0.5"]  # descending, as the paper's Table 1
     for row in rows:
-        values = {key: float(value) for key, value in row.items()}  # every cell numeric (a classifier was given)
+        # every cell numeric (a classifier was given) but control: the untrained classifier recognises nothing reliably
+        assert row.pop("control") == ""
+        values = {key: float(value) for key, value in row.items()}
         assert values["mse_per_image"] > 0 and values["kl_per_image"] >= 0
         assert values["mse_per_pixel"] == pytest.approx(values["mse_per_image"] / (3 * 32 * 32))
         assert 0 <= values["attr_acc"] <= 1 and 0 <= values["attr_acc_floor"] <= 1 and values["diversity"] >= 0
@@ -82,11 +84,14 @@ def test_a_sweep_writes_the_table_the_figures_and_sweep_json(swept):
     assert header.startswith("| beta | MSE per image | MSE per pixel | KL per image | attribute accuracy | accuracy floor |")
     assert first.startswith("| 0.9 |") and second.startswith("| 0.5 |")
     assert "10 steps of batch 16" in table
+    assert "recognises reliably on real test images: none here" in table  # why the control column is empty
 
     saved = json.loads((out / "sweep.json").read_text())
     assert saved["betas"] == [0.5, 0.9] and [r["action"] for r in saved["runs"]] == ["train", "train"]
     assert all("resume=latest" in r["command"] and r["step"] == 10 for r in saved["runs"])
     assert saved["classifier"] and saved["table"] == result["table"]
+    assert all(r["control"]["reliable"] == [] and set(r["control"]["per_attribute"]) == {f"digit_{i}" for i in range(10)}
+               for r in saved["runs"])  # per attribute, as the caption says
 
 
 def test_the_figures_have_one_row_per_beta_at_the_image_size(swept):

@@ -209,7 +209,5 @@ def test_the_hybrid_loss_trains_and_logs_the_prior_samples_error(digits_shards, 
 
     paper, hybrid = trained("paper"), trained("hybrid", "gsnn_weight=0.5")
     assert set(read_scalars(hybrid, ("train/mse_prior",))["train/mse_prior"]) and not read_scalars(paper, ("train/mse_prior",))["train/mse_prior"]
-    a, b = load_file(str(paper / "model.safetensors")), load_file(str(hybrid / "model.safetensors"))
-    assert not torch.equal(a["decoder.fc.weight"], b["decoder.fc.weight"])  # the prior term reaches the decoder
     with pytest.raises(UserError, match="gsnn_weight"):
         load_config(["recipe=digits", "gsnn_weight=1"])

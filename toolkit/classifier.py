@@ -155,8 +155,8 @@ def check_image_size(classifier: AttributeClassifier, image_size, where: str) ->
 def classifier_accuracy(classifier: AttributeClassifier, shards: str | Path, split: str = "test", device: str = "cpu", batch_size: int = 256) -> dict:
     """The classifier's accuracy on the real images of a split (the ceiling for generated images).
 
-    Returns AccuracyCounter's dict: "mean" (over attributes), "per_attribute", "top1" (one-hot
-    targets only, else None), "count".
+    Returns AccuracyCounter's dict: "mean" (over attributes), "per_attribute", "balanced" and
+    "positives" (per attribute), "top1" (one-hot targets only, else None), "count".
     """
     from toolkit.data.stream import eval_batches, read_manifest
 
@@ -190,6 +190,7 @@ def train_classifier(
     num_workers: int = 0,
     hflip: bool = False,
     balanced: bool = False,
+    blur: float = 0.0,
     log=None,
 ) -> Path:
     """Train on the train split (`epoch_batches`, epoch after epoch, until `steps` Adam steps), measure
@@ -200,12 +201,18 @@ def train_classifier(
     training images for free (1,600 real faces overfit without it); never for digits or text.
     `balanced`: weigh each attribute's positives by negatives / positives of the train split (BCE's
     pos_weight), so that logit 0 is a balanced decision; unweighted, a rare attribute (CelebA's
-    Eyeglasses, 1 in 20) is almost never called present, on real images or generated ones.
+    Eyeglasses, 1 in 15) is almost never called present, on real images or generated ones.
+    `blur` > 0: Gaussian-blur a random half of each batch with a sigma drawn from [0.5, blur] pixels
+    (seeded). A VAE's samples are blurry, and a judge trained on sharp faces only goes blind to
+    thin or dark details there (measured on the real CelebA sample, sigma 1.5: Eyeglasses' balanced
+    accuracy 0.83 -> 0.50, Black_Hair 0.85 -> 0.67), so it would miss attributes that are visibly drawn.
     """
     from toolkit.data.stream import epoch_batches, read_manifest
 
     if steps < 1 or batch_size < 1 or lr <= 0:
         raise UserError(f"classifier training needs steps >= 1, batch_size >= 1 and lr > 0 (got {steps}, {batch_size}, {lr})")
+    if not 0.0 <= blur <= 16.0:
+        raise UserError(f"classifier blur must be a sigma in [0, 16] pixels (0: off), got {blur}")
     manifest = read_manifest(shards, "train")
     read_manifest(shards, "test")  # the ceiling is measured there: fail before training, not after
     device = torch.device(device)
@@ -222,6 +229,8 @@ def train_classifier(
             if hflip:
                 mirror = torch.rand(len(images), generator=flips) < 0.5
                 images = torch.where(mirror[:, None, None, None], images.flip(-1), images)
+            if blur > 0:
+                images = blur_some(images, blur, flips)
             logits = classifier(images.to(device))
             loss = F.binary_cross_entropy_with_logits(logits, attributes.to(device), pos_weight=pos_weight)
             optimizer.zero_grad(set_to_none=True)
@@ -238,24 +247,33 @@ def train_classifier(
     meta = {
         "format": FORMAT,
         **classifier.config(),
-        "training": {"shards": str(shards), "split": "train", "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "hflip": hflip, "balanced": balanced,
+        "training": {"shards": str(shards), "split": "train", "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "hflip": hflip, "balanced": balanced, "blur": blur,
                      "final_loss": float(loss.item()), "seconds": round(time.perf_counter() - start, 2)},
         "test_accuracy": {"split": "test", **accuracy},
     }
     return save_classifier(classifier, out_dir, meta)
 
 
+def blur_some(images: torch.Tensor, max_sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """A random half of the batch blurred with one Gaussian of sigma in [0.5, max_sigma] (drawn from `generator`)."""
+    from torchvision.transforms.functional import gaussian_blur
+
+    chosen = torch.rand(len(images), generator=generator) < 0.5
+    sigma = 0.5 + float(torch.rand(1, generator=generator)) * max(max_sigma - 0.5, 0.0)
+    kernel = 2 * math.ceil(3 * sigma) + 1
+    if not chosen.any():
+        return images
+    blurred = gaussian_blur(images, [kernel, kernel], [sigma, sigma])
+    return torch.where(chosen[:, None, None, None], blurred, images)
+
+
 def positive_weights(shards: str | Path) -> torch.Tensor:
     """negatives / positives per attribute over the train split (an attribute never or always present: 1)."""
-    from toolkit.data.stream import eval_batches
+    from toolkit.evaluate import split_attributes
 
-    positives, count = None, 0
-    for _, attributes in eval_batches(shards, "train", 1024):
-        positives = attributes.sum(dim=0).double() if positives is None else positives + attributes.sum(dim=0).double()
-        count += len(attributes)
-    if positives is None:
-        raise UserError(f"the train split of {shards} holds no images")
-    negatives = count - positives
+    vectors = split_attributes(shards, "train").double()
+    positives = vectors.sum(dim=0)
+    negatives = len(vectors) - positives
     usable = (positives > 0) & (negatives > 0)
     return torch.where(usable, negatives / positives.clamp(min=1), torch.ones_like(positives)).float()
 

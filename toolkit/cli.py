@@ -282,6 +282,7 @@ def classifier_train(
     balanced: bool = typer.Option(
         False, "--balanced", help="Weigh each attribute's rare value up (BCE pos_weight) so rare attributes (Eyeglasses) are called present."
     ),
+    blur: float = typer.Option(0.0, "--blur", min=0.0, max=16.0, help="Blur a random half of each batch, sigma up to this many pixels (judging blurry samples)."),
     width: Optional[int] = typer.Option(None, "--width", min=1, max=512, help="Channels of the first block (default 32)."),
 ) -> None:
     """Train the attribute classifier on a recipe's shards: cvae-tk classifier train recipe=NAME [key=value ...].
@@ -299,7 +300,7 @@ def classifier_train(
     out = out or Path("runs") / f"{config.recipe}-classifier"
     path = train_classifier(
         config.data.shards, out, steps=steps or DEFAULTS["steps"], batch_size=config.batch_size, lr=lr or DEFAULTS["lr"],
-        seed=config.seed, device=str(resolve_device(device)), num_workers=config.data.num_workers, hflip=hflip, balanced=balanced,
+        seed=config.seed, device=str(resolve_device(device)), num_workers=config.data.num_workers, hflip=hflip, balanced=balanced, blur=blur,
         width=width or DEFAULTS["width"], log=typer.echo,
     )
     import json

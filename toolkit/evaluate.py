@@ -25,13 +25,14 @@ Reductions (the same as the training loss, `toolkit/loss.py`):
   CONTROL_CONDITIONS test vectors are generated twice with the same noise, once with a set to 1
   and once with a set to 0; the score is the classifier's balanced accuracy at telling the two sets
   apart ((fraction of the a=1 images it calls a + fraction of the a=0 images it does not) / 2):
-  0.5 = the attribute does not reach the image, 1.0 = it always does. One-hot data (a class): the
-  a=1 image is the class a, the a=0 image the vector's own class, vectors of class a left out.
+  0.5 = the attribute does not reach the image, 1.0 = it always does. A class label (one-hot data,
+  or CUB's species before its attributes): the a=1 image is of class a instead of the vector's own,
+  the a=0 image of its own, vectors of class a left out.
   "control" averages over the attributes the classifier recognises reliably on the real test
   images (`classifier.reliable_attributes`: balanced accuracy >= 0.75, >= 5 images each side),
   since an attribute it cannot see in real faces says nothing about generated ones; "control_all"
-  over every attribute scored: all up to CONTROL_ALL_LIMIT (CelebA's 40), else the reliable ones;
-  one-hot data: the classes the test vectors hold.
+  over every attribute scored: all up to CONTROL_ALL_LIMIT (CelebA's 40, the digits), else the
+  reliable ones only (CUB: 2 x 256 images per attribute would be 262k images).
 """
 
 from __future__ import annotations
@@ -206,6 +207,17 @@ def attribute_accuracy(
     return counter.result()
 
 
+def class_block(vectors: torch.Tensor) -> int:
+    """Width k of a leading class label in attribute vectors [N, A]: every row has exactly one 1 among
+    its first k columns (CUB: the species one-hot before the 312 attributes; a one-hot label: all of
+    them up to the last class present). 0 when there is none (CelebA's 40 independent attributes)."""
+    binary = ((vectors == 0) | (vectors == 1)).all()
+    if len(vectors) == 0 or not binary or not (vectors.sum(dim=1) >= 1).all():
+        return 0
+    k = int(vectors.argmax(dim=1).max()) + 1  # argmax: each row's first 1
+    return k if bool((vectors[:, :k].sum(dim=1) == 1).all()) else 0
+
+
 @torch.no_grad()
 def attribute_control(
     classifier, model, attributes: torch.Tensor, seed: int = 0, device: str | torch.device = "cpu", batch_size: int = 256,
@@ -217,8 +229,10 @@ def attribute_control(
     `attributes` [N, A]: the conditions to start from (the test split's vectors); noise: one [N, Z]
     draw of a CPU generator seeded with `seed`. `names`: the attributes to score (default all of the
     model's). Returns {name: {"control": balanced accuracy, "present": fraction of the a=1 images
-    classified a, "absent": fraction of the a=0 images classified not a, "count": vectors}}; one-hot
-    data (every vector one-hot) compares class a with the vectors' own other classes (module docstring).
+    classified a, "absent": fraction of the a=0 images classified not a, "count": vectors}}. A class
+    label (`class_block`: a one-hot, or CUB's species before its attributes) is switched, never
+    doubled: for a class a, the a=1 vector has class a instead of its own, the a=0 vector keeps its
+    own, and vectors of class a are left out.
     """
     from toolkit.classifier import THRESHOLD, check_image_size, columns_for
 
@@ -226,12 +240,10 @@ def attribute_control(
     vectors = torch.as_tensor(attributes, dtype=torch.float32)
     if vectors.dim() != 2 or vectors.shape[1] != len(model_names) or len(vectors) == 0:
         raise UserError(f"attribute control needs attribute vectors [N, {len(model_names)}], got shape {tuple(vectors.shape)}")
-    one_hot = bool((vectors.sum(dim=1) == 1).all() and ((vectors == 0) | (vectors == 1)).all())
-    if names is None:  # one-hot: the classes the vectors hold (CUB's 200 species, of which a sample has a few)
-        names = [model_names[i] for i in sorted(set(vectors.argmax(dim=1).tolist()))] if one_hot else model_names
-    names = list(names)
+    names = model_names if names is None else list(names)
     columns = columns_for(classifier, names, "the model")
     check_image_size(classifier, model.spec.image_size, "the model")
+    block = class_block(vectors)
     noise = torch.randn(len(vectors), model.spec.latent_dim, generator=torch.Generator().manual_seed(seed))
     device = torch.device(device)
     classifier = classifier.to(device).eval()
@@ -246,13 +258,14 @@ def attribute_control(
     result = {}
     for name, column in zip(names, columns.tolist()):
         index = model_names.index(name)
-        keep = vectors[:, index] == 0 if one_hot else torch.ones(len(vectors), dtype=torch.bool)
+        is_class = index < block
+        keep = vectors[:, index] == 0 if is_class else torch.ones(len(vectors), dtype=torch.bool)
         if not keep.any():
             continue
         base, z = vectors[keep], noise[keep]
         with_a, without_a = base.clone(), base.clone()
-        if one_hot:
-            with_a.zero_()
+        if is_class:
+            with_a[:, :block] = 0.0  # the class switched to a; without_a keeps the vector's own
         with_a[:, index], without_a[:, index] = 1.0, 0.0
         present = float(called_present(with_a, z, column).mean())
         absent = 1.0 - float(called_present(without_a, z, column).mean())
@@ -313,7 +326,8 @@ def evaluate_run(
          "per_attribute": {"generated": {...}, "floor": {...}, "real": {...}, "real_balanced": {...}} | null,
          "control": {"reliable": [names], "per_attribute": {name: {control, present, absent, count,
                      real_balanced, reliable}}} | null,
-         "settings": {"batch_size", "diversity_samples", "diversity_conditions"}}
+         "settings": {"batch_size", "diversity_samples", "diversity_conditions", "control_conditions"}}
+    (control_attributes is an int: how many attributes `control` averages.)
     Definitions and reductions: the module docstring.
     """
     from toolkit.classifier import AttributeClassifier, check_image_size, classifier_accuracy, columns_for, load_classifier, reliable_attributes

@@ -316,11 +316,7 @@ class CVAE(nn.Module):
         mu, logvar = self.encoder(images, attributes)
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
         prior_mu, prior_logvar = self.prior(attributes) or (None, None)
-        prior_recon = None
-        if prior_sample:
-            noise = torch.randn_like(mu)
-            z_prior = noise if prior_mu is None else prior_mu + torch.exp(0.5 * prior_logvar) * noise
-            prior_recon = self.decoder(z_prior, attributes)
+        prior_recon = self.generate(attributes, torch.randn_like(mu)) if prior_sample else None
         return ModelOutput(self.decoder(z, attributes), mu, logvar, prior_mu, prior_logvar, prior_recon)
 
     def prior(self, attributes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

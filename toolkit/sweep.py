@@ -274,17 +274,21 @@ def train_runs(runs: list[Run], launcher: str | None, log) -> None:
 
 
 def evaluation_matches(report: dict, run_dir: Path, classifier: Path | None, step) -> bool:
-    from toolkit.evaluate import DIVERSITY_CONDITIONS, DIVERSITY_SAMPLES
+    from toolkit.classifier import WEIGHTS as CLASSIFIER_WEIGHTS
+    from toolkit.evaluate import CONTROL_CONDITIONS, DIVERSITY_CONDITIONS, DIVERSITY_SAMPLES
     from toolkit.model import WEIGHTS
 
     path = run_dir / "metrics.json"
+    judged_after = classifier is None or path.stat().st_mtime >= (Path(classifier) / CLASSIFIER_WEIGHTS).stat().st_mtime
     return (
         path.stat().st_mtime >= (run_dir / WEIGHTS).stat().st_mtime
+        and judged_after  # a classifier retrained in the same folder (e.g. with --hflip) judges again
         and report.get("split") == "test" and report.get("seed") == 0 and report.get("step") == step
         and report.get("classifier") == (str(classifier) if classifier else None)
         and report.get("settings", {}).get("diversity_samples") == DIVERSITY_SAMPLES
         and report.get("settings", {}).get("diversity_conditions", 0) <= DIVERSITY_CONDITIONS
         and (classifier is None or "control" in report.get("metrics", {}))  # reports from before the control score
+        and (classifier is None or report.get("settings", {}).get("control_conditions", 0) <= CONTROL_CONDITIONS)
         and report.get("shards") is not None
     )
 
@@ -469,7 +473,7 @@ def run_sweep(
         "runs": [
             {"beta": r.beta, "run_dir": str(r.run_dir), "action": r.action, "reason": r.reason, "train_seconds": r.seconds,
              "command": shlex.join(training_command(r, launcher)) if r.action != "reuse" else None,
-             "step": reports[r.beta].get("step"), "metrics": reports[r.beta]["metrics"]}
+             "step": reports[r.beta].get("step"), "metrics": reports[r.beta]["metrics"], "control": reports[r.beta].get("control")}
             for r in runs
         ],
         "table": rows,

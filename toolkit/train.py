@@ -403,7 +403,9 @@ def train(config: TrainConfig) -> Path:
                     if bad_streak >= config.max_bad_steps:
                         raise TrainingStopped(
                             f"the loss was not finite for {bad_streak} consecutive micro-batches (step {step + 1}; "
-                            f"last mse={terms.mse.item()}, kl={terms.kl.item()}); stopped without saving. "
+                            f"last mse={terms.mse.item()}, kl={terms.kl.item()}"
+                            + (f", mse_prior={terms.mse_prior.item()}" if terms.mse_prior is not None else "")
+                            + "); stopped without saving. "
                             + (f"The last good checkpoint is {run_dir / CHECKPOINTS}/checkpoint-{last_saved}; " if last_saved else "")
                             + "try a lower lr, grad_clip, or mixed_precision=bf16 instead of fp16"
                         )
