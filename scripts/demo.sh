@@ -6,8 +6,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 
-cvae-tk shards digits --out shards/digits
-cvae-tk train recipe=digits "$@"
+# --overwrite / overwrite=true: running the demo again replaces its own shards and run
+cvae-tk shards digits --out shards/digits --overwrite
+cvae-tk train recipe=digits overwrite=true "$@"
 cvae-tk export --onnx runs/digits --out export/digits.onnx
 cvae-tk sample export/digits.onnx --each-attribute -n 8 --seed 0 --grid export/digits-grid.png
 

@@ -223,3 +223,33 @@ def test_bbox_crop_with_a_reduced_decode_is_taken_at_original_size(tmp_path):
     y = 160 + 8 * (np.arange(30) + 0.5)
     assert np.abs(got[0, :, 0] - x * 255 / 799).max() < 4
     assert np.abs(got[:, 0, 1] - y * 255 / 639).max() < 4
+
+
+def test_absurd_sizes_are_refused_before_any_work(table, tmp_path, monkeypatch):
+    for bad in ("100000", "65536x65536", "70000x8", "-3", "0"):
+        with pytest.raises(UserError, match="--size.*65,500"):
+            ImageSpec.parse(bad)
+    assert ImageSpec.parse("65500x4").size == (65500, 4)  # the largest JPEG libjpeg writes
+    # a size that fits JPEG but not the memory: said before anything is written, with what it needs
+    import toolkit.memory
+
+    monkeypatch.setattr(toolkit.memory, "available_bytes", lambda: 2**30)
+    with pytest.raises(UserError, match=r"8000x8000 shards with 2 worker\(s\) needs .* GiB .* 1.0 GiB is available.*--workers"):
+        build_shards(table, tmp_path / "out", ImageSpec.parse("8000"), workers=2, progress=False)
+    with pytest.raises(UserError, match=r"5000 worker\(s\)"):
+        build_shards(table, tmp_path / "out", ImageSpec.parse("16"), workers=5000, progress=False)
+    assert not (tmp_path / "out").exists()
+    build_shards(table, tmp_path / "out", ImageSpec.parse("16"), workers=2, progress=False)  # what fits goes on
+
+
+def test_a_crop_larger_than_the_images_is_refused_before_any_work_or_skipped_per_image(table, tmp_path, monkeypatch):
+
+    with pytest.raises(UserError, match=r"--crop center:200 is larger than the images .*000.jpg, is 178x218"):
+        build_shards(table, tmp_path / "out", ImageSpec.parse("32", "center:200"), workers=1, progress=False)
+    assert not (tmp_path / "out").exists()
+    # images of mixed sizes: the ones the crop does not fit are skipped, saying so
+    photo(table.splits["train"][3].path, width=100, height=90, seed=3)
+    manifests = build_shards(table, tmp_path / "out", ImageSpec.parse("32", "center:148"), workers=1, progress=False)
+    skipped = manifests["train"]["skipped"]["samples"]
+    assert [s["key"] for s in skipped] == ["003"]
+    assert "--crop center:148 does not fit the image (100x90)" in skipped[0]["reason"]

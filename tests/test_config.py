@@ -92,3 +92,49 @@ def test_text_keys_take_the_text_as_typed():
     # YAML reads a bare `no` as false; mixed_precision=no must stay the string "no"
     config = load_config(["recipe=digits", "mixed_precision=no", "run_dir=runs/007", "data.shards=pipe:cat x"])
     assert (config.mixed_precision, config.run_dir, config.data.shards) == ("no", "runs/007", "pipe:cat x")
+
+
+@pytest.mark.parametrize("text, words", [
+    ("- a\n- b\n", ["is a YAML list, not a mapping"]),
+    ("42\n", ["is a YAML int, not a mapping"]),
+    ("just text\n", ["is a YAML str, not a mapping"]),
+    ("", ["is empty"]),
+    ("# only a comment\n", ["is empty"]),
+    ("{{{ not: [", ["is not valid YAML"]),
+    (b"\x00\xff\xfe", ["is not valid YAML", "utf-8"]),
+    ("max_steps: 5\nmax_steps: 6\n", ["is not valid YAML", "max_steps"]),
+])
+def test_a_recipe_that_is_not_a_mapping_of_keys_is_one_user_error(tmp_path, text, words):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(UserError) as caught:
+        load_config([f"recipe={path}"])
+    message = str(caught.value)
+    assert str(path) in message and "\n" not in message
+    for word in words:
+        assert word in message
+
+
+@pytest.mark.parametrize("args, key", [
+    (["model.levels=7"], "model.levels"),
+    (["model.width=32"], "model.width"),
+    (["model.embed_dim=16"], "model.embed_dim"),
+])
+def test_a_model_option_the_arch_ignores_is_refused(tmp_path, args, key):
+    with pytest.raises(UserError, match=f"config key '{key}' \\(on the command line\\) does nothing with model.arch=paper"):
+        load_config(["recipe=digits", *args])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model:\n  arch: paper\n  {key.split('.')[1]}: {args[0].split('=')[1]}\n")
+    with pytest.raises(UserError, match=f"'{key}' \\(in recipe {recipe}\\) does nothing"):
+        load_config([f"recipe={recipe}"])
+    assert load_config(["recipe=digits", "model.arch=resnet", *args]).model.arch == "resnet"
+
+
+def test_a_saved_recipe_yaml_loads_again_and_arch_keys_match_the_model(tmp_path):
+    from toolkit.config import ARCH_KEYS, to_yaml
+    from toolkit.model import ARCH_OPTIONS
+
+    assert {arch: tuple(options) for arch, options in ARCH_OPTIONS.items()} == ARCH_KEYS
+    saved = tmp_path / "recipe.yaml"  # lists every key, the resnet options at their defaults too
+    saved.write_text(to_yaml(load_config(["recipe=digits"])))
+    assert load_config([f"recipe={saved}"]).model.arch == "paper"

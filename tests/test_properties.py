@@ -766,6 +766,8 @@ def typed_overrides(draw):
         else:  # text is taken as typed, '=' and YAML syntax included; only ${...} is OmegaConf's interpolation
             value = text = draw(st.text(min_size=1, max_size=20).filter(lambda t: "${" not in t and "\\" not in t))
         items[key] = (text, value)
+    if {"model.width", "model.levels", "model.embed_dim"} & set(items):  # options only resnet reads (paper refuses them)
+        items["model.arch"] = ("resnet", "resnet")
     return items
 
 

@@ -316,3 +316,36 @@ def test_folder_missing_things(tmp_path):
         (fixture["root"] / file).unlink()
     raises(["labels.csv", "2 listed image(s)", "b/img_001.jpg (line 3)", "a/img_002.jpg (line 4)"],
            read_folder, fixture["root"], fixture["table"])
+
+
+@pytest.mark.parametrize("delimiter", [",", ";", "\t"])
+def test_folder_tables_separated_by_semicolons_or_tabs_read_as_the_comma_one(tmp_path, delimiter):
+    fixture = make_folder(tmp_path, n=6, split_column=True)
+    text = fixture["table"].read_text()
+    fixture["table"].write_bytes(b"\xef\xbb\xbf" + text.replace(",", delimiter).encode())  # and Excel's BOM
+    table = read_folder(fixture["root"], fixture["table"], split_column="split")
+    assert table.attributes == ["Smiling", "Eyeglasses"]
+    records = by_key(table)
+    for file, expected in fixture["attributes"].items():
+        np.testing.assert_array_equal(records[safe_key(file)].attributes, expected)
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("", "line 1: expected a header row"),
+    ("\n\n", "line 1: expected a header row"),
+    ("file,Smiling\n", "expected at least one image row after the header"),
+    ("file\na/img_000.jpg\n", "expected at least one 0/1 attribute column"),
+    ("name,Smiling\na/img_000.jpg,1\n", "expected a file column named one of file, filename, image, path"),
+    ("file;Smiling\na/img_000.jpg,1\n", "line 2: 1 column(s), the header has 2"),  # separators mixed
+    ("file,Smiling\na/img_000.jpg,yes\n", "column Smiling is 'yes', expected 0 or 1"),
+    ("file,Smiling\na/img_000.jpg,0.5\n", "column Smiling is '0.5', expected 0 or 1"),
+    ("file,Smiling\na/img_000.jpg,\n", "column Smiling is '', expected 0 or 1"),
+    ("file,Smiling\n,1\n", "line 2: empty file name"),
+])
+def test_folder_malformed_tables_are_one_user_error(tmp_path, content, expected):
+    fixture = make_folder(tmp_path, n=2)
+    fixture["table"].write_text(content)
+    raises(["labels.csv", expected], read_folder, fixture["root"], fixture["table"])
+    fixture["table"].write_bytes(b"\xff\xfe" + content.encode("utf-16-le"))  # UTF-16, as some editors save
+    if content:
+        raises(["labels.csv", "expected a UTF-8 CSV file"], read_folder, fixture["root"], fixture["table"])

@@ -375,12 +375,12 @@ def _with_metadata(exported: Path, tmp_path: Path, **changes) -> Path:
         ({"latent_dim": "17"}, "input 'noise' has shape"),
         ({"attributes": '["a", "b"]'}, "input 'attributes' has shape"),
         ({"attributes": '["a", "a", "b", "c", "d", "e", "f", "g", "h", "i"]'}, "distinct"),
-        ({"attributes": '{"a": 1}'}, "malformed"),
-        ({"image_size": "[32]"}, "malformed"),
+        ({"attributes": '{"a": 1}'}, "must be a non-empty JSON list of names"),
+        ({"image_size": "[32]"}, r"'image_size' must be \[height, width\]"),
         ({"image_size": "[64, 64]"}, "output 'images' has shape"),
         ({"image_size": "[100000, 32]"}, "image height = 100000"),
         ({"latent_dim": "0"}, "latent_dim = 0"),
-        ({"output": "uint8_nhwc"}, "output 'images' has shape"),
+        ({"output": "uint8_nhwc"}, "output 'images' is float32, but the metadata says output=uint8_nhwc"),
     ],
 )
 def test_a_file_whose_shapes_disagree_with_its_metadata_is_refused_before_any_run(exported, tmp_path, changes, message):

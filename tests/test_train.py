@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -211,3 +212,57 @@ def test_the_hybrid_loss_trains_and_logs_the_prior_samples_error(digits_shards, 
     assert set(read_scalars(hybrid, ("train/mse_prior",))["train/mse_prior"]) and not read_scalars(paper, ("train/mse_prior",))["train/mse_prior"]
     with pytest.raises(UserError, match="gsnn_weight"):
         load_config(["recipe=digits", "gsnn_weight=1"])
+
+
+# --- settings the machine cannot hold, or that would do nothing --------------------------------
+
+@pytest.mark.parametrize("extra, words", [
+    (["model.latent_dim=1000000000"], ["need about", "TB", "decoder", "model.latent_dim"]),
+    (["model.arch=resnet", "model.width=100000", "model.levels=2"], ["need about", "model.width"]),
+    (["model.arch=resnet", "model.embed_dim=1000000000", "model.levels=2"], ["need about", "model.embed_dim"]),
+])
+def test_a_model_beyond_the_machines_memory_is_refused_before_anything_is_allocated(digits_shards, tmp_path, extra, words):
+    with pytest.raises(UserError) as caught:
+        train(quick(digits_shards, tmp_path / "run", "max_steps=2", *extra))
+    for word in words:
+        assert word in str(caught.value)
+    assert "available on cpu" in str(caught.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_fp16_on_a_cpu_is_refused_and_said_when_it_comes_from_accelerate(digits_shards, tmp_path):
+    # Accelerate runs fp32 on a CPU when asked for fp16 (it has no fp16 autocast there): the setting would do
+    # nothing. Its precision is fixed once per process, hence a process per case.
+    common = ["recipe=digits", f"data.shards={digits_shards}", "max_steps=1", "batch_size=8", "data.num_workers=0"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    refused = subprocess.run([sys.executable, "-m", "toolkit.cli", "train", *common, "run_dir=a", "mixed_precision=fp16"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "error: mixed_precision=fp16 does nothing on cpu: Accelerate runs fp32 there (fp16 needs a GPU); "
+        "use mixed_precision=no, or bf16, which the CPU runs")
+    assert not (tmp_path / "a").exists()
+    # `accelerate launch --mixed_precision fp16` with the recipe's auto: said once, and training goes on
+    launched = subprocess.run([sys.executable, "-m", "toolkit.cli", "train", *common, "run_dir=b"], cwd=tmp_path,
+                              env={**env, "ACCELERATE_MIXED_PRECISION": "fp16"}, capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.stderr.count("warning: fp16 (from accelerate launch or its config) does nothing on cpu") == 1
+
+
+def test_a_test_split_of_another_size_or_attributes_is_refused_before_step_one(digits_shards, tmp_path):
+    from toolkit.data.digits import ATTRIBUTES, digit_samples
+    from toolkit.data.shards import write_split
+
+    for name, size, attributes in (("size", 16, ATTRIBUTES), ("names", 32, [f"class_{i}" for i in range(10)])):
+        shards = tmp_path / name
+        shutil.copytree(digits_shards / "train", shards / "train")
+        write_split(digit_samples("test", size), shards, "test", attributes, (size, size), "digits")
+        with pytest.raises(UserError, match="the test split's (image size \\(16x16\\)|attributes).* differ from the train split's"):
+            train(quick(shards, tmp_path / f"run-{name}", "max_steps=1"))
+        assert not (tmp_path / f"run-{name}").exists()
+
+
+def test_more_loader_workers_than_shards_is_refused(digits_shards, tmp_path):
+    # the fixture's train split has 2 shards: a third worker would start, read nothing and hold memory
+    with pytest.raises(UserError, match="data.num_workers=3, but .* has 2 train shard\\(s\\) for 1 rank\\(s\\): at most 2"):
+        train(quick(digits_shards, tmp_path / "run", "max_steps=1", "data.num_workers=3"))

@@ -207,10 +207,10 @@ def train_classifier(
     thin or dark details there (measured on the real CelebA sample, sigma 1.5: Eyeglasses' balanced
     accuracy 0.83 -> 0.50, Black_Hair 0.85 -> 0.67), so it would miss attributes that are visibly drawn.
     """
-    from toolkit.data.stream import epoch_batches, read_manifest
+    from toolkit.data.stream import epoch_batches, read_manifest, worker_died
 
-    if steps < 1 or batch_size < 1 or lr <= 0:
-        raise UserError(f"classifier training needs steps >= 1, batch_size >= 1 and lr > 0 (got {steps}, {batch_size}, {lr})")
+    if steps < 1 or batch_size < 1 or not (math.isfinite(lr) and lr > 0):  # an infinite lr trains to NaN weights
+        raise UserError(f"classifier training needs steps >= 1, batch_size >= 1 and a finite lr > 0 (got {steps}, {batch_size}, {lr})")
     if not 0.0 <= blur <= 16.0:
         raise UserError(f"classifier blur must be a sigma in [0, 16] pixels (0: off), got {blur}")
     manifest = read_manifest(shards, "train")
@@ -224,24 +224,32 @@ def train_classifier(
     flips = torch.Generator().manual_seed(seed + 1)
     pos_weight = positive_weights(shards).to(device) if balanced else None
     step, epoch, start, loss = 0, 0, time.perf_counter(), torch.tensor(float("nan"))
-    while step < steps:
-        for images, attributes in epoch_batches(shards, "train", batch_size, epoch=epoch, seed=seed, num_workers=num_workers):
-            if hflip:
-                mirror = torch.rand(len(images), generator=flips) < 0.5
-                images = torch.where(mirror[:, None, None, None], images.flip(-1), images)
-            if blur > 0:
-                images = blur_some(images, blur, flips)
-            logits = classifier(images.to(device))
-            loss = F.binary_cross_entropy_with_logits(logits, attributes.to(device), pos_weight=pos_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            if log is not None and (step % 200 == 0 or step == steps):
-                log(f"step {step}/{steps}: loss {loss.item():.4f}")
-            if step >= steps:
-                break
-        epoch += 1
+    try:
+        while step < steps:
+            for images, attributes in epoch_batches(shards, "train", batch_size, epoch=epoch, seed=seed, num_workers=num_workers):
+                if hflip:
+                    mirror = torch.rand(len(images), generator=flips) < 0.5
+                    images = torch.where(mirror[:, None, None, None], images.flip(-1), images)
+                if blur > 0:
+                    images = blur_some(images, blur, flips)
+                logits = classifier(images.to(device))
+                loss = F.binary_cross_entropy_with_logits(logits, attributes.to(device), pos_weight=pos_weight)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                if log is not None and (step % 200 == 0 or step == steps):
+                    log(f"step {step}/{steps}: loss {loss.item():.4f}")
+                if step >= steps:
+                    break
+            epoch += 1
+    except RuntimeError as error:
+        if not worker_died(error):
+            raise
+        raise UserError(
+            f"a data loader worker died at classifier step {step + 1} ({one_line(error).rstrip('. ')}; the kernel's out-of-memory "
+            "killer does this when memory runs out: lower data.num_workers or batch_size); nothing was written"
+        ) from None
     classifier.eval()
     accuracy = classifier_accuracy(classifier, shards, "test", device=str(device))
     meta = {

@@ -5,13 +5,15 @@ Heavy libraries are imported inside the commands, so `cvae-tk sample` starts wit
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from toolkit.errors import UserError, one_line
+from toolkit.atomic import check_output
+from toolkit.errors import UserError, check_seed, one_line
 
 app = typer.Typer(
     help="Train attribute-conditioned image generators (Conditional VAEs) and ship them as ONNX samplers.",
@@ -24,18 +26,32 @@ shards_app = typer.Typer(help="Build WebDataset shards (+ manifest.json per spli
 app.add_typer(shards_app, name="shards")
 
 
+def _seed(value: Optional[int]) -> Optional[int]:
+    """Every --seed: an integer in [0, 2**63) (torch wraps negative seeds silently, overflows on huge ones)."""
+    return value if value is None else check_seed(value, "--seed")
+
+
+def _output_folder(value: Optional[Path]) -> Optional[Path]:
+    """A folder to write into: not a file, and writable (checked while the options are read, before any work)."""
+    return value if value is None else check_output(value, folder=True)
+
+
+OVERWRITE = typer.Option(
+    False, "--overwrite", help="Replace the shards of another build in --out (files that are not shards are never deleted)."
+)
+
+
 @shards_app.command("digits")
 def shards_digits(
-    out: Path = typer.Option(Path("shards/digits"), "--out", help="Folder to write train/ and test/ into."),
+    out: Path = typer.Option(Path("shards/digits"), "--out", callback=_output_folder, help="Folder to write train/ and test/ into."),
     size: int = typer.Option(32, "--size", min=8, max=512, help="Side of the square images (the source is 8x8)."),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="Samples per tar shard (default: 100).", show_default=False),
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """The embedded demo set: scikit-learn's 1,797 handwritten digits, one-hot digit_0 ... digit_9."""
-    from toolkit.data.digits import ATTRIBUTES, SPLITS, digit_samples
-    from toolkit.data.shards import write_split
+    from toolkit.data.digits import write_digits
 
-    for split in SPLITS:
-        manifest = write_split(digit_samples(split, size), out, split, ATTRIBUTES, (size, size), "scikit-learn digits", shard_size or 100)
+    for split, manifest in write_digits(out, size, shard_size or 100, overwrite).items():
         typer.echo(f"{split}: {manifest['count']} images in {len(manifest['shards'])} shard(s) -> {out / split}")
 
 
@@ -48,7 +64,6 @@ SHARD_SIZE = typer.Option(
     help="Samples per tar shard (default: about 256 shards per split, 100 to 1,000 samples each, so many loader workers read in parallel).",
 )
 STRICT = typer.Option(False, "--strict", help="Fail on a corrupt image instead of skipping and listing it.")
-OVERWRITE = typer.Option(False, "--overwrite", help="Replace shards that another build left in --out.")
 
 
 def _build(table, out: Path, size: str, crop: Optional[str], workers: int, shard_size: Optional[int], strict: bool, overwrite: bool) -> None:
@@ -64,7 +79,7 @@ def _build(table, out: Path, size: str, crop: Optional[str], workers: int, shard
 @shards_app.command("celeba")
 def shards_celeba(
     root: Path = typer.Option(..., "--root", help="The CelebA folder: img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt."),
-    out: Path = typer.Option(Path("shards/celeba"), "--out"),
+    out: Path = typer.Option(Path("shards/celeba"), "--out", callback=_output_folder),
     size: str = typer.Option("original", "--size", help="original (the paper: 218x178 JPEGs untouched), N (N x N) or HxW."),
     crop: Optional[str] = CROP, workers: int = WORKERS, shard_size: Optional[int] = SHARD_SIZE,
     strict: bool = STRICT, overwrite: bool = OVERWRITE,
@@ -78,7 +93,7 @@ def shards_celeba(
 @shards_app.command("cub")
 def shards_cub(
     root: Path = typer.Option(..., "--root", help="The archive root (attributes.txt beside CUB_200_2011/) or CUB_200_2011/ itself."),
-    out: Path = typer.Option(Path("shards/cub"), "--out"),
+    out: Path = typer.Option(Path("shards/cub"), "--out", callback=_output_folder),
     size: str = typer.Option("224", "--size", help="N (N x N), HxW or original."),
     condition: str = typer.Option(
         "both", "--condition",
@@ -101,10 +116,10 @@ def shards_cub(
 def shards_folder(
     root: Path = typer.Option(..., "--root", help="Folder the table's file names are relative to."),
     attributes: Path = typer.Option(..., "--attributes", help="CSV: a file column (file/filename/image/path) and one 0/1 column per attribute."),
-    out: Path = typer.Option(..., "--out"),
+    out: Path = typer.Option(..., "--out", callback=_output_folder),
     split_column: Optional[str] = typer.Option(None, "--split-column", help="Column with train/val/test per row."),
     test_fraction: float = typer.Option(0.1, "--test-fraction", min=0.0, max=0.9, help="Without --split-column: random test share."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random split."),
+    seed: int = typer.Option(0, "--seed", callback=_seed, help="Seed of the random split."),
     size: str = SIZE, crop: Optional[str] = CROP, workers: int = WORKERS, shard_size: Optional[int] = SHARD_SIZE,
     strict: bool = STRICT, overwrite: bool = OVERWRITE,
 ) -> None:
@@ -119,9 +134,10 @@ def shards_folder(
 def train(ctx: typer.Context) -> None:
     """Train from a recipe: cvae-tk train recipe=digits [key=value ...] (same as toolkit/train.py).
 
-    Common keys: run_dir, seed, max_steps, batch_size, lr, beta, mixed_precision (auto|no|fp16|bf16),
-    data.shards, data.num_workers, model.arch (paper|resnet), model.latent_dim, model.prior
-    (standard|learned), model.width, model.levels, model.embed_dim. For several GPUs use
+    Common keys: run_dir, resume (latest|PATH), overwrite (true: replace the run in run_dir), seed,
+    max_steps, batch_size, lr, beta, mixed_precision (auto|no|fp16|bf16), data.shards,
+    data.num_workers, model.arch (paper|resnet), model.latent_dim, model.prior (standard|learned),
+    model.width, model.levels, model.embed_dim (resnet only). For several GPUs use
     `accelerate launch toolkit/train.py recipe=...`.
     """
     from toolkit.config import load_config
@@ -145,10 +161,11 @@ def export(
     ),
 ) -> None:
     """Export a run's conditional decoder as a self-contained ONNX sampler (parity-checked)."""
-    from toolkit.export import PARITY_BATCHES, PARITY_TEMPERATURE, export_onnx, parity_limit
+    from toolkit.export import PARITY_BATCHES, PARITY_TEMPERATURE, default_path, export_onnx, parity_limit
 
     if not onnx:
         raise UserError("only --onnx export exists")
+    out = check_output(out or default_path(run_dir, fp16, uint8, temperature_input))  # before the minutes of tracing
     path, error = export_onnx(run_dir, out, opset, fp16=fp16, uint8=uint8, temperature_input=temperature_input)
     limit, measure = parity_limit(fp16, uint8)
     where = f"batch sizes {', '.join(map(str, PARITY_BATCHES))}" + (f", temperatures 1 and {PARITY_TEMPERATURE:g}" if temperature_input else "")
@@ -181,9 +198,9 @@ def sample(
     attr: List[str] = typer.Option([], "--attr", help="NAME=0|1; repeat for several; unnamed attributes are 0."),
     each_attribute: bool = typer.Option(False, "--each-attribute", help="One row per attribute, that attribute alone set."),
     n: int = typer.Option(8, "-n", help="Images per condition."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Noise seed (same seed, same images)."),
+    seed: Optional[int] = typer.Option(None, "--seed", callback=_seed, help="Noise seed (same seed, same images)."),
     temperature: float = typer.Option(1.0, "--temperature", help="Scale of the prior's spread (0: its mean)."),
-    grid: Optional[Path] = typer.Option(None, "--grid", help="Write one PNG grid, one row per condition."),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="Write one grid image, one row per condition (the format from the extension: .png, .jpg, .webp...)."),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Write one PNG per image."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
 ) -> None:
@@ -191,10 +208,19 @@ def sample(
     import numpy as np
     from PIL import Image
 
+    from toolkit.atomic import image_format, save_image
+    from toolkit.memory import check_fits
     from toolkit.sampler import Sampler, image_grid
 
     if grid is None and out_dir is None:
         raise UserError("say where the images go: --grid out.png or --out-dir DIR")
+    if grid is not None:  # decided before any image is made
+        image_format(grid)
+        check_output(grid)
+    if out_dir is not None:
+        check_output(out_dir, folder=True)
+    if isinstance(n, bool) or n < 1:
+        raise UserError(f"-n must be an integer >= 1, got {n}")
     sampler = Sampler(model, device=device)
     if each_attribute:
         if attr:
@@ -202,15 +228,19 @@ def sample(
         conditions = np.eye(len(sampler.attributes), dtype=np.float32)
     else:
         conditions = sampler.conditions(_parse_attr(attr))
+    if grid is not None:  # the images, the grid array and its PIL copy are in memory at once
+        height, width = sampler.image_size
+        check_fits(3 * len(conditions) * n * (height + 2) * (width + 2) * 3,
+                   f"a grid of {len(conditions)} row(s) x {n} images of {width}x{height}", "ask for fewer images (-n)")
     images = sampler.sample(conditions, n=n, seed=seed, temperature=temperature)
     if grid is not None:
         grid.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image_grid(images, columns=n)).save(grid)
+        save_image(Image.fromarray(image_grid(images, columns=n)), grid)
         typer.echo(f"wrote {grid} ({len(conditions)} row(s) x {n}, {sampler.provider})")
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         for index, image in enumerate(images):
-            Image.fromarray(image).save(out_dir / f"{index:05d}.png")
+            save_image(Image.fromarray(image), out_dir / f"{index:05d}.png")
         typer.echo(f"wrote {len(images)} images to {out_dir} ({sampler.provider})")
 
 
@@ -243,7 +273,7 @@ def eval_run(
         None, "--classifier", help="An attribute classifier folder (default: RUN/../classifier or RUN/../<recipe>-classifier, if there)."
     ),
     shards: Optional[str] = typer.Option(None, "--shards", help="Shards to measure on (default: the run's data.shards)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the posterior and prior noise and of the shuffled floor."),
+    seed: int = typer.Option(0, "--seed", callback=_seed, help="Seed of the posterior and prior noise and of the shuffled floor."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
 ) -> None:
     """Held-out metrics of a run (MSE, KL, diversity, attribute accuracy) -> a table and RUN/metrics.json."""
@@ -251,6 +281,8 @@ def eval_run(
 
     if classifier is not None and not classifier.is_dir():
         raise UserError(f"classifier folder not found: {classifier}")
+    if run_dir.is_dir():  # the report goes into the run folder: refuse a read-only one before measuring
+        check_output(run_dir / METRICS_FILE)
     report = evaluate_run(run_dir, split=split, classifier=classifier, device=device, shards=shards, seed=seed)
     rows = list(report["metrics"].items())
     width = max(len(name) for name, _ in rows)
@@ -294,10 +326,12 @@ def classifier_train(
     from toolkit.config import load_config
     from toolkit.evaluate import resolve_device
 
+    import math
+
     config = load_config(list(ctx.args))
-    if lr is not None and lr <= 0:
-        raise UserError(f"--lr must be positive, got {lr}")
-    out = out or Path("runs") / f"{config.recipe}-classifier"
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise UserError(f"--lr must be a finite number > 0, got {lr}")
+    out = check_output(out or Path("runs") / f"{config.recipe}-classifier", folder=True)
     path = train_classifier(
         config.data.shards, out, steps=steps or DEFAULTS["steps"], batch_size=config.batch_size, lr=lr or DEFAULTS["lr"],
         seed=config.seed, device=str(resolve_device(device)), num_workers=config.data.num_workers, hflip=hflip, balanced=balanced, blur=blur,
@@ -365,7 +399,7 @@ def interpolate_command(
     to_attr: List[str] = typer.Option([], "--to-attr", help="NAME=0|1, repeatable: the last attribute set; with images, the last image's attributes."),
     classifier: Optional[Path] = EDIT_CLASSIFIER,
     steps: int = typer.Option(8, "--steps", help="Frames, both ends included (>= 2)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the prior noise (attribute interpolation)."),
+    seed: int = typer.Option(0, "--seed", callback=_seed, help="Seed of the prior noise (attribute interpolation)."),
     out: Path = typer.Option(Path("interpolation.png"), "--out", help="Output image: one horizontal strip of the frames."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
 ) -> None:
@@ -387,6 +421,7 @@ def interpolate_command(
     else:
         images = None
     model = load_run_model(run_dir, device)
+    check_steps(steps, model.spec.image_size)  # the frames must fit in memory
     names = list(model.spec.attributes)
     attribute_vector(names, start), attribute_vector(names, end)  # unknown names fail first
     if images is not None:
@@ -433,12 +468,52 @@ def sweep_command(
               figure5_beta=figure5_beta, figure5_attributes=names, log=typer.echo)
 
 
+def _os_error_line(error: OSError) -> str:
+    """'<file>: No space left on device (ENOSPC); free some space or write elsewhere'."""
+    from toolkit.atomic import describe_os_error
+
+    where = " -> ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
+    hint = {
+        errno.ENOSPC: "free some space or write elsewhere",
+        errno.EDQUOT: "free some space or write elsewhere",
+        errno.EROFS: "the folder is read-only: write elsewhere",
+        errno.EACCES: "check its permissions or write elsewhere",
+        errno.EPERM: "check its permissions or write elsewhere",
+        errno.EISDIR: "it is a folder: give a file name",
+        errno.ENOTDIR: "a part of the path is a file, not a folder",
+        errno.ENOENT: "no such file or folder",
+    }.get(error.errno)
+    return f"{where + ': ' if where else ''}{describe_os_error(error)}{'; ' + hint if hint else ''}"
+
+
 def main() -> None:
+    """The entry point: user mistakes, the file system's refusals and a lack of memory end in one line
+    `error: ...` (exit 2; 1 for memory), never a traceback; anything else is a bug and keeps its traceback."""
+    clicks = sys.modules[typer.BadParameter.__module__]  # click's exceptions, or the copy newer typer carries
+    no_args_is_help = getattr(clicks, "NoArgsIsHelpError", ())  # click >= 8.2
+
     try:
-        app()
+        code = app(standalone_mode=False)
+    except no_args_is_help as error:
+        error.show()  # the help text, as `cvae-tk` alone has always printed
+        code = error.exit_code
+    except clicks.ClickException as error:  # a bad option: click's four lines made one
+        where = f" (see {error.ctx.command_path} --help)" if getattr(error, "ctx", None) is not None else ""
+        print(f"error: {one_line(error.format_message())}{where}", file=sys.stderr)
+        code = error.exit_code
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        code = 1
     except UserError as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
-        raise SystemExit(2) from None
+        code = 2
+    except OSError as error:  # the boundary checks missed it: a disk that filled while writing, a vanished folder
+        print(f"error: {one_line(_os_error_line(error))}", file=sys.stderr)
+        code = 2
+    except MemoryError:
+        print("error: out of memory: ask for less (fewer images, smaller sizes or batches), or free some memory", file=sys.stderr)
+        code = 1
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ PRECISIONS = ("auto", "no", "fp16", "bf16")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 SAMPLINGS = ("epochs", "resampled")
+# The model.* options each arch reads (model.ARCH_OPTIONS, kept here so that reading a recipe does not
+# import torch; a test keeps the two equal). Setting another arch's option does nothing: refused.
+ARCH_KEYS = {"paper": (), "resnet": ("width", "levels", "embed_dim")}
 
 
 @dataclass
@@ -76,6 +79,7 @@ class TrainConfig:
     checkpoint_every: int = 1000  # accelerate save_state into RUN/checkpoints/checkpoint-<step>
     checkpoints_total_limit: int = 3  # keep the newest N checkpoints
     resume: str = ""  # latest | a checkpoint folder
+    overwrite: bool = False  # replace the run that run_dir holds (its checkpoints, model, samples, logs)
     dist_timeout_s: float = 1800.0  # several processes: a collective waiting longer than this fails (a rank died or froze)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -158,11 +162,9 @@ def load_config(args: list[str], default_recipe: str | None = None) -> TrainConf
         raise UserError(f"no recipe given: pass recipe=NAME (available: {', '.join(available_recipes())})")
     schema = OmegaConf.structured(TrainConfig)
     path = find_recipe(recipe)
-    try:
-        from_file = OmegaConf.load(path)
-    except Exception as error:  # YAML syntax errors come in many types
-        raise UserError(f"recipe {path} is not valid YAML: {one_line(error)}") from None
+    from_file = _read_recipe(path)
     config = _merge(schema, from_file, f"recipe {path}", schema)
+    given = {f"in recipe {path}": _all_keys(from_file)}  # the keys set explicitly, and where
     for item in dotlist:
         key, _, value = item.partition("=")
         try:
@@ -176,6 +178,7 @@ def load_config(args: list[str], default_recipe: str | None = None) -> TrainConf
             raise UserError(f"bad override '{item}': {one_line(error)}") from None
         # one override at a time, so an error the merge does not attribute still names its key
         config = _merge(config, single, "the command line", schema, key)
+        given.setdefault("on the command line", []).append(key)
     try:  # reading a value resolves its ${...} interpolation, which may fail
         config.recipe = path.stem
         if not config.run_dir:
@@ -185,7 +188,47 @@ def load_config(args: list[str], default_recipe: str | None = None) -> TrainConf
         key = getattr(error, "full_key", None) or "?"
         raise UserError(f"config key '{key}': {one_line(str(error).splitlines()[0] if str(error) else type(error).__name__)}") from None
     validate(result)
+    _refuse_ignored_keys(result, given)
     return result
+
+
+def _read_recipe(path: Path) -> DictConfig:
+    """The recipe file as a mapping of keys; an empty file, a list or a scalar is a UserError."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8")
+        shape = yaml.safe_load(text)  # only to tell what the top level is; OmegaConf reads the values
+        loaded = OmegaConf.create(text) if isinstance(shape, dict) else None
+    except OSError as error:
+        raise UserError(f"could not read recipe {path}: {error.strerror or error}") from None
+    except Exception as error:  # YAML syntax errors come in many types; bytes that are not UTF-8
+        raise UserError(f"recipe {path} is not valid YAML: {one_line(error)}") from None
+    if shape is None:
+        raise UserError(f"recipe {path} is empty: expected a mapping of config keys, such as `max_steps: 1000` (see `cvae-tk recipes`)")
+    if loaded is None:
+        raise UserError(
+            f"recipe {path} is a YAML {type(shape).__name__}, not a mapping: expected config keys with values, "
+            "such as `max_steps: 1000` (see `cvae-tk recipes`)"
+        )
+    return loaded
+
+
+def _refuse_ignored_keys(config: TrainConfig, given: dict[str, list[str]]) -> None:
+    """A model option that the chosen arch does not read, set to anything but its default, would do
+    nothing: say so instead of training without it. (The default is let through: a saved
+    recipe.yaml lists every key.)"""
+    takes = ARCH_KEYS[config.model.arch]
+    for source, keys in given.items():
+        for key in keys:
+            name = key.removeprefix("model.")
+            users = [arch for arch, options in ARCH_KEYS.items() if name in options]
+            if key.startswith("model.") and users and name not in takes and getattr(config.model, name) != getattr(ModelConfig, name):
+                raise UserError(
+                    f"config key '{key}' ({source}) does nothing with model.arch={config.model.arch}, which takes "
+                    f"{', '.join('model.' + k for k in takes) or 'no options besides model.latent_dim and model.prior'}; "
+                    f"only model.arch={' | '.join(users)} reads it: remove it or choose that arch"
+                )
 
 
 def validate(config: TrainConfig) -> None:

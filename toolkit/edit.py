@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from toolkit.errors import UserError, one_line
+from toolkit.errors import UserError, check_seed
 
 AttributeLike = Mapping[str, int] | Sequence[float] | np.ndarray | torch.Tensor
 
@@ -100,21 +100,14 @@ def describe(names: Sequence[str], vector) -> str:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """An image file as RGB (EXIF orientation applied); a missing or unreadable file is a UserError."""
-    from PIL import ImageOps, UnidentifiedImageError
+    """An image file as RGB, as an image viewer shows it (toolkit.images: EXIF orientation, colour
+    profile, transparency on white, 16-bit); a missing or unreadable file is a UserError."""
+    from toolkit.images import ImageError, open_image
 
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"image not found: {path}")
-    if not path.is_file():
-        raise UserError(f"{path} is not an image file (it is a folder)")
     try:
-        with Image.open(path) as opened:
-            opened.load()
-            image = ImageOps.exif_transpose(opened).convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
-        raise UserError(f"{path} is not an image PIL can read: {one_line(error)}") from None
-    return image
+        return open_image(path)
+    except ImageError as error:
+        raise UserError(str(error)) from None
 
 
 def _to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
@@ -148,18 +141,22 @@ def save_strip(images: Sequence[Image.Image], path: str | Path) -> Path:
 
 
 def save_image(image: Image.Image, path: str | Path) -> Path:
+    """Save through a temporary name + rename (toolkit.atomic), the format from `path`'s extension."""
+    from toolkit.atomic import save_image as save_atomically
+
     path = Path(path)
     check_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
+    return save_atomically(image, path)
 
 
 def check_output(path: str | Path) -> None:
-    """A UserError unless PIL can write the file's extension (checked before any work is done)."""
-    suffix = Path(path).suffix.lower()
-    if suffix not in Image.registered_extensions():
-        raise UserError(f"cannot write {path}: unknown image extension '{suffix}' (use .png or .jpg)")
+    """A UserError unless `path` can take an image: an extension PIL writes, not a folder, in a
+    folder that exists or can be made and is writable (checked before any work is done)."""
+    from toolkit.atomic import check_output as check_writable, image_format
+
+    image_format(path)
+    check_writable(path)
 
 
 # --- attributes from a classifier -------------------------------------------------------------------
@@ -222,9 +219,35 @@ def edit_image(model, image: Image.Image, attributes: AttributeLike, changes: Ma
     return decoded if decoded.size == image.size else decoded.resize(image.size, Image.BICUBIC)
 
 
-def check_steps(steps: int) -> None:
+DECODE_BATCH = 64  # frames decoded at once: the decoder's activations stay bounded for any --steps
+
+
+def check_steps(steps: int, image_size: Sequence[int] | None = None) -> None:
+    """steps >= 2; with the frames' (H, W), also that the frames and the strip fit in the memory
+    available now (a UserError before anything is decoded)."""
+    from toolkit.memory import check_fits
+
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2:
         raise UserError(f"--steps must be an integer >= 2 (both ends are frames), got {steps!r}")
+    if image_size is not None:
+        height, width = image_size
+        frame = height * width * 3  # uint8 RGB
+        # the frames as images, the strip they are pasted into, and one decoded batch in float32
+        needed = 2 * int(steps) * frame + DECODE_BATCH * frame * 4
+        check_fits(needed, f"--steps {steps} (a strip of {steps} frames of {width}x{height})", "use fewer --steps")
+
+
+def _decode_frames(model, z: torch.Tensor | None, y: torch.Tensor, noise: torch.Tensor | None = None) -> list[Image.Image]:
+    """Decode frame by frame in batches of DECODE_BATCH: the posterior path (z) or the prior (noise)."""
+    device = _device(model)
+    frames: list[Image.Image] = []
+    for start in range(0, len(y), DECODE_BATCH):
+        part = slice(start, start + DECODE_BATCH)
+        if z is not None:
+            frames += _to_images(model.decoder(z[part].to(device), y[part].to(device)))
+        else:
+            frames += _to_images(model.eval().generate(y[part].to(device), noise[part].to(device)))
+    return frames
 
 
 @torch.no_grad()
@@ -233,29 +256,26 @@ def interpolate_images(
 ) -> list[Image.Image]:
     """`steps` frames from image a to image b: z and the attribute vector both interpolated linearly.
     Frame 0 is the reconstruction of a, the last that of b (the model's size)."""
-    check_steps(steps)
+    check_steps(steps, model.spec.image_size)
     names = list(model.spec.attributes)
     ya, yb = attribute_vector(names, attributes_a), attribute_vector(names, attributes_b)
-    za, zb = encode(model, image_a, ya), encode(model, image_b, yb)
+    za, zb = encode(model, image_a, ya).cpu(), encode(model, image_b, yb).cpu()
     t = torch.linspace(0, 1, steps)[:, None]
-    device = _device(model)
-    z = ((1 - t) * za + t * zb).to(device)
-    y = ((1 - t) * ya + t * yb).to(device)
-    return _to_images(model.decoder(z, y))
+    return _decode_frames(model, (1 - t) * za + t * zb, (1 - t) * ya + t * yb)
 
 
 @torch.no_grad()
 def interpolate_attributes(model, start: AttributeLike, end: AttributeLike, steps: int = 8, seed: int = 0) -> list[Image.Image]:
     """`steps` frames of one prior sample (noise: torch.randn(1, Z) of a CPU generator seeded with
     `seed`) while the attribute vector moves linearly from `start` to `end` (the model's size)."""
-    check_steps(steps)
+    check_steps(steps, model.spec.image_size)
+    check_seed(seed)
     names = list(model.spec.attributes)
     ya, yb = attribute_vector(names, start), attribute_vector(names, end)
-    noise = torch.randn(1, model.spec.latent_dim, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(1, model.spec.latent_dim, generator=torch.Generator().manual_seed(int(seed)))
     t = torch.linspace(0, 1, steps)[:, None]
-    device = _device(model)
-    y = ((1 - t) * ya + t * yb).to(device)
-    return _to_images(model.eval().generate(y, noise.expand(steps, -1).to(device)))
+    return _decode_frames(model, None, (1 - t) * ya + t * yb, noise.expand(steps, -1))
+
 
 
 # --- what the commands share ------------------------------------------------------------------------

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 import toolkit
-from toolkit.atomic import atomic_path
+from toolkit.atomic import atomic_path, check_output, describe_os_error
 from toolkit.errors import UserError, one_line
 from toolkit.model import CVAE, WEIGHTS, load_model
 
@@ -142,12 +142,9 @@ def to_onnx(
     `weights`: the SHA-256 recorded as weights_sha256 (default: computed from `model`)."""
     import onnx
 
-    newest = onnx.defs.onnx_opset_version()
-    if not MIN_OPSET <= opset <= newest:
-        raise UserError(
-            f"ONNX opset {opset} is not supported: use {MIN_OPSET} to {newest} (the exporter builds opset {MIN_OPSET}+ graphs; "
-            f"converting them to older opsets is unreliable)"
-        )
+    from toolkit.inspection import check_contract
+
+    check_opset(opset)
     if weights is None:
         weights = weights_sha256(model)
     graph = SamplerGraph(copy.deepcopy(model).half() if fp16 else model, uint8=uint8).eval()
@@ -187,7 +184,27 @@ def to_onnx(
     proto.producer_name = "cvae-tk"
     proto.producer_version = toolkit.__version__
     onnx.checker.check_model(proto)
+    check_contract("the exported graph", proto)  # what every reader checks, so a file no reader takes is never written
     return proto.SerializeToString()
+
+
+def check_opset(opset: int) -> None:
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+        raise UserError(
+            f"ONNX opset {opset} is not supported: use {MIN_OPSET} to {newest} (the exporter builds opset {MIN_OPSET}+ graphs; "
+            f"converting them to older opsets is unreliable)"
+        )
+
+
+def check_out(out: Path) -> None:
+    """Refuse, before any work, an output the export could not write (toolkit.atomic.check_output: a
+    folder, a path under a file, a folder that is not writable) or that is not named .onnx."""
+    check_output(out)
+    if out.suffix.lower() != ".onnx":
+        raise UserError(f"cannot write {out}: expected a file name ending in .onnx, got {out.suffix or 'no extension'!r}")
 
 
 def parity_error(model: CVAE, onnx_bytes: bytes, batch_sizes=PARITY_BATCHES, seed: int = 0, temperatures=None) -> float:
@@ -226,7 +243,10 @@ def parity_error(model: CVAE, onnx_bytes: bytes, batch_sizes=PARITY_BATCHES, see
                 got, expected = got.astype(np.int16), expected.astype(np.int16)
             if got.shape != expected.shape:
                 raise RuntimeError(f"ONNX output shape {got.shape} != PyTorch {expected.shape} at batch {size}")
-            worst = max(worst, float(np.abs(got - expected).max()))
+            if not np.isfinite(expected).all():  # max() would skip a NaN: a broken model must never pass
+                raise UserError("the model's images hold NaN or infinite values (are its weights finite?); nothing was written")
+            error = np.abs(got - expected).max()
+            worst = max(worst, float(error) if np.isfinite(error) else float("inf"))
     return worst
 
 
@@ -269,10 +289,12 @@ def export_onnx(
 ) -> tuple[Path, float]:
     """Export `run_dir` to `out` (default `default_path`); returns (path written, parity error, in
     the units of `parity_limit`)."""
+    out = Path(out) if out else default_path(run_dir, fp16, uint8, temperature_input)
+    check_opset(opset)  # user mistakes first, before the minutes a large model takes
+    check_out(out)
     weights_file = Path(run_dir) / WEIGHTS
     weights = _sha256_of(weights_file) if weights_file.is_file() else None  # hashed before and after loading
     model = load_model(run_dir)  # a missing or unreadable file is its UserError
-    out = Path(out) if out else default_path(run_dir, fp16, uint8, temperature_input)
     onnx_bytes = to_onnx(model, opset, fp16=fp16, uint8=uint8, temperature_input=temperature_input, weights=weights)
     error = parity_error(model, onnx_bytes)
     if not parity_passes(error, fp16, uint8):
@@ -284,7 +306,10 @@ def export_onnx(
         )
     if _sha256_of(weights_file) != weights:
         raise UserError(f"{weights_file} changed while it was being exported (is a training run writing it?); nothing was written")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        tmp.write_bytes(onnx_bytes)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out) as tmp:
+            tmp.write_bytes(onnx_bytes)
+    except OSError as failure:  # a disk that filled up, a folder made read-only meanwhile: nothing is left behind
+        raise UserError(f"could not write {out}: {describe_os_error(failure)}; nothing was written") from None
     return out, error

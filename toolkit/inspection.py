@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+from toolkit.contract import Contract, Tensor, read_contract
 from toolkit.errors import UserError, one_line
 
 SHOWN_ATTRIBUTES = 5  # names listed after the attributes count
@@ -46,6 +47,18 @@ def _value(value_info) -> str:
     return f"{_dtype(tensor.elem_type)} [{', '.join(dims)}]"
 
 
+def _tensor(value_info) -> Tensor:
+    """A graph input or output for the contract check (a dynamic dim by its name or None)."""
+    kind = value_info.type.WhichOneof("value")
+    if kind != "tensor_type":
+        return Tensor(value_info.name, kind or "unknown type", None)
+    tensor = value_info.type.tensor_type
+    if not tensor.HasField("shape"):
+        return Tensor(value_info.name, _dtype(tensor.elem_type), None)
+    dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
+    return Tensor(value_info.name, _dtype(tensor.elem_type), dims)
+
+
 def _attributes(text: str) -> str:
     try:
         names = json.loads(text)
@@ -57,9 +70,26 @@ def _attributes(text: str) -> str:
     return f"{len(names)} ({shown})"
 
 
+def check_contract(path, proto) -> Contract:
+    """The file's claims (toolkit.contract), checked against the types and shapes its graph computes
+    (ONNX shape inference: the graph is not run), not only those it declares."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as error:  # InferenceError, or a ValidationError for a graph onnx cannot read
+        message = one_line(error).replace("[ShapeInferenceError] Inference error(s): ", "")
+        raise UserError(f"{path}: the graph computes other types or shapes than it declares: {message[:300]}") from None
+    initializers = {init.name for init in inferred.graph.initializer}
+    inputs = [_tensor(value) for value in inferred.graph.input if value.name not in initializers]
+    meta = {entry.key: entry.value for entry in proto.metadata_props}
+    return read_contract(path, meta, inputs, [_tensor(value) for value in inferred.graph.output])
+
+
 def inspect_onnx(path: str | os.PathLike) -> list[str]:
-    """The lines `cvae-tk inspect` prints: `key: value` each. A file that is not ONNX, or an ONNX model
-    without cvae-tk metadata, is a UserError."""
+    """The lines `cvae-tk inspect` prints: `key: value` each. A file that is not ONNX, an ONNX model
+    without cvae-tk metadata, or one whose graph disagrees with its metadata is a UserError (the
+    graph is not run; the Sampler also runs it once)."""
     import onnx
 
     path = Path(path)
@@ -73,8 +103,9 @@ def inspect_onnx(path: str | os.PathLike) -> list[str]:
         # protobuf parses some non-ONNX bytes (an empty file, say) into an empty message
         raise UserError(f"{path} is not an ONNX model (no graph in it)")
     meta = {entry.key: entry.value for entry in proto.metadata_props}
-    if "cvae_tk.format" not in meta:
-        raise UserError(f"{path} is an ONNX model but not a cvae-tk sampler export (no cvae_tk.format metadata)")
+    check_contract(path, proto)
+    initializers = {init.name for init in proto.graph.initializer}
+    inputs = [value for value in proto.graph.input if value.name not in initializers]
 
     opsets = {entry.domain or "ai.onnx": entry.version for entry in proto.opset_import}
     others = "".join(f", {domain} {version}" for domain, version in sorted(opsets.items()) if domain != "ai.onnx")
@@ -86,10 +117,8 @@ def inspect_onnx(path: str | os.PathLike) -> list[str]:
     ]
     for key, value in meta.items():
         lines.append(f"{key}: {_attributes(value) if key == 'attributes' else value}")
-    initializers = {init.name for init in proto.graph.initializer}
-    for value in proto.graph.input:
-        if value.name not in initializers:
-            lines.append(f"input {value.name}: {_value(value)}")
+    for value in inputs:
+        lines.append(f"input {value.name}: {_value(value)}")
     for value in proto.graph.output:
         lines.append(f"output {value.name}: {_value(value)}")
     return lines

@@ -363,46 +363,126 @@ def save_model(model: CVAE, folder: str | Path) -> None:
     write_text(folder / CONFIG, json.dumps(spec, indent=2) + "\n")
 
 
+def _no_final_model(folder: Path, missing: Path) -> UserError:
+    """The error for a run folder without its final model, saying how to get one from a checkpoint."""
+    checkpoints = sorted(folder.glob("checkpoints/checkpoint-*/trainer_state.json"), key=lambda p: p.stat().st_mtime)
+    if not checkpoints:
+        return UserError(f"{folder} is not a trained run: expected {missing} (written by `cvae-tk train` when it finishes)")
+    newest = checkpoints[-1].parent
+    step = newest.name.rsplit("-", 1)[-1]
+    recipe = folder / "recipe.yaml"
+    how = (f"`cvae-tk train recipe={recipe} run_dir={folder} resume=latest max_steps={step}` writes it from there"
+           if recipe.is_file() else "finish the training with resume=latest, which writes it")
+    return UserError(f"{folder} has no final model ({missing.name} is missing: the training did not finish); "
+                     f"its newest checkpoint is {newest}: {how}")
+
+
+def _config_error(path: Path, expected: str, found) -> UserError:
+    shown = repr(found)
+    return UserError(f"{path}: {expected}, got {shown[:80] + '...' if len(shown) > 80 else shown}")
+
+
 def read_spec(folder: str | Path) -> ModelSpec:
-    path = Path(folder) / CONFIG
+    """config.json as a ModelSpec; anything else than what save_model writes is one UserError naming the file."""
+    folder = Path(folder)
+    path = folder / CONFIG
     if not path.is_file():
-        raise UserError(f"{folder} is not a trained run: expected {path} (written by `cvae-tk train`)")
+        raise _no_final_model(folder, path)
     try:
-        raw = json.loads(path.read_text())
-        return ModelSpec(
-            attributes=list(raw["attributes"]),
-            image_size=tuple(raw["image_size"]),
-            latent_dim=int(raw["latent_dim"]),
-            arch=raw.get("arch", "paper"),
-            prior=raw.get("prior", "standard"),  # absent before the learned prior existed
-            options=dict(raw.get("options", {})),
-            extra=raw.get("extra", {}),
-        )
-    except (ValueError, KeyError, TypeError) as error:
-        raise UserError(f"{path} is not a cvae-tk model config: {error}") from None
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} is not a cvae-tk model config: not valid JSON ({one_line(error)})") from None
+    except OSError as error:
+        raise UserError(f"cannot read {path}: {error.strerror or one_line(error)}") from None
+    if not isinstance(raw, dict):
+        raise _config_error(path, "expected a JSON object with attributes, image_size and latent_dim (a cvae-tk model config)", raw)
+    missing = [key for key in ("attributes", "image_size", "latent_dim") if key not in raw]
+    if missing:
+        raise UserError(f"{path} is not a cvae-tk model config: it has no {', '.join(missing)}")
+    attributes, size, latent = raw["attributes"], raw["image_size"], raw["latent_dim"]
+    if not isinstance(attributes, list) or not attributes or not all(isinstance(a, str) and a.strip() for a in attributes):
+        raise _config_error(path, "'attributes' must be a non-empty list of names", attributes)
+    repeated = sorted({name for name in attributes if attributes.count(name) > 1})
+    if repeated:
+        raise UserError(f"{path}: 'attributes' must be distinct names, but {', '.join(map(repr, repeated[:5]))} appear(s) more than once")
+    if not isinstance(size, list) or len(size) != 2 or not all(type(side) is int and side >= 1 for side in size):
+        raise _config_error(path, "'image_size' must be [height, width], two positive integers", size)
+    if type(latent) is not int or latent < 1:
+        raise _config_error(path, "'latent_dim' must be a positive integer", latent)
+    for key, kind, default in (("arch", str, "paper"), ("prior", str, "standard"), ("options", dict, {}), ("extra", dict, {})):
+        if not isinstance(raw.get(key, default), kind):
+            raise _config_error(path, f"'{key}' must be a {'string' if kind is str else 'JSON object'}", raw[key])
+    return ModelSpec(
+        attributes=list(attributes),
+        image_size=tuple(size),
+        latent_dim=latent,
+        arch=raw.get("arch", "paper"),
+        prior=raw.get("prior", "standard"),  # absent before the learned prior existed
+        options=dict(raw.get("options", {})),
+        extra=raw.get("extra", {}),
+    )
+
+
+def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]] | None:
+    """The model's tensor names and shapes, found without allocating them (on torch's meta device);
+    None when a size is beyond what a tensor can hold."""
+    try:
+        with torch.device("meta"):
+            return {name: tuple(t.shape) for name, t in CVAE(spec).state_dict().items()}
+    except RuntimeError as error:  # "Storage size calculation overflowed"
+        if "overflow" not in str(error):
+            raise
+        return None
+
+
+def check_model_fits(spec: ModelSpec, where, shapes: dict | None = None) -> None:
+    """Refuse a spec whose weights (twice: the file's tensors and the model's) exceed the memory available."""
+    from toolkit.memory import check_fits
+
+    shapes = expected_shapes(spec) if shapes is None else shapes
+    count = 2**63 if shapes is None else sum(math.prod(shape) for shape in shapes.values())
+    check_fits(2 * 4 * count, f"the model of {where} ({count:.3g} parameters: image_size {list(spec.image_size)}, "
+               f"latent_dim {spec.latent_dim}, {spec.num_attributes} attributes)", "is that config.json what training wrote?")
 
 
 def load_model(folder: str | Path) -> CVAE:
-    """Rebuild a model from a run folder (config.json + model.safetensors), on the CPU, in eval mode."""
-    from safetensors.torch import load_file
+    """Rebuild a model from a run folder (config.json + model.safetensors), on the CPU, in eval mode.
+    The file's tensor names and shapes are checked from its header against the config before
+    anything is allocated; then the memory the model needs; then every tensor's values."""
+    from safetensors import safe_open
 
     spec = read_spec(folder)
     weights = Path(folder) / WEIGHTS
     if not weights.is_file():
-        raise UserError(f"{folder} has no trained weights: expected {weights} (written by `cvae-tk train`)")
-    model = CVAE(spec)
+        raise _no_final_model(Path(folder), weights)
     try:
-        state = load_file(str(weights))
+        expected = expected_shapes(spec)
+    except UserError as error:  # an arch, prior, option or size the model cannot be built with
+        raise UserError(f"{Path(folder) / CONFIG}: {error}") from None
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            found = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
     except Exception as error:
         raise UserError(f"{weights} is not a readable safetensors file: {one_line(error)}") from None
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    found = {name: tuple(t.shape) for name, t in state.items()}
-    if found != expected:
+    if expected is not None and found != expected:
         wrong = sorted(set(expected) ^ set(found)) or [n for n in expected if expected[n] != found[n]]
         name = wrong[0]
         raise UserError(
             f"{weights} does not match {Path(folder) / CONFIG}: {len(wrong)} tensor(s) differ, first {name} "
             f"(config expects {expected.get(name, 'nothing')}, file has {found.get(name, 'nothing')})"
         )
+    check_model_fits(spec, Path(folder) / CONFIG, expected)
+    model = CVAE(spec)
+    try:
+        from safetensors.torch import load_file
+
+        state = load_file(str(weights))
+    except Exception as error:
+        raise UserError(f"{weights} is not a readable safetensors file: {one_line(error)}") from None
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            raise UserError(f"{weights}: tensor {name} is {tensor.dtype}, expected floating-point weights")
+        if not torch.isfinite(tensor).all():
+            raise UserError(f"{weights}: tensor {name} holds NaN or infinite values; a model with them generates no images")
     model.load_state_dict(state)
     return model.eval()

@@ -18,15 +18,18 @@ one replay instead of one per kernel; this pays at small batches. Choose `batch_
 you serve: with the default 256, a one-image call still computes 256 images. One Sampler may serve several
 threads (graph replays take turns: they share one set of buffers).
 
-The file is checked before anything runs: the cvae-tk metadata, the input names, and that the
-graph's input and output shapes agree with the metadata and are of a sane size.
+The file is checked before it serves (`toolkit.contract`): the cvae-tk metadata, the input names
+and types, that the graph's declared inputs and output agree with the metadata and are of a sane
+size, and then, running the graph once on one condition, that what it really returns is what the
+metadata says (dtype, layout, size, finite values in [0, 1]). A call whose images would not fit in
+the memory available is refused before anything is allocated.
 """
 
 from __future__ import annotations
 
 import difflib
-import json
 import os
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,15 +37,30 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from toolkit.errors import UserError
+from toolkit.contract import FORMAT, MAX_SIDE, MAX_WIDTH, Tensor, read_contract  # noqa: F401 (re-exported)
+from toolkit.errors import UserError, one_line
+from toolkit.memory import check_fits, gib
 
-FORMAT = "sampler/1"  # the contract version written by toolkit.export
-# Sanity limits for what a file may declare: far beyond any real model, small enough that a
-# hostile or broken file is refused before it asks for terabytes.
-MAX_SIDE = 8192
-MAX_WIDTH = 65536  # attributes or latent units
 MAX_BATCH_BYTES = 16 * 2**30  # one batch of output images
-MAX_RESULT_BYTES = 64 * 2**30  # the uint8 images one sample() call returns
+MAX_RESULT_BYTES = 64 * 2**30  # the images one sample() or run() call returns (and less than the memory available)
+MAX_TEMPERATURE = 1e3  # scales the noise: beyond this a sample is noise
+
+
+def _declared(values) -> list[Tensor]:
+    """ONNX Runtime's NodeArgs as contract Tensors ('tensor(float)' -> 'float32')."""
+    names = {"float": "float32", "double": "float64"}
+    tensors = []
+    for value in values:
+        kind = value.type[len("tensor("):-1] if value.type.startswith("tensor(") else value.type
+        tensors.append(Tensor(value.name, names.get(kind, kind), tuple(value.shape)))
+    return tensors
+
+
+def _ort_message(error: Exception) -> str:
+    """ONNX Runtime's message without its status code, file path and C++ function signature."""
+    text = one_line(error) or type(error).__name__
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Load model from .*? failed:)?", "", text).strip()
+    return re.sub(r"^/\S+:\d+ .*?\) (?=[A-Z])", "", text)
 
 
 def _cuda_device_present() -> bool:
@@ -73,29 +91,20 @@ class Sampler:
         self.session = self._open(path, device, self.batch_size if cuda_graph else None)
         self.provider = self.session.get_providers()[0]
         meta = self.session.get_modelmeta().custom_metadata_map
-        if meta.get("cvae_tk.format") != FORMAT:
-            raise UserError(f"{path} is an ONNX model but not a cvae-tk sampler export (no cvae_tk.format={FORMAT} metadata)")
-        try:
-            self.attributes: list[str] = json.loads(meta["attributes"])
-            self.latent_dim = int(meta["latent_dim"])
-            self.image_size: tuple[int, int] = tuple(json.loads(meta["image_size"]))
-            if not isinstance(self.attributes, list) or len(self.image_size) != 2:
-                raise ValueError("attributes must be a list of names and image_size [height, width]")
-        except (KeyError, ValueError, TypeError) as error:
-            raise UserError(f"{path}: cvae-tk metadata is incomplete or malformed ({error})") from None
+        self.contract = contract = read_contract(path, meta, _declared(self.session.get_inputs()), _declared(self.session.get_outputs()))
+        self.attributes: list[str] = list(contract.attributes)
+        self.latent_dim = contract.latent_dim
+        self.image_size: tuple[int, int] = contract.image_size
         self.metadata = dict(meta)
-        if self.provider == "CUDAExecutionProvider" and meta.get("precision") == "fp16":
+        self._index = {name: i for i, name in enumerate(self.attributes)}
+        self._temperature_input = contract.temperature_input
+        self._uint8_output = contract.uint8
+        self._check_batch_size()
+        if self.provider == "CUDAExecutionProvider" and contract.precision == "fp16":
             # fp16 convolutions run on tensor cores in channels-last layout: on an H200 this made
             # the paper decoder 1.7x faster at batch 1,024 (bench/RESULTS.md); fp32 gained nothing.
             self.session = self._open(path, device, self.batch_size if cuda_graph else None, prefer_nhwc=True)
             self.provider = self.session.get_providers()[0]
-        self._index = {name: i for i, name in enumerate(self.attributes)}
-        inputs = [i.name for i in self.session.get_inputs()]
-        if inputs[:2] != ["attributes", "noise"] or not set(inputs) <= {"attributes", "noise", "temperature"}:
-            raise UserError(f"{path}: inputs {inputs}, expected attributes, noise (and optionally temperature)")
-        self._temperature_input = "temperature" in inputs
-        self._uint8_output = meta.get("output", "float32_nchw") == "uint8_nhwc"
-        self._check_shapes(inputs)
         self._device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         if cuda_graph and self._device != "cuda":
             raise UserError(f"cuda_graph=True needs the CUDA provider, but ONNX Runtime runs {self.provider} here")
@@ -104,39 +113,51 @@ class Sampler:
         self._fixed_batch = cuda_graph  # every run fills the same buffers of batch_size rows
         self._fixed_lock = threading.Lock()
         self._fixed: tuple | None = None  # (binding, input OrtValues, output OrtValue) once allocated
+        if not cuda_graph:  # a graph session runs only its fixed batch; its output buffer has the promised shape
+            self._probe()
 
-    def _check_shapes(self, inputs: list[str]) -> None:
-        """Refuse, before any run, a graph whose shapes disagree with its metadata or are absurd."""
+    def _check_batch_size(self) -> None:
         height, width = self.image_size
-        sizes = {"attributes": len(self.attributes), "latent_dim": self.latent_dim, "image height": height, "image width": width}
-        limits = {"attributes": MAX_WIDTH, "latent_dim": MAX_WIDTH, "image height": MAX_SIDE, "image width": MAX_SIDE}
-        for what, value in sizes.items():
-            if not isinstance(value, int) or not 1 <= value <= limits[what]:
-                raise UserError(f"{self.path}: metadata declares {what} = {value!r}, expected an integer in 1..{limits[what]}")
-        if len(set(self.attributes)) != len(self.attributes) or not all(isinstance(a, str) and a for a in self.attributes):
-            raise UserError(f"{self.path}: metadata attributes must be distinct non-empty names")
-        declared = {i.name: i.shape for i in self.session.get_inputs()}
-        expected = {"attributes": len(self.attributes), "noise": self.latent_dim}
-        for name, width_expected in expected.items():
-            shape = declared[name]
-            if len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != width_expected):
-                raise UserError(f"{self.path}: input '{name}' has shape {shape}, expected [batch, {width_expected}] (from the metadata)")
-        if "temperature" in inputs and [d for d in declared["temperature"] if d != 1]:
-            raise UserError(f"{self.path}: input 'temperature' has shape {declared['temperature']}, expected [1]")
-        outputs = {o.name: o.shape for o in self.session.get_outputs()}
-        if "images" not in outputs:
-            raise UserError(f"{self.path}: no output named 'images' (outputs: {', '.join(outputs)})")
-        uint8 = self._uint8_output
-        image_dims = [height, width, 3] if uint8 else [3, height, width]
-        static = outputs["images"][1:]
-        if len(outputs["images"]) != 4 or any(isinstance(d, int) and d != e for d, e in zip(static, image_dims)):
-            raise UserError(f"{self.path}: output 'images' has shape {outputs['images']}, expected [batch, {', '.join(map(str, image_dims))}]")
-        batch_bytes = self.batch_size * height * width * 3 * (1 if uint8 else 4)
+        # one batch's output as the graph returns it, plus its uint8 copy
+        batch_bytes = self.batch_size * height * width * 3 * (1 if self._uint8_output else 5)
         if batch_bytes > MAX_BATCH_BYTES:
             raise UserError(
                 f"batch_size {self.batch_size} of {height}x{width} images needs {batch_bytes / 2**30:.1f} GiB per batch "
                 f"(limit {MAX_BATCH_BYTES / 2**30:.0f} GiB): use a smaller batch_size"
             )
+        check_fits(batch_bytes, f"batch_size {self.batch_size} of {height}x{width} images", "use a smaller batch_size")
+
+    def _check_output(self, output, rows: int) -> np.ndarray:
+        """The graph's real output must be what the metadata says (a file can declare one shape and
+        compute another; ONNX Runtime only warns)."""
+        expected = (rows, *self.contract.image_dims)
+        if not isinstance(output, np.ndarray) or output.dtype != self.contract.output_dtype or output.shape != expected:
+            got = f"{output.dtype} {list(output.shape)}" if isinstance(output, np.ndarray) else type(output).__name__
+            raise UserError(
+                f"{self.path}: the graph returned images of {got}, but its metadata promises "
+                f"{self.contract.output_dtype} {list(expected)} (output={self.contract.output}, image_size={list(self.image_size)})"
+            )
+        return output
+
+    def _probe(self) -> None:
+        """Run the graph once on one condition: what it computes must be what the metadata says,
+        before any caller's run (a file's declared shapes may lie)."""
+        feed = {"attributes": np.zeros((1, len(self.attributes)), np.float32), "noise": np.zeros((1, self.latent_dim), np.float32)}
+        if self._temperature_input:
+            feed["temperature"] = np.ones(1, np.float32)
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 3  # ONNX Runtime's own shape-mismatch warning: the error below says it
+        try:
+            (output,) = self.session.run(["images"], feed, quiet)
+        except Exception as error:
+            raise UserError(f"{self.path}: the graph does not run on the inputs its metadata describes: {_ort_message(error)}") from None
+        self._check_output(output, 1)
+        if not self._uint8_output:
+            low, high = float(np.min(output)), float(np.max(output))
+            if not (np.isfinite(low) and np.isfinite(high)):
+                raise UserError(f"{self.path}: the graph's images hold NaN or infinite values (broken weights?)")
+            if low < -1e-3 or high > 1 + 1e-3:
+                raise UserError(f"{self.path}: the graph's images range from {low:.3g} to {high:.3g}, but its metadata's value_range is [0, 1]")
 
     @staticmethod
     def _open(path: Path, device: str, graph_batch: int | None = None, prefer_nhwc: bool = False) -> ort.InferenceSession:
@@ -160,8 +181,7 @@ class Sampler:
         try:
             session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as error:  # onnxruntime raises several types for unreadable files
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise UserError(f"{path} is not a loadable ONNX model: {first}") from None
+            raise UserError(f"{path} is not a loadable ONNX model: {_ort_message(error)}") from None
         if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
             raise UserError(
                 "device='cuda' was asked for, but ONNX Runtime cannot use CUDA on this machine "
@@ -225,7 +245,29 @@ class Sampler:
     def run(self, attributes: np.ndarray, noise: np.ndarray, temperature: float = 1.0) -> np.ndarray:
         """The raw graph, in batches of `batch_size`: float32 [B, A] and [B, Z] -> the model's output
         (float32 [B, 3, H, W] in [0, 1], or uint8 [B, H, W, 3] for a --uint8 export)."""
-        return np.concatenate(list(self._outputs(attributes, noise, temperature)))
+        temperature = _temperature(temperature)
+        arrays = {}
+        for name, array, width in (("attributes", attributes, len(self.attributes)), ("noise", noise, self.latent_dim)):
+            if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf" or array.ndim != 2 or array.shape[1] != width:
+                what = f"{array.dtype} {list(array.shape)}" if isinstance(array, np.ndarray) else type(array).__name__
+                raise UserError(f"{name} must be a numeric array [B, {width}], got {what}")
+            if not np.isfinite(array).all():
+                raise UserError(f"{name} holds NaN or infinite values")
+            arrays[name] = array
+        if len(attributes) != len(noise) or len(attributes) == 0:
+            raise UserError(f"attributes and noise must have the same number of rows (>= 1), got {len(attributes)} and {len(noise)}")
+        self._check_result(len(attributes), float_output=not self._uint8_output)
+        return np.concatenate(list(self._outputs(arrays["attributes"], arrays["noise"], temperature)))
+
+    def _check_result(self, rows: int, float_output: bool) -> None:
+        """Refuse a call whose result would not fit in memory, before anything is allocated."""
+        height, width = self.image_size
+        per_row = height * width * 3 * (4 if float_output else 1) + 4 * (len(self.attributes) + self.latent_dim)
+        needed = rows * per_row + min(rows, self.batch_size) * height * width * 3 * 5  # + one batch in flight
+        what = f"{rows} image(s) of {height}x{width}"
+        if needed > MAX_RESULT_BYTES:
+            raise UserError(f"{what} would need {gib(needed)} (limit {gib(MAX_RESULT_BYTES)} per call): ask for fewer, in several calls")
+        check_fits(needed, what, "ask for fewer images per call, in several calls")
 
     def _outputs(self, attributes: np.ndarray, noise: np.ndarray, temperature: float):
         """The model's output, batch by batch."""
@@ -239,11 +281,12 @@ class Sampler:
             if self._temperature_input:
                 feed["temperature"] = np.array([temperature], np.float32)
             if self._fixed_batch:
-                yield self._run_fixed(feed)
+                output = self._run_fixed(feed)
             elif self.io_binding:
-                yield self._run_bound(feed)
+                output = self._run_bound(feed)
             else:
-                yield self.session.run(["images"], feed)[0]
+                output = self.session.run(["images"], feed)[0]
+            yield self._check_output(output, len(feed["attributes"]))
 
     def _run_fixed(self, feed: dict) -> np.ndarray:
         # The CUDA graph replays kernels on fixed device addresses: allocate the inputs and the
@@ -290,18 +333,12 @@ class Sampler:
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
             raise UserError(f"n must be an integer >= 1, got {n!r}")
         n = int(n)  # a numpy integer would wrap around in the size check below
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)) or not 0 <= temperature < 1e3:
-            raise UserError(f"temperature must be a number >= 0, got {temperature!r}")
+        temperature = _temperature(temperature)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
             raise UserError(f"seed must be None or an integer >= 0, got {seed!r}")
         conditions = self.conditions(attributes, base)
         height, width = self.image_size
-        result_bytes = len(conditions) * n * height * width * 3
-        if result_bytes > MAX_RESULT_BYTES:
-            raise UserError(
-                f"{len(conditions)} condition(s) x n={n} images of {height}x{width} would need {result_bytes / 2**30:.0f} GiB "
-                f"(limit {MAX_RESULT_BYTES / 2**30:.0f} GiB): ask for fewer, in several calls"
-            )
+        self._check_result(len(conditions) * n, float_output=False)
         rows = np.repeat(conditions, n, axis=0)
         noise = np.random.default_rng(seed).standard_normal((len(rows), self.latent_dim), dtype=np.float32)
         images = np.empty((len(rows), height, width, 3), np.uint8)
@@ -312,6 +349,12 @@ class Sampler:
             images[start : start + len(output)] = output
             start += len(output)
         return images
+
+
+def _temperature(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not 0 <= value <= MAX_TEMPERATURE:
+        raise UserError(f"temperature must be a number from 0 to {MAX_TEMPERATURE:g}, got {value!r}")
+    return float(value)
 
 
 def image_grid(images: np.ndarray, columns: int, padding: int = 2, fill: int = 255) -> np.ndarray:

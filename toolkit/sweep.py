@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from toolkit.atomic import write_text
+from toolkit.atomic import check_output, write_text
 from toolkit.errors import UserError, one_line
 
 PAPER_BETAS = (0.25, 0.5, 0.75, 0.9)
@@ -45,7 +45,7 @@ SET_BY_SWEEP = ("beta", "run_dir", "resume")  # the sweep sets these per run
 RESUMABLE_KEYS = {"max_steps", "log_every", "sample_every", "eval_every", "checkpoint_every", "checkpoints_total_limit", "max_bad_steps",
                   "data.max_skipped_fraction",  # a bound that stops a run; the steps it let through are the same
                   "dist_timeout_s"}  # how long a collective may wait: changes nothing a step computes
-IGNORED_KEYS = {"run_dir", "resume"}  # the same folder by construction; resume is how, not what
+IGNORED_KEYS = {"run_dir", "resume", "overwrite"}  # the same folder by construction; resume and overwrite are how, not what
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 OUTPUTS = ("table1.md", "table1.csv", "figure3.png", "figure4.png", "figure5.png", "loss_curves.png", "sweep.json")
 TABLE_COLUMNS = [  # (csv name, markdown header, format)
@@ -169,7 +169,7 @@ def decide(run_dir: Path, config) -> tuple[str, str]:
     """(action, why) for one run folder: reuse a finished identical run, resume an interrupted one (or
     one that only asks for more steps), train a new one; refuse a folder holding another experiment."""
     from toolkit.model import WEIGHTS
-    from toolkit.train import checkpoint_step, find_checkpoint
+    from toolkit.run_folder import checkpoint_step, find_checkpoint
 
     if not (run_dir / "recipe.yaml").is_file():
         return "train", "new run"
@@ -200,6 +200,7 @@ def plan(args: list[str], out: str | Path | None = None) -> tuple[list[Run], Pat
     out = Path(out) if out else Path("runs") / f"sweep-{recipe_stem}"
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
+    check_output(out, folder=True)  # a read-only or full place is refused before hours of training
     runs = []
     for beta in betas:
         run_dir = out / beta_name(beta)
@@ -213,13 +214,29 @@ def plan(args: list[str], out: str | Path | None = None) -> tuple[list[Run], Pat
 # --- training in child processes ------------------------------------------------------------------
 
 
-def training_command(run: Run, launcher: str | None) -> list[str]:
-    prefix = shlex.split(launcher) if launcher else [sys.executable]
+def launcher_prefix(launcher: str | None) -> list[str]:
+    """The words before `toolkit/train.py`: `python`, or --launcher split as a shell would; a line
+    that does not parse, is empty or names a program that is not there is a UserError (before
+    anything trains)."""
+    if launcher is None:
+        return [sys.executable]
+    try:
+        prefix = shlex.split(launcher)
+    except ValueError as error:  # an unmatched quote, a trailing backslash
+        raise UserError(f"--launcher {launcher!r} is not a command line: {one_line(error)}") from None
+    if not prefix:
+        raise UserError("--launcher is empty: give a command such as \"accelerate launch --multi_gpu\", or leave it out for python")
     beside = Path(sys.executable).parent / prefix[0]  # `accelerate` of this environment when it is not activated
     if "/" not in prefix[0] and shutil.which(prefix[0]) is None and beside.is_file():
         prefix[0] = str(beside)
+    if shutil.which(prefix[0]) is None:
+        raise UserError(f"--launcher {launcher!r}: no program {prefix[0]!r} found (not on PATH, not beside {sys.executable})")
+    return prefix
+
+
+def training_command(run: Run, launcher: str | None) -> list[str]:
     resume = [] if run.action == "reuse" else ["resume=latest"]
-    return [*prefix, str(TRAIN_SCRIPT), *run.args, *resume]
+    return [*launcher_prefix(launcher), str(TRAIN_SCRIPT), *run.args, *resume]
 
 
 def stream_process(command: list[str], write=None) -> tuple[int, str]:
@@ -432,6 +449,7 @@ def run_sweep(
     """Train (or reuse) one run per beta, evaluate them, write OUT/{table1.md, table1.csv, figure3.png,
     figure4.png, figure5.png, loss_curves.png, sweep.json}; returns what sweep.json holds."""
     started = time.perf_counter()
+    launcher_prefix(launcher)  # an unparsable --launcher stops here too
     runs, out, overrides = plan(args, out)  # argument mistakes stop here, before torch is even imported
     from toolkit.data.stream import read_manifest
     from toolkit.evaluate import resolve_device

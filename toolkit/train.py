@@ -26,6 +26,7 @@ if __name__ == "__main__" and not __package__:
     # libraries of the same names; put the project root there instead.
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+import dataclasses
 import errno
 import json
 import math
@@ -38,24 +39,25 @@ from itertools import islice
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid, save_image as _save_png
 from tqdm.auto import tqdm
 
 import toolkit
-from toolkit.atomic import write_text
+from toolkit.atomic import atomic_path, write_text
 from toolkit.config import DataConfig, TrainConfig, load_config, to_yaml
-from toolkit.data.stream import Skips, batches_per_rank, epoch_batches, eval_batches, read_manifest, train_batches
+from toolkit.data.stream import Skips, batches_per_rank, epoch_batches, eval_batches, read_manifest, train_batches, worker_died
 from toolkit.errors import UserError, one_line
 from toolkit.figures import split_classes
 from toolkit.loss import cvae_loss
 from toolkit.model import CVAE, ModelSpec, arch_options, save_model
+from toolkit.run_folder import (  # noqa: F401  (CHECKPOINTS, LOCK, ...: the names tests and callers import from here)
+    CHECKPOINTS, LOCK, RUN_FILES, TRAINER_STATE, RunLock, checkpoint_step, claim_run_dir, find_checkpoint, shards_fingerprint,
+)
 from toolkit.safe_load import verify_checkpoint
 
 GRID_COLUMNS = 8
 GRID_ROWS = 8  # test-set conditions shown when there are too many attributes for one row each
 GRID_ROWS_ONE_HOT = 16
-CHECKPOINTS = "checkpoints"
-TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its presence marks it complete
 
 
 class TrainingStopped(UserError):
@@ -80,6 +82,12 @@ def grid_conditions(shards: str, num_attributes: int, max_skipped_fraction: floa
 
 
 @torch.no_grad()
+def save_grid(grid: torch.Tensor, path: Path) -> None:
+    """A [3, H, W] grid in [0, 1] as a PNG, atomically (never a partial PNG under the final name)."""
+    with atomic_path(path) as tmp:
+        _save_png(grid, tmp, format="png")
+
+
 def sample_grid(model: CVAE, attributes: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """One row per attribute vector, GRID_COLUMNS noise vectors per row -> a [3, H', W'] grid."""
     rows = attributes.repeat_interleave(GRID_COLUMNS, dim=0)
@@ -126,6 +134,13 @@ class BatchStream:
         self.train_count = manifest["count"]
         # unreadable samples of all segments; checked by the loop, summed over the ranks (`skipped`)
         self.skips = Skips("train", self.data.shards, self.train_count, self.data.max_skipped_fraction, check=False)
+        if self.data.sampling == "epochs" and self.data.num_workers > max(len(self.counts) // world, 1):
+            # shards are dealt to ranks, then workers: the extra ones would start, read nothing and hold memory
+            raise UserError(
+                f"data.num_workers={self.data.num_workers}, but {self.data.shards} has {len(self.counts)} train shard(s) for "
+                f"{world} rank(s): at most {max(len(self.counts) // world, 1)} worker(s) per rank get a shard to read; "
+                "lower data.num_workers, rebuild with a smaller --shard-size, or use data.sampling=resampled"
+            )
         if self.length(0) == 0:  # say it now, before any step
             workers = max(self.data.num_workers, 1)
             if self.data.sampling == "epochs" and len(self.counts) < world * workers:
@@ -174,32 +189,6 @@ class BatchStream:
 # --- checkpoints -----------------------------------------------------------------------------
 
 
-def checkpoint_step(path: Path) -> int | None:
-    """The step of a complete checkpoint folder, or None (not a checkpoint, or an interrupted save)."""
-    state = path / TRAINER_STATE
-    if not path.name.startswith("checkpoint-") or not state.is_file():
-        return None
-    try:
-        return int(json.loads(state.read_text())["step"])
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
-    """`resume=latest` -> the newest complete checkpoint of the run (None if there is none);
-    `resume=PATH` -> that checkpoint, which must be complete."""
-    if not resume:
-        return None
-    if resume == "latest":
-        found = [(checkpoint_step(p), p) for p in (run_dir / CHECKPOINTS).glob("checkpoint-*")]
-        found = [(step, p) for step, p in found if step is not None]
-        return max(found)[1] if found else None
-    path = Path(resume)
-    if checkpoint_step(path) is None:
-        raise UserError(f"resume={resume} is not a complete checkpoint: expected a checkpoint-<step> folder holding {TRAINER_STATE}")
-    return path
-
-
 def _data_order(config: TrainConfig, world: int) -> dict:
     """What a resumed run must share with the checkpoint's run to continue exactly as it would have
     (the batches are a function of these; see BatchStream)."""
@@ -207,7 +196,8 @@ def _data_order(config: TrainConfig, world: int) -> dict:
             "sampling": config.data.sampling, "num_workers": config.data.num_workers}
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, spec: ModelSpec, limit: int, data_order: dict | None = None) -> Path:
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, spec: ModelSpec, limit: int, data_order: dict | None = None,
+                    shards: dict | None = None) -> Path:
     """save_state into checkpoint-<step>.tmp, mark it complete, then rename: a save cut short never
     replaces (or looks like) a good checkpoint. Keeps the newest `limit`."""
     folder = run_dir / CHECKPOINTS
@@ -221,7 +211,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, spec: Mo
         raise _save_failed(run_dir, partial, error) from error
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"step": step, "model": _identity(spec), "data_order": data_order or {}, "toolkit_version": toolkit.__version__}
+        state = {"step": step, "model": _identity(spec), "data_order": data_order or {}, "shards": shards or {},
+                 "toolkit_version": toolkit.__version__}
         try:
             (partial / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
         except OSError as error:
@@ -251,12 +242,28 @@ def _identity(spec: ModelSpec) -> dict:
             "latent_dim": spec.latent_dim, "prior": spec.prior, "options": dict(spec.options)}
 
 
-def _check_resume(path: Path, spec: ModelSpec, data_order: dict, warn: bool = True) -> None:
+def _check_resume(path: Path, spec: ModelSpec, data_order: dict, warn: bool = True, shards: dict | None = None, where: str = "") -> None:
     state = json.loads((path / TRAINER_STATE).read_text())
     saved = state.get("model", {})
     for key, now in _identity(spec).items():
         if key in saved and saved[key] != now:
             raise UserError(f"cannot resume from {path}: its model has {key}={saved[key]!r}, the recipe and shards give {now!r}")
+    for split, now in (shards or {}).items():  # checkpoints of older toolkits carry no fingerprint
+        then = state.get("shards", {}).get(split)
+        if not then:
+            continue
+        differs = None
+        if then.get("manifest_sha256") != now["manifest_sha256"]:
+            differs = f"its manifest differs (sha256 {str(then.get('manifest_sha256'))[:12]}... then, {now['manifest_sha256'][:12]}... now)"
+        elif then.get("tars") and now["tars"]:  # both local folders
+            changed = [name for name in now["tars"] if then["tars"].get(name) != now["tars"][name]]
+            if changed:
+                differs = f"{changed[0]} holds other bytes{f' and {len(changed) - 1} more shard(s)' if len(changed) > 1 else ''}"
+        if differs:
+            raise UserError(
+                f"cannot resume from {path}: the {split} split of data.shards={where} is not the one it was trained on ({differs}); "
+                "point data.shards at those shards (a rebuild with the same input and options gives them again), or start a new run"
+            )
     # Another batch size, seed or process count is a legitimate choice (a bigger machine), but the
     # run then no longer continues as the interrupted one would have: say so, once.
     changed = [f"{key}={now!r} (was {state['data_order'][key]!r})" for key, now in data_order.items()
@@ -264,6 +271,84 @@ def _check_resume(path: Path, spec: ModelSpec, data_order: dict, warn: bool = Tr
     if changed and warn:
         tqdm.write(f"warning: resuming from {path} with {', '.join(changed)}: training goes on, but the data order "
                    "differs from the run that wrote the checkpoint, so it will not match an uninterrupted run", file=sys.stderr)
+
+
+# --- what the machine can do ---------------------------------------------------------------------
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1024 or unit == "PB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} PB"
+
+
+def memory_estimate(spec: ModelSpec, batch_size: int, prior_sample: bool) -> dict:
+    """Bytes a training step needs, from the model built on the meta device (nothing allocated):
+    weights, gradients and Adam's two moments (16 bytes per parameter), and the outputs of every
+    layer for one batch, kept for the backward pass, with their gradients (2 x 4 bytes per value).
+    A lower bound: what the functional ops in between take is not counted."""
+    values = [0]
+
+    def count(module, inputs, output):
+        outputs = output if isinstance(output, tuple) else (output,)
+        values[0] += sum(t.numel() for t in outputs if isinstance(t, torch.Tensor))
+
+    with torch.device("meta"):
+        model = CVAE(spec)
+        hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
+        model(torch.empty(batch_size, 3, *spec.image_size), torch.empty(batch_size, spec.num_attributes), prior_sample=prior_sample)
+    for hook in hooks:
+        hook.remove()
+    largest = max(model.named_parameters(), key=lambda item: item[1].numel())
+    parameters = sum(p.numel() for p in model.parameters())
+    return {"parameters": parameters, "weights": 16 * parameters, "activations": 8 * values[0],
+            "largest": (largest[0], largest[1].numel())}
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free memory on the device: the GPU's, or what this process may still take (toolkit.memory:
+    the machine's, capped by a container's limit); None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    from toolkit.memory import available_bytes
+
+    return available_bytes()
+
+
+def check_memory(config: TrainConfig, spec: ModelSpec, device: torch.device) -> None:
+    """Refuse, before anything is allocated, a model or batch that cannot fit (latent_dim=10**9,
+    model.width=10**5, a huge batch of large images): one line instead of an allocator's traceback."""
+    need = memory_estimate(spec, config.batch_size, config.gsnn_weight > 0)
+    have = available_memory(device)
+    total = need["weights"] + need["activations"]
+    if have is None or total <= have:
+        return
+    keys = "model.latent_dim" + (", model.width, model.levels, model.embed_dim" if spec.arch == "resnet" else "")
+    raise UserError(
+        f"this model and batch need about {_fmt_bytes(total)}, more than the {_fmt_bytes(have)} available on {device}: "
+        f"{need['parameters']:,} parameters ({_fmt_bytes(need['weights'])} with gradients and Adam's state; the largest, "
+        f"{need['largest'][0]}, has {need['largest'][1]:,}) and about {_fmt_bytes(need['activations'])} of activations for a batch "
+        f"of {config.batch_size} at {spec.image_size[0]}x{spec.image_size[1]}; lower {keys} or batch_size"
+    )
+
+
+def _on_main(accelerator: Accelerator, action) -> None:
+    """Run `action` on the main process only; a UserError it raises is raised on every rank, so a
+    refusal stops them all at once instead of leaving the others waiting at a collective."""
+    message = None
+    if accelerator.is_main_process:
+        try:
+            action()
+        except UserError as error:
+            message = one_line(error)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        message = broadcast_object_list([message])[0]
+    if message is not None:
+        raise UserError(message)
 
 
 def _schedule(config: TrainConfig):
@@ -283,19 +368,65 @@ def _schedule(config: TrainConfig):
 
 def train(config: TrainConfig) -> Path:
     run_dir = Path(config.run_dir)
-    accelerator = Accelerator(
-        mixed_precision=None if config.mixed_precision == "auto" else config.mixed_precision,
-        gradient_accumulation_steps=config.grad_accum,
-        log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
-        # a collective that waits longer than this (a rank frozen or its machine gone) fails instead of hanging
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.dist_timeout_s))],
-    )
+    try:
+        accelerator = Accelerator(
+            mixed_precision=None if config.mixed_precision == "auto" else config.mixed_precision,
+            gradient_accumulation_steps=config.grad_accum,
+            log_with="tensorboard",
+            project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+            # a collective that waits longer than this (a rank frozen or its machine gone) fails instead of hanging
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.dist_timeout_s))],
+        )
+    except ValueError as error:  # e.g. bf16 on a GPU without it
+        raise UserError(f"mixed_precision={config.mixed_precision}: {one_line(error)}") from None
+    _check_precision(config, accelerator)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run_dir={run_dir} is a file, expected a folder (or a path that does not exist yet)")
+    lock = RunLock(run_dir)
+    created = not run_dir.exists()
+
+    def take() -> None:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"cannot create run_dir={run_dir}: {error.strerror or error}") from None
+        lock.acquire()
+
+    _on_main(accelerator, take)  # only the main process writes the folder (it may be shared by machines)
+    try:
+        return _train(config, accelerator, run_dir)
+    finally:
+        lock.release()
+        if accelerator.is_main_process and created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # refused before anything was written: leave no empty folder behind
+
+
+def _check_precision(config: TrainConfig, accelerator: Accelerator) -> None:
+    """Accelerate quietly runs fp32 where it cannot autocast to fp16 (on a CPU): refuse the setting
+    that would do nothing, or say it once when it came from `accelerate launch` / its config."""
+    if accelerator.mixed_precision != "fp16" or accelerator.native_amp:
+        return
+    message = (f"mixed_precision=fp16 does nothing on {accelerator.device.type}: Accelerate runs fp32 there "
+               "(fp16 needs a GPU); use mixed_precision=no, or bf16, which the CPU runs")
+    if config.mixed_precision == "fp16":
+        raise UserError(message)
+    if accelerator.is_main_process:
+        tqdm.write(f"warning: {message.replace('mixed_precision=fp16', 'fp16 (from accelerate launch or its config)', 1)}", file=sys.stderr)
+
+
+def _train(config: TrainConfig, accelerator: Accelerator, run_dir: Path) -> Path:
     set_seed(config.seed)
     manifest = read_manifest(config.data.shards, "train")
     if not manifest.get("image_size") or 0 in manifest["image_size"]:
         raise UserError(f"{config.data.shards}: the images have varied sizes; rebuild the shards with --size N or HxW")
-    read_manifest(config.data.shards, "test")  # needed for grids and metrics: fail now, not after training
+    test = read_manifest(config.data.shards, "test")  # needed for grids and metrics: fail now, not after training
+    for key, what in (("image_size", "image size"), ("attributes", "attributes")):
+        if test.get(key) != manifest[key]:
+            show = (lambda v: "x".join(map(str, v)) if v else repr(v)) if key == "image_size" else (lambda v: f"{len(v)} ({', '.join(v[:3])}, ...)" if isinstance(v, list) else repr(v))
+            raise UserError(
+                f"{config.data.shards}: the test split's {what} ({show(test.get(key))}) differ from the train split's ({show(manifest[key])}); "
+                "rebuild both splits in one `cvae-tk shards` run"
+            )
     spec = ModelSpec(
         attributes=manifest["attributes"],
         image_size=tuple(manifest["image_size"]),
@@ -306,9 +437,12 @@ def train(config: TrainConfig) -> Path:
     )
     resume_from = find_checkpoint(run_dir, config.resume)
     data_order = _data_order(config, accelerator.num_processes)
+    fingerprint = shards_fingerprint(config.data.shards)
     if resume_from is not None:  # on every rank: a refusal must stop them all
-        _check_resume(resume_from, spec, data_order, warn=accelerator.is_main_process)
+        _check_resume(resume_from, spec, data_order, warn=accelerator.is_main_process, shards=fingerprint, where=config.data.shards)
+    _on_main(accelerator, lambda: claim_run_dir(config, run_dir, resume_from))
     stream = BatchStream(config, accelerator.process_index, accelerator.num_processes)
+    check_memory(config, spec, accelerator.device)
 
     model = CVAE(spec)
     optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
@@ -333,7 +467,8 @@ def train(config: TrainConfig) -> Path:
 
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_text(run_dir / "recipe.yaml", to_yaml(config))  # the sweep compares it: never half-written
+        # the sweep compares it: never half-written; overwrite is an action on the folder, not a setting of the run
+        write_text(run_dir / "recipe.yaml", to_yaml(dataclasses.replace(config, overwrite=False)))
         accelerator.init_trackers("cvae", config={"beta": config.beta, "lr": config.lr, "batch_size": config.batch_size})
         print(f"training {spec.arch} CVAE ({spec.prior} prior) on {config.data.shards} ({stream.train_count} train images, "
               f"{spec.image_size[0]}x{spec.image_size[1]}, {spec.num_attributes} attributes) on {accelerator.device}, "
@@ -349,10 +484,10 @@ def train(config: TrainConfig) -> Path:
         tracker = accelerator.get_tracker("tensorboard", unwrap=True)
         (run_dir / "samples").mkdir(exist_ok=True)
         samples = sample_grid(unwrapped, grid_attributes, grid_noise)
-        save_image(samples, run_dir / "samples" / f"step-{step:06d}.png")
+        save_grid(samples, run_dir / "samples" / f"step-{step:06d}.png")
         tracker.add_image("samples", samples, step)
         recon = reconstruction_grid(unwrapped, fixed_images, fixed_attributes)
-        save_image(recon, run_dir / "samples" / f"reconstructions-{step:06d}.png")
+        save_grid(recon, run_dir / "samples" / f"reconstructions-{step:06d}.png")
         tracker.add_image("reconstructions", recon, step)
         unwrapped.train()
 
@@ -439,8 +574,19 @@ def train(config: TrainConfig) -> Path:
             if at_eval and accelerator.is_main_process and step < config.max_steps:
                 evaluate(step)
             if bad_streak == 0 and (step % config.checkpoint_every == 0 or step == config.max_steps):
-                save_checkpoint(accelerator, run_dir, step, spec, config.checkpoints_total_limit, data_order)
+                save_checkpoint(accelerator, run_dir, step, spec, config.checkpoints_total_limit, data_order, fingerprint)
                 last_saved = step
+    except RuntimeError as error:
+        if not worker_died(error):
+            raise
+        # PyTorch raises this wherever the main process is when the worker dies (the kernel's OOM
+        # killer sends SIGKILL): the step under way is lost, the checkpoints before it are complete.
+        last = find_checkpoint(run_dir, "latest")
+        raise TrainingStopped(
+            f"a data loader worker died during step {step + 1} ({one_line(error).rstrip('. ')}; the kernel's out-of-memory killer "
+            "does this when memory runs out: lower data.num_workers, data.shuffle_buffer or batch_size); stopped, not saved; "
+            + (f"the last good checkpoint is {last}: continue with resume=latest" if last else "there is no checkpoint yet: run it again")
+        ) from None
     finally:
         progress.close()
         batches.close()  # stops the loader workers (and any pipe: readers) now, not at exit
@@ -466,7 +612,7 @@ def train(config: TrainConfig) -> Path:
             **{k.replace("test/", "test_"): round(v, 4) for k, v in metrics.items()},
         }
         save_model(final, run_dir)
-        save_image(sample_grid(final, grid_attributes, grid_noise), run_dir / "samples.png")
+        save_grid(sample_grid(final, grid_attributes, grid_noise), run_dir / "samples.png")
         if metrics:
             print(
                 f"test: MSE {metrics['test/mse_per_image']:.2f} per image ({metrics['test/mse_per_pixel']:.5f} per pixel), "

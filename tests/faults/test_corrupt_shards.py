@@ -226,3 +226,45 @@ def test_a_damaged_test_split_costs_the_metrics_never_the_finished_run(shards, t
     err = capfd.readouterr().err
     assert "warning: step 10: no test metrics: too many unreadable samples in the test split" in err
     assert "warning: no final test metrics: too many unreadable samples in the test split" in err
+
+
+def _manifest(shards) -> dict:
+    import json
+
+    return json.loads((shards / "train" / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda m: b"{\"attributes\": [", ["is not a JSON manifest"]),
+    (lambda m: b"\xff\xfe not text", ["is not a JSON manifest"]),
+    (lambda m: [m], ["expected a JSON object, got list"]),
+    (lambda m: "a string", ["expected a JSON object, got str"]),
+    (lambda m: {k: v for k, v in m.items() if k != "count"}, ["it has no 'count'"]),
+    (lambda m: {k: v for k, v in m.items() if k != "attributes"}, ["it has no 'attributes'"]),
+    (lambda m: {**m, "attributes": "digit_0"}, ["'attributes' must be a non-empty list"]),
+    (lambda m: {**m, "attributes": ["a", "a"] + m["attributes"][2:]}, ["names an attribute twice"]),
+    (lambda m: {**m, "shards": list(m["shards"])}, ["'shards' must map shard file names to sample counts"]),
+    (lambda m: {**m, "shards": {**m["shards"], "train-000000.tar": -5}}, ["has the count -5, expected an integer >= 0"]),
+    (lambda m: {**m, "shards": {**m["shards"], "train-000000.tar": "100"}}, ["has the count '100'"]),
+    (lambda m: {**m, "shards": {**m["shards"], "train-000000.tar": True}}, ["has the count True"]),
+    (lambda m: {**m, "count": m["count"] + 1}, ["'count' is 401, expected the sum of the shard counts (400)"]),
+    (lambda m: {**m, "count": 1.5}, ["'count' is 1.5"]),
+    (lambda m: {**m, "image_size": [8]}, ["'image_size' is [8], expected [height, width] or null"]),
+    (lambda m: {**m, "image_size": "8x8"}, ["'image_size' is '8x8'"]),
+])
+def test_a_malformed_manifest_is_one_line_naming_it(clean, tmp_path, damage, words):
+    import json
+
+    shards = tmp_path / "shards"
+    shutil.copytree(clean, shards)
+    damaged = damage(_manifest(shards))
+    path = shards / "train" / "manifest.json"
+    path.write_bytes(damaged if isinstance(damaged, bytes) else json.dumps(damaged).encode())
+    for read in (lambda: eval_batches(shards, "train"), lambda: train(config(shards, tmp_path / "run", "max_steps=1"))):
+        with pytest.raises(UserError) as caught:
+            read()
+        message = str(caught.value)
+        assert message.startswith(str(path)) and "\n" not in message, message
+        for word in words:
+            assert word in message
+    assert not (tmp_path / "run").exists()

@@ -40,7 +40,8 @@ def files(folder):
 
 
 def workers_gone(group, timeout=10.0):
-    """Orphaned pool workers see their task pipe close and exit by themselves."""
+    """Orphaned pool workers notice that their parent is gone and exit by themselves (a watch thread
+    in each: their task pipe never closes, since every worker holds its write end too)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

@@ -11,6 +11,13 @@
   table's Python objects), results are written as they arrive; no list of decoded images.
 - A corrupt or truncated image is skipped, counted and listed in the manifest (`strict=True`
   fails instead, writing no manifest).
+- Nothing hangs: a worker that dies (the kernel's out-of-memory killer sends SIGKILL) ends the
+  build at once with one line (a `concurrent.futures` pool notices a dead worker, where
+  `multiprocessing.Pool` waits forever); Ctrl-C stops the workers; workers whose main process was
+  killed exit by themselves. A split is finished only when its manifest is written, so a re-run
+  finishes an interrupted build.
+- Mistakes are refused before any image is encoded: an --out that cannot be written or holds
+  other things than shards, sizes that would not fit in memory, file extensions no reader takes.
 """
 
 from __future__ import annotations
@@ -21,6 +28,12 @@ import json
 import math
 import multiprocessing
 import os
+import signal
+import threading
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -29,9 +42,15 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from toolkit.data.shards import MANIFEST, EncodedSample, Sample, serialize, write_split
-from toolkit.data.sources import Record, SourceTable
+from toolkit.atomic import check_output as check_writable, describe_os_error
+from toolkit.data.shards import EncodedSample, Sample, prepare_output, serialize, write_split
+from toolkit.data.sources import Record, SourceTable, first_few
 from toolkit.errors import UserError
+from toolkit.images import original_bytes
+from toolkit.memory import check_fits, gib
+
+# The largest side libjpeg (so Pillow) writes: every re-encoded image is a JPEG.
+MAX_SIDE = 65_500
 
 
 
@@ -54,8 +73,9 @@ class ImageSpec:
             except ValueError:
                 parsed = None
                 parts = []
-            if len(parts) != 2 or min(parts) < 4:
-                raise UserError(f"--size '{size}': expected N (N x N), HxW (e.g. 218x178) or original, sides >= 4")
+            if len(parts) != 2 or min(parts) < 4 or max(parts) > MAX_SIDE:
+                raise UserError(f"--size '{size}': expected N (N x N), HxW (e.g. 218x178) or original, "
+                                f"sides from 4 to {MAX_SIDE:,} (the largest JPEG)")
             parsed = (parts[0], parts[1])
         side = None
         if crop:
@@ -96,9 +116,13 @@ def bbox_region(bbox: tuple[float, float, float, float], width: int, height: int
 
 
 def _decode(path: Path, spec: ImageSpec, bbox) -> tuple[Image.Image, tuple[float, float, float, float]]:
-    """Open (at reduced size where possible) and return the image with the region to keep, in its pixels."""
-    image = Image.open(path)
-    full_w, full_h = image.size
+    """Open (at reduced size where possible) and return the image as a viewer shows it (EXIF
+    orientation, colour profile, transparency on white, 16-bit: toolkit.images) with the region to
+    keep, in its pixels. Boxes and crops are in the pixels as shown (after the orientation)."""
+    from toolkit import images
+
+    image = images.open_file(path)
+    full_w, full_h = images.shown_size(image)
     # Region of the original image that ends up in the output, in original pixels (even when the
     # decode below is reduced: the box is scaled to the decoded pixels at the end).
     if bbox is not None:
@@ -110,14 +134,14 @@ def _decode(path: Path, spec: ImageSpec, bbox) -> tuple[Image.Image, tuple[float
         half = spec.crop / 2
         box = (cx - half, cy - half, cx + half, cy + half)
     if image.format == "JPEG" and spec.size is not None:
-        # Ask the decoder for the smallest scale (1/2, 1/4, 1/8) that keeps the region >= the target.
+        # Ask the decoder for the smallest scale (1/2, 1/4, 1/8) that keeps the region >= the target
+        # (a ratio: the same for the stored pixels, which an EXIF orientation may turn).
         out_h, out_w = spec.size
         scale = max(out_w / max(box[2] - box[0], 1), out_h / max(box[3] - box[1], 1))
-        image.draft("RGB", (math.ceil(full_w * scale), math.ceil(full_h * scale)))
+        image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
+    image = images.as_viewed(image)  # decodes (the file is closed after it), always RGB
     # The reduced decode rounds each side up, so the two axes scale slightly differently.
     fx, fy = image.size[0] / full_w, image.size[1] / full_h
-    if image.mode != "RGB":
-        image = image.convert("RGB")
     return image, (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
 
 
@@ -130,15 +154,14 @@ def encode_record(record: Record, spec: ImageSpec, num_attributes: int) -> Encod
 def _encode_image(record: Record, spec: ImageSpec) -> Sample | Skipped:
     try:
         if spec.size is None and record.bbox is None:
-            data = record.path.read_bytes()
-            with Image.open(io.BytesIO(data)) as image:
-                fmt, (width, height) = image.format, image.size
-                image.draft("RGB", (1, 1))  # decode at 1/8 scale: cheap, still catches truncated files
-                image.load()
-            if fmt not in ("JPEG", "PNG"):
-                return Skipped(record.key, f"{record.path.name}: {fmt} image, expected JPEG or PNG for --size original")
-            return Sample(record.key, data, "jpg" if fmt == "JPEG" else "png", record.attributes, (height, width))
+            # The file's bytes where a plain decoder shows them as a viewer does; else (EXIF-rotated,
+            # CMYK, colour profile, transparent, 16-bit) the viewed pixels re-encoded (toolkit.images).
+            data, ext, size = original_bytes(record.path, spec.quality)
+            return Sample(record.key, data, ext, record.attributes, size)
         image, box = _decode(record.path, spec, record.bbox)
+        if spec.crop is not None and (min(box[:2]) < -0.5 or box[2] > image.width + 0.5 or box[3] > image.height + 0.5):
+            return Skipped(record.key, f"{record.path.name}: --crop center:{spec.crop} does not fit the image "
+                                       f"({_shown(record.path)})")
         if spec.size is None:  # bounding box only: keep its pixels
             image = image.crop(tuple(round(v) for v in box))
         else:
@@ -176,11 +199,41 @@ class _Records:
 # Worker state: the records and options arrive once per worker (inherited under fork), so a task
 # is just (split, start, stop) and a result one bytes object per chunk: little pickling per image.
 _WORKER: dict = {}
-CHUNK = 64
+CHUNK = 64  # records per task; fewer for big images (`_chunk_size`)
+CHUNK_BYTES = 32 << 20  # at most this many bytes of pixels in one task's results
+WORKER_MEMORY = 16 << 20  # a forked worker's own memory besides its images (measured: 8-16 MiB USS)
+
+
+def _chunk_size(spec: ImageSpec) -> int:
+    """Records per task: 64, or as many images as CHUNK_BYTES of pixels hold (at least one)."""
+    if spec.size is None:
+        return CHUNK
+    return max(1, min(CHUNK, CHUNK_BYTES // (3 * spec.size[0] * spec.size[1])))
+
+
+def _window(workers: int) -> int:
+    """Tasks in flight: enough to keep every worker busy, few enough that results never pile up."""
+    return 2 * workers
 
 
 def _init_worker(splits: dict[str, _Records], spec: ImageSpec, num_attributes: int) -> None:
     _WORKER.update(splits=splits, spec=spec, num_attributes=num_attributes)
+
+
+def _start_worker(splits: dict[str, _Records], spec: ImageSpec, num_attributes: int, parent: int) -> None:
+    """A pool worker's initializer: the state; Ctrl-C left to the main process, which stops the
+    workers (instead of each printing a traceback); an exit of its own once the main process is gone."""
+    _init_worker(splits, spec, num_attributes)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    # A worker waits for its next task on a pipe whose write end every worker inherited, so it never
+    # sees that pipe close when the main process is killed (SIGKILL): it watches its parent instead.
+    while os.getppid() == parent:
+        time.sleep(0.2)
+    os._exit(1)
 
 
 def _encode_chunk(task: tuple[str, int, int]) -> tuple[bytes, list]:
@@ -211,12 +264,22 @@ def _unpack(packed: tuple[bytes, list]) -> list[EncodedSample | Skipped]:
     return results
 
 
-def _chunks(table: SourceTable, pool) -> Iterator[list[EncodedSample | Skipped]]:
-    """Encoded chunks of every split, in input order. Tasks are index ranges (tiny), and results
-    are written as fast as they arrive, so memory stays flat; one stream over all splits keeps
-    every worker busy up to the very end (no drain between splits)."""
-    tasks = [(split, i, min(i + CHUNK, len(records))) for split, records in table.splits.items() for i in range(0, len(records), CHUNK)]
-    return map(_unpack, pool.imap(_encode_chunk, tasks) if pool is not None else map(_encode_chunk, tasks))
+def _chunks(table: SourceTable, chunk: int, executor: ProcessPoolExecutor | None, workers: int) -> Iterator[list[EncodedSample | Skipped]]:
+    """Encoded chunks of every split, in input order. Tasks are index ranges (tiny); a bounded
+    window of them is in flight, and results are written as they arrive, so memory stays flat; one
+    stream over all splits keeps every worker busy up to the very end (no drain between splits).
+    A dead worker raises BrokenProcessPool here (from `result()` or `submit`)."""
+    tasks = ((split, i, min(i + chunk, len(records))) for split, records in table.splits.items() for i in range(0, len(records), chunk))
+    if executor is None:
+        yield from map(_unpack, map(_encode_chunk, tasks))
+        return
+    window = deque(executor.submit(_encode_chunk, task) for _, task in zip(range(_window(workers)), tasks))
+    while window:
+        packed = window.popleft().result()
+        task = next(tasks, None)
+        if task is not None:
+            window.append(executor.submit(_encode_chunk, task))
+        yield _unpack(packed)
 
 
 def _split_samples(chunks, count: int, name: str, strict: bool, skipped: list, extra: dict, bar) -> Iterator[EncodedSample]:
@@ -257,19 +320,73 @@ def _options(table: SourceTable, spec: ImageSpec, shard_size: int | None) -> dic
     return json.loads(json.dumps(options))
 
 
-def check_output(out: Path, options: dict, overwrite: bool) -> None:
-    """Refuse to mix with shards that another build finished in `out`, unless overwrite."""
-    if overwrite or not out.exists():
-        return
-    for manifest in sorted(out.glob(f"*/{MANIFEST}")):
-        try:
-            previous = json.loads(manifest.read_text()).get("build")
-        except ValueError:
-            previous = None
-        if previous != options:
-            raise UserError(
-                f"{out} already holds shards from another build ({manifest}); choose another --out or pass --overwrite"
-            )
+def _shown(path: Path) -> str:
+    """'WxH' of an image as a viewer shows it (header only), or '' when it does not open."""
+    from toolkit import images
+
+    try:
+        with images.open_file(path) as image:
+            width, height = images.shown_size(image)
+    except (ValueError, OSError):
+        return ""
+    return f"{width}x{height}"
+
+
+def check_inputs(table: SourceTable, spec: ImageSpec, workers: int) -> None:
+    """What can be told before any image is encoded, refused in one line: file extensions no
+    reader takes, a --crop larger than the images, a build that would not fit in memory."""
+    Image.init()  # every plugin, not only the few Pillow loads at first
+    readable = {ext for ext, name in Image.registered_extensions().items() if name in Image.OPEN}
+    kept = {".jpg", ".jpeg", ".png"}  # --size original keeps the bytes: JPEG or PNG only
+    bad = [Path(*r.path.parts[-2:]).as_posix() for records in table.splits.values() for r in records
+           if r.path.suffix.lower() not in (kept if spec.size is None and r.bbox is None else readable)]
+    if bad:
+        expected = (".jpg, .jpeg or .png (--size original keeps the files' bytes)" if spec.size is None else
+                    "the extension of an image format Pillow reads (.jpg, .png, .webp, .tif, .bmp, .gif, ...)")
+        raise UserError(f"{table.source}: {len(bad)} image file name(s) without a usable image extension "
+                        f"(first: {first_few(bad)}); expected {expected}")
+    if spec.crop is not None:
+        for split, records in table.splits.items():
+            shown = _shown(records[0].path) if records else ""
+            if shown and spec.crop > min(int(side) for side in shown.split("x")):
+                raise UserError(f"--crop center:{spec.crop} is larger than the images ({split}'s first, "
+                                f"{records[0].path.name}, is {shown}); expected a side no larger than the image's")
+    chunk = _chunk_size(spec)
+    pixels = 3 * spec.size[0] * spec.size[1] if spec.size is not None else 0
+    # each worker: the decoded image, its resized copy, the JPEG (no bigger than the pixels) and a
+    # task's results; the main process: the results of the tasks in flight
+    per_worker = WORKER_MEMORY + (3 + chunk) * pixels
+    check_fits(workers * per_worker + _window(workers) * chunk * pixels,
+               f"building {'x'.join(map(str, spec.size)) if spec.size else 'original-size'} shards with {workers} worker(s)",
+               f"choose a smaller --size or fewer --workers (each needs about {gib(per_worker)})")
+
+
+def _worker_death(executor: ProcessPoolExecutor, out: Path, split: str) -> str:
+    """The one line for a pool whose worker died, saying how it died where its exit code tells."""
+    processes = list((getattr(executor, "_processes", None) or {}).values())  # private, but the only record of the exit codes
+    for process in processes:
+        process.join(1)  # the pool is stopping them: wait a moment, so that every exit code is known
+    codes = [p.exitcode for p in processes if p.exitcode not in (None, 0, -signal.SIGTERM)]
+    code = codes[0] if codes else None
+    if code == -signal.SIGKILL:
+        how = "it was killed (SIGKILL), as the kernel's out-of-memory killer does"
+    elif code is not None and code < 0:
+        how = f"it was killed by {signal.Signals(-code).name}" if -code in signal.valid_signals() else f"it was killed by signal {-code}"
+    elif code is not None:
+        how = f"it exited with status {code}"
+    else:
+        how = "it ended abruptly"
+    return (f"a shard-building worker process died while the {split} split of {out} was being written: {how}; "
+            f"the shards finished so far are kept and that split has no manifest (unfinished): run the same "
+            f"command again to finish the build, with fewer --workers if memory is short")
+
+
+def _stop(executor: ProcessPoolExecutor) -> None:
+    """End the workers now, also mid-task (shutdown alone waits for the running tasks;
+    Python 3.14 has executor.terminate_workers() for this)."""
+    for process in list((getattr(executor, "_processes", None) or {}).values()):
+        process.terminate()
+    executor.shutdown(wait=True, cancel_futures=True)
 
 
 def build_shards(
@@ -282,36 +399,46 @@ def build_shards(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, dict]:
-    """Write every split of `table` under `out`; returns {split: manifest}. workers=0: all cores;
-    shard_size None: `auto_shard_size` of each split."""
+    """Write every split of `table` under `out`, replacing whatever shards `out` held (see
+    `prepare_output`); returns {split: manifest}. workers=0: all cores; shard_size None:
+    `auto_shard_size` of each split."""
     out = Path(out)
     options = _options(table, spec, shard_size)
-    check_output(out, options, overwrite)
     workers = workers or os.cpu_count() or 1
+    check_writable(out, folder=True)
+    check_inputs(table, spec, workers)
+    chunk = _chunk_size(spec)
     manifests = {}
     state = ({split: _Records(records) for split, records in table.splits.items()}, spec, len(table.attributes))
     _init_worker(*state)  # the in-process path (workers=1) reads the same state
     # fork: workers inherit the imported modules and the records, so the pool starts in milliseconds;
-    # frozen, the parent's objects are never visited by a worker's garbage collector (which would
-    # write to, and so copy, their pages)
+    # frozen (the workers fork at the first task), the parent's objects are never visited by a
+    # worker's garbage collector (which would write to, and so copy, their pages)
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    total = sum(len(records) for records in table.splits.values())
+    executor, split = None, next(iter(table.splits), "")
     gc.freeze()
     try:
-        pool = context.Pool(workers, initializer=_init_worker, initargs=state) if workers > 1 else None
-    finally:
-        gc.unfreeze()
-    total = sum(len(records) for records in table.splits.values())
-    try:
+        prepare_output(out, table.splits, options, overwrite)
+        if workers > 1:
+            executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(*state, os.getpid()))
         with tqdm(total=total, desc=f"shards {table.source}", unit="img", disable=not progress, mininterval=1) as bar:
-            chunks = _chunks(table, pool)
+            chunks = _chunks(table, chunk, executor, workers)
             for split, records in table.splits.items():
                 skipped = [{"key": s.split(":", 1)[0], "reason": s} for s in table.skipped.get(split, [])]
                 extra: dict = {"build": options}
-                samples = _split_samples(chunks, -(-len(records) // CHUNK), f"{table.source} {split}", strict, skipped, extra, bar)
+                samples = _split_samples(chunks, -(-len(records) // chunk), f"{table.source} {split}", strict, skipped, extra, bar)
                 size = spec.size or (0, 0)  # original: filled in from the images themselves
                 manifests[split] = write_split(samples, out, split, table.attributes, size, table.source, shard_size or auto_shard_size(len(records)), extra=extra)
+    except BrokenProcessPool:
+        raise UserError(_worker_death(executor, out, split)) from None
+    except OSError as error:  # the main process only writes: a full disk, a folder made read-only meanwhile
+        where = f" ({error.filename})" if error.filename else ""
+        raise UserError(f"could not write the shards in {out}{where}: {describe_os_error(error)}; the {split} split "
+                        f"has no manifest (unfinished): free some space or fix the folder, then run the same command again") from None
     finally:
+        gc.unfreeze()
         _WORKER.clear()
-        if pool is not None:
-            pool.terminate()
+        if executor is not None:
+            _stop(executor)
     return manifests

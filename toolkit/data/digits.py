@@ -8,15 +8,17 @@ Split: every tenth image (index % 10 == 9) is test, the rest train (fixed, so re
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 from PIL import Image
 
-from toolkit.data.shards import Sample
+from toolkit.data.shards import Sample, prepare_output, write_split
 
 ATTRIBUTES = [f"digit_{i}" for i in range(10)]
 SPLITS = ("train", "test")
+SOURCE = "scikit-learn digits"
 
 
 def _load():
@@ -40,3 +42,13 @@ def digit_samples(split: str, size: int = 32) -> Iterator[Sample]:
         attributes = np.zeros(len(ATTRIBUTES), dtype=np.uint8)
         attributes[int(label)] = 1
         yield Sample(key=f"digits_{index:06d}", image=buffer.getvalue(), ext="png", attributes=attributes)
+
+
+def write_digits(out: str | Path, size: int = 32, shard_size: int = 100, overwrite: bool = False) -> dict[str, dict]:
+    """Both splits as shards under `out`, which the build owns as `build_shards` does: a folder
+    holding anything but shards, or shards of another build (unless overwrite), is refused, and no
+    older split or shard is left beside the new ones. Returns {split: manifest}."""
+    build = {"source": SOURCE, "size": size, "shard_size": shard_size}
+    prepare_output(out, SPLITS, build, overwrite)
+    return {split: write_split(digit_samples(split, size), out, split, ATTRIBUTES, (size, size), SOURCE, shard_size,
+                               extra={"build": build}) for split in SPLITS}

@@ -9,6 +9,8 @@ The file column is the first of `file`, `filename`, `image`, `path` in the heade
 relative to ROOT); the optional split column holds train / val / test; every other column is a 0/1
 attribute. Without a split column, a seeded random `test_fraction` of the rows is test and the rest
 train, each split in table order. Only the table is parsed and each folder listed once.
+Columns are separated by commas, or by semicolons or tabs where the header holds no comma (what
+spreadsheets in many locales save as "CSV").
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def _read_table(table: Path, split_column: str | None
     """Attribute names, normalized file names, their line numbers, the uint8 matrix, and the splits if given."""
     try:
         with open(table, newline="", encoding="utf-8-sig") as stream:  # -sig: Excel's byte-order mark
-            reader = csv.reader(stream)
+            reader = csv.reader(stream, delimiter=_delimiter(stream))
             header = [cell.strip() for cell in next(reader, [])]
             if not any(header):
                 raise UserError(f"{table} line 1: expected a header row (a file column and attribute columns)")
@@ -129,6 +131,18 @@ def _read_table(table: Path, split_column: str | None
         raise UserError(f"{table}: not a readable CSV file ({error})") from None
     matrix = np.frombuffer(values, dtype=np.uint8).reshape(len(files), len(names))
     return names, files, lines, matrix, (splits if split_index is not None else None)
+
+
+def _delimiter(stream) -> str:
+    """',' unless the header line has none and holds ';' or a tab (a header needs two columns, so
+    no comma-separated reading of such a header could be right)."""
+    header = stream.readline()
+    stream.seek(0)
+    if "," not in header:
+        for other in (";", "\t"):
+            if other in header:
+                return other
+    return ","
 
 
 def _normalize(cell: str, table: Path, number: int) -> str:

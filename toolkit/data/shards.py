@@ -16,6 +16,10 @@ Nothing half-written looks valid: the split's old manifest is removed first, eve
 under a `.tmp` name and renamed when complete, and the manifest is written last. A split without a
 manifest is incomplete, and the reader refuses it. Tars have fixed mtime/owner, so the same
 input gives byte-identical shards.
+
+A build owns its whole output folder (`prepare_output`): it refuses a folder holding anything but
+shards, or shards another build finished (unless overwrite), and leaves no split or shard of an
+older build beside the new ones.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Iterable
 import numpy as np
 
 from toolkit.atomic import write_text
+from toolkit.errors import UserError
 
 MANIFEST = "manifest.json"
 # Fixed member time (2000-01-01) so rebuilds are byte-identical. An int: a float mtime makes
@@ -127,8 +132,12 @@ class _ShardFile:
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        self.stream.close()
-        self.tmp.unlink(missing_ok=True)
+        try:
+            self.stream.close()  # flushes the buffer, which fails again on a full disk
+        except OSError:
+            pass
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
 
 def write_split(
@@ -192,3 +201,71 @@ def write_split(
     }
     write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+# What a build leaves in a split folder <split>/: its tars, its manifest, and the temporary names
+# of both (a killed build's `.tar.tmp`, atomic_path's hidden `.manifest.json.<pid>.tmp`).
+def _is_shard_file(split: str, name: str) -> bool:
+    return (name == MANIFEST or re.fullmatch(rf"\.{re.escape(MANIFEST)}\.\d+\.tmp", name) is not None
+            or re.fullmatch(rf"{re.escape(split)}-\d{{6,}}\.tar(\.tmp)?", name) is not None)
+
+
+def _split_folders(out: Path) -> dict[str, list[str]]:
+    """{split: its file names} of a build's output folder; anything else in it (a file, a link, a
+    folder with other files) is a UserError: a build never deletes or mixes with what it did not write."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, expected a folder for the shards")
+    if not out.exists():
+        return {}
+    splits: dict[str, list[str]] = {}
+    foreign: list[str] = []
+    with os.scandir(out) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            if not (entry.is_dir(follow_symlinks=False) and _SPLIT.fullmatch(entry.name)):
+                foreign.append(entry.name)
+                continue
+            with os.scandir(entry.path) as inner:
+                files = {e.name: e.is_file(follow_symlinks=False) for e in inner}
+            strays = [name for name, is_file in files.items() if not (is_file and _is_shard_file(entry.name, name))]
+            if strays:
+                foreign += [f"{entry.name}/{name}" for name in sorted(strays)]
+            else:
+                splits[entry.name] = sorted(files)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"--out {out} holds files that are not shards ({shown}); choose an empty or new folder "
+                        f"(--overwrite replaces only shards, never other files)")
+    return splits
+
+
+def prepare_output(out: str | Path, splits: Iterable[str], build: dict, overwrite: bool = False) -> None:
+    """Make `out` ready for a build of `splits` whose options are `build` (each manifest's "build").
+
+    Refused, before anything is touched: `out` is a file, or holds anything that is not shards
+    (even with overwrite: only shards are ever deleted), or holds a split that another build
+    finished (a manifest with other options, or one that does not parse), unless overwrite.
+    Then every old manifest is removed (no split looks finished until this build rewrites it) and
+    the split folders this build does not write are deleted, so no older split is left beside
+    the new ones; stale tars inside the kept splits go when `write_split` finishes each."""
+    out = Path(out)
+    found = _split_folders(out)
+    if not overwrite:
+        for split, names in found.items():
+            if MANIFEST not in names:
+                continue  # an unfinished build: its shards are replaced
+            manifest = out / split / MANIFEST
+            try:
+                previous = json.loads(manifest.read_text())
+            except (ValueError, OSError):
+                previous = None
+            if not isinstance(previous, dict) or previous.get("build") != build:
+                raise UserError(f"{out} already holds shards from another build ({manifest}); "
+                                f"choose another --out or pass --overwrite to replace them")
+    wanted = set(splits)
+    for split, names in found.items():
+        folder = out / split
+        for name in names:
+            if name == MANIFEST or split not in wanted:
+                (folder / name).unlink(missing_ok=True)
+        if split not in wanted:
+            folder.rmdir()

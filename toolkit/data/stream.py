@@ -65,12 +65,13 @@ def _is_url(shards: str | Path) -> bool:
 
 
 def read_manifest(shards: str | Path, split: str) -> dict:
-    """The split's manifest.json, from a folder or from beside shards at a URL (`pipe:...`, `http://...`)."""
+    """The split's manifest.json, from a folder or from beside shards at a URL (`pipe:...`, `http://...`),
+    checked for the shape `cvae-tk shards` writes (a UserError naming the manifest otherwise)."""
     location = _join(shards, split, MANIFEST)
     if _is_url(shards):
         try:
             with wds.gopen(location, "rb") as stream:
-                manifest = json.loads(stream.read())
+                text = stream.read()
         except Exception as error:
             raise UserError(f"could not read {location}: {' '.join(str(error).split())}") from None
     else:
@@ -80,16 +81,62 @@ def read_manifest(shards: str | Path, split: str) -> dict:
                 f"no {split} split in {shards}: expected {path} (run `cvae-tk shards ... --out {shards}`; "
                 "a split without a manifest was not finished)"
             )
-        manifest = json.loads(path.read_text())
-    if not manifest.get("shards"):
+        try:
+            text = path.read_bytes()
+        except OSError as error:
+            raise UserError(f"could not read {location}: {error.strerror or error}") from None
+    try:
+        manifest = json.loads(text)
+    except ValueError as error:  # also bytes that are not UTF-8
+        raise UserError(f"{location} is not a JSON manifest ({one_line(error)}); rebuild the shards with `cvae-tk shards`") from None
+    check_manifest(manifest, location, split)
+    return manifest
+
+
+def check_manifest(manifest, location: str, split: str) -> None:
+    """What the readers rely on: a UserError naming the manifest and the field otherwise (a damaged or
+    hand-edited manifest would else fail later as a KeyError or TypeError, or read wrong counts)."""
+
+    def bad(what: str) -> UserError:
+        return UserError(f"{location} is not a valid shard manifest: {what}; rebuild the shards with `cvae-tk shards`")
+
+    def count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not isinstance(manifest, dict):
+        raise bad(f"expected a JSON object, got {type(manifest).__name__}")
+    for key in ("attributes", "count", "shards"):
+        if key not in manifest:
+            raise bad(f"it has no '{key}'")
+    attributes = manifest["attributes"]
+    if not isinstance(attributes, list) or not attributes or not all(isinstance(a, str) and a for a in attributes):
+        raise bad("'attributes' must be a non-empty list of names")
+    if len(set(attributes)) != len(attributes):
+        raise bad("'attributes' names an attribute twice")
+    if not isinstance(manifest["shards"], dict):
+        raise bad("'shards' must map shard file names to sample counts")
+    if not manifest["shards"]:
         raise UserError(f"{location} lists no shards: the {split} split is empty")
-    for name in manifest["shards"]:
-        if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name):
+    for name, value in manifest["shards"].items():
+        if not _SHARD_NAME.fullmatch(name):
             raise UserError(
                 f"{location} lists the shard {name!r}: expected a plain file name such as {split}-000000.tar "
                 "(letters, digits, '_', '-', '.'; no '/', no leading '.')"
             )
-    return manifest
+        if not count(value):
+            raise bad(f"shard {name} has the count {value!r}, expected an integer >= 0")
+    if not count(manifest["count"]) or manifest["count"] != sum(manifest["shards"].values()):
+        raise bad(f"'count' is {manifest['count']!r}, expected the sum of the shard counts ({sum(manifest['shards'].values())})")
+    size = manifest.get("image_size")  # null: images of varied sizes (--size original)
+    if size is not None and not (isinstance(size, list) and len(size) == 2 and all(count(side) for side in size)):
+        raise bad(f"'image_size' is {size!r}, expected [height, width] or null")
+
+
+def worker_died(error: BaseException) -> bool:
+    """Whether `error` is PyTorch's report of a DataLoader worker process that died (killed by a
+    signal, e.g. the kernel's OOM killer, or exited). It is raised wherever the main process is
+    when the SIGCHLD arrives (in the middle of a forward pass too), not only in the loader."""
+    return isinstance(error, RuntimeError) and "DataLoader worker (pid" in str(error)
 
 
 def shard_urls(shards: str | Path, split: str) -> list[str]:

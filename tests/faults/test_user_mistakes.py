@@ -1,0 +1,147 @@
+"""Every user mistake at the command line is one line `error: ...` naming the thing and what was
+expected, exit code 2 (1 for memory), no traceback, nothing written: the mistakes a careless or
+hostile new user makes, each tried through `toolkit.cli.main` as `cvae-tk` runs it."""
+
+from __future__ import annotations
+
+import errno
+import sys
+
+import pytest
+from PIL import Image
+
+from tests.test_cli import snapshot
+from tests.test_edit import cli  # `cvae-tk ARGS` in this process: (exit code, stdout, stderr)
+
+
+def assert_one_line(result, *fragments: str, code: int = 2) -> str:
+    status, out, err = result
+    assert status == code, (status, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+@pytest.fixture
+def place(tmp_path):
+    """A working folder with a file, a folder and a text file named like an image."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "folder.png").mkdir()  # a folder with an image's name
+    (tmp_path / "notimg.png").write_text("not an image")
+    Image.new("RGB", (8, 8), (0, 120, 200)).save(tmp_path / "photo.png")
+    return tmp_path
+
+
+def sample(model, *args):
+    return ["sample", model, "--attr", "a=1", *args]
+
+
+def interpolate(run, *args):
+    return ["interpolate", run, "--from-attr", "a=1", "--to-attr", "b=1", *args]
+
+
+# (arguments with MODEL / RUN / SHARDS placeholders, words the line must hold)
+MISTAKES = {
+    # outputs that cannot be written, decided before any work
+    "grid-unknown-extension": (sample("MODEL", "--grid", "out.xyz"), ["out.xyz", "unknown image extension"]),
+    "grid-no-extension": (sample("MODEL", "--grid", "out"), ["out", "no image extension"]),
+    "grid-is-a-folder": (sample("MODEL", "--grid", "folder.png"), ["folder.png", "it is a folder"]),
+    "grid-parent-is-a-file": (sample("MODEL", "--grid", "afile/x.png"), ["afile", "is a file, not a folder"]),
+    "out-dir-is-a-file": (sample("MODEL", "--out-dir", "afile"), ["afile", "it is a file, expected a folder"]),
+    "export-out-is-a-folder": (["export", "RUN", "--out", "adir"], ["adir", "it is a folder"]),
+    "interpolate-out-is-a-folder": (interpolate("RUN", "--out", "folder.png"), ["folder.png", "it is a folder"]),
+    "edit-out-unknown-extension": (["edit", "RUN", "photo.png", "--attr", "a=1", "--set", "b=1", "--out", "e.xyz"], ["e.xyz", "extension"]),
+    "interpolate-out-parent-is-a-file": (interpolate("RUN", "--out", "afile/strip.png"), ["afile", "not a folder"]),
+    "shards-out-is-a-file": (["shards", "digits", "--out", "afile"], ["afile", "expected a folder"]),
+    "classifier-out-is-a-file": (["classifier", "train", "recipe=digits", "data.shards=SHARDS", "--steps", "1", "--out", "afile"], ["afile", "expected a folder"]),
+    # sizes: below the minimum, or beyond the memory of any machine
+    "n-zero": (sample("MODEL", "-n", "0", "--grid", "g.png"), ["-n", ">= 1", "0"]),
+    "n-negative": (sample("MODEL", "-n", "-1", "--grid", "g.png"), ["-n", ">= 1"]),
+    "n-beyond-memory": (sample("MODEL", "-n", str(10**12), "--grid", "g.png"), ["memory", "available"]),
+    "n-not-a-number": (sample("MODEL", "-n", "abc", "--grid", "g.png"), ["-n", "integer", "cvae-tk sample --help"]),
+    "steps-one": (interpolate("RUN", "--steps", "1"), ["--steps", ">= 2"]),
+    "steps-beyond-memory": (interpolate("RUN", "--steps", str(10**12)), ["--steps", "memory", "available"]),
+    # numbers out of range
+    "temperature-nan": (sample("MODEL", "--temperature", "nan", "--grid", "g.png"), ["temperature", "nan"]),
+    "temperature-inf": (sample("MODEL", "--temperature", "inf", "--grid", "g.png"), ["temperature", "inf"]),
+    "temperature-negative": (sample("MODEL", "--temperature", "-1", "--grid", "g.png"), ["temperature", "-1"]),
+    "sample-seed-negative": (sample("MODEL", "--seed", "-1", "--grid", "g.png"), ["--seed", "[0, 2**63)", "-1"]),
+    "sample-seed-2**64": (sample("MODEL", "--seed", str(2**64), "--grid", "g.png"), ["--seed", str(2**64)]),
+    "interpolate-seed-negative": (interpolate("RUN", "--seed", "-1"), ["--seed", "-1"]),
+    "interpolate-seed-huge": (interpolate("RUN", "--seed", str(10**30)), ["--seed", str(10**30)]),
+    "eval-seed-negative": (["eval", "RUN", "--seed", "-5"], ["--seed", "-5"]),
+    "shards-folder-seed-huge": (["shards", "folder", "--root", ".", "--attributes", "afile", "--out", "o", "--seed", str(2**63)], ["--seed"]),
+    "classifier-lr-nan": (["classifier", "train", "recipe=digits", "data.shards=SHARDS", "--lr", "nan"], ["--lr", "finite", "nan"]),
+    "classifier-lr-inf": (["classifier", "train", "recipe=digits", "data.shards=SHARDS", "--lr", "inf"], ["--lr", "inf"]),
+    "classifier-lr-zero": (["classifier", "train", "recipe=digits", "data.shards=SHARDS", "--lr", "0"], ["--lr", "> 0"]),
+    # inputs that are not what they should be
+    "edit-not-an-image": (["edit", "RUN", "notimg.png", "--attr", "a=1", "--set", "b=1"], ["notimg.png"]),
+    "edit-a-folder": (["edit", "RUN", "adir", "--attr", "a=1", "--set", "b=1"], ["adir", "folder"]),
+    "edit-missing-image": (["edit", "RUN", "missing.png", "--attr", "a=1", "--set", "b=1"], ["missing.png", "not found"]),
+    "eval-a-folder-that-is-not-a-run": (["eval", "adir"], ["adir", "config.json"]),
+    "eval-a-file": (["eval", "afile"], ["afile"]),
+    "sweep-launcher-unmatched-quote": (["sweep", "recipe=digits", "data.shards=SHARDS", "--launcher", "python 'oops"], ["--launcher", "No closing quotation"]),
+    "sweep-launcher-blank": (["sweep", "recipe=digits", "data.shards=SHARDS", "--launcher", "   "], ["--launcher is empty"]),
+    "sweep-launcher-no-program": (["sweep", "recipe=digits", "data.shards=SHARDS", "--launcher", "no-such-launcher --x"], ["no-such-launcher", "no program"]),
+    "unknown-option": (sample("MODEL", "--gird", "g.png"), ["--gird"]),
+    "unknown-command": (["smaple"], ["smaple"]),
+}
+
+
+@pytest.mark.parametrize("name", list(MISTAKES))
+def test_a_mistake_is_one_line_and_writes_nothing(name, tiny_onnx, digits_shards, place, monkeypatch, capsys):
+    args, words = MISTAKES[name]
+    names = {"MODEL": str(tiny_onnx), "RUN": str(tiny_onnx.parent / "run"), "SHARDS": str(digits_shards)}
+    args = [names.get(a, a.replace("SHARDS", str(digits_shards)) if isinstance(a, str) else a) for a in args]
+    before = snapshot(place)
+    assert_one_line(cli(args, monkeypatch, capsys, place), *words)
+    assert snapshot(place) == before
+
+
+def test_an_os_error_the_checks_did_not_foresee_is_one_line_naming_the_file(tiny_onnx, tmp_path, monkeypatch, capsys):
+    from toolkit import sampler
+
+    def vanished(*args, **kwargs):  # e.g. the model's disk went away between the check and the read
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/mnt/gone/model.onnx")
+
+    monkeypatch.setattr(sampler.Sampler, "sample", vanished)
+    line = assert_one_line(cli(sample(tiny_onnx, "--grid", "g.png"), monkeypatch, capsys, tmp_path))
+    assert line == "error: /mnt/gone/model.onnx: No such file or directory (ENOENT); no such file or folder"
+
+
+def test_running_out_of_memory_is_one_line_with_exit_code_1(tiny_onnx, tmp_path, monkeypatch, capsys):
+    from toolkit import sampler
+
+    def too_much(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(sampler.Sampler, "sample", too_much)
+    assert_one_line(cli(sample(tiny_onnx, "--grid", "g.png"), monkeypatch, capsys, tmp_path), "out of memory", code=1)
+    assert snapshot(tmp_path) == []
+
+
+def test_a_real_bug_keeps_its_traceback(tiny_onnx, tmp_path, monkeypatch):
+    from toolkit import sampler
+    from toolkit.cli import main
+
+    def bug(*args, **kwargs):
+        raise KeyError("a bug, not a user mistake")
+
+    monkeypatch.setattr(sampler.Sampler, "sample", bug)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["cvae-tk", *sample(str(tiny_onnx), "--grid", "g.png")])
+    with pytest.raises(KeyError):
+        main()
+
+
+def test_help_and_success_still_exit_0(tiny_onnx, tmp_path, monkeypatch, capsys):
+    code, out, _ = cli(["sample", "--help"], monkeypatch, capsys, tmp_path)
+    assert code == 0 and "--grid" in out
+    code, out, err = cli(sample(tiny_onnx, "-n", "2", "--seed", str(2**63 - 1), "--grid", "g.png"), monkeypatch, capsys, tmp_path)
+    assert code == 0 and err == "" and "wrote g.png" in out
+    with Image.open(tmp_path / "g.png") as grid:
+        assert grid.format == "PNG"
+    assert snapshot(tmp_path) == ["g.png"]

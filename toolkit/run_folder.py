@@ -1,0 +1,243 @@
+"""The run folder's layout and ownership: which files a run writes, its checkpoints, the lock that
+keeps a second training out, and the fingerprint that ties a checkpoint to its shards.
+
+    RUN/.lock                          {"pid", "host", "started"} of the training writing RUN
+    RUN/checkpoints/checkpoint-<step>/ complete once trainer_state.json is in it
+    RUN/model.safetensors, config.json, recipe.yaml, samples.png, samples/, logs/, metrics.json, seen/
+
+`toolkit.train` takes the lock, claims the folder (`claim_run_dir`) and writes the checkpoints;
+the sweep and the export read checkpoints through `find_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from toolkit.config import TrainConfig
+from toolkit.data.stream import read_manifest
+from toolkit.errors import UserError
+
+CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its presence marks it complete
+LOCK = ".lock"  # RUN/.lock: {"pid", "host", "started"} of the training that writes the folder
+# What a training run (and `cvae-tk eval`) writes into its folder: overwrite=true removes these, nothing else.
+RUN_FILES = ("model.safetensors", "config.json", "recipe.yaml", "samples.png", "metrics.json", CHECKPOINTS, "samples", "logs", "seen")
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a complete checkpoint folder, or None (not a checkpoint, or an interrupted save)."""
+    state = path / TRAINER_STATE
+    if not path.name.startswith("checkpoint-") or not state.is_file():
+        return None
+    try:
+        return int(json.loads(state.read_text())["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
+    """`resume=latest` -> the newest complete checkpoint of the run (None if there is none);
+    `resume=PATH` -> that checkpoint, which must be complete."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = [(checkpoint_step(p), p) for p in (run_dir / CHECKPOINTS).glob("checkpoint-*")]
+        found = [(step, p) for step, p in found if step is not None]
+        return max(found)[1] if found else None
+    path = Path(resume)
+    if checkpoint_step(path) is None:
+        raise UserError(f"resume={resume} is not a complete checkpoint: expected a checkpoint-<step> folder holding {TRAINER_STATE}")
+    return path
+
+
+FINGERPRINT_BYTES = 1 << 16  # of each end of a tar: its first samples' names and bytes, and its last ones'
+
+
+def shards_fingerprint(shards: str) -> dict:
+    """What identifies the shards a run trains on, per split: the sha256 of its manifest (as parsed,
+    so formatting does not count) and, for a local folder, per tar its size and the sha256 of its
+    first and last 64 KB (two builds with the same names and counts but other images differ there;
+    reading whole tars would cost minutes on large sets). Shards rebuilt byte-identical give the same
+    fingerprint, wherever they lie."""
+    result = {}
+    for split in ("train", "test"):
+        manifest = read_manifest(shards, split)
+        digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+        tars = None
+        if "://" not in str(shards) and not str(shards).startswith("pipe:"):
+            tars = {name: _tar_fingerprint(Path(shards) / split / name) for name in manifest["shards"]}
+        result[split] = {"manifest_sha256": digest, "tars": tars}
+    return result
+
+
+def _tar_fingerprint(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as stream:
+            size = os.fstat(stream.fileno()).st_size
+            digest = hashlib.sha256(stream.read(FINGERPRINT_BYTES))
+            stream.seek(max(size - FINGERPRINT_BYTES, 0))
+            digest.update(stream.read(FINGERPRINT_BYTES))
+    except OSError:
+        return None  # a missing or unreadable shard is the reader's to report (skipped and counted)
+    return f"{size}:{digest.hexdigest()}"
+
+
+# --- the run folder belongs to one run ------------------------------------------------------
+
+
+def _pid_alive(pid: int, started: float | None) -> bool:
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        # a pid reused by another process since: that one started later than the lock was taken
+        return started is None or process.create_time() <= started + 1
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError, OverflowError):
+        return isinstance(pid, int) and pid > 0 and psutil.pid_exists(pid)
+
+
+class RunLock:
+    """RUN/.lock, created with O_EXCL, holding the pid and host of the training writing RUN: a second
+    training into the same folder is refused while the first runs. A lock left by a killed run (its
+    pid gone, on this host) is taken over with a warning; one from another host is only reported,
+    since its pid cannot be checked from here."""
+
+    def __init__(self, run_dir: Path):
+        self.path, self.held = run_dir / LOCK, False
+
+    def acquire(self) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                self._check_holder()  # raises unless the holder is gone; then try again
+                continue
+            except OSError as error:
+                raise UserError(f"cannot write in run_dir={self.path.parent}: {error.strerror or error}") from None
+            with os.fdopen(fd, "w") as stream:
+                stream.write(json.dumps(me) + "\n")
+            self.held = True
+            return
+        raise UserError(f"could not take the lock {self.path}: another process keeps creating it")
+
+    def _check_holder(self) -> None:
+        try:
+            holder = json.loads(self.path.read_text())
+            pid, host = int(holder["pid"]), str(holder["host"])
+            started = float(holder["started"]) if "started" in holder else None
+        except FileNotFoundError:
+            return  # released meanwhile
+        except (OSError, ValueError, KeyError, TypeError):
+            holder = None
+            try:  # empty for a moment while its taker writes it: only an old one is stale
+                if time.time() - self.path.stat().st_mtime < 10:
+                    raise UserError(f"another training is starting in run_dir={self.path.parent} ({self.path} was just created): "
+                                    "wait for it to end, or choose another run_dir")
+            except FileNotFoundError:
+                return
+        if holder is not None and host != socket.gethostname():
+            raise UserError(
+                f"run_dir={self.path.parent} is locked by a training on {host} (pid {pid}): wait for it to end, or choose another run_dir; "
+                f"if no training runs there any more, delete {self.path}"
+            )
+        if holder is not None and _pid_alive(pid, started):
+            raise UserError(
+                f"another training (pid {pid} on this machine) is writing run_dir={self.path.parent}: wait for it to end, or choose another "
+                f"run_dir (two runs in one folder would mix their checkpoints)"
+            )
+        what = f"pid {pid} is gone" if holder is not None else "it is unreadable"
+        tqdm.write(f"warning: taking over the stale lock {self.path} ({what}: a run that was killed)", file=sys.stderr)
+        self.path.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _own_file(name: str) -> bool:
+    """One of RUN_FILES, or the hidden temporary file of one (`.model.safetensors.<pid>.tmp`, left by a kill)."""
+    match = re.fullmatch(r"\.(.+)\.\d+\.tmp", name)
+    return name in RUN_FILES or (match is not None and match.group(1) in RUN_FILES)
+
+
+def _names(paths: list[Path], n: int = 4) -> str:
+    shown = ", ".join(sorted(p.name for p in paths)[:n])
+    return shown + (f" and {len(paths) - n} more" if len(paths) > n else "")
+
+
+def claim_run_dir(config: TrainConfig, run_dir: Path, resume_from: Path | None) -> None:
+    """A run folder belongs to one run. Refuse to train into one that holds another run (a model,
+    checkpoints, or a recipe.yaml with other settings) unless resume= continues it or overwrite=true
+    replaces it (removing that run's files first, and only those); refuse a folder holding files that
+    are not a run's. The same run killed before its first checkpoint starts again (nothing of it is kept)."""
+    if not run_dir.is_dir():
+        return
+    entries = [p for p in run_dir.iterdir() if p.name != LOCK]
+    ours, foreign = [p for p in entries if _own_file(p.name)], [p for p in entries if not _own_file(p.name)]
+    if resume_from is not None and resume_from.resolve().parent.parent == run_dir.resolve():
+        return  # continuing this folder's run: _check_resume has compared the model and shards
+    if foreign:
+        raise UserError(
+            f"run_dir={run_dir} holds files that are not a cvae-tk run's ({_names(foreign)}): "
+            + ("overwrite=true replaces only a run's own files; " if config.overwrite else "")
+            + "move them away or choose another run_dir"
+        )
+    if not ours:
+        return
+    if config.overwrite:
+        for path in ours:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        tqdm.write(f"overwrite=true: removed the previous run's {_names(ours, 10)} from {run_dir}", file=sys.stderr)
+        return
+    checkpoints = sorted((s, p) for p in (run_dir / CHECKPOINTS).glob("checkpoint-*") if (s := checkpoint_step(p)) is not None)
+    finished = (run_dir / "model.safetensors").is_file()
+    held = []
+    if finished:
+        held.append("a finished model (model.safetensors)")
+    if checkpoints:
+        held.append(f"{len(checkpoints)} checkpoint(s), the newest {checkpoints[-1][1].name}")
+    if not held:
+        differ = _differences(run_dir, config)
+        if differ is None:
+            held.append(f"a run's files ({_names(ours)}) without its recipe.yaml")
+        elif differ:
+            held.append("a run with other settings (" + "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in list(differ.items())[:3]) + ")")
+        else:
+            return  # this same run, killed before its first checkpoint: start it again
+    if resume_from is not None:
+        how = f"resume={config.resume} is a checkpoint of another folder, and run_dir"
+    elif config.resume:
+        how = f"resume={config.resume} found no complete checkpoint, and run_dir"
+    else:
+        how = "run_dir"
+    raise UserError(
+        f"{how}={run_dir} already holds {' and '.join(held)}: "
+        + ("continue it with resume=latest, " if checkpoints and not config.resume else "")
+        + "replace it with overwrite=true (its checkpoints, model, samples and logs are removed), or choose another run_dir"
+    )
+
+
+def _differences(run_dir: Path, config: TrainConfig) -> dict | None:
+    """The settings in which RUN/recipe.yaml differs from `config` (those that change what is trained;
+    the sweep's own comparison), or None without a readable recipe.yaml."""
+    from toolkit.sweep import RESUMABLE_KEYS, config_differences
+
+    if not (run_dir / "recipe.yaml").is_file():
+        return None
+    try:
+        differ = config_differences(run_dir, config)
+    except UserError:
+        return None
+    return {k: v for k, v in differ.items() if k not in RESUMABLE_KEYS and k not in ("overwrite", "data.num_workers", "data.record_keys")}
