@@ -4,6 +4,12 @@ For the `celeba` decoder (paper, 218x178, 40 attributes) and the `celeba64` deco
 learned prior), at batch sizes 1, 64 and 1024: latency per call and images/s for
   torch   PyTorch eager fp32 (`model.generate` under inference_mode)
   ort     ONNX Runtime fp32 (the exported sampler graph)
+and on the CPU also
+  ort_int8  ONNX Runtime int8: the fp32 export quantized as `cvae-tk export --int8` does
+            (toolkit.quantize: static QDQ, int8 per-channel weights, uint8 activations), calibrated on
+            random 0/1 attributes and prior noise (the weights are random too); `int8_over_fp32` is
+            the fp32 time over the int8 time (same inputs, same run), and the int8 images' distance
+            from the fp32 ones is printed in grey levels
 and on a GPU (--device cuda, the default where torch sees one) also
   torch_compile_bf16   torch.compile of `generate` under bf16 autocast
   ort / ort_fp16       ONNX Runtime CUDA, fp32 and --fp16 exports, IO binding (inputs on the
@@ -17,7 +23,7 @@ a device-to-device copy). `floor16` is the same for 16-bit activations and weigh
 the fp16 / bf16 paths.
 Weights are random (speed does not depend on training). Writes bench/results/sample.json.
 
-    .venv/bin/python bench/sample.py [--batches 1,64,1024] [--models celeba,celeba64] [--seconds 2] [--device cuda] [--bandwidth GB/s]
+    .venv/bin/python bench/sample.py [--batches 1,64,1024] [--models celeba,celeba64] [--seconds 2] [--device cuda] [--bandwidth GB/s] [--calibration 128]
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from toolkit import quantize  # noqa: E402
 from toolkit.export import to_onnx  # noqa: E402
 from toolkit.model import CVAE, ModelSpec, arch_options  # noqa: E402
 
@@ -135,6 +142,7 @@ def main() -> None:
     parser.add_argument("--models", default="celeba,celeba64")
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--calibration", type=int, default=128, help="calibration samples of the int8 export (CPU only)")
     parser.add_argument("--bandwidth", type=float, help="memory bandwidth in GB/s for the floor (default: measured host copy)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -151,6 +159,15 @@ def main() -> None:
         model = build(name)
         exports = {"ort": to_onnx(model)}
         sessions = {"ort": ort.InferenceSession(exports["ort"], providers=[provider])}
+        if not cuda:  # int8 QDQ is a CPU format here
+            calibration_attributes = (np.random.default_rng(0).random((args.calibration, model.spec.num_attributes)) > 0.5).astype(np.float32)
+            names = ["attributes", "noise"]
+            started = time.perf_counter()
+            exports["ort_int8"] = quantize.quantize_bytes(
+                exports["ort"], quantize.feeds(names, calibration_attributes, model.spec.latent_dim, quantize.CALIBRATION_BATCH, 0))
+            sessions["ort_int8"] = ort.InferenceSession(exports["ort_int8"], providers=[provider])
+            levels = quantize.parity_levels(exports["ort"], exports["ort_int8"], calibration_attributes)
+            print(f"{name}: int8 quantized in {time.perf_counter() - started:.1f} s; grey levels from fp32: {quantize.describe(levels)}", flush=True)
         if cuda:
             exports["ort_fp16"] = to_onnx(model, fp16=True)
             sessions["ort_fp16"] = ort.InferenceSession(exports["ort_fp16"], providers=[provider])
@@ -217,11 +234,14 @@ def main() -> None:
             low_precision = "fp16" in best_label or "bf16" in best_label
             row = {"model": name, "batch": batch, **{f"{k}_ms": v * 1e3 for k, v in times.items()},
                    **{f"{k}_images_per_s": batch / v for k, v in times.items()},
-                   "ort_over_torch": times.get("torch", float("nan")) / times.get("ort", float("nan")), "floor_ms": floor * 1e3, "floor16_ms": floor16 * 1e3,
+                   "ort_over_torch": times.get("torch", float("nan")) / times.get("ort", float("nan")),
+                   **({"int8_over_fp32": times["ort"] / times["ort_int8"]} if "ort_int8" in times and "ort" in times else {}),
+                   "floor_ms": floor * 1e3, "floor16_ms": floor16 * 1e3,
                    "best": best_label, "best_over_floor": best / (floor16 if low_precision else floor)}
             rows.append(row)
             cells = "  ".join(f"{k} {v * 1e3:9.2f} ms ({batch / v:9.1f} img/s)" for k, v in times.items())
-            print(f"{name:9} batch {batch:5}: {cells}  ort/torch {row['ort_over_torch']:.2f}x  "
+            int8 = f"int8/fp32 speed-up {row['int8_over_fp32']:.2f}x  " if "int8_over_fp32" in row else ""
+            print(f"{name:9} batch {batch:5}: {cells}  ort/torch {row['ort_over_torch']:.2f}x  {int8}"
                   f"floor {row['floor_ms']:8.3f} ms, floor16 {row['floor16_ms']:8.3f} ms "
                   f"(best, {best_label}, is {row['best_over_floor']:.1f}x its floor)", flush=True)
     out = Path(__file__).resolve().parent / "results"

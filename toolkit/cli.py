@@ -159,18 +159,44 @@ def export(
     temperature_input: bool = typer.Option(
         False, "--temperature-input", help="An extra float32 [1] input `temperature` that scales the prior's spread."
     ),
+    encoder: bool = typer.Option(
+        False, "--encoder", help="Also write the encoder (image + attributes -> z, fp32) as OUT-encoder.onnx, for editing photos."
+    ),
+    int8: bool = typer.Option(
+        False, "--int8", help="Also write OUT-int8.onnx: static int8 (QDQ) quantization for the CPU, calibrated on the run's training split."
+    ),
+    classifier: Optional[Path] = typer.Option(
+        None, "--classifier", help="With --int8: also bound the int8 file's attribute control score by the fp32 file's, judged by this classifier."
+    ),
 ) -> None:
     """Export a run's conditional decoder as a self-contained ONNX sampler (parity-checked)."""
-    from toolkit.export import PARITY_BATCHES, PARITY_TEMPERATURE, default_path, export_onnx, parity_limit
+    from toolkit.export import PARITY_BATCHES, PARITY_TEMPERATURE, PARITY_TOLERANCE, default_path, export_onnx, parity_limit
 
     if not onnx:
         raise UserError("only --onnx export exists")
     out = check_output(out or default_path(run_dir, fp16, uint8, temperature_input))  # before the minutes of tracing
-    path, error = export_onnx(run_dir, out, opset, fp16=fp16, uint8=uint8, temperature_input=temperature_input)
+    if classifier is not None and not int8:
+        raise UserError("--classifier judges the --int8 file's control score: add --int8 (cvae-tk eval RUN --classifier DIR scores a run)")
+    if int8:
+        from toolkit import quantize
+
+        int8_out = quantize.check_request(run_dir, out, fp16, classifier)
+    exported = export_onnx(run_dir, out, opset, fp16=fp16, uint8=uint8, temperature_input=temperature_input, encoder=encoder)
+    path, error = exported
     limit, measure = parity_limit(fp16, uint8)
     where = f"batch sizes {', '.join(map(str, PARITY_BATCHES))}" + (f", temperatures 1 and {PARITY_TEMPERATURE:g}" if temperature_input else "")
     typer.echo(f"parity: {measure} = {error:.3g} (limit {limit:g}) at {where}")
     typer.echo(f"wrote {path} ({'fp16' if fp16 else 'fp32'}, {path.stat().st_size / 1e6:.1f} MB)")
+    if exported.encoder is not None:
+        typer.echo(f"encoder parity: max abs difference from the fp32 PyTorch outputs = {exported.encoder_error:.3g} "
+                   f"(limit {PARITY_TOLERANCE:g}) at batch sizes {', '.join(map(str, PARITY_BATCHES))}")
+        typer.echo(f"wrote {exported.encoder} (fp32, {exported.encoder.stat().st_size / 1e6:.1f} MB)")
+    if int8:
+        int8_path, levels, control = quantize.quantize_export(run_dir, path, int8_out, classifier=classifier)
+        typer.echo(f"int8 parity: grey levels from the fp32 file: {quantize.describe(levels)} (limits: {quantize.limits()})")
+        if control:
+            typer.echo(f"int8 control: {quantize.describe_control(control)}")
+        typer.echo(f"wrote {int8_path} (int8, {int8_path.stat().st_size / 1e6:.1f} MB)")
 
 
 @app.command("inspect")
@@ -484,6 +510,27 @@ def _os_error_line(error: OSError) -> str:
         errno.ENOENT: "no such file or folder",
     }.get(error.errno)
     return f"{where + ': ' if where else ''}{describe_os_error(error)}{'; ' + hint if hint else ''}"
+
+
+@app.command("web")
+def web_command(
+    model: Path = typer.Argument(..., help="An ONNX file written by `cvae-tk export` (its -encoder.onnx beside it is taken too)."),
+    out: Path = typer.Option(..., "--out", callback=_output_folder, help="Folder to write the page into (host it as static files)."),
+    ort_dist: Optional[Path] = typer.Option(
+        None, "--ort-dist", help="onnxruntime-web's dist/ folder (default: node_modules/onnxruntime-web/dist, installed by scripts/setup-js.sh)."
+    ),
+    serve: bool = typer.Option(False, "--serve", help="Then serve the page on 127.0.0.1 until Ctrl-C."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="With --serve: the port (0: any free one)."),
+) -> None:
+    """A static in-browser studio for an export (onnxruntime-web: WebGPU or wasm; works offline)."""
+    from toolkit.web import build_page
+
+    build_page(model, out, ort_dist=ort_dist, serve=False)
+    typer.echo(f"wrote {out / 'index.html'} (open it through a web server: cvae-tk web ... --serve, or any static host)")
+    if serve:
+        from toolkit.web.build import serve_forever
+
+        serve_forever(out, port)
 
 
 def main() -> None:

@@ -1,10 +1,12 @@
-"""What a cvae-tk sampler file claims, and whether its graph agrees (see toolkit/export.py for the format).
+"""What a cvae-tk ONNX file claims, and whether its graph agrees (see toolkit/export.py for the formats).
 
-One check for every reader: `toolkit.export` before it writes a file, `toolkit.sampler.Sampler`
-before it runs one, `cvae-tk inspect` before it describes one. Each gives the metadata_props and the
-graph's declared inputs and outputs (names, element types, shapes); `read_contract` returns the
-parsed claims or raises one UserError naming the file and what was expected. Standard library only,
-so the sampler needs neither torch nor onnx.
+Two formats: `sampler/1` (the decoder: attributes + noise -> images) and `encoder/1` (images +
+attributes -> the posterior mean of z, written beside it by `cvae-tk export --encoder`). One check
+for every reader: `toolkit.export` before it writes a file, `toolkit.sampler.Sampler` before it
+runs one, `cvae-tk inspect` before it describes one. Each gives the metadata_props and the graph's
+declared inputs and outputs (names, element types, shapes); `read_contract` (sampler) and
+`read_encoder_contract` return the parsed claims or raise one UserError naming the file and what
+was expected. Standard library only, so the sampler needs neither torch nor onnx.
 """
 
 from __future__ import annotations
@@ -17,10 +19,19 @@ from typing import Mapping, Sequence
 from toolkit.errors import UserError
 
 FORMAT = "sampler/1"
-FORMAT_VERSION = 1
+ENCODER_FORMAT = "encoder/1"
+FORMAT_VERSION = 1  # of both formats; also the files' ModelProto.model_version
 FLOAT_OUTPUT, UINT8_OUTPUT = "float32_nchw", "uint8_nhwc"
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 INPUTS = ("attributes", "noise", "temperature")
+ENCODER_INPUTS = ("images", "attributes")
+# The encoder's outputs, all float32 [batch, Z]: the posterior's mean and log-variance given the
+# image and its attributes, and for a learned prior also the prior's, p(z | attributes), which a
+# client needs to turn a z into the decoder's `noise` input (see toolkit.sampler.Sampler.edit).
+ENCODER_OUTPUTS = ("mean", "logvar")
+PRIOR_OUTPUTS = ("prior_mean", "prior_logvar")
+PRIORS = ("standard", "learned")
+RESIZE, VALUE_RANGE, LAYOUT, CHANNELS = "bilinear", [0, 1], "NCHW", "RGB"
 # Sanity limits for what a file may declare: far beyond any real model, small enough that a
 # hostile or broken file is refused before it asks for terabytes.
 MAX_SIDE = 8192
@@ -66,6 +77,29 @@ class Contract:
         return "uint8" if self.uint8 else "float32"
 
 
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image is prepared for the encoder, as the run's shards were made: crop (None; an int,
+    the side of a centred square; or "bbox", a box around the object that only the data set knows,
+    so a client must give the photo already cropped), then a bilinear resize to size (H, W), values
+    in [0, 1], RGB, NCHW."""
+
+    crop: int | str | None
+    size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class EncoderContract:
+    attributes: tuple[str, ...]
+    latent_dim: int
+    image_size: tuple[int, int]
+    precision: str
+    prior: str
+    outputs: tuple[str, ...]
+    preprocessing: Preprocessing
+    weights_sha256: str | None
+
+
 def _json(meta: Mapping[str, str], key: str, path):
     try:
         return json.loads(meta[key])
@@ -79,25 +113,31 @@ def _integer(value, path, what: str, limit: int) -> int:
     return value
 
 
-def _check_format(meta: Mapping[str, str], path) -> None:
+def _check_format(meta: Mapping[str, str], path, expected: str = FORMAT) -> None:
     found = meta.get("cvae_tk.format")
-    if found == FORMAT:
+    if found == expected:
         return
+    kind = expected.split("/")[0]
     if found is None:
-        raise UserError(f"{path} is an ONNX model but not a cvae-tk sampler export (no cvae_tk.format metadata)")
-    newer = re.fullmatch(r"sampler/(\d+)", found.strip())
+        raise UserError(f"{path} is an ONNX model but not a cvae-tk {kind} export (no cvae_tk.format metadata)")
+    if found in (FORMAT, ENCODER_FORMAT):  # the other file of an export
+        if expected == FORMAT:
+            raise UserError(f"{path} is a cvae-tk encoder ({found}), not a sampler: open the decoder OUT.onnx beside it "
+                            f"(Sampler(OUT.onnx) finds OUT-encoder.onnx itself, or pass encoder=)")
+        raise UserError(f"{path} is a cvae-tk sampler ({found}), not an encoder: `cvae-tk export --onnx RUN --encoder` writes one")
+    newer = re.fullmatch(rf"{kind}/(\d+)", found.strip())
     if newer and int(newer.group(1)) > FORMAT_VERSION:
         by = f" (written by cvae-tk {meta['toolkit_version']})" if meta.get("toolkit_version") else ""
-        raise UserError(f"{path} is a cvae-tk sampler of format {found}{by}, newer than this cvae-tk reads ({FORMAT}): upgrade cvae-tk")
-    raise UserError(f"{path}: unknown cvae_tk.format {found[:40]!r}, expected {FORMAT}")
+        raise UserError(f"{path} is a cvae-tk {kind} of format {found}{by}, newer than this cvae-tk reads ({expected}): upgrade cvae-tk")
+    raise UserError(f"{path}: unknown cvae_tk.format {found[:40]!r}, expected {expected}")
 
 
-def read_contract(path, meta: Mapping[str, str], inputs: Sequence[Tensor], outputs: Sequence[Tensor]) -> Contract:
-    """The file's claims, checked against each other and against its declared graph."""
-    _check_format(meta, path)
+def _model_claims(meta: Mapping[str, str], path, expected: str) -> tuple[list[str], int, tuple[int, int], str]:
+    """(attributes, latent_dim, image_size, precision): what both formats record alike."""
+    _check_format(meta, path, expected)
     for key in ("attributes", "latent_dim", "image_size"):
         if key not in meta:
-            raise UserError(f"{path}: metadata has no '{key}' (every {FORMAT} export records it)")
+            raise UserError(f"{path}: metadata has no '{key}' (every {expected} export records it)")
 
     attributes = _json(meta, "attributes", path)
     if not isinstance(attributes, list) or not attributes:
@@ -118,14 +158,20 @@ def read_contract(path, meta: Mapping[str, str], inputs: Sequence[Tensor], outpu
         raise UserError(f"{path}: metadata 'image_size' must be [height, width], got {meta['image_size'][:80]!r}")
     image_size = (_integer(size[0], path, "image height", MAX_SIDE), _integer(size[1], path, "image width", MAX_SIDE))
 
-    output = meta.get("output", FLOAT_OUTPUT)  # files from before --uint8 existed have no 'output'
-    if output not in (FLOAT_OUTPUT, UINT8_OUTPUT):
-        raise UserError(f"{path}: metadata output = {output[:40]!r}, expected {FLOAT_OUTPUT} or {UINT8_OUTPUT}")
     precision = meta.get("precision", "fp32")
     if precision not in PRECISIONS:
         raise UserError(f"{path}: metadata precision = {precision[:40]!r}, expected {' or '.join(PRECISIONS)}")
     if "value_range" in meta and _json(meta, "value_range", path) != [0, 1]:
         raise UserError(f"{path}: metadata value_range = {meta['value_range'][:40]}, expected [0, 1] (the only range cvae-tk samplers produce)")
+    return attributes, latent_dim, image_size, precision
+
+
+def read_contract(path, meta: Mapping[str, str], inputs: Sequence[Tensor], outputs: Sequence[Tensor]) -> Contract:
+    """The file's claims, checked against each other and against its declared graph."""
+    attributes, latent_dim, image_size, precision = _model_claims(meta, path, FORMAT)
+    output = meta.get("output", FLOAT_OUTPUT)  # files from before --uint8 existed have no 'output'
+    if output not in (FLOAT_OUTPUT, UINT8_OUTPUT):
+        raise UserError(f"{path}: metadata output = {output[:40]!r}, expected {FLOAT_OUTPUT} or {UINT8_OUTPUT}")
 
     names = [tensor.name for tensor in inputs]
     if names[:2] != ["attributes", "noise"] or names[2:] not in ([], ["temperature"]):
@@ -163,3 +209,77 @@ def read_contract(path, meta: Mapping[str, str], inputs: Sequence[Tensor], outpu
             f"(from the metadata: output={output}, image_size={list(image_size)})"
         )
     return contract
+
+
+def preprocessing_dict(crop: int | str | None, size: tuple[int, int]) -> dict:
+    """The JSON of an encoder's `preprocessing` metadata (the encoder/1 contract)."""
+    if isinstance(crop, int) and not isinstance(crop, bool):
+        crop = {"kind": "center", "side": crop}
+    return {"crop": crop, "size": [int(size[0]), int(size[1])], "resize": RESIZE, "value_range": list(VALUE_RANGE),
+            "layout": LAYOUT, "channels": CHANNELS}
+
+
+def _preprocessing(meta: Mapping[str, str], path, image_size: tuple[int, int]) -> Preprocessing:
+    if "preprocessing" not in meta:
+        raise UserError(f"{path}: metadata has no 'preprocessing' (every {ENCODER_FORMAT} export records how its images are prepared)")
+    value = _json(meta, "preprocessing", path)
+    shown = meta["preprocessing"][:120]
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: metadata 'preprocessing' must be a JSON object, got {shown!r}")
+    expected = {"resize": RESIZE, "value_range": VALUE_RANGE, "layout": LAYOUT, "channels": CHANNELS, "size": list(image_size)}
+    for key, want in expected.items():
+        if value.get(key) != want:
+            raise UserError(f"{path}: metadata preprocessing {key} = {json.dumps(value.get(key))}, expected {json.dumps(want)}"
+                            f"{' (the image_size)' if key == 'size' else ''}")
+    crop = value.get("crop")
+    if crop is None or crop == "bbox":
+        return Preprocessing(crop, image_size)
+    if isinstance(crop, dict) and crop.get("kind") == "center" and set(crop) == {"kind", "side"}:
+        side = crop["side"]
+        if not isinstance(side, bool) and isinstance(side, int) and 1 <= side <= 16 * MAX_SIDE:
+            return Preprocessing(side, image_size)
+    raise UserError(f"{path}: metadata preprocessing crop = {json.dumps(crop)[:80]}, expected null, \"bbox\" or "
+                    f'{{"kind": "center", "side": N}}')
+
+
+def encoder_outputs(prior: str) -> tuple[str, ...]:
+    return ENCODER_OUTPUTS + (PRIOR_OUTPUTS if prior == "learned" else ())
+
+
+def read_encoder_contract(path, meta: Mapping[str, str], inputs: Sequence[Tensor], outputs: Sequence[Tensor]) -> EncoderContract:
+    """An encoder/1 file's claims, checked against each other and against its declared graph:
+    inputs images float32 [batch, 3, H, W] and attributes float32 [batch, A], outputs float32
+    [batch, Z] (`encoder_outputs` of its prior), preprocessing as `preprocessing_dict` writes it."""
+    attributes, latent_dim, image_size, precision = _model_claims(meta, path, ENCODER_FORMAT)
+    prior = meta.get("prior", "standard")
+    if prior not in PRIORS:
+        raise UserError(f"{path}: metadata prior = {prior[:40]!r}, expected {' or '.join(PRIORS)}")
+    preprocessing = _preprocessing(meta, path, image_size)
+
+    names = [tensor.name for tensor in inputs]
+    if names != list(ENCODER_INPUTS):
+        raise UserError(f"{path}: inputs {names}, expected {', '.join(ENCODER_INPUTS)}")
+    if "inputs" in meta and _json(meta, "inputs", path) != names:
+        raise UserError(f"{path}: metadata inputs = {meta['inputs'][:80]}, but the graph's inputs are {json.dumps(names)}")
+    height, width = image_size
+    shapes = {"images": [3, height, width], "attributes": [len(attributes)]}
+    for tensor in inputs:
+        if tensor.dtype != "float32":
+            raise UserError(f"{path}: input '{tensor.name}' is {tensor.dtype}, expected float32")
+        want = shapes[tensor.name]
+        if tensor.shape is not None and (len(tensor.shape) != 1 + len(want) or any(isinstance(d, int) and d != e for d, e in zip(tensor.shape[1:], want))):
+            raise UserError(f"{path}: input '{tensor.name}' has shape {list(tensor.shape)}, expected [batch, {', '.join(map(str, want))}] (from the metadata)")
+
+    wanted = list(encoder_outputs(prior))
+    found = [tensor.name for tensor in outputs]
+    if found != wanted:
+        raise UserError(f"{path}: outputs {found}, expected {', '.join(wanted)} (a {prior} prior's encoder)")
+    if "outputs" in meta and _json(meta, "outputs", path) != found:
+        raise UserError(f"{path}: metadata outputs = {meta['outputs'][:80]}, but the graph's outputs are {json.dumps(found)}")
+    for tensor in outputs:
+        if tensor.dtype != "float32":
+            raise UserError(f"{path}: output '{tensor.name}' is {tensor.dtype}, expected float32")
+        if tensor.shape is not None and (len(tensor.shape) != 2 or (isinstance(tensor.shape[1], int) and tensor.shape[1] != latent_dim)):
+            raise UserError(f"{path}: output '{tensor.name}' has shape {list(tensor.shape)}, expected [batch, {latent_dim}] (latent_dim)")
+    return EncoderContract(tuple(attributes), latent_dim, image_size, precision, prior, tuple(found), preprocessing,
+                           meta.get("weights_sha256"))

@@ -1,7 +1,8 @@
-"""Export a trained run's conditional decoder as a complete ONNX sampler.
+"""Export a trained run's conditional decoder as a complete ONNX sampler (and its encoder, for editing).
 
     cvae-tk export --onnx runs/digits                      -> export/digits.onnx
     cvae-tk export --onnx runs/digits --fp16 --uint8       -> export/digits-fp16-uint8.onnx
+    cvae-tk export --onnx runs/digits --encoder            -> export/digits.onnx and export/digits-encoder.onnx
 
 The graph (the contract that `toolkit.sampler` and any application rely on):
     inputs   attributes  float32 [B, A]  0/1 per attribute, in the order of the metadata's names
@@ -23,6 +24,26 @@ Parity with the fp32 PyTorch model is checked on ONNX Runtime's CPU provider at 
 17 (and at temperatures 1 and 0.7 when the graph takes one) before the file is written: it goes to a
 temporary name and is renamed only once the check passes. Limits: max abs difference < 1e-4 (fp32),
 < 1e-2 (fp16); uint8 output: at most 1 grey level from the quantized PyTorch output (fp16: 3).
+
+The encoder (--encoder: OUT-encoder.onnx beside OUT.onnx; always fp32, whatever the decoder's
+variant, since editing is a one-image job and its outputs feed the decoder's noise):
+    inputs   images      float32 [B, 3, H, W]  RGB in [0, 1], prepared as `preprocessing` says
+             attributes  float32 [B, A]        the image's attributes, 0/1
+    outputs  mean, logvar float32 [B, Z]       the posterior q(z | image, attributes)
+             prior_mean, prior_logvar [B, Z]   learned prior only: p(z | attributes)
+metadata_props: the decoder's keys with cvae_tk.format = "encoder/1", precision fp32, output "mean",
+inputs ["images", "attributes"], outputs (JSON list), and preprocessing (JSON: crop null |
+{"kind": "center", "side": N} | "bbox", size [H, W], resize "bilinear", value_range [0, 1], layout
+"NCHW", channels "RGB"), read from the build options in the manifest of the run's shards (data.shards
+of RUN/recipe.yaml). Parity as the decoder's fp32 check (every output, < 1e-4, batches 1, 3, 17).
+Both files are made and checked before either is written, so a failing encoder leaves the old
+files as they were.
+
+Every file is one that generic ONNX tools take: no stale shape entries (graph.value_info) for the
+weights, which onnxruntime.quantization's quantize_dynamic tripped over, and ModelProto.model_version
+is the format version (1): it says which contract the file follows, which is what a tool or server
+that reads only the ModelProto can act on (the toolkit version, "0.1.0", fits no int64; the run's
+step is in the metadata).
 """
 
 from __future__ import annotations
@@ -39,6 +60,7 @@ import torch
 import toolkit
 from toolkit.atomic import atomic_path, check_output, describe_os_error
 from toolkit.errors import UserError, one_line
+from toolkit.contract import ENCODER_FORMAT, FORMAT_VERSION, encoder_outputs, preprocessing_dict
 from toolkit.model import CVAE, WEIGHTS, load_model
 
 OPSET = 18
@@ -81,6 +103,55 @@ class SamplerGraph(torch.nn.Module):
         if self.uint8:
             images = torch.round(images.clamp(0.0, 1.0) * 255.0).to(torch.uint8).permute(0, 2, 3, 1)
         return images
+
+
+class EncoderGraph(torch.nn.Module):
+    """What --encoder exports: (images, attributes) -> (mean, logvar) of q(z | x, y), plus
+    (prior_mean, prior_logvar) of p(z | y) for a learned prior.
+
+    The paper encoder's first convolution takes the attributes as a per-sample 3x3 kernel
+    (PaperEncoder.first_conv): a Conv whose weight is computed, which tools that rewrite weights
+    (onnxruntime.quantization: "Expected view to be an initializer") cannot take. Exported, that part
+    is two MatMuls with constant weights instead: per sample, the kernel's 9 taps V = y @ W (W: the
+    attribute channels' weights), and since the convolved map is all ones with zero padding, the
+    result at each pixel is the sum of the taps that fall inside the image, V @ M (M: 9 constant
+    0/1 masks of H x W). The same numbers (the parity check compares with PyTorch's own path)."""
+
+    def __init__(self, model: CVAE):
+        super().__init__()
+        from toolkit.model import PaperEncoder
+
+        self.model = model
+        self.paper = isinstance(model.encoder, PaperEncoder)
+        if self.paper:
+            weight = model.encoder.conv1.weight.detach()  # [O, 3 + A, 3, 3]
+            out_channels, kernel = weight.shape[0], weight.shape[-2:]
+            height, width = model.spec.image_size
+            self.register_buffer("taps", weight[:, 3:].permute(1, 0, 2, 3).reshape(weight.shape[1] - 3, -1).contiguous())
+            one_hot = torch.zeros(kernel.numel(), 1, kernel[0], kernel[1])
+            one_hot.view(kernel.numel(), -1).fill_diagonal_(1.0)
+            # mask t: where tap t of the kernel lands inside the image (conv of a map of ones with a one-hot kernel)
+            masks = torch.nn.functional.conv2d(torch.ones(1, 1, height, width), one_hot, padding=1)[0]
+            self.register_buffer("masks", masks.reshape(kernel.numel(), height * width))
+            self.out_channels = out_channels
+
+    def first_conv(self, images: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
+        encoder = self.model.encoder
+        batch, _, height, width = images.shape
+        x = torch.nn.functional.conv2d(images, encoder.conv1.weight[:, :3], encoder.conv1.bias, padding=1)
+        taps = (attributes @ self.taps).reshape(batch * self.out_channels, -1)  # [B * O, 9]
+        return x + (taps @ self.masks).reshape(batch, self.out_channels, height, width)
+
+    def forward(self, images: torch.Tensor, attributes: torch.Tensor):
+        encoder = self.model.encoder
+        if self.paper:
+            x = torch.nn.functional.max_pool2d(torch.relu(self.first_conv(images, attributes)), 2)
+            x = torch.nn.functional.max_pool2d(torch.relu(encoder.conv2(x)), 2).flatten(1)
+            mean, logvar = encoder.mu(x), encoder.logvar(x)
+        else:
+            mean, logvar = encoder(images, attributes)
+        prior = self.model.prior(attributes)
+        return (mean, logvar) if prior is None else (mean, logvar, *prior)
 
 
 def input_names(temperature_input: bool = False) -> list[str]:
@@ -129,6 +200,84 @@ def metadata(
     }
 
 
+def encoder_metadata(model: CVAE, preprocessing: dict, *, weights: str | None = None, opset: int = OPSET) -> dict[str, str]:
+    """The encoder file's metadata_props: the decoder's (fp32), format encoder/1, its own inputs and
+    outputs, and `preprocessing` (toolkit.contract.preprocessing_dict)."""
+    meta = metadata(model, weights=weights, opset=opset)
+    meta.update({
+        "cvae_tk.format": ENCODER_FORMAT,
+        "output": "mean",
+        "inputs": json.dumps(["images", "attributes"]),
+        "outputs": json.dumps(list(encoder_outputs(model.spec.prior))),
+        "preprocessing": json.dumps(preprocessing),
+    })
+    return meta
+
+
+def _finish(proto, meta: dict[str, str]):
+    """Metadata, producer and model_version in; the weights' stale value_info entries out (the
+    exporter records each initializer's shape there too; tools that rewrite a weight, such as
+    quantize_dynamic transposing a Gemm's, then meet an entry that contradicts it)."""
+    import onnx
+
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "cvae-tk"
+    proto.producer_version = toolkit.__version__
+    proto.model_version = FORMAT_VERSION
+    initializers = {init.name for init in proto.graph.initializer}
+    kept = [value for value in proto.graph.value_info if value.name not in initializers]
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(kept)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def _export_program(graph, example: tuple, names: list[str], outputs: list[str], dynamic_shapes: dict, opset: int):
+    with warnings.catch_warnings():
+        # torch warns that several inputs' batch axes share one name: that is the intent
+        warnings.filterwarnings("ignore", message=".*axis name.*")
+        program = torch.onnx.export(
+            graph,
+            example,
+            dynamo=True,
+            input_names=names,
+            output_names=outputs,
+            dynamic_shapes=dynamic_shapes,
+            opset_version=opset,
+            external_data=False,
+            verbose=False,
+        )
+    proto = program.model_proto
+    produced = next((entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")), None)
+    if produced != opset:
+        raise UserError(f"ONNX opset {opset} was asked for, but the exporter could only produce opset {produced}; try --opset {OPSET}")
+    initializers = {init.name for init in proto.graph.initializer}
+    found = [value.name for value in proto.graph.input if value.name not in initializers]
+    if found != names:
+        raise RuntimeError(f"the exported graph's inputs are {found}, expected {names}")
+    return proto
+
+
+def encoder_to_onnx(model: CVAE, preprocessing: dict, opset: int = OPSET, *, weights: str | None = None) -> bytes:
+    """The serialized ONNX encoder (fp32) of `model`, metadata included, not yet parity-checked."""
+    from toolkit.inspection import check_contract
+
+    check_opset(opset)
+    if weights is None:
+        weights = weights_sha256(model)
+    spec = model.spec
+    height, width = spec.image_size
+    example = (torch.rand(2, 3, height, width), (torch.rand(2, spec.num_attributes) > 0.5).float())  # batch >= 2: a dynamic dim
+    batch = torch.export.Dim("batch")
+    proto = _export_program(EncoderGraph(model).eval(), example, ["images", "attributes"], list(encoder_outputs(spec.prior)),
+                            {"images": {0: batch}, "attributes": {0: batch}}, opset)
+    _finish(proto, encoder_metadata(model, preprocessing, weights=weights, opset=opset))
+    check_contract("the exported encoder", proto)
+    return proto.SerializeToString()
+
+
 def to_onnx(
     model: CVAE,
     opset: int = OPSET,
@@ -140,8 +289,6 @@ def to_onnx(
 ) -> bytes:
     """The serialized ONNX sampler for the fp32 `model` (metadata included), not yet parity-checked.
     `weights`: the SHA-256 recorded as weights_sha256 (default: computed from `model`)."""
-    import onnx
-
     from toolkit.inspection import check_contract
 
     check_opset(opset)
@@ -156,34 +303,8 @@ def to_onnx(
     if temperature_input:
         example.append(torch.full((1,), PARITY_TEMPERATURE))
         dynamic_shapes["temperature"] = None  # static [1]
-    with warnings.catch_warnings():
-        # torch warns that both inputs' batch axes share one name: that is the intent
-        warnings.filterwarnings("ignore", message=".*axis name.*")
-        program = torch.onnx.export(
-            graph,
-            tuple(example),
-            dynamo=True,
-            input_names=names,
-            output_names=["images"],
-            dynamic_shapes=dynamic_shapes,
-            opset_version=opset,
-            external_data=False,
-            verbose=False,
-        )
-    proto = program.model_proto
-    produced = next((entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")), None)
-    if produced != opset:
-        raise UserError(f"ONNX opset {opset} was asked for, but the exporter could only produce opset {produced}; try --opset {OPSET}")
-    initializers = {init.name for init in proto.graph.initializer}
-    found = [value.name for value in proto.graph.input if value.name not in initializers]
-    if found != names:
-        raise RuntimeError(f"the exported graph's inputs are {found}, expected {names}")
-    for key, value in metadata(model, fp16=fp16, uint8=uint8, temperature_input=temperature_input, weights=weights, opset=opset).items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    proto.producer_name = "cvae-tk"
-    proto.producer_version = toolkit.__version__
-    onnx.checker.check_model(proto)
+    proto = _export_program(graph, tuple(example), names, ["images"], dynamic_shapes, opset)
+    _finish(proto, metadata(model, fp16=fp16, uint8=uint8, temperature_input=temperature_input, weights=weights, opset=opset))
     check_contract("the exported graph", proto)  # what every reader checks, so a file no reader takes is never written
     return proto.SerializeToString()
 
@@ -250,6 +371,83 @@ def parity_error(model: CVAE, onnx_bytes: bytes, batch_sizes=PARITY_BATCHES, see
     return worst
 
 
+def encoder_parity_error(model: CVAE, onnx_bytes: bytes, batch_sizes=PARITY_BATCHES, seed: int = 0) -> float:
+    """Worst max abs difference between the ONNX encoder (CPU provider) and the fp32 PyTorch `model`
+    over every output and the given batch sizes (random images in [0, 1], random 0/1 attributes)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    names = [value.name for value in session.get_outputs()]
+    generator = torch.Generator().manual_seed(seed)
+    height, width = model.spec.image_size
+    worst = 0.0
+    for size in batch_sizes:
+        images = torch.rand(size, 3, height, width, generator=generator)
+        attributes = (torch.rand(size, model.spec.num_attributes, generator=generator) > 0.5).float()
+        with torch.no_grad():
+            mean, logvar = model.eval().encoder(images, attributes)
+            expected = [tensor.float().numpy() for tensor in (mean, logvar, *(model.prior(attributes) or ()))]
+        got = session.run(names, {"images": images.numpy(), "attributes": attributes.numpy()})
+        for name, ours, theirs in zip(names, got, expected):
+            if ours.shape != theirs.shape:
+                raise RuntimeError(f"ONNX encoder output {name} has shape {ours.shape}, PyTorch {theirs.shape} at batch {size}")
+            if not np.isfinite(theirs).all():
+                raise UserError(f"the model's encoder gives NaN or infinite values for '{name}' (are its weights finite?); nothing was written")
+            error = np.abs(ours - theirs).max()
+            worst = max(worst, float(error) if np.isfinite(error) else float("inf"))
+    return worst
+
+
+def run_preprocessing(run_dir: str | Path, image_size, shards: str | Path | None = None) -> dict:
+    """How the run's images were prepared (toolkit.contract.preprocessing_dict), from the build
+    options in the train manifest of its shards (`shards`, default data.shards of RUN/recipe.yaml).
+    Shards written without build options (the test fixtures' write_split) were neither cropped nor
+    resized: crop null."""
+    from omegaconf import OmegaConf
+
+    from toolkit.data.stream import read_manifest
+
+    if shards is None:
+        recipe = Path(run_dir) / "recipe.yaml"
+        try:
+            shards = OmegaConf.select(OmegaConf.load(recipe), "data.shards") if recipe.is_file() else None
+        except Exception as error:
+            raise UserError(f"{recipe} is not readable: {one_line(error)}") from None
+        if not shards:
+            raise UserError(f"cannot state how the encoder's images are prepared: {run_dir} has no recipe.yaml naming its "
+                            f"data.shards, whose manifest records the crop and size; nothing was written")
+    try:
+        manifest = read_manifest(str(shards), "train")
+    except UserError as error:
+        raise UserError(f"cannot state how the encoder's images are prepared (the crop and size the shards were built with): "
+                        f"{error}; nothing was written") from None
+    build = manifest.get("build") if isinstance(manifest.get("build"), dict) else {}
+    image = build.get("image") if isinstance(build.get("image"), dict) else {}
+    crop = image.get("crop") if isinstance(image.get("crop"), int) and not isinstance(image.get("crop"), bool) else None
+    if build.get("bbox_crop"):
+        crop = "bbox"  # a box per image from the data set's own files: the client must crop the photo
+    if manifest.get("image_size") not in (None, list(image_size)):
+        raise UserError(f"the run's shards ({shards}) hold {manifest['image_size']} images, the model {list(image_size)}: "
+                        f"they are not the shards it was trained on; nothing was written")
+    return preprocessing_dict(crop, image_size)
+
+
+def encoder_path(out: str | Path) -> Path:
+    """OUT-encoder.onnx beside the decoder OUT.onnx (where the Sampler looks for it)."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}-encoder{out.suffix}")
+
+
+class Exported(tuple):
+    """(path, parity error) of the decoder, as export_onnx always returned; with --encoder also
+    .encoder (its path) and .encoder_error (its parity error), else None."""
+
+    def __new__(cls, path: Path, error: float, encoder: Path | None = None, encoder_error: float | None = None):
+        self = super().__new__(cls, (path, error))
+        self.encoder, self.encoder_error = encoder, encoder_error
+        return self
+
+
 def parity_limit(fp16: bool = False, uint8: bool = False) -> tuple[float, str]:
     """(limit, how the error is measured) of an export's parity check; see `parity_passes`."""
     precision = "fp16" if fp16 else "fp32"
@@ -286,15 +484,30 @@ def export_onnx(
     fp16: bool = False,
     uint8: bool = False,
     temperature_input: bool = False,
-) -> tuple[Path, float]:
+    encoder: bool = False,
+    shards: str | Path | None = None,
+) -> Exported:
     """Export `run_dir` to `out` (default `default_path`); returns (path written, parity error, in
-    the units of `parity_limit`)."""
+    the units of `parity_limit`), with `encoder` also the encoder (`encoder_path(out)`; see Exported).
+    `shards`: where the encoder's preprocessing is read (default the run's data.shards)."""
     out = Path(out) if out else default_path(run_dir, fp16, uint8, temperature_input)
     check_opset(opset)  # user mistakes first, before the minutes a large model takes
     check_out(out)
+    if encoder:
+        check_out(encoder_path(out))
     weights_file = Path(run_dir) / WEIGHTS
     weights = _sha256_of(weights_file) if weights_file.is_file() else None  # hashed before and after loading
     model = load_model(run_dir)  # a missing or unreadable file is its UserError
+    encoder_bytes = encoder_error = None
+    if encoder:  # before the decoder, so that missing shards cost no export
+        preprocessing = run_preprocessing(run_dir, model.spec.image_size, shards)
+        encoder_bytes = encoder_to_onnx(model, preprocessing, opset, weights=weights)
+        encoder_error = encoder_parity_error(model, encoder_bytes)
+        if not encoder_error < PARITY_TOLERANCE:
+            raise UserError(
+                f"export of {run_dir}'s encoder failed its parity check: max abs difference from the fp32 PyTorch outputs = "
+                f"{encoder_error:.3g} (limit {PARITY_TOLERANCE:g}, batches {PARITY_BATCHES}); nothing was written"
+            )
     onnx_bytes = to_onnx(model, opset, fp16=fp16, uint8=uint8, temperature_input=temperature_input, weights=weights)
     error = parity_error(model, onnx_bytes)
     if not parity_passes(error, fp16, uint8):
@@ -308,8 +521,29 @@ def export_onnx(
         raise UserError(f"{weights_file} changed while it was being exported (is a training run writing it?); nothing was written")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        _write(out, onnx_bytes, encoder_path(out) if encoder else None, encoder_bytes)
+    except OSError as failure:  # a disk that filled up, a folder made read-only meanwhile: nothing is left behind
+        both = f" and {encoder_path(out).name}" if encoder else ""
+        raise UserError(f"could not write {out}{both}: {describe_os_error(failure)}; nothing was written") from None
+    return Exported(out, error, encoder_path(out) if encoder else None, encoder_error)
+
+
+def _write(out: Path, onnx_bytes: bytes, encoder_out: Path | None, encoder_bytes: bytes | None) -> None:
+    """Both files under temporary names first; then the encoder is renamed, then the decoder. Should
+    that last rename fail, the new encoder is removed again: an encoder beside a decoder of other
+    weights is never left (the Sampler also refuses such a pair by their weights_sha256)."""
+    if encoder_out is None:
         with atomic_path(out) as tmp:
             tmp.write_bytes(onnx_bytes)
-    except OSError as failure:  # a disk that filled up, a folder made read-only meanwhile: nothing is left behind
-        raise UserError(f"could not write {out}: {describe_os_error(failure)}; nothing was written") from None
-    return out, error
+        return
+    placed = False
+    try:
+        with atomic_path(out) as tmp:
+            tmp.write_bytes(onnx_bytes)
+            with atomic_path(encoder_out) as encoder_tmp:
+                encoder_tmp.write_bytes(encoder_bytes)
+            placed = True
+    except BaseException:
+        if placed:
+            encoder_out.unlink(missing_ok=True)
+        raise

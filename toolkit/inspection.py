@@ -1,4 +1,4 @@
-"""`cvae-tk inspect MODEL.onnx`: what an exported sampler holds, read from the file without running it.
+"""`cvae-tk inspect MODEL.onnx`: what an exported sampler (or encoder) holds, read from the file without running it.
 
 Imports onnx only (no torch, no onnxruntime): the file is parsed, never executed, and external data
 is not followed.
@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from toolkit.contract import Contract, Tensor, read_contract
+from toolkit.contract import ENCODER_FORMAT, Contract, EncoderContract, Tensor, read_contract, read_encoder_contract
 from toolkit.errors import UserError, one_line
 
 SHOWN_ATTRIBUTES = 5  # names listed after the attributes count
@@ -70,9 +70,10 @@ def _attributes(text: str) -> str:
     return f"{len(names)} ({shown})"
 
 
-def check_contract(path, proto) -> Contract:
-    """The file's claims (toolkit.contract), checked against the types and shapes its graph computes
-    (ONNX shape inference: the graph is not run), not only those it declares."""
+def check_contract(path, proto) -> Contract | EncoderContract:
+    """The file's claims (toolkit.contract: a sampler/1 file, or an encoder/1 one), checked against
+    the types and shapes its graph computes (ONNX shape inference: the graph is not run), not only
+    those it declares."""
     import onnx
 
     try:
@@ -83,16 +84,17 @@ def check_contract(path, proto) -> Contract:
     initializers = {init.name for init in inferred.graph.initializer}
     inputs = [_tensor(value) for value in inferred.graph.input if value.name not in initializers]
     meta = {entry.key: entry.value for entry in proto.metadata_props}
-    return read_contract(path, meta, inputs, [_tensor(value) for value in inferred.graph.output])
+    encoder = str(meta.get("cvae_tk.format", "")).startswith(ENCODER_FORMAT.split("/")[0] + "/")  # any version: its reader says which it takes
+    read = read_encoder_contract if encoder else read_contract
+    return read(path, meta, inputs, [_tensor(value) for value in inferred.graph.output])
 
 
-def inspect_onnx(path: str | os.PathLike) -> list[str]:
-    """The lines `cvae-tk inspect` prints: `key: value` each. A file that is not ONNX, an ONNX model
-    without cvae-tk metadata, or one whose graph disagrees with its metadata is a UserError (the
-    graph is not run; the Sampler also runs it once)."""
+def load_checked(path: Path):
+    """The ModelProto of a cvae-tk ONNX file (sampler or encoder), its contract checked
+    (`check_contract`); a missing file, a file that is not ONNX or one that breaks the contract is
+    one UserError. External data is not followed."""
     import onnx
 
-    path = Path(path)
     if not path.is_file():
         raise UserError(f"model file not found: {path}")
     try:
@@ -102,8 +104,17 @@ def inspect_onnx(path: str | os.PathLike) -> list[str]:
     if not proto.HasField("graph") or not proto.ir_version:
         # protobuf parses some non-ONNX bytes (an empty file, say) into an empty message
         raise UserError(f"{path} is not an ONNX model (no graph in it)")
-    meta = {entry.key: entry.value for entry in proto.metadata_props}
     check_contract(path, proto)
+    return proto
+
+
+def inspect_onnx(path: str | os.PathLike) -> list[str]:
+    """The lines `cvae-tk inspect` prints: `key: value` each (a sampler or an encoder file). A file
+    that is not ONNX, an ONNX model without cvae-tk metadata, or one whose graph disagrees with its metadata is a UserError (the
+    graph is not run; the Sampler also runs it once)."""
+    path = Path(path)
+    proto = load_checked(path)
+    meta = {entry.key: entry.value for entry in proto.metadata_props}
     initializers = {init.name for init in proto.graph.initializer}
     inputs = [value for value in proto.graph.input if value.name not in initializers]
 
@@ -114,6 +125,7 @@ def inspect_onnx(path: str | os.PathLike) -> list[str]:
         f"file size: {_size(path.stat().st_size)}",
         f"graph opset: {opsets.get('ai.onnx', '?')}{others}",
         f"producer: {' '.join(filter(None, (proto.producer_name, proto.producer_version))) or '?'}",
+        f"model_version: {proto.model_version}",
     ]
     for key, value in meta.items():
         lines.append(f"{key}: {_attributes(value) if key == 'attributes' else value}")

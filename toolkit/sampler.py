@@ -1,9 +1,26 @@
-"""Generate images from an exported cvae-tk ONNX file. Imports numpy and onnxruntime only, never torch.
+"""Generate and edit images with an exported cvae-tk ONNX file. Imports numpy and onnxruntime (and
+PIL to prepare photos), never torch.
 
     from toolkit.sampler import Sampler
     sampler = Sampler("export/digits.onnx")                 # device="auto" | "cpu" | "cuda"
     images = sampler.sample({"digit_3": 1}, n=8, seed=0)     # uint8 [8, H, W, 3]
     print(sampler.provider)                                  # which ONNX Runtime provider really runs
+    z = sampler.encode(photo, {"digit_3": 1})                # with export/digits-encoder.onnx beside it: [1, Z]
+    edited = sampler.edit(photo, {"digit_3": 1}, {"digit_3": 0, "digit_8": 1})   # uint8 [H, W, 3]
+
+Editing (`cvae-tk export --encoder`): the encoder file OUT-encoder.onnx is found beside OUT.onnx
+(or given: encoder=PATH) and opened on first use; it must be of the same weights as the decoder
+(their weights_sha256). A photo (a PIL image of any size, or uint8 [H0, W0, 3]; several: a list, or
+uint8 [N, H0, W0, 3]) is prepared as its `preprocessing` metadata says, as the shard builder
+prepared the training images: shown as a viewer shows it (EXIF orientation, transparency on white:
+toolkit.images), centre crop of the stated side, bilinear resize to the model's H x W (PIL's, with
+the crop as the resize box, exactly as toolkit/data/build.py calls it), values / 255. (The builder
+also decodes JPEGs at reduced size and stores the shards as JPEG: a photo is not put through
+either.) A "bbox" crop (CUB's box around the bird) is the data set's own: give the photo cropped.
+`edit` decodes the posterior mean (temperature 0; t > 0 draws z = mean + t * std) with the changed
+attributes through the decoder file: its `noise` input is z itself for the standard prior, and
+(z - prior_mean) / prior_std of the changed attributes for a learned one (the encoder file gives
+the prior too), so the decoder computes exactly decoder(z, attributes').
 
 `attributes` may be a mapping name -> 0/1 (unnamed attributes are 0, or taken from `base`), a list
 of such mappings, or an array [M, A] in the order of `sampler.attributes`; each condition gets `n`
@@ -37,7 +54,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from toolkit.contract import FORMAT, MAX_SIDE, MAX_WIDTH, Tensor, read_contract  # noqa: F401 (re-exported)
+from toolkit.contract import FORMAT, MAX_SIDE, MAX_WIDTH, EncoderContract, Tensor, read_contract, read_encoder_contract  # noqa: F401 (re-exported)
 from toolkit.errors import UserError, one_line
 from toolkit.memory import check_fits, gib
 
@@ -77,6 +94,7 @@ class Sampler:
         batch_size: int = 256,
         io_binding: bool | None = None,
         cuda_graph: bool = False,
+        encoder: str | os.PathLike | None = None,
     ):
         if device not in ("auto", "cpu", "cuda"):
             raise UserError(f"device must be auto, cpu or cuda, got {device!r}")
@@ -115,6 +133,16 @@ class Sampler:
         self._fixed: tuple | None = None  # (binding, input OrtValues, output OrtValue) once allocated
         if not cuda_graph:  # a graph session runs only its fixed batch; its output buffer has the promised shape
             self._probe()
+        self._encoder_lock = threading.Lock()
+        self._encoder_session: ort.InferenceSession | None = None
+        self.encoder_contract: EncoderContract | None = None
+        if encoder is not None:  # given: checked now; found beside the decoder: opened on first use
+            self.encoder_path = Path(encoder)
+            if not self.encoder_path.is_file():
+                raise UserError(f"encoder file not found: {self.encoder_path}")
+            self._encoder()
+        else:
+            self.encoder_path = path.with_name(f"{path.stem}-encoder{path.suffix}")
 
     def _check_batch_size(self) -> None:
         height, width = self.image_size
@@ -349,6 +377,150 @@ class Sampler:
             images[start : start + len(output)] = output
             start += len(output)
         return images
+
+    # -- editing (the encoder file) -------------------------------------------------------------
+
+    def _encoder(self) -> ort.InferenceSession:
+        """The encoder's session, opened and checked once: its contract, that it belongs to this
+        decoder (same attributes, sizes, prior and weights), and one run on one image."""
+        with self._encoder_lock:
+            if self._encoder_session is not None:
+                return self._encoder_session
+            path = self.encoder_path
+            if not path.is_file():
+                raise UserError(
+                    f"editing needs the encoder beside {self.path} ({path.name}), which is not there: export it with "
+                    f"`cvae-tk export --onnx RUN --out {self.path} --encoder`, or pass encoder=PATH"
+                )
+            session = self._open(path, "cuda" if self._device == "cuda" else "cpu")
+            meta = session.get_modelmeta().custom_metadata_map
+            contract = read_encoder_contract(path, meta, _declared(session.get_inputs()), _declared(session.get_outputs()))
+            ours = (tuple(self.attributes), self.latent_dim, self.image_size, self.metadata.get("prior", "standard"))
+            theirs = (contract.attributes, contract.latent_dim, contract.image_size, contract.prior)
+            for what, mine, other in zip(("attributes", "latent_dim", "image_size", "prior"), ours, theirs):
+                if mine != other:
+                    raise UserError(f"{path} is not the encoder of {self.path}: its {what} is {list(other) if isinstance(other, tuple) else other}, "
+                                    f"the decoder's {list(mine) if isinstance(mine, tuple) else mine}")
+            decoder_weights = self.metadata.get("weights_sha256")
+            if decoder_weights and contract.weights_sha256 and decoder_weights != contract.weights_sha256:
+                raise UserError(f"{path} is not the encoder of {self.path}: they were exported from different weights "
+                                f"(weights_sha256 {contract.weights_sha256[:12]}... vs {decoder_weights[:12]}...); export both again with --encoder")
+            height, width = self.image_size
+            try:
+                outputs = session.run(list(contract.outputs), {"images": np.zeros((1, 3, height, width), np.float32),
+                                                               "attributes": np.zeros((1, len(self.attributes)), np.float32)})
+            except Exception as error:
+                raise UserError(f"{path}: the encoder does not run on the inputs its metadata describes: {_ort_message(error)}") from None
+            for name, output in zip(contract.outputs, outputs):
+                if not isinstance(output, np.ndarray) or output.dtype != np.float32 or output.shape != (1, self.latent_dim):
+                    got = f"{output.dtype} {list(output.shape)}" if isinstance(output, np.ndarray) else type(output).__name__
+                    raise UserError(f"{path}: the encoder returned {name} of {got}, but its metadata promises float32 [1, {self.latent_dim}]")
+                if not np.isfinite(output).all():
+                    raise UserError(f"{path}: the encoder's {name} holds NaN or infinite values (broken weights?)")
+            self.encoder_contract, self._encoder_session = contract, session
+            return session
+
+    def preprocess(self, images) -> np.ndarray:
+        """Photos -> float32 [N, 3, H, W] in [0, 1], prepared as the encoder's `preprocessing` says
+        (see the module doc). images: a PIL image or uint8 [H0, W0, 3], a list of them (any sizes),
+        or uint8 [N, H0, W0, 3]."""
+        from PIL import Image
+
+        from toolkit.images import ImageError, as_viewed
+
+        self._encoder()
+        crop = self.encoder_contract.preprocessing.crop
+        height, width = self.image_size
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            items = list(images)
+        elif isinstance(images, (list, tuple)):
+            items = list(images)
+        else:
+            items = [images]
+        if not items:
+            raise UserError("no images given: expected a PIL image, a uint8 array [H, W, 3], a list of them, or uint8 [N, H, W, 3]")
+        check_fits(len(items) * 3 * height * width * 4, f"{len(items)} image(s) prepared at {height}x{width}", "encode fewer images per call")
+        batch = np.empty((len(items), 3, height, width), np.float32)
+        for index, item in enumerate(items):
+            if isinstance(item, Image.Image):
+                try:
+                    image = as_viewed(item)
+                except ImageError as error:
+                    raise UserError(f"image {index}: {error}") from None
+            elif isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim == 3 and item.shape[2] == 3 and min(item.shape[:2]) >= 1:
+                image = Image.fromarray(np.ascontiguousarray(item), "RGB")
+            else:
+                what = f"{item.dtype} {list(item.shape)}" if isinstance(item, np.ndarray) else type(item).__name__
+                raise UserError(f"image {index} is {what}: expected a PIL image or a uint8 RGB array [H, W, 3] (values 0..255)")
+            box = (0.0, 0.0, float(image.width), float(image.height))
+            if isinstance(crop, int):
+                if crop > min(image.size):
+                    raise UserError(
+                        f"image {index} is {image.width}x{image.height}, smaller than the centre crop of {crop} the model's shards "
+                        f"were made with: give a photo framed as the data set's (at least {crop}x{crop})"
+                    )
+                cx, cy, half = image.width / 2, image.height / 2, crop / 2
+                box = (cx - half, cy - half, cx + half, cy + half)
+            # as the shard builder: crop and resize in one step (sub-pixel box), PIL's bilinear filter
+            image = image.resize((width, height), Image.BILINEAR, box=box)
+            batch[index] = np.asarray(image, np.float32).transpose(2, 0, 1) / np.float32(255)
+        return batch
+
+    def _condition_rows(self, attributes, count: int) -> np.ndarray:
+        rows = self.conditions(attributes)
+        if len(rows) == 1 and count > 1:
+            rows = np.repeat(rows, count, axis=0)
+        if len(rows) != count:
+            raise UserError(f"{len(rows)} attribute sets for {count} images: give one set for all, or one per image")
+        return rows
+
+    def _encode_outputs(self, images: np.ndarray, attributes: np.ndarray, names) -> list[np.ndarray]:
+        """The encoder's `names` outputs for prepared images, in batches of batch_size."""
+        session = self._encoder()
+        parts = []
+        for start in range(0, len(images), self.batch_size):
+            feed = {"images": np.ascontiguousarray(images[start : start + self.batch_size]),
+                    "attributes": np.ascontiguousarray(attributes[start : start + self.batch_size], np.float32)}
+            parts.append(session.run(list(names), feed))
+        return [np.concatenate([part[i] for part in parts]) for i in range(len(names))]
+
+    def encode(self, images, attributes) -> np.ndarray:
+        """The posterior mean z = mu(x, y) of each photo given its attributes: float32 [N, Z].
+        attributes: as for `sample` (a mapping, unnamed 0; a list of mappings; an array [N, A]):
+        one set for every image, or one per image."""
+        prepared = self.preprocess(images)
+        rows = self._condition_rows(attributes, len(prepared))
+        return self._encode_outputs(prepared, rows, ["mean"])[0]
+
+    def edit(self, image, attributes, changes=None, temperature: float = 0.0, seed: int | None = None) -> np.ndarray:
+        """One photo re-drawn with `changes` ({name: 0 | 1}) applied to its `attributes` (its full set:
+        a mapping, unnamed 0, or a vector [A]): the decoding of its z with the changed attributes,
+        uint8 [H, W, 3] at the model's size. temperature 0 (the default) decodes the posterior mean;
+        t > 0 draws z = mean + t * exp(logvar / 2) * noise (seeded). No changes: the reconstruction."""
+        temperature = _temperature(temperature)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise UserError(f"seed must be None or an integer >= 0, got {seed!r}")
+        if changes is not None and not isinstance(changes, Mapping):
+            raise UserError(f"changes must be a mapping name -> 0/1, got {type(changes).__name__}")
+        prepared = self.preprocess(image)
+        if len(prepared) != 1:
+            raise UserError(f"edit takes one image, got {len(prepared)}: call it once per image")
+        before = self.conditions(attributes)
+        if len(before) != 1:
+            raise UserError(f"edit takes the image's one attribute set, got {len(before)}")
+        after = self.conditions(changes or {}, base=before[0])
+        mean, logvar = self._encode_outputs(prepared, before, ["mean", "logvar"])
+        z = mean
+        if temperature > 0:
+            z = mean + np.float32(temperature) * np.exp(0.5 * logvar) * np.random.default_rng(seed).standard_normal(mean.shape, dtype=np.float32)
+        noise = z
+        if self.encoder_contract.prior == "learned":  # the decoder computes prior_mean + prior_std * noise: invert it
+            prior_mean, prior_logvar = self._encode_outputs(prepared, after, ["prior_mean", "prior_logvar"])
+            noise = (z - prior_mean) * np.exp(-0.5 * prior_logvar)
+        output = next(self._outputs(after, noise.astype(np.float32), 1.0))
+        if not self._uint8_output:
+            output = np.round(np.clip(output, 0.0, 1.0) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+        return output[0]
 
 
 def _temperature(value) -> float:

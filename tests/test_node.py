@@ -1,0 +1,169 @@
+"""examples/node/sample.mjs: the Node.js embedding example of export/README.md, run with node and
+onnxruntime-node on a trained digits export, gives the Python Sampler's images for the same noise."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from toolkit.sampler import Sampler, image_grid
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "examples" / "node" / "sample.mjs"
+NODE = shutil.which("node")
+ORT_NODE = ROOT / "node_modules" / "onnxruntime-node"
+DIGITS = [f"digit_{i}" for i in range(10)]
+LATENT_DIM = 16  # the digits recipe
+
+pytestmark = [
+    pytest.mark.skipif(NODE is None, reason="node is not installed (bash scripts/setup-js.sh needs npm and node)"),
+    pytest.mark.skipif(not (ORT_NODE / "package.json").exists(),
+                       reason="node_modules/onnxruntime-node is missing: run bash scripts/setup-js.sh"),
+]
+
+
+def run_node(*args, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([NODE, str(SCRIPT), *map(str, args)], check=False, capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def write_noise(path: Path, noise: np.ndarray) -> Path:
+    # float(x) of a float32 prints the double that is exactly x, so JSON carries it unchanged
+    path.write_text(json.dumps([[float(x) for x in row] for row in noise]))
+    return path
+
+
+def condition(name: str, rows: int) -> np.ndarray:
+    attributes = np.zeros((rows, len(DIGITS)), np.float32)
+    attributes[:, DIGITS.index(name)] = 1
+    return attributes
+
+
+def to_pixels(output: np.ndarray) -> np.ndarray:
+    """uint8 [N, H, W, 3] from the float output, exactly as Sampler.sample makes them."""
+    return np.round(np.clip(output, 0.0, 1.0) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def png_chunks(path: Path) -> list[tuple[bytes, bytes]]:
+    """The chunks of a PNG file, each CRC checked here (not left to the decoder)."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, pos = [], 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        assert crc == zlib.crc32(kind + body), f"bad CRC in chunk {kind!r}"
+        chunks.append((kind, body))
+        pos += 12 + length
+    return chunks
+
+
+@pytest.fixture(scope="module")
+def variant(trained_run, tmp_path_factory) -> Path:
+    """The same run exported with --uint8 --temperature-input: the other output layout and input list."""
+    from toolkit.export import export_onnx
+
+    path, _ = export_onnx(trained_run, tmp_path_factory.mktemp("node") / "digits-uint8-temperature.onnx",
+                          uint8=True, temperature_input=True)
+    return path
+
+
+def test_node_png_equals_the_python_sampler(exported, tmp_path):
+    noise = np.random.default_rng(0).standard_normal((6, LATENT_DIM), dtype=np.float32)
+    result = run_node(exported, "digit_3=1", "--noise", write_noise(tmp_path / "noise.json", noise),
+                      "--columns", 4, "--raw", tmp_path / "out.f32", "--out", tmp_path / "threes.png", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "wrote" in result.stdout and "threes.png" in result.stdout
+
+    expected = Sampler(exported, device="cpu").run(condition("digit_3", 6), noise)  # float32 [6, 3, 32, 32]
+    floats = np.fromfile(tmp_path / "out.f32", np.float32).reshape(expected.shape)
+    assert np.abs(floats - expected).max() <= 1e-5  # onnxruntime-node vs Python onnxruntime, CPU
+
+    kinds = [kind for kind, _ in png_chunks(tmp_path / "threes.png")]
+    assert kinds == [b"IHDR", b"IDAT", b"IEND"]
+    with Image.open(tmp_path / "threes.png") as image:
+        assert image.mode == "RGB" and image.size == (4 * 34 + 2, 2 * 34 + 2)  # 2 rows x 4, 2-pixel gaps
+        pixels = np.asarray(image)
+    grid = image_grid(to_pixels(expected), columns=4)
+    assert pixels.shape == grid.shape
+    assert np.abs(pixels.astype(int) - grid.astype(int)).max() <= 1
+
+
+def test_node_toggling_an_attribute_changes_the_images(exported, tmp_path):
+    noise = write_noise(tmp_path / "noise.json", np.random.default_rng(1).standard_normal((2, LATENT_DIM), dtype=np.float32))
+    images = {}
+    for digit in ("digit_1", "digit_8"):
+        result = run_node(exported, f"{digit}=1", "--noise", noise, "--out", tmp_path / f"{digit}.png", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        images[digit] = np.asarray(Image.open(tmp_path / f"{digit}.png")).astype(int)
+    assert np.abs(images["digit_1"] - images["digit_8"]).mean() > 1
+
+
+def test_node_uint8_export_with_temperature_input(variant, tmp_path):
+    noise = np.random.default_rng(2).standard_normal((3, LATENT_DIM), dtype=np.float32)
+    result = run_node(variant, "digit_5=1", "--noise", write_noise(tmp_path / "noise.json", noise), "--temperature", 0.7,
+                      "--raw", tmp_path / "out.u8", "--out", tmp_path / "fives.png", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    expected = Sampler(variant, device="cpu").run(condition("digit_5", 3), noise, temperature=0.7)  # uint8 [3, 32, 32, 3]
+    raw = np.fromfile(tmp_path / "out.u8", np.uint8).reshape(expected.shape)
+    assert np.abs(raw.astype(int) - expected.astype(int)).max() <= 1
+    pixels = np.asarray(Image.open(tmp_path / "fives.png"))
+    assert np.abs(pixels.astype(int) - image_grid(expected, columns=3).astype(int)).max() <= 1
+
+
+def test_node_temperature_scales_the_noise_of_a_plain_export(exported, tmp_path):
+    # Without a temperature input the script multiplies the noise itself, as the Sampler does.
+    noise = np.random.default_rng(3).standard_normal((2, LATENT_DIM), dtype=np.float32)
+    result = run_node(exported, "digit_0=1", "--noise", write_noise(tmp_path / "noise.json", noise), "--temperature", 0.5,
+                      "--raw", tmp_path / "out.f32", "--out", tmp_path / "zeros.png", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    expected = Sampler(exported, device="cpu").run(condition("digit_0", 2), noise, temperature=0.5)
+    at_one = Sampler(exported, device="cpu").run(condition("digit_0", 2), noise)
+    floats = np.fromfile(tmp_path / "out.f32", np.float32).reshape(expected.shape)
+    assert np.abs(floats - expected).max() <= 1e-5
+    assert np.abs(floats - at_one).max() > 1e-3  # the temperature did something
+
+
+def test_node_same_seed_same_png_other_seed_other_png(exported, tmp_path):
+    outputs = []
+    for seed, name in ((7, "a.png"), (7, "b.png"), (8, "c.png")):
+        result = run_node(exported, "digit_2=1", "-n", 3, "--seed", seed, "--out", tmp_path / name, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert f"seed {seed}" in result.stdout
+        outputs.append((tmp_path / name).read_bytes())
+    assert outputs[0] == outputs[1]
+    assert outputs[0] != outputs[2]
+    with Image.open(tmp_path / "a.png") as image:
+        assert image.size == (3 * 34 + 2, 34 + 2)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["digit_33=1"], "unknown attribute 'digit_33'"),
+        (["digit_3=2"], "expected an attribute as NAME=0 or NAME=1, got digit_3=2"),
+        (["--seed", "-1"], "--seed must be an integer >= 0"),
+        (["--noise", "rows.json"], "--noise rows.json: expected a JSON array of rows of 16 finite numbers"),
+        (["--out", "x.jpg"], "--out must name a .png file"),
+    ],
+)
+def test_node_user_mistakes_are_one_line(exported, tmp_path, args, message):
+    (tmp_path / "rows.json").write_text(json.dumps([[0.0] * 15]))  # one number short
+    result = run_node(exported, *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_node_refuses_a_file_that_is_not_a_sampler(trained_run, tmp_path):
+    result = run_node(trained_run / "config.json", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "config.json is not an ONNX file" in result.stderr, result.stderr

@@ -1,0 +1,187 @@
+"""`cvae-tk export --int8` (toolkit/quantize.py): a static QDQ int8 file that every reader takes, whose
+images stay within the grey-level bound of the fp32 file's, and that is never written when it does not.
+The control score on real faces is out of reach here (the tests have no real data)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from toolkit import quantize
+from toolkit.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def int8_file(trained_run, exported, tmp_path_factory):
+    path, levels, control = quantize.quantize_export(trained_run, exported, tmp_path_factory.mktemp("int8") / "digits-int8.onnx")
+    assert control is None  # no judge given
+    return path, levels
+
+
+def test_the_int8_file_loads_in_the_sampler_says_int8_and_stays_within_the_bound(exported, int8_file):
+    import onnx
+
+    from toolkit.sampler import Sampler
+
+    path, levels = int8_file
+    assert set(levels) == {1, 64} and quantize.parity_passes(levels)
+    fp32, int8 = Sampler(exported, device="cpu"), Sampler(path, device="cpu")
+    assert int8.metadata["precision"] == "int8" and fp32.metadata["precision"] == "fp32"
+    for key in ("cvae_tk.format", "attributes", "latent_dim", "image_size", "weights_sha256", "output", "inputs"):
+        assert int8.metadata[key] == fp32.metadata[key], key
+    recorded = json.loads(int8.metadata["quantization"])
+    assert recorded["format"] == "QDQ" and recorded["calibration_samples"] == quantize.CALIBRATION_SAMPLES
+    # really quantized: int8 weights behind DequantizeLinear, and its images are not the fp32 ones
+    graph = onnx.load(path).graph
+    int8_weights = [init for init in graph.initializer if init.data_type == onnx.TensorProto.INT8]
+    assert int8_weights and any(node.op_type == "DequantizeLinear" for node in graph.node)
+    conditions = [{f"digit_{d}": 1} for d in range(10)]
+    a, b = (s.sample(conditions, n=8, seed=0).astype(np.int16) for s in (fp32, int8))
+    difference = np.abs(a - b)
+    assert 0 < difference.mean() <= quantize.MEAN_LEVELS, difference.mean()
+    assert np.percentile(difference, 99) <= quantize.P99_LEVELS and difference.max() <= quantize.MAX_LEVELS
+    # the condition still decides the image: each digit's int8 images are closest to that digit's fp32 ones
+    means_a, means_b = a.reshape(10, 8, -1).mean(1), b.reshape(10, 8, -1).mean(1)
+    nearest = np.argmin(((means_b[:, None] - means_a[None]) ** 2).sum(-1), axis=1)
+    assert list(nearest) == list(range(10))
+
+
+def test_a_broken_calibration_fails_the_bound_and_writes_nothing(trained_run, exported, tmp_path, monkeypatch):
+    real = quantize.quantize_bytes
+
+    def narrow(fp32_bytes, calibration, **options):  # ranges from noise 10x too small: clipped activations
+        return real(fp32_bytes, [dict(feed, noise=feed["noise"] * 0.1) for feed in calibration], **options)
+
+    monkeypatch.setattr(quantize, "quantize_bytes", narrow)
+    before = exported.read_bytes()
+    out = tmp_path / "broken-int8.onnx"
+    with pytest.raises(UserError, match="failed its parity check against the fp32 file .*broken-int8.onnx was not written"):
+        quantize.quantize_export(trained_run, exported, out)
+    assert list(tmp_path.iterdir()) == []  # no file, no temporary
+    assert exported.read_bytes() == before
+
+
+def test_uint8_and_temperature_exports_quantize_with_their_float_tail(trained_run, tmp_path):
+    from toolkit.export import export_onnx
+    from toolkit.sampler import Sampler
+
+    fp32_path, _ = export_onnx(trained_run, tmp_path / "d.onnx", uint8=True, temperature_input=True)
+    path, levels, _ = quantize.quantize_export(trained_run, fp32_path)
+    assert path == tmp_path / "d-int8.onnx" and quantize.parity_passes(levels)
+    fp32, int8 = Sampler(fp32_path, device="cpu"), Sampler(path, device="cpu")
+    assert int8.metadata["output"] == "uint8_nhwc"
+    a, b = (s.sample({"digit_7": 1}, n=16, seed=3, temperature=0.7).astype(np.int16) for s in (fp32, int8))
+    assert np.abs(a - b).mean() <= quantize.MEAN_LEVELS
+
+
+def test_an_fp16_export_or_a_bad_name_is_refused(trained_run, exported, tmp_path):
+    from toolkit.export import export_onnx
+
+    with pytest.raises(UserError, match="drop --fp16"):
+        quantize.check_request(trained_run, tmp_path / "x.onnx", fp16=True)
+    fp16_path, _ = export_onnx(trained_run, tmp_path / "h.onnx", fp16=True)
+    with pytest.raises(UserError, match="int8 is quantized from an fp32 one"):
+        quantize.quantize_export(trained_run, fp16_path)
+    with pytest.raises(UserError, match="ending in .onnx"):
+        quantize.quantize_export(trained_run, exported, tmp_path / "x.bin")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.onnx"]
+
+
+def test_cli_export_int8_writes_both_files(trained_run, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-m", "toolkit.cli", "export", "--onnx", str(trained_run), "--out", str(tmp_path / "d.onnx"), "--int8"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "int8 parity: grey levels from the fp32 file: batch 1: mean" in result.stdout
+    assert "WARNING" not in result.stderr, result.stderr  # the quantizer's advice stays quiet
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d-int8.onnx", "d.onnx"]
+    refused = subprocess.run([sys.executable, "-m", "toolkit.cli", "export", "--onnx", str(trained_run), "--out", str(tmp_path / "h.onnx"), "--int8", "--fp16"],
+                             capture_output=True, text=True, timeout=300, env=env)
+    assert refused.returncode == 2 and refused.stderr.strip() == "error: --int8 is quantized from the fp32 export: drop --fp16"
+    assert not (tmp_path / "h.onnx").exists()
+
+
+# --- the control bound (a judge: the attribute classifier) -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def judge(digits_shards, tmp_path_factory) -> Path:
+    from toolkit.classifier import train_classifier
+
+    out = tmp_path_factory.mktemp("judge") / "digits-classifier"
+    train_classifier(digits_shards, out, steps=300, batch_size=32, lr=3e-3, seed=0, width=16, depth=3)
+    return out
+
+
+def test_an_onnx_file_is_judged_as_its_pytorch_model(trained_run, exported, judge, digits_shards):
+    """OnnxImages stands in for the model in attribute_control: the same scores as the PyTorch
+    model's on the same conditions and noise (images equal to 1e-4; a call may flip only where the
+    judge sits on its threshold)."""
+    import torch
+
+    from toolkit.classifier import load_classifier
+    from toolkit.evaluate import attribute_control, split_attributes
+    from toolkit.model import load_model
+
+    classifier, vectors = load_classifier(judge), split_attributes(digits_shards, "test")[:64]
+    onnx_file = quantize.OnnxImages(exported.read_bytes())
+    model = load_model(trained_run).eval()
+    assert onnx_file.spec.attributes == list(model.spec.attributes) and onnx_file.spec.latent_dim == model.spec.latent_dim
+    noise = torch.randn(5, model.spec.latent_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(onnx_file.generate(vectors[:5], noise), model.generate(vectors[:5], noise), atol=1e-4)
+        torch_scores = attribute_control(classifier, model, vectors)
+    onnx_scores = attribute_control(classifier, onnx_file, vectors)
+    assert set(onnx_scores) == set(torch_scores)
+    for name in torch_scores:
+        assert abs(onnx_scores[name]["control"] - torch_scores[name]["control"]) <= 2 / torch_scores[name]["count"], name
+
+
+def test_with_a_judge_the_int8_file_keeps_control_and_records_both_scores(trained_run, exported, judge, tmp_path):
+    from toolkit.sampler import Sampler
+
+    path, levels, control = quantize.quantize_export(trained_run, exported, tmp_path / "j-int8.onnx", classifier=judge)
+    assert quantize.parity_passes(levels)
+    assert control["attributes"] and set(control["per_attribute"]) == set(control["attributes"])
+    assert control["int8"] >= control["fp32"] - quantize.CONTROL_DROP
+    means = [sum(pair[i] for pair in control["per_attribute"].values()) / len(control["attributes"]) for i in (0, 1)]
+    assert means == pytest.approx([control["fp32"], control["int8"]])
+    recorded = json.loads(Sampler(path, device="cpu").metadata["quantization"])
+    assert recorded["control"] == json.loads(json.dumps(control)) and recorded["control"]["classifier"] == str(judge)
+
+
+def test_an_int8_file_that_loses_control_is_not_written(trained_run, exported, judge, tmp_path, monkeypatch):
+    monkeypatch.setattr(quantize, "CONTROL_DROP", -1.0)  # any int8 file now "loses" control: the mechanism, not the numbers
+    with pytest.raises(UserError, match=r"loses attribute control: control score fp32 .*lost-int8.onnx was not written"):
+        quantize.quantize_export(trained_run, exported, tmp_path / "lost-int8.onnx", classifier=judge)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_judge_is_checked_before_any_work(trained_run, exported, judge, tmp_path, monkeypatch):
+    from toolkit import classifier as classifier_module
+
+    with pytest.raises(UserError, match="nowhere is not an attribute classifier"):
+        quantize.check_request(trained_run, tmp_path / "x.onnx", classifier=tmp_path / "nowhere")
+    real = classifier_module.load_classifier
+
+    def other_names(folder):
+        loaded = real(folder)
+        loaded.attributes = [f"other_{i}" for i in range(len(loaded.attributes))]
+        return loaded
+
+    monkeypatch.setattr(classifier_module, "load_classifier", other_names)
+    with pytest.raises(UserError, match=r"^--classifier .*does not know attribute"):
+        quantize.check_request(trained_run, tmp_path / "x.onnx", classifier=judge)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    alone = subprocess.run([sys.executable, "-m", "toolkit.cli", "export", "--onnx", str(trained_run), "--out", str(tmp_path / "c.onnx"),
+                            "--classifier", str(judge)], capture_output=True, text=True, timeout=300, env=env)
+    assert alone.returncode == 2 and alone.stderr.startswith("error: --classifier judges the --int8 file's control score: add --int8")
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,477 @@
+"""`cvae-tk web`: the static page it writes, served on 127.0.0.1 and driven in headless Chromium
+(node + playwright-core, tests/web/drive.mjs): its images against the Python Sampler's, its noise
+generator, the attribute toggles, the download, photo editing with the encoder, the many-attribute
+(CUB-sized) layout, and that it loads nothing from outside 127.0.0.1.
+
+The browser tests need node, the npm packages (`bash scripts/setup-js.sh`) and Chromium; without
+them they are skipped, saying which is missing."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import selectors
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from toolkit.errors import UserError
+from toolkit.sampler import Sampler
+from toolkit.web import build_page, serve, url
+from toolkit.web import build as web_build
+
+ROOT = Path(__file__).resolve().parent.parent
+DRIVER = ROOT / "tests" / "web" / "drive.mjs"
+CHROMIUM = os.environ.get("CHROMIUM") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").is_file() else shutil.which("chromium") or "/usr/bin/chromium")
+COMMAND_TIMEOUT_S = 90  # one driver command (opening a page compiles ORT's wasm: a few seconds)
+
+
+def _browser_missing() -> str | None:
+    if shutil.which("node") is None:
+        return "node is not installed (bash scripts/setup-js.sh needs npm and node)"
+    if not (ROOT / "node_modules" / "playwright-core").is_dir():
+        return "node_modules/playwright-core is missing: run bash scripts/setup-js.sh"
+    if not all((ROOT / web_build.ORT_PACKAGE / name).is_file() for name in web_build.ORT_FILES):
+        return "node_modules/onnxruntime-web is missing: run bash scripts/setup-js.sh"
+    if not Path(CHROMIUM).is_file():
+        return f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)"
+    return None
+
+
+MISSING = _browser_missing()
+needs_browser = pytest.mark.skipif(MISSING is not None, reason=f"browser test: {MISSING}")
+needs_ort_web = pytest.mark.skipif(
+    not all((ROOT / web_build.ORT_PACKAGE / name).is_file() for name in web_build.ORT_FILES),
+    reason="node_modules/onnxruntime-web is missing: run bash scripts/setup-js.sh",
+)
+
+
+class Driver:
+    """tests/web/drive.mjs: one Chromium for the module, a JSON command a line."""
+
+    def __init__(self):
+        self.process = subprocess.Popen(["node", str(DRIVER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ, CHROMIUM=CHROMIUM))
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.process.stdout, selectors.EVENT_READ)
+
+    def __call__(self, op: str, **fields):
+        self.process.stdin.write(json.dumps({"op": op, **fields}) + "\n")
+        self.process.stdin.flush()
+        if not self.selector.select(COMMAND_TIMEOUT_S):
+            self.process.kill()
+            raise TimeoutError(f"the browser driver gave no answer to {op} in {COMMAND_TIMEOUT_S} s")
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the browser driver ended: {self.process.stderr.read()[-2000:]}")
+        answer = json.loads(line)
+        if not answer["ok"]:
+            raise RuntimeError(f"{op} failed in the browser: {answer['error']}")
+        return answer["value"]
+
+    def eval(self, expression: str):
+        return self("eval", expression=expression)
+
+    def close(self):
+        try:
+            self.process.stdin.write('{"op": "close"}\n')
+            self.process.stdin.flush()
+            self.process.wait(timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            self.process.kill()
+
+
+# --- fixtures -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_export(trained_run, tmp_path_factory) -> Path:
+    """The session's trained digits run exported with its encoder (OUT.onnx + OUT-encoder.onnx)."""
+    from toolkit.export import export_onnx
+
+    path = tmp_path_factory.mktemp("web-export") / "digits.onnx"
+    export_onnx(trained_run, path, encoder=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sampler(digits_export) -> Sampler:
+    return Sampler(digits_export, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def page(digits_export, tmp_path_factory) -> Path:
+    if MISSING:
+        pytest.skip(f"browser test: {MISSING}")
+    return build_page(digits_export, tmp_path_factory.mktemp("web") / "page")
+
+
+@pytest.fixture(scope="module")
+def server(page):
+    server = serve(page, 0)
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if MISSING:
+        pytest.skip(f"browser test: {MISSING}")
+    driver = Driver()
+    yield driver
+    driver.close()
+
+
+@pytest.fixture
+def studio(browser, server):
+    """The digits page, freshly opened (all attributes off, seed 0, temperature 1, 8 samples)."""
+    opened = browser("open", url=url(server))
+    assert opened["errors"] == [], opened["errors"]
+    return browser
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def quantize(images: np.ndarray) -> np.ndarray:
+    """float [B, 3, H, W] -> uint8 [B, H, W, 3], as the Sampler does."""
+    return np.round(np.clip(images, 0, 1) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def grid_tiles(driver: Driver, count: int, size) -> np.ndarray:
+    """The page's grid canvas, read back from it and cut into its `count` tiles: uint8 [count, H, W, 3]."""
+    driver.eval("cvae.idle()")
+    grid = driver.eval("cvae.grid()")
+    state = driver.eval("cvae.state()")
+    pixels = np.frombuffer(base64.b64decode(grid["rgba"]), np.uint8).reshape(grid["height"], grid["width"], 4)
+    assert (pixels[..., 3] == 255).all()
+    (height, width), pad, columns = size, state["pad"], state["columns"]
+    tiles = []
+    for index in range(count):
+        top, left = pad + (index // columns) * (height + pad), pad + (index % columns) * (width + pad)
+        tiles.append(pixels[top : top + height, left : left + width, :3])
+    return np.stack(tiles)
+
+
+def set_range(driver: Driver, selector: str, value: float) -> None:
+    """A range input as a user drags it (playwright's fill does not take range inputs)."""
+    driver.eval(f"(() => {{ const e = document.querySelector({json.dumps(selector)}); e.value = {json.dumps(str(value))};"
+                f" e.dispatchEvent(new Event('input')); }})()")
+
+
+def js_noise(seed: int, count: int) -> np.ndarray:
+    """The page's documented generator (app.js): xoshiro128** seeded by fmix32 of a Weyl sequence,
+    Box-Muller, float32."""
+    mask = 0xFFFFFFFF
+    state = seed & mask
+
+    def seeder() -> int:
+        nonlocal state
+        state = (state + 0x9E3779B9) & mask
+        z = ((state ^ (state >> 16)) * 0x85EBCA6B) & mask
+        z = ((z ^ (z >> 13)) * 0xC2B2AE35) & mask
+        return z ^ (z >> 16)
+
+    s = [seeder() for _ in range(4)]
+    rotl = lambda x, k: ((x << k) | (x >> (32 - k))) & mask  # noqa: E731
+
+    def draw() -> int:
+        result = (rotl((s[1] * 5) & mask, 7) * 9) & mask
+        t = (s[1] << 9) & mask
+        s[2] ^= s[0]; s[3] ^= s[1]; s[1] ^= s[2]; s[0] ^= s[3]  # noqa: E702
+        s[2] ^= t
+        s[3] = rotl(s[3], 11)
+        return result
+
+    out = np.empty(count, np.float32)
+    for i in range(0, count, 2):
+        u1, u2 = (draw() + 0.5) / 2**32, (draw() + 0.5) / 2**32
+        radius = math.sqrt(-2 * math.log(u1))
+        out[i] = radius * math.cos(2 * math.pi * u2)
+        if i + 1 < count:
+            out[i + 1] = radius * math.sin(2 * math.pi * u2)
+    return out
+
+
+def one_hot(sampler: Sampler, *names: str) -> np.ndarray:
+    row = np.zeros(len(sampler.attributes), np.float32)
+    for name in names:
+        row[sampler.attributes.index(name)] = 1
+    return row
+
+
+# --- the page's files (no browser) --------------------------------------------------------------------
+
+
+@needs_ort_web
+def test_page_holds_the_export_its_metadata_and_only_the_ort_files_it_loads(digits_export, tmp_path):
+    out = build_page(digits_export, tmp_path / "page")
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == sorted(["index.html", "app.js", "style.css", "model.json", "digits.onnx", "digits-encoder.onnx",
+                            *(f"ort/{name}" for name in web_build.ORT_FILES)])
+    assert (out / "digits.onnx").read_bytes() == digits_export.read_bytes()
+    manifest = json.loads((out / "model.json").read_text())
+    assert manifest["attributes"] == [f"digit_{i}" for i in range(10)]
+    assert manifest["decoder"]["metadata"]["cvae_tk.format"] == "sampler/1"
+    assert manifest["encoder"]["metadata"]["cvae_tk.format"] == "encoder/1"
+    assert manifest["encoder"]["metadata"]["preprocessing"]["size"] == manifest["image_size"] == [32, 32]
+    assert manifest["onnxruntime_web"] == json.loads((ROOT / "package.json").read_text())["dependencies"]["onnxruntime-web"]
+    # the page ships inside the installed package (package data), not only in the source tree
+    from importlib import resources
+
+    static = resources.files("toolkit.web") / "static"
+    assert all((static / name).is_file() for name in web_build.PAGE_FILES)
+    assert (out / "app.js").read_bytes() == (static / "app.js").read_bytes()
+
+
+@needs_ort_web
+def test_a_rebuild_with_another_export_drops_the_old_model_and_a_decoder_only_export_has_no_encoder(exported, digits_export, tmp_path):
+    out = tmp_path / "page"
+    build_page(digits_export, out)
+    build_page(exported, out)  # the session's plain export: no encoder beside it
+    assert not (out / "digits-encoder.onnx").exists()
+    assert json.loads((out / "model.json").read_text())["encoder"] is None
+
+
+def test_missing_onnxruntime_web_is_one_error_naming_both_places(digits_export, tmp_path, monkeypatch):
+    places = [tmp_path / "beside-toolkit" / "dist", tmp_path / "here" / "dist"]
+    monkeypatch.setattr(web_build, "ort_dist_candidates", lambda: places)
+    with pytest.raises(UserError) as caught:
+        build_page(digits_export, tmp_path / "page")
+    message = str(caught.value)
+    assert str(places[0]) in message and str(places[1]) in message and "--ort-dist" in message and "setup-js.sh" in message
+    assert not (tmp_path / "page").exists()  # refused before anything was written
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / web_build.ORT_FILES[0]).write_text("")
+    with pytest.raises(UserError, match=r"--ort-dist .*partial lacks ort-wasm-simd-threaded\.asyncify\.mjs"):
+        build_page(digits_export, tmp_path / "page", ort_dist=tmp_path / "partial")
+
+
+def test_an_encoder_or_a_non_export_is_refused(digits_export, tmp_path):
+    with pytest.raises(UserError, match="is an encoder: give the decoder"):
+        web_build.model_manifest(digits_export.with_name("digits-encoder.onnx"))
+    (tmp_path / "x.onnx").write_bytes(b"not onnx")
+    with pytest.raises(UserError, match="is not an ONNX model"):
+        web_build.model_manifest(tmp_path / "x.onnx")
+
+
+@needs_ort_web
+def test_serve_gives_wasm_and_module_scripts_their_mime_types_on_localhost(digits_export, tmp_path):
+    out = build_page(digits_export, tmp_path / "page")
+    server = serve(out, 0)
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+        types = {}
+        for name in ("ort/ort-wasm-simd-threaded.asyncify.wasm", "ort/ort.webgpu.min.mjs", "app.js", "model.json", "index.html"):
+            with urllib.request.urlopen(url(server) + name) as response:
+                types[name] = response.headers["Content-Type"]
+                if name == "model.json":
+                    assert json.loads(response.read())["name"] == "digits"
+                    assert response.headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert types["ort/ort-wasm-simd-threaded.asyncify.wasm"] == "application/wasm"
+    assert types["ort/ort.webgpu.min.mjs"] == types["app.js"] == "text/javascript"
+    assert types["model.json"] == "application/json" and types["index.html"].startswith("text/html")
+
+
+@needs_ort_web
+def test_cli_web_writes_the_page_and_refuses_a_missing_export_in_one_line(digits_export, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = lambda *args: subprocess.run([sys.executable, "-m", "toolkit.cli", "web", *map(str, args)],  # noqa: E731
+                                       capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    done = run(digits_export, "--out", tmp_path / "page")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "page" / "index.html").is_file() and "wrote" in done.stdout
+    missing = run(tmp_path / "nope.onnx", "--out", tmp_path / "page2")
+    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0, missing.stderr
+    assert "model file not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+# --- in the browser ---------------------------------------------------------------------------------
+
+
+@needs_browser
+def test_the_page_runs_on_wasm_and_loads_nothing_from_outside(studio, server):
+    assert studio.eval("cvae.backend") == "wasm"  # headless with --disable-gpu: no WebGPU adapter
+    log = studio("requests")
+    assert log["errors"] == []
+    base = url(server)
+    assert all(request.startswith(base) for request in log["requests"]), log["requests"]
+    loaded = {request[len(base):] for request in log["requests"]}
+    assert {f"ort/{name}" for name in web_build.ORT_FILES} <= loaded  # the files build_page copies are those it loads
+    assert {"model.json", "digits.onnx", "digits-encoder.onnx", "app.js", "style.css"} <= loaded
+    assert studio("visible", selector="#attributes .toggle") == 10 and studio("visible", selector="#filter") == 0
+
+
+@needs_browser
+def test_grid_pixels_match_the_python_sampler_on_the_same_noise(studio, sampler):
+    studio("check", selector="input[name=digit_3]")
+    set_range(studio, "#temperature", 0.7)
+    noise = np.random.default_rng(1).standard_normal((5, sampler.latent_dim), dtype=np.float32)
+    studio.eval(f"cvae.setNoise({json.dumps(noise.tolist())})")
+    attributes = np.repeat(one_hot(sampler, "digit_3")[None], 5, axis=0)
+    expected = quantize(sampler.run(attributes, noise, temperature=0.7))
+    got = grid_tiles(studio, 5, sampler.image_size)
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+    # the raw float output of the decoder in the browser, against ONNX Runtime in Python
+    raw = studio.eval(f"cvae.run({{attributes: {json.dumps(attributes.tolist())}, noise: {json.dumps(noise.tolist())}, temperature: 0.7}})")
+    assert np.abs(np.asarray(raw, np.float32).reshape(expected.shape[0], 3, 32, 32) - sampler.run(attributes, noise, 0.7)).max() < 1e-5
+
+
+@needs_browser
+def test_seeded_noise_is_the_documented_generator_and_drives_the_grid(studio, sampler):
+    studio("fill", selector="#count", value="3")
+    studio("fill", selector="#seed", value="7")
+    studio.eval("cvae.idle()")
+    state = studio.eval("cvae.state()")
+    noise = np.asarray(state["noise"], np.float32)
+    assert state["seed"] == 7 and state["count"] == 3
+    assert np.abs(noise - js_noise(7, 3 * sampler.latent_dim)).max() < 1e-6
+    assert abs(float(noise.mean())) < 0.5 and 0.5 < float(noise.std()) < 1.5  # standard normal, roughly (48 values)
+    expected = quantize(sampler.run(np.zeros((3, 10), np.float32), noise.reshape(3, -1)))
+    first = grid_tiles(studio, 3, sampler.image_size)
+    assert np.abs(first.astype(int) - expected.astype(int)).max() <= 1
+    studio("fill", selector="#count", value="5")  # more samples: the first ones keep their noise
+    more = grid_tiles(studio, 5, sampler.image_size)
+    assert np.array_equal(more[:3], first)
+    studio("fill", selector="#seed", value="8")
+    assert not np.array_equal(grid_tiles(studio, 3, sampler.image_size), first)
+
+
+@needs_browser
+def test_toggling_an_attribute_changes_the_grid(studio, sampler):
+    studio("check", selector="input[name=digit_3]")
+    threes = grid_tiles(studio, 8, sampler.image_size)
+    assert studio.eval("cvae.state().attributes") == one_hot(sampler, "digit_3").tolist()
+    studio("uncheck", selector="input[name=digit_3]")
+    studio("check", selector="input[name=digit_7]")
+    sevens = grid_tiles(studio, 8, sampler.image_size)
+    assert studio.eval("cvae.state().attributes") == one_hot(sampler, "digit_7").tolist()
+    changed = np.abs(threes.astype(int) - sevens.astype(int)) > 8
+    assert changed.mean() > 0.05, f"only {changed.mean():.1%} of the pixels changed"
+    noise = np.asarray(studio.eval("cvae.state().noise"), np.float32).reshape(8, -1)
+    expected = quantize(sampler.run(np.repeat(one_hot(sampler, "digit_7")[None], 8, axis=0), noise))
+    assert np.abs(sevens.astype(int) - expected.astype(int)).max() <= 1
+
+
+@needs_browser
+def test_download_is_the_grid_as_png(studio, sampler, tmp_path):
+    studio("check", selector="input[name=digit_5]")
+    studio.eval("cvae.idle()")
+    name = studio("download", selector="#download", path=str(tmp_path / "grid.png"))
+    assert name == "digits-seed0.png"
+    grid = studio.eval("cvae.grid()")
+    shown = np.frombuffer(base64.b64decode(grid["rgba"]), np.uint8).reshape(grid["height"], grid["width"], 4)[..., :3]
+    saved = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB"))
+    assert saved.shape == (2 + 2 * 34, 2 + 4 * 34, 3)  # 8 tiles of 32, 4 a row, 2 pixels of padding
+    assert np.array_equal(saved, shown)
+
+
+@needs_browser
+def test_a_dropped_photo_is_encoded_and_edited_as_the_python_sampler_does(studio, sampler, tmp_path):
+    from toolkit.data.digits import digit_samples
+
+    sample = next(digit_samples("test", 32))  # a real test-split digit, at the model's size (crop null)
+    photo_path = tmp_path / "photo.png"
+    photo_path.write_bytes(sample.image)
+    photo = np.asarray(Image.open(io.BytesIO(sample.image)).convert("RGB"))
+    digit = f"digit_{int(np.argmax(sample.attributes))}"
+    other = "digit_8" if digit != "digit_8" else "digit_1"
+    assert studio("visible", selector="#drop") == 1
+    studio("check", selector=f"input[name={digit}]")  # the photo's attributes: the toggles when it arrives
+    studio("files", selector="#photo-file", path=str(photo_path))
+    studio.eval("(async () => { while (!cvae.state().photo) await new Promise((r) => setTimeout(r, 20)); })()")
+    state = studio.eval("cvae.state()")
+    pixels = np.asarray(state["photo"]["pixels"], np.float32).reshape(3, 32, 32)
+    assert np.array_equal(np.round(pixels * 255).astype(np.uint8).transpose(1, 2, 0), photo)  # prepared exactly
+    z = sampler.encode(photo, {digit: 1})[0]
+    assert np.abs(np.asarray(state["photo"]["z"], np.float32) - z).max() < 1e-5
+    tiles = grid_tiles(studio, 3, sampler.image_size)
+    assert np.array_equal(tiles[0], photo)
+    assert np.abs(tiles[1].astype(int) - sampler.edit(photo, {digit: 1}).astype(int)).max() <= 1  # the reconstruction
+    studio("uncheck", selector=f"input[name={digit}]")
+    studio("check", selector=f"input[name={other}]")
+    edited = grid_tiles(studio, 3, sampler.image_size)
+    expected = sampler.edit(photo, {digit: 1}, {digit: 0, other: 1})
+    assert np.abs(edited[2].astype(int) - expected.astype(int)).max() <= 1
+    assert np.array_equal(edited[1], tiles[1]) and not np.array_equal(edited[2], tiles[2])
+    studio("click", selector="#clear-photo")
+    assert studio.eval("(async () => { await cvae.idle(); return cvae.state().photo; })()") is None
+
+
+# --- many attributes (CUB-sized) -------------------------------------------------------------------------
+
+CUB_LIKE = ([f"{i + 1:03d}.Species_{i + 1}" for i in range(200)]
+            + [f"has_{part}::value_{k}" for part in ("bill_shape", "wing_color", "upperparts_color", "breast_pattern")
+               for k in range(78)])  # 200 + 312 = 512 names, as CUB's --condition both
+
+
+@pytest.fixture(scope="module")
+def many_page(tmp_path_factory, browser):
+    """A tiny untrained 8x8 model with CUB's 512-way condition, exported by the real exporter."""
+    import torch
+
+    from toolkit.export import export_onnx
+    from toolkit.model import CVAE, ModelSpec, save_model
+
+    torch.manual_seed(0)
+    run_dir = tmp_path_factory.mktemp("many") / "run"
+    save_model(CVAE(ModelSpec(attributes=list(CUB_LIKE), image_size=(8, 8), latent_dim=4)), run_dir)
+    path, _ = export_onnx(run_dir, run_dir.parent / "cub-like.onnx")
+    server = serve(build_page(path, run_dir.parent / "page"), 0)
+    yield path, url(server)
+    server.shutdown()
+    server.server_close()
+
+
+@needs_browser
+def test_many_attributes_get_a_filter_and_groups(browser, many_page):
+    path, address = many_page
+    assert browser("open", url=address)["errors"] == []
+    groups = browser.eval("[...document.querySelectorAll('#attributes .group')].map((g) => [g.dataset.group, g.querySelectorAll('.toggle').length])")
+    assert groups == [["classes", 200], ["has_bill_shape", 78], ["has_wing_color", 78], ["has_upperparts_color", 78], ["has_breast_pattern", 78]]
+    assert browser("visible", selector="#filter") == 1
+    assert browser("visible", selector="#attributes .toggle") == 0  # groups start closed
+    browser("fill", selector="#filter", value="wing_color::value_1")  # value_1, value_10..19
+    assert browser("visible", selector="#attributes .toggle") == 11
+    assert browser("visible", selector="#attributes .group") == 1
+    browser("check", selector="input[name='has_wing_color::value_12']")
+    browser.eval("cvae.idle()")
+    assert browser.eval("document.querySelector('.group[data-group=has_wing_color] .count').textContent") == "1/78"
+    state = browser.eval("cvae.state()")
+    assert [i for i, v in enumerate(state["attributes"]) if v] == [CUB_LIKE.index("has_wing_color::value_12")]
+    sampler = Sampler(path, device="cpu")
+    noise = np.asarray(state["noise"], np.float32).reshape(state["count"], -1)
+    expected = quantize(sampler.run(np.repeat(np.asarray(state["attributes"], np.float32)[None], len(noise), axis=0), noise))
+    assert np.abs(grid_tiles(browser, len(noise), (8, 8)).astype(int) - expected.astype(int)).max() <= 1
+    browser("fill", selector="#filter", value="")
+    assert browser("visible", selector="#attributes .group") == 5
+
+
+
+@needs_ort_web
+def test_a_stale_encoder_beside_the_export_is_refused(digits_export, tmp_path):
+    """An encoder of other weights (the decoder was exported again without --encoder) would edit with the wrong z."""
+    import onnx
+
+    proto = onnx.load(str(digits_export))
+    for entry in proto.metadata_props:
+        if entry.key == "weights_sha256":
+            entry.value = "0" * 64  # as if from other weights
+    onnx.save(proto, str(tmp_path / "digits.onnx"))
+    shutil.copyfile(digits_export.with_name("digits-encoder.onnx"), tmp_path / "digits-encoder.onnx")
+    with pytest.raises(UserError, match="is not the encoder of"):
+        build_page(tmp_path / "digits.onnx", tmp_path / "page")
+    assert not (tmp_path / "page").exists()

@@ -1,0 +1,216 @@
+"""`cvae-tk web EXPORT.onnx --out DIR`: a static page that runs an export in the browser.
+
+DIR gets everything the page needs and nothing it must fetch from elsewhere (it works offline):
+
+    index.html, app.js, style.css   the page (toolkit/web/static)
+    NAME.onnx [NAME-encoder.onnx]   the export, and its encoder when one lies beside it
+    model.json                      both files' metadata_props, parsed (onnxruntime-web cannot read
+                                    custom metadata, so the page never parses ONNX itself)
+    ort/                            onnxruntime-web's WebGPU build (ort.webgpu.min.mjs) and the one
+                                    wasm module it loads; the same module runs the wasm (CPU)
+                                    backend where the browser has no WebGPU
+
+Any static file host serves DIR; `serve` (cvae-tk web --serve) is a quick look on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+
+import toolkit
+from toolkit.atomic import atomic_path, check_output, write_text
+from toolkit.errors import UserError
+
+PAGE_FILES = ("index.html", "app.js", "style.css")
+# What the page loads from onnxruntime-web's dist/ (checked by loading the page: the request log of
+# tests/test_web.py): the WebGPU build, which also runs the plain wasm backend, and its one module.
+ORT_FILES = ("ort.webgpu.min.mjs", "ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm")
+ORT_PACKAGE = Path("node_modules") / "onnxruntime-web" / "dist"
+MANIFEST = "model.json"
+FORMAT = "web/1"
+
+MIME_TYPES = {
+    ".wasm": "application/wasm",  # WebAssembly.instantiateStreaming refuses anything else
+    ".mjs": "text/javascript",  # module scripts must have a JavaScript type
+    ".js": "text/javascript",
+    ".json": "application/json",
+    ".onnx": "application/octet-stream",
+}
+
+
+def ort_dist_candidates() -> list[Path]:
+    """Where onnxruntime-web's dist/ is looked for: the project's node_modules (beside the toolkit
+    package, as `scripts/setup-js.sh` installs it) and the current folder's."""
+    places = [Path(toolkit.__file__).resolve().parent.parent / ORT_PACKAGE, Path.cwd() / ORT_PACKAGE]
+    return list(dict.fromkeys(places))
+
+
+def find_ort_dist(ort_dist: str | Path | None = None) -> Path:
+    """The folder holding ORT_FILES: `ort_dist` if given, else the first of `ort_dist_candidates`."""
+    if ort_dist is not None:
+        folder = Path(ort_dist)
+        missing = [name for name in ORT_FILES if not (folder / name).is_file()]
+        if missing:
+            raise UserError(f"--ort-dist {folder} lacks {', '.join(missing)}: expected the dist/ folder of the "
+                            f"onnxruntime-web npm package (node_modules/onnxruntime-web/dist)")
+        return folder
+    places = ort_dist_candidates()
+    for folder in places:
+        if all((folder / name).is_file() for name in ORT_FILES):
+            return folder
+    raise UserError(f"onnxruntime-web not found: neither {' nor '.join(map(str, places))} holds {ORT_FILES[0]}; "
+                    f"run `bash scripts/setup-js.sh` (npm ci) or pass --ort-dist DIR (onnxruntime-web's dist/ folder)")
+
+
+def _ort_version(folder: Path) -> str | None:
+    try:
+        return str(json.loads((folder.parent / "package.json").read_text())["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a bare copy of dist/: the version is unknown, the page works the same
+
+
+def read_model(path: Path) -> dict:
+    """An ONNX export's metadata, checked as every reader checks it (toolkit.inspection), parsed."""
+    from toolkit.inspection import load_checked
+
+    proto = load_checked(path)
+    meta = {entry.key: entry.value for entry in proto.metadata_props}
+    parsed = {}
+    for key, value in meta.items():  # JSON where the contract says so; the rest stays text
+        try:
+            parsed[key] = json.loads(value) if value[:1] in "[{" else value
+        except ValueError:
+            parsed[key] = value
+    return {"file": path.name, "metadata": parsed, "bytes": path.stat().st_size}
+
+
+def encoder_beside(export: Path) -> Path:
+    """OUT-encoder.onnx beside OUT.onnx (where `cvae-tk export --encoder` writes it)."""
+    return export.with_name(f"{export.stem}-encoder{export.suffix}")
+
+
+def model_manifest(export: Path, ort_version: str | None = None) -> dict:
+    """What model.json holds: the decoder's and (if present) the encoder's metadata, plus the few
+    facts the page needs, already parsed."""
+    decoder = read_model(export)
+    if str(decoder["metadata"].get("cvae_tk.format", "")).startswith("encoder/"):
+        raise UserError(f"{export} is an encoder: give the decoder (the sampler OUT.onnx beside it)")
+    encoder_file = encoder_beside(export)
+    encoder = read_model(encoder_file) if encoder_file.is_file() else None
+    meta = decoder["metadata"]
+    if encoder is not None:  # as the Sampler checks it: the same names and the same weights
+        other = encoder["metadata"]
+        if other.get("attributes") != meta["attributes"] or other.get("weights_sha256") != meta.get("weights_sha256"):
+            raise UserError(f"{encoder_file} is not the encoder of {export} (other attributes or weights_sha256): "
+                            f"export both again with `cvae-tk export --onnx RUN --out {export} --encoder`")
+    inputs = meta.get("inputs", ["attributes", "noise"])
+    return {
+        "format": FORMAT,
+        "name": export.stem,
+        "attributes": meta["attributes"],
+        "latent_dim": int(meta["latent_dim"]),
+        "image_size": meta["image_size"],
+        "prior": meta.get("prior", "standard"),
+        "output": meta.get("output", "float32_nchw"),
+        "temperature_input": "temperature" in inputs,
+        "decoder": decoder,
+        "encoder": encoder,
+        "onnxruntime_web": ort_version,
+        "toolkit_version": toolkit.__version__,
+    }
+
+
+def _copy(source: Path, target: Path) -> None:
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
+
+
+def build_page(export: str | Path, out: str | Path, ort_dist: str | Path | None = None, serve: bool = False, port: int = 8000) -> Path:
+    """Write the page for `export` into `out` (see the module's doc); returns `out`. With `serve`,
+    also serve it on 127.0.0.1 until interrupted (see `serve`)."""
+    export, out = Path(export), Path(out)
+    check_output(out, folder=True)  # user mistakes first, before anything is copied
+    dist = find_ort_dist(ort_dist)
+    manifest = model_manifest(export, _ort_version(dist))
+    out.mkdir(parents=True, exist_ok=True)
+    previous = _previous_models(out)
+    static = resources.files("toolkit.web") / "static"
+    for name in PAGE_FILES:
+        with resources.as_file(static / name) as source:
+            _copy(source, out / name)
+    (out / "ort").mkdir(exist_ok=True)
+    for name in ORT_FILES:
+        _copy(dist / name, out / "ort" / name)
+    models = [export] + ([encoder_beside(export)] if manifest["encoder"] else [])
+    for model in models:
+        _copy(model, out / model.name)
+    write_text(out / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")  # last: the page waits for it
+    for name in previous - {model.name for model in models}:  # an earlier page's model, now unreferenced
+        (out / name).unlink(missing_ok=True)
+    if serve:
+        serve_forever(out, port)
+    return out
+
+
+def _previous_models(out: Path) -> set[str]:
+    """The model files an earlier build wrote into `out` (named by its model.json)."""
+    try:
+        old = json.loads((out / MANIFEST).read_text())
+        names = {old["decoder"]["file"]} | ({old["encoder"]["file"]} if old.get("encoder") else set())
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {name for name in names if isinstance(name, str) and Path(name).name == name and name.endswith(".onnx")}
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    extensions_map = {**SimpleHTTPRequestHandler.extensions_map, **MIME_TYPES}
+
+    def end_headers(self):
+        # Cross-origin isolation lets onnxruntime-web use several threads (SharedArrayBuffer);
+        # no-store so a rebuilt page is never mixed with a cached old model.
+        self.send_header("Cross-Origin-Opener-Policy", "same-origin")
+        self.send_header("Cross-Origin-Embedder-Policy", "require-corp")
+        self.send_header("Cache-Control", "no-store")
+        super().end_headers()
+
+    def log_message(self, format, *args):  # quiet: the URL is printed once
+        pass
+
+
+def serve(folder: str | Path, port: int = 8000) -> ThreadingHTTPServer:
+    """Serve `folder` on 127.0.0.1:`port` (0: any free port) from a background thread; returns the
+    server (its URL: `url(server)`; stop it with server.shutdown())."""
+    folder = Path(folder)
+    if not (folder / "index.html").is_file():
+        raise UserError(f"{folder} holds no index.html: build the page first (cvae-tk web EXPORT.onnx --out {folder})")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise UserError(f"--port must be an integer from 0 to 65535, got {port!r}")
+    try:
+        server = ThreadingHTTPServer(("127.0.0.1", port), partial(_Handler, directory=str(folder)))
+    except OSError as error:
+        raise UserError(f"cannot serve on 127.0.0.1:{port}: {error.strerror or error}; choose another --port (0: any free one)") from None
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="cvae-tk web", daemon=True).start()
+    return server
+
+
+def url(server: ThreadingHTTPServer) -> str:
+    return f"http://127.0.0.1:{server.server_address[1]}/"
+
+
+def serve_forever(folder: Path, port: int = 8000) -> None:
+    server = serve(folder, port)
+    print(f"serving {folder} at {url(server)} (Ctrl-C stops)", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+        server.server_close()
