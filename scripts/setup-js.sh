@@ -2,9 +2,15 @@
 # The JavaScript side, for `cvae-tk web`, the Node.js example and the browser tests: the pinned npm
 # packages of package-lock.json into node_modules/ (onnxruntime-web, onnxruntime-node with the CPU
 # binding it ships, playwright-core) and Debian's chromium (playwright drives the system browser;
-# no browser download). Idempotent; skips what it cannot install, saying so (those tests then skip).
+# no browser download). Idempotent. Without npm, or without chromium and root to install it, it says
+# so and those tests skip; a failed install stops here (CI must not pass by skipping the browser):
+# CVAE_TK_SKIP_JS=1 skips this set-up on purpose (e.g. offline).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ "${CVAE_TK_SKIP_JS:-0}" = 1 ]; then
+  echo "setup-js: skipped (CVAE_TK_SKIP_JS=1): the Node.js and browser tests will be skipped" >&2
+  exit 0
+fi
 if command -v npm > /dev/null; then
   if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
     echo "setup-js: installing the npm packages of package-lock.json (~450 MB)"

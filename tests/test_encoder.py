@@ -433,6 +433,14 @@ def test_a_decoder_that_cannot_be_renamed_takes_the_new_encoder_with_it(tmp_path
     with pytest.raises(UserError, match="could not write .*tiny.onnx and tiny-encoder.onnx.*nothing was written"):
         export_onnx(run, out, encoder=True, shards=shards)
     assert list(out.parent.iterdir()) == []
+    # an earlier pair stays the pair it was: the old encoder, set aside while the new one was placed, is back
+    monkeypatch.setattr(toolkit.atomic.os, "replace", real)
+    export_onnx(run, out, encoder=True, shards=shards)
+    before = {path.name: path.read_bytes() for path in out.parent.iterdir()}
+    monkeypatch.setattr(toolkit.atomic.os, "replace", replace)
+    with pytest.raises(UserError, match="could not write"):
+        export_onnx(run, out, encoder=True, shards=shards)
+    assert {path.name: path.read_bytes() for path in out.parent.iterdir()} == before
 
 
 def test_the_cli_writes_and_reports_both_files(trained_run, tmp_path):

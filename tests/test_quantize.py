@@ -73,9 +73,24 @@ def test_uint8_and_temperature_exports_quantize_with_their_float_tail(trained_ru
     from toolkit.export import export_onnx
     from toolkit.sampler import Sampler
 
+    import onnx
+
     fp32_path, _ = export_onnx(trained_run, tmp_path / "d.onnx", uint8=True, temperature_input=True)
     path, levels, _ = quantize.quantize_export(trained_run, fp32_path)
-    assert path == tmp_path / "d-int8.onnx" and quantize.parity_passes(levels)
+    assert path == tmp_path / "d-int8.onnx"
+    # the tail stays float: from `images` back to the last layer, no Q/DQ node, and that layer's
+    # weight is a float initializer, not a DequantizeLinear's output
+    graph = onnx.load(path).graph
+    producers = {output: node for node in graph.node for output in node.output}
+    floats = {init.name for init in graph.initializer if init.data_type == onnx.TensorProto.FLOAT}
+    tensor, walked = "images", []
+    while tensor in producers and producers[tensor].op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+        walked.append(producers[tensor].op_type)
+        tensor = producers[tensor].input[0]
+    last = producers[tensor]
+    assert "Sigmoid" in walked and not {"QuantizeLinear", "DequantizeLinear"} & set(walked), walked
+    assert last.input[1] in floats and producers.get(last.input[0]) is None or producers[last.input[0]].op_type != "DequantizeLinear"
+    assert any(node.op_type == "DequantizeLinear" for node in graph.node)  # the layers before it are quantized
     fp32, int8 = Sampler(fp32_path, device="cpu"), Sampler(path, device="cpu")
     assert int8.metadata["output"] == "uint8_nhwc"
     a, b = (s.sample({"digit_7": 1}, n=16, seed=3, temperature=0.7).astype(np.int16) for s in (fp32, int8))
@@ -185,3 +200,30 @@ def test_a_judge_is_checked_before_any_work(trained_run, exported, judge, tmp_pa
                             "--classifier", str(judge)], capture_output=True, text=True, timeout=300, env=env)
     assert alone.returncode == 2 and alone.stderr.startswith("error: --classifier judges the --int8 file's control score: add --int8")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_calibration_draws_two_disjoint_sets_from_the_whole_split(digits_shards, tmp_path):
+    """Shards keep the source's order (CUB's is by species): the conditions are drawn from every
+    shard, and the parity check's are not the calibration's."""
+    import torch
+
+    from toolkit.data.digits import ATTRIBUTES, digit_samples
+    from toolkit.data.shards import write_split
+    from toolkit.data.stream import attribute_vectors
+    from toolkit.evaluate import split_attributes
+
+    vectors = attribute_vectors(digits_shards, "train")
+    assert vectors.dtype == np.uint8 and torch.equal(torch.from_numpy(vectors).float(), split_attributes(digits_shards, "train"))
+    # a split stored class after class, 100 images a shard, each vector made unique by a serial-number attribute
+    samples = list(digit_samples("train", 32))
+    by_class = [sample for digit in range(10) for sample in [s for s in samples if np.argmax(s.attributes) == digit][:100]]
+    for index, sample in enumerate(by_class):
+        sample.attributes = np.concatenate([sample.attributes, [(index >> bit) & 1 for bit in range(10)]]).astype(np.uint8)
+    names = list(ATTRIBUTES) + [f"bit_{bit}" for bit in range(10)]
+    write_split(iter(by_class), tmp_path / "sorted", "train", names, (32, 32), "sorted digits", shard_size=100)
+    calibrating, checking = quantize.calibration_conditions(str(tmp_path / "sorted"), 200)
+    assert len(calibrating) == len(checking) == 200
+    assert calibrating[:, :10].sum(0).min() > 0 and checking[:, :10].sum(0).min() > 0  # every class, not the first shards' only
+    assert not {row.tobytes() for row in calibrating} & {row.tobytes() for row in checking}  # disjoint
+    few, _ = quantize.calibration_conditions(str(tmp_path / "sorted"), 10**6)  # more asked than there are: halved
+    assert len(few) == 500

@@ -243,6 +243,39 @@ def test_a_rebuild_with_another_export_drops_the_old_model_and_a_decoder_only_ex
     assert json.loads((out / "model.json").read_text())["encoder"] is None
 
 
+@needs_ort_web
+def test_the_page_never_goes_into_the_exports_own_folder(digits_export, tmp_path):
+    """A rebuild replaces the earlier page's model files: in the export's own folder those would be
+    the user's exports."""
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    for name in ("digits.onnx", "digits-encoder.onnx"):
+        shutil.copyfile(digits_export.with_name(name), folder / name)
+    with pytest.raises(UserError, match="is the folder of digits.onnx itself"):
+        build_page(folder / "digits.onnx", folder)
+    assert sorted(path.name for path in folder.iterdir()) == ["digits-encoder.onnx", "digits.onnx"]
+
+
+@needs_ort_web
+def test_a_rebuild_that_fails_halfway_leaves_no_model_json(exported, digits_export, tmp_path, monkeypatch):
+    """model.json is what the page loads first: while the files change it is absent, so a page half
+    rebuilt (here the encoder's copy fails, as on a full disk) cannot pair a new decoder with an old
+    encoder."""
+    out = tmp_path / "page"
+    build_page(digits_export, out)
+    real = web_build._copy
+
+    def failing(source, target):
+        if target.name.endswith("-encoder.onnx"):
+            raise OSError(28, "No space left on device")
+        return real(source, target)
+
+    monkeypatch.setattr(web_build, "_copy", failing)
+    with pytest.raises(OSError):
+        build_page(digits_export, out)
+    assert not (out / "model.json").exists()
+
+
 def test_missing_onnxruntime_web_is_one_error_naming_both_places(digits_export, tmp_path, monkeypatch):
     places = [tmp_path / "beside-toolkit" / "dist", tmp_path / "here" / "dist"]
     monkeypatch.setattr(web_build, "ort_dist_candidates", lambda: places)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Sequence
 
 from toolkit.errors import UserError
@@ -283,3 +284,26 @@ def read_encoder_contract(path, meta: Mapping[str, str], inputs: Sequence[Tensor
             raise UserError(f"{path}: output '{tensor.name}' has shape {list(tensor.shape)}, expected [batch, {latent_dim}] (latent_dim)")
     return EncoderContract(tuple(attributes), latent_dim, image_size, precision, prior, tuple(found), preprocessing,
                            meta.get("weights_sha256"))
+
+
+def encoder_beside(decoder) -> Path:
+    """OUT-encoder.onnx beside the decoder OUT.onnx: where `cvae-tk export --encoder` writes the
+    encoder and where the Sampler and `cvae-tk web` look for it."""
+    decoder = Path(decoder)
+    return decoder.with_name(f"{decoder.stem}-encoder{decoder.suffix}")
+
+
+def check_pair(decoder_path, decoder: Contract, decoder_meta: Mapping[str, str], encoder_path, encoder: EncoderContract) -> None:
+    """Refuse an encoder that is not this decoder's: other attributes, latent_dim, image_size or
+    prior, or other weights (weights_sha256, when both record it)."""
+    ours = (decoder.attributes, decoder.latent_dim, decoder.image_size, decoder_meta.get("prior", "standard"))
+    theirs = (encoder.attributes, encoder.latent_dim, encoder.image_size, encoder.prior)
+    for what, mine, other in zip(("attributes", "latent_dim", "image_size", "prior"), ours, theirs):
+        if mine != other:
+            shown = lambda value: list(value) if isinstance(value, tuple) else value  # noqa: E731
+            raise UserError(f"{encoder_path} is not the encoder of {decoder_path}: its {what} is {shown(other)}, the decoder's {shown(mine)}")
+    weights = decoder_meta.get("weights_sha256")
+    if weights and encoder.weights_sha256 and weights != encoder.weights_sha256:
+        raise UserError(f"{encoder_path} is not the encoder of {decoder_path}: they were exported from different weights "
+                        f"(weights_sha256 {encoder.weights_sha256[:12]}... vs {weights[:12]}...); export both again with "
+                        f"`cvae-tk export --onnx RUN --out {decoder_path} --encoder`")

@@ -51,6 +51,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -60,7 +61,7 @@ import torch
 import toolkit
 from toolkit.atomic import atomic_path, check_output, describe_os_error
 from toolkit.errors import UserError, one_line
-from toolkit.contract import ENCODER_FORMAT, FORMAT_VERSION, encoder_outputs, preprocessing_dict
+from toolkit.contract import ENCODER_FORMAT, FORMAT_VERSION, encoder_beside, encoder_outputs, preprocessing_dict
 from toolkit.model import CVAE, WEIGHTS, load_model
 
 OPSET = 18
@@ -328,19 +329,25 @@ def check_out(out: Path) -> None:
         raise UserError(f"cannot write {out}: expected a file name ending in .onnx, got {out.suffix or 'no extension'!r}")
 
 
+def _check_session(onnx_bytes: bytes):
+    """An ONNX Runtime CPU session of a graph about to be checked; one that ONNX Runtime cannot load
+    (an opset newer than it supports) is a UserError."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    except Exception as error:
+        message = one_line(error)
+        message = message[message.find("ONNX Runtime only"):] if "ONNX Runtime only" in message else message
+        raise UserError(f"ONNX Runtime {ort.__version__} cannot load the exported graph, so it cannot be checked: {message}") from None
+
+
 def parity_error(model: CVAE, onnx_bytes: bytes, batch_sizes=PARITY_BATCHES, seed: int = 0, temperatures=None) -> float:
     """Worst difference between ONNX Runtime (CPU provider) and the fp32 PyTorch `model` over the
     given batch sizes: max abs difference for a float output, grey levels from the quantized PyTorch
     output for a uint8 one. A graph with a `temperature` input is run at each of `temperatures`
     (default 1 and PARITY_TEMPERATURE)."""
-    import onnxruntime as ort
-
-    try:
-        session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    except Exception as error:  # e.g. an opset newer than this ONNX Runtime supports
-        message = one_line(error)
-        message = message[message.find("ONNX Runtime only"):] if "ONNX Runtime only" in message else message
-        raise UserError(f"ONNX Runtime {ort.__version__} cannot load the exported graph, so it cannot be checked: {message}") from None
+    session = _check_session(onnx_bytes)
     has_temperature = "temperature" in [value.name for value in session.get_inputs()]
     uint8 = session.get_outputs()[0].type == "tensor(uint8)"
     if temperatures is None:
@@ -374,9 +381,7 @@ def parity_error(model: CVAE, onnx_bytes: bytes, batch_sizes=PARITY_BATCHES, see
 def encoder_parity_error(model: CVAE, onnx_bytes: bytes, batch_sizes=PARITY_BATCHES, seed: int = 0) -> float:
     """Worst max abs difference between the ONNX encoder (CPU provider) and the fp32 PyTorch `model`
     over every output and the given batch sizes (random images in [0, 1], random 0/1 attributes)."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    session = _check_session(onnx_bytes)
     names = [value.name for value in session.get_outputs()]
     generator = torch.Generator().manual_seed(seed)
     height, width = model.spec.image_size
@@ -403,21 +408,12 @@ def run_preprocessing(run_dir: str | Path, image_size, shards: str | Path | None
     options in the train manifest of its shards (`shards`, default data.shards of RUN/recipe.yaml).
     Shards written without build options (the test fixtures' write_split) were neither cropped nor
     resized: crop null."""
-    from omegaconf import OmegaConf
-
     from toolkit.data.stream import read_manifest
+    from toolkit.evaluate import run_shards
 
-    if shards is None:
-        recipe = Path(run_dir) / "recipe.yaml"
-        try:
-            shards = OmegaConf.select(OmegaConf.load(recipe), "data.shards") if recipe.is_file() else None
-        except Exception as error:
-            raise UserError(f"{recipe} is not readable: {one_line(error)}") from None
-        if not shards:
-            raise UserError(f"cannot state how the encoder's images are prepared: {run_dir} has no recipe.yaml naming its "
-                            f"data.shards, whose manifest records the crop and size; nothing was written")
     try:
-        manifest = read_manifest(str(shards), "train")
+        shards = str(shards) if shards is not None else run_shards(run_dir)
+        manifest = read_manifest(shards, "train")
     except UserError as error:
         raise UserError(f"cannot state how the encoder's images are prepared (the crop and size the shards were built with): "
                         f"{error}; nothing was written") from None
@@ -432,10 +428,7 @@ def run_preprocessing(run_dir: str | Path, image_size, shards: str | Path | None
     return preprocessing_dict(crop, image_size)
 
 
-def encoder_path(out: str | Path) -> Path:
-    """OUT-encoder.onnx beside the decoder OUT.onnx (where the Sampler looks for it)."""
-    out = Path(out)
-    return out.with_name(f"{out.stem}-encoder{out.suffix}")
+encoder_path = encoder_beside  # OUT-encoder.onnx beside OUT.onnx (toolkit.contract)
 
 
 class Exported(tuple):
@@ -530,20 +523,28 @@ def export_onnx(
 
 def _write(out: Path, onnx_bytes: bytes, encoder_out: Path | None, encoder_bytes: bytes | None) -> None:
     """Both files under temporary names first; then the encoder is renamed, then the decoder. Should
-    that last rename fail, the new encoder is removed again: an encoder beside a decoder of other
-    weights is never left (the Sampler also refuses such a pair by their weights_sha256)."""
+    that last rename fail, the new encoder is removed and the old one (kept aside meanwhile) put back:
+    a decoder is never left beside an encoder of other weights, nor loses the encoder it had."""
     if encoder_out is None:
         with atomic_path(out) as tmp:
             tmp.write_bytes(onnx_bytes)
         return
-    placed = False
+    previous = encoder_out.with_name(f".{encoder_out.name}.previous")
+    kept = placed = False
     try:
         with atomic_path(out) as tmp:
             tmp.write_bytes(onnx_bytes)
             with atomic_path(encoder_out) as encoder_tmp:
                 encoder_tmp.write_bytes(encoder_bytes)
+                if encoder_out.exists():
+                    os.replace(encoder_out, previous)
+                    kept = True
             placed = True
     except BaseException:
         if placed:
             encoder_out.unlink(missing_ok=True)
+        if kept:
+            os.replace(previous, encoder_out)
         raise
+    if kept:
+        previous.unlink(missing_ok=True)

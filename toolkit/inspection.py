@@ -90,9 +90,9 @@ def check_contract(path, proto) -> Contract | EncoderContract:
 
 
 def load_checked(path: Path):
-    """The ModelProto of a cvae-tk ONNX file (sampler or encoder), its contract checked
-    (`check_contract`); a missing file, a file that is not ONNX or one that breaks the contract is
-    one UserError. External data is not followed."""
+    """(ModelProto, its checked contract: `check_contract`) of a cvae-tk ONNX file (sampler or
+    encoder); a missing file, a file that is not ONNX or one that breaks the contract is one
+    UserError. External data is not followed."""
     import onnx
 
     if not path.is_file():
@@ -104,8 +104,7 @@ def load_checked(path: Path):
     if not proto.HasField("graph") or not proto.ir_version:
         # protobuf parses some non-ONNX bytes (an empty file, say) into an empty message
         raise UserError(f"{path} is not an ONNX model (no graph in it)")
-    check_contract(path, proto)
-    return proto
+    return proto, check_contract(path, proto)
 
 
 def inspect_onnx(path: str | os.PathLike) -> list[str]:
@@ -113,7 +112,7 @@ def inspect_onnx(path: str | os.PathLike) -> list[str]:
     that is not ONNX, an ONNX model without cvae-tk metadata, or one whose graph disagrees with its metadata is a UserError (the
     graph is not run; the Sampler also runs it once)."""
     path = Path(path)
-    proto = load_checked(path)
+    proto, _ = load_checked(path)
     meta = {entry.key: entry.value for entry in proto.metadata_props}
     initializers = {init.name for init in proto.graph.initializer}
     inputs = [value for value in proto.graph.input if value.name not in initializers]

@@ -39,8 +39,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from toolkit.atomic import atomic_path, check_output, describe_os_error
+from toolkit.atomic import atomic_path, describe_os_error
 from toolkit.errors import UserError, one_line
+from toolkit.export import check_out
 
 CALIBRATION_SAMPLES = 512
 CALIBRATION_BATCH = 64
@@ -81,13 +82,6 @@ def default_path(fp32_path: str | Path) -> Path:
     return fp32_path.with_name(f"{fp32_path.stem}-int8.onnx")
 
 
-def check_out(out: Path) -> None:
-    """Refuse, before any work, an int8 output that could not be written or is not named .onnx."""
-    check_output(out)
-    if out.suffix.lower() != ".onnx":
-        raise UserError(f"cannot write {out}: expected a file name ending in .onnx, got {out.suffix or 'no extension'!r}")
-
-
 def check_request(run_dir: str | Path, fp32_out: str | Path, fp16: bool = False, classifier: str | Path | None = None) -> Path:
     """What `cvae-tk export --int8` checks before any work: an fp32 export to start from, an int8
     output that can be written, shards to calibrate on, a judge (if given) that knows the shards'
@@ -112,19 +106,19 @@ def check_request(run_dir: str | Path, fp32_out: str | Path, fp16: bool = False,
     return out
 
 
-def training_attributes(shards: str, count: int) -> np.ndarray:
-    """Up to `count` attribute vectors [N, A] of the training split, in shard order."""
-    from toolkit.data.stream import eval_batches
+def calibration_conditions(shards: str, count: int, seed: int = CALIBRATION_SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint sets of up to `count` attribute vectors each, drawn at random from the whole
+    training split (a split stored in class order, as CUB's, is covered end to end): the first
+    calibrates, the second serves the parity checks. A split of fewer than 2 x `count` vectors is
+    halved."""
+    from toolkit.data.stream import attribute_vectors
 
-    vectors, have = [], 0
-    for _, attributes in eval_batches(shards, "train", batch_size=256):
-        vectors.append(attributes.numpy())
-        have += len(attributes)
-        if have >= count:
-            break
-    if not vectors:
-        raise UserError(f"the train split of {shards} holds no images to calibrate the int8 export on")
-    return np.concatenate(vectors)[:count].astype(np.float32)
+    vectors = attribute_vectors(shards, "train").astype(np.float32)
+    order = np.random.default_rng(seed).permutation(len(vectors))
+    if len(vectors) < 2:
+        return vectors, vectors
+    half = min(count, len(vectors) // 2)
+    return vectors[order[:half]], vectors[order[half:2 * half]]
 
 
 def _pick(attributes: np.ndarray, count: int, seed: int) -> np.ndarray:
@@ -201,6 +195,8 @@ def quantize_bytes(fp32_bytes: bytes, calibration: list[dict], per_channel: bool
     logging.disable(logging.WARNING)
     try:
         return _quantize_static(model, calibration, per_channel, excluded)
+    except Exception as error:  # onnxruntime.quantization's own failures: say which tool failed (ours keep their traceback)
+        raise UserError(f"onnxruntime.quantization could not quantize the export: {one_line(error)[:300]}; nothing was written") from None
     finally:
         logging.disable(previous)
 
@@ -377,14 +373,11 @@ def quantize_export(
     if meta.get("precision", "fp32") != "fp32":
         raise UserError(f"{fp32_path} is a {meta['precision']} export: int8 is quantized from an fp32 one (drop --fp16)")
     shards = shards or run_shards(run_dir)
-    attributes = training_attributes(shards, 2 * samples)  # half of them calibrate, all serve the parity check
+    calibrating, checking = calibration_conditions(shards, samples)
     names, latent_dim = _inputs(ort.InferenceSession(fp32_bytes, providers=["CPUExecutionProvider"]))
-    calibration = feeds(names, _pick(attributes, samples, CALIBRATION_SEED), latent_dim, CALIBRATION_BATCH, CALIBRATION_SEED)
-    try:
-        int8_bytes = quantize_bytes(fp32_bytes, calibration)
-    except Exception as error:  # the quantizer's own failures are not the user's: say which tool failed
-        raise UserError(f"onnxruntime.quantization could not quantize {fp32_path}: {one_line(error)[:300]}; nothing was written") from None
-    levels = parity_levels(fp32_bytes, int8_bytes, attributes)
+    calibration = feeds(names, _pick(calibrating, samples, CALIBRATION_SEED), latent_dim, CALIBRATION_BATCH, CALIBRATION_SEED)
+    int8_bytes = quantize_bytes(fp32_bytes, calibration)
+    levels = parity_levels(fp32_bytes, int8_bytes, checking)
     if not parity_passes(levels):
         raise UserError(
             f"the int8 quantization of {fp32_path} failed its parity check against the fp32 file ({describe(levels)} grey levels; "

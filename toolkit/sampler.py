@@ -54,7 +54,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from toolkit.contract import FORMAT, MAX_SIDE, MAX_WIDTH, EncoderContract, Tensor, read_contract, read_encoder_contract  # noqa: F401 (re-exported)
+from toolkit.contract import (  # noqa: F401 (FORMAT, MAX_SIDE, MAX_WIDTH, Tensor: re-exported)
+    FORMAT, MAX_SIDE, MAX_WIDTH, EncoderContract, Tensor, check_pair, encoder_beside, read_contract, read_encoder_contract,
+)
 from toolkit.errors import UserError, one_line
 from toolkit.memory import check_fits, gib
 
@@ -142,7 +144,7 @@ class Sampler:
                 raise UserError(f"encoder file not found: {self.encoder_path}")
             self._encoder()
         else:
-            self.encoder_path = path.with_name(f"{path.stem}-encoder{path.suffix}")
+            self.encoder_path = encoder_beside(path)
 
     def _check_batch_size(self) -> None:
         height, width = self.image_size
@@ -395,16 +397,7 @@ class Sampler:
             session = self._open(path, "cuda" if self._device == "cuda" else "cpu")
             meta = session.get_modelmeta().custom_metadata_map
             contract = read_encoder_contract(path, meta, _declared(session.get_inputs()), _declared(session.get_outputs()))
-            ours = (tuple(self.attributes), self.latent_dim, self.image_size, self.metadata.get("prior", "standard"))
-            theirs = (contract.attributes, contract.latent_dim, contract.image_size, contract.prior)
-            for what, mine, other in zip(("attributes", "latent_dim", "image_size", "prior"), ours, theirs):
-                if mine != other:
-                    raise UserError(f"{path} is not the encoder of {self.path}: its {what} is {list(other) if isinstance(other, tuple) else other}, "
-                                    f"the decoder's {list(mine) if isinstance(mine, tuple) else mine}")
-            decoder_weights = self.metadata.get("weights_sha256")
-            if decoder_weights and contract.weights_sha256 and decoder_weights != contract.weights_sha256:
-                raise UserError(f"{path} is not the encoder of {self.path}: they were exported from different weights "
-                                f"(weights_sha256 {contract.weights_sha256[:12]}... vs {decoder_weights[:12]}...); export both again with --encoder")
+            check_pair(self.path, self.contract, self.metadata, path, contract)
             height, width = self.image_size
             try:
                 outputs = session.run(list(contract.outputs), {"images": np.zeros((1, 3, height, width), np.float32),

@@ -547,6 +547,37 @@ def epoch_batches(
     return Batches(_loader(pipeline, num_workers, seed), _skips(skips, split, shards, manifest, max_skipped_fraction), length=count)
 
 
+def attribute_vectors(shards: str | Path, split: str) -> np.ndarray:
+    """Every attribute vector of `split`, in shard order, uint8 [N, A], read without decoding an
+    image (only the `.attr.npy` members are read: seconds for all of CelebA). A shard that cannot be
+    read is passed over (its samples are missing); a malformed vector is a UserError."""
+    manifest = read_manifest(shards, split)
+    width, vectors = len(manifest["attributes"]), []
+    for url in shard_urls(shards, split):
+        try:
+            stream = wds.gopen(url, "rb")
+        except Exception:
+            continue
+        try:
+            for member in wds.tariterators.tar_file_iterator(stream, select_files=lambda name: name.endswith(".attr.npy")):
+                vector = np.load(io.BytesIO(member["data"]), allow_pickle=False)
+                if vector.shape != (width,):
+                    raise UserError(f"{url}: {member['fname']} holds a vector of shape {list(vector.shape)}, expected [{width}] (the manifest's attributes)")
+                vectors.append(vector.astype(np.uint8))
+        except UserError:
+            raise
+        except Exception:
+            pass  # a shard that breaks off: what it held so far is kept (eval_batches counts such losses)
+        finally:
+            try:
+                stream.close()
+            except Exception:
+                pass
+    if not vectors:
+        raise UserError(f"the {split} split of {shards} holds no readable attribute vectors")
+    return np.stack(vectors)
+
+
 def eval_batches(
     shards: str | Path, split: str = "test", batch_size: int = 256, max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION
 ) -> Batches:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import toolkit
 from toolkit.atomic import atomic_path, check_output, write_text
+from toolkit.contract import EncoderContract, check_pair, encoder_beside
 from toolkit.errors import UserError
 
 PAGE_FILES = ("index.html", "app.js", "style.css")
@@ -75,11 +76,12 @@ def _ort_version(folder: Path) -> str | None:
         return None  # a bare copy of dist/: the version is unknown, the page works the same
 
 
-def read_model(path: Path) -> dict:
-    """An ONNX export's metadata, checked as every reader checks it (toolkit.inspection), parsed."""
+def read_model(path: Path) -> tuple[dict, object]:
+    """An ONNX export's metadata, checked as every reader checks it (toolkit.inspection), parsed;
+    and its contract (toolkit.contract)."""
     from toolkit.inspection import load_checked
 
-    proto = load_checked(path)
+    proto, contract = load_checked(path)
     meta = {entry.key: entry.value for entry in proto.metadata_props}
     parsed = {}
     for key, value in meta.items():  # JSON where the contract says so; the rest stays text
@@ -87,38 +89,30 @@ def read_model(path: Path) -> dict:
             parsed[key] = json.loads(value) if value[:1] in "[{" else value
         except ValueError:
             parsed[key] = value
-    return {"file": path.name, "metadata": parsed, "bytes": path.stat().st_size}
-
-
-def encoder_beside(export: Path) -> Path:
-    """OUT-encoder.onnx beside OUT.onnx (where `cvae-tk export --encoder` writes it)."""
-    return export.with_name(f"{export.stem}-encoder{export.suffix}")
+    return {"file": path.name, "metadata": parsed, "bytes": path.stat().st_size}, (contract, meta)
 
 
 def model_manifest(export: Path, ort_version: str | None = None) -> dict:
     """What model.json holds: the decoder's and (if present) the encoder's metadata, plus the few
     facts the page needs, already parsed."""
-    decoder = read_model(export)
-    if str(decoder["metadata"].get("cvae_tk.format", "")).startswith("encoder/"):
+    decoder, (decoder_contract, decoder_meta) = read_model(export)
+    if isinstance(decoder_contract, EncoderContract):
         raise UserError(f"{export} is an encoder: give the decoder (the sampler OUT.onnx beside it)")
     encoder_file = encoder_beside(export)
-    encoder = read_model(encoder_file) if encoder_file.is_file() else None
+    encoder = None
+    if encoder_file.is_file():  # as the Sampler checks it: the same names, sizes, prior and weights
+        encoder, (encoder_contract, _) = read_model(encoder_file)
+        check_pair(export, decoder_contract, decoder_meta, encoder_file, encoder_contract)
     meta = decoder["metadata"]
-    if encoder is not None:  # as the Sampler checks it: the same names and the same weights
-        other = encoder["metadata"]
-        if other.get("attributes") != meta["attributes"] or other.get("weights_sha256") != meta.get("weights_sha256"):
-            raise UserError(f"{encoder_file} is not the encoder of {export} (other attributes or weights_sha256): "
-                            f"export both again with `cvae-tk export --onnx RUN --out {export} --encoder`")
-    inputs = meta.get("inputs", ["attributes", "noise"])
     return {
         "format": FORMAT,
         "name": export.stem,
-        "attributes": meta["attributes"],
-        "latent_dim": int(meta["latent_dim"]),
-        "image_size": meta["image_size"],
+        "attributes": list(decoder_contract.attributes),
+        "latent_dim": decoder_contract.latent_dim,
+        "image_size": list(decoder_contract.image_size),
         "prior": meta.get("prior", "standard"),
-        "output": meta.get("output", "float32_nchw"),
-        "temperature_input": "temperature" in inputs,
+        "output": decoder_contract.output,
+        "temperature_input": decoder_contract.temperature_input,
         "decoder": decoder,
         "encoder": encoder,
         "onnxruntime_web": ort_version,
@@ -136,10 +130,16 @@ def build_page(export: str | Path, out: str | Path, ort_dist: str | Path | None 
     also serve it on 127.0.0.1 until interrupted (see `serve`)."""
     export, out = Path(export), Path(out)
     check_output(out, folder=True)  # user mistakes first, before anything is copied
+    if out.resolve() == export.resolve().parent:
+        raise UserError(f"--out {out} is the folder of {export.name} itself: write the page into a folder of its own "
+                        f"(it copies the export there and replaces the files of an earlier page)")
     dist = find_ort_dist(ort_dist)
     manifest = model_manifest(export, _ort_version(dist))
     out.mkdir(parents=True, exist_ok=True)
     previous = _previous_models(out)
+    # No model.json while the files change: a page half rebuilt (a full disk) fails to load instead
+    # of pairing a new model with an old one. It is written last.
+    (out / MANIFEST).unlink(missing_ok=True)
     static = resources.files("toolkit.web") / "static"
     for name in PAGE_FILES:
         with resources.as_file(static / name) as source:

@@ -128,7 +128,15 @@ async function decode(attributes, noise, rows, temperature = 1) {
   return output.images.data;
 }
 
-// images (decode's output) -> one ImageData per image.
+// Round half to even, as numpy's np.round does.
+function roundHalfEven(x) {
+  const r = Math.round(x);
+  return r - x === 0.5 && r % 2 !== 0 ? r - 1 : r;
+}
+
+// images (decode's output) -> one ImageData per image; a float output becomes grey levels exactly as
+// toolkit.sampler makes them: round(clip(x, 0, 1) * 255) with the product in float32 (Math.fround of
+// the exact double product of two float32 numbers is their float32 product).
 function toImages(images, rows) {
   const [H, W] = model.image_size, plane = H * W, result = [];
   const float = model.output !== 'uint8_nhwc';
@@ -137,7 +145,7 @@ function toImages(images, rows) {
     for (let p = 0; p < plane; p++) {
       for (let c = 0; c < 3; c++) {
         px[4 * p + c] = float
-          ? Math.round(Math.min(Math.max(images[(b * 3 + c) * plane + p], 0), 1) * 255)
+          ? roundHalfEven(Math.fround(Math.min(Math.max(images[(b * 3 + c) * plane + p], 0), 1) * 255))
           : images[(b * plane + p) * 3 + c];
       }
       px[4 * p + 3] = 255;
@@ -171,7 +179,8 @@ async function noiseFor(z, pixels, attributes) {
 // --- photo preparation -------------------------------------------------------------------------------
 
 // A photo (Blob) prepared as the encoder's `preprocessing` says: the centred square of `side` pixels
-// (clipped to the photo), then a bilinear resize to the model's size, on white (no transparency).
+// (a smaller photo is refused, as Sampler.preprocess refuses it), then the canvas's smooth resize to
+// the model's size (not PIL's bilinear one: see docs/web/README.md), on white (no transparency).
 // Returns {pixels: Float32Array [3, H, W] in [0, 1], image: ImageData}.
 async function preparePhoto(blob) {
   const bitmap = await createImageBitmap(blob, { imageOrientation: 'from-image' });
@@ -179,7 +188,12 @@ async function preparePhoto(blob) {
   const crop = model.encoder.metadata.preprocessing.crop;
   let [sx, sy, sw, sh] = [0, 0, bitmap.width, bitmap.height];
   if (crop && crop.kind === 'center') {
-    const side = Math.min(crop.side, bitmap.width, bitmap.height);
+    const side = crop.side;
+    if (side > Math.min(bitmap.width, bitmap.height)) {
+      bitmap.close();
+      throw new Error(`the photo is ${bitmap.width}x${bitmap.height}, smaller than the centre crop of ${side} the model's `
+        + `shards were made with: give a photo framed as the data set's (at least ${side}x${side})`);
+    }
     [sx, sy, sw, sh] = [bitmap.width / 2 - side / 2, bitmap.height / 2 - side / 2, side, side];
   }  // "bbox": the data set's own box, which a photo lacks: the whole photo (crop it beforehand)
   const canvas = new OffscreenCanvas(W, H);
