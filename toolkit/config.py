@@ -17,13 +17,13 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from toolkit.contract import PRIORS
 from toolkit.errors import UserError, one_line
 
 # Recipes ship beside the package (repo root / recipes); a recipe in the current folder wins.
 PACKAGED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 ARCHS = ("paper", "resnet")
-PRIORS = ("standard", "learned")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine")

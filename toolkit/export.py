@@ -61,8 +61,9 @@ import torch
 import toolkit
 from toolkit.atomic import atomic_path, check_output, describe_os_error
 from toolkit.errors import UserError, one_line
-from toolkit.contract import ENCODER_FORMAT, FORMAT_VERSION, encoder_beside, encoder_outputs, preprocessing_dict
+from toolkit.contract import ENCODER_FORMAT, FLOAT_OUTPUT, FORMAT_VERSION, UINT8_OUTPUT, encoder_beside, encoder_outputs, preprocessing_dict
 from toolkit.model import CVAE, WEIGHTS, load_model
+from toolkit.sampler import to_uint8
 
 OPSET = 18
 MIN_OPSET = 18  # torch's exporter writes opset 18+; its down-conversion breaks graphs (e.g. Split)
@@ -73,12 +74,7 @@ PARITY_TOLERANCE = 1e-4  # fp32, float output: max abs difference (strictly belo
 FP16_TOLERANCE = 1e-2  # fp16, float output
 UINT8_LEVELS = {"fp32": 1, "fp16": 3}  # uint8 output: grey levels (at most) from the quantized fp32 output
 
-FLOAT_OUTPUT, UINT8_OUTPUT = "float32_nchw", "uint8_nhwc"
-
-
-def quantize(images: np.ndarray) -> np.ndarray:
-    """float [B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3], as the --uint8 graph does (round half to even)."""
-    return np.round(np.clip(images, 0.0, 1.0) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+quantize = to_uint8  # float [B, 3, H, W] -> uint8 [B, H, W, 3], as the --uint8 graph does (toolkit.sampler)
 
 
 class SamplerGraph(torch.nn.Module):

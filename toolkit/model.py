@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolkit.atomic import save_state_dict, write_text
+from toolkit.contract import PRIORS
 from toolkit.errors import UserError, one_line
 
 
@@ -56,7 +57,6 @@ ARCH_OPTIONS: dict[str, dict[str, int]] = {
     "paper": {},
     "resnet": {"width": 64, "levels": 4, "embed_dim": 128},
 }
-PRIORS = ("standard", "learned")
 PRIOR_HIDDEN = 256  # the learned prior's MLP: Linear(A, 256) - SiLU - Linear(256, 2Z)
 
 

@@ -42,6 +42,7 @@ import numpy as np
 from toolkit.atomic import atomic_path, describe_os_error
 from toolkit.errors import UserError, one_line
 from toolkit.export import check_out
+from toolkit.sampler import to_uint8
 
 CALIBRATION_SAMPLES = 512
 CALIBRATION_BATCH = 64
@@ -232,7 +233,7 @@ def _grey(images: np.ndarray) -> np.ndarray:
     """Images as the grey levels a user sees (a --uint8 graph's output already is)."""
     if images.dtype == np.uint8:
         return images.astype(np.int16)
-    return np.round(np.clip(images, 0.0, 1.0) * 255).astype(np.int16)
+    return to_uint8(images).astype(np.int16)
 
 
 def parity_levels(fp32_bytes: bytes, int8_bytes: bytes, attributes: np.ndarray, seed: int = PARITY_SEED) -> dict[int, dict]:

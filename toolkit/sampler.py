@@ -375,7 +375,7 @@ class Sampler:
         start = 0
         for output in self._outputs(rows, noise, float(temperature)):  # to uint8 batch by batch: 1/4 of float memory
             if not self._uint8_output:
-                output = np.round(np.clip(output, 0.0, 1.0) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+                output = to_uint8(output)
             images[start : start + len(output)] = output
             start += len(output)
         return images
@@ -512,8 +512,14 @@ class Sampler:
             noise = (z - prior_mean) * np.exp(-0.5 * prior_logvar)
         output = next(self._outputs(after, noise.astype(np.float32), 1.0))
         if not self._uint8_output:
-            output = np.round(np.clip(output, 0.0, 1.0) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+            output = to_uint8(output)
         return output[0]
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """float [B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3]: round(clip(x, 0, 1) * 255), half to even,
+    the product in float32 -- what a --uint8 graph computes, and what every grey level of cvae-tk is."""
+    return np.round(np.clip(images, 0.0, 1.0) * np.float32(255)).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 def _temperature(value) -> float:
