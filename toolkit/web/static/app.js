@@ -293,6 +293,8 @@ function drawGrid(tiles, columns) {
   const roomHeight = Math.max(240, window.innerHeight - 190);
   const scale = Math.max(1, Math.floor(Math.min(roomWidth / canvas.width, roomHeight / canvas.height)));
   canvas.style.width = `${canvas.width * scale}px`;
+  // Small images (digits) enlarged as blocks; photos (64 px and up) smoothly, as a viewer shows them.
+  canvas.style.imageRendering = Math.min(H, W) < 64 ? 'pixelated' : 'auto';
 }
 
 // --- the controls --------------------------------------------------------------------------------------
