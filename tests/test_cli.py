@@ -172,3 +172,19 @@ def test_inspect_an_onnx_file_that_is_not_a_cvae_export(tmp_path):
 
 def test_inspect_a_missing_file(tmp_path):
     assert_user_error(run_cli(["inspect", "nope.onnx"], tmp_path), "nope.onnx")
+
+
+def test_the_cli_opts_out_of_onnx_runtime_telemetry_unless_told_otherwise():
+    """ONNX Runtime 1.29+ phones home from Linux by default (and warns on stderr where it cannot store
+    its device ID): the offline CLI sets ORT_DISABLE_TELEMETRY=1 before onnxruntime loads; a value
+    the user set wins."""
+    import os
+    import subprocess
+    import sys
+
+    probe = "import os, sys, toolkit.cli; import onnxruntime; print(os.environ['ORT_DISABLE_TELEMETRY'])"
+    env = {key: value for key, value in os.environ.items() if key != "ORT_DISABLE_TELEMETRY"}
+    for given, expected in ((None, "1"), ("0", "0")):
+        run_env = env if given is None else {**env, "ORT_DISABLE_TELEMETRY": given}
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=run_env, timeout=120)
+        assert done.returncode == 0 and done.stdout.strip() == expected, done.stderr

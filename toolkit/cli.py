@@ -6,14 +6,21 @@ Heavy libraries are imported inside the commands, so `cvae-tk sample` starts wit
 from __future__ import annotations
 
 import errno
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
 
-import typer
+# ONNX Runtime 1.29+ sends usage telemetry from Linux and macOS by default, and says so on stderr
+# when it cannot store its device ID (a read-only or foreign home folder). A command-line tool that
+# promises to work offline opts out, before onnxruntime is first imported; ORT_DISABLE_TELEMETRY=0
+# in the environment keeps ONNX Runtime's default. (The Sampler, a library, leaves the process as it finds it.)
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
-from toolkit.atomic import check_output
-from toolkit.errors import UserError, check_seed, one_line
+import typer  # noqa: E402
+
+from toolkit.atomic import check_output  # noqa: E402
+from toolkit.errors import UserError, check_seed, one_line  # noqa: E402
 
 app = typer.Typer(
     help="Train attribute-conditioned image generators (Conditional VAEs) and ship them as ONNX samplers.",
