@@ -27,9 +27,7 @@ from torch import nn
 
 from toolkit.atomic import save_state_dict, write_text
 from toolkit.errors import UserError, one_line
-
-WEIGHTS = "classifier.safetensors"
-CONFIG = "classifier.json"
+from toolkit.formats import CLASSIFIER_CONFIG as CONFIG, CLASSIFIER_WEIGHTS as WEIGHTS
 FORMAT = "cvae-tk-classifier"
 DEFAULTS = {"steps": 2000, "lr": 1e-3, "width": 32, "depth": 4}
 THRESHOLD = 0.0  # on the logit: probability 0.5

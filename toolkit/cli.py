@@ -357,7 +357,7 @@ def classifier_train(
     """
     from toolkit.classifier import DEFAULTS, train_classifier
     from toolkit.config import load_config
-    from toolkit.evaluate import resolve_device
+    from toolkit.devices import resolve_device
 
     import math
 

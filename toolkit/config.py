@@ -17,20 +17,18 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from toolkit.contract import PRIORS
+from toolkit.formats import ARCH_OPTIONS, ARCHS, PRIORS
 from toolkit.errors import UserError, one_line
 
 # Recipes ship beside the package (repo root / recipes); a recipe in the current folder wins.
 PACKAGED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
-ARCHS = ("paper", "resnet")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 SAMPLINGS = ("epochs", "resampled")
-# The model.* options each arch reads (model.ARCH_OPTIONS, kept here so that reading a recipe does not
-# import torch; a test keeps the two equal). Setting another arch's option does nothing: refused.
-ARCH_KEYS = {"paper": (), "resnet": ("width", "levels", "embed_dim")}
+# The model.* options each arch reads (toolkit.formats). Setting another arch's option does nothing: refused.
+ARCH_KEYS = {arch: tuple(options) for arch, options in ARCH_OPTIONS.items()}
 
 
 @dataclass
@@ -50,9 +48,9 @@ class ModelConfig:
     arch: str = "paper"  # paper: PAPER.md's architecture | resnet: deeper, for 64x64 / 128x128
     latent_dim: int = 128
     prior: str = "standard"  # standard: N(0, I) (the paper's code) | learned: p(z | x) from the attributes
-    width: int = 64  # resnet: channels of the first level (doubling per level, up to 2x)
-    levels: int = 4  # resnet: downsamplings (64x64 -> 4x4); H and W must be multiples of 2**levels
-    embed_dim: int = 128  # resnet: size of the attribute embedding that conditions every block
+    width: int = ARCH_OPTIONS["resnet"]["width"]  # resnet: channels of the first level (doubling per level, up to 2x)
+    levels: int = ARCH_OPTIONS["resnet"]["levels"]  # resnet: downsamplings (64x64 -> 4x4); H and W must be multiples of 2**levels
+    embed_dim: int = ARCH_OPTIONS["resnet"]["embed_dim"]  # resnet: size of the attribute embedding that conditions every block
 
 
 @dataclass

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from toolkit.errors import UserError
+from toolkit.formats import PRIORS  # noqa: F401 (re-exported)
 
 FORMAT = "sampler/1"
 ENCODER_FORMAT = "encoder/1"
@@ -31,7 +32,6 @@ ENCODER_INPUTS = ("images", "attributes")
 # client needs to turn a z into the decoder's `noise` input (see toolkit.sampler.Sampler.edit).
 ENCODER_OUTPUTS = ("mean", "logvar")
 PRIOR_OUTPUTS = ("prior_mean", "prior_logvar")
-PRIORS = ("standard", "learned")
 RESIZE, VALUE_RANGE, LAYOUT, CHANNELS = "bilinear", [0, 1], "NCHW", "RGB"
 # Sanity limits for what a file may declare: far beyond any real model, small enough that a
 # hostile or broken file is refused before it asks for terabytes.

@@ -283,7 +283,7 @@ def interpolate_attributes(model, start: AttributeLike, end: AttributeLike, step
 
 def load_run_model(run_dir: str | Path, device: str = "auto"):
     """load_model with a clear message for a missing folder; moved to the resolved device, eval mode."""
-    from toolkit.evaluate import resolve_device
+    from toolkit.devices import resolve_device
     from toolkit.model import load_model
 
     run_dir = Path(run_dir)

@@ -45,27 +45,16 @@ import torch
 from toolkit.atomic import write_text
 from toolkit.config import DataConfig
 from toolkit.errors import UserError, one_line
+from toolkit.devices import resolve_device
+from toolkit.formats import CLASSIFIER_CONFIG, METRICS, RECIPE
 
-METRICS_FILE = "metrics.json"
+METRICS_FILE = METRICS  # RUN/metrics.json (toolkit.formats)
 DIVERSITY_CONDITIONS = 32  # test attribute vectors diversity is averaged over
 DIVERSITY_SAMPLES = 8
 CLASSIFIER_METRICS = ("attr_acc", "attr_acc_top1", "attr_acc_floor", "attr_acc_floor_top1", "attr_acc_real", "attr_acc_real_top1",
                       "control", "control_all", "control_attributes")  # None without a classifier
 CONTROL_CONDITIONS = 256  # test attribute vectors the control score uses (two images each per attribute)
 CONTROL_ALL_LIMIT = 64  # with more attributes, control is scored for the reliable ones only (2 x 256 images each)
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is a UserError."""
-    name = str(device)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is available here (use cpu or auto)")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device '{name}': expected auto | cpu | cuda") from None
 
 
 # --- reconstruction and KL ----------------------------------------------------------------------
@@ -280,7 +269,7 @@ def run_shards(run_dir: str | Path) -> str:
     """The shards a run was trained on: data.shards of RUN/recipe.yaml."""
     from omegaconf import OmegaConf
 
-    path = Path(run_dir) / "recipe.yaml"
+    path = Path(run_dir) / RECIPE
     if not path.is_file():
         raise UserError(f"{run_dir} has no recipe.yaml to find its shards in; pass --shards")
     try:
@@ -301,11 +290,10 @@ def run_shards(run_dir: str | Path) -> str:
 def find_classifier(run_dir: str | Path, recipe: str | None = None) -> Path | None:
     """Where a classifier for this run sits, if anywhere: RUN/../classifier, then
     RUN/../<recipe>-classifier (where `cvae-tk classifier train recipe=<recipe>` writes)."""
-    from toolkit.classifier import CONFIG
 
     parent = Path(run_dir).resolve().parent
     candidates = [parent / "classifier"] + ([parent / f"{recipe}-classifier"] if recipe else [])
-    return next((c for c in candidates if (c / CONFIG).is_file()), None)
+    return next((c for c in candidates if (c / CLASSIFIER_CONFIG).is_file()), None)
 
 
 def evaluate_run(

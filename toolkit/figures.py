@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from toolkit.atomic import atomic_path
+from toolkit.formats import LOGS
 
 PAD = 2
 BACKGROUND = (255, 255, 255)
@@ -243,7 +244,7 @@ def read_scalars(run_dir, tags=CURVES) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
     found: dict[str, dict[int, float]] = {tag: {} for tag in tags}
-    logs = Path(run_dir) / "logs"
+    logs = Path(run_dir) / LOGS
     folders = sorted({p.parent for p in logs.rglob("events.out.tfevents.*")}) if logs.is_dir() else []
     for folder in folders:
         accumulator = EventAccumulator(str(folder), size_guidance={SCALARS: 0})

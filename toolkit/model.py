@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolkit.atomic import save_state_dict, write_text
-from toolkit.contract import PRIORS
 from toolkit.errors import UserError, one_line
+from toolkit.formats import ARCH_OPTIONS, ARCHS, CONFIG, PRIORS, RECIPE, WEIGHTS, check_choice  # noqa: F401 (ARCH_OPTIONS, PRIORS, ...: re-exported)
 
 
 @dataclass
@@ -51,12 +51,6 @@ class ModelSpec:
         return len(self.attributes)
 
 
-# The hyper-parameters each arch takes, with their defaults (the same as ModelConfig's). A model's
-# spec always holds the complete set for its arch, so config.json rebuilds it exactly.
-ARCH_OPTIONS: dict[str, dict[str, int]] = {
-    "paper": {},
-    "resnet": {"width": 64, "levels": 4, "embed_dim": 128},
-}
 PRIOR_HIDDEN = 256  # the learned prior's MLP: Linear(A, 256) - SiLU - Linear(256, 2Z)
 
 
@@ -67,16 +61,14 @@ def arch_options(arch: str, values: Mapping | object = ()) -> dict[str, int]:
         arch_options("resnet", config.model)  -> {"width": 64, "levels": 4, "embed_dim": 128}
         arch_options("paper", config.model)   -> {}
     """
-    if arch not in ARCH_OPTIONS:
-        raise UserError(f"unknown model.arch '{arch}': expected {' | '.join(ARCH_OPTIONS)}")
+    check_choice(arch, ARCHS, "model.arch")
     get = values.get if isinstance(values, Mapping) else lambda key, default: getattr(values, key, default)
     return {key: get(key, default) for key, default in ARCH_OPTIONS[arch].items()}
 
 
 def _check_options(arch: str, options: Mapping) -> dict[str, int]:
     """`options` completed with the arch's defaults; an unknown key or a non-positive value is a UserError."""
-    if arch not in ARCH_OPTIONS:
-        raise UserError(f"unknown model.arch '{arch}': expected {' | '.join(ARCH_OPTIONS)}")
+    check_choice(arch, ARCHS, "model.arch")
     unknown = sorted(set(options) - set(ARCH_OPTIONS[arch]))
     if unknown:
         takes = ", ".join(ARCH_OPTIONS[arch]) or "none"
@@ -278,10 +270,8 @@ class LearnedPrior(nn.Module):
 class CVAE(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
-        if spec.arch not in ARCH_OPTIONS:
-            raise UserError(f"unknown model.arch '{spec.arch}': expected {' | '.join(ARCH_OPTIONS)}")
-        if spec.prior not in PRIORS:
-            raise UserError(f"unknown model.prior '{spec.prior}': expected {' | '.join(PRIORS)}")
+        check_choice(spec.arch, ARCHS, "model.arch")
+        check_choice(spec.prior, PRIORS, "model.prior")
         options = _check_options(spec.arch, spec.options or {})
         size = tuple(spec.image_size)
         # the model's own copy, options completed: what config.json records
@@ -349,8 +339,6 @@ def init_weights(module: nn.Module) -> None:
 
 # --- saving and loading: safetensors + config.json, never pickle ---------------------------------
 
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
 
 
 def save_model(model: CVAE, folder: str | Path) -> None:
@@ -370,7 +358,7 @@ def _no_final_model(folder: Path, missing: Path) -> UserError:
         return UserError(f"{folder} is not a trained run: expected {missing} (written by `cvae-tk train` when it finishes)")
     newest = checkpoints[-1].parent
     step = newest.name.rsplit("-", 1)[-1]
-    recipe = folder / "recipe.yaml"
+    recipe = folder / RECIPE
     how = (f"`cvae-tk train recipe={recipe} run_dir={folder} resume=latest max_steps={step}` writes it from there"
            if recipe.is_file() else "finish the training with resume=latest, which writes it")
     return UserError(f"{folder} has no final model ({missing.name} is missing: the training did not finish); "

@@ -26,12 +26,9 @@ from tqdm import tqdm
 from toolkit.config import TrainConfig
 from toolkit.data.stream import read_manifest
 from toolkit.errors import UserError
+from toolkit.formats import CHECKPOINTS, LOCK, RECIPE, RUN_FILES  # noqa: F401 (CHECKPOINTS, RUN_FILES: re-exported)
 
-CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its presence marks it complete
-LOCK = ".lock"  # RUN/.lock: {"pid", "host", "started"} of the training that writes the folder
-# What a training run (and `cvae-tk eval`) writes into its folder: overwrite=true removes these, nothing else.
-RUN_FILES = ("model.safetensors", "config.json", "recipe.yaml", "samples.png", "metrics.json", CHECKPOINTS, "samples", "logs", "seen")
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -234,7 +231,7 @@ def _differences(run_dir: Path, config: TrainConfig) -> dict | None:
     the sweep's own comparison), or None without a readable recipe.yaml."""
     from toolkit.sweep import RESUMABLE_KEYS, config_differences
 
-    if not (run_dir / "recipe.yaml").is_file():
+    if not (run_dir / RECIPE).is_file():
         return None
     try:
         differ = config_differences(run_dir, config)

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from toolkit.atomic import check_output, write_text
 from toolkit.errors import UserError, one_line
+from toolkit.formats import CLASSIFIER_WEIGHTS, CONFIG, METRICS, RECIPE, WEIGHTS
 
 PAPER_BETAS = (0.25, 0.5, 0.75, 0.9)
 SET_BY_SWEEP = ("beta", "run_dir", "resume")  # the sweep sets these per run
@@ -150,7 +151,7 @@ def config_differences(run_dir: Path, config) -> dict[str, tuple]:
     from toolkit.config import TrainConfig
 
     try:
-        saved = _flatten(OmegaConf.to_container(OmegaConf.load(run_dir / "recipe.yaml")))
+        saved = _flatten(OmegaConf.to_container(OmegaConf.load(run_dir / RECIPE)))
     except Exception as error:
         raise UserError(f"{run_dir / 'recipe.yaml'} is not readable: {one_line(error)}; delete {run_dir} to retrain it") from None
     wanted = _flatten(OmegaConf.to_container(OmegaConf.structured(config)))
@@ -168,10 +169,9 @@ def config_differences(run_dir: Path, config) -> dict[str, tuple]:
 def decide(run_dir: Path, config) -> tuple[str, str]:
     """(action, why) for one run folder: reuse a finished identical run, resume an interrupted one (or
     one that only asks for more steps), train a new one; refuse a folder holding another experiment."""
-    from toolkit.model import WEIGHTS
     from toolkit.run_folder import checkpoint_step, find_checkpoint
 
-    if not (run_dir / "recipe.yaml").is_file():
+    if not (run_dir / RECIPE).is_file():
         return "train", "new run"
     differ = config_differences(run_dir, config)
     finished = (run_dir / WEIGHTS).is_file()
@@ -291,11 +291,9 @@ def train_runs(runs: list[Run], launcher: str | None, log) -> None:
 
 
 def evaluation_matches(report: dict, run_dir: Path, classifier: Path | None, step) -> bool:
-    from toolkit.classifier import WEIGHTS as CLASSIFIER_WEIGHTS
     from toolkit.evaluate import CONTROL_CONDITIONS, DIVERSITY_CONDITIONS, DIVERSITY_SAMPLES
-    from toolkit.model import WEIGHTS
 
-    path = run_dir / "metrics.json"
+    path = run_dir / METRICS
     judged_after = classifier is None or path.stat().st_mtime >= (Path(classifier) / CLASSIFIER_WEIGHTS).stat().st_mtime
     return (
         path.stat().st_mtime >= (run_dir / WEIGHTS).stat().st_mtime
@@ -318,7 +316,7 @@ def evaluate_runs(runs: list[Run], classifier: Path | None, device: str, log) ->
 
     reports = {}
     for run in runs:
-        path = run.run_dir / "metrics.json"
+        path = run.run_dir / METRICS
         step = (read_spec(run.run_dir).extra or {}).get("step")
         report = None
         if run.action == "reuse" and path.is_file():
@@ -371,7 +369,7 @@ def table_caption(runs: list[Run], reports: dict, classifier: Path | None) -> st
     config = runs[0].config
     report = next(iter(reports.values()))
     metrics = report["metrics"]
-    size = "x".join(str(s) for s in json.loads((runs[0].run_dir / "config.json").read_text())["image_size"])
+    size = "x".join(str(s) for s in json.loads((runs[0].run_dir / CONFIG).read_text())["image_size"])
     text = (
         f"Recipe `{config.recipe}`, {config.max_steps} steps of batch {config.batch_size} per beta (model `{config.model.arch}`, "
         f"latent {config.model.latent_dim}, {config.model.prior} prior); test split of `{report['shards']}`: {metrics['count']} images, {size}. "
@@ -452,7 +450,7 @@ def run_sweep(
     launcher_prefix(launcher)  # an unparsable --launcher stops here too
     runs, out, overrides = plan(args, out)  # argument mistakes stop here, before torch is even imported
     from toolkit.data.stream import read_manifest
-    from toolkit.evaluate import resolve_device
+    from toolkit.devices import resolve_device
 
     config = runs[0].config
     read_manifest(config.data.shards, "train")  # the shards must be there before anything starts

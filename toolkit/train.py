@@ -48,6 +48,7 @@ from toolkit.config import DataConfig, TrainConfig, load_config, to_yaml
 from toolkit.data.stream import Skips, batches_per_rank, epoch_batches, eval_batches, read_manifest, train_batches, worker_died
 from toolkit.errors import UserError, one_line
 from toolkit.figures import split_classes
+from toolkit.formats import LOGS, RECIPE, SAMPLES, SAMPLES_GRID, SEEN
 from toolkit.loss import cvae_loss
 from toolkit.model import CVAE, ModelSpec, arch_options, save_model
 from toolkit.run_folder import (  # noqa: F401  (CHECKPOINTS, LOCK, ...: the names tests and callers import from here)
@@ -373,7 +374,7 @@ def train(config: TrainConfig) -> Path:
             mixed_precision=None if config.mixed_precision == "auto" else config.mixed_precision,
             gradient_accumulation_steps=config.grad_accum,
             log_with="tensorboard",
-            project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+            project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / LOGS)),
             # a collective that waits longer than this (a rank frozen or its machine gone) fails instead of hanging
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.dist_timeout_s))],
         )
@@ -468,7 +469,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, run_dir: Path) -> Path
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         # the sweep compares it: never half-written; overwrite is an action on the folder, not a setting of the run
-        write_text(run_dir / "recipe.yaml", to_yaml(dataclasses.replace(config, overwrite=False)))
+        write_text(run_dir / RECIPE, to_yaml(dataclasses.replace(config, overwrite=False)))
         accelerator.init_trackers("cvae", config={"beta": config.beta, "lr": config.lr, "batch_size": config.batch_size})
         print(f"training {spec.arch} CVAE ({spec.prior} prior) on {config.data.shards} ({stream.train_count} train images, "
               f"{spec.image_size[0]}x{spec.image_size[1]}, {spec.num_attributes} attributes) on {accelerator.device}, "
@@ -476,18 +477,18 @@ def _train(config: TrainConfig, accelerator: Accelerator, run_dir: Path) -> Path
               + (f"; resuming from {resume_from} (step {start_step})" if resume_from else ""))
     seen_file = None
     if config.data.record_keys:
-        (run_dir / "seen").mkdir(parents=True, exist_ok=True)
-        seen_file = open(run_dir / "seen" / f"rank-{accelerator.process_index}.txt", "a")
+        (run_dir / SEEN).mkdir(parents=True, exist_ok=True)
+        seen_file = open(run_dir / SEEN / f"rank-{accelerator.process_index}.txt", "a")
 
     def write_grids(step: int) -> None:
         unwrapped = accelerator.unwrap_model(model).eval()
         tracker = accelerator.get_tracker("tensorboard", unwrap=True)
-        (run_dir / "samples").mkdir(exist_ok=True)
+        (run_dir / SAMPLES).mkdir(exist_ok=True)
         samples = sample_grid(unwrapped, grid_attributes, grid_noise)
-        save_grid(samples, run_dir / "samples" / f"step-{step:06d}.png")
+        save_grid(samples, run_dir / SAMPLES / f"step-{step:06d}.png")
         tracker.add_image("samples", samples, step)
         recon = reconstruction_grid(unwrapped, fixed_images, fixed_attributes)
-        save_grid(recon, run_dir / "samples" / f"reconstructions-{step:06d}.png")
+        save_grid(recon, run_dir / SAMPLES / f"reconstructions-{step:06d}.png")
         tracker.add_image("reconstructions", recon, step)
         unwrapped.train()
 
@@ -612,7 +613,7 @@ def _train(config: TrainConfig, accelerator: Accelerator, run_dir: Path) -> Path
             **{k.replace("test/", "test_"): round(v, 4) for k, v in metrics.items()},
         }
         save_model(final, run_dir)
-        save_grid(sample_grid(final, grid_attributes, grid_noise), run_dir / "samples.png")
+        save_grid(sample_grid(final, grid_attributes, grid_noise), run_dir / SAMPLES_GRID)
         if metrics:
             print(
                 f"test: MSE {metrics['test/mse_per_image']:.2f} per image ({metrics['test/mse_per_pixel']:.5f} per pixel), "

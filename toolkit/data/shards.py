@@ -38,8 +38,8 @@ import numpy as np
 
 from toolkit.atomic import write_text
 from toolkit.errors import UserError
+from toolkit.formats import MANIFEST  # noqa: F401 (re-exported)
 
-MANIFEST = "manifest.json"
 # Fixed member time (2000-01-01) so rebuilds are byte-identical. An int: a float mtime makes
 # tarfile add a PAX header to every member, doubling the header work.
 FIXED_MTIME = 946_684_800

@@ -42,8 +42,8 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from toolkit.config import DataConfig
-from toolkit.data.shards import MANIFEST
 from toolkit.errors import UserError, one_line
+from toolkit.formats import FIELDS, MANIFEST
 
 DEFAULT_MAX_SKIPPED_FRACTION = DataConfig.max_skipped_fraction  # data.max_skipped_fraction
 SKIPPED = "__skipped__"  # marks a skip report (shard, reason, samples lost) travelling in place of a sample
@@ -56,7 +56,6 @@ _SHARD_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\.tar")
 # extracted; a member name is only split into key and field. Other members (links, folders,
 # webdataset's `__key__` / `__url__` names, stray files) are skipped unread, so they cannot clash
 # with the sample's own fields.
-FIELDS = ("png", "jpg", "attr.npy")
 
 
 def _is_url(shards: str | Path) -> bool:

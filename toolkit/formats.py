@@ -1,0 +1,48 @@
+"""The names and choices every stage agrees on, in one place (standard library only, so reading a
+recipe, a run folder or an export never imports torch). The ONNX files' own contract (inputs,
+outputs, metadata) is toolkit/contract.py; the shards' on-disk format is shards/README.md.
+
+Import the name, never retype the string: a renamed file then changes everywhere at once.
+"""
+
+from __future__ import annotations
+
+# --- a run folder (runs/NAME/), written by toolkit/train.py --------------------------------------
+WEIGHTS = "model.safetensors"  # the final fp32 weights
+CONFIG = "config.json"  # the ModelSpec that rebuilds the network (toolkit.model.load_model)
+RECIPE = "recipe.yaml"  # the complete, resolved recipe the run was started with
+SAMPLES_GRID = "samples.png"  # the final sample grid
+SAMPLES = "samples"  # grids during training: step-NNNNNN.png, reconstructions-NNNNNN.png
+METRICS = "metrics.json"  # written by `cvae-tk eval`
+CHECKPOINTS = "checkpoints"  # checkpoint-<step>/ folders (Accelerate's save_state)
+LOGS = "logs"  # TensorBoard
+SEEN = "seen"  # data.record_keys: rank-<r>.txt, the sample keys each rank trained on
+LOCK = ".lock"  # {"pid", "host", "started"} of the training that writes the folder
+# What a training run (and `cvae-tk eval`) writes into its folder: overwrite=true removes these, nothing else.
+RUN_FILES = (WEIGHTS, CONFIG, RECIPE, SAMPLES_GRID, METRICS, CHECKPOINTS, SAMPLES, LOGS, SEEN)
+
+# --- an attribute classifier's folder (`cvae-tk classifier train`), the judge of evaluation ---------
+CLASSIFIER_WEIGHTS = "classifier.safetensors"
+CLASSIFIER_CONFIG = "classifier.json"
+
+# --- shards (shards/NAME/<split>/), written by toolkit/data/shards.py ----------------------------
+MANIFEST = "manifest.json"  # one per split, written last: a split is complete only once it exists
+FIELDS = ("png", "jpg", "attr.npy")  # the tar members of a sample: <key>.png or <key>.jpg, <key>.attr.npy
+
+# --- model choices ---------------------------------------------------------------------------------
+PRIORS = ("standard", "learned")  # N(0, I), the paper's | p(z | attributes), an MLP
+# The hyper-parameters each arch takes, with their defaults (ModelConfig's are these). A model's
+# spec always holds the complete set for its arch, so config.json rebuilds it exactly.
+ARCH_OPTIONS: dict[str, dict[str, int]] = {
+    "paper": {},
+    "resnet": {"width": 64, "levels": 4, "embed_dim": 128},
+}
+ARCHS = tuple(ARCH_OPTIONS)
+
+
+def check_choice(value: str, choices, key: str) -> None:
+    """Refuse a value that is not one of `choices` (ARCHS, PRIORS), naming the recipe key."""
+    from toolkit.errors import UserError
+
+    if value not in choices:
+        raise UserError(f"unknown {key} '{value}': expected {' | '.join(choices)}")
