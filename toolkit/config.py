@@ -45,7 +45,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "paper"  # paper: PAPER.md's architecture | resnet: deeper, for 64x64 / 128x128
+    arch: str = "paper"  # paper: the paper's architecture (docs/method.md) | resnet: deeper, for 64x64 / 128x128
     latent_dim: int = 128
     prior: str = "standard"  # standard: N(0, I) (the paper's code) | learned: p(z | x) from the attributes
     width: int = ARCH_OPTIONS["resnet"]["width"]  # resnet: channels of the first level (doubling per level, up to 2x)

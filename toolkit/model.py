@@ -3,7 +3,7 @@
 Shapes: images [B, 3, H, W] in [0, 1], attributes [B, A] (0/1 floats), latent z [B, Z].
 
 Two architectures (`ModelSpec.arch`):
-- `paper`: PAPER.md's network exactly. Any H x W works. The encoder's two 2x2 max-pools floor the
+- `paper`: the paper's network exactly (docs/method.md). Any H x W works. The encoder's two 2x2 max-pools floor the
   sides (218 -> 109 -> 54); the decoder starts from ceil(H/4) x ceil(W/4), doubles twice and
   centre-crops to H x W, so every output pixel is computed by the network (no constant padding
   rows) and the output always has the input's size.
