@@ -63,15 +63,27 @@ def main() -> None:
                 s.run(["images"], feed)
                 times[kind].append(time.perf_counter() - start)
         median = {kind: statistics.median(t) for kind, t in times.items()}
-        row = {"batch": batch, "fp32_ms": median["fp32"] * 1e3, "int8_ms": median["int8"] * 1e3,
-               "int8_over_fp32": median["fp32"] / median["int8"], "calls": len(times["fp32"]),
-               "grey_mean": float(difference.mean()), "grey_p99": float(np.percentile(difference, 99)), "grey_max": int(difference.max())}
+        row = {
+            "batch": batch,
+            "fp32_ms": median["fp32"] * 1e3,
+            "int8_ms": median["int8"] * 1e3,
+            "int8_over_fp32": median["fp32"] / median["int8"],
+            "calls": len(times["fp32"]),
+            "grey_mean": float(difference.mean()),
+            "grey_p99": float(np.percentile(difference, 99)),
+            "grey_max": int(difference.max()),
+        }
         rows.append(row)
-        print(f"batch {batch:4}: fp32 {row['fp32_ms']:8.2f} ms  int8 {row['int8_ms']:8.2f} ms  speed-up {row['int8_over_fp32']:.2f}x  "
-              f"grey levels mean {row['grey_mean']:.2f} / p99 {row['grey_p99']:.0f} / max {row['grey_max']}  ({row['calls']} calls each)", flush=True)
+        print(
+            f"batch {batch:4}: fp32 {row['fp32_ms']:8.2f} ms  int8 {row['int8_ms']:8.2f} ms  speed-up {row['int8_over_fp32']:.2f}x  "
+            f"grey levels mean {row['grey_mean']:.2f} / p99 {row['grey_p99']:.0f} / max {row['grey_max']}  ({row['calls']} calls each)",
+            flush=True,
+        )
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
-    (out / "int8.json").write_text(json.dumps({"fp32": str(args.fp32), "int8": str(int8_path), "rows": rows}, indent=1) + "\n")
+    (out / "int8.json").write_text(
+        json.dumps({"fp32": str(args.fp32), "int8": str(int8_path), "rows": rows}, indent=1) + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -47,8 +47,13 @@ from toolkit.model import CVAE, ModelSpec, arch_options  # noqa: E402
 
 MODELS = {
     "celeba": dict(attributes=40, image_size=(218, 178), arch="paper", prior="standard", options={}),
-    "celeba64": dict(attributes=40, image_size=(64, 64), arch="resnet", prior="learned",
-                     options={"width": 64, "levels": 4, "embed_dim": 128}),
+    "celeba64": dict(
+        attributes=40,
+        image_size=(64, 64),
+        arch="resnet",
+        prior="learned",
+        options={"width": 64, "levels": 4, "embed_dim": 128},
+    ),
 }
 
 
@@ -56,7 +61,14 @@ def build(name: str) -> CVAE:
     cfg = MODELS[name]
     torch.manual_seed(0)
     options = arch_options(cfg["arch"], cfg["options"]) if cfg["options"] else {}
-    spec = ModelSpec([f"a{i}" for i in range(cfg["attributes"])], cfg["image_size"], 128, cfg["arch"], prior=cfg["prior"], options=options)
+    spec = ModelSpec(
+        [f"a{i}" for i in range(cfg["attributes"])],
+        cfg["image_size"],
+        128,
+        cfg["arch"],
+        prior=cfg["prior"],
+        options=options,
+    )
     return CVAE(spec).eval()
 
 
@@ -79,7 +91,9 @@ def traffic_floor(model: CVAE, batch: int, bytes_per_value: int = 4) -> float:
     def count(module, inputs, output):
         nonlocal activations
         tensors = [t for t in inputs if torch.is_tensor(t)] + ([output] if torch.is_tensor(output) else [])
-        activations += sum(t.numel() * (bytes_per_value if t.is_floating_point() else t.element_size()) for t in tensors)
+        activations += sum(
+            t.numel() * (bytes_per_value if t.is_floating_point() else t.element_size()) for t in tensors
+        )
 
     parts = [model.decoder] + ([model.prior_net] if getattr(model, "prior_net", None) is not None else [])
     for part in parts:
@@ -120,12 +134,15 @@ def graph_session(onnx_bytes: bytes, batch: int, attributes: np.ndarray, noise: 
     cuda_options = {"enable_cuda_graph": "1", **cuda_options}
     session = ort.InferenceSession(onnx_bytes, options, providers=[("CUDAExecutionProvider", cuda_options)])
     binding = session.io_binding()
-    inputs = {"attributes": ort.OrtValue.ortvalue_from_numpy(attributes, "cuda", 0),
-              "noise": ort.OrtValue.ortvalue_from_numpy(noise, "cuda", 0)}
+    inputs = {
+        "attributes": ort.OrtValue.ortvalue_from_numpy(attributes, "cuda", 0),
+        "noise": ort.OrtValue.ortvalue_from_numpy(noise, "cuda", 0),
+    }
     for name, value in inputs.items():
         binding.bind_ortvalue_input(name, value)
     output = ort.OrtValue.ortvalue_from_shape_and_type(
-        [batch, *session.get_outputs()[0].shape[1:]], np.float32, "cuda", 0)
+        [batch, *session.get_outputs()[0].shape[1:]], np.float32, "cuda", 0
+    )
     binding.bind_ortvalue_output("images", output)
 
     def call():
@@ -142,8 +159,12 @@ def main() -> None:
     parser.add_argument("--models", default="celeba,celeba64")
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--calibration", type=int, default=128, help="calibration samples of the int8 export (CPU only)")
-    parser.add_argument("--bandwidth", type=float, help="memory bandwidth in GB/s for the floor (default: measured host copy)")
+    parser.add_argument(
+        "--calibration", type=int, default=128, help="calibration samples of the int8 export (CPU only)"
+    )
+    parser.add_argument(
+        "--bandwidth", type=float, help="memory bandwidth in GB/s for the floor (default: measured host copy)"
+    )
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     cuda = args.device == "cuda"
@@ -151,8 +172,11 @@ def main() -> None:
     bandwidth = args.bandwidth * 1e9 if args.bandwidth else copy_bandwidth(args.device)
     provider = "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"
     gpu = torch.cuda.get_device_name() if cuda else "cpu"
-    print(f"{gpu}; bandwidth: {bandwidth / 1e9:.1f} GB/s; ONNX Runtime {ort.__version__} provider: {provider}; "
-          f"torch {torch.__version__}, threads: {torch.get_num_threads()}", flush=True)
+    print(
+        f"{gpu}; bandwidth: {bandwidth / 1e9:.1f} GB/s; ONNX Runtime {ort.__version__} provider: {provider}; "
+        f"torch {torch.__version__}, threads: {torch.get_num_threads()}",
+        flush=True,
+    )
     device = torch.device(args.device)
     rows = []
     for name in args.models.split(","):
@@ -160,14 +184,21 @@ def main() -> None:
         exports = {"ort": to_onnx(model)}
         sessions = {"ort": ort.InferenceSession(exports["ort"], providers=[provider])}
         if not cuda:  # int8 QDQ is a CPU format here
-            calibration_attributes = (np.random.default_rng(0).random((args.calibration, model.spec.num_attributes)) > 0.5).astype(np.float32)
+            calibration_attributes = (
+                np.random.default_rng(0).random((args.calibration, model.spec.num_attributes)) > 0.5
+            ).astype(np.float32)
             names = ["attributes", "noise"]
             started = time.perf_counter()
             exports["ort_int8"] = quantize.quantize_bytes(
-                exports["ort"], quantize.feeds(names, calibration_attributes, model.spec.latent_dim, quantize.CALIBRATION_BATCH, 0))
+                exports["ort"],
+                quantize.feeds(names, calibration_attributes, model.spec.latent_dim, quantize.CALIBRATION_BATCH, 0),
+            )
             sessions["ort_int8"] = ort.InferenceSession(exports["ort_int8"], providers=[provider])
             levels = quantize.parity_levels(exports["ort"], exports["ort_int8"], calibration_attributes)
-            print(f"{name}: int8 quantized in {time.perf_counter() - started:.1f} s; grey levels from fp32: {quantize.describe(levels)}", flush=True)
+            print(
+                f"{name}: int8 quantized in {time.perf_counter() - started:.1f} s; grey levels from fp32: {quantize.describe(levels)}",
+                flush=True,
+            )
         if cuda:
             exports["ort_fp16"] = to_onnx(model, fp16=True)
             sessions["ort_fp16"] = ort.InferenceSession(exports["ort_fp16"], providers=[provider])
@@ -205,9 +236,14 @@ def main() -> None:
                     binding.bind_ortvalue_input("attributes", ort.OrtValue.ortvalue_from_numpy(attributes, "cuda", 0))
                     binding.bind_ortvalue_input("noise", ort.OrtValue.ortvalue_from_numpy(noise, "cuda", 0))
                     binding.bind_output("images", "cuda", 0)
-                    ways[label] = lambda session=session, binding=binding: (session.run_with_iobinding(binding), binding.synchronize_outputs())
+                    ways[label] = lambda session=session, binding=binding: (
+                        session.run_with_iobinding(binding),
+                        binding.synchronize_outputs(),
+                    )
                 else:
-                    ways[label] = lambda session=session: session.run(["images"], {"attributes": attributes, "noise": noise})
+                    ways[label] = lambda session=session: session.run(
+                        ["images"], {"attributes": attributes, "noise": noise}
+                    )
             if cuda:
                 for label in list(exports):
                     # prefer_nhwc: convolutions in channels-last layout, which tensor cores want
@@ -232,22 +268,46 @@ def main() -> None:
             best_label = min(times, key=times.get)
             best = times[best_label]
             low_precision = "fp16" in best_label or "bf16" in best_label
-            row = {"model": name, "batch": batch, **{f"{k}_ms": v * 1e3 for k, v in times.items()},
-                   **{f"{k}_images_per_s": batch / v for k, v in times.items()},
-                   "ort_over_torch": times.get("torch", float("nan")) / times.get("ort", float("nan")),
-                   **({"int8_over_fp32": times["ort"] / times["ort_int8"]} if "ort_int8" in times and "ort" in times else {}),
-                   "floor_ms": floor * 1e3, "floor16_ms": floor16 * 1e3,
-                   "best": best_label, "best_over_floor": best / (floor16 if low_precision else floor)}
+            row = {
+                "model": name,
+                "batch": batch,
+                **{f"{k}_ms": v * 1e3 for k, v in times.items()},
+                **{f"{k}_images_per_s": batch / v for k, v in times.items()},
+                "ort_over_torch": times.get("torch", float("nan")) / times.get("ort", float("nan")),
+                **(
+                    {"int8_over_fp32": times["ort"] / times["ort_int8"]}
+                    if "ort_int8" in times and "ort" in times
+                    else {}
+                ),
+                "floor_ms": floor * 1e3,
+                "floor16_ms": floor16 * 1e3,
+                "best": best_label,
+                "best_over_floor": best / (floor16 if low_precision else floor),
+            }
             rows.append(row)
             cells = "  ".join(f"{k} {v * 1e3:9.2f} ms ({batch / v:9.1f} img/s)" for k, v in times.items())
             int8 = f"int8/fp32 speed-up {row['int8_over_fp32']:.2f}x  " if "int8_over_fp32" in row else ""
-            print(f"{name:9} batch {batch:5}: {cells}  ort/torch {row['ort_over_torch']:.2f}x  {int8}"
-                  f"floor {row['floor_ms']:8.3f} ms, floor16 {row['floor16_ms']:8.3f} ms "
-                  f"(best, {best_label}, is {row['best_over_floor']:.1f}x its floor)", flush=True)
+            print(
+                f"{name:9} batch {batch:5}: {cells}  ort/torch {row['ort_over_torch']:.2f}x  {int8}"
+                f"floor {row['floor_ms']:8.3f} ms, floor16 {row['floor16_ms']:8.3f} ms "
+                f"(best, {best_label}, is {row['best_over_floor']:.1f}x its floor)",
+                flush=True,
+            )
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
-    (out / "sample.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "provider": provider, "device": gpu,
-                                                 "bandwidth_bytes_per_s": bandwidth, "rows": rows}, indent=2) + "\n")
+    (out / "sample.json").write_text(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%d"),
+                "provider": provider,
+                "device": gpu,
+                "bandwidth_bytes_per_s": bandwidth,
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -31,12 +31,48 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from toolkit.data.build import ImageSpec, build_shards  # noqa: E402
 from toolkit.data.celeba import read_celeba  # noqa: E402
 
-NAMES = ["5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips", "Big_Nose",
-         "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby", "Double_Chin", "Eyeglasses",
-         "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open", "Mustache",
-         "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline", "Rosy_Cheeks",
-         "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat", "Wearing_Lipstick",
-         "Wearing_Necklace", "Wearing_Necktie", "Young"]
+NAMES = [
+    "5_o_Clock_Shadow",
+    "Arched_Eyebrows",
+    "Attractive",
+    "Bags_Under_Eyes",
+    "Bald",
+    "Bangs",
+    "Big_Lips",
+    "Big_Nose",
+    "Black_Hair",
+    "Blond_Hair",
+    "Blurry",
+    "Brown_Hair",
+    "Bushy_Eyebrows",
+    "Chubby",
+    "Double_Chin",
+    "Eyeglasses",
+    "Goatee",
+    "Gray_Hair",
+    "Heavy_Makeup",
+    "High_Cheekbones",
+    "Male",
+    "Mouth_Slightly_Open",
+    "Mustache",
+    "Narrow_Eyes",
+    "No_Beard",
+    "Oval_Face",
+    "Pale_Skin",
+    "Pointy_Nose",
+    "Receding_Hairline",
+    "Rosy_Cheeks",
+    "Sideburns",
+    "Smiling",
+    "Straight_Hair",
+    "Wavy_Hair",
+    "Wearing_Earrings",
+    "Wearing_Hat",
+    "Wearing_Lipstick",
+    "Wearing_Necklace",
+    "Wearing_Necktie",
+    "Young",
+]
 
 
 def make_folder(root: Path, count: int) -> None:
@@ -110,23 +146,38 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
-    rows = [("plain decode-resize-encode loop, 1 process", plain), ("cvae-tk shards, 1 process", one),
-            (f"cvae-tk shards, {cores} processes", many)]
-    print(f"\n{len(paths)} CelebA-format JPEGs 178x218 -> {args.size}x{args.size} shards, {cores} cores, "
-          f"median of {args.repeats} interleaved runs")
+    rows = [
+        ("plain decode-resize-encode loop, 1 process", plain),
+        ("cvae-tk shards, 1 process", one),
+        (f"cvae-tk shards, {cores} processes", many),
+    ]
+    print(
+        f"\n{len(paths)} CelebA-format JPEGs 178x218 -> {args.size}x{args.size} shards, {cores} cores, "
+        f"median of {args.repeats} interleaved runs"
+    )
     print(f"{'way':48} {'images/s':>10}")
     for name, rate in rows:
         print(f"{name:48} {rate:10.0f}")
-    print(f"speed-up 1 -> {cores} processes: {many / one:.2f}x; all cores vs plain loop: {many / plain:.2f}x; "
-          f"shards identical across worker counts: {same}")
+    print(
+        f"speed-up 1 -> {cores} processes: {many / one:.2f}x; all cores vs plain loop: {many / plain:.2f}x; "
+        f"shards identical across worker counts: {same}"
+    )
     peak_main = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peak_worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"peak resident memory: main process {peak_main:.0f} MiB, largest worker {peak_worker:.0f} MiB")
     results = {
-        "date": time.strftime("%Y-%m-%d"), "images": len(paths), "size": args.size, "cores": cores,
-        "plain_loop_images_per_s": plain, "build_1_process_images_per_s": one, "build_all_cores_images_per_s": many,
-        "speedup_1_to_all": many / one, "identical_across_workers": same, "runs": runs,
-        "peak_rss_main_mib": peak_main, "peak_rss_worker_mib": peak_worker,
+        "date": time.strftime("%Y-%m-%d"),
+        "images": len(paths),
+        "size": args.size,
+        "cores": cores,
+        "plain_loop_images_per_s": plain,
+        "build_1_process_images_per_s": one,
+        "build_all_cores_images_per_s": many,
+        "speedup_1_to_all": many / one,
+        "identical_across_workers": same,
+        "runs": runs,
+        "peak_rss_main_mib": peak_main,
+        "peak_rss_worker_mib": peak_worker,
     }
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)

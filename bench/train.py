@@ -31,7 +31,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from shards import make_folder  # noqa: E402  (bench/shards.py)
-
 from toolkit.data.build import ImageSpec, build_shards  # noqa: E402
 from toolkit.data.celeba import read_celeba  # noqa: E402
 from toolkit.data.stream import epoch_batches  # noqa: E402
@@ -52,7 +51,9 @@ class JpegFolder(torch.utils.data.Dataset):
         record = self.records[index]
         image = Image.open(record.path).convert("RGB")
         left, top = (image.width - self.crop) // 2, (image.height - self.crop) // 2
-        image = image.crop((left, top, left + self.crop, top + self.crop)).resize((self.size, self.size), Image.BICUBIC)
+        image = image.crop((left, top, left + self.crop, top + self.crop)).resize(
+            (self.size, self.size), Image.BICUBIC
+        )
         pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(self.size, self.size, 3)
         return pixels.permute(2, 0, 1).float().div(255), torch.from_numpy(record.attributes.astype("float32"))
 
@@ -120,8 +121,15 @@ def main() -> None:
 
     def from_folder():
         dataset = JpegFolder(table.splits["train"], 64, 148)
-        loader = torch.utils.data.DataLoader(dataset, args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True,
-                                             pin_memory=device.type == "cuda", persistent_workers=False)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            args.batch_size,
+            shuffle=True,
+            num_workers=args.workers,
+            drop_last=True,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
+        )
         return iter(loader)
 
     if args.loader_only:  # the feeds' own rates: one epoch each, twice, interleaved
@@ -133,32 +141,55 @@ def main() -> None:
                     count += len(images)
                 rates.setdefault(name, []).append(count / (time.perf_counter() - start))
         rate = {name: sum(v) / len(v) for name, v in rates.items()}
-        print(f"loader only, {args.workers} workers, batch {args.batch_size}: shards {rate['shards']:.0f} images/s, "
-              f"JPEG folder {rate['folder']:.0f} images/s, shards / folder {rate['shards'] / rate['folder']:.2f}x")
+        print(
+            f"loader only, {args.workers} workers, batch {args.batch_size}: shards {rate['shards']:.0f} images/s, "
+            f"JPEG folder {rate['folder']:.0f} images/s, shards / folder {rate['shards'] / rate['folder']:.2f}x"
+        )
         return
 
     held = [tuple(t.to(device) for t in batch) for _, batch in zip(range(8), from_shards())]
     rates = {}
     # interleaved twice, the median (of 2: the mean) counts, so a noisy moment hits every way alike
     for _ in range(2):
-        for name, batches in (("memory", endless(lambda: iter(held))), ("shards", endless(from_shards)), ("folder", endless(from_folder))):
-            rates.setdefault(name, []).append(images_per_second(model, optimizer, batches, args.steps, device, args.precision))
+        for name, batches in (
+            ("memory", endless(lambda: iter(held))),
+            ("shards", endless(from_shards)),
+            ("folder", endless(from_folder)),
+        ):
+            rates.setdefault(name, []).append(
+                images_per_second(model, optimizer, batches, args.steps, device, args.precision)
+            )
     rate = {name: sum(values) / len(values) for name, values in rates.items()}
 
     label = f"{args.arch} 64x64, batch {args.batch_size}, precision {args.precision}, {args.workers} loader workers, {device}"
     print(f"\ntraining images/s ({label})")
     for name in ("memory", "shards", "folder"):
         print(f"  {name:8} {rate[name]:10.1f}")
-    print(f"pipeline efficiency (shards / memory): {rate['shards'] / rate['memory']:.2f}; "
-          f"shards / JPEG folder: {rate['shards'] / rate['folder']:.2f}x")
+    print(
+        f"pipeline efficiency (shards / memory): {rate['shards'] / rate['memory']:.2f}; "
+        f"shards / JPEG folder: {rate['shards'] / rate['folder']:.2f}x"
+    )
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    (out / "train.json").write_text(json.dumps({
-        "date": time.strftime("%Y-%m-%d"), "device": device_name, "arch": args.arch, "batch_size": args.batch_size,
-        "precision": args.precision, "workers": args.workers, "images_per_s": rate, "runs": rates,
-        "pipeline_efficiency": rate["shards"] / rate["memory"], "shards_over_folder": rate["shards"] / rate["folder"],
-    }, indent=2) + "\n")
+    (out / "train.json").write_text(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%d"),
+                "device": device_name,
+                "arch": args.arch,
+                "batch_size": args.batch_size,
+                "precision": args.precision,
+                "workers": args.workers,
+                "images_per_s": rate,
+                "runs": rates,
+                "pipeline_efficiency": rate["shards"] / rate["memory"],
+                "shards_over_folder": rate["shards"] / rate["folder"],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,16 @@ def trained_run(digits_shards, tmp_path_factory) -> Path:
 
     run_dir = tmp_path_factory.mktemp("runs") / "digits"
     config = load_config(
-        ["recipe=digits", f"run_dir={run_dir}", f"data.shards={digits_shards}", "max_steps=60", "batch_size=32",
-         "log_every=10", "sample_every=30", "data.num_workers=0"]
+        [
+            "recipe=digits",
+            f"run_dir={run_dir}",
+            f"data.shards={digits_shards}",
+            "max_steps=60",
+            "batch_size=32",
+            "log_every=10",
+            "sample_every=30",
+            "data.num_workers=0",
+        ]
     )
     return train(config)
 

@@ -20,8 +20,14 @@ CELEBA_ATTRIBUTES = (
     "Wearing_Lipstick Wearing_Necklace Wearing_Necktie Young"
 ).split()
 CUB_SPECIES = ["Black_footed_Albatross", "Laysan_Albatross", "Sooty_Albatross", "Groove_billed_Ani", "Crested_Auklet"]
-CUB_ATTRIBUTES = ["has_bill_shape::curved_(up_or_down)", "has_bill_shape::dagger", "has_bill_shape::hooked",
-                  "has_bill_shape::needle", "has_bill_shape::hooked_seabird", "has_bill_shape::spatulate"]
+CUB_ATTRIBUTES = [
+    "has_bill_shape::curved_(up_or_down)",
+    "has_bill_shape::dagger",
+    "has_bill_shape::hooked",
+    "has_bill_shape::needle",
+    "has_bill_shape::hooked_seabird",
+    "has_bill_shape::spatulate",
+]
 
 
 def write_jpeg(path: Path, width: int, height: int, rng: np.random.Generator) -> None:
@@ -70,10 +76,16 @@ def make_celeba(root: Path, n: int = 12, crlf: bool = False, seed: int = 0) -> d
     stems = [name[:-4] for name in names]
     split_names = ("train", "val", "test")
     return {
-        "root": root, "images": images, "attr_file": attr_file, "partition_file": partition_file,
-        "names": list(CELEBA_ATTRIBUTES), "files": names,
+        "root": root,
+        "images": images,
+        "attr_file": attr_file,
+        "partition_file": partition_file,
+        "names": list(CELEBA_ATTRIBUTES),
+        "files": names,
         "attributes": dict(zip(stems, values)),
-        "splits": {split: [stem for stem, p in zip(stems, partition) if p == i] for i, split in enumerate(split_names)},
+        "splits": {
+            split: [stem for stem, p in zip(stems, partition) if p == i] for i, split in enumerate(split_names)
+        },
     }
 
 
@@ -91,8 +103,9 @@ def make_cub(root: Path, n_classes: int = 3, n_attributes: int = 4, images_per_c
     data = root / "CUB_200_2011"
     species = [CUB_SPECIES[c] if c < len(CUB_SPECIES) else f"Species_{c + 1}" for c in range(n_classes)]
     class_dirs = [f"{c + 1:03d}.{name}" for c, name in enumerate(species)]
-    attribute_names = [CUB_ATTRIBUTES[a] if a < len(CUB_ATTRIBUTES) else f"has_part::value_{a + 1}"
-                       for a in range(n_attributes)]
+    attribute_names = [
+        CUB_ATTRIBUTES[a] if a < len(CUB_ATTRIBUTES) else f"has_part::value_{a + 1}" for a in range(n_attributes)
+    ]
 
     relpaths, labels, boxes = [], [], []
     for c, class_dir in enumerate(class_dirs):
@@ -129,7 +142,9 @@ def make_cub(root: Path, n_classes: int = 3, n_attributes: int = 4, images_per_c
     files["classes"].write_text("".join(f"{c + 1} {class_dir}\n" for c, class_dir in enumerate(class_dirs)))
     files["labels"].write_text("".join(f"{i + 1} {c + 1}\n" for i, c in enumerate(labels)))
     files["split"].write_text("".join(f"{i + 1} {int(t)}\n" for i, t in enumerate(is_train)))
-    files["boxes"].write_text("".join(f"{i + 1} {x:.1f} {y:.1f} {w:.1f} {h:.1f}\n" for i, (x, y, w, h) in enumerate(boxes)))
+    files["boxes"].write_text(
+        "".join(f"{i + 1} {x:.1f} {y:.1f} {w:.1f} {h:.1f}\n" for i, (x, y, w, h) in enumerate(boxes))
+    )
     rows = []
     for i in range(n):
         for a in range(n_attributes):
@@ -146,10 +161,20 @@ def make_cub(root: Path, n_classes: int = 3, n_attributes: int = 4, images_per_c
         one_hot[labels[i]] = 1
         vectors[relpath] = np.concatenate([one_hot, expected_attributes[i]])
     return {
-        "root": root, "data": data, "files": files, "class_names": class_dirs, "attribute_names": attribute_names,
-        "relpaths": relpaths, "labels": dict(zip(relpaths, labels)), "attributes": vectors,
-        "splits": {"train": [r for r, t in zip(relpaths, is_train) if t], "test": [r for r, t in zip(relpaths, is_train) if not t]},
-        "boxes": dict(zip(relpaths, boxes)), "crafted": relpaths[0],
+        "root": root,
+        "data": data,
+        "files": files,
+        "class_names": class_dirs,
+        "attribute_names": attribute_names,
+        "relpaths": relpaths,
+        "labels": dict(zip(relpaths, labels)),
+        "attributes": vectors,
+        "splits": {
+            "train": [r for r, t in zip(relpaths, is_train) if t],
+            "test": [r for r, t in zip(relpaths, is_train) if not t],
+        },
+        "boxes": dict(zip(relpaths, boxes)),
+        "crafted": relpaths[0],
     }
 
 

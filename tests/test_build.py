@@ -170,7 +170,9 @@ def stored(out, split):
             for member in tar.getmembers():
                 if member.name.endswith((".jpg", ".png")):
                     data = tar.extractfile(member).read()
-                    images[member.name.rsplit(".", 1)[0]] = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float32)
+                    images[member.name.rsplit(".", 1)[0]] = np.asarray(
+                        Image.open(io.BytesIO(data)).convert("RGB"), np.float32
+                    )
     return images
 
 
@@ -198,7 +200,9 @@ def test_bbox_crop_keeps_the_box_aspect_in_a_square_output(tmp_path):
         # the context around it is the region's: the gradient says where each corner came from
         want = rgb[35:125, 45:135]
         if side != 90:
-            want = np.asarray(Image.fromarray(want.round().astype(np.uint8)).resize((side, side), Image.BILINEAR), np.float32)
+            want = np.asarray(
+                Image.fromarray(want.round().astype(np.uint8)).resize((side, side), Image.BILINEAR), np.float32
+            )
         for corner in ((0, 0), (0, -1), (-1, 0), (-1, -1)):
             assert np.abs(got[corner][:2] - want[corner][:2]).max() < 6, corner
 
@@ -234,7 +238,9 @@ def test_absurd_sizes_are_refused_before_any_work(table, tmp_path, monkeypatch):
     import toolkit.memory
 
     monkeypatch.setattr(toolkit.memory, "available_bytes", lambda: 2**30)
-    with pytest.raises(UserError, match=r"8000x8000 shards with 2 worker\(s\) needs .* GiB .* 1.0 GiB is available.*--workers"):
+    with pytest.raises(
+        UserError, match=r"8000x8000 shards with 2 worker\(s\) needs .* GiB .* 1.0 GiB is available.*--workers"
+    ):
         build_shards(table, tmp_path / "out", ImageSpec.parse("8000"), workers=2, progress=False)
     with pytest.raises(UserError, match=r"5000 worker\(s\)"):
         build_shards(table, tmp_path / "out", ImageSpec.parse("16"), workers=5000, progress=False)

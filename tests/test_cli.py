@@ -18,7 +18,11 @@ def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run(
         [sys.executable, "-m", "toolkit.cli", *map(str, args)],
-        cwd=cwd, capture_output=True, text=True, timeout=300, env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
 
 
@@ -33,7 +37,7 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> s
     lines = result.stderr.splitlines()
     assert len(lines) == 1, f"stderr should be one line, got:\n{result.stderr}"
     (line,) = lines
-    assert line.startswith("error:") and line[len("error:"):].strip(), line
+    assert line.startswith("error:") and line[len("error:") :].strip(), line
     for fragment in fragments:
         assert fragment in line, f"{fragment!r} not in {line!r}"
     return line
@@ -117,6 +121,7 @@ def test_sample_a_grid_with_each_attribute(tmp_path, exported):
 
 # --- cvae-tk inspect, and the export flags through the command line --------------------------------
 
+
 def _inspect_lines(path: Path, cwd: Path) -> dict[str, str]:
     result = run_cli(["inspect", path], cwd)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -139,7 +144,12 @@ def test_inspect_an_export(tmp_path, exported, trained_run):
     assert fields["input attributes"] == "float32 [batch, 10]"
     assert fields["input noise"] == "float32 [batch, 16]"
     assert fields["output images"] == "float32 [batch, 3, 32, 32]"
-    assert (fields["precision"], fields["output"], fields["opset"], fields["graph opset"]) == ("fp32", "float32_nchw", "18", "18")
+    assert (fields["precision"], fields["output"], fields["opset"], fields["graph opset"]) == (
+        "fp32",
+        "float32_nchw",
+        "18",
+        "18",
+    )
     assert fields["file size"].startswith(f"{exported.stat().st_size} bytes")
     assert snapshot(tmp_path) == []
 
@@ -159,7 +169,9 @@ def test_export_variant_flags_then_inspect(tmp_path, trained_run):
     assert fields["output images"] == "uint8 [batch, 32, 32, 3]"
 
 
-@pytest.mark.parametrize("content", [b"", b"definitely not a protobuf \xff\xfe\x00 at all" * 5], ids=["empty", "garbage"])
+@pytest.mark.parametrize(
+    "content", [b"", b"definitely not a protobuf \xff\xfe\x00 at all" * 5], ids=["empty", "garbage"]
+)
 def test_inspect_a_file_that_is_not_onnx(tmp_path, content):
     (tmp_path / "model.onnx").write_bytes(content)
     assert_user_error(run_cli(["inspect", "model.onnx"], tmp_path), "model.onnx", "not an ONNX model")

@@ -8,13 +8,19 @@ import tarfile
 
 import numpy as np
 import pytest
-
 from fixtures import make_celeba, make_cub, make_folder
+
 from toolkit.data.sources import safe_key
 
 
 def cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "toolkit.cli", "shards", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "toolkit.cli", "shards", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def manifests(out):
@@ -23,14 +29,18 @@ def manifests(out):
 
 def test_celeba_cub_and_folder(tmp_path):
     celeba = make_celeba(tmp_path / "celeba", n=12)
-    done = cli("celeba", "--root", celeba["root"], "--out", "out/celeba", "--size", "32", "--crop", "center:148", cwd=tmp_path)
+    done = cli(
+        "celeba", "--root", celeba["root"], "--out", "out/celeba", "--size", "32", "--crop", "center:148", cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr
     found = manifests(tmp_path / "out" / "celeba")
     assert {split: m["count"] for split, m in found.items()} == {k: len(v) for k, v in celeba["splits"].items()}
     assert found["train"]["attributes"] == celeba["names"] and found["train"]["image_size"] == [32, 32]
 
     cub = make_cub(tmp_path / "cub")
-    done = cli("cub", "--root", cub["root"], "--out", "out/cub", "--size", "24", "--bbox-crop", "--workers", "1", cwd=tmp_path)
+    done = cli(
+        "cub", "--root", cub["root"], "--out", "out/cub", "--size", "24", "--bbox-crop", "--workers", "1", cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr
     found = manifests(tmp_path / "out" / "cub")
     assert set(found) == {"train", "test"} and len(found["test"]["attributes"]) == 3 + 4
@@ -39,8 +49,20 @@ def test_celeba_cub_and_folder(tmp_path):
     assert again.returncode == 2 and "--overwrite" in again.stderr, again.stderr
 
     folder = make_folder(tmp_path / "mine", n=10)
-    done = cli("folder", "--root", folder["root"], "--attributes", folder["table"], "--out", "out/mine", "--size", "16x12",
-               "--test-fraction", "0.2", cwd=tmp_path)
+    done = cli(
+        "folder",
+        "--root",
+        folder["root"],
+        "--attributes",
+        folder["table"],
+        "--out",
+        "out/mine",
+        "--size",
+        "16x12",
+        "--test-fraction",
+        "0.2",
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     found = manifests(tmp_path / "out" / "mine")
     assert (found["train"]["count"], found["test"]["count"], found["test"]["image_size"]) == (8, 2, [16, 12])
@@ -53,11 +75,14 @@ def test_original_celeba_keeps_218x178(tmp_path):
     assert manifests(tmp_path / "shards" / "celeba")["train"]["image_size"] == [218, 178]
 
 
-@pytest.mark.parametrize("args, words", [
-    (["celeba", "--root", "nowhere"], ["nowhere"]),
-    (["celeba", "--root", "{root}", "--size", "huge"], ["--size"]),
-    (["celeba", "--root", "{root}", "--out", "taken", "--size", "16"], ["--overwrite"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["celeba", "--root", "nowhere"], ["nowhere"]),
+        (["celeba", "--root", "{root}", "--size", "huge"], ["--size"]),
+        (["celeba", "--root", "{root}", "--out", "taken", "--size", "16"], ["--overwrite"]),
+    ],
+)
 def test_mistakes_are_one_line_and_write_nothing(tmp_path, args, words):
     celeba = make_celeba(tmp_path / "celeba", n=6)
     first = cli("celeba", "--root", celeba["root"], "--out", "taken", "--size", "8", cwd=tmp_path)
@@ -79,7 +104,9 @@ def stored_vectors(out, split):
         with tarfile.open(shard) as tar:
             for member in tar.getmembers():
                 if member.name.endswith(".attr.npy"):
-                    vectors[member.name[: -len(".attr.npy")]] = np.load(io.BytesIO(tar.extractfile(member).read())).tolist()
+                    vectors[member.name[: -len(".attr.npy")]] = np.load(
+                        io.BytesIO(tar.extractfile(member).read())
+                    ).tolist()
     return vectors
 
 
@@ -100,7 +127,10 @@ def test_cub_species_only_without_the_attribute_labels(tmp_path):
     ids = dict(line.split() for line in cub["files"]["images"].read_text().splitlines())
     labels = dict(line.split() for line in cub["files"]["labels"].read_text().splitlines())
     expected = {safe_key(ids[i]): [int(c == int(labels[i])) for c in range(1, 4)] for i in ids}
-    got = {**stored_vectors(tmp_path / "out" / "species", "train"), **stored_vectors(tmp_path / "out" / "species", "test")}
+    got = {
+        **stored_vectors(tmp_path / "out" / "species", "train"),
+        **stored_vectors(tmp_path / "out" / "species", "test"),
+    }
     assert got == expected
 
 
@@ -109,7 +139,15 @@ def test_cub_attributes_without_the_labels_file_is_one_line_and_writes_nothing(t
     cub = make_cub(tmp_path / "cub")
     cub["files"]["attribute_labels"].unlink()
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    done = cli("cub", "--root", cub["root"], "--out", "out/cub", *(["--condition", condition] if condition else []), cwd=tmp_path)
+    done = cli(
+        "cub",
+        "--root",
+        cub["root"],
+        "--out",
+        "out/cub",
+        *(["--condition", condition] if condition else []),
+        cwd=tmp_path,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:")

@@ -5,7 +5,9 @@ from toolkit.errors import UserError
 
 
 def test_recipe_plus_overrides_give_typed_config():
-    config = load_config(["recipe=digits", "max_steps=7", "lr=0.01", "beta=0.9", "data.shards=/x/y", "model.latent_dim=32"])
+    config = load_config(
+        ["recipe=digits", "max_steps=7", "lr=0.01", "beta=0.9", "data.shards=/x/y", "model.latent_dim=32"]
+    )
     assert isinstance(config, TrainConfig)
     assert (config.max_steps, config.lr, config.beta) == (7, 0.01, 0.9)
     assert isinstance(config.max_steps, int) and isinstance(config.lr, float)
@@ -50,8 +52,16 @@ def test_unknown_key_in_recipe_file(tmp_path):
 
 
 def test_model_keys():
-    config = load_config(["recipe=digits", "model.arch=resnet", "model.prior=learned", "model.width=32", "model.levels=3",
-                          "model.embed_dim=64"])
+    config = load_config(
+        [
+            "recipe=digits",
+            "model.arch=resnet",
+            "model.prior=learned",
+            "model.width=32",
+            "model.levels=3",
+            "model.embed_dim=64",
+        ]
+    )
     assert (config.model.arch, config.model.prior) == ("resnet", "learned")
     assert (config.model.width, config.model.levels, config.model.embed_dim) == (32, 3, 64)
     default = load_config(["recipe=digits"]).model
@@ -75,11 +85,17 @@ def test_bad_model_values_name_the_key(arg, words):
         assert word in str(caught.value)
 
 
-@pytest.mark.parametrize("name, shards", [
-    ("digits", "digits"), ("celeba", "celeba"), ("celeba64", "celeba64"), ("cub", "cub"),
-    ("celeba-laptop", "celeba64"),  # the same 64x64 shards as celeba64
-    ("cub-species", "cub-species64"),
-])
+@pytest.mark.parametrize(
+    "name, shards",
+    [
+        ("digits", "digits"),
+        ("celeba", "celeba"),
+        ("celeba64", "celeba64"),
+        ("cub", "cub"),
+        ("celeba-laptop", "celeba64"),  # the same 64x64 shards as celeba64
+        ("cub-species", "cub-species64"),
+    ],
+)
 def test_every_shipped_recipe_loads(name, shards):
     from toolkit.config import available_recipes
 
@@ -94,16 +110,19 @@ def test_text_keys_take_the_text_as_typed():
     assert (config.mixed_precision, config.run_dir, config.data.shards) == ("no", "runs/007", "pipe:cat x")
 
 
-@pytest.mark.parametrize("text, words", [
-    ("- a\n- b\n", ["is a YAML list, not a mapping"]),
-    ("42\n", ["is a YAML int, not a mapping"]),
-    ("just text\n", ["is a YAML str, not a mapping"]),
-    ("", ["is empty"]),
-    ("# only a comment\n", ["is empty"]),
-    ("{{{ not: [", ["is not valid YAML"]),
-    (b"\x00\xff\xfe", ["is not valid YAML", "utf-8"]),
-    ("max_steps: 5\nmax_steps: 6\n", ["is not valid YAML", "max_steps"]),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("- a\n- b\n", ["is a YAML list, not a mapping"]),
+        ("42\n", ["is a YAML int, not a mapping"]),
+        ("just text\n", ["is a YAML str, not a mapping"]),
+        ("", ["is empty"]),
+        ("# only a comment\n", ["is empty"]),
+        ("{{{ not: [", ["is not valid YAML"]),
+        (b"\x00\xff\xfe", ["is not valid YAML", "utf-8"]),
+        ("max_steps: 5\nmax_steps: 6\n", ["is not valid YAML", "max_steps"]),
+    ],
+)
 def test_a_recipe_that_is_not_a_mapping_of_keys_is_one_user_error(tmp_path, text, words):
     path = tmp_path / "recipe.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -115,13 +134,18 @@ def test_a_recipe_that_is_not_a_mapping_of_keys_is_one_user_error(tmp_path, text
         assert word in message
 
 
-@pytest.mark.parametrize("args, key", [
-    (["model.levels=7"], "model.levels"),
-    (["model.width=32"], "model.width"),
-    (["model.embed_dim=16"], "model.embed_dim"),
-])
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["model.levels=7"], "model.levels"),
+        (["model.width=32"], "model.width"),
+        (["model.embed_dim=16"], "model.embed_dim"),
+    ],
+)
 def test_a_model_option_the_arch_ignores_is_refused(tmp_path, args, key):
-    with pytest.raises(UserError, match=f"config key '{key}' \\(on the command line\\) does nothing with model.arch=paper"):
+    with pytest.raises(
+        UserError, match=f"config key '{key}' \\(on the command line\\) does nothing with model.arch=paper"
+    ):
         load_config(["recipe=digits", *args])
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model:\n  arch: paper\n  {key.split('.')[1]}: {args[0].split('=')[1]}\n")

@@ -16,8 +16,15 @@ from tests.test_cli import assert_user_error, run_cli
 from toolkit.classifier import AttributeClassifier, save_classifier
 from toolkit.data.stream import eval_batches
 from toolkit.edit import (
-    attribute_vector, edit_image, encode, interpolate_attributes, interpolate_images, load_image, load_run_model,
-    parse_assignments, predict_attributes,
+    attribute_vector,
+    edit_image,
+    encode,
+    interpolate_attributes,
+    interpolate_images,
+    load_image,
+    load_run_model,
+    parse_assignments,
+    predict_attributes,
 )
 from toolkit.errors import UserError
 from toolkit.model import CONFIG, WEIGHTS, load_model
@@ -102,7 +109,10 @@ def test_edit_keeps_the_input_size_and_reconstructs(model, test_digits):
         reconstruction_errors.append(mse(edited, image))
         unrelated_distances.append(mse(other, image))
     # a short-trained model reconstructs blurrily, but much nearer the input than another digit is
-    assert np.mean(reconstruction_errors) < 0.8 * np.mean(unrelated_distances), (reconstruction_errors, unrelated_distances)
+    assert np.mean(reconstruction_errors) < 0.8 * np.mean(unrelated_distances), (
+        reconstruction_errors,
+        unrelated_distances,
+    )
 
 
 def test_changing_the_digit_changes_the_output(model, three):
@@ -113,7 +123,9 @@ def test_changing_the_digit_changes_the_output(model, three):
     assert np.abs(as_float(edited) - as_float(same)).mean() > 0.01
     # a vector works as well as a mapping, and the changes go on top of it
     vector = np.eye(10, dtype=np.float32)[3]
-    assert np.array_equal(np.asarray(edit_image(model, image, vector, {"digit_3": 0, "digit_8": 1})), np.asarray(edited))
+    assert np.array_equal(
+        np.asarray(edit_image(model, image, vector, {"digit_3": 0, "digit_8": 1})), np.asarray(edited)
+    )
 
 
 def test_interpolate_images_ends_at_the_reconstructions(model, test_digits):
@@ -145,7 +157,9 @@ def test_predicted_attributes(model, three, tmp_path):
     from toolkit.classifier import load_classifier
 
     classifier = load_classifier(fixed_classifier(tmp_path / "classifier", 3))
-    assert predict_attributes(classifier, model, load_image(three)) == {name: int(name == "digit_3") for name in DIGITS}
+    assert predict_attributes(classifier, model, load_image(three)) == {
+        name: int(name == "digit_3") for name in DIGITS
+    }
 
 
 def test_api_errors(model, tmp_path):
@@ -186,7 +200,22 @@ def test_encode_uses_the_posterior_mean(model, test_digits):
 
 def test_cli_edit_with_given_attributes(trained_run, three, tmp_path):
     """As a user runs it (a subprocess): --attr, the default output name, (2W) x H."""
-    result = run_cli(["edit", trained_run, three, "--attr", "digit_3=1", "--set", "digit_3=0", "--set", "digit_8=1", "--device", "cpu"], tmp_path)
+    result = run_cli(
+        [
+            "edit",
+            trained_run,
+            three,
+            "--attr",
+            "digit_3=1",
+            "--set",
+            "digit_3=0",
+            "--set",
+            "digit_8=1",
+            "--device",
+            "cpu",
+        ],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "attributes: digit_3 (given)" in result.stdout
     assert "changes: digit_3 1 -> 0, digit_8 0 -> 1" in result.stdout
@@ -202,19 +231,38 @@ def test_cli_edit_with_the_runs_classifier(trained_run, three, tmp_path, monkeyp
     for name in (CONFIG, WEIGHTS):
         shutil.copy(trained_run / name, run / name)
     fixed_classifier(tmp_path / "runs" / "classifier", 3)
-    code, out, err = cli(["edit", run, three, "--set", "digit_8=1", "--out", "pair.png"], monkeypatch, capsys, tmp_path)
+    code, out, err = cli(
+        ["edit", run, three, "--set", "digit_8=1", "--out", "pair.png"], monkeypatch, capsys, tmp_path
+    )
     assert code == 0, err
     assert "attributes: digit_3 (p=0.98) (predicted by the classifier in" in out
     assert "changes: digit_8 0 -> 1" in out
     assert Image.open(tmp_path / "pair.png").size == (2 * SIZE[0], SIZE[1])
     expected = edit_image(load_model(run), load_image(three), {"digit_3": 1}, {"digit_8": 1})
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "pair.png"))[:, SIZE[0]:], np.asarray(expected))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "pair.png"))[:, SIZE[0] :], np.asarray(expected))
 
 
 def test_cli_interpolate(trained_run, three, one, tmp_path, monkeypatch, capsys):
     code, out, err = cli(
-        ["interpolate", trained_run, "--from-image", three, "--to-image", one, "--from-attr", "digit_3=1", "--to-attr", "digit_1=1",
-         "--steps", "6", "--out", "images.png"], monkeypatch, capsys, tmp_path,
+        [
+            "interpolate",
+            trained_run,
+            "--from-image",
+            three,
+            "--to-image",
+            one,
+            "--from-attr",
+            "digit_3=1",
+            "--to-attr",
+            "digit_1=1",
+            "--steps",
+            "6",
+            "--out",
+            "images.png",
+        ],
+        monkeypatch,
+        capsys,
+        tmp_path,
     )
     assert code == 0, err
     strip = Image.open(tmp_path / "images.png")
@@ -223,7 +271,12 @@ def test_cli_interpolate(trained_run, three, one, tmp_path, monkeypatch, capsys)
     first = edit_image(model, load_image(three).resize((32, 32), Image.BICUBIC), {"digit_3": 1}, {})
     assert np.abs(as_float(strip.crop((0, 0, 32, 32))) - as_float(first)).max() < 0.2  # resizing twice vs once
 
-    code, out, err = cli(["interpolate", trained_run, "--from-attr", "digit_1=1", "--to-attr", "digit_7=1", "--seed", "3"], monkeypatch, capsys, tmp_path)
+    code, out, err = cli(
+        ["interpolate", trained_run, "--from-attr", "digit_1=1", "--to-attr", "digit_7=1", "--seed", "3"],
+        monkeypatch,
+        capsys,
+        tmp_path,
+    )
     assert code == 0, err
     strip = np.asarray(Image.open(tmp_path / "interpolation.png"))
     assert strip.shape == (32, 8 * 32, 3)
@@ -233,7 +286,10 @@ def test_cli_interpolate(trained_run, three, one, tmp_path, monkeypatch, capsys)
 
 def test_cli_error_as_a_user_sees_it(trained_run, three, tmp_path):
     """A subprocess: exit 2, one `error:` line, no traceback, nothing written."""
-    line = assert_user_error(run_cli(["edit", trained_run, three, "--attr", "digt_3=1", "--set", "digit_8=1"], tmp_path), "unknown attribute 'digt_3'")
+    line = assert_user_error(
+        run_cli(["edit", trained_run, three, "--attr", "digt_3=1", "--set", "digit_8=1"], tmp_path),
+        "unknown attribute 'digt_3'",
+    )
     assert "did you mean digit_3" in line
     assert not list(tmp_path.iterdir())
 
@@ -241,7 +297,10 @@ def test_cli_error_as_a_user_sees_it(trained_run, three, tmp_path):
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["edit", "{run}", "{image}", "--attr", "digit_3=1", "--set", "digit_8=2"], "--set expects NAME=0 or NAME=1, got 'digit_8=2'"),
+        (
+            ["edit", "{run}", "{image}", "--attr", "digit_3=1", "--set", "digit_8=2"],
+            "--set expects NAME=0 or NAME=1, got 'digit_8=2'",
+        ),
         (["edit", "{run}", "{image}", "--attr", "digit_3=1"], "say what to change: --set"),
         (["edit", "{run}", "{notes}", "--set", "digit_8=1"], "is not an image PIL can read"),
         (["edit", "{run}", "{empty}/missing.png", "--set", "digit_8=1"], "image not found"),
@@ -249,8 +308,14 @@ def test_cli_error_as_a_user_sees_it(trained_run, three, tmp_path):
         (["edit", "{run}", "{image}", "--set", "digit_8=1"], "pass them with --attr NAME=1"),
         (["edit", "{run}", "{image}", "--set", "digit_8=1"], "`cvae-tk classifier train recipe=digits`"),
         (["edit", "{empty}", "{image}", "--attr", "digit_3=1", "--set", "digit_8=1"], "is not a trained run"),
-        (["edit", "{run}", "{image}", "--attr", "digit_3=1", "--set", "digit_8=1", "--classifier", "{empty}/nope"], "classifier folder not found"),
-        (["interpolate", "{run}", "--from-attr", "digit_1=1", "--to-attr", "digit_7=1", "--steps", "1"], "--steps must be an integer >= 2"),
+        (
+            ["edit", "{run}", "{image}", "--attr", "digit_3=1", "--set", "digit_8=1", "--classifier", "{empty}/nope"],
+            "classifier folder not found",
+        ),
+        (
+            ["interpolate", "{run}", "--from-attr", "digit_1=1", "--to-attr", "digit_7=1", "--steps", "1"],
+            "--steps must be an integer >= 2",
+        ),
         (["interpolate", "{run}", "--from-attr", "digit_1=1", "--to-attr", "dgit_7=1"], "did you mean digit_7"),
         (["interpolate", "{run}", "--from-image", "{image}"], "needs both --from-image and --to-image"),
         (["interpolate", "{run}", "--from-attr", "digit_1=1"], "say what to interpolate"),

@@ -69,8 +69,12 @@ def tiny_shards(folder: Path, size: int = TINY_SIZE, build: dict | None = None) 
     for index in range(3):
         buffer = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, format="PNG")
-        samples.append(Sample(f"s{index}", buffer.getvalue(), "png", (rng.random(len(TINY_ATTRIBUTES)) > 0.5).astype(np.uint8)))
-    write_split(samples, folder, "train", TINY_ATTRIBUTES, (size, size), "tiny", extra={"build": build} if build else None)
+        samples.append(
+            Sample(f"s{index}", buffer.getvalue(), "png", (rng.random(len(TINY_ATTRIBUTES)) > 0.5).astype(np.uint8))
+        )
+    write_split(
+        samples, folder, "train", TINY_ATTRIBUTES, (size, size), "tiny", extra={"build": build} if build else None
+    )
     return folder
 
 
@@ -80,7 +84,9 @@ def tiny_run(folder: Path, arch: str = "paper", prior: str = "standard", seed: i
 
     torch.manual_seed(seed)
     options = {"width": 16, "levels": 2, "embed_dim": 16} if arch == "resnet" else {}
-    model = CVAE(ModelSpec(list(TINY_ATTRIBUTES), (TINY_SIZE, TINY_SIZE), TINY_LATENT, arch, prior=prior, options=options)).eval()
+    model = CVAE(
+        ModelSpec(list(TINY_ATTRIBUTES), (TINY_SIZE, TINY_SIZE), TINY_LATENT, arch, prior=prior, options=options)
+    ).eval()
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
@@ -119,13 +125,30 @@ def test_the_encoder_file_states_the_contract(pair):
     ours, theirs = meta_of(encoder), meta_of(decoder)
     assert set(theirs) <= set(ours)  # every decoder key, and these:
     assert ours["cvae_tk.format"] == "encoder/1" and theirs["cvae_tk.format"] == "sampler/1"
-    for key in ("attributes", "latent_dim", "image_size", "value_range", "arch", "prior", "recipe", "step", "weights_sha256", "opset"):
+    for key in (
+        "attributes",
+        "latent_dim",
+        "image_size",
+        "value_range",
+        "arch",
+        "prior",
+        "recipe",
+        "step",
+        "weights_sha256",
+        "opset",
+    ):
         assert ours[key] == theirs[key], key
     assert (ours["precision"], ours["output"]) == ("fp32", "mean")
     assert json.loads(ours["inputs"]) == ["images", "attributes"] and json.loads(ours["outputs"]) == ["mean", "logvar"]
     # the fixture's shards were written without build options: neither cropped nor resized
-    assert json.loads(ours["preprocessing"]) == {"crop": None, "size": [32, 32], "resize": "bilinear", "value_range": [0, 1],
-                                                  "layout": "NCHW", "channels": "RGB"}
+    assert json.loads(ours["preprocessing"]) == {
+        "crop": None,
+        "size": [32, 32],
+        "resize": "bilinear",
+        "value_range": [0, 1],
+        "layout": "NCHW",
+        "channels": "RGB",
+    }
 
 
 def test_the_encoder_matches_pytorch_at_several_batch_sizes(pair, model, digits):
@@ -151,7 +174,10 @@ def test_every_onnx_tool_takes_both_files(pair, tmp_path):
 
     feeds = {
         pair[0]: {"attributes": np.eye(10, dtype=np.float32)[:2], "noise": np.zeros((2, 16), np.float32)},
-        pair.encoder: {"images": np.full((2, 3, 32, 32), 0.5, np.float32), "attributes": np.eye(10, dtype=np.float32)[:2]},
+        pair.encoder: {
+            "images": np.full((2, 3, 32, 32), 0.5, np.float32),
+            "attributes": np.eye(10, dtype=np.float32)[:2],
+        },
     }
     for path, feed in feeds.items():
         proto = onnx.load(str(path))
@@ -212,7 +238,9 @@ def test_encode_matches_the_torch_encode_for_one_or_many_images(sampler, model, 
     assert many.shape == (8, sampler.latent_dim) and np.array_equal(many, stacked)
     assert np.abs(many[0] - one[0]).max() < 1e-6
     # one mapping for every image
-    assert np.allclose(sampler.encode(images[:3], {"digit_3": 1})[1], sampler.encode(images[1], {"digit_3": 1})[0], atol=1e-6)
+    assert np.allclose(
+        sampler.encode(images[:3], {"digit_3": 1})[1], sampler.encode(images[1], {"digit_3": 1})[0], atol=1e-6
+    )
 
 
 def test_onnx_edit_agrees_with_the_torch_edit_and_toggling_changes_the_image(sampler, model, digits):
@@ -227,14 +255,22 @@ def test_onnx_edit_agrees_with_the_torch_edit_and_toggling_changes_the_image(sam
     assert edited.shape == (32, 32, 3) and edited.dtype == np.uint8
     assert np.abs(edited.astype(np.int16) - expected.astype(np.int16)).max() <= 1
     reconstruction = sampler.edit(image, attributes)
-    assert np.abs(reconstruction.astype(np.int16) - np.asarray(edit_image(model, image, attributes)).astype(np.int16)).max() <= 1
+    assert (
+        np.abs(
+            reconstruction.astype(np.int16) - np.asarray(edit_image(model, image, attributes)).astype(np.int16)
+        ).max()
+        <= 1
+    )
     assert np.abs(edited.astype(np.int16) - reconstruction.astype(np.int16)).mean() > 1.0  # the toggle does something
 
 
 def test_edit_temperature_draws_around_the_mean_and_is_seeded(sampler, digits):
     image, attributes = digits[0][1], digits[1][1]
     mean_edit = sampler.edit(image, attributes, temperature=0.0)
-    a, b = sampler.edit(image, attributes, temperature=1.0, seed=3), sampler.edit(image, attributes, temperature=1.0, seed=3)
+    a, b = (
+        sampler.edit(image, attributes, temperature=1.0, seed=3),
+        sampler.edit(image, attributes, temperature=1.0, seed=3),
+    )
     c = sampler.edit(image, attributes, temperature=1.0, seed=4)
     assert np.array_equal(a, b) and not np.array_equal(a, c) and not np.array_equal(a, mean_edit)
 
@@ -273,7 +309,9 @@ def test_preprocessing_is_the_shard_builders_centre_crop_and_resize(tmp_path):
     table = read_folder(photos, tmp_path / "labels.csv", test_fraction=0.25)
     build_shards(table, tmp_path / "shards", ImageSpec.parse("8", "center:20"), workers=1, progress=False)
 
-    exported = export_onnx(tiny_run(tmp_path / "run"), tmp_path / "tiny.onnx", encoder=True, shards=tmp_path / "shards")
+    exported = export_onnx(
+        tiny_run(tmp_path / "run"), tmp_path / "tiny.onnx", encoder=True, shards=tmp_path / "shards"
+    )
     assert json.loads(meta_of(exported.encoder)["preprocessing"])["crop"] == {"kind": "center", "side": 20}
     sampler = Sampler(exported[0], device="cpu")
 
@@ -282,7 +320,10 @@ def test_preprocessing_is_the_shard_builders_centre_crop_and_resize(tmp_path):
         member = next(m for m in tar.getmembers() if m.name.endswith(".jpg") and m.name.startswith(key.key))
         shard = np.asarray(Image.open(tar.extractfile(member)).convert("RGB"), np.float32).transpose(2, 0, 1) / 255
     prepared = sampler.preprocess(Image.open(key.path))[0]
-    uncropped = np.asarray(Image.open(key.path).convert("RGB").resize((8, 8), Image.BILINEAR), np.float32).transpose(2, 0, 1) / 255
+    uncropped = (
+        np.asarray(Image.open(key.path).convert("RGB").resize((8, 8), Image.BILINEAR), np.float32).transpose(2, 0, 1)
+        / 255
+    )
     # the shard holds a JPEG (q95, chroma subsampled: ~4 levels on these colours); ignoring the crop costs ~30
     assert np.abs(prepared - shard).mean() * 255 < 6
     assert np.abs(uncropped - shard).mean() * 255 > 3 * np.abs(prepared - shard).mean() * 255
@@ -295,11 +336,25 @@ def test_preprocessing_is_the_shard_builders_centre_crop_and_resize(tmp_path):
         sampler.preprocess(np.zeros((16, 40, 3), np.uint8))
 
 
-@pytest.mark.parametrize("build, crop", [
-    ({"source": "x", "image": {"size": [8, 8], "crop": 148, "quality": 95}, "shard_size": None}, {"kind": "center", "side": 148}),
-    ({"source": "x", "image": {"size": [8, 8], "crop": None, "quality": 95}, "shard_size": None, "bbox_crop": "square 1.5 x longer side"}, "bbox"),
-    ({"source": "scikit-learn digits", "size": 8, "shard_size": 100}, None),
-])
+@pytest.mark.parametrize(
+    "build, crop",
+    [
+        (
+            {"source": "x", "image": {"size": [8, 8], "crop": 148, "quality": 95}, "shard_size": None},
+            {"kind": "center", "side": 148},
+        ),
+        (
+            {
+                "source": "x",
+                "image": {"size": [8, 8], "crop": None, "quality": 95},
+                "shard_size": None,
+                "bbox_crop": "square 1.5 x longer side",
+            },
+            "bbox",
+        ),
+        ({"source": "scikit-learn digits", "size": 8, "shard_size": 100}, None),
+    ],
+)
 def test_the_preprocessing_comes_from_the_manifests_build_options(tmp_path, build, crop):
     from toolkit.export import run_preprocessing
 
@@ -308,8 +363,12 @@ def test_the_preprocessing_comes_from_the_manifests_build_options(tmp_path, buil
 
 
 def test_bad_images_are_refused_in_one_line(sampler):
-    for images, fragment in ((np.zeros((32, 32, 3), np.float32), "float32"), (np.zeros((32, 32), np.uint8), "uint8 [32, 32]"),
-                             ([], "no images given"), ("photo.png", "str")):
+    for images, fragment in (
+        (np.zeros((32, 32, 3), np.float32), "float32"),
+        (np.zeros((32, 32), np.uint8), "uint8 [32, 32]"),
+        ([], "no images given"),
+        ("photo.png", "str"),
+    ):
         with pytest.raises(UserError, match=re.escape(fragment)):
             sampler.encode(images, {"digit_1": 1})
     with pytest.raises(UserError, match="3 attribute sets for 2 images"):
@@ -351,15 +410,26 @@ def test_an_encoder_of_other_weights_is_refused(pair, tmp_path):
         Sampler(pair[0], device="cpu", encoder=wrong_size)
 
 
-@pytest.mark.parametrize("changes, fragment", [
-    ({"preprocessing": None}, "metadata has no 'preprocessing'"),
-    ({"preprocessing": '{"crop": null, "size": [16, 16], "resize": "bilinear", "value_range": [0, 1], "layout": "NCHW", "channels": "RGB"}'},
-     "preprocessing size = [16, 16], expected [32, 32]"),
-    ({"preprocessing": '{"crop": {"kind": "center", "side": 0}, "size": [32, 32], "resize": "bilinear", "value_range": [0, 1], "layout": "NCHW", "channels": "RGB"}'},
-     "preprocessing crop"),
-    ({"outputs": '["mean"]'}, "metadata outputs"),
-    ({"cvae_tk.format": "encoder/2"}, "newer than this cvae-tk reads (encoder/1)"),
-])
+@pytest.mark.parametrize(
+    "changes, fragment",
+    [
+        ({"preprocessing": None}, "metadata has no 'preprocessing'"),
+        (
+            {
+                "preprocessing": '{"crop": null, "size": [16, 16], "resize": "bilinear", "value_range": [0, 1], "layout": "NCHW", "channels": "RGB"}'
+            },
+            "preprocessing size = [16, 16], expected [32, 32]",
+        ),
+        (
+            {
+                "preprocessing": '{"crop": {"kind": "center", "side": 0}, "size": [32, 32], "resize": "bilinear", "value_range": [0, 1], "layout": "NCHW", "channels": "RGB"}'
+            },
+            "preprocessing crop",
+        ),
+        ({"outputs": '["mean"]'}, "metadata outputs"),
+        ({"cvae_tk.format": "encoder/2"}, "newer than this cvae-tk reads (encoder/1)"),
+    ],
+)
 def test_an_encoder_whose_metadata_disagrees_is_refused_by_inspect_and_the_sampler(pair, tmp_path, changes, fragment):
     from toolkit.inspection import inspect_onnx
     from toolkit.sampler import Sampler
@@ -448,7 +518,10 @@ def test_the_cli_writes_and_reports_both_files(trained_run, tmp_path):
 
     result = run_cli(["export", "--onnx", trained_run, "--out", tmp_path / "d.onnx", "--encoder"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "encoder parity: max abs difference" in result.stdout and f"wrote {tmp_path / 'd-encoder.onnx'}" in result.stdout
+    assert (
+        "encoder parity: max abs difference" in result.stdout
+        and f"wrote {tmp_path / 'd-encoder.onnx'}" in result.stdout
+    )
     assert meta_of(tmp_path / "d-encoder.onnx")["cvae_tk.format"] == "encoder/1"
 
 
@@ -472,6 +545,8 @@ def test_encode_and_edit_work_where_torch_cannot_be_imported(pair):
         "print('edited', z.shape, edited.shape)\n"
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-c", script, str(pair[0])], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(pair[0])], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "edited (1, 16) (32, 32, 3)" in result.stdout

@@ -12,7 +12,14 @@ import torch
 from torch import nn
 
 from tests.test_cli import assert_user_error, run_cli
-from toolkit.classifier import AccuracyCounter, AttributeClassifier, classifier_accuracy, load_classifier, reliable_attributes, train_classifier
+from toolkit.classifier import (
+    AccuracyCounter,
+    AttributeClassifier,
+    classifier_accuracy,
+    load_classifier,
+    reliable_attributes,
+    train_classifier,
+)
 from toolkit.data.stream import eval_batches
 from toolkit.errors import UserError
 from toolkit.evaluate import attribute_accuracy, attribute_control, diversity, evaluate_run, reconstruction_metrics
@@ -47,7 +54,7 @@ class FixedDecoder(nn.Module):
 
 
 def whole_split(shards):
-    (images, attributes), = list(eval_batches(shards, "test", batch_size=10_000))
+    ((images, attributes),) = list(eval_batches(shards, "test", batch_size=10_000))
     return images.double(), attributes.double()
 
 
@@ -68,9 +75,12 @@ def test_reconstruction_metrics_equal_a_hand_computation(digits_shards):
 
     kl = (-0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(dim=1)).mean().item()
     expected = {
-        "mse_per_image": mse(mu), "mse_per_pixel": mse(mu) / VALUES,
-        "mse_per_image_sampled": mse(mu + (0.5 * logvar).exp() * eps), "mse_per_pixel_sampled": mse(mu + (0.5 * logvar).exp() * eps) / VALUES,
-        "kl_per_image": kl, "count": 179,
+        "mse_per_image": mse(mu),
+        "mse_per_pixel": mse(mu) / VALUES,
+        "mse_per_image_sampled": mse(mu + (0.5 * logvar).exp() * eps),
+        "mse_per_pixel_sampled": mse(mu + (0.5 * logvar).exp() * eps) / VALUES,
+        "kl_per_image": kl,
+        "count": 179,
     }
     assert set(got) == set(expected)
     for key, value in expected.items():
@@ -78,7 +88,10 @@ def test_reconstruction_metrics_equal_a_hand_computation(digits_shards):
     assert got["mse_per_image_sampled"] != pytest.approx(got["mse_per_image"], rel=1e-3)
     # the posterior sample is seeded: the same seed gives the same figure, another seed another one
     assert reconstruction_metrics(model, digits_shards, batch_size=50, seed=3) == got
-    assert reconstruction_metrics(model, digits_shards, batch_size=50, seed=4)["mse_per_image_sampled"] != got["mse_per_image_sampled"]
+    assert (
+        reconstruction_metrics(model, digits_shards, batch_size=50, seed=4)["mse_per_image_sampled"]
+        != got["mse_per_image_sampled"]
+    )
 
 
 def test_kl_is_exact_for_a_known_posterior(digits_shards):
@@ -104,7 +117,9 @@ def test_kl_uses_the_learned_prior(digits_shards):
     with torch.no_grad():
         mu, logvar = (t.double() for t in model.encoder(images.float(), attributes.float()))
         mu_p, logvar_p = (t.double() for t in model.prior(attributes.float()))
-    learned = 0.5 * (logvar_p - logvar + (logvar.exp() + (mu - mu_p) ** 2) / logvar_p.exp() - 1).sum(dim=1).mean().item()
+    learned = (
+        0.5 * (logvar_p - logvar + (logvar.exp() + (mu - mu_p) ** 2) / logvar_p.exp() - 1).sum(dim=1).mean().item()
+    )
     standard = (-0.5 * (1 + logvar - mu**2 - logvar.exp()).sum(dim=1)).mean().item()
     assert got["kl_per_image"] == pytest.approx(learned, rel=1e-4)
     assert abs(learned - standard) > 0.05 * abs(standard)
@@ -142,7 +157,9 @@ def classifier_dir(digits_shards, tmp_path_factory) -> Path:
 def test_classifier_beats_chance_on_real_images(classifier_dir, digits_shards):
     assert sorted(p.name for p in classifier_dir.iterdir()) == ["classifier.json", "classifier.safetensors"]
     meta = json.loads((classifier_dir / "classifier.json").read_text())
-    assert meta["attributes"] == DIGITS and meta["image_size"] == [32, 32] and meta["arch"] == {"width": 16, "depth": 3}
+    assert (
+        meta["attributes"] == DIGITS and meta["image_size"] == [32, 32] and meta["arch"] == {"width": 16, "depth": 3}
+    )
     classifier = load_classifier(classifier_dir)
     real = classifier_accuracy(classifier, digits_shards, "test")
     assert real["mean"] == pytest.approx(meta["test_accuracy"]["mean"]) and set(real["per_attribute"]) == set(DIGITS)
@@ -155,9 +172,20 @@ def test_generated_attributes_beat_the_shuffled_floor(classifier_dir, digits_sha
     from toolkit.train import train
 
     # the 60-step fixture run barely follows its condition yet; 100 steps at a higher lr does
-    config = load_config(["recipe=digits", f"run_dir={tmp_path / 'run'}", f"data.shards={digits_shards}", "max_steps=100",
-                          "batch_size=32", "lr=0.003", "log_every=50", "sample_every=1000", "checkpoint_every=1000",
-                          "data.num_workers=0"])
+    config = load_config(
+        [
+            "recipe=digits",
+            f"run_dir={tmp_path / 'run'}",
+            f"data.shards={digits_shards}",
+            "max_steps=100",
+            "batch_size=32",
+            "lr=0.003",
+            "log_every=50",
+            "sample_every=1000",
+            "checkpoint_every=1000",
+            "data.num_workers=0",
+        ]
+    )
     model = load_model(train(config))
     classifier = load_classifier(classifier_dir)
     generated = attribute_accuracy(classifier, model, digits_shards, "test", seed=0)
@@ -198,15 +226,30 @@ def test_cli_eval_writes_metrics_json(trained_run, classifier_dir, tmp_path):
     report = json.loads((run / "metrics.json").read_text())
     metrics = report["metrics"]
     assert set(metrics) == {
-        "mse_per_image", "mse_per_pixel", "mse_per_image_sampled", "mse_per_pixel_sampled", "kl_per_image", "count", "diversity",
-        "attr_acc", "attr_acc_top1", "attr_acc_floor", "attr_acc_floor_top1", "attr_acc_real", "attr_acc_real_top1",
-        "control", "control_all", "control_attributes",
+        "mse_per_image",
+        "mse_per_pixel",
+        "mse_per_image_sampled",
+        "mse_per_pixel_sampled",
+        "kl_per_image",
+        "count",
+        "diversity",
+        "attr_acc",
+        "attr_acc_top1",
+        "attr_acc_floor",
+        "attr_acc_floor_top1",
+        "attr_acc_real",
+        "attr_acc_real_top1",
+        "control",
+        "control_all",
+        "control_attributes",
     }
     assert all(value is not None for value in metrics.values()), metrics
     assert report["split"] == "test" and report["classifier"] == str(tmp_path / "classifier") and report["step"] == 60
     assert set(report["per_attribute"]) == {"generated", "floor", "real", "real_balanced"}
     control = report["control"]
-    assert set(control["per_attribute"]) == set(DIGITS) and metrics["control_attributes"] == len(control["reliable"]) > 0
+    assert (
+        set(control["per_attribute"]) == set(DIGITS) and metrics["control_attributes"] == len(control["reliable"]) > 0
+    )
     trusted = [control["per_attribute"][name]["control"] for name in control["reliable"]]
     assert metrics["control"] == pytest.approx(sum(trusted) / len(trusted)) and 0 <= metrics["control"] <= 1
     assert metrics["count"] == 179 and metrics["mse_per_pixel"] == pytest.approx(metrics["mse_per_image"] / VALUES)
@@ -224,7 +267,9 @@ def test_cli_eval_and_classifier_errors_are_one_line(trained_run, tmp_path):
     assert_user_error(run_cli(["eval", tmp_path / "nope"], tmp_path), "nope")
     run = copy_run(trained_run, tmp_path / "run")
     assert_user_error(run_cli(["eval", run, "--classifier", tmp_path / "missing"], tmp_path), "missing")
-    assert_user_error(run_cli(["classifier", "train", "recipe=digits", f"data.shards={tmp_path / 'noshards'}"], tmp_path), "noshards")
+    assert_user_error(
+        run_cli(["classifier", "train", "recipe=digits", f"data.shards={tmp_path / 'noshards'}"], tmp_path), "noshards"
+    )
     assert not (tmp_path / "runs").exists() and not (run / "metrics.json").exists()
 
 
@@ -240,14 +285,19 @@ def test_balanced_accuracy_equals_a_hand_count():
     counter.update(logits[2:], targets[2:])
     result = counter.result()
     assert result["balanced"]["a"] == pytest.approx((2 / 3 + 1 / 2) / 2)
-    assert result["balanced"]["b"] == pytest.approx((0 / 1 + 4 / 4) / 2) and result["per_attribute"]["b"] == pytest.approx(0.8)
+    assert result["balanced"]["b"] == pytest.approx((0 / 1 + 4 / 4) / 2) and result["per_attribute"][
+        "b"
+    ] == pytest.approx(0.8)
     assert result["balanced"]["c"] is None  # no negatives: undefined, not 1.0
     assert result["positives"] == {"a": 3, "b": 1, "c": 5}
 
 
 def test_reliable_attributes_need_accuracy_and_enough_images_on_each_side():
-    accuracy = {"count": 100, "balanced": {"a": 0.9, "b": 0.7, "c": 0.95, "d": None, "e": 0.75},
-                "positives": {"a": 50, "b": 50, "c": 3, "d": 0, "e": 95}}
+    accuracy = {
+        "count": 100,
+        "balanced": {"a": 0.9, "b": 0.7, "c": 0.95, "d": None, "e": 0.75},
+        "positives": {"a": 50, "b": 50, "c": 3, "d": 0, "e": 95},
+    }
     assert reliable_attributes(accuracy) == ["a", "e"]
 
 
@@ -277,8 +327,12 @@ def test_attribute_control_is_one_for_a_controlled_attribute_and_one_half_for_an
     scores = attribute_control(BrightnessClassifier(), model, vectors, seed=0, batch_size=3)
     assert scores["a"] == {"control": 1.0, "present": 1.0, "absent": 1.0, "count": 20}
     # b does not reach the image: both settings give the same images, so the same calls
-    assert scores["b"]["control"] == pytest.approx(0.5) and scores["b"]["present"] + scores["b"]["absent"] == pytest.approx(1.0)
-    assert attribute_control(BrightnessClassifier(), model, vectors, seed=0, batch_size=7) == scores  # seeded, batch-free
+    assert scores["b"]["control"] == pytest.approx(0.5) and scores["b"]["present"] + scores["b"][
+        "absent"
+    ] == pytest.approx(1.0)
+    assert (
+        attribute_control(BrightnessClassifier(), model, vectors, seed=0, batch_size=7) == scores
+    )  # seeded, batch-free
     assert list(attribute_control(BrightnessClassifier(), model, vectors, names=["b"])) == ["b"]
 
 
@@ -302,7 +356,11 @@ def test_attribute_control_of_one_hot_data_compares_the_class_with_the_others():
     vectors = torch.eye(3)[[0, 1, 2, 2, 1, 0, 0]]
     scores = attribute_control(ClassClassifier(), model, vectors)
     # a=1 is the class itself; a=0 the vector's own (other) class; vectors of class a are left out
-    assert {name: (score["control"], score["count"]) for name, score in scores.items()} == {"c0": (1.0, 4), "c1": (1.0, 5), "c2": (1.0, 5)}
+    assert {name: (score["control"], score["count"]) for name, score in scores.items()} == {
+        "c0": (1.0, 4),
+        "c1": (1.0, 5),
+        "c2": (1.0, 5),
+    }
 
 
 def test_classifier_hflip_mirrors_images_and_stays_seeded(digits_shards, tmp_path, monkeypatch):
@@ -312,7 +370,9 @@ def test_classifier_hflip_mirrors_images_and_stays_seeded(digits_shards, tmp_pat
 
     seen = []
     forward = AttributeClassifier.forward
-    monkeypatch.setattr(AttributeClassifier, "forward", lambda self, images: seen.append(images.clone()) or forward(self, images))
+    monkeypatch.setattr(
+        AttributeClassifier, "forward", lambda self, images: seen.append(images.clone()) or forward(self, images)
+    )
 
     def weights(name, hflip):
         seen.clear()
@@ -328,7 +388,10 @@ def test_classifier_hflip_mirrors_images_and_stays_seeded(digits_shards, tmp_pat
         same = (a == b).flatten(1).all(dim=1)
         mirrored = (a.flip(-1) == b).flatten(1).all(dim=1)
         assert bool((same | mirrored).all())
-    assert any(bool(((a.flip(-1) == b).flatten(1).all(dim=1) & ~(a == b).flatten(1).all(dim=1)).any()) for a, b in zip(plain_inputs, flipped_inputs))
+    assert any(
+        bool(((a.flip(-1) == b).flatten(1).all(dim=1) & ~(a == b).flatten(1).all(dim=1)).any())
+        for a, b in zip(plain_inputs, flipped_inputs)
+    )
     assert json.loads((tmp_path / "flipped" / "classifier.json").read_text())["training"]["hflip"] is True
 
 

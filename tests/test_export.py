@@ -156,6 +156,7 @@ def test_run_folder_missing_a_file(trained_run, tmp_path, missing):
 
 # --- every architecture and prior, from tiny random models (no training run needed) ---------------
 
+
 @pytest.mark.parametrize("arch", ["paper", "resnet"])
 @pytest.mark.parametrize("prior", ["standard", "learned"])
 def test_export_of_each_arch_and_prior(tmp_path, arch, prior):
@@ -167,7 +168,9 @@ def test_export_of_each_arch_and_prior(tmp_path, arch, prior):
 
     torch.manual_seed(0)
     options = {"width": 16, "levels": 2, "embed_dim": 16} if arch == "resnet" else {}
-    spec = ModelSpec([f"a{i}" for i in range(NUM_ATTRIBUTES)], (SIZE, SIZE), LATENT_DIM, arch, prior=prior, options=options)
+    spec = ModelSpec(
+        [f"a{i}" for i in range(NUM_ATTRIBUTES)], (SIZE, SIZE), LATENT_DIM, arch, prior=prior, options=options
+    )
     model = CVAE(spec).eval()
     with torch.no_grad():  # move the zero-initialised layers (residual branches, prior head) off zero
         for parameter in model.parameters():
@@ -201,7 +204,9 @@ def test_export_of_each_arch_and_prior(tmp_path, arch, prior):
 PAPER_SIZE = (24, 32)  # H != W: a swapped axis in the uint8 NHWC output shows
 FLAGS = [
     dict(fp16=fp16, uint8=uint8, temperature_input=temperature)
-    for fp16 in (False, True) for uint8 in (False, True) for temperature in (False, True)
+    for fp16 in (False, True)
+    for uint8 in (False, True)
+    for temperature in (False, True)
 ]
 
 
@@ -216,7 +221,9 @@ def _tiny_run(folder: Path, arch: str, prior: str, size) -> Path:
 
     torch.manual_seed(1)
     options = {"width": 8, "levels": 2, "embed_dim": 16} if arch == "resnet" else {}
-    spec = ModelSpec([f"attr_{i}" for i in range(NUM_ATTRIBUTES)], size, LATENT_DIM, arch, prior=prior, options=options)
+    spec = ModelSpec(
+        [f"attr_{i}" for i in range(NUM_ATTRIBUTES)], size, LATENT_DIM, arch, prior=prior, options=options
+    )
     model = CVAE(spec).eval()
     with torch.no_grad():  # move the zero-initialised layers (residual branches, prior head) off zero
         for parameter in model.parameters():
@@ -290,20 +297,27 @@ def _check_variant(variant, tiny_runs, kind: str, flags: dict):
     assert json.loads(meta["inputs"]) == names
     assert meta["weights_sha256"] == hashlib.sha256((tiny_runs[kind] / "model.safetensors").read_bytes()).hexdigest()
     assert meta["opset"] == "18"
-    assert (meta["arch"], meta["prior"], meta["step"], meta["beta"]) == (model.spec.arch, model.spec.prior, "7", "0.25")
+    assert (meta["arch"], meta["prior"], meta["step"], meta["beta"]) == (
+        model.spec.arch,
+        model.spec.prior,
+        "7",
+        "0.25",
+    )
     assert json.loads(meta["attributes"]) == model.spec.attributes
     assert json.loads(meta["image_size"]) == [height, width]
 
     limit = (3 if fp16 else 1) if uint8 else (1e-2 if fp16 else 1e-4)
     rng = np.random.default_rng(3)
     worst = 0.0
-    for temperature in ((1.0, 0.7) if temperature_input else (None,)):
+    for temperature in (1.0, 0.7) if temperature_input else (None,):
         for batch in (1, 3, 17):
             attributes = (rng.random((batch, NUM_ATTRIBUTES)) > 0.5).astype(np.float32)
             noise = rng.standard_normal((batch, LATENT_DIM), dtype=np.float32)
             got = _run(session, attributes, noise, temperature)
             with torch.no_grad():
-                expected = model.generate(torch.from_numpy(attributes), torch.from_numpy(noise), temperature or 1.0).numpy()
+                expected = model.generate(
+                    torch.from_numpy(attributes), torch.from_numpy(noise), temperature or 1.0
+                ).numpy()
             if uint8:
                 assert got.dtype == np.uint8 and got.shape == (batch, height, width, 3)
                 difference = np.abs(got.astype(np.int16) - quantize(expected).astype(np.int16)).max()
@@ -317,7 +331,12 @@ def _check_variant(variant, tiny_runs, kind: str, flags: dict):
     if temperature_input:  # the temperature changes the images
         attributes = np.ones((2, NUM_ATTRIBUTES), np.float32)
         noise = rng.standard_normal((2, LATENT_DIM), dtype=np.float32)
-        assert np.abs(_run(session, attributes, noise, 1.0).astype(np.float32) - _run(session, attributes, noise, 0.3)).max() > 0
+        assert (
+            np.abs(
+                _run(session, attributes, noise, 1.0).astype(np.float32) - _run(session, attributes, noise, 0.3)
+            ).max()
+            > 0
+        )
     return path
 
 
@@ -326,7 +345,11 @@ def test_paper_export_variants(variant, tiny_runs, flags):
     _check_variant(variant, tiny_runs, "paper", flags)
 
 
-@pytest.mark.parametrize("flags", [dict(fp16=True, uint8=True, temperature_input=True), dict(fp16=False, uint8=False, temperature_input=True)], ids=_flag_id)
+@pytest.mark.parametrize(
+    "flags",
+    [dict(fp16=True, uint8=True, temperature_input=True), dict(fp16=False, uint8=False, temperature_input=True)],
+    ids=_flag_id,
+)
 def test_resnet_learned_export_variants(variant, tiny_runs, flags):
     _check_variant(variant, tiny_runs, "resnet", flags)
 
@@ -421,7 +444,9 @@ def test_generate_temperature_default_and_tensor():
         base = model.generate(attributes, noise)
         assert torch.equal(model.generate(attributes, noise, 1.0), base)
         assert torch.allclose(model.generate(attributes, noise, 0.5), model.generate(attributes, 0.5 * noise))
-        assert torch.allclose(model.generate(attributes, noise, torch.tensor([0.5])), model.generate(attributes, 0.5 * noise))
+        assert torch.allclose(
+            model.generate(attributes, noise, torch.tensor([0.5])), model.generate(attributes, 0.5 * noise)
+        )
 
 
 def _readme_example() -> str:

@@ -125,7 +125,17 @@ def test_the_prior_samples_error_trains_the_decoder_and_the_learned_prior_not_th
     with torch.no_grad():  # a prior off N(0, I), as after some training (its last layer starts at zero)
         model.prior_net.net[-1].weight.normal_(std=0.1)
     out = model(torch.rand(5, 3, 8, 8), torch.tensor([[1.0, 0, 1]] * 5), prior_sample=True)
-    terms = cvae_loss(out.recon, torch.rand(5, 3, 8, 8), out.mu, out.logvar, 0.5, out.prior_mu, out.prior_logvar, out.prior_recon, 0.5)
+    terms = cvae_loss(
+        out.recon,
+        torch.rand(5, 3, 8, 8),
+        out.mu,
+        out.logvar,
+        0.5,
+        out.prior_mu,
+        out.prior_logvar,
+        out.prior_recon,
+        0.5,
+    )
     decoder, prior, encoder = (list(m.parameters()) for m in (model.decoder, model.prior_net, model.encoder))
     grads = torch.autograd.grad(terms.mse_prior, decoder + prior + encoder, allow_unused=True)
     norm = lambda gs: sum(float(g.abs().sum()) for g in gs if g is not None)  # noqa: E731

@@ -3,7 +3,16 @@ import torch
 
 from toolkit.errors import UserError
 from toolkit.loss import cvae_loss
-from toolkit.model import ARCH_OPTIONS, CVAE, PRIORS, ModelOutput, ModelSpec, arch_options, load_model, read_spec, save_model
+from toolkit.model import (
+    ARCH_OPTIONS,
+    CVAE,
+    ModelOutput,
+    ModelSpec,
+    arch_options,
+    load_model,
+    read_spec,
+    save_model,
+)
 
 
 def make(height, width, attributes=40, latent=128):
@@ -163,7 +172,10 @@ def test_arch_options_reads_a_model_config():
 
     # one home (toolkit.formats) for the choices, which reading a recipe or an export takes without torch
     probe = "import sys, toolkit.config, toolkit.contract, toolkit.formats; print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )
     config = ModelConfig(arch="resnet", width=32, levels=3, embed_dim=64)
     assert arch_options("resnet", config) == {"width": 32, "levels": 3, "embed_dim": 64}
     assert arch_options("paper", config) == {}
@@ -243,7 +255,9 @@ def test_save_and_load_round_trip_every_arch_and_prior(tmp_path, arch, prior, op
     images, attributes, noise = torch.rand(3, 3, 32, 32), torch.randint(0, 2, (3, 6)).float(), torch.randn(3, 4)
     with torch.no_grad():
         assert torch.equal(loaded.generate(attributes, noise), model.generate(attributes, noise))
-        assert all(torch.equal(a, b) for a, b in zip(loaded.encoder(images, attributes), model.encoder(images, attributes)))
+        assert all(
+            torch.equal(a, b) for a, b in zip(loaded.encoder(images, attributes), model.encoder(images, attributes))
+        )
         torch.manual_seed(1)
         first = model(images, attributes)
         torch.manual_seed(1)

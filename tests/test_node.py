@@ -25,13 +25,17 @@ LATENT_DIM = 16  # the digits recipe
 
 pytestmark = [
     pytest.mark.skipif(NODE is None, reason="node is not installed (bash scripts/setup-js.sh needs npm and node)"),
-    pytest.mark.skipif(not (ORT_NODE / "package.json").exists(),
-                       reason="node_modules/onnxruntime-node is missing: run bash scripts/setup-js.sh"),
+    pytest.mark.skipif(
+        not (ORT_NODE / "package.json").exists(),
+        reason="node_modules/onnxruntime-node is missing: run bash scripts/setup-js.sh",
+    ),
 ]
 
 
 def run_node(*args, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([NODE, str(SCRIPT), *map(str, args)], check=False, capture_output=True, text=True, timeout=120, cwd=cwd)
+    return subprocess.run(
+        [NODE, str(SCRIPT), *map(str, args)], check=False, capture_output=True, text=True, timeout=120, cwd=cwd
+    )
 
 
 def write_noise(path: Path, noise: np.ndarray) -> Path:
@@ -71,15 +75,30 @@ def variant(trained_run, tmp_path_factory) -> Path:
     """The same run exported with --uint8 --temperature-input: the other output layout and input list."""
     from toolkit.export import export_onnx
 
-    path, _ = export_onnx(trained_run, tmp_path_factory.mktemp("node") / "digits-uint8-temperature.onnx",
-                          uint8=True, temperature_input=True)
+    path, _ = export_onnx(
+        trained_run,
+        tmp_path_factory.mktemp("node") / "digits-uint8-temperature.onnx",
+        uint8=True,
+        temperature_input=True,
+    )
     return path
 
 
 def test_node_png_equals_the_python_sampler(exported, tmp_path):
     noise = np.random.default_rng(0).standard_normal((6, LATENT_DIM), dtype=np.float32)
-    result = run_node(exported, "digit_3=1", "--noise", write_noise(tmp_path / "noise.json", noise),
-                      "--columns", 4, "--raw", tmp_path / "out.f32", "--out", tmp_path / "threes.png", cwd=tmp_path)
+    result = run_node(
+        exported,
+        "digit_3=1",
+        "--noise",
+        write_noise(tmp_path / "noise.json", noise),
+        "--columns",
+        4,
+        "--raw",
+        tmp_path / "out.f32",
+        "--out",
+        tmp_path / "threes.png",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "wrote" in result.stdout and "threes.png" in result.stdout
 
@@ -98,7 +117,9 @@ def test_node_png_equals_the_python_sampler(exported, tmp_path):
 
 
 def test_node_toggling_an_attribute_changes_the_images(exported, tmp_path):
-    noise = write_noise(tmp_path / "noise.json", np.random.default_rng(1).standard_normal((2, LATENT_DIM), dtype=np.float32))
+    noise = write_noise(
+        tmp_path / "noise.json", np.random.default_rng(1).standard_normal((2, LATENT_DIM), dtype=np.float32)
+    )
     images = {}
     for digit in ("digit_1", "digit_8"):
         result = run_node(exported, f"{digit}=1", "--noise", noise, "--out", tmp_path / f"{digit}.png", cwd=tmp_path)
@@ -109,10 +130,23 @@ def test_node_toggling_an_attribute_changes_the_images(exported, tmp_path):
 
 def test_node_uint8_export_with_temperature_input(variant, tmp_path):
     noise = np.random.default_rng(2).standard_normal((3, LATENT_DIM), dtype=np.float32)
-    result = run_node(variant, "digit_5=1", "--noise", write_noise(tmp_path / "noise.json", noise), "--temperature", 0.7,
-                      "--raw", tmp_path / "out.u8", "--out", tmp_path / "fives.png", cwd=tmp_path)
+    result = run_node(
+        variant,
+        "digit_5=1",
+        "--noise",
+        write_noise(tmp_path / "noise.json", noise),
+        "--temperature",
+        0.7,
+        "--raw",
+        tmp_path / "out.u8",
+        "--out",
+        tmp_path / "fives.png",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
-    expected = Sampler(variant, device="cpu").run(condition("digit_5", 3), noise, temperature=0.7)  # uint8 [3, 32, 32, 3]
+    expected = Sampler(variant, device="cpu").run(
+        condition("digit_5", 3), noise, temperature=0.7
+    )  # uint8 [3, 32, 32, 3]
     raw = np.fromfile(tmp_path / "out.u8", np.uint8).reshape(expected.shape)
     assert np.abs(raw.astype(int) - expected.astype(int)).max() <= 1
     pixels = np.asarray(Image.open(tmp_path / "fives.png"))
@@ -122,8 +156,19 @@ def test_node_uint8_export_with_temperature_input(variant, tmp_path):
 def test_node_temperature_scales_the_noise_of_a_plain_export(exported, tmp_path):
     # Without a temperature input the script multiplies the noise itself, as the Sampler does.
     noise = np.random.default_rng(3).standard_normal((2, LATENT_DIM), dtype=np.float32)
-    result = run_node(exported, "digit_0=1", "--noise", write_noise(tmp_path / "noise.json", noise), "--temperature", 0.5,
-                      "--raw", tmp_path / "out.f32", "--out", tmp_path / "zeros.png", cwd=tmp_path)
+    result = run_node(
+        exported,
+        "digit_0=1",
+        "--noise",
+        write_noise(tmp_path / "noise.json", noise),
+        "--temperature",
+        0.5,
+        "--raw",
+        tmp_path / "out.f32",
+        "--out",
+        tmp_path / "zeros.png",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     expected = Sampler(exported, device="cpu").run(condition("digit_0", 2), noise, temperature=0.5)
     at_one = Sampler(exported, device="cpu").run(condition("digit_0", 2), noise)

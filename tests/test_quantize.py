@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def int8_file(trained_run, exported, tmp_path_factory):
-    path, levels, control = quantize.quantize_export(trained_run, exported, tmp_path_factory.mktemp("int8") / "digits-int8.onnx")
+    path, levels, control = quantize.quantize_export(
+        trained_run, exported, tmp_path_factory.mktemp("int8") / "digits-int8.onnx"
+    )
     assert control is None  # no judge given
     return path, levels
 
@@ -63,17 +65,19 @@ def test_a_broken_calibration_fails_the_bound_and_writes_nothing(trained_run, ex
     monkeypatch.setattr(quantize, "quantize_bytes", narrow)
     before = exported.read_bytes()
     out = tmp_path / "broken-int8.onnx"
-    with pytest.raises(UserError, match="failed its parity check against the fp32 file .*broken-int8.onnx was not written"):
+    with pytest.raises(
+        UserError, match="failed its parity check against the fp32 file .*broken-int8.onnx was not written"
+    ):
         quantize.quantize_export(trained_run, exported, out)
     assert list(tmp_path.iterdir()) == []  # no file, no temporary
     assert exported.read_bytes() == before
 
 
 def test_uint8_and_temperature_exports_quantize_with_their_float_tail(trained_run, tmp_path):
+    import onnx
+
     from toolkit.export import export_onnx
     from toolkit.sampler import Sampler
-
-    import onnx
 
     fp32_path, _ = export_onnx(trained_run, tmp_path / "d.onnx", uint8=True, temperature_input=True)
     path, levels, _ = quantize.quantize_export(trained_run, fp32_path)
@@ -89,7 +93,11 @@ def test_uint8_and_temperature_exports_quantize_with_their_float_tail(trained_ru
         tensor = producers[tensor].input[0]
     last = producers[tensor]
     assert "Sigmoid" in walked and not {"QuantizeLinear", "DequantizeLinear"} & set(walked), walked
-    assert last.input[1] in floats and producers.get(last.input[0]) is None or producers[last.input[0]].op_type != "DequantizeLinear"
+    assert (
+        last.input[1] in floats
+        and producers.get(last.input[0]) is None
+        or producers[last.input[0]].op_type != "DequantizeLinear"
+    )
     assert any(node.op_type == "DequantizeLinear" for node in graph.node)  # the layers before it are quantized
     fp32, int8 = Sampler(fp32_path, device="cpu"), Sampler(path, device="cpu")
     assert int8.metadata["output"] == "uint8_nhwc"
@@ -112,15 +120,49 @@ def test_an_fp16_export_or_a_bad_name_is_refused(trained_run, exported, tmp_path
 
 def test_cli_export_int8_writes_both_files(trained_run, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-m", "toolkit.cli", "export", "--onnx", str(trained_run), "--out", str(tmp_path / "d.onnx"), "--int8"],
-                            capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "toolkit.cli",
+            "export",
+            "--onnx",
+            str(trained_run),
+            "--out",
+            str(tmp_path / "d.onnx"),
+            "--int8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "int8 parity: grey levels from the fp32 file: batch 1: mean" in result.stdout
     assert "WARNING" not in result.stderr, result.stderr  # the quantizer's advice stays quiet
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d-int8.onnx", "d.onnx"]
-    refused = subprocess.run([sys.executable, "-m", "toolkit.cli", "export", "--onnx", str(trained_run), "--out", str(tmp_path / "h.onnx"), "--int8", "--fp16"],
-                             capture_output=True, text=True, timeout=300, env=env)
-    assert refused.returncode == 2 and refused.stderr.strip() == "error: --int8 is quantized from the fp32 export: drop --fp16"
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "toolkit.cli",
+            "export",
+            "--onnx",
+            str(trained_run),
+            "--out",
+            str(tmp_path / "h.onnx"),
+            "--int8",
+            "--fp16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert (
+        refused.returncode == 2
+        and refused.stderr.strip() == "error: --int8 is quantized from the fp32 export: drop --fp16"
+    )
     assert not (tmp_path / "h.onnx").exists()
 
 
@@ -149,7 +191,9 @@ def test_an_onnx_file_is_judged_as_its_pytorch_model(trained_run, exported, judg
     classifier, vectors = load_classifier(judge), split_attributes(digits_shards, "test")[:64]
     onnx_file = quantize.OnnxImages(exported.read_bytes())
     model = load_model(trained_run).eval()
-    assert onnx_file.spec.attributes == list(model.spec.attributes) and onnx_file.spec.latent_dim == model.spec.latent_dim
+    assert (
+        onnx_file.spec.attributes == list(model.spec.attributes) and onnx_file.spec.latent_dim == model.spec.latent_dim
+    )
     noise = torch.randn(5, model.spec.latent_dim, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(onnx_file.generate(vectors[:5], noise), model.generate(vectors[:5], noise), atol=1e-4)
@@ -157,7 +201,9 @@ def test_an_onnx_file_is_judged_as_its_pytorch_model(trained_run, exported, judg
     onnx_scores = attribute_control(classifier, onnx_file, vectors)
     assert set(onnx_scores) == set(torch_scores)
     for name in torch_scores:
-        assert abs(onnx_scores[name]["control"] - torch_scores[name]["control"]) <= 2 / torch_scores[name]["count"], name
+        assert abs(onnx_scores[name]["control"] - torch_scores[name]["control"]) <= 2 / torch_scores[name]["count"], (
+            name
+        )
 
 
 def test_with_a_judge_the_int8_file_keeps_control_and_records_both_scores(trained_run, exported, judge, tmp_path):
@@ -174,8 +220,12 @@ def test_with_a_judge_the_int8_file_keeps_control_and_records_both_scores(traine
 
 
 def test_an_int8_file_that_loses_control_is_not_written(trained_run, exported, judge, tmp_path, monkeypatch):
-    monkeypatch.setattr(quantize, "CONTROL_DROP", -1.0)  # any int8 file now "loses" control: the mechanism, not the numbers
-    with pytest.raises(UserError, match=r"loses attribute control: control score fp32 .*lost-int8.onnx was not written"):
+    monkeypatch.setattr(
+        quantize, "CONTROL_DROP", -1.0
+    )  # any int8 file now "loses" control: the mechanism, not the numbers
+    with pytest.raises(
+        UserError, match=r"loses attribute control: control score fp32 .*lost-int8.onnx was not written"
+    ):
         quantize.quantize_export(trained_run, exported, tmp_path / "lost-int8.onnx", classifier=judge)
     assert list(tmp_path.iterdir()) == []
 
@@ -196,9 +246,27 @@ def test_a_judge_is_checked_before_any_work(trained_run, exported, judge, tmp_pa
     with pytest.raises(UserError, match=r"^--classifier .*does not know attribute"):
         quantize.check_request(trained_run, tmp_path / "x.onnx", classifier=judge)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    alone = subprocess.run([sys.executable, "-m", "toolkit.cli", "export", "--onnx", str(trained_run), "--out", str(tmp_path / "c.onnx"),
-                            "--classifier", str(judge)], capture_output=True, text=True, timeout=300, env=env)
-    assert alone.returncode == 2 and alone.stderr.startswith("error: --classifier judges the --int8 file's control score: add --int8")
+    alone = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "toolkit.cli",
+            "export",
+            "--onnx",
+            str(trained_run),
+            "--out",
+            str(tmp_path / "c.onnx"),
+            "--classifier",
+            str(judge),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert alone.returncode == 2 and alone.stderr.startswith(
+        "error: --classifier judges the --int8 file's control score: add --int8"
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -213,17 +281,25 @@ def test_calibration_draws_two_disjoint_sets_from_the_whole_split(digits_shards,
     from toolkit.evaluate import split_attributes
 
     vectors = attribute_vectors(digits_shards, "train")
-    assert vectors.dtype == np.uint8 and torch.equal(torch.from_numpy(vectors).float(), split_attributes(digits_shards, "train"))
+    assert vectors.dtype == np.uint8 and torch.equal(
+        torch.from_numpy(vectors).float(), split_attributes(digits_shards, "train")
+    )
     # a split stored class after class, 100 images a shard, each vector made unique by a serial-number attribute
     samples = list(digit_samples("train", 32))
-    by_class = [sample for digit in range(10) for sample in [s for s in samples if np.argmax(s.attributes) == digit][:100]]
+    by_class = [
+        sample for digit in range(10) for sample in [s for s in samples if np.argmax(s.attributes) == digit][:100]
+    ]
     for index, sample in enumerate(by_class):
-        sample.attributes = np.concatenate([sample.attributes, [(index >> bit) & 1 for bit in range(10)]]).astype(np.uint8)
+        sample.attributes = np.concatenate([sample.attributes, [(index >> bit) & 1 for bit in range(10)]]).astype(
+            np.uint8
+        )
     names = list(ATTRIBUTES) + [f"bit_{bit}" for bit in range(10)]
     write_split(iter(by_class), tmp_path / "sorted", "train", names, (32, 32), "sorted digits", shard_size=100)
     calibrating, checking = quantize.calibration_conditions(str(tmp_path / "sorted"), 200)
     assert len(calibrating) == len(checking) == 200
-    assert calibrating[:, :10].sum(0).min() > 0 and checking[:, :10].sum(0).min() > 0  # every class, not the first shards' only
+    assert (
+        calibrating[:, :10].sum(0).min() > 0 and checking[:, :10].sum(0).min() > 0
+    )  # every class, not the first shards' only
     assert not {row.tobytes() for row in calibrating} & {row.tobytes() for row in checking}  # disjoint
     few, _ = quantize.calibration_conditions(str(tmp_path / "sorted"), 10**6)  # more asked than there are: halved
     assert len(few) == 500

@@ -126,7 +126,8 @@ def test_cub_vectors_names_splits_and_keys(cub):
     assert table.attributes[3] == "has_bill_shape::curved_(up_or_down)"
     assert [len(table.splits["train"]), len(table.splits["test"])] == [5, 4]
     assert {split: [r.key for r in records] for split, records in table.splits.items()} == {
-        split: [safe_key(r) for r in relpaths] for split, relpaths in cub["splits"].items()}
+        split: [safe_key(r) for r in relpaths] for split, relpaths in cub["splits"].items()
+    }
     records = by_key(table)
     for relpath, expected in cub["attributes"].items():
         record = records[safe_key(relpath)]
@@ -187,21 +188,29 @@ def test_cub_missing_files(tmp_path, cub):
     read_cub(cub["root"])
 
 
-@pytest.mark.parametrize("file, line, text, expected", [
-    ("images", 2, "2", "images.txt line 2"),
-    ("images", 3, "x 001.Black_footed_Albatross/a.jpg", "images.txt line 3"),
-    ("images", 3, "1 001.Black_footed_Albatross/a.jpg", "image id 1 already used on line 1"),
-    ("classes", 2, "1 002.Laysan_Albatross", "classes.txt line 2"),
-    ("labels", 4, "4 9", "image_class_labels.txt line 4: class id 9 is not in classes.txt"),
-    ("labels", 4, "99 1", "image_class_labels.txt line 4: image id 99 is not in images.txt"),
-    ("split", 5, "5 2", "train_test_split.txt line 5"),
-    ("attribute_labels", 6, "2 9 1 3 1.0", "image_attribute_labels.txt line 6: attribute id 9 is not in attributes.txt"),
-    ("attribute_labels", 6, "42 2 1 3 1.0", "image_attribute_labels.txt line 6: image id 42 is not in images.txt"),
-    ("attribute_labels", 6, "2 2 5 3 1.0", "image_attribute_labels.txt line 6: is_present"),
-    ("attribute_labels", 6, "2 2 1 x 1.0", "image_attribute_labels.txt line 6: certainty_id"),
-    ("attribute_labels", 6, "2 2 1", "image_attribute_labels.txt line 6"),
-    ("attributes", 2, "two has_bill_shape::dagger", "attributes.txt line 2"),
-])
+@pytest.mark.parametrize(
+    "file, line, text, expected",
+    [
+        ("images", 2, "2", "images.txt line 2"),
+        ("images", 3, "x 001.Black_footed_Albatross/a.jpg", "images.txt line 3"),
+        ("images", 3, "1 001.Black_footed_Albatross/a.jpg", "image id 1 already used on line 1"),
+        ("classes", 2, "1 002.Laysan_Albatross", "classes.txt line 2"),
+        ("labels", 4, "4 9", "image_class_labels.txt line 4: class id 9 is not in classes.txt"),
+        ("labels", 4, "99 1", "image_class_labels.txt line 4: image id 99 is not in images.txt"),
+        ("split", 5, "5 2", "train_test_split.txt line 5"),
+        (
+            "attribute_labels",
+            6,
+            "2 9 1 3 1.0",
+            "image_attribute_labels.txt line 6: attribute id 9 is not in attributes.txt",
+        ),
+        ("attribute_labels", 6, "42 2 1 3 1.0", "image_attribute_labels.txt line 6: image id 42 is not in images.txt"),
+        ("attribute_labels", 6, "2 2 5 3 1.0", "image_attribute_labels.txt line 6: is_present"),
+        ("attribute_labels", 6, "2 2 1 x 1.0", "image_attribute_labels.txt line 6: certainty_id"),
+        ("attribute_labels", 6, "2 2 1", "image_attribute_labels.txt line 6"),
+        ("attributes", 2, "two has_bill_shape::dagger", "attributes.txt line 2"),
+    ],
+)
 def test_cub_malformed_rows(cub, file, line, text, expected):
     replace_line(cub["files"][file], line, text)
     raises([expected], read_cub, cub["root"])
@@ -232,7 +241,8 @@ def test_cub_species_only_needs_no_attribute_files(cub):
     for relpath in cub["relpaths"]:
         assert records[safe_key(relpath)].attributes.tolist() == [int(c == cub["labels"][relpath]) for c in range(3)]
     assert {s: [r.key for r in rs] for s, rs in table.splits.items()} == {
-        s: [safe_key(r) for r in rs] for s, rs in cub["splits"].items()}
+        s: [safe_key(r) for r in rs] for s, rs in cub["splits"].items()
+    }
     replace_line(cub["files"]["labels"], 4, "4 9")  # the species files are still checked
     raises(["image_class_labels.txt line 4: class id 9"], read_cub, cub["root"], condition="species")
 
@@ -258,7 +268,9 @@ def test_cub_missing_attribute_files_say_how_to_do_without(cub, condition, missi
 
 
 def test_cub_unknown_condition(cub):
-    raises(["'species+attributes'", "species, attributes, both"], read_cub, cub["root"], condition="species+attributes")
+    raises(
+        ["'species+attributes'", "species, attributes, both"], read_cub, cub["root"], condition="species+attributes"
+    )
 
 
 # ----------------------------------------------------------------------------------------------- folder
@@ -290,18 +302,26 @@ def test_folder_split_column(tmp_path):
     table = read_folder(fixture["root"], fixture["table"], split_column="split")
     assert table.attributes == ["Smiling", "Eyeglasses"]  # the split column is not an attribute
     assert {s: [r.key for r in rs] for s, rs in table.splits.items()} == {
-        s: [safe_key(f) for f in files] for s, files in fixture["splits"].items()}
+        s: [safe_key(f) for f in files] for s, files in fixture["splits"].items()
+    }
 
 
-@pytest.mark.parametrize("line, text, expected", [
-    (3, "b/img_001.jpg,1,2,val", "labels.csv line 3: column Eyeglasses is '2', expected 0 or 1"),
-    (3, "b/img_001.jpg,-1,0,val", "labels.csv line 3: column Smiling is '-1'"),
-    (4, "a/img_002.jpg,1,0,dev", "labels.csv line 4: column split is 'dev'"),
-    (4, "a/img_002.jpg,1,0", "labels.csv line 4: 3 column(s)"),
-    (5, "a/img_002.jpg,1,0,val", "labels.csv line 5: a/img_002.jpg already listed on line 4"),
-    (5, "../img_002.jpg,1,0,val", "labels.csv line 5"),
-    (1, "name,Smiling,Eyeglasses,split", "labels.csv line 1: expected a file column named one of file, filename, image, path; the header is name, Smiling, Eyeglasses, split"),
-])
+@pytest.mark.parametrize(
+    "line, text, expected",
+    [
+        (3, "b/img_001.jpg,1,2,val", "labels.csv line 3: column Eyeglasses is '2', expected 0 or 1"),
+        (3, "b/img_001.jpg,-1,0,val", "labels.csv line 3: column Smiling is '-1'"),
+        (4, "a/img_002.jpg,1,0,dev", "labels.csv line 4: column split is 'dev'"),
+        (4, "a/img_002.jpg,1,0", "labels.csv line 4: 3 column(s)"),
+        (5, "a/img_002.jpg,1,0,val", "labels.csv line 5: a/img_002.jpg already listed on line 4"),
+        (5, "../img_002.jpg,1,0,val", "labels.csv line 5"),
+        (
+            1,
+            "name,Smiling,Eyeglasses,split",
+            "labels.csv line 1: expected a file column named one of file, filename, image, path; the header is name, Smiling, Eyeglasses, split",
+        ),
+    ],
+)
 def test_folder_bad_rows(tmp_path, line, text, expected):
     fixture = make_folder(tmp_path, n=7, split_column=True)
     replace_line(fixture["table"], line, text)
@@ -310,12 +330,22 @@ def test_folder_bad_rows(tmp_path, line, text, expected):
 
 def test_folder_missing_things(tmp_path):
     fixture = make_folder(tmp_path, n=7)
-    raises(["labels.csv line 1", "no split column 'fold'"], read_folder, fixture["root"], fixture["table"], split_column="fold")
+    raises(
+        ["labels.csv line 1", "no split column 'fold'"],
+        read_folder,
+        fixture["root"],
+        fixture["table"],
+        split_column="fold",
+    )
     raises(["missing.csv"], read_folder, fixture["root"], tmp_path / "missing.csv")
     for file in fixture["files"][1:3]:
         (fixture["root"] / file).unlink()
-    raises(["labels.csv", "2 listed image(s)", "b/img_001.jpg (line 3)", "a/img_002.jpg (line 4)"],
-           read_folder, fixture["root"], fixture["table"])
+    raises(
+        ["labels.csv", "2 listed image(s)", "b/img_001.jpg (line 3)", "a/img_002.jpg (line 4)"],
+        read_folder,
+        fixture["root"],
+        fixture["table"],
+    )
 
 
 @pytest.mark.parametrize("delimiter", [",", ";", "\t"])
@@ -330,18 +360,21 @@ def test_folder_tables_separated_by_semicolons_or_tabs_read_as_the_comma_one(tmp
         np.testing.assert_array_equal(records[safe_key(file)].attributes, expected)
 
 
-@pytest.mark.parametrize("content, expected", [
-    ("", "line 1: expected a header row"),
-    ("\n\n", "line 1: expected a header row"),
-    ("file,Smiling\n", "expected at least one image row after the header"),
-    ("file\na/img_000.jpg\n", "expected at least one 0/1 attribute column"),
-    ("name,Smiling\na/img_000.jpg,1\n", "expected a file column named one of file, filename, image, path"),
-    ("file;Smiling\na/img_000.jpg,1\n", "line 2: 1 column(s), the header has 2"),  # separators mixed
-    ("file,Smiling\na/img_000.jpg,yes\n", "column Smiling is 'yes', expected 0 or 1"),
-    ("file,Smiling\na/img_000.jpg,0.5\n", "column Smiling is '0.5', expected 0 or 1"),
-    ("file,Smiling\na/img_000.jpg,\n", "column Smiling is '', expected 0 or 1"),
-    ("file,Smiling\n,1\n", "line 2: empty file name"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("", "line 1: expected a header row"),
+        ("\n\n", "line 1: expected a header row"),
+        ("file,Smiling\n", "expected at least one image row after the header"),
+        ("file\na/img_000.jpg\n", "expected at least one 0/1 attribute column"),
+        ("name,Smiling\na/img_000.jpg,1\n", "expected a file column named one of file, filename, image, path"),
+        ("file;Smiling\na/img_000.jpg,1\n", "line 2: 1 column(s), the header has 2"),  # separators mixed
+        ("file,Smiling\na/img_000.jpg,yes\n", "column Smiling is 'yes', expected 0 or 1"),
+        ("file,Smiling\na/img_000.jpg,0.5\n", "column Smiling is '0.5', expected 0 or 1"),
+        ("file,Smiling\na/img_000.jpg,\n", "column Smiling is '', expected 0 or 1"),
+        ("file,Smiling\n,1\n", "line 2: empty file name"),
+    ],
+)
 def test_folder_malformed_tables_are_one_user_error(tmp_path, content, expected):
     fixture = make_folder(tmp_path, n=2)
     fixture["table"].write_text(content)

@@ -66,7 +66,11 @@ def test_sampler_works_where_torch_cannot_be_imported(exported):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run(
         [sys.executable, "-c", BLOCKED_TORCH, str(exported)],
-        capture_output=True, text=True, timeout=120, cwd=ROOT, env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=env,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "sampled (4, 32, 32, 3)" in result.stdout
@@ -96,8 +100,10 @@ def test_result_sizes_and_condition_by_condition_order(sampler):
     assert from_array.shape == (12, 32, 32, 3)
 
     # a list of mappings and the equivalent array are the same conditions
-    np.testing.assert_array_equal(sampler.sample(array[:3], n=2, seed=7), sampler.sample(
-        [{"digit_2": 1}, {"digit_4": 1}, {"digit_6": 1}], n=2, seed=7))
+    np.testing.assert_array_equal(
+        sampler.sample(array[:3], n=2, seed=7),
+        sampler.sample([{"digit_2": 1}, {"digit_4": 1}, {"digit_6": 1}], n=2, seed=7),
+    )
 
     # order: rows are condition 0 x n, condition 1 x n, ... with noise drawn for all rows at once
     rows = np.repeat(array, 3, axis=0)
@@ -280,7 +286,9 @@ def test_io_binding_path_gives_the_same_images(exported, sampler):
 def test_temperature_zero_removes_the_noise_and_one_is_the_default(sampler):
     cold = sampler.sample({"digit_4": 1}, n=3, seed=1, temperature=0.0)
     assert np.array_equal(cold[0], cold[1]) and np.array_equal(cold[0], cold[2])
-    assert np.array_equal(sampler.sample({"digit_4": 1}, n=3, seed=1, temperature=1.0), sampler.sample({"digit_4": 1}, n=3, seed=1))
+    assert np.array_equal(
+        sampler.sample({"digit_4": 1}, n=3, seed=1, temperature=1.0), sampler.sample({"digit_4": 1}, n=3, seed=1)
+    )
     warm = sampler.sample({"digit_4": 1}, n=3, seed=1, temperature=0.5)
     assert not np.array_equal(warm[0], warm[1])
     for bad in (-1.0, "hot", True):
@@ -383,7 +391,9 @@ def _with_metadata(exported: Path, tmp_path: Path, **changes) -> Path:
         ({"output": "uint8_nhwc"}, "output 'images' is float32, but the metadata says output=uint8_nhwc"),
     ],
 )
-def test_a_file_whose_shapes_disagree_with_its_metadata_is_refused_before_any_run(exported, tmp_path, changes, message):
+def test_a_file_whose_shapes_disagree_with_its_metadata_is_refused_before_any_run(
+    exported, tmp_path, changes, message
+):
     path = _with_metadata(exported, tmp_path, **changes)
     with pytest.raises(UserError, match=message) as caught:
         Sampler(path, device="cpu")

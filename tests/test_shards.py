@@ -21,7 +21,9 @@ def synthetic(count, size=(6, 5), seed=0):
         image = rng.integers(0, 256, (size[0], size[1], 3), dtype=np.uint8)
         buffer = io.BytesIO()
         Image.fromarray(image).save(buffer, format="PNG")
-        samples.append(Sample(f"img_{index:04d}", buffer.getvalue(), "png", rng.integers(0, 2, len(NAMES)).astype(np.uint8)))
+        samples.append(
+            Sample(f"img_{index:04d}", buffer.getvalue(), "png", rng.integers(0, 2, len(NAMES)).astype(np.uint8))
+        )
         pixels.append(image)
     return samples, pixels
 
@@ -40,7 +42,9 @@ def test_round_trip_keys_images_and_attributes(tmp_path):
             names += tar.getnames()
     assert names == [f"img_{i:04d}.{ext}" for i in range(7) for ext in ("attr.npy", "png")]  # TarWriter sorts fields
     # and the stream gives back the same pixels and attribute vectors, in order
-    images, attributes = zip(*[(x, a) for batch in eval_batches(tmp_path, "train", batch_size=4) for x, a in zip(*batch)])
+    images, attributes = zip(
+        *[(x, a) for batch in eval_batches(tmp_path, "train", batch_size=4) for x, a in zip(*batch)]
+    )
     assert len(images) == 7
     for got, want, got_attr, sample in zip(images, pixels, attributes, samples):
         assert got.shape == (3, 6, 5)
@@ -144,7 +148,9 @@ def test_two_ranks_two_workers_get_equal_disjoint_batches(tmp_path):
     for epoch in (0, 1):
         seen, counts = [], []
         for rank in (0, 1):
-            loader = epoch_batches(shards, "train", batch_size=2, epoch=epoch, seed=4, rank=rank, world=2, num_workers=2)
+            loader = epoch_batches(
+                shards, "train", batch_size=2, epoch=epoch, seed=4, rank=rank, world=2, num_workers=2
+            )
             batches = list(loader)
             assert len(batches) == len(loader) > 0
             counts.append(len(batches))
@@ -182,7 +188,9 @@ def test_tars_are_exactly_what_webdataset_tarwriter_writes(tmp_path):
     reference = tmp_path / "reference.tar"
     with wds.TarWriter(str(reference), encoder=False, mtime=FIXED_MTIME) as writer:
         for sample in samples:
-            writer.write({"__key__": sample.key, "png": sample.image, "attr.npy": encode_attributes(sample.attributes)})
+            writer.write(
+                {"__key__": sample.key, "png": sample.image, "attr.npy": encode_attributes(sample.attributes)}
+            )
     assert (tmp_path / "train" / "train-000000.tar").read_bytes() == reference.read_bytes()
 
 

@@ -20,7 +20,14 @@ from toolkit.sweep import parse_betas, run_sweep
 
 DIGITS = [f"digit_{i}" for i in range(10)]
 OUTPUTS = ["figure3.png", "figure4.png", "figure5.png", "loss_curves.png", "sweep.json", "table1.csv", "table1.md"]
-TINY = ["max_steps=10", "batch_size=16", "log_every=5", "sample_every=1000", "checkpoint_every=100000", "data.num_workers=0"]
+TINY = [
+    "max_steps=10",
+    "batch_size=16",
+    "log_every=5",
+    "sample_every=1000",
+    "checkpoint_every=100000",
+    "data.num_workers=0",
+]
 
 
 def sweep_args(shards, *extra, betas="[0.5,0.9]"):
@@ -44,7 +51,9 @@ def untrained_classifier(tmp_path_factory) -> Path:
 def swept(digits_shards, untrained_classifier, tmp_path_factory):
     """A two-beta sweep of 10 steps each (two training processes): (OUT, result)."""
     out = tmp_path_factory.mktemp("sweep") / "sweep-digits"
-    result = run_sweep(sweep_args(digits_shards), out=out, classifier=untrained_classifier, device="cpu", log=lambda _: None)
+    result = run_sweep(
+        sweep_args(digits_shards), out=out, classifier=untrained_classifier, device="cpu", log=lambda _: None
+    )
     return out, result
 
 
@@ -60,14 +69,26 @@ def test_a_sweep_writes_the_table_the_figures_and_sweep_json(swept):
     for beta in ("0.5", "0.9"):
         run = out / f"beta-{beta}"
         assert (run / "model.safetensors").is_file() and (run / "metrics.json").is_file()
-        assert f"beta: {beta}" in (run / "recipe.yaml").read_text()  # everything else equal: only beta and run_dir differ
+        assert (
+            f"beta: {beta}" in (run / "recipe.yaml").read_text()
+        )  # everything else equal: only beta and run_dir differ
     recipes = [(out / f"beta-{b}" / "recipe.yaml").read_text().splitlines() for b in ("0.5", "0.9")]
     differing = [a for a, b in zip(*recipes) if a != b]
     assert [line.split(":")[0] for line in differing] == ["run_dir", "beta"], differing
 
     rows = read_csv(out / "table1.csv")
-    assert list(rows[0]) == ["beta", "mse_per_image", "mse_per_pixel", "kl_per_image", "attr_acc", "attr_acc_floor",
-                             "attr_acc_top1", "attr_acc_floor_top1", "control", "diversity"]
+    assert list(rows[0]) == [
+        "beta",
+        "mse_per_image",
+        "mse_per_pixel",
+        "kl_per_image",
+        "attr_acc",
+        "attr_acc_floor",
+        "attr_acc_top1",
+        "attr_acc_floor_top1",
+        "control",
+        "diversity",
+    ]
     assert [row["beta"] for row in rows] == ["0.9", "0.5"]  # descending, as the paper's Table 1
     for row in rows:
         # every cell numeric (a classifier was given) but control: the untrained classifier recognises nothing reliably
@@ -81,7 +102,9 @@ def test_a_sweep_writes_the_table_the_figures_and_sweep_json(swept):
 
     table = (out / "table1.md").read_text()
     header, rule, first, second = table.splitlines()[:4]
-    assert header.startswith("| beta | MSE per image | MSE per pixel | KL per image | attribute accuracy | accuracy floor |")
+    assert header.startswith(
+        "| beta | MSE per image | MSE per pixel | KL per image | attribute accuracy | accuracy floor |"
+    )
     assert first.startswith("| 0.9 |") and second.startswith("| 0.5 |")
     assert "10 steps of batch 16" in table
     assert "recognises reliably on real test images: none here" in table  # why the control column is empty
@@ -90,8 +113,10 @@ def test_a_sweep_writes_the_table_the_figures_and_sweep_json(swept):
     assert saved["betas"] == [0.5, 0.9] and [r["action"] for r in saved["runs"]] == ["train", "train"]
     assert all("resume=latest" in r["command"] and r["step"] == 10 for r in saved["runs"])
     assert saved["classifier"] and saved["table"] == result["table"]
-    assert all(r["control"]["reliable"] == [] and set(r["control"]["per_attribute"]) == {f"digit_{i}" for i in range(10)}
-               for r in saved["runs"])  # per attribute, as the caption says
+    assert all(
+        r["control"]["reliable"] == [] and set(r["control"]["per_attribute"]) == {f"digit_{i}" for i in range(10)}
+        for r in saved["runs"]
+    )  # per attribute, as the caption says
 
 
 def test_the_figures_have_one_row_per_beta_at_the_image_size(swept):
@@ -115,7 +140,9 @@ def test_the_figures_have_one_row_per_beta_at_the_image_size(swept):
     assert layouts["figure5"]["labels"][0].startswith("base: digit_")
     curves = layouts["loss_curves"]["points"]
     assert set(curves) == {"beta=0.9", "beta=0.5"}
-    assert all(points == {"train/loss": 2, "train/mse": 2, "train/kl": 2} for points in curves.values())  # steps 5 and 10
+    assert all(
+        points == {"train/loss": 2, "train/mse": 2, "train/kl": 2} for points in curves.values()
+    )  # steps 5 and 10
     assert Image.open(out / "loss_curves.png").size[0] > 600
 
 
@@ -172,8 +199,15 @@ def test_betas_parse_as_a_yaml_list():
     assert sweep.split_arguments(["recipe=digits"])[0] == [0.25, 0.5, 0.75, 0.9]  # the paper's, by default
 
 
-@pytest.mark.parametrize("arg, words", [("nosuchkey=1", "unknown config key 'nosuchkey'"), ("beta=0.5", "set by the sweep"),
-                                        ("run_dir=x", "--out"), ("max_steps=-1", "max_steps")])
+@pytest.mark.parametrize(
+    "arg, words",
+    [
+        ("nosuchkey=1", "unknown config key 'nosuchkey'"),
+        ("beta=0.5", "set by the sweep"),
+        ("run_dir=x", "--out"),
+        ("max_steps=-1", "max_steps"),
+    ],
+)
 def test_bad_overrides_fail_before_any_run_folder_exists(arg, words, digits_shards, tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "stream_process", lambda *a, **k: pytest.fail("training started"))
     with pytest.raises(UserError, match=words.replace("'", ".")):
@@ -183,7 +217,9 @@ def test_bad_overrides_fail_before_any_run_folder_exists(arg, words, digits_shar
 
 def test_a_failing_training_process_names_the_beta_and_its_folder(digits_shards, tmp_path):
     with pytest.raises(UserError) as error:
-        run_sweep(sweep_args(digits_shards, betas="[0.75]"), out=tmp_path / "out", launcher="false", log=lambda _: None)
+        run_sweep(
+            sweep_args(digits_shards, betas="[0.75]"), out=tmp_path / "out", launcher="false", log=lambda _: None
+        )
     message = str(error.value)
     assert "beta=0.75" in message and str(tmp_path / "out" / "beta-0.75") in message and "exit code 1" in message
 
@@ -204,7 +240,11 @@ def test_figure5_rows_for_multi_hot_attributes():
     base[[3, 7]] = 1
     vectors, labels, mode = attribute_rows(base, names, ["a3", "a9"])
     assert mode == "toggle attribute" and labels == ["base: a3, a7", "- a3", "+ a9"]
-    assert vectors[1].tolist() == [1.0 if i == 7 else 0.0 for i in range(40)] and vectors[2][[3, 7, 9]].tolist() == [1, 1, 1]
+    assert vectors[1].tolist() == [1.0 if i == 7 else 0.0 for i in range(40)] and vectors[2][[3, 7, 9]].tolist() == [
+        1,
+        1,
+        1,
+    ]
     frequencies = torch.full((40,), 0.01)
     frequencies[20:] = 0.45  # the most balanced attributes are chosen, in the data's order
     _, labels, _ = attribute_rows(base, names, None, frequencies)
@@ -237,7 +277,10 @@ def test_many_class_one_hot_data_shows_the_classes_the_test_split_holds(tmp_path
     assert split_classes(tmp_path, 40, 16) == [7, 3, 31, 12] and split_classes(tmp_path, 40, 2) == [7, 3]
     assert grid_conditions(str(tmp_path), 40).argmax(dim=1).tolist() == [7, 3, 31, 12]
     conditions, labels = sample_conditions(tmp_path, names)
-    assert labels == ["species_7", "species_3", "species_31", "species_12"] and conditions.sum(dim=1).tolist() == [1.0] * 4
+    assert (
+        labels == ["species_7", "species_3", "species_31", "species_12"]
+        and conditions.sum(dim=1).tolist() == [1.0] * 4
+    )
     import torch
 
     vectors, labels, mode = attribute_rows(torch.eye(40)[7], names, classes=[7, 3, 31, 12])

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import ROOT
 from toolkit.config import load_config
 from toolkit.errors import UserError
 from toolkit.model import CVAE, load_model, read_spec
@@ -27,7 +27,11 @@ def test_run_folder_holds_everything_export_needs(trained_run):
     # the grid: one row per attribute, 8 samples per row, 32x32 cells with 2-pixel padding
     assert Image.open(trained_run / "samples.png").size == (8 * 34 + 2, 10 * 34 + 2)
     assert sorted(p.name for p in (trained_run / "samples").iterdir()) == [
-        "reconstructions-000030.png", "reconstructions-000060.png", "step-000030.png", "step-000060.png"]
+        "reconstructions-000030.png",
+        "reconstructions-000060.png",
+        "step-000030.png",
+        "step-000060.png",
+    ]
     assert list((trained_run / "logs").rglob("events.out.tfevents*"))  # TensorBoard scalars
 
 
@@ -50,8 +54,20 @@ def test_runs_as_a_script_and_under_accelerate_launch(digits_shards, tmp_path):
     script = run([sys.executable, str(ROOT / "toolkit" / "train.py"), "recipe=digits", "run_dir=a", *common], tmp_path)
     assert script.returncode == 0, script.stderr[-3000:]
     launched = run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--mixed_precision", "no",
-         str(ROOT / "toolkit" / "train.py"), "recipe=digits", "run_dir=b", *common],
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--cpu",
+            "--num_processes",
+            "1",
+            "--mixed_precision",
+            "no",
+            str(ROOT / "toolkit" / "train.py"),
+            "recipe=digits",
+            "run_dir=b",
+            *common,
+        ],
         tmp_path,
     )
     assert launched.returncode == 0, launched.stderr[-3000:]
@@ -62,15 +78,32 @@ def test_runs_as_a_script_and_under_accelerate_launch(digits_shards, tmp_path):
 
 # --- checkpoints, resume, failures -----------------------------------------------------------
 
+
 def quick(shards, run_dir, *extra):
-    return load_config(["recipe=digits", f"run_dir={run_dir}", f"data.shards={shards}", "batch_size=16", "log_every=2",
-                        "sample_every=1000", "data.num_workers=0", *extra])
+    return load_config(
+        [
+            "recipe=digits",
+            f"run_dir={run_dir}",
+            f"data.shards={shards}",
+            "batch_size=16",
+            "log_every=2",
+            "sample_every=1000",
+            "data.num_workers=0",
+            *extra,
+        ]
+    )
 
 
 @pytest.mark.parametrize("sampling, accum", [("epochs", 1), ("resampled", 2)])
 def test_resume_continues_exactly(digits_shards, tmp_path, sampling, accum):
     # (a cosine schedule depends on max_steps, so it would differ between a 4- and an 8-step run)
-    common = [f"data.sampling={sampling}", f"grad_accum={accum}", "checkpoint_every=4", "warmup_steps=3", "grad_clip=1.0"]
+    common = [
+        f"data.sampling={sampling}",
+        f"grad_accum={accum}",
+        "checkpoint_every=4",
+        "warmup_steps=3",
+        "grad_clip=1.0",
+    ]
     straight = train(quick(digits_shards, tmp_path / "straight", "max_steps=8", *common))
     train(quick(digits_shards, tmp_path / "resumed", "max_steps=4", *common))
     resumed = train(quick(digits_shards, tmp_path / "resumed", "max_steps=8", "resume=latest", *common))
@@ -81,7 +114,9 @@ def test_resume_continues_exactly(digits_shards, tmp_path, sampling, accum):
 
 
 def test_checkpoints_are_limited_and_only_complete_ones_are_resumed(digits_shards, tmp_path):
-    run = train(quick(digits_shards, tmp_path / "run", "max_steps=6", "checkpoint_every=2", "checkpoints_total_limit=2"))
+    run = train(
+        quick(digits_shards, tmp_path / "run", "max_steps=6", "checkpoint_every=2", "checkpoints_total_limit=2")
+    )
     folder = run / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-4", "checkpoint-6"]
     # what an interrupted save leaves: a .tmp folder, or a folder without its trainer_state.json
@@ -113,10 +148,13 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(dig
     assert json.loads((resumed / "config.json").read_text())["extra"]["step"] == 6
 
 
-@pytest.mark.parametrize("extra, words", [
-    (["resume=/nowhere/checkpoint-3"], ["resume", "not a complete checkpoint"]),
-    (["batch_size=5000"], ["cannot fill one batch", "5000"]),
-])
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["resume=/nowhere/checkpoint-3"], ["resume", "not a complete checkpoint"]),
+        (["batch_size=5000"], ["cannot fill one batch", "5000"]),
+    ],
+)
 def test_bad_input_is_refused_before_any_step(digits_shards, tmp_path, extra, words):
     with pytest.raises(UserError) as caught:
         train(quick(digits_shards, tmp_path / "run", "max_steps=2", *extra))
@@ -126,8 +164,8 @@ def test_bad_input_is_refused_before_any_step(digits_shards, tmp_path, extra, wo
 
 
 def test_resuming_with_other_shards_is_refused(digits_shards, tmp_path):
-    from toolkit.data.shards import write_split
     from toolkit.data.digits import digit_samples
+    from toolkit.data.shards import write_split
 
     train(quick(digits_shards, tmp_path / "run", "max_steps=2", "checkpoint_every=2"))
     other = tmp_path / "other"
@@ -149,10 +187,29 @@ def test_two_gloo_processes_step_together_on_disjoint_samples(tmp_path):
         write_split(digit_samples(split), shards, split, ATTRIBUTES, (32, 32), "digits", shard_size=300)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "toolkit" / "train.py"),
-         "recipe=digits", f"run_dir={tmp_path / 'run'}", f"data.shards={shards}", "max_steps=30", "batch_size=16",
-         "data.num_workers=1", "data.record_keys=true", "checkpoint_every=1000", "sample_every=1000", "log_every=10"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "toolkit" / "train.py"),
+            "recipe=digits",
+            f"run_dir={tmp_path / 'run'}",
+            f"data.shards={shards}",
+            "max_steps=30",
+            "batch_size=16",
+            "data.num_workers=1",
+            "data.record_keys=true",
+            "checkpoint_every=1000",
+            "sample_every=1000",
+            "log_every=10",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es)" in done.stdout
@@ -163,9 +220,25 @@ def test_two_gloo_processes_step_together_on_disjoint_samples(tmp_path):
 
 def test_bf16_mixed_precision_trains_and_saves_fp32_weights(digits_shards, tmp_path):
     # its own process: Accelerate fixes the precision once per process
-    done = run([sys.executable, str(ROOT / "toolkit" / "train.py"), "recipe=digits", "run_dir=run", f"data.shards={digits_shards}",
-                "max_steps=3", "batch_size=16", "mixed_precision=bf16", "model.arch=resnet", "model.width=8", "model.levels=2",
-                "model.prior=learned", "checkpoint_every=3", "data.num_workers=0"], tmp_path)
+    done = run(
+        [
+            sys.executable,
+            str(ROOT / "toolkit" / "train.py"),
+            "recipe=digits",
+            "run_dir=run",
+            f"data.shards={digits_shards}",
+            "max_steps=3",
+            "batch_size=16",
+            "mixed_precision=bf16",
+            "model.arch=resnet",
+            "model.width=8",
+            "model.levels=2",
+            "model.prior=learned",
+            "checkpoint_every=3",
+            "data.num_workers=0",
+        ],
+        tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "precision bf16" in done.stdout
     weights = load_file(str(tmp_path / "run" / "model.safetensors"))
@@ -189,11 +262,20 @@ def test_resuming_with_another_data_order_warns_once_and_goes_on(digits_shards, 
     common = ["checkpoint_every=4"]
     train(quick(digits_shards, tmp_path / "run", "max_steps=4", *common))
     state = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
-    assert state["data_order"] == {"seed": 0, "batch_size": 16, "grad_accum": 1, "processes": 1, "sampling": "epochs", "num_workers": 0}
+    assert state["data_order"] == {
+        "seed": 0,
+        "batch_size": 16,
+        "grad_accum": 1,
+        "processes": 1,
+        "sampling": "epochs",
+        "num_workers": 0,
+    }
     capfd.readouterr()
     train(quick(digits_shards, tmp_path / "run", "max_steps=6", "resume=latest", *common))
     assert "warning: resuming" not in capfd.readouterr().err  # the same settings: silent
-    run = train(quick(digits_shards, tmp_path / "run", "max_steps=8", "resume=latest", "batch_size=8", "seed=3", *common))
+    run = train(
+        quick(digits_shards, tmp_path / "run", "max_steps=8", "resume=latest", "batch_size=8", "seed=3", *common)
+    )
     err = capfd.readouterr().err
     assert err.count("warning: resuming from") == 1
     assert "seed=3 (was 0), batch_size=8 (was 16)" in err and "will not match an uninterrupted run" in err
@@ -204,24 +286,44 @@ def test_the_hybrid_loss_trains_and_logs_the_prior_samples_error(digits_shards, 
     from toolkit.figures import read_scalars
 
     def trained(name, *extra):
-        config = load_config(["recipe=digits", f"run_dir={tmp_path / name}", f"data.shards={digits_shards}", "max_steps=4",
-                              "batch_size=16", "log_every=2", "sample_every=100", "data.num_workers=0", *extra])
+        config = load_config(
+            [
+                "recipe=digits",
+                f"run_dir={tmp_path / name}",
+                f"data.shards={digits_shards}",
+                "max_steps=4",
+                "batch_size=16",
+                "log_every=2",
+                "sample_every=100",
+                "data.num_workers=0",
+                *extra,
+            ]
+        )
         return train(config)
 
     paper, hybrid = trained("paper"), trained("hybrid", "gsnn_weight=0.5")
-    assert set(read_scalars(hybrid, ("train/mse_prior",))["train/mse_prior"]) and not read_scalars(paper, ("train/mse_prior",))["train/mse_prior"]
+    assert (
+        set(read_scalars(hybrid, ("train/mse_prior",))["train/mse_prior"])
+        and not read_scalars(paper, ("train/mse_prior",))["train/mse_prior"]
+    )
     with pytest.raises(UserError, match="gsnn_weight"):
         load_config(["recipe=digits", "gsnn_weight=1"])
 
 
 # --- settings the machine cannot hold, or that would do nothing --------------------------------
 
-@pytest.mark.parametrize("extra, words", [
-    (["model.latent_dim=1000000000"], ["need about", "TB", "decoder", "model.latent_dim"]),
-    (["model.arch=resnet", "model.width=100000", "model.levels=2"], ["need about", "model.width"]),
-    (["model.arch=resnet", "model.embed_dim=1000000000", "model.levels=2"], ["need about", "model.embed_dim"]),
-])
-def test_a_model_beyond_the_machines_memory_is_refused_before_anything_is_allocated(digits_shards, tmp_path, extra, words):
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["model.latent_dim=1000000000"], ["need about", "TB", "decoder", "model.latent_dim"]),
+        (["model.arch=resnet", "model.width=100000", "model.levels=2"], ["need about", "model.width"]),
+        (["model.arch=resnet", "model.embed_dim=1000000000", "model.levels=2"], ["need about", "model.embed_dim"]),
+    ],
+)
+def test_a_model_beyond_the_machines_memory_is_refused_before_anything_is_allocated(
+    digits_shards, tmp_path, extra, words
+):
     with pytest.raises(UserError) as caught:
         train(quick(digits_shards, tmp_path / "run", "max_steps=2", *extra))
     for word in words:
@@ -235,16 +337,29 @@ def test_fp16_on_a_cpu_is_refused_and_said_when_it_comes_from_accelerate(digits_
     # nothing. Its precision is fixed once per process, hence a process per case.
     common = ["recipe=digits", f"data.shards={digits_shards}", "max_steps=1", "batch_size=8", "data.num_workers=0"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    refused = subprocess.run([sys.executable, "-m", "toolkit.cli", "train", *common, "run_dir=a", "mixed_precision=fp16"],
-                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    refused = subprocess.run(
+        [sys.executable, "-m", "toolkit.cli", "train", *common, "run_dir=a", "mixed_precision=fp16"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert refused.stderr.strip().splitlines()[-1] == (
         "error: mixed_precision=fp16 does nothing on cpu: Accelerate runs fp32 there (fp16 needs a GPU); "
-        "use mixed_precision=no, or bf16, which the CPU runs")
+        "use mixed_precision=no, or bf16, which the CPU runs"
+    )
     assert not (tmp_path / "a").exists()
     # `accelerate launch --mixed_precision fp16` with the recipe's auto: said once, and training goes on
-    launched = subprocess.run([sys.executable, "-m", "toolkit.cli", "train", *common, "run_dir=b"], cwd=tmp_path,
-                              env={**env, "ACCELERATE_MIXED_PRECISION": "fp16"}, capture_output=True, text=True, timeout=300)
+    launched = subprocess.run(
+        [sys.executable, "-m", "toolkit.cli", "train", *common, "run_dir=b"],
+        cwd=tmp_path,
+        env={**env, "ACCELERATE_MIXED_PRECISION": "fp16"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert launched.stderr.count("warning: fp16 (from accelerate launch or its config) does nothing on cpu") == 1
 
@@ -257,12 +372,16 @@ def test_a_test_split_of_another_size_or_attributes_is_refused_before_step_one(d
         shards = tmp_path / name
         shutil.copytree(digits_shards / "train", shards / "train")
         write_split(digit_samples("test", size), shards, "test", attributes, (size, size), "digits")
-        with pytest.raises(UserError, match="the test split's (image size \\(16x16\\)|attributes).* differ from the train split's"):
+        with pytest.raises(
+            UserError, match="the test split's (image size \\(16x16\\)|attributes).* differ from the train split's"
+        ):
             train(quick(shards, tmp_path / f"run-{name}", "max_steps=1"))
         assert not (tmp_path / f"run-{name}").exists()
 
 
 def test_more_loader_workers_than_shards_is_refused(digits_shards, tmp_path):
     # the fixture's train split has 2 shards: a third worker would start, read nothing and hold memory
-    with pytest.raises(UserError, match="data.num_workers=3, but .* has 2 train shard\\(s\\) for 1 rank\\(s\\): at most 2"):
+    with pytest.raises(
+        UserError, match="data.num_workers=3, but .* has 2 train shard\\(s\\) for 1 rank\\(s\\): at most 2"
+    ):
         train(quick(digits_shards, tmp_path / "run", "max_steps=1", "data.num_workers=3"))

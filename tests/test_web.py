@@ -26,12 +26,14 @@ from PIL import Image
 
 from toolkit.errors import UserError
 from toolkit.sampler import Sampler
-from toolkit.web import build_page, serve, url
 from toolkit.web import build as web_build
+from toolkit.web import build_page, serve, url
 
 ROOT = Path(__file__).resolve().parent.parent
 DRIVER = ROOT / "tests" / "web" / "drive.mjs"
-CHROMIUM = os.environ.get("CHROMIUM") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").is_file() else shutil.which("chromium") or "/usr/bin/chromium")
+CHROMIUM = os.environ.get("CHROMIUM") or (
+    "/usr/bin/chromium" if Path("/usr/bin/chromium").is_file() else shutil.which("chromium") or "/usr/bin/chromium"
+)
 COMMAND_TIMEOUT_S = 90  # one driver command (opening a page compiles ORT's wasm: a few seconds)
 
 
@@ -59,8 +61,15 @@ class Driver:
     """tests/web/drive.mjs: one Chromium for the module, a JSON command a line."""
 
     def __init__(self):
-        self.process = subprocess.Popen(["node", str(DRIVER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True, cwd=ROOT, env=dict(os.environ, CHROMIUM=CHROMIUM))
+        self.process = subprocess.Popen(
+            ["node", str(DRIVER)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=dict(os.environ, CHROMIUM=CHROMIUM),
+        )
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.process.stdout, selectors.EVENT_READ)
 
@@ -165,8 +174,10 @@ def grid_tiles(driver: Driver, count: int, size) -> np.ndarray:
 
 def set_range(driver: Driver, selector: str, value: float) -> None:
     """A range input as a user drags it (playwright's fill does not take range inputs)."""
-    driver.eval(f"(() => {{ const e = document.querySelector({json.dumps(selector)}); e.value = {json.dumps(str(value))};"
-                f" e.dispatchEvent(new Event('input')); }})()")
+    driver.eval(
+        f"(() => {{ const e = document.querySelector({json.dumps(selector)}); e.value = {json.dumps(str(value))};"
+        f" e.dispatchEvent(new Event('input')); }})()"
+    )
 
 
 def js_noise(seed: int, count: int) -> np.ndarray:
@@ -188,7 +199,10 @@ def js_noise(seed: int, count: int) -> np.ndarray:
     def draw() -> int:
         result = (rotl((s[1] * 5) & mask, 7) * 9) & mask
         t = (s[1] << 9) & mask
-        s[2] ^= s[0]; s[3] ^= s[1]; s[1] ^= s[2]; s[0] ^= s[3]  # noqa: E702
+        s[2] ^= s[0]
+        s[3] ^= s[1]
+        s[1] ^= s[2]
+        s[0] ^= s[3]  # noqa: E702
         s[2] ^= t
         s[3] = rotl(s[3], 11)
         return result
@@ -217,15 +231,27 @@ def one_hot(sampler: Sampler, *names: str) -> np.ndarray:
 def test_page_holds_the_export_its_metadata_and_only_the_ort_files_it_loads(digits_export, tmp_path):
     out = build_page(digits_export, tmp_path / "page")
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert files == sorted(["index.html", "app.js", "style.css", "model.json", "digits.onnx", "digits-encoder.onnx",
-                            *(f"ort/{name}" for name in web_build.ORT_FILES)])
+    assert files == sorted(
+        [
+            "index.html",
+            "app.js",
+            "style.css",
+            "model.json",
+            "digits.onnx",
+            "digits-encoder.onnx",
+            *(f"ort/{name}" for name in web_build.ORT_FILES),
+        ]
+    )
     assert (out / "digits.onnx").read_bytes() == digits_export.read_bytes()
     manifest = json.loads((out / "model.json").read_text())
     assert manifest["attributes"] == [f"digit_{i}" for i in range(10)]
     assert manifest["decoder"]["metadata"]["cvae_tk.format"] == "sampler/1"
     assert manifest["encoder"]["metadata"]["cvae_tk.format"] == "encoder/1"
     assert manifest["encoder"]["metadata"]["preprocessing"]["size"] == manifest["image_size"] == [32, 32]
-    assert manifest["onnxruntime_web"] == json.loads((ROOT / "package.json").read_text())["dependencies"]["onnxruntime-web"]
+    assert (
+        manifest["onnxruntime_web"]
+        == json.loads((ROOT / "package.json").read_text())["dependencies"]["onnxruntime-web"]
+    )
     # the page ships inside the installed package (package data), not only in the source tree
     from importlib import resources
 
@@ -235,7 +261,9 @@ def test_page_holds_the_export_its_metadata_and_only_the_ort_files_it_loads(digi
 
 
 @needs_ort_web
-def test_a_rebuild_with_another_export_drops_the_old_model_and_a_decoder_only_export_has_no_encoder(exported, digits_export, tmp_path):
+def test_a_rebuild_with_another_export_drops_the_old_model_and_a_decoder_only_export_has_no_encoder(
+    exported, digits_export, tmp_path
+):
     out = tmp_path / "page"
     build_page(digits_export, out)
     build_page(exported, out)  # the session's plain export: no encoder beside it
@@ -282,7 +310,12 @@ def test_missing_onnxruntime_web_is_one_error_naming_both_places(digits_export, 
     with pytest.raises(UserError) as caught:
         build_page(digits_export, tmp_path / "page")
     message = str(caught.value)
-    assert str(places[0]) in message and str(places[1]) in message and "--ort-dist" in message and "setup-js.sh" in message
+    assert (
+        str(places[0]) in message
+        and str(places[1]) in message
+        and "--ort-dist" in message
+        and "setup-js.sh" in message
+    )
     assert not (tmp_path / "page").exists()  # refused before anything was written
     (tmp_path / "partial").mkdir()
     (tmp_path / "partial" / web_build.ORT_FILES[0]).write_text("")
@@ -305,7 +338,13 @@ def test_serve_gives_wasm_and_module_scripts_their_mime_types_on_localhost(digit
     try:
         assert server.server_address[0] == "127.0.0.1"
         types = {}
-        for name in ("ort/ort-wasm-simd-threaded.asyncify.wasm", "ort/ort.webgpu.min.mjs", "app.js", "model.json", "index.html"):
+        for name in (
+            "ort/ort-wasm-simd-threaded.asyncify.wasm",
+            "ort/ort.webgpu.min.mjs",
+            "app.js",
+            "model.json",
+            "index.html",
+        ):
             with urllib.request.urlopen(url(server) + name) as response:
                 types[name] = response.headers["Content-Type"]
                 if name == "model.json":
@@ -322,8 +361,14 @@ def test_serve_gives_wasm_and_module_scripts_their_mime_types_on_localhost(digit
 @needs_ort_web
 def test_cli_web_writes_the_page_and_refuses_a_missing_export_in_one_line(digits_export, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    run = lambda *args: subprocess.run([sys.executable, "-m", "toolkit.cli", "web", *map(str, args)],  # noqa: E731
-                                       capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    run = lambda *args: subprocess.run(
+        [sys.executable, "-m", "toolkit.cli", "web", *map(str, args)],  # noqa: E731
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
     done = run(digits_export, "--out", tmp_path / "page")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "page" / "index.html").is_file() and "wrote" in done.stdout
@@ -342,7 +387,7 @@ def test_the_page_runs_on_wasm_and_loads_nothing_from_outside(studio, server):
     assert log["errors"] == []
     base = url(server)
     assert all(request.startswith(base) for request in log["requests"]), log["requests"]
-    loaded = {request[len(base):] for request in log["requests"]}
+    loaded = {request[len(base) :] for request in log["requests"]}
     assert {f"ort/{name}" for name in web_build.ORT_FILES} <= loaded  # the files build_page copies are those it loads
     assert {"model.json", "digits.onnx", "digits-encoder.onnx", "app.js", "style.css"} <= loaded
     assert studio("visible", selector="#attributes .toggle") == 10 and studio("visible", selector="#filter") == 0
@@ -359,8 +404,15 @@ def test_grid_pixels_match_the_python_sampler_on_the_same_noise(studio, sampler)
     got = grid_tiles(studio, 5, sampler.image_size)
     assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
     # the raw float output of the decoder in the browser, against ONNX Runtime in Python
-    raw = studio.eval(f"cvae.run({{attributes: {json.dumps(attributes.tolist())}, noise: {json.dumps(noise.tolist())}, temperature: 0.7}})")
-    assert np.abs(np.asarray(raw, np.float32).reshape(expected.shape[0], 3, 32, 32) - sampler.run(attributes, noise, 0.7)).max() < 1e-5
+    raw = studio.eval(
+        f"cvae.run({{attributes: {json.dumps(attributes.tolist())}, noise: {json.dumps(noise.tolist())}, temperature: 0.7}})"
+    )
+    assert (
+        np.abs(
+            np.asarray(raw, np.float32).reshape(expected.shape[0], 3, 32, 32) - sampler.run(attributes, noise, 0.7)
+        ).max()
+        < 1e-5
+    )
 
 
 @needs_browser
@@ -446,9 +498,11 @@ def test_a_dropped_photo_is_encoded_and_edited_as_the_python_sampler_does(studio
 
 # --- many attributes (CUB-sized) -------------------------------------------------------------------------
 
-CUB_LIKE = ([f"{i + 1:03d}.Species_{i + 1}" for i in range(200)]
-            + [f"has_{part}::value_{k}" for part in ("bill_shape", "wing_color", "upperparts_color", "breast_pattern")
-               for k in range(78)])  # 200 + 312 = 512 names, as CUB's --condition both
+CUB_LIKE = [f"{i + 1:03d}.Species_{i + 1}" for i in range(200)] + [
+    f"has_{part}::value_{k}"
+    for part in ("bill_shape", "wing_color", "upperparts_color", "breast_pattern")
+    for k in range(78)
+]  # 200 + 312 = 512 names, as CUB's --condition both
 
 
 @pytest.fixture(scope="module")
@@ -473,8 +527,16 @@ def many_page(tmp_path_factory, browser):
 def test_many_attributes_get_a_filter_and_groups(browser, many_page):
     path, address = many_page
     assert browser("open", url=address)["errors"] == []
-    groups = browser.eval("[...document.querySelectorAll('#attributes .group')].map((g) => [g.dataset.group, g.querySelectorAll('.toggle').length])")
-    assert groups == [["classes", 200], ["has_bill_shape", 78], ["has_wing_color", 78], ["has_upperparts_color", 78], ["has_breast_pattern", 78]]
+    groups = browser.eval(
+        "[...document.querySelectorAll('#attributes .group')].map((g) => [g.dataset.group, g.querySelectorAll('.toggle').length])"
+    )
+    assert groups == [
+        ["classes", 200],
+        ["has_bill_shape", 78],
+        ["has_wing_color", 78],
+        ["has_upperparts_color", 78],
+        ["has_breast_pattern", 78],
+    ]
     assert browser("visible", selector="#filter") == 1
     assert browser("visible", selector="#attributes .toggle") == 0  # groups start closed
     browser("fill", selector="#filter", value="wing_color::value_1")  # value_1, value_10..19
@@ -487,11 +549,12 @@ def test_many_attributes_get_a_filter_and_groups(browser, many_page):
     assert [i for i, v in enumerate(state["attributes"]) if v] == [CUB_LIKE.index("has_wing_color::value_12")]
     sampler = Sampler(path, device="cpu")
     noise = np.asarray(state["noise"], np.float32).reshape(state["count"], -1)
-    expected = quantize(sampler.run(np.repeat(np.asarray(state["attributes"], np.float32)[None], len(noise), axis=0), noise))
+    expected = quantize(
+        sampler.run(np.repeat(np.asarray(state["attributes"], np.float32)[None], len(noise), axis=0), noise)
+    )
     assert np.abs(grid_tiles(browser, len(noise), (8, 8)).astype(int) - expected.astype(int)).max() <= 1
     browser("fill", selector="#filter", value="")
     assert browser("visible", selector="#attributes .group") == 5
-
 
 
 @needs_ort_web

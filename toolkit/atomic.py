@@ -139,8 +139,12 @@ def check_output(path: str | Path, folder: bool = False, needed_bytes: int = 1) 
         os.close(handle)
         os.unlink(probe)
     except OSError as error:
-        raise UserError(f"cannot write {path}: the folder {existing} is not writable: {describe_os_error(error)}") from None
+        raise UserError(
+            f"cannot write {path}: the folder {existing} is not writable: {describe_os_error(error)}"
+        ) from None
     free = _free_bytes(existing)
     if free < needed_bytes:
-        raise UserError(f"cannot write {path}: the disk holding {existing} is full ({free} bytes free); free some space or write elsewhere")
+        raise UserError(
+            f"cannot write {path}: the disk holding {existing} is full ({free} bytes free); free some space or write elsewhere"
+        )
     return path

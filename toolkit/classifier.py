@@ -27,7 +27,9 @@ from torch import nn
 
 from toolkit.atomic import save_state_dict, write_text
 from toolkit.errors import UserError, one_line
-from toolkit.formats import CLASSIFIER_CONFIG as CONFIG, CLASSIFIER_WEIGHTS as WEIGHTS
+from toolkit.formats import CLASSIFIER_CONFIG as CONFIG
+from toolkit.formats import CLASSIFIER_WEIGHTS as WEIGHTS
+
 FORMAT = "cvae-tk-classifier"
 DEFAULTS = {"steps": 2000, "lr": 1e-3, "width": 32, "depth": 4}
 THRESHOLD = 0.0  # on the logit: probability 0.5
@@ -51,7 +53,11 @@ class AttributeClassifier(nn.Module):
         layers, previous = [], 3
         for level in range(depth):
             channels = width * min(2**level, 8)
-            layers += [nn.Conv2d(previous, channels, 3, padding=1), nn.GroupNorm(math.gcd(8, channels), channels), nn.ReLU()]
+            layers += [
+                nn.Conv2d(previous, channels, 3, padding=1),
+                nn.GroupNorm(math.gcd(8, channels), channels),
+                nn.ReLU(),
+            ]
             if min(self.image_size) >> (level + 1) >= 1:  # never pool a side below one pixel
                 layers.append(nn.MaxPool2d(2))
             previous = channels
@@ -63,7 +69,11 @@ class AttributeClassifier(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
     def config(self) -> dict:
-        return {"attributes": self.attributes, "image_size": list(self.image_size), "arch": {"width": self.width, "depth": self.depth}}
+        return {
+            "attributes": self.attributes,
+            "image_size": list(self.image_size),
+            "arch": {"width": self.width, "depth": self.depth},
+        }
 
 
 # --- accuracy -------------------------------------------------------------------------------------
@@ -107,7 +117,9 @@ class AccuracyCounter:
         true_negative = self.correct - self.true_positive
         balanced = [
             float((tp / p + tn / n) / 2) if p > 0 and n > 0 else None
-            for tp, p, tn, n in zip(self.true_positive.tolist(), self.positive.tolist(), true_negative.tolist(), negative.tolist())
+            for tp, p, tn, n in zip(
+                self.true_positive.tolist(), self.positive.tolist(), true_negative.tolist(), negative.tolist()
+            )
         ]
         return {
             "mean": float(sum(per) / len(per)),
@@ -123,8 +135,11 @@ def reliable_attributes(accuracy: dict) -> list[str]:
     """The attributes an AccuracyCounter result (on real images) says the classifier recognises reliably."""
     balanced, positives, count = accuracy.get("balanced") or {}, accuracy.get("positives") or {}, accuracy["count"]
     return [
-        name for name, value in balanced.items()
-        if value is not None and value >= RELIABLE_BALANCED and min(positives[name], count - positives[name]) >= RELIABLE_MIN_IMAGES
+        name
+        for name, value in balanced.items()
+        if value is not None
+        and value >= RELIABLE_BALANCED
+        and min(positives[name], count - positives[name]) >= RELIABLE_MIN_IMAGES
     ]
 
 
@@ -150,7 +165,13 @@ def check_image_size(classifier: AttributeClassifier, image_size, where: str) ->
 
 
 @torch.no_grad()
-def classifier_accuracy(classifier: AttributeClassifier, shards: str | Path, split: str = "test", device: str = "cpu", batch_size: int = 256) -> dict:
+def classifier_accuracy(
+    classifier: AttributeClassifier,
+    shards: str | Path,
+    split: str = "test",
+    device: str = "cpu",
+    batch_size: int = 256,
+) -> dict:
     """The classifier's accuracy on the real images of a split (the ceiling for generated images).
 
     Returns AccuracyCounter's dict: "mean" (over attributes), "per_attribute", "balanced" and
@@ -208,7 +229,9 @@ def train_classifier(
     from toolkit.data.stream import epoch_batches, read_manifest, worker_died
 
     if steps < 1 or batch_size < 1 or not (math.isfinite(lr) and lr > 0):  # an infinite lr trains to NaN weights
-        raise UserError(f"classifier training needs steps >= 1, batch_size >= 1 and a finite lr > 0 (got {steps}, {batch_size}, {lr})")
+        raise UserError(
+            f"classifier training needs steps >= 1, batch_size >= 1 and a finite lr > 0 (got {steps}, {batch_size}, {lr})"
+        )
     if not 0.0 <= blur <= 16.0:
         raise UserError(f"classifier blur must be a sigma in [0, 16] pixels (0: off), got {blur}")
     manifest = read_manifest(shards, "train")
@@ -224,7 +247,9 @@ def train_classifier(
     step, epoch, start, loss = 0, 0, time.perf_counter(), torch.tensor(float("nan"))
     try:
         while step < steps:
-            for images, attributes in epoch_batches(shards, "train", batch_size, epoch=epoch, seed=seed, num_workers=num_workers):
+            for images, attributes in epoch_batches(
+                shards, "train", batch_size, epoch=epoch, seed=seed, num_workers=num_workers
+            ):
                 if hflip:
                     mirror = torch.rand(len(images), generator=flips) < 0.5
                     images = torch.where(mirror[:, None, None, None], images.flip(-1), images)
@@ -253,8 +278,19 @@ def train_classifier(
     meta = {
         "format": FORMAT,
         **classifier.config(),
-        "training": {"shards": str(shards), "split": "train", "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "hflip": hflip, "balanced": balanced, "blur": blur,
-                     "final_loss": float(loss.item()), "seconds": round(time.perf_counter() - start, 2)},
+        "training": {
+            "shards": str(shards),
+            "split": "train",
+            "steps": steps,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+            "hflip": hflip,
+            "balanced": balanced,
+            "blur": blur,
+            "final_loss": float(loss.item()),
+            "seconds": round(time.perf_counter() - start, 2),
+        },
         "test_accuracy": {"split": "test", **accuracy},
     }
     return save_classifier(classifier, out_dir, meta)
@@ -301,11 +337,15 @@ def load_classifier(folder: str | Path) -> AttributeClassifier:
     folder = Path(folder)
     config, weights = folder / CONFIG, folder / WEIGHTS
     if not config.is_file() or not weights.is_file():
-        raise UserError(f"{folder} is not an attribute classifier: expected {config} and {weights} (written by `cvae-tk classifier train`)")
+        raise UserError(
+            f"{folder} is not an attribute classifier: expected {config} and {weights} (written by `cvae-tk classifier train`)"
+        )
     try:
         meta = json.loads(config.read_text())
         arch = meta["arch"]
-        classifier = AttributeClassifier(list(meta["attributes"]), tuple(meta["image_size"]), int(arch["width"]), int(arch["depth"]))
+        classifier = AttributeClassifier(
+            list(meta["attributes"]), tuple(meta["image_size"]), int(arch["width"]), int(arch["depth"])
+        )
     except (ValueError, KeyError, TypeError) as error:
         raise UserError(f"{config} is not a cvae-tk classifier config: {one_line(error)}") from None
     try:

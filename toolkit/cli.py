@@ -29,7 +29,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # help texts show [brackets] literally
 )
-shards_app = typer.Typer(help="Build WebDataset shards (+ manifest.json per split) from a raw data set.", no_args_is_help=True)
+shards_app = typer.Typer(
+    help="Build WebDataset shards (+ manifest.json per split) from a raw data set.", no_args_is_help=True
+)
 app.add_typer(shards_app, name="shards")
 
 
@@ -44,15 +46,21 @@ def _output_folder(value: Optional[Path]) -> Optional[Path]:
 
 
 OVERWRITE = typer.Option(
-    False, "--overwrite", help="Replace the shards of another build in --out (files that are not shards are never deleted)."
+    False,
+    "--overwrite",
+    help="Replace the shards of another build in --out (files that are not shards are never deleted).",
 )
 
 
 @shards_app.command("digits")
 def shards_digits(
-    out: Path = typer.Option(Path("shards/digits"), "--out", callback=_output_folder, help="Folder to write train/ and test/ into."),
+    out: Path = typer.Option(
+        Path("shards/digits"), "--out", callback=_output_folder, help="Folder to write train/ and test/ into."
+    ),
     size: int = typer.Option(32, "--size", min=8, max=512, help="Side of the square images (the source is 8x8)."),
-    shard_size: Optional[int] = typer.Option(None, "--shard-size", min=1, help="Samples per tar shard (default: 100).", show_default=False),
+    shard_size: Optional[int] = typer.Option(
+        None, "--shard-size", min=1, help="Samples per tar shard (default: 100).", show_default=False
+    ),
     overwrite: bool = OVERWRITE,
 ) -> None:
     """The embedded demo set: scikit-learn's 1,797 handwritten digits, one-hot digit_0 ... digit_9."""
@@ -64,16 +72,30 @@ def shards_digits(
 
 # Options shared by the image data sets (typer allows reusing these markers).
 SIZE = typer.Option("64", "--size", help="N (N x N), HxW (e.g. 218x178) or original (keep the JPEG bytes).")
-CROP = typer.Option(None, "--crop", help="center:N - a centred N x N square before resizing (CelebA faces: center:148).")
+CROP = typer.Option(
+    None, "--crop", help="center:N - a centred N x N square before resizing (CelebA faces: center:148)."
+)
 WORKERS = typer.Option(0, "--workers", min=0, help="Worker processes (0: every core).")
 SHARD_SIZE = typer.Option(
-    None, "--shard-size", min=1, show_default=False,
+    None,
+    "--shard-size",
+    min=1,
+    show_default=False,
     help="Samples per tar shard (default: about 256 shards per split, 100 to 1,000 samples each, so many loader workers read in parallel).",
 )
 STRICT = typer.Option(False, "--strict", help="Fail on a corrupt image instead of skipping and listing it.")
 
 
-def _build(table, out: Path, size: str, crop: Optional[str], workers: int, shard_size: Optional[int], strict: bool, overwrite: bool) -> None:
+def _build(
+    table,
+    out: Path,
+    size: str,
+    crop: Optional[str],
+    workers: int,
+    shard_size: Optional[int],
+    strict: bool,
+    overwrite: bool,
+) -> None:
     from toolkit.data.build import ImageSpec, build_shards
 
     spec = ImageSpec.parse(size, crop)
@@ -85,11 +107,18 @@ def _build(table, out: Path, size: str, crop: Optional[str], workers: int, shard
 
 @shards_app.command("celeba")
 def shards_celeba(
-    root: Path = typer.Option(..., "--root", help="The CelebA folder: img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt."),
+    root: Path = typer.Option(
+        ..., "--root", help="The CelebA folder: img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt."
+    ),
     out: Path = typer.Option(Path("shards/celeba"), "--out", callback=_output_folder),
-    size: str = typer.Option("original", "--size", help="original (the paper: 218x178 JPEGs untouched), N (N x N) or HxW."),
-    crop: Optional[str] = CROP, workers: int = WORKERS, shard_size: Optional[int] = SHARD_SIZE,
-    strict: bool = STRICT, overwrite: bool = OVERWRITE,
+    size: str = typer.Option(
+        "original", "--size", help="original (the paper: 218x178 JPEGs untouched), N (N x N) or HxW."
+    ),
+    crop: Optional[str] = CROP,
+    workers: int = WORKERS,
+    shard_size: Optional[int] = SHARD_SIZE,
+    strict: bool = STRICT,
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """CelebA: 40 attributes (-1/1 -> 0/1), the official train / val / test partition."""
     from toolkit.data.celeba import read_celeba
@@ -99,36 +128,60 @@ def shards_celeba(
 
 @shards_app.command("cub")
 def shards_cub(
-    root: Path = typer.Option(..., "--root", help="The archive root (attributes.txt beside CUB_200_2011/) or CUB_200_2011/ itself."),
+    root: Path = typer.Option(
+        ..., "--root", help="The archive root (attributes.txt beside CUB_200_2011/) or CUB_200_2011/ itself."
+    ),
     out: Path = typer.Option(Path("shards/cub"), "--out", callback=_output_folder),
     size: str = typer.Option("224", "--size", help="N (N x N), HxW or original."),
     condition: str = typer.Option(
-        "both", "--condition",
+        "both",
+        "--condition",
         help="species (200-way one-hot only; needs no attribute files), attributes (the 312 only) or both (the paper's 512).",
     ),
     bbox_crop: bool = typer.Option(
-        False, "--bbox-crop",
+        False,
+        "--bbox-crop",
         help="Crop around each bird first: the square of 1.5 x its bounding box's longer side, clipped to the image (StackGAN / AttnGAN).",
     ),
-    crop: Optional[str] = CROP, workers: int = WORKERS, shard_size: Optional[int] = SHARD_SIZE,
-    strict: bool = STRICT, overwrite: bool = OVERWRITE,
+    crop: Optional[str] = CROP,
+    workers: int = WORKERS,
+    shard_size: Optional[int] = SHARD_SIZE,
+    strict: bool = STRICT,
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """CUB-200-2011, official split: 200-way species one-hot + 312 attributes (present and certainty >= 3), or either alone."""
     from toolkit.data.cub import read_cub
 
-    _build(read_cub(root, bbox_crop=bbox_crop, condition=condition), out, size, crop, workers, shard_size, strict, overwrite)
+    _build(
+        read_cub(root, bbox_crop=bbox_crop, condition=condition),
+        out,
+        size,
+        crop,
+        workers,
+        shard_size,
+        strict,
+        overwrite,
+    )
 
 
 @shards_app.command("folder")
 def shards_folder(
     root: Path = typer.Option(..., "--root", help="Folder the table's file names are relative to."),
-    attributes: Path = typer.Option(..., "--attributes", help="CSV: a file column (file/filename/image/path) and one 0/1 column per attribute."),
+    attributes: Path = typer.Option(
+        ..., "--attributes", help="CSV: a file column (file/filename/image/path) and one 0/1 column per attribute."
+    ),
     out: Path = typer.Option(..., "--out", callback=_output_folder),
     split_column: Optional[str] = typer.Option(None, "--split-column", help="Column with train/val/test per row."),
-    test_fraction: float = typer.Option(0.1, "--test-fraction", min=0.0, max=0.9, help="Without --split-column: random test share."),
+    test_fraction: float = typer.Option(
+        0.1, "--test-fraction", min=0.0, max=0.9, help="Without --split-column: random test share."
+    ),
     seed: int = typer.Option(0, "--seed", callback=_seed, help="Seed of the random split."),
-    size: str = SIZE, crop: Optional[str] = CROP, workers: int = WORKERS, shard_size: Optional[int] = SHARD_SIZE,
-    strict: bool = STRICT, overwrite: bool = OVERWRITE,
+    size: str = SIZE,
+    crop: Optional[str] = CROP,
+    workers: int = WORKERS,
+    shard_size: Optional[int] = SHARD_SIZE,
+    strict: bool = STRICT,
+    overwrite: bool = OVERWRITE,
 ) -> None:
     """Your own images plus a CSV attribute table."""
     from toolkit.data.folder import read_folder
@@ -158,49 +211,76 @@ def export(
     run_dir: Path = typer.Argument(..., help="A run folder written by `cvae-tk train`."),
     onnx: bool = typer.Option(True, "--onnx", help="Export to ONNX (the only format so far)."),
     out: Optional[Path] = typer.Option(
-        None, "--out", help="Output file (default export/<run name>.onnx, with -fp16 / -uint8 / -temperature for the variants)."
+        None,
+        "--out",
+        help="Output file (default export/<run name>.onnx, with -fp16 / -uint8 / -temperature for the variants).",
     ),
     opset: int = typer.Option(18, "--opset", help="ONNX opset (18 or newer)."),
-    fp16: bool = typer.Option(False, "--fp16", help="fp16 weights and arithmetic (for GPU serving); inputs and outputs stay float32."),
+    fp16: bool = typer.Option(
+        False, "--fp16", help="fp16 weights and arithmetic (for GPU serving); inputs and outputs stay float32."
+    ),
     uint8: bool = typer.Option(False, "--uint8", help="Output uint8 images [B, H, W, 3] (no post-processing needed)."),
     temperature_input: bool = typer.Option(
         False, "--temperature-input", help="An extra float32 [1] input `temperature` that scales the prior's spread."
     ),
     encoder: bool = typer.Option(
-        False, "--encoder", help="Also write the encoder (image + attributes -> z, fp32) as OUT-encoder.onnx, for editing photos."
+        False,
+        "--encoder",
+        help="Also write the encoder (image + attributes -> z, fp32) as OUT-encoder.onnx, for editing photos.",
     ),
     int8: bool = typer.Option(
-        False, "--int8", help="Also write OUT-int8.onnx: static int8 (QDQ) quantization for the CPU, calibrated on the run's training split."
+        False,
+        "--int8",
+        help="Also write OUT-int8.onnx: static int8 (QDQ) quantization for the CPU, calibrated on the run's training split.",
     ),
     classifier: Optional[Path] = typer.Option(
-        None, "--classifier", help="With --int8: also bound the int8 file's attribute control score by the fp32 file's, judged by this classifier."
+        None,
+        "--classifier",
+        help="With --int8: also bound the int8 file's attribute control score by the fp32 file's, judged by this classifier.",
     ),
 ) -> None:
     """Export a run's conditional decoder as a self-contained ONNX sampler (parity-checked)."""
-    from toolkit.export import PARITY_BATCHES, PARITY_TEMPERATURE, PARITY_TOLERANCE, default_path, export_onnx, parity_limit
+    from toolkit.export import (
+        PARITY_BATCHES,
+        PARITY_TEMPERATURE,
+        PARITY_TOLERANCE,
+        default_path,
+        export_onnx,
+        parity_limit,
+    )
 
     if not onnx:
         raise UserError("only --onnx export exists")
     out = check_output(out or default_path(run_dir, fp16, uint8, temperature_input))  # before the minutes of tracing
     if classifier is not None and not int8:
-        raise UserError("--classifier judges the --int8 file's control score: add --int8 (cvae-tk eval RUN --classifier DIR scores a run)")
+        raise UserError(
+            "--classifier judges the --int8 file's control score: add --int8 (cvae-tk eval RUN --classifier DIR scores a run)"
+        )
     if int8:
         from toolkit import quantize
 
         int8_out = quantize.check_request(run_dir, out, fp16, classifier)
-    exported = export_onnx(run_dir, out, opset, fp16=fp16, uint8=uint8, temperature_input=temperature_input, encoder=encoder)
+    exported = export_onnx(
+        run_dir, out, opset, fp16=fp16, uint8=uint8, temperature_input=temperature_input, encoder=encoder
+    )
     path, error = exported
     limit, measure = parity_limit(fp16, uint8)
-    where = f"batch sizes {', '.join(map(str, PARITY_BATCHES))}" + (f", temperatures 1 and {PARITY_TEMPERATURE:g}" if temperature_input else "")
+    where = f"batch sizes {', '.join(map(str, PARITY_BATCHES))}" + (
+        f", temperatures 1 and {PARITY_TEMPERATURE:g}" if temperature_input else ""
+    )
     typer.echo(f"parity: {measure} = {error:.3g} (limit {limit:g}) at {where}")
     typer.echo(f"wrote {path} ({'fp16' if fp16 else 'fp32'}, {path.stat().st_size / 1e6:.1f} MB)")
     if exported.encoder is not None:
-        typer.echo(f"encoder parity: max abs difference from the fp32 PyTorch outputs = {exported.encoder_error:.3g} "
-                   f"(limit {PARITY_TOLERANCE:g}) at batch sizes {', '.join(map(str, PARITY_BATCHES))}")
+        typer.echo(
+            f"encoder parity: max abs difference from the fp32 PyTorch outputs = {exported.encoder_error:.3g} "
+            f"(limit {PARITY_TOLERANCE:g}) at batch sizes {', '.join(map(str, PARITY_BATCHES))}"
+        )
         typer.echo(f"wrote {exported.encoder} (fp32, {exported.encoder.stat().st_size / 1e6:.1f} MB)")
     if int8:
         int8_path, levels, control = quantize.quantize_export(run_dir, path, int8_out, classifier=classifier)
-        typer.echo(f"int8 parity: grey levels from the fp32 file: {quantize.describe(levels)} (limits: {quantize.limits()})")
+        typer.echo(
+            f"int8 parity: grey levels from the fp32 file: {quantize.describe(levels)} (limits: {quantize.limits()})"
+        )
         if control:
             typer.echo(f"int8 control: {quantize.describe_control(control)}")
         typer.echo(f"wrote {int8_path} (int8, {int8_path.stat().st_size / 1e6:.1f} MB)")
@@ -229,11 +309,17 @@ def _parse_attr(items: List[str]) -> dict:
 def sample(
     model: Path = typer.Argument(..., help="An ONNX file written by `cvae-tk export`."),
     attr: List[str] = typer.Option([], "--attr", help="NAME=0|1; repeat for several; unnamed attributes are 0."),
-    each_attribute: bool = typer.Option(False, "--each-attribute", help="One row per attribute, that attribute alone set."),
+    each_attribute: bool = typer.Option(
+        False, "--each-attribute", help="One row per attribute, that attribute alone set."
+    ),
     n: int = typer.Option(8, "-n", help="Images per condition."),
     seed: Optional[int] = typer.Option(None, "--seed", callback=_seed, help="Noise seed (same seed, same images)."),
     temperature: float = typer.Option(1.0, "--temperature", help="Scale of the prior's spread (0: its mean)."),
-    grid: Optional[Path] = typer.Option(None, "--grid", help="Write one grid image, one row per condition (the format from the extension: .png, .jpg, .webp...)."),
+    grid: Optional[Path] = typer.Option(
+        None,
+        "--grid",
+        help="Write one grid image, one row per condition (the format from the extension: .png, .jpg, .webp...).",
+    ),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Write one PNG per image."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
 ) -> None:
@@ -263,8 +349,11 @@ def sample(
         conditions = sampler.conditions(_parse_attr(attr))
     if grid is not None:  # the images, the grid array and its PIL copy are in memory at once
         height, width = sampler.image_size
-        check_fits(3 * len(conditions) * n * (height + 2) * (width + 2) * 3,
-                   f"a grid of {len(conditions)} row(s) x {n} images of {width}x{height}", "ask for fewer images (-n)")
+        check_fits(
+            3 * len(conditions) * n * (height + 2) * (width + 2) * 3,
+            f"a grid of {len(conditions)} row(s) x {n} images of {width}x{height}",
+            "ask for fewer images (-n)",
+        )
     images = sampler.sample(conditions, n=n, seed=seed, temperature=temperature)
     if grid is not None:
         grid.parent.mkdir(parents=True, exist_ok=True)
@@ -303,10 +392,16 @@ def eval_run(
     run_dir: Path = typer.Argument(..., help="A run folder written by `cvae-tk train`."),
     split: str = typer.Option("test", "--split", help="The split of the run's shards to measure on."),
     classifier: Optional[Path] = typer.Option(
-        None, "--classifier", help="An attribute classifier folder (default: RUN/../classifier or RUN/../<recipe>-classifier, if there)."
+        None,
+        "--classifier",
+        help="An attribute classifier folder (default: RUN/../classifier or RUN/../<recipe>-classifier, if there).",
     ),
-    shards: Optional[str] = typer.Option(None, "--shards", help="Shards to measure on (default: the run's data.shards)."),
-    seed: int = typer.Option(0, "--seed", callback=_seed, help="Seed of the posterior and prior noise and of the shuffled floor."),
+    shards: Optional[str] = typer.Option(
+        None, "--shards", help="Shards to measure on (default: the run's data.shards)."
+    ),
+    seed: int = typer.Option(
+        0, "--seed", callback=_seed, help="Seed of the posterior and prior noise and of the shuffled floor."
+    ),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
 ) -> None:
     """Held-out metrics of a run (MSE, KL, diversity, attribute accuracy) -> a table and RUN/metrics.json."""
@@ -323,7 +418,9 @@ def eval_run(
     for name, value in rows:
         typer.echo(f"{name.ljust(width)}  {_format_metric(value)}")
     if report["classifier"] is None and report["metrics"]["attr_acc"] is None:
-        typer.echo("(no attribute classifier: train one with `cvae-tk classifier train recipe=NAME`, or pass --classifier)")
+        typer.echo(
+            "(no attribute classifier: train one with `cvae-tk classifier train recipe=NAME`, or pass --classifier)"
+        )
     if report.get("control"):
         per = report["control"]["per_attribute"]
         reliable = [name for name in report["control"]["reliable"] if name in per]
@@ -343,32 +440,54 @@ def classifier_train(
     lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (default 1e-3)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default runs/<recipe>-classifier)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    hflip: bool = typer.Option(False, "--hflip", help="Mirror a random half of each batch (faces, birds; not digits or text)."),
-    balanced: bool = typer.Option(
-        False, "--balanced", help="Weigh each attribute's rare value up (BCE pos_weight) so rare attributes (Eyeglasses) are called present."
+    hflip: bool = typer.Option(
+        False, "--hflip", help="Mirror a random half of each batch (faces, birds; not digits or text)."
     ),
-    blur: float = typer.Option(0.0, "--blur", min=0.0, max=16.0, help="Blur a random half of each batch, sigma up to this many pixels (judging blurry samples)."),
-    width: Optional[int] = typer.Option(None, "--width", min=1, max=512, help="Channels of the first block (default 32)."),
+    balanced: bool = typer.Option(
+        False,
+        "--balanced",
+        help="Weigh each attribute's rare value up (BCE pos_weight) so rare attributes (Eyeglasses) are called present.",
+    ),
+    blur: float = typer.Option(
+        0.0,
+        "--blur",
+        min=0.0,
+        max=16.0,
+        help="Blur a random half of each batch, sigma up to this many pixels (judging blurry samples).",
+    ),
+    width: Optional[int] = typer.Option(
+        None, "--width", min=1, max=512, help="Channels of the first block (default 32)."
+    ),
 ) -> None:
     """Train the attribute classifier on a recipe's shards: cvae-tk classifier train recipe=NAME [key=value ...].
 
     Uses the recipe's data.shards, seed, batch_size and data.num_workers; writes classifier.safetensors
     and classifier.json (with the accuracy on the real test images).
     """
+    import math
+
     from toolkit.classifier import DEFAULTS, train_classifier
     from toolkit.config import load_config
     from toolkit.devices import resolve_device
-
-    import math
 
     config = load_config(list(ctx.args))
     if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise UserError(f"--lr must be a finite number > 0, got {lr}")
     out = check_output(out or Path("runs") / f"{config.recipe}-classifier", folder=True)
     path = train_classifier(
-        config.data.shards, out, steps=steps or DEFAULTS["steps"], batch_size=config.batch_size, lr=lr or DEFAULTS["lr"],
-        seed=config.seed, device=str(resolve_device(device)), num_workers=config.data.num_workers, hflip=hflip, balanced=balanced, blur=blur,
-        width=width or DEFAULTS["width"], log=typer.echo,
+        config.data.shards,
+        out,
+        steps=steps or DEFAULTS["steps"],
+        batch_size=config.batch_size,
+        lr=lr or DEFAULTS["lr"],
+        seed=config.seed,
+        device=str(resolve_device(device)),
+        num_workers=config.data.num_workers,
+        hflip=hflip,
+        balanced=balanced,
+        blur=blur,
+        width=width or DEFAULTS["width"],
+        log=typer.echo,
     )
     import json
 
@@ -379,12 +498,16 @@ def classifier_train(
     typer.echo(f"real test images: mean attribute accuracy {accuracy['mean']:.4f}{top1}")
     reliable = reliable_attributes(accuracy)
     shown = ", ".join(f"{name} {accuracy['balanced'][name]:.2f}" for name in reliable)
-    typer.echo(f"recognised reliably (balanced accuracy >= {RELIABLE_BALANCED}): {len(reliable)} of {len(accuracy['balanced'])}: {shown or 'none'}")
+    typer.echo(
+        f"recognised reliably (balanced accuracy >= {RELIABLE_BALANCED}): {len(reliable)} of {len(accuracy['balanced'])}: {shown or 'none'}"
+    )
     typer.echo(f"wrote {path} and {path.parent / 'classifier.json'}")
 
 
 EDIT_CLASSIFIER = typer.Option(
-    None, "--classifier", help="Attribute classifier folder for images without --attr (default: RUN/../classifier or RUN/../<recipe>-classifier)."
+    None,
+    "--classifier",
+    help="Attribute classifier folder for images without --attr (default: RUN/../classifier or RUN/../<recipe>-classifier).",
 )
 
 
@@ -393,15 +516,31 @@ def edit_command(
     run_dir: Path = typer.Argument(..., help="A run folder written by `cvae-tk train`."),
     image: Path = typer.Argument(..., help="The image to edit (any format PIL reads, any size)."),
     set_: List[str] = typer.Option([], "--set", help="NAME=0|1: the change; repeat for several."),
-    attr: List[str] = typer.Option([], "--attr", help="NAME=0|1: the image's attributes, the full set (unnamed are 0); default: the classifier's prediction."),
+    attr: List[str] = typer.Option(
+        [],
+        "--attr",
+        help="NAME=0|1: the image's attributes, the full set (unnamed are 0); default: the classifier's prediction.",
+    ),
     classifier: Optional[Path] = EDIT_CLASSIFIER,
-    out: Optional[Path] = typer.Option(None, "--out", help="Output image: original | edit side by side (default <image stem>-edit.png here)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Output image: original | edit side by side (default <image stem>-edit.png here)."
+    ),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
 ) -> None:
     """Edit a real image: encode it with its attributes, decode with --set applied, write original | edit."""
     from PIL import Image
 
-    from toolkit.edit import ImageAttributes, attribute_vector, check_output, describe_changes, edit_image, load_image, load_run_model, parse_assignments, save_image
+    from toolkit.edit import (
+        ImageAttributes,
+        attribute_vector,
+        check_output,
+        describe_changes,
+        edit_image,
+        load_image,
+        load_run_model,
+        parse_assignments,
+        save_image,
+    )
 
     changes, given = parse_assignments(set_, "--set"), parse_assignments(attr, "--attr")
     if not changes:
@@ -428,18 +567,35 @@ def interpolate_command(
     run_dir: Path = typer.Argument(..., help="A run folder written by `cvae-tk train`."),
     from_image: Optional[Path] = typer.Option(None, "--from-image", help="First image (with --to-image)."),
     to_image: Optional[Path] = typer.Option(None, "--to-image", help="Last image (with --from-image)."),
-    from_attr: List[str] = typer.Option([], "--from-attr", help="NAME=0|1, repeatable: the first attribute set (unnamed 0); with images, the first image's attributes."),
-    to_attr: List[str] = typer.Option([], "--to-attr", help="NAME=0|1, repeatable: the last attribute set; with images, the last image's attributes."),
+    from_attr: List[str] = typer.Option(
+        [],
+        "--from-attr",
+        help="NAME=0|1, repeatable: the first attribute set (unnamed 0); with images, the first image's attributes.",
+    ),
+    to_attr: List[str] = typer.Option(
+        [], "--to-attr", help="NAME=0|1, repeatable: the last attribute set; with images, the last image's attributes."
+    ),
     classifier: Optional[Path] = EDIT_CLASSIFIER,
     steps: int = typer.Option(8, "--steps", help="Frames, both ends included (>= 2)."),
     seed: int = typer.Option(0, "--seed", callback=_seed, help="Seed of the prior noise (attribute interpolation)."),
-    out: Path = typer.Option(Path("interpolation.png"), "--out", help="Output image: one horizontal strip of the frames."),
+    out: Path = typer.Option(
+        Path("interpolation.png"), "--out", help="Output image: one horizontal strip of the frames."
+    ),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
 ) -> None:
     """Interpolate between two images (z and attributes) or two attribute sets (one prior sample) -> a strip."""
     from toolkit.edit import (
-        ImageAttributes, attribute_vector, check_output, check_steps, describe, interpolate_attributes, interpolate_images,
-        load_image, load_run_model, parse_assignments, save_strip,
+        ImageAttributes,
+        attribute_vector,
+        check_output,
+        check_steps,
+        describe,
+        interpolate_attributes,
+        interpolate_images,
+        load_image,
+        load_run_model,
+        parse_assignments,
+        save_strip,
     )
 
     start, end = parse_assignments(from_attr, "--from-attr"), parse_assignments(to_attr, "--to-attr")
@@ -450,7 +606,9 @@ def interpolate_command(
             raise UserError("interpolating images needs both --from-image and --to-image")
         images = load_image(from_image), load_image(to_image)
     elif not start or not end:
-        raise UserError("say what to interpolate: --from-image A --to-image B, or --from-attr NAME=1 ... --to-attr NAME=1 ...")
+        raise UserError(
+            "say what to interpolate: --from-image A --to-image B, or --from-attr NAME=1 ... --to-attr NAME=1 ..."
+        )
     else:
         images = None
     model = load_run_model(run_dir, device)
@@ -465,7 +623,9 @@ def interpolate_command(
         typer.echo(f"to {to_image}: {where_b}")
     else:
         frames = interpolate_attributes(model, start, end, steps, seed)
-        typer.echo(f"from: {describe(names, attribute_vector(names, start))}  to: {describe(names, attribute_vector(names, end))}  (seed {seed})")
+        typer.echo(
+            f"from: {describe(names, attribute_vector(names, start))}  to: {describe(names, attribute_vector(names, end))}  (seed {seed})"
+        )
     save_strip(frames, out)
     height, width = model.spec.image_size
     typer.echo(f"wrote {out} ({steps} frames of {width}x{height}: {steps * width}x{height})")
@@ -474,17 +634,27 @@ def interpolate_command(
 @app.command("sweep", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def sweep_command(
     ctx: typer.Context,
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder for the runs (OUT/beta-<b>) and the results (default runs/sweep-<recipe>)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Folder for the runs (OUT/beta-<b>) and the results (default runs/sweep-<recipe>)."
+    ),
     classifier: Optional[Path] = typer.Option(
-        None, "--classifier", help="Attribute classifier folder (default: OUT/classifier or OUT/<recipe>-classifier if there; else no accuracy)."
+        None,
+        "--classifier",
+        help="Attribute classifier folder (default: OUT/classifier or OUT/<recipe>-classifier if there; else no accuracy).",
     ),
     launcher: Optional[str] = typer.Option(
-        None, "--launcher", help='Prefix of each training process instead of `python`, e.g. "accelerate launch --multi_gpu --num_processes 8".'
+        None,
+        "--launcher",
+        help='Prefix of each training process instead of `python`, e.g. "accelerate launch --multi_gpu --num_processes 8".',
     ),
     device: str = typer.Option("auto", "--device", help="Where evaluation and figures run: auto | cpu | cuda"),
-    figure5_beta: Optional[float] = typer.Option(None, "--figure5-beta", help="The model of Figure 5 (default: the highest beta)."),
+    figure5_beta: Optional[float] = typer.Option(
+        None, "--figure5-beta", help="The model of Figure 5 (default: the highest beta)."
+    ),
     figure5_attributes: Optional[str] = typer.Option(
-        None, "--figure5-attributes", help="Comma-separated attributes Figure 5 changes (default: all if <= 16, else the 16 closest to 50% frequent)."
+        None,
+        "--figure5-attributes",
+        help="Comma-separated attributes Figure 5 changes (default: all if <= 16, else the 16 closest to 50% frequent).",
     ),
 ) -> None:
     """The paper's study: cvae-tk sweep recipe=NAME betas=[0.25,0.5,0.75,0.9] [key=value ...].
@@ -497,8 +667,16 @@ def sweep_command(
     from toolkit.sweep import run_sweep
 
     names = [name.strip() for name in figure5_attributes.split(",") if name.strip()] if figure5_attributes else None
-    run_sweep(list(ctx.args), out=out, classifier=classifier, launcher=launcher, device=device,
-              figure5_beta=figure5_beta, figure5_attributes=names, log=typer.echo)
+    run_sweep(
+        list(ctx.args),
+        out=out,
+        classifier=classifier,
+        launcher=launcher,
+        device=device,
+        figure5_beta=figure5_beta,
+        figure5_attributes=names,
+        log=typer.echo,
+    )
 
 
 def _os_error_line(error: OSError) -> str:
@@ -521,10 +699,16 @@ def _os_error_line(error: OSError) -> str:
 
 @app.command("web")
 def web_command(
-    model: Path = typer.Argument(..., help="An ONNX file written by `cvae-tk export` (its -encoder.onnx beside it is taken too)."),
-    out: Path = typer.Option(..., "--out", callback=_output_folder, help="Folder to write the page into (host it as static files)."),
+    model: Path = typer.Argument(
+        ..., help="An ONNX file written by `cvae-tk export` (its -encoder.onnx beside it is taken too)."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", callback=_output_folder, help="Folder to write the page into (host it as static files)."
+    ),
     ort_dist: Optional[Path] = typer.Option(
-        None, "--ort-dist", help="onnxruntime-web's dist/ folder (default: node_modules/onnxruntime-web/dist, installed by scripts/setup-js.sh)."
+        None,
+        "--ort-dist",
+        help="onnxruntime-web's dist/ folder (default: node_modules/onnxruntime-web/dist, installed by scripts/setup-js.sh).",
     ),
     serve: bool = typer.Option(False, "--serve", help="Then serve the page on 127.0.0.1 until Ctrl-C."),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="With --serve: the port (0: any free one)."),
@@ -533,7 +717,9 @@ def web_command(
     from toolkit.web import build_page
 
     build_page(model, out, ort_dist=ort_dist, serve=False)
-    typer.echo(f"wrote {out / 'index.html'} (open it through a web server: cvae-tk web ... --serve, or any static host)")
+    typer.echo(
+        f"wrote {out / 'index.html'} (open it through a web server: cvae-tk web ... --serve, or any static host)"
+    )
     if serve:
         from toolkit.web.build import serve_forever
 
@@ -565,7 +751,10 @@ def main() -> None:
         print(f"error: {one_line(_os_error_line(error))}", file=sys.stderr)
         code = 2
     except MemoryError:
-        print("error: out of memory: ask for less (fewer images, smaller sizes or batches), or free some memory", file=sys.stderr)
+        print(
+            "error: out of memory: ask for less (fewer images, smaller sizes or batches), or free some memory",
+            file=sys.stderr,
+        )
         code = 1
     raise SystemExit(code if isinstance(code, int) else 0)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from toolkit.formats import ARCH_OPTIONS, ARCHS, PRIORS
 from toolkit.errors import UserError, one_line
+from toolkit.formats import ARCH_OPTIONS, ARCHS, PRIORS
 
 # Recipes ship beside the package (repo root / recipes); a recipe in the current folder wins.
 PACKAGED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -49,8 +49,12 @@ class ModelConfig:
     latent_dim: int = 128
     prior: str = "standard"  # standard: N(0, I) (the paper's code) | learned: p(z | x) from the attributes
     width: int = ARCH_OPTIONS["resnet"]["width"]  # resnet: channels of the first level (doubling per level, up to 2x)
-    levels: int = ARCH_OPTIONS["resnet"]["levels"]  # resnet: downsamplings (64x64 -> 4x4); H and W must be multiples of 2**levels
-    embed_dim: int = ARCH_OPTIONS["resnet"]["embed_dim"]  # resnet: size of the attribute embedding that conditions every block
+    levels: int = ARCH_OPTIONS["resnet"][
+        "levels"
+    ]  # resnet: downsamplings (64x64 -> 4x4); H and W must be multiples of 2**levels
+    embed_dim: int = ARCH_OPTIONS["resnet"][
+        "embed_dim"
+    ]  # resnet: size of the attribute embedding that conditions every block
 
 
 @dataclass
@@ -62,7 +66,9 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     beta: float = 0.5  # loss = (1 - beta) * MSE + beta * KL
-    gsnn_weight: float = 0.0  # g > 0: Sohn et al.'s hybrid loss (1 - g) * that + g * (1 - beta) * MSE of a prior sample
+    gsnn_weight: float = (
+        0.0  # g > 0: Sohn et al.'s hybrid loss (1 - g) * that + g * (1 - beta) * MSE of a prior sample
+    )
     mixed_precision: str = "auto"  # auto: whatever `accelerate launch` / its config says
     log_every: int = 50
     sample_every: int = 500  # sample and reconstruction grids every N steps (and at the end)
@@ -78,7 +84,9 @@ class TrainConfig:
     checkpoints_total_limit: int = 3  # keep the newest N checkpoints
     resume: str = ""  # latest | a checkpoint folder
     overwrite: bool = False  # replace the run that run_dir holds (its checkpoints, model, samples, logs)
-    dist_timeout_s: float = 1800.0  # several processes: a collective waiting longer than this fails (a rank died or froze)
+    dist_timeout_s: float = (
+        1800.0  # several processes: a collective waiting longer than this fails (a rank died or froze)
+    )
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
 
@@ -100,7 +108,9 @@ def find_recipe(name: str) -> Path:
         path = folder / f"{name}.yaml"
         if os.path.isfile(path):
             return path
-    raise UserError(f"unknown recipe '{name}': expected recipes/{name}.yaml; available: {', '.join(available_recipes())}")
+    raise UserError(
+        f"unknown recipe '{name}': expected recipes/{name}.yaml; available: {', '.join(available_recipes())}"
+    )
 
 
 def _all_keys(node: DictConfig, prefix: str = "") -> list[str]:
@@ -132,7 +142,9 @@ def _explain(error: OmegaConfBaseException, source: str, schema: DictConfig, key
     return UserError(f"bad value for config key '{key}' in {source}: expected {type(expected).__name__}")
 
 
-def _merge(config: DictConfig, other: DictConfig, source: str, schema: DictConfig, key: str | None = None) -> DictConfig:
+def _merge(
+    config: DictConfig, other: DictConfig, source: str, schema: DictConfig, key: str | None = None
+) -> DictConfig:
     try:
         return OmegaConf.merge(config, other)
     except OmegaConfBaseException as error:
@@ -184,7 +196,9 @@ def load_config(args: list[str], default_recipe: str | None = None) -> TrainConf
         result: TrainConfig = OmegaConf.to_object(config)
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None) or "?"
-        raise UserError(f"config key '{key}': {one_line(str(error).splitlines()[0] if str(error) else type(error).__name__)}") from None
+        raise UserError(
+            f"config key '{key}': {one_line(str(error).splitlines()[0] if str(error) else type(error).__name__)}"
+        ) from None
     validate(result)
     _refuse_ignored_keys(result, given)
     return result
@@ -203,7 +217,9 @@ def _read_recipe(path: Path) -> DictConfig:
     except Exception as error:  # YAML syntax errors come in many types; bytes that are not UTF-8
         raise UserError(f"recipe {path} is not valid YAML: {one_line(error)}") from None
     if shape is None:
-        raise UserError(f"recipe {path} is empty: expected a mapping of config keys, such as `max_steps: 1000` (see `cvae-tk recipes`)")
+        raise UserError(
+            f"recipe {path} is empty: expected a mapping of config keys, such as `max_steps: 1000` (see `cvae-tk recipes`)"
+        )
     if loaded is None:
         raise UserError(
             f"recipe {path} is a YAML {type(shape).__name__}, not a mapping: expected config keys with values, "
@@ -221,7 +237,12 @@ def _refuse_ignored_keys(config: TrainConfig, given: dict[str, list[str]]) -> No
         for key in keys:
             name = key.removeprefix("model.")
             users = [arch for arch, options in ARCH_KEYS.items() if name in options]
-            if key.startswith("model.") and users and name not in takes and getattr(config.model, name) != getattr(ModelConfig, name):
+            if (
+                key.startswith("model.")
+                and users
+                and name not in takes
+                and getattr(config.model, name) != getattr(ModelConfig, name)
+            ):
                 raise UserError(
                     f"config key '{key}' ({source}) does nothing with model.arch={config.model.arch}, which takes "
                     f"{', '.join('model.' + k for k in takes) or 'no options besides model.latent_dim and model.prior'}; "
@@ -239,7 +260,11 @@ def validate(config: TrainConfig) -> None:
     check(config.batch_size > 0, "batch_size", "a positive integer")
     check(0 < config.lr < math.inf, "lr", "a positive finite number")
     check(0.0 <= config.beta <= 1.0, "beta", "a number in [0, 1]")
-    check(0.0 <= config.gsnn_weight < 1.0, "gsnn_weight", "a number in [0, 1) (0: the paper's loss; 1 would leave the encoder untrained)")
+    check(
+        0.0 <= config.gsnn_weight < 1.0,
+        "gsnn_weight",
+        "a number in [0, 1) (0: the paper's loss; 1 would leave the encoder untrained)",
+    )
     check(config.mixed_precision in PRECISIONS, "mixed_precision", " | ".join(PRECISIONS))
     check(config.log_every > 0, "log_every", "a positive integer")
     check(config.sample_every > 0, "sample_every", "a positive integer")
@@ -257,7 +282,11 @@ def validate(config: TrainConfig) -> None:
     check(config.data.sampling in SAMPLINGS, "data.sampling", " | ".join(SAMPLINGS))
     check(config.data.num_workers >= 0, "data.num_workers", "an integer >= 0")
     check(config.data.shuffle_buffer >= 1, "data.shuffle_buffer", "an integer >= 1")
-    check(0.0 <= config.data.max_skipped_fraction <= 1.0, "data.max_skipped_fraction", "a number in [0, 1] (0: no unreadable sample allowed)")
+    check(
+        0.0 <= config.data.max_skipped_fraction <= 1.0,
+        "data.max_skipped_fraction",
+        "a number in [0, 1] (0: no unreadable sample allowed)",
+    )
     check(config.model.arch in ARCHS, "model.arch", " | ".join(ARCHS))
     check(config.model.latent_dim > 0, "model.latent_dim", "a positive integer")
     check(config.model.prior in PRIORS, "model.prior", " | ".join(PRIORS))

@@ -123,13 +123,19 @@ def _check_format(meta: Mapping[str, str], path, expected: str = FORMAT) -> None
         raise UserError(f"{path} is an ONNX model but not a cvae-tk {kind} export (no cvae_tk.format metadata)")
     if found in (FORMAT, ENCODER_FORMAT):  # the other file of an export
         if expected == FORMAT:
-            raise UserError(f"{path} is a cvae-tk encoder ({found}), not a sampler: open the decoder OUT.onnx beside it "
-                            f"(Sampler(OUT.onnx) finds OUT-encoder.onnx itself, or pass encoder=)")
-        raise UserError(f"{path} is a cvae-tk sampler ({found}), not an encoder: `cvae-tk export --onnx RUN --encoder` writes one")
+            raise UserError(
+                f"{path} is a cvae-tk encoder ({found}), not a sampler: open the decoder OUT.onnx beside it "
+                f"(Sampler(OUT.onnx) finds OUT-encoder.onnx itself, or pass encoder=)"
+            )
+        raise UserError(
+            f"{path} is a cvae-tk sampler ({found}), not an encoder: `cvae-tk export --onnx RUN --encoder` writes one"
+        )
     newer = re.fullmatch(rf"{kind}/(\d+)", found.strip())
     if newer and int(newer.group(1)) > FORMAT_VERSION:
         by = f" (written by cvae-tk {meta['toolkit_version']})" if meta.get("toolkit_version") else ""
-        raise UserError(f"{path} is a cvae-tk {kind} of format {found}{by}, newer than this cvae-tk reads ({expected}): upgrade cvae-tk")
+        raise UserError(
+            f"{path} is a cvae-tk {kind} of format {found}{by}, newer than this cvae-tk reads ({expected}): upgrade cvae-tk"
+        )
     raise UserError(f"{path}: unknown cvae_tk.format {found[:40]!r}, expected {expected}")
 
 
@@ -142,16 +148,22 @@ def _model_claims(meta: Mapping[str, str], path, expected: str) -> tuple[list[st
 
     attributes = _json(meta, "attributes", path)
     if not isinstance(attributes, list) or not attributes:
-        raise UserError(f"{path}: metadata 'attributes' must be a non-empty JSON list of names, got {meta['attributes'][:80]!r}")
+        raise UserError(
+            f"{path}: metadata 'attributes' must be a non-empty JSON list of names, got {meta['attributes'][:80]!r}"
+        )
     if not all(isinstance(name, str) and name.strip() for name in attributes):
         raise UserError(f"{path}: metadata 'attributes' must be non-empty names (text), got {attributes[:5]!r}...")
     repeated = sorted({name for name in attributes if attributes.count(name) > 1})
     if repeated:
-        raise UserError(f"{path}: metadata attributes must be distinct names, but {', '.join(map(repr, repeated[:5]))} {'appears' if len(repeated) == 1 else 'appear'} more than once")
+        raise UserError(
+            f"{path}: metadata attributes must be distinct names, but {', '.join(map(repr, repeated[:5]))} {'appears' if len(repeated) == 1 else 'appear'} more than once"
+        )
     _integer(len(attributes), path, "attributes", MAX_WIDTH)
 
     if not re.fullmatch(r"[0-9]+", meta["latent_dim"].strip()):
-        raise UserError(f"{path}: metadata declares latent_dim = {meta['latent_dim'][:40]!r}, expected an integer in 1..{MAX_WIDTH}")
+        raise UserError(
+            f"{path}: metadata declares latent_dim = {meta['latent_dim'][:40]!r}, expected an integer in 1..{MAX_WIDTH}"
+        )
     latent_dim = _integer(int(meta["latent_dim"]), path, "latent_dim", MAX_WIDTH)
 
     size = _json(meta, "image_size", path)
@@ -163,7 +175,9 @@ def _model_claims(meta: Mapping[str, str], path, expected: str) -> tuple[list[st
     if precision not in PRECISIONS:
         raise UserError(f"{path}: metadata precision = {precision[:40]!r}, expected {' or '.join(PRECISIONS)}")
     if "value_range" in meta and _json(meta, "value_range", path) != [0, 1]:
-        raise UserError(f"{path}: metadata value_range = {meta['value_range'][:40]}, expected [0, 1] (the only range cvae-tk samplers produce)")
+        raise UserError(
+            f"{path}: metadata value_range = {meta['value_range'][:40]}, expected [0, 1] (the only range cvae-tk samplers produce)"
+        )
     return attributes, latent_dim, image_size, precision
 
 
@@ -178,7 +192,9 @@ def read_contract(path, meta: Mapping[str, str], inputs: Sequence[Tensor], outpu
     if names[:2] != ["attributes", "noise"] or names[2:] not in ([], ["temperature"]):
         raise UserError(f"{path}: inputs {names}, expected attributes, noise (and optionally temperature)")
     if "inputs" in meta and _json(meta, "inputs", path) != names:
-        raise UserError(f"{path}: metadata inputs = {meta['inputs'][:80]}, but the graph's inputs are {json.dumps(names)}")
+        raise UserError(
+            f"{path}: metadata inputs = {meta['inputs'][:80]}, but the graph's inputs are {json.dumps(names)}"
+        )
     contract = Contract(tuple(attributes), latent_dim, image_size, output, precision, tuple(names))
 
     widths = {"attributes": len(attributes), "noise": latent_dim}
@@ -204,7 +220,9 @@ def read_contract(path, meta: Mapping[str, str], inputs: Sequence[Tensor], outpu
         )
     expected = list(contract.image_dims)
     shape = images.shape
-    if shape is not None and (len(shape) != 4 or any(isinstance(d, int) and d != e for d, e in zip(shape[1:], expected))):
+    if shape is not None and (
+        len(shape) != 4 or any(isinstance(d, int) and d != e for d, e in zip(shape[1:], expected))
+    ):
         raise UserError(
             f"{path}: output 'images' has shape {list(shape)}, expected [batch, {', '.join(map(str, expected))}] "
             f"(from the metadata: output={output}, image_size={list(image_size)})"
@@ -216,22 +234,38 @@ def preprocessing_dict(crop: int | str | None, size: tuple[int, int]) -> dict:
     """The JSON of an encoder's `preprocessing` metadata (the encoder/1 contract)."""
     if isinstance(crop, int) and not isinstance(crop, bool):
         crop = {"kind": "center", "side": crop}
-    return {"crop": crop, "size": [int(size[0]), int(size[1])], "resize": RESIZE, "value_range": list(VALUE_RANGE),
-            "layout": LAYOUT, "channels": CHANNELS}
+    return {
+        "crop": crop,
+        "size": [int(size[0]), int(size[1])],
+        "resize": RESIZE,
+        "value_range": list(VALUE_RANGE),
+        "layout": LAYOUT,
+        "channels": CHANNELS,
+    }
 
 
 def _preprocessing(meta: Mapping[str, str], path, image_size: tuple[int, int]) -> Preprocessing:
     if "preprocessing" not in meta:
-        raise UserError(f"{path}: metadata has no 'preprocessing' (every {ENCODER_FORMAT} export records how its images are prepared)")
+        raise UserError(
+            f"{path}: metadata has no 'preprocessing' (every {ENCODER_FORMAT} export records how its images are prepared)"
+        )
     value = _json(meta, "preprocessing", path)
     shown = meta["preprocessing"][:120]
     if not isinstance(value, dict):
         raise UserError(f"{path}: metadata 'preprocessing' must be a JSON object, got {shown!r}")
-    expected = {"resize": RESIZE, "value_range": VALUE_RANGE, "layout": LAYOUT, "channels": CHANNELS, "size": list(image_size)}
+    expected = {
+        "resize": RESIZE,
+        "value_range": VALUE_RANGE,
+        "layout": LAYOUT,
+        "channels": CHANNELS,
+        "size": list(image_size),
+    }
     for key, want in expected.items():
         if value.get(key) != want:
-            raise UserError(f"{path}: metadata preprocessing {key} = {json.dumps(value.get(key))}, expected {json.dumps(want)}"
-                            f"{' (the image_size)' if key == 'size' else ''}")
+            raise UserError(
+                f"{path}: metadata preprocessing {key} = {json.dumps(value.get(key))}, expected {json.dumps(want)}"
+                f"{' (the image_size)' if key == 'size' else ''}"
+            )
     crop = value.get("crop")
     if crop is None or crop == "bbox":
         return Preprocessing(crop, image_size)
@@ -239,15 +273,19 @@ def _preprocessing(meta: Mapping[str, str], path, image_size: tuple[int, int]) -
         side = crop["side"]
         if not isinstance(side, bool) and isinstance(side, int) and 1 <= side <= 16 * MAX_SIDE:
             return Preprocessing(side, image_size)
-    raise UserError(f"{path}: metadata preprocessing crop = {json.dumps(crop)[:80]}, expected null, \"bbox\" or "
-                    f'{{"kind": "center", "side": N}}')
+    raise UserError(
+        f'{path}: metadata preprocessing crop = {json.dumps(crop)[:80]}, expected null, "bbox" or '
+        f'{{"kind": "center", "side": N}}'
+    )
 
 
 def encoder_outputs(prior: str) -> tuple[str, ...]:
     return ENCODER_OUTPUTS + (PRIOR_OUTPUTS if prior == "learned" else ())
 
 
-def read_encoder_contract(path, meta: Mapping[str, str], inputs: Sequence[Tensor], outputs: Sequence[Tensor]) -> EncoderContract:
+def read_encoder_contract(
+    path, meta: Mapping[str, str], inputs: Sequence[Tensor], outputs: Sequence[Tensor]
+) -> EncoderContract:
     """An encoder/1 file's claims, checked against each other and against its declared graph:
     inputs images float32 [batch, 3, H, W] and attributes float32 [batch, A], outputs float32
     [batch, Z] (`encoder_outputs` of its prior), preprocessing as `preprocessing_dict` writes it."""
@@ -261,29 +299,50 @@ def read_encoder_contract(path, meta: Mapping[str, str], inputs: Sequence[Tensor
     if names != list(ENCODER_INPUTS):
         raise UserError(f"{path}: inputs {names}, expected {', '.join(ENCODER_INPUTS)}")
     if "inputs" in meta and _json(meta, "inputs", path) != names:
-        raise UserError(f"{path}: metadata inputs = {meta['inputs'][:80]}, but the graph's inputs are {json.dumps(names)}")
+        raise UserError(
+            f"{path}: metadata inputs = {meta['inputs'][:80]}, but the graph's inputs are {json.dumps(names)}"
+        )
     height, width = image_size
     shapes = {"images": [3, height, width], "attributes": [len(attributes)]}
     for tensor in inputs:
         if tensor.dtype != "float32":
             raise UserError(f"{path}: input '{tensor.name}' is {tensor.dtype}, expected float32")
         want = shapes[tensor.name]
-        if tensor.shape is not None and (len(tensor.shape) != 1 + len(want) or any(isinstance(d, int) and d != e for d, e in zip(tensor.shape[1:], want))):
-            raise UserError(f"{path}: input '{tensor.name}' has shape {list(tensor.shape)}, expected [batch, {', '.join(map(str, want))}] (from the metadata)")
+        if tensor.shape is not None and (
+            len(tensor.shape) != 1 + len(want)
+            or any(isinstance(d, int) and d != e for d, e in zip(tensor.shape[1:], want))
+        ):
+            raise UserError(
+                f"{path}: input '{tensor.name}' has shape {list(tensor.shape)}, expected [batch, {', '.join(map(str, want))}] (from the metadata)"
+            )
 
     wanted = list(encoder_outputs(prior))
     found = [tensor.name for tensor in outputs]
     if found != wanted:
         raise UserError(f"{path}: outputs {found}, expected {', '.join(wanted)} (a {prior} prior's encoder)")
     if "outputs" in meta and _json(meta, "outputs", path) != found:
-        raise UserError(f"{path}: metadata outputs = {meta['outputs'][:80]}, but the graph's outputs are {json.dumps(found)}")
+        raise UserError(
+            f"{path}: metadata outputs = {meta['outputs'][:80]}, but the graph's outputs are {json.dumps(found)}"
+        )
     for tensor in outputs:
         if tensor.dtype != "float32":
             raise UserError(f"{path}: output '{tensor.name}' is {tensor.dtype}, expected float32")
-        if tensor.shape is not None and (len(tensor.shape) != 2 or (isinstance(tensor.shape[1], int) and tensor.shape[1] != latent_dim)):
-            raise UserError(f"{path}: output '{tensor.name}' has shape {list(tensor.shape)}, expected [batch, {latent_dim}] (latent_dim)")
-    return EncoderContract(tuple(attributes), latent_dim, image_size, precision, prior, tuple(found), preprocessing,
-                           meta.get("weights_sha256"))
+        if tensor.shape is not None and (
+            len(tensor.shape) != 2 or (isinstance(tensor.shape[1], int) and tensor.shape[1] != latent_dim)
+        ):
+            raise UserError(
+                f"{path}: output '{tensor.name}' has shape {list(tensor.shape)}, expected [batch, {latent_dim}] (latent_dim)"
+            )
+    return EncoderContract(
+        tuple(attributes),
+        latent_dim,
+        image_size,
+        precision,
+        prior,
+        tuple(found),
+        preprocessing,
+        meta.get("weights_sha256"),
+    )
 
 
 def encoder_beside(decoder) -> Path:
@@ -293,7 +352,9 @@ def encoder_beside(decoder) -> Path:
     return decoder.with_name(f"{decoder.stem}-encoder{decoder.suffix}")
 
 
-def check_pair(decoder_path, decoder: Contract, decoder_meta: Mapping[str, str], encoder_path, encoder: EncoderContract) -> None:
+def check_pair(
+    decoder_path, decoder: Contract, decoder_meta: Mapping[str, str], encoder_path, encoder: EncoderContract
+) -> None:
     """Refuse an encoder that is not this decoder's: other attributes, latent_dim, image_size or
     prior, or other weights (weights_sha256, when both record it)."""
     ours = (decoder.attributes, decoder.latent_dim, decoder.image_size, decoder_meta.get("prior", "standard"))
@@ -301,9 +362,13 @@ def check_pair(decoder_path, decoder: Contract, decoder_meta: Mapping[str, str],
     for what, mine, other in zip(("attributes", "latent_dim", "image_size", "prior"), ours, theirs):
         if mine != other:
             shown = lambda value: list(value) if isinstance(value, tuple) else value  # noqa: E731
-            raise UserError(f"{encoder_path} is not the encoder of {decoder_path}: its {what} is {shown(other)}, the decoder's {shown(mine)}")
+            raise UserError(
+                f"{encoder_path} is not the encoder of {decoder_path}: its {what} is {shown(other)}, the decoder's {shown(mine)}"
+            )
     weights = decoder_meta.get("weights_sha256")
     if weights and encoder.weights_sha256 and weights != encoder.weights_sha256:
-        raise UserError(f"{encoder_path} is not the encoder of {decoder_path}: they were exported from different weights "
-                        f"(weights_sha256 {encoder.weights_sha256[:12]}... vs {weights[:12]}...); export both again with "
-                        f"`cvae-tk export --onnx RUN --out {decoder_path} --encoder`")
+        raise UserError(
+            f"{encoder_path} is not the encoder of {decoder_path}: they were exported from different weights "
+            f"(weights_sha256 {encoder.weights_sha256[:12]}... vs {weights[:12]}...); export both again with "
+            f"`cvae-tk export --onnx RUN --out {decoder_path} --encoder`"
+        )

@@ -66,7 +66,9 @@ def _check_value(name: str, value) -> float:
     return float(value)
 
 
-def attribute_vector(names: Sequence[str], attributes: AttributeLike, changes: Mapping[str, int] | None = None) -> torch.Tensor:
+def attribute_vector(
+    names: Sequence[str], attributes: AttributeLike, changes: Mapping[str, int] | None = None
+) -> torch.Tensor:
     """A float32 0/1 vector [A] from a mapping (unnamed attributes 0) or a vector [A], with `changes`
     (a mapping) applied on top. Unknown names and values other than 0/1 are UserErrors."""
     names = list(names)
@@ -80,7 +82,9 @@ def attribute_vector(names: Sequence[str], attributes: AttributeLike, changes: M
     else:
         vector = torch.as_tensor(np.asarray(attributes, dtype=np.float32)).flatten().clone()
         if vector.numel() != len(names):
-            raise UserError(f"attribute vector has {vector.numel()} values, the model {len(names)} attributes ({', '.join(names[:5])}...)")
+            raise UserError(
+                f"attribute vector has {vector.numel()} values, the model {len(names)} attributes ({', '.join(names[:5])}...)"
+            )
         if not bool(((vector == 0) | (vector == 1)).all()):
             raise UserError("attribute vector values must be 0 or 1")
     for name, value in (changes or {}).items():
@@ -153,7 +157,8 @@ def save_image(image: Image.Image, path: str | Path) -> Path:
 def check_output(path: str | Path) -> None:
     """A UserError unless `path` can take an image: an extension PIL writes, not a folder, in a
     folder that exists or can be made and is writable (checked before any work is done)."""
-    from toolkit.atomic import check_output as check_writable, image_format
+    from toolkit.atomic import check_output as check_writable
+    from toolkit.atomic import image_format
 
     image_format(path)
     check_writable(path)
@@ -204,7 +209,9 @@ def encode(model, image: Image.Image, attributes: AttributeLike) -> torch.Tensor
 
 
 @torch.no_grad()
-def edit_image(model, image: Image.Image, attributes: AttributeLike, changes: Mapping[str, int] | None = None) -> Image.Image:
+def edit_image(
+    model, image: Image.Image, attributes: AttributeLike, changes: Mapping[str, int] | None = None
+) -> Image.Image:
     """`image` re-drawn with `changes` applied to its `attributes`, at the input's size.
 
     attributes: the image's full set, a mapping (unnamed 0) or a 0/1 vector [A]; changes: {name: 0 | 1}.
@@ -237,7 +244,9 @@ def check_steps(steps: int, image_size: Sequence[int] | None = None) -> None:
         check_fits(needed, f"--steps {steps} (a strip of {steps} frames of {width}x{height})", "use fewer --steps")
 
 
-def _decode_frames(model, z: torch.Tensor | None, y: torch.Tensor, noise: torch.Tensor | None = None) -> list[Image.Image]:
+def _decode_frames(
+    model, z: torch.Tensor | None, y: torch.Tensor, noise: torch.Tensor | None = None
+) -> list[Image.Image]:
     """Decode frame by frame in batches of DECODE_BATCH: the posterior path (z) or the prior (noise)."""
     device = _device(model)
     frames: list[Image.Image] = []
@@ -252,7 +261,12 @@ def _decode_frames(model, z: torch.Tensor | None, y: torch.Tensor, noise: torch.
 
 @torch.no_grad()
 def interpolate_images(
-    model, image_a: Image.Image, attributes_a: AttributeLike, image_b: Image.Image, attributes_b: AttributeLike, steps: int = 8
+    model,
+    image_a: Image.Image,
+    attributes_a: AttributeLike,
+    image_b: Image.Image,
+    attributes_b: AttributeLike,
+    steps: int = 8,
 ) -> list[Image.Image]:
     """`steps` frames from image a to image b: z and the attribute vector both interpolated linearly.
     Frame 0 is the reconstruction of a, the last that of b (the model's size)."""
@@ -265,7 +279,9 @@ def interpolate_images(
 
 
 @torch.no_grad()
-def interpolate_attributes(model, start: AttributeLike, end: AttributeLike, steps: int = 8, seed: int = 0) -> list[Image.Image]:
+def interpolate_attributes(
+    model, start: AttributeLike, end: AttributeLike, steps: int = 8, seed: int = 0
+) -> list[Image.Image]:
     """`steps` frames of one prior sample (noise: torch.randn(1, Z) of a CPU generator seeded with
     `seed`) while the attribute vector moves linearly from `start` to `end` (the model's size)."""
     check_steps(steps, model.spec.image_size)
@@ -275,7 +291,6 @@ def interpolate_attributes(model, start: AttributeLike, end: AttributeLike, step
     noise = torch.randn(1, model.spec.latent_dim, generator=torch.Generator().manual_seed(int(seed)))
     t = torch.linspace(0, 1, steps)[:, None]
     return _decode_frames(model, None, (1 - t) * ya + t * yb, noise.expand(steps, -1))
-
 
 
 # --- what the commands share ------------------------------------------------------------------------
@@ -326,8 +341,15 @@ class ImageAttributes:
     """An image's attribute set for the commands: the given mapping (the full set, unnamed 0), or else
     the classifier's prediction (`find_run_classifier`, loaded on first need and kept)."""
 
-    def __init__(self, run_dir: str | Path, model, classifier_folder: str | Path | None = None, attr_option: str = "--attr"):
-        self.run_dir, self.model, self.classifier_folder, self.attr_option = run_dir, model, classifier_folder, attr_option
+    def __init__(
+        self, run_dir: str | Path, model, classifier_folder: str | Path | None = None, attr_option: str = "--attr"
+    ):
+        self.run_dir, self.model, self.classifier_folder, self.attr_option = (
+            run_dir,
+            model,
+            classifier_folder,
+            attr_option,
+        )
         if classifier_folder is not None and not Path(classifier_folder).is_dir():
             raise UserError(f"classifier folder not found: {classifier_folder}")
         self.classifier = None
@@ -339,7 +361,9 @@ class ImageAttributes:
             vector = attribute_vector(names, given)
             return dict(zip(names, (int(v) for v in vector.tolist()))), f"{describe(names, vector)} (given)"
         if self.classifier is None:
-            self.classifier, self.classifier_folder = find_run_classifier(self.run_dir, self.model, self.classifier_folder, self.attr_option)
+            self.classifier, self.classifier_folder = find_run_classifier(
+                self.run_dir, self.model, self.classifier_folder, self.attr_option
+            )
         probabilities = attribute_probabilities(self.classifier, self.model, image)
         predicted = predict_attributes(self.classifier, self.model, image)
         present = [f"{name} (p={probabilities[name]:.2f})" for name in names if predicted[name]]

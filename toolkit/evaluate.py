@@ -44,15 +44,24 @@ import torch
 
 from toolkit.atomic import write_text
 from toolkit.config import DataConfig
-from toolkit.errors import UserError, one_line
 from toolkit.devices import resolve_device
+from toolkit.errors import UserError, one_line
 from toolkit.formats import CLASSIFIER_CONFIG, METRICS, RECIPE
 
 METRICS_FILE = METRICS  # RUN/metrics.json (toolkit.formats)
 DIVERSITY_CONDITIONS = 32  # test attribute vectors diversity is averaged over
 DIVERSITY_SAMPLES = 8
-CLASSIFIER_METRICS = ("attr_acc", "attr_acc_top1", "attr_acc_floor", "attr_acc_floor_top1", "attr_acc_real", "attr_acc_real_top1",
-                      "control", "control_all", "control_attributes")  # None without a classifier
+CLASSIFIER_METRICS = (
+    "attr_acc",
+    "attr_acc_top1",
+    "attr_acc_floor",
+    "attr_acc_floor_top1",
+    "attr_acc_real",
+    "attr_acc_real_top1",
+    "control",
+    "control_all",
+    "control_attributes",
+)  # None without a classifier
 CONTROL_CONDITIONS = 256  # test attribute vectors the control score uses (two images each per attribute)
 CONTROL_ALL_LIMIT = 64  # with more attributes, control is scored for the reliable ones only (2 x 256 images each)
 
@@ -62,8 +71,14 @@ CONTROL_ALL_LIMIT = 64  # with more attributes, control is scored for the reliab
 
 @torch.no_grad()
 def reconstruction_metrics(
-    model, shards: str | Path, split: str = "test", device: str | torch.device = "cpu", batch_size: int = 256,
-    seed: int = 0, sampled: bool = True, max_skipped_fraction: float = DataConfig.max_skipped_fraction,
+    model,
+    shards: str | Path,
+    split: str = "test",
+    device: str | torch.device = "cpu",
+    batch_size: int = 256,
+    seed: int = 0,
+    sampled: bool = True,
+    max_skipped_fraction: float = DataConfig.max_skipped_fraction,
 ) -> dict[str, float]:
     """Reconstruction error and KL over one ordered pass of `split` (streamed: per-batch sums only).
 
@@ -89,7 +104,9 @@ def reconstruction_metrics(
         sums["mse"] += _squared_error(model.decoder(mu, attributes), target)
         if sampled:
             eps = torch.randn(mu.shape, generator=generator).to(device)
-            sums["mse_sampled"] += _squared_error(model.decoder(mu + torch.exp(0.5 * logvar) * eps, attributes), target)
+            sums["mse_sampled"] += _squared_error(
+                model.decoder(mu + torch.exp(0.5 * logvar) * eps, attributes), target
+            )
         sums["kl"] += float(kl_per_image(model, mu, logvar, attributes).double().sum())
         count += len(images)
         values = target.shape[1]
@@ -97,7 +114,10 @@ def reconstruction_metrics(
         raise UserError(f"the {split} split of {shards} holds no images")
     result = {"mse_per_image": sums["mse"] / count, "mse_per_pixel": sums["mse"] / count / values}
     if sampled:
-        result.update(mse_per_image_sampled=sums["mse_sampled"] / count, mse_per_pixel_sampled=sums["mse_sampled"] / count / values)
+        result.update(
+            mse_per_image_sampled=sums["mse_sampled"] / count,
+            mse_per_pixel_sampled=sums["mse_sampled"] / count / values,
+        )
     result.update(kl_per_image=sums["kl"] / count, count=count)
     return result
 
@@ -121,7 +141,9 @@ def kl_per_image(model, mu: torch.Tensor, logvar: torch.Tensor, attributes: torc
 
 
 @torch.no_grad()
-def diversity(model, attributes, n: int = DIVERSITY_SAMPLES, seed: int = 0, device: str | torch.device = "cpu", chunk: int = 16) -> float:
+def diversity(
+    model, attributes, n: int = DIVERSITY_SAMPLES, seed: int = 0, device: str | torch.device = "cpu", chunk: int = 16
+) -> float:
     """Mean pairwise per-pixel RMS distance between n prior samples per condition, averaged over conditions.
 
     `attributes`: [K, A] (or [A]) condition vectors. Noise: one [K, n, Z] standard-normal draw of a
@@ -142,7 +164,9 @@ def diversity(model, attributes, n: int = DIVERSITY_SAMPLES, seed: int = 0, devi
     for start in range(0, len(conditions), chunk):
         cond = conditions[start : start + chunk].to(device)
         k = len(cond)
-        images = model.generate(cond.repeat_interleave(n, dim=0), noise[start : start + k].reshape(k * n, -1).to(device))
+        images = model.generate(
+            cond.repeat_interleave(n, dim=0), noise[start : start + k].reshape(k * n, -1).to(device)
+        )
         flat = images.float().reshape(k, n, -1)
         diff = flat[:, pairs[0]] - flat[:, pairs[1]]  # [k, pairs, D]
         total += float(diff.pow(2).mean(dim=2).sqrt().mean(dim=1).double().sum())
@@ -164,8 +188,15 @@ def split_attributes(shards: str | Path, split: str = "test") -> torch.Tensor:
 
 @torch.no_grad()
 def attribute_accuracy(
-    classifier, model, shards: str | Path, split: str = "test", seed: int = 0, shuffled: bool = False,
-    device: str | torch.device = "cpu", batch_size: int = 256, attributes: torch.Tensor | None = None,
+    classifier,
+    model,
+    shards: str | Path,
+    split: str = "test",
+    seed: int = 0,
+    shuffled: bool = False,
+    device: str | torch.device = "cpu",
+    batch_size: int = 256,
+    attributes: torch.Tensor | None = None,
 ) -> dict:
     """How often the classifier finds the requested attributes in generated images.
 
@@ -181,17 +212,25 @@ def attribute_accuracy(
     names = list(model.spec.attributes)
     columns = columns_for(classifier, names, "the model")
     check_image_size(classifier, model.spec.image_size, "the model")
-    vectors = split_attributes(shards, split) if attributes is None else torch.as_tensor(attributes, dtype=torch.float32)
+    vectors = (
+        split_attributes(shards, split) if attributes is None else torch.as_tensor(attributes, dtype=torch.float32)
+    )
     if vectors.shape[1] != len(names):
         raise UserError(f"{shards} has {vectors.shape[1]} attributes per image, the model {len(names)}")
-    targets = vectors[torch.randperm(len(vectors), generator=torch.Generator().manual_seed(seed + 1))] if shuffled else vectors
+    targets = (
+        vectors[torch.randperm(len(vectors), generator=torch.Generator().manual_seed(seed + 1))]
+        if shuffled
+        else vectors
+    )
     noise = torch.randn(len(vectors), model.spec.latent_dim, generator=torch.Generator().manual_seed(seed))
     device = torch.device(device)
     classifier = classifier.to(device).eval()
     columns = columns.to(device)
     counter = AccuracyCounter(names)
     for start in range(0, len(vectors), batch_size):
-        images = model.generate(vectors[start : start + batch_size].to(device), noise[start : start + batch_size].to(device))
+        images = model.generate(
+            vectors[start : start + batch_size].to(device), noise[start : start + batch_size].to(device)
+        )
         counter.update(classifier(images.float().clamp(0, 1))[:, columns], targets[start : start + batch_size])
     return counter.result()
 
@@ -209,7 +248,12 @@ def class_block(vectors: torch.Tensor) -> int:
 
 @torch.no_grad()
 def attribute_control(
-    classifier, model, attributes: torch.Tensor, seed: int = 0, device: str | torch.device = "cpu", batch_size: int = 256,
+    classifier,
+    model,
+    attributes: torch.Tensor,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    batch_size: int = 256,
     names: list[str] | None = None,
 ) -> dict:
     """Per attribute, the classifier's balanced accuracy at telling images generated with it set to 1
@@ -228,7 +272,9 @@ def attribute_control(
     model_names = list(model.spec.attributes)
     vectors = torch.as_tensor(attributes, dtype=torch.float32)
     if vectors.dim() != 2 or vectors.shape[1] != len(model_names) or len(vectors) == 0:
-        raise UserError(f"attribute control needs attribute vectors [N, {len(model_names)}], got shape {tuple(vectors.shape)}")
+        raise UserError(
+            f"attribute control needs attribute vectors [N, {len(model_names)}], got shape {tuple(vectors.shape)}"
+        )
     names = model_names if names is None else list(names)
     columns = columns_for(classifier, names, "the model")
     check_image_size(classifier, model.spec.image_size, "the model")
@@ -240,7 +286,9 @@ def attribute_control(
     def called_present(conditions: torch.Tensor, z: torch.Tensor, column: int) -> torch.Tensor:
         calls = []
         for start in range(0, len(conditions), batch_size):
-            images = model.generate(conditions[start : start + batch_size].to(device), z[start : start + batch_size].to(device))
+            images = model.generate(
+                conditions[start : start + batch_size].to(device), z[start : start + batch_size].to(device)
+            )
             calls.append((classifier(images.float().clamp(0, 1))[:, column] > THRESHOLD).cpu())
         return torch.cat(calls).double()
 
@@ -297,9 +345,18 @@ def find_classifier(run_dir: str | Path, recipe: str | None = None) -> Path | No
 
 
 def evaluate_run(
-    run_dir: str | Path, split: str = "test", classifier=None, device: str | torch.device = "auto", shards: str | None = None,
-    seed: int = 0, batch_size: int = 256, diversity_samples: int = DIVERSITY_SAMPLES, diversity_conditions: int = DIVERSITY_CONDITIONS,
-    control_conditions: int = CONTROL_CONDITIONS, find: bool = True, write: bool = True,
+    run_dir: str | Path,
+    split: str = "test",
+    classifier=None,
+    device: str | torch.device = "auto",
+    shards: str | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    diversity_samples: int = DIVERSITY_SAMPLES,
+    diversity_conditions: int = DIVERSITY_CONDITIONS,
+    control_conditions: int = CONTROL_CONDITIONS,
+    find: bool = True,
+    write: bool = True,
 ) -> dict:
     """All metrics of a run on `split`, written to RUN/metrics.json (tmp + rename) and returned.
 
@@ -318,7 +375,14 @@ def evaluate_run(
     (control_attributes is an int: how many attributes `control` averages.)
     Definitions and reductions: the module docstring.
     """
-    from toolkit.classifier import AttributeClassifier, check_image_size, classifier_accuracy, columns_for, load_classifier, reliable_attributes
+    from toolkit.classifier import (
+        AttributeClassifier,
+        check_image_size,
+        classifier_accuracy,
+        columns_for,
+        load_classifier,
+        reliable_attributes,
+    )
     from toolkit.data.stream import read_manifest
     from toolkit.model import load_model
 
@@ -331,9 +395,13 @@ def evaluate_run(
     shards = str(shards) if shards else run_shards(run_dir)
     manifest = read_manifest(shards, split)
     if list(manifest["attributes"]) != list(model.spec.attributes):
-        raise UserError(f"{shards} ({split}) has other attributes than the model of {run_dir}; pass the shards it was trained on with --shards")
+        raise UserError(
+            f"{shards} ({split}) has other attributes than the model of {run_dir}; pass the shards it was trained on with --shards"
+        )
     if tuple(manifest["image_size"]) != tuple(model.spec.image_size):
-        raise UserError(f"{shards} ({split}) has {tuple(manifest['image_size'])} images, the model {tuple(model.spec.image_size)}")
+        raise UserError(
+            f"{shards} ({split}) has {tuple(manifest['image_size'])} images, the model {tuple(model.spec.image_size)}"
+        )
     extra = model.spec.extra or {}
 
     metrics: dict = dict(reconstruction_metrics(model, shards, split, device, batch_size, seed=seed))
@@ -356,7 +424,9 @@ def evaluate_run(
     metrics.update({key: None for key in CLASSIFIER_METRICS})
     if classifier is not None:
         results = {
-            "generated": attribute_accuracy(classifier, model, shards, split, seed, False, device, batch_size, vectors),
+            "generated": attribute_accuracy(
+                classifier, model, shards, split, seed, False, device, batch_size, vectors
+            ),
             "floor": attribute_accuracy(classifier, model, shards, split, seed, True, device, batch_size, vectors),
             "real": classifier_accuracy(classifier, shards, split, str(device), batch_size),
         }
@@ -381,11 +451,23 @@ def evaluate_run(
         metrics["control_attributes"] = len(trusted)
 
     report = {
-        "run_dir": str(run_dir), "split": split, "shards": shards, "recipe": extra.get("recipe"), "step": extra.get("step"),
-        "beta": extra.get("beta"), "seed": seed, "classifier": str(classifier_dir) if classifier_dir else None,
-        "metrics": metrics, "per_attribute": per_attribute, "control": control,
-        "settings": {"batch_size": batch_size, "diversity_samples": diversity_samples, "diversity_conditions": min(diversity_conditions, len(vectors)),
-                     "control_conditions": min(control_conditions, len(vectors))},
+        "run_dir": str(run_dir),
+        "split": split,
+        "shards": shards,
+        "recipe": extra.get("recipe"),
+        "step": extra.get("step"),
+        "beta": extra.get("beta"),
+        "seed": seed,
+        "classifier": str(classifier_dir) if classifier_dir else None,
+        "metrics": metrics,
+        "per_attribute": per_attribute,
+        "control": control,
+        "settings": {
+            "batch_size": batch_size,
+            "diversity_samples": diversity_samples,
+            "diversity_conditions": min(diversity_conditions, len(vectors)),
+            "control_conditions": min(control_conditions, len(vectors)),
+        },
     }
     if write:
         write_json_atomic(run_dir / METRICS_FILE, report)

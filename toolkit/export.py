@@ -60,8 +60,16 @@ import torch
 
 import toolkit
 from toolkit.atomic import atomic_path, check_output, describe_os_error
+from toolkit.contract import (
+    ENCODER_FORMAT,
+    FLOAT_OUTPUT,
+    FORMAT_VERSION,
+    UINT8_OUTPUT,
+    encoder_beside,
+    encoder_outputs,
+    preprocessing_dict,
+)
 from toolkit.errors import UserError, one_line
-from toolkit.contract import ENCODER_FORMAT, FLOAT_OUTPUT, FORMAT_VERSION, UINT8_OUTPUT, encoder_beside, encoder_outputs, preprocessing_dict
 from toolkit.model import CVAE, WEIGHTS, load_model
 from toolkit.sampler import to_uint8
 
@@ -89,7 +97,9 @@ class SamplerGraph(torch.nn.Module):
         self.uint8 = uint8
         self.dtype = next(model.parameters()).dtype
 
-    def forward(self, attributes: torch.Tensor, noise: torch.Tensor, temperature: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, attributes: torch.Tensor, noise: torch.Tensor, temperature: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.dtype != torch.float32:
             attributes, noise = attributes.to(self.dtype), noise.to(self.dtype)
             if temperature is not None:
@@ -124,7 +134,9 @@ class EncoderGraph(torch.nn.Module):
             weight = model.encoder.conv1.weight.detach()  # [O, 3 + A, 3, 3]
             out_channels, kernel = weight.shape[0], weight.shape[-2:]
             height, width = model.spec.image_size
-            self.register_buffer("taps", weight[:, 3:].permute(1, 0, 2, 3).reshape(weight.shape[1] - 3, -1).contiguous())
+            self.register_buffer(
+                "taps", weight[:, 3:].permute(1, 0, 2, 3).reshape(weight.shape[1] - 3, -1).contiguous()
+            )
             one_hot = torch.zeros(kernel.numel(), 1, kernel[0], kernel[1])
             one_hot.view(kernel.numel(), -1).fill_diagonal_(1.0)
             # mask t: where tap t of the kernel lands inside the image (conv of a map of ones with a one-hot kernel)
@@ -197,17 +209,21 @@ def metadata(
     }
 
 
-def encoder_metadata(model: CVAE, preprocessing: dict, *, weights: str | None = None, opset: int = OPSET) -> dict[str, str]:
+def encoder_metadata(
+    model: CVAE, preprocessing: dict, *, weights: str | None = None, opset: int = OPSET
+) -> dict[str, str]:
     """The encoder file's metadata_props: the decoder's (fp32), format encoder/1, its own inputs and
     outputs, and `preprocessing` (toolkit.contract.preprocessing_dict)."""
     meta = metadata(model, weights=weights, opset=opset)
-    meta.update({
-        "cvae_tk.format": ENCODER_FORMAT,
-        "output": "mean",
-        "inputs": json.dumps(["images", "attributes"]),
-        "outputs": json.dumps(list(encoder_outputs(model.spec.prior))),
-        "preprocessing": json.dumps(preprocessing),
-    })
+    meta.update(
+        {
+            "cvae_tk.format": ENCODER_FORMAT,
+            "output": "mean",
+            "inputs": json.dumps(["images", "attributes"]),
+            "outputs": json.dumps(list(encoder_outputs(model.spec.prior))),
+            "preprocessing": json.dumps(preprocessing),
+        }
+    )
     return meta
 
 
@@ -249,7 +265,9 @@ def _export_program(graph, example: tuple, names: list[str], outputs: list[str],
     proto = program.model_proto
     produced = next((entry.version for entry in proto.opset_import if entry.domain in ("", "ai.onnx")), None)
     if produced != opset:
-        raise UserError(f"ONNX opset {opset} was asked for, but the exporter could only produce opset {produced}; try --opset {OPSET}")
+        raise UserError(
+            f"ONNX opset {opset} was asked for, but the exporter could only produce opset {produced}; try --opset {OPSET}"
+        )
     initializers = {init.name for init in proto.graph.initializer}
     found = [value.name for value in proto.graph.input if value.name not in initializers]
     if found != names:
@@ -266,10 +284,19 @@ def encoder_to_onnx(model: CVAE, preprocessing: dict, opset: int = OPSET, *, wei
         weights = weights_sha256(model)
     spec = model.spec
     height, width = spec.image_size
-    example = (torch.rand(2, 3, height, width), (torch.rand(2, spec.num_attributes) > 0.5).float())  # batch >= 2: a dynamic dim
+    example = (
+        torch.rand(2, 3, height, width),
+        (torch.rand(2, spec.num_attributes) > 0.5).float(),
+    )  # batch >= 2: a dynamic dim
     batch = torch.export.Dim("batch")
-    proto = _export_program(EncoderGraph(model).eval(), example, ["images", "attributes"], list(encoder_outputs(spec.prior)),
-                            {"images": {0: batch}, "attributes": {0: batch}}, opset)
+    proto = _export_program(
+        EncoderGraph(model).eval(),
+        example,
+        ["images", "attributes"],
+        list(encoder_outputs(spec.prior)),
+        {"images": {0: batch}, "attributes": {0: batch}},
+        opset,
+    )
     _finish(proto, encoder_metadata(model, preprocessing, weights=weights, opset=opset))
     check_contract("the exported encoder", proto)
     return proto.SerializeToString()
@@ -301,7 +328,10 @@ def to_onnx(
         example.append(torch.full((1,), PARITY_TEMPERATURE))
         dynamic_shapes["temperature"] = None  # static [1]
     proto = _export_program(graph, tuple(example), names, ["images"], dynamic_shapes, opset)
-    _finish(proto, metadata(model, fp16=fp16, uint8=uint8, temperature_input=temperature_input, weights=weights, opset=opset))
+    _finish(
+        proto,
+        metadata(model, fp16=fp16, uint8=uint8, temperature_input=temperature_input, weights=weights, opset=opset),
+    )
     check_contract("the exported graph", proto)  # what every reader checks, so a file no reader takes is never written
     return proto.SerializeToString()
 
@@ -322,7 +352,9 @@ def check_out(out: Path) -> None:
     folder, a path under a file, a folder that is not writable) or that is not named .onnx."""
     check_output(out)
     if out.suffix.lower() != ".onnx":
-        raise UserError(f"cannot write {out}: expected a file name ending in .onnx, got {out.suffix or 'no extension'!r}")
+        raise UserError(
+            f"cannot write {out}: expected a file name ending in .onnx, got {out.suffix or 'no extension'!r}"
+        )
 
 
 def _check_session(onnx_bytes: bytes):
@@ -334,11 +366,15 @@ def _check_session(onnx_bytes: bytes):
         return ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     except Exception as error:
         message = one_line(error)
-        message = message[message.find("ONNX Runtime only"):] if "ONNX Runtime only" in message else message
-        raise UserError(f"ONNX Runtime {ort.__version__} cannot load the exported graph, so it cannot be checked: {message}") from None
+        message = message[message.find("ONNX Runtime only") :] if "ONNX Runtime only" in message else message
+        raise UserError(
+            f"ONNX Runtime {ort.__version__} cannot load the exported graph, so it cannot be checked: {message}"
+        ) from None
 
 
-def parity_error(model: CVAE, onnx_bytes: bytes, batch_sizes=PARITY_BATCHES, seed: int = 0, temperatures=None) -> float:
+def parity_error(
+    model: CVAE, onnx_bytes: bytes, batch_sizes=PARITY_BATCHES, seed: int = 0, temperatures=None
+) -> float:
     """Worst difference between ONNX Runtime (CPU provider) and the fp32 PyTorch `model` over the
     given batch sizes: max abs difference for a float output, grey levels from the quantized PyTorch
     output for a uint8 one. A graph with a `temperature` input is run at each of `temperatures`
@@ -368,7 +404,9 @@ def parity_error(model: CVAE, onnx_bytes: bytes, batch_sizes=PARITY_BATCHES, see
             if got.shape != expected.shape:
                 raise RuntimeError(f"ONNX output shape {got.shape} != PyTorch {expected.shape} at batch {size}")
             if not np.isfinite(expected).all():  # max() would skip a NaN: a broken model must never pass
-                raise UserError("the model's images hold NaN or infinite values (are its weights finite?); nothing was written")
+                raise UserError(
+                    "the model's images hold NaN or infinite values (are its weights finite?); nothing was written"
+                )
             error = np.abs(got - expected).max()
             worst = max(worst, float(error) if np.isfinite(error) else float("inf"))
     return worst
@@ -391,9 +429,13 @@ def encoder_parity_error(model: CVAE, onnx_bytes: bytes, batch_sizes=PARITY_BATC
         got = session.run(names, {"images": images.numpy(), "attributes": attributes.numpy()})
         for name, ours, theirs in zip(names, got, expected):
             if ours.shape != theirs.shape:
-                raise RuntimeError(f"ONNX encoder output {name} has shape {ours.shape}, PyTorch {theirs.shape} at batch {size}")
+                raise RuntimeError(
+                    f"ONNX encoder output {name} has shape {ours.shape}, PyTorch {theirs.shape} at batch {size}"
+                )
             if not np.isfinite(theirs).all():
-                raise UserError(f"the model's encoder gives NaN or infinite values for '{name}' (are its weights finite?); nothing was written")
+                raise UserError(
+                    f"the model's encoder gives NaN or infinite values for '{name}' (are its weights finite?); nothing was written"
+                )
             error = np.abs(ours - theirs).max()
             worst = max(worst, float(error) if np.isfinite(error) else float("inf"))
     return worst
@@ -411,16 +453,22 @@ def run_preprocessing(run_dir: str | Path, image_size, shards: str | Path | None
         shards = str(shards) if shards is not None else run_shards(run_dir)
         manifest = read_manifest(shards, "train")
     except UserError as error:
-        raise UserError(f"cannot state how the encoder's images are prepared (the crop and size the shards were built with): "
-                        f"{error}; nothing was written") from None
+        raise UserError(
+            f"cannot state how the encoder's images are prepared (the crop and size the shards were built with): "
+            f"{error}; nothing was written"
+        ) from None
     build = manifest.get("build") if isinstance(manifest.get("build"), dict) else {}
     image = build.get("image") if isinstance(build.get("image"), dict) else {}
-    crop = image.get("crop") if isinstance(image.get("crop"), int) and not isinstance(image.get("crop"), bool) else None
+    crop = (
+        image.get("crop") if isinstance(image.get("crop"), int) and not isinstance(image.get("crop"), bool) else None
+    )
     if build.get("bbox_crop"):
         crop = "bbox"  # a box per image from the data set's own files: the client must crop the photo
     if manifest.get("image_size") not in (None, list(image_size)):
-        raise UserError(f"the run's shards ({shards}) hold {manifest['image_size']} images, the model {list(image_size)}: "
-                        f"they are not the shards it was trained on; nothing was written")
+        raise UserError(
+            f"the run's shards ({shards}) hold {manifest['image_size']} images, the model {list(image_size)}: "
+            f"they are not the shards it was trained on; nothing was written"
+        )
     return preprocessing_dict(crop, image_size)
 
 
@@ -451,7 +499,9 @@ def parity_passes(error: float, fp16: bool = False, uint8: bool = False) -> bool
     return error <= limit if uint8 else error < limit
 
 
-def default_path(run_dir: str | Path, fp16: bool = False, uint8: bool = False, temperature_input: bool = False) -> Path:
+def default_path(
+    run_dir: str | Path, fp16: bool = False, uint8: bool = False, temperature_input: bool = False
+) -> Path:
     """export/<run name>.onnx, with -fp16 / -uint8 / -temperature for the variants (so a variant
     never replaces the plain export)."""
     tags = [tag for tag, on in (("fp16", fp16), ("uint8", uint8), ("temperature", temperature_input)) if on]
@@ -507,7 +557,9 @@ def export_onnx(
             f"parity check: {measure} = {error:.3g} (limit {limit:g}, batches {PARITY_BATCHES}{temperatures}); nothing was written"
         )
     if _sha256_of(weights_file) != weights:
-        raise UserError(f"{weights_file} changed while it was being exported (is a training run writing it?); nothing was written")
+        raise UserError(
+            f"{weights_file} changed while it was being exported (is a training run writing it?); nothing was written"
+        )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _write(out, onnx_bytes, encoder_path(out) if encoder else None, encoder_bytes)

@@ -80,8 +80,15 @@ def labelled_grid(rows: list[torch.Tensor], labels: list[str], scale: int = 1):
             if scale != 1:
                 tile = tile.resize((cell_w, cell_h), Image.NEAREST)
             canvas.paste(tile, (label_w + PAD + c * (cell_w + PAD), top))
-    layout = {"rows": len(rows), "columns": columns, "labels": list(labels), "image_size": [int(height), int(width)],
-              "scale": scale, "label_width": label_w, "size": list(size)}
+    layout = {
+        "rows": len(rows),
+        "columns": columns,
+        "labels": list(labels),
+        "image_size": [int(height), int(width)],
+        "scale": scale,
+        "label_width": label_w,
+        "size": list(size),
+    }
     return canvas, layout
 
 
@@ -92,7 +99,9 @@ def _first(models: dict):
 
 
 def is_one_hot(vectors: torch.Tensor) -> bool:
-    return bool(len(vectors)) and bool(((vectors == 0) | (vectors == 1)).all()) and bool((vectors.sum(dim=1) == 1).all())
+    return (
+        bool(len(vectors)) and bool(((vectors == 0) | (vectors == 1)).all()) and bool((vectors.sum(dim=1) == 1).all())
+    )
 
 
 def split_classes(shards, num_attributes: int, limit: int, split: str = "test", **stream) -> list[int] | None:
@@ -163,7 +172,10 @@ def reconstruction_figure(models: dict, shards, count: int = COLUMNS):
 
 
 def attribute_rows(
-    base: torch.Tensor, names: list[str], only: list[str] | None = None, frequencies: torch.Tensor | None = None,
+    base: torch.Tensor,
+    names: list[str],
+    only: list[str] | None = None,
+    frequencies: torch.Tensor | None = None,
     classes: list[int] | None = None,
 ) -> tuple[torch.Tensor, list[str], str]:
     """Figure 5's conditions: the base vector, then one change per row. One-hot data (a class label):
@@ -179,11 +191,15 @@ def attribute_rows(
         if unknown:
             from toolkit.errors import UserError
 
-            raise UserError(f"Figure 5: unknown attribute(s) {', '.join(unknown)}; the model has {', '.join(names[:8])}{'...' if len(names) > 8 else ''}")
+            raise UserError(
+                f"Figure 5: unknown attribute(s) {', '.join(unknown)}; the model has {', '.join(names[:8])}{'...' if len(names) > 8 else ''}"
+            )
     if is_one_hot(base[None]) and (len(names) <= ONE_HOT_LIMIT or classes is not None):
         active = int(base.argmax())
         vectors, labels = [base], [f"base: {names[active]}"]
-        for index in (names.index(n) for n in only) if only else (classes if classes is not None else range(len(names))):
+        for index in (
+            (names.index(n) for n in only) if only else (classes if classes is not None else range(len(names)))
+        ):
             if index != active:
                 vectors.append(torch.nn.functional.one_hot(torch.tensor(index), len(names)).float())
                 labels.append(f"-> {names[index]}")
@@ -197,7 +213,14 @@ def attribute_rows(
         chosen = sorted(sorted(range(len(names)), key=lambda i: (balance[i], i))[:EDIT_LIMIT])
     present = [names[i] for i in range(len(names)) if base[i] > 0.5]
     vectors = [base]
-    labels = ["base: " + (", ".join(present[:2]) + (f" +{len(present) - 2}" if len(present) > 2 else "") if present else "no attributes")]
+    labels = [
+        "base: "
+        + (
+            ", ".join(present[:2]) + (f" +{len(present) - 2}" if len(present) > 2 else "")
+            if present
+            else "no attributes"
+        )
+    ]
     for index in chosen:
         vector = base.clone()
         vector[index] = 0.0 if base[index] > 0.5 else 1.0

@@ -49,14 +49,31 @@ BACKGROUND = (255, 255, 255)  # what transparent pixels show: a browser page's d
 
 # What Pillow's plugins raise on malformed data (open() turns some into UnidentifiedImageError,
 # load() does not): one ImageError for all, so a hostile file is a skipped image, never a crash.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, EOFError, IndexError, KeyError,
-                  struct.error, ZeroDivisionError, OverflowError, Image.DecompressionBombError)
+_DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    TypeError,
+    EOFError,
+    IndexError,
+    KeyError,
+    struct.error,
+    ZeroDivisionError,
+    OverflowError,
+    Image.DecompressionBombError,
+)
 _HIGH_DEPTH = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 # EXIF orientation -> the transpose that shows the image upright (as in ImageOps.exif_transpose)
-_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-              8: Image.Transpose.ROTATE_90}
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 _ICC_SPACE = {"RGB ": "RGB", "GRAY": "L", "CMYK": "CMYK"}  # profile colour space -> Pillow mode it fits
 
 
@@ -86,10 +103,14 @@ def open_file(path: str | Path) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(path)
     except UnidentifiedImageError:  # Pillow's text repeats the path
-        raise ImageError("cannot identify the image format (not an image file, or one Pillow has no reader for)") from None
+        raise ImageError(
+            "cannot identify the image format (not an image file, or one Pillow has no reader for)"
+        ) from None
     except Image.DecompressionBombError:
-        raise ImageError(f"declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels, the most Pillow decodes "
-                         "(a decompression bomb, or an image far too big)") from None
+        raise ImageError(
+            f"declares more than {2 * Image.MAX_IMAGE_PIXELS} pixels, the most Pillow decodes "
+            "(a decompression bomb, or an image far too big)"
+        ) from None
     except _DECODE_ERRORS as error:
         raise ImageError(_reason(error)) from None
 
@@ -198,8 +219,12 @@ def open_image(path: str | Path) -> Image.Image:
 def _shows_as_stored(image: Image.Image) -> bool:
     """Whether a plain decoder (`Image.open(data).convert("RGB")`, as the shard reader does) gives
     what a viewer shows: no orientation, no profile, no transparency, no deep or CMYK pixels."""
-    return (image.mode in ("1", "L", "P", "RGB") and "transparency" not in image.info
-            and _orientation(image) == 1 and not image.info.get("icc_profile"))
+    return (
+        image.mode in ("1", "L", "P", "RGB")
+        and "transparency" not in image.info
+        and _orientation(image) == 1
+        and not image.info.get("icc_profile")
+    )
 
 
 def original_bytes(path: str | Path, quality: int = 95) -> tuple[bytes, str, tuple[int, int]]:

@@ -32,7 +32,11 @@ def _dtype(elem_type: int) -> str:
     try:
         return helper.tensor_dtype_to_np_dtype(elem_type).name  # float32, float16, uint8...
     except Exception:
-        return TensorProto.DataType.Name(elem_type).lower() if elem_type in TensorProto.DataType.values() else f"type {elem_type}"
+        return (
+            TensorProto.DataType.Name(elem_type).lower()
+            if elem_type in TensorProto.DataType.values()
+            else f"type {elem_type}"
+        )
 
 
 def _value(value_info) -> str:
@@ -80,11 +84,15 @@ def check_contract(path, proto) -> Contract | EncoderContract:
         inferred = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
     except Exception as error:  # InferenceError, or a ValidationError for a graph onnx cannot read
         message = one_line(error).replace("[ShapeInferenceError] Inference error(s): ", "")
-        raise UserError(f"{path}: the graph computes other types or shapes than it declares: {message[:300]}") from None
+        raise UserError(
+            f"{path}: the graph computes other types or shapes than it declares: {message[:300]}"
+        ) from None
     initializers = {init.name for init in inferred.graph.initializer}
     inputs = [_tensor(value) for value in inferred.graph.input if value.name not in initializers]
     meta = {entry.key: entry.value for entry in proto.metadata_props}
-    encoder = str(meta.get("cvae_tk.format", "")).startswith(ENCODER_FORMAT.split("/")[0] + "/")  # any version: its reader says which it takes
+    encoder = str(meta.get("cvae_tk.format", "")).startswith(
+        ENCODER_FORMAT.split("/")[0] + "/"
+    )  # any version: its reader says which it takes
     read = read_encoder_contract if encoder else read_contract
     return read(path, meta, inputs, [_tensor(value) for value in inferred.graph.output])
 

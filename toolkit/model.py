@@ -76,7 +76,9 @@ def _check_options(arch: str, options: Mapping) -> dict[str, int]:
     resolved = arch_options(arch, options)
     for key, value in resolved.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserError(f"bad value for model option '{key}' of model.arch={arch}: expected a positive integer, got {value!r}")
+            raise UserError(
+                f"bad value for model option '{key}' of model.arch={arch}: expected a positive integer, got {value!r}"
+            )
     return resolved
 
 
@@ -164,7 +166,9 @@ class ResBlock(nn.Module):
         self.film = nn.Linear(embed_dim, 2 * channels_out)
         self.norm2 = nn.GroupNorm(_groups(channels_out), channels_out)
         self.conv2 = nn.Conv2d(channels_out, channels_out, kernel_size=3, padding=1)
-        self.skip = nn.Conv2d(channels_in, channels_out, kernel_size=1) if channels_in != channels_out else nn.Identity()
+        self.skip = (
+            nn.Conv2d(channels_in, channels_out, kernel_size=1) if channels_in != channels_out else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -196,7 +200,15 @@ class ResNetEncoder(nn.Module):
     """q(z | x, y): conv3x3 stem, then per level a ResBlock and a stride-2 conv3x3, then GroupNorm-SiLU
     and linear heads for mu and log-variance from the (C, H / 2**levels, W / 2**levels) features."""
 
-    def __init__(self, num_attributes: int, image_size: tuple[int, int], latent_dim: int, width: int, levels: int, embed_dim: int):
+    def __init__(
+        self,
+        num_attributes: int,
+        image_size: tuple[int, int],
+        latent_dim: int,
+        width: int,
+        levels: int,
+        embed_dim: int,
+    ):
         super().__init__()
         channels = resnet_channels(width, levels)
         self.embed = _embedding(num_attributes, embed_dim)
@@ -226,7 +238,15 @@ class ResNetDecoder(nn.Module):
     """p(y | x, z): [z, embedding] -> linear -> (C, H / 2**levels, W / 2**levels), then per level
     (deepest first) nearest 2x upsampling + conv3x3 and a ResBlock, then GroupNorm-SiLU-conv3x3 -> sigmoid."""
 
-    def __init__(self, num_attributes: int, image_size: tuple[int, int], latent_dim: int, width: int, levels: int, embed_dim: int):
+    def __init__(
+        self,
+        num_attributes: int,
+        image_size: tuple[int, int],
+        latent_dim: int,
+        width: int,
+        levels: int,
+        embed_dim: int,
+    ):
         super().__init__()
         channels = resnet_channels(width, levels)[::-1]
         self.grid = (channels[0], image_size[0] >> levels, image_size[1] >> levels)
@@ -279,7 +299,9 @@ class CVAE(nn.Module):
         args = (spec.num_attributes, size, spec.latent_dim)
         if spec.arch == "paper":
             if min(size) < 4:
-                raise UserError(f"image size {size} is too small: the paper model pools twice, so both sides must be >= 4")
+                raise UserError(
+                    f"image size {size} is too small: the paper model pools twice, so both sides must be >= 4"
+                )
             self.encoder = PaperEncoder(*args)
             self.decoder = PaperDecoder(*args)
         else:
@@ -313,7 +335,9 @@ class CVAE(nn.Module):
         """(mu_p, logvar_p) of the learned prior p(z | x), or None when the prior is N(0, I)."""
         return None if self.prior_net is None else self.prior_net(attributes)
 
-    def generate(self, attributes: torch.Tensor, noise: torch.Tensor, temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
+    def generate(
+        self, attributes: torch.Tensor, noise: torch.Tensor, temperature: torch.Tensor | float = 1.0
+    ) -> torch.Tensor:
         """Decode z drawn from the prior, given standard normal `noise`: z = noise * t for N(0, I),
         z = mu_p + exp(0.5 * logvar_p) * noise * t for the learned prior. The graph that export ships.
 
@@ -340,7 +364,6 @@ def init_weights(module: nn.Module) -> None:
 # --- saving and loading: safetensors + config.json, never pickle ---------------------------------
 
 
-
 def save_model(model: CVAE, folder: str | Path) -> None:
     """Write fp32 weights and config.json into `folder`, each through a temporary name."""
     folder = Path(folder)
@@ -355,14 +378,21 @@ def _no_final_model(folder: Path, missing: Path) -> UserError:
     """The error for a run folder without its final model, saying how to get one from a checkpoint."""
     checkpoints = sorted(folder.glob("checkpoints/checkpoint-*/trainer_state.json"), key=lambda p: p.stat().st_mtime)
     if not checkpoints:
-        return UserError(f"{folder} is not a trained run: expected {missing} (written by `cvae-tk train` when it finishes)")
+        return UserError(
+            f"{folder} is not a trained run: expected {missing} (written by `cvae-tk train` when it finishes)"
+        )
     newest = checkpoints[-1].parent
     step = newest.name.rsplit("-", 1)[-1]
     recipe = folder / RECIPE
-    how = (f"`cvae-tk train recipe={recipe} run_dir={folder} resume=latest max_steps={step}` writes it from there"
-           if recipe.is_file() else "finish the training with resume=latest, which writes it")
-    return UserError(f"{folder} has no final model ({missing.name} is missing: the training did not finish); "
-                     f"its newest checkpoint is {newest}: {how}")
+    how = (
+        f"`cvae-tk train recipe={recipe} run_dir={folder} resume=latest max_steps={step}` writes it from there"
+        if recipe.is_file()
+        else "finish the training with resume=latest, which writes it"
+    )
+    return UserError(
+        f"{folder} has no final model ({missing.name} is missing: the training did not finish); "
+        f"its newest checkpoint is {newest}: {how}"
+    )
 
 
 def _config_error(path: Path, expected: str, found) -> UserError:
@@ -383,21 +413,34 @@ def read_spec(folder: str | Path) -> ModelSpec:
     except OSError as error:
         raise UserError(f"cannot read {path}: {error.strerror or one_line(error)}") from None
     if not isinstance(raw, dict):
-        raise _config_error(path, "expected a JSON object with attributes, image_size and latent_dim (a cvae-tk model config)", raw)
+        raise _config_error(
+            path, "expected a JSON object with attributes, image_size and latent_dim (a cvae-tk model config)", raw
+        )
     missing = [key for key in ("attributes", "image_size", "latent_dim") if key not in raw]
     if missing:
         raise UserError(f"{path} is not a cvae-tk model config: it has no {', '.join(missing)}")
     attributes, size, latent = raw["attributes"], raw["image_size"], raw["latent_dim"]
-    if not isinstance(attributes, list) or not attributes or not all(isinstance(a, str) and a.strip() for a in attributes):
+    if (
+        not isinstance(attributes, list)
+        or not attributes
+        or not all(isinstance(a, str) and a.strip() for a in attributes)
+    ):
         raise _config_error(path, "'attributes' must be a non-empty list of names", attributes)
     repeated = sorted({name for name in attributes if attributes.count(name) > 1})
     if repeated:
-        raise UserError(f"{path}: 'attributes' must be distinct names, but {', '.join(map(repr, repeated[:5]))} appear(s) more than once")
+        raise UserError(
+            f"{path}: 'attributes' must be distinct names, but {', '.join(map(repr, repeated[:5]))} appear(s) more than once"
+        )
     if not isinstance(size, list) or len(size) != 2 or not all(type(side) is int and side >= 1 for side in size):
         raise _config_error(path, "'image_size' must be [height, width], two positive integers", size)
     if type(latent) is not int or latent < 1:
         raise _config_error(path, "'latent_dim' must be a positive integer", latent)
-    for key, kind, default in (("arch", str, "paper"), ("prior", str, "standard"), ("options", dict, {}), ("extra", dict, {})):
+    for key, kind, default in (
+        ("arch", str, "paper"),
+        ("prior", str, "standard"),
+        ("options", dict, {}),
+        ("extra", dict, {}),
+    ):
         if not isinstance(raw.get(key, default), kind):
             raise _config_error(path, f"'{key}' must be a {'string' if kind is str else 'JSON object'}", raw[key])
     return ModelSpec(
@@ -429,8 +472,12 @@ def check_model_fits(spec: ModelSpec, where, shapes: dict | None = None) -> None
 
     shapes = expected_shapes(spec) if shapes is None else shapes
     count = 2**63 if shapes is None else sum(math.prod(shape) for shape in shapes.values())
-    check_fits(2 * 4 * count, f"the model of {where} ({count:.3g} parameters: image_size {list(spec.image_size)}, "
-               f"latent_dim {spec.latent_dim}, {spec.num_attributes} attributes)", "is that config.json what training wrote?")
+    check_fits(
+        2 * 4 * count,
+        f"the model of {where} ({count:.3g} parameters: image_size {list(spec.image_size)}, "
+        f"latent_dim {spec.latent_dim}, {spec.num_attributes} attributes)",
+        "is that config.json what training wrote?",
+    )
 
 
 def load_model(folder: str | Path) -> CVAE:
@@ -471,6 +518,8 @@ def load_model(folder: str | Path) -> CVAE:
         if not tensor.is_floating_point():
             raise UserError(f"{weights}: tensor {name} is {tensor.dtype}, expected floating-point weights")
         if not torch.isfinite(tensor).all():
-            raise UserError(f"{weights}: tensor {name} holds NaN or infinite values; a model with them generates no images")
+            raise UserError(
+                f"{weights}: tensor {name} holds NaN or infinite values; a model with them generates no images"
+            )
     model.load_state_dict(state)
     return model.eval()

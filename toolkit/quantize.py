@@ -83,7 +83,9 @@ def default_path(fp32_path: str | Path) -> Path:
     return fp32_path.with_name(f"{fp32_path.stem}-int8.onnx")
 
 
-def check_request(run_dir: str | Path, fp32_out: str | Path, fp16: bool = False, classifier: str | Path | None = None) -> Path:
+def check_request(
+    run_dir: str | Path, fp32_out: str | Path, fp16: bool = False, classifier: str | Path | None = None
+) -> Path:
     """What `cvae-tk export --int8` checks before any work: an fp32 export to start from, an int8
     output that can be written, shards to calibrate on, a judge (if given) that knows the shards'
     attributes and image size; returns the int8 output path."""
@@ -119,7 +121,7 @@ def calibration_conditions(shards: str, count: int, seed: int = CALIBRATION_SEED
     if len(vectors) < 2:
         return vectors, vectors
     half = min(count, len(vectors) // 2)
-    return vectors[order[:half]], vectors[order[half:2 * half]]
+    return vectors[order[:half]], vectors[order[half : 2 * half]]
 
 
 def _pick(attributes: np.ndarray, count: int, seed: int) -> np.ndarray:
@@ -141,7 +143,7 @@ def feeds(names: list[str], attributes: np.ndarray, latent_dim: int, batch: int,
     noise = np.random.default_rng(seed).standard_normal((len(attributes), latent_dim), dtype=np.float32)
     batches = []
     for start in range(0, len(attributes), batch):
-        feed = {"attributes": attributes[start:start + batch], "noise": noise[start:start + batch]}
+        feed = {"attributes": attributes[start : start + batch], "noise": noise[start : start + batch]}
         if "temperature" in names:
             feed["temperature"] = np.ones(1, np.float32)
         batches.append(feed)
@@ -196,8 +198,12 @@ def quantize_bytes(fp32_bytes: bytes, calibration: list[dict], per_channel: bool
     logging.disable(logging.WARNING)
     try:
         return _quantize_static(model, calibration, per_channel, excluded)
-    except Exception as error:  # onnxruntime.quantization's own failures: say which tool failed (ours keep their traceback)
-        raise UserError(f"onnxruntime.quantization could not quantize the export: {one_line(error)[:300]}; nothing was written") from None
+    except (
+        Exception
+    ) as error:  # onnxruntime.quantization's own failures: say which tool failed (ours keep their traceback)
+        raise UserError(
+            f"onnxruntime.quantization could not quantize the export: {one_line(error)[:300]}; nothing was written"
+        ) from None
     finally:
         logging.disable(previous)
 
@@ -236,7 +242,9 @@ def _grey(images: np.ndarray) -> np.ndarray:
     return to_uint8(images).astype(np.int16)
 
 
-def parity_levels(fp32_bytes: bytes, int8_bytes: bytes, attributes: np.ndarray, seed: int = PARITY_SEED) -> dict[int, dict]:
+def parity_levels(
+    fp32_bytes: bytes, int8_bytes: bytes, attributes: np.ndarray, seed: int = PARITY_SEED
+) -> dict[int, dict]:
     """Grey-level differences between the int8 and the fp32 file's images on the same inputs:
     PARITY_IMAGES conditions drawn from `attributes` with prior noise (both from `seed`), run at each
     batch size of PARITY_BATCHES; per batch size the mean, 99th percentile and max over every pixel
@@ -255,7 +263,11 @@ def parity_levels(fp32_bytes: bytes, int8_bytes: bytes, attributes: np.ndarray, 
                 raise RuntimeError(f"the int8 graph's images have shape {int8.shape}, the fp32 graph's {fp32.shape}")
             differences.append(np.abs(int8 - fp32).ravel())
         difference = np.concatenate(differences)
-        found[batch] = {"mean": float(difference.mean()), "p99": float(np.percentile(difference, 99)), "max": int(difference.max())}
+        found[batch] = {
+            "mean": float(difference.mean()),
+            "p99": float(np.percentile(difference, 99)),
+            "max": int(difference.max()),
+        }
     return found
 
 
@@ -268,7 +280,9 @@ def limits() -> str:
 
 
 def describe(levels: dict[int, dict]) -> str:
-    return "; ".join(f"batch {b}: mean {v['mean']:.2f}, 99th percentile {v['p99']:.0f}, max {v['max']}" for b, v in levels.items())
+    return "; ".join(
+        f"batch {b}: mean {v['mean']:.2f}, 99th percentile {v['p99']:.0f}, max {v['max']}" for b, v in levels.items()
+    )
 
 
 class OnnxImages:
@@ -285,13 +299,18 @@ class OnnxImages:
         meta = self.session.get_modelmeta().custom_metadata_map
         self.names, latent_dim = _inputs(self.session)
         self.uint8 = meta.get("output") == UINT8_OUTPUT
-        self.spec = SimpleNamespace(attributes=json.loads(meta["attributes"]), image_size=tuple(json.loads(meta["image_size"])),
-                                    latent_dim=latent_dim)
+        self.spec = SimpleNamespace(
+            attributes=json.loads(meta["attributes"]),
+            image_size=tuple(json.loads(meta["image_size"])),
+            latent_dim=latent_dim,
+        )
 
     def generate(self, attributes, noise):
         import torch
 
-        feed = feeds(self.names, attributes.cpu().numpy().astype(np.float32), self.spec.latent_dim, len(attributes), 0)[0]
+        feed = feeds(
+            self.names, attributes.cpu().numpy().astype(np.float32), self.spec.latent_dim, len(attributes), 0
+        )[0]
         feed["noise"] = noise.cpu().numpy().astype(np.float32)
         images = self.session.run(["images"], feed)[0]
         if self.uint8:
@@ -310,8 +329,10 @@ def control_scores(fp32_bytes: bytes, int8_bytes: bytes, classifier_dir: str | P
     files = {"fp32": OnnxImages(fp32_bytes), "int8": OnnxImages(int8_bytes)}
     reliable = reliable_attributes(classifier_accuracy(classifier, shards, "test"))
     if not reliable:
-        raise UserError(f"the classifier {classifier_dir} recognises no attribute reliably on the test images of {shards} "
-                        f"(balanced accuracy >= 0.75 with 5 images each way): it cannot judge control; train it longer or drop --classifier")
+        raise UserError(
+            f"the classifier {classifier_dir} recognises no attribute reliably on the test images of {shards} "
+            f"(balanced accuracy >= 0.75 with 5 images each way): it cannot judge control; train it longer or drop --classifier"
+        )
     vectors = split_attributes(shards, "test")[:CONTROL_CONDITIONS]
     scores = {kind: attribute_control(classifier, model, vectors, names=reliable) for kind, model in files.items()}
     scored = [name for name in reliable if name in scores["fp32"]]
@@ -319,13 +340,16 @@ def control_scores(fp32_bytes: bytes, int8_bytes: bytes, classifier_dir: str | P
         **{kind: sum(scores[kind][name]["control"] for name in scored) / len(scored) for kind in files},
         "attributes": scored,
         "per_attribute": {name: [scores["fp32"][name]["control"], scores["int8"][name]["control"]] for name in scored},
-        "classifier": str(classifier_dir), "conditions": len(vectors),
+        "classifier": str(classifier_dir),
+        "conditions": len(vectors),
     }
 
 
 def describe_control(control: dict) -> str:
-    return (f"control score fp32 {control['fp32']:.3f}, int8 {control['int8']:.3f} over {len(control['attributes'])} reliable "
-            f"attribute(s), {control['conditions']} test conditions (limit: at most {CONTROL_DROP:g} lower)")
+    return (
+        f"control score fp32 {control['fp32']:.3f}, int8 {control['int8']:.3f} over {len(control['attributes'])} reliable "
+        f"attribute(s), {control['conditions']} test conditions (limit: at most {CONTROL_DROP:g} lower)"
+    )
 
 
 def with_metadata(int8_bytes: bytes, fp32_bytes: bytes, quantization: dict) -> bytes:
@@ -372,11 +396,15 @@ def quantize_export(
     fp32_bytes = fp32_path.read_bytes()
     meta = {entry.key: entry.value for entry in onnx.load_from_string(fp32_bytes).metadata_props}
     if meta.get("precision", "fp32") != "fp32":
-        raise UserError(f"{fp32_path} is a {meta['precision']} export: int8 is quantized from an fp32 one (drop --fp16)")
+        raise UserError(
+            f"{fp32_path} is a {meta['precision']} export: int8 is quantized from an fp32 one (drop --fp16)"
+        )
     shards = shards or run_shards(run_dir)
     calibrating, checking = calibration_conditions(shards, samples)
     names, latent_dim = _inputs(ort.InferenceSession(fp32_bytes, providers=["CPUExecutionProvider"]))
-    calibration = feeds(names, _pick(calibrating, samples, CALIBRATION_SEED), latent_dim, CALIBRATION_BATCH, CALIBRATION_SEED)
+    calibration = feeds(
+        names, _pick(calibrating, samples, CALIBRATION_SEED), latent_dim, CALIBRATION_BATCH, CALIBRATION_SEED
+    )
     int8_bytes = quantize_bytes(fp32_bytes, calibration)
     levels = parity_levels(fp32_bytes, int8_bytes, checking)
     if not parity_passes(levels):
@@ -388,12 +416,18 @@ def quantize_export(
     if classifier is not None:
         control = control_scores(fp32_bytes, int8_bytes, classifier, shards)
         if control["int8"] < control["fp32"] - CONTROL_DROP:
-            raise UserError(f"the int8 quantization of {fp32_path} loses attribute control: {describe_control(control)}; "
-                            f"{out} was not written")
+            raise UserError(
+                f"the int8 quantization of {fp32_path} loses attribute control: {describe_control(control)}; "
+                f"{out} was not written"
+            )
     quantization = {
-        "format": "QDQ", "weights": "int8, per channel", "activations": "uint8", "calibration": "MinMax",
+        "format": "QDQ",
+        "weights": "int8, per channel",
+        "activations": "uint8",
+        "calibration": "MinMax",
         "calibration_samples": samples,
-        "calibration_data": "train split attributes + standard normal noise", "seed": CALIBRATION_SEED,
+        "calibration_data": "train split attributes + standard normal noise",
+        "seed": CALIBRATION_SEED,
         "parity_grey_levels": {str(b): v for b, v in levels.items()},
         **({"control": control} if control else {}),
     }

@@ -53,7 +53,9 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
         return max(found)[1] if found else None
     path = Path(resume)
     if checkpoint_step(path) is None:
-        raise UserError(f"resume={resume} is not a complete checkpoint: expected a checkpoint-<step> folder holding {TRAINER_STATE}")
+        raise UserError(
+            f"resume={resume} is not a complete checkpoint: expected a checkpoint-<step> folder holding {TRAINER_STATE}"
+        )
     return path
 
 
@@ -139,8 +141,10 @@ class RunLock:
             holder = None
             try:  # empty for a moment while its taker writes it: only an old one is stale
                 if time.time() - self.path.stat().st_mtime < 10:
-                    raise UserError(f"another training is starting in run_dir={self.path.parent} ({self.path} was just created): "
-                                    "wait for it to end, or choose another run_dir")
+                    raise UserError(
+                        f"another training is starting in run_dir={self.path.parent} ({self.path} was just created): "
+                        "wait for it to end, or choose another run_dir"
+                    )
             except FileNotFoundError:
                 return
         if holder is not None and host != socket.gethostname():
@@ -198,7 +202,9 @@ def claim_run_dir(config: TrainConfig, run_dir: Path, resume_from: Path | None) 
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         tqdm.write(f"overwrite=true: removed the previous run's {_names(ours, 10)} from {run_dir}", file=sys.stderr)
         return
-    checkpoints = sorted((s, p) for p in (run_dir / CHECKPOINTS).glob("checkpoint-*") if (s := checkpoint_step(p)) is not None)
+    checkpoints = sorted(
+        (s, p) for p in (run_dir / CHECKPOINTS).glob("checkpoint-*") if (s := checkpoint_step(p)) is not None
+    )
     finished = (run_dir / "model.safetensors").is_file()
     held = []
     if finished:
@@ -210,7 +216,11 @@ def claim_run_dir(config: TrainConfig, run_dir: Path, resume_from: Path | None) 
         if differ is None:
             held.append(f"a run's files ({_names(ours)}) without its recipe.yaml")
         elif differ:
-            held.append("a run with other settings (" + "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in list(differ.items())[:3]) + ")")
+            held.append(
+                "a run with other settings ("
+                + "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in list(differ.items())[:3])
+                + ")"
+            )
         else:
             return  # this same run, killed before its first checkpoint: start it again
     if resume_from is not None:
@@ -237,4 +247,8 @@ def _differences(run_dir: Path, config: TrainConfig) -> dict | None:
         differ = config_differences(run_dir, config)
     except UserError:
         return None
-    return {k: v for k, v in differ.items() if k not in RESUMABLE_KEYS and k not in ("overwrite", "data.num_workers", "data.record_keys")}
+    return {
+        k: v
+        for k, v in differ.items()
+        if k not in RESUMABLE_KEYS and k not in ("overwrite", "data.num_workers", "data.record_keys")
+    }

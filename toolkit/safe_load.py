@@ -54,8 +54,11 @@ def load_weights_only(path: str | Path, what: str = "checkpoint file"):
         if "Weights only load failed" in text or "WeightsUnpickler" in text:
             called = re.search(r"GLOBAL ([\w.]+)", text)
             detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
-            reason = (f"unpickling it would call {called.group(1)}, which can run code" if called
-                      else f"the weights-only loader stopped at: {detail.group(1).strip() if detail else 'an unsupported instruction'}")
+            reason = (
+                f"unpickling it would call {called.group(1)}, which can run code"
+                if called
+                else f"the weights-only loader stopped at: {detail.group(1).strip() if detail else 'an unsupported instruction'}"
+            )
             raise UserError(
                 f"refusing to load {path}: it is not plain tensors and numbers ({reason}); a {what} is only ever "
                 "loaded as data (torch.load weights_only=True), never unpickled"

@@ -55,7 +55,15 @@ import numpy as np
 import onnxruntime as ort
 
 from toolkit.contract import (  # noqa: F401 (FORMAT, MAX_SIDE, MAX_WIDTH, Tensor: re-exported)
-    FORMAT, MAX_SIDE, MAX_WIDTH, EncoderContract, Tensor, check_pair, encoder_beside, read_contract, read_encoder_contract,
+    FORMAT,
+    MAX_SIDE,
+    MAX_WIDTH,
+    EncoderContract,
+    Tensor,
+    check_pair,
+    encoder_beside,
+    read_contract,
+    read_encoder_contract,
 )
 from toolkit.errors import UserError, one_line
 from toolkit.memory import check_fits, gib
@@ -70,7 +78,7 @@ def _declared(values) -> list[Tensor]:
     names = {"float": "float32", "double": "float64"}
     tensors = []
     for value in values:
-        kind = value.type[len("tensor("):-1] if value.type.startswith("tensor(") else value.type
+        kind = value.type[len("tensor(") : -1] if value.type.startswith("tensor(") else value.type
         tensors.append(Tensor(value.name, names.get(kind, kind), tuple(value.shape)))
     return tensors
 
@@ -111,7 +119,9 @@ class Sampler:
         self.session = self._open(path, device, self.batch_size if cuda_graph else None)
         self.provider = self.session.get_providers()[0]
         meta = self.session.get_modelmeta().custom_metadata_map
-        self.contract = contract = read_contract(path, meta, _declared(self.session.get_inputs()), _declared(self.session.get_outputs()))
+        self.contract = contract = read_contract(
+            path, meta, _declared(self.session.get_inputs()), _declared(self.session.get_outputs())
+        )
         self.attributes: list[str] = list(contract.attributes)
         self.latent_dim = contract.latent_dim
         self.image_size: tuple[int, int] = contract.image_size
@@ -161,7 +171,11 @@ class Sampler:
         """The graph's real output must be what the metadata says (a file can declare one shape and
         compute another; ONNX Runtime only warns)."""
         expected = (rows, *self.contract.image_dims)
-        if not isinstance(output, np.ndarray) or output.dtype != self.contract.output_dtype or output.shape != expected:
+        if (
+            not isinstance(output, np.ndarray)
+            or output.dtype != self.contract.output_dtype
+            or output.shape != expected
+        ):
             got = f"{output.dtype} {list(output.shape)}" if isinstance(output, np.ndarray) else type(output).__name__
             raise UserError(
                 f"{self.path}: the graph returned images of {got}, but its metadata promises "
@@ -172,7 +186,10 @@ class Sampler:
     def _probe(self) -> None:
         """Run the graph once on one condition: what it computes must be what the metadata says,
         before any caller's run (a file's declared shapes may lie)."""
-        feed = {"attributes": np.zeros((1, len(self.attributes)), np.float32), "noise": np.zeros((1, self.latent_dim), np.float32)}
+        feed = {
+            "attributes": np.zeros((1, len(self.attributes)), np.float32),
+            "noise": np.zeros((1, self.latent_dim), np.float32),
+        }
         if self._temperature_input:
             feed["temperature"] = np.ones(1, np.float32)
         quiet = ort.RunOptions()
@@ -180,24 +197,34 @@ class Sampler:
         try:
             (output,) = self.session.run(["images"], feed, quiet)
         except Exception as error:
-            raise UserError(f"{self.path}: the graph does not run on the inputs its metadata describes: {_ort_message(error)}") from None
+            raise UserError(
+                f"{self.path}: the graph does not run on the inputs its metadata describes: {_ort_message(error)}"
+            ) from None
         self._check_output(output, 1)
         if not self._uint8_output:
             low, high = float(np.min(output)), float(np.max(output))
             if not (np.isfinite(low) and np.isfinite(high)):
                 raise UserError(f"{self.path}: the graph's images hold NaN or infinite values (broken weights?)")
             if low < -1e-3 or high > 1 + 1e-3:
-                raise UserError(f"{self.path}: the graph's images range from {low:.3g} to {high:.3g}, but its metadata's value_range is [0, 1]")
+                raise UserError(
+                    f"{self.path}: the graph's images range from {low:.3g} to {high:.3g}, but its metadata's value_range is [0, 1]"
+                )
 
     @staticmethod
-    def _open(path: Path, device: str, graph_batch: int | None = None, prefer_nhwc: bool = False) -> ort.InferenceSession:
+    def _open(
+        path: Path, device: str, graph_batch: int | None = None, prefer_nhwc: bool = False
+    ) -> ort.InferenceSession:
         want_cuda = device == "cuda" or (
             device == "auto" and "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_device_present()
         )
         cuda_options = {"enable_cuda_graph": "1"} if graph_batch else {}
         if prefer_nhwc:
             cuda_options["prefer_nhwc"] = "1"
-        providers = [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"] if want_cuda else ["CPUExecutionProvider"]
+        providers = (
+            [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
+            if want_cuda
+            else ["CPUExecutionProvider"]
+        )
         options = ort.SessionOptions()
         if graph_batch:
             # A graph is recorded for one shape: fixing the batch lets ONNX Runtime fold away every
@@ -248,8 +275,11 @@ class Sampler:
             base = base[0]
         if isinstance(attributes, Mapping):
             return self._from_mapping(attributes, base)[None]
-        if isinstance(attributes, Sequence) and not isinstance(attributes, (str, bytes)) and attributes and all(
-            isinstance(item, Mapping) for item in attributes
+        if (
+            isinstance(attributes, Sequence)
+            and not isinstance(attributes, (str, bytes))
+            and attributes
+            and all(isinstance(item, Mapping) for item in attributes)
         ):
             return np.stack([self._from_mapping(item, base) for item in attributes])
         return self._vectors(attributes)
@@ -261,11 +291,15 @@ class Sampler:
                 raise TypeError(array.dtype)
             array = array.astype(np.float32)
         except (TypeError, ValueError, OverflowError):
-            raise UserError("attributes must be a mapping name -> 0/1, a list of mappings, or an array [N, A] of 0/1") from None
+            raise UserError(
+                "attributes must be a mapping name -> 0/1, a list of mappings, or an array [N, A] of 0/1"
+            ) from None
         if array.ndim == 1:
             array = array[None]
         if array.ndim != 2 or array.shape[1] != len(self.attributes) or array.shape[0] == 0:
-            raise UserError(f"attribute array has shape {array.shape}: expected [N, {len(self.attributes)}] ({len(self.attributes)} attributes)")
+            raise UserError(
+                f"attribute array has shape {array.shape}: expected [N, {len(self.attributes)}] ({len(self.attributes)} attributes)"
+            )
         if not np.isin(array, (0.0, 1.0)).all():
             raise UserError("attribute array values must be 0 or 1")
         return array
@@ -277,15 +311,25 @@ class Sampler:
         (float32 [B, 3, H, W] in [0, 1], or uint8 [B, H, W, 3] for a --uint8 export)."""
         temperature = _temperature(temperature)
         arrays = {}
-        for name, array, width in (("attributes", attributes, len(self.attributes)), ("noise", noise, self.latent_dim)):
-            if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf" or array.ndim != 2 or array.shape[1] != width:
+        for name, array, width in (
+            ("attributes", attributes, len(self.attributes)),
+            ("noise", noise, self.latent_dim),
+        ):
+            if (
+                not isinstance(array, np.ndarray)
+                or array.dtype.kind not in "biuf"
+                or array.ndim != 2
+                or array.shape[1] != width
+            ):
                 what = f"{array.dtype} {list(array.shape)}" if isinstance(array, np.ndarray) else type(array).__name__
                 raise UserError(f"{name} must be a numeric array [B, {width}], got {what}")
             if not np.isfinite(array).all():
                 raise UserError(f"{name} holds NaN or infinite values")
             arrays[name] = array
         if len(attributes) != len(noise) or len(attributes) == 0:
-            raise UserError(f"attributes and noise must have the same number of rows (>= 1), got {len(attributes)} and {len(noise)}")
+            raise UserError(
+                f"attributes and noise must have the same number of rows (>= 1), got {len(attributes)} and {len(noise)}"
+            )
         self._check_result(len(attributes), float_output=not self._uint8_output)
         return np.concatenate(list(self._outputs(arrays["attributes"], arrays["noise"], temperature)))
 
@@ -296,7 +340,9 @@ class Sampler:
         needed = rows * per_row + min(rows, self.batch_size) * height * width * 3 * 5  # + one batch in flight
         what = f"{rows} image(s) of {height}x{width}"
         if needed > MAX_RESULT_BYTES:
-            raise UserError(f"{what} would need {gib(needed)} (limit {gib(MAX_RESULT_BYTES)} per call): ask for fewer, in several calls")
+            raise UserError(
+                f"{what} would need {gib(needed)} (limit {gib(MAX_RESULT_BYTES)} per call): ask for fewer, in several calls"
+            )
         check_fits(needed, what, "ask for fewer images per call, in several calls")
 
     def _outputs(self, attributes: np.ndarray, noise: np.ndarray, temperature: float):
@@ -332,11 +378,16 @@ class Sampler:
             if self._fixed is None:
                 binding = self.session.io_binding()
                 # Own copies: on the CPU an OrtValue wraps the numpy buffer, which later updates overwrite.
-                values = {name: ort.OrtValue.ortvalue_from_numpy(array.copy(), self._device, 0) for name, array in padded.items()}
+                values = {
+                    name: ort.OrtValue.ortvalue_from_numpy(array.copy(), self._device, 0)
+                    for name, array in padded.items()
+                }
                 for name, value in values.items():
                     binding.bind_ortvalue_input(name, value)
                 height, width = self.image_size
-                shape = [self.batch_size, height, width, 3] if self._uint8_output else [self.batch_size, 3, height, width]
+                shape = (
+                    [self.batch_size, height, width, 3] if self._uint8_output else [self.batch_size, 3, height, width]
+                )
                 dtype = np.uint8 if self._uint8_output else np.float32
                 output = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self._device, 0)
                 binding.bind_ortvalue_output("images", output)
@@ -358,7 +409,9 @@ class Sampler:
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 
-    def sample(self, attributes, n: int = 1, seed: int | None = None, temperature: float = 1.0, base=None) -> np.ndarray:
+    def sample(
+        self, attributes, n: int = 1, seed: int | None = None, temperature: float = 1.0, base=None
+    ) -> np.ndarray:
         """`n` images per condition as uint8 [M * n, H, W, 3]."""
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
             raise UserError(f"n must be an integer >= 1, got {n!r}")
@@ -396,18 +449,37 @@ class Sampler:
                 )
             session = self._open(path, "cuda" if self._device == "cuda" else "cpu")
             meta = session.get_modelmeta().custom_metadata_map
-            contract = read_encoder_contract(path, meta, _declared(session.get_inputs()), _declared(session.get_outputs()))
+            contract = read_encoder_contract(
+                path, meta, _declared(session.get_inputs()), _declared(session.get_outputs())
+            )
             check_pair(self.path, self.contract, self.metadata, path, contract)
             height, width = self.image_size
             try:
-                outputs = session.run(list(contract.outputs), {"images": np.zeros((1, 3, height, width), np.float32),
-                                                               "attributes": np.zeros((1, len(self.attributes)), np.float32)})
+                outputs = session.run(
+                    list(contract.outputs),
+                    {
+                        "images": np.zeros((1, 3, height, width), np.float32),
+                        "attributes": np.zeros((1, len(self.attributes)), np.float32),
+                    },
+                )
             except Exception as error:
-                raise UserError(f"{path}: the encoder does not run on the inputs its metadata describes: {_ort_message(error)}") from None
+                raise UserError(
+                    f"{path}: the encoder does not run on the inputs its metadata describes: {_ort_message(error)}"
+                ) from None
             for name, output in zip(contract.outputs, outputs):
-                if not isinstance(output, np.ndarray) or output.dtype != np.float32 or output.shape != (1, self.latent_dim):
-                    got = f"{output.dtype} {list(output.shape)}" if isinstance(output, np.ndarray) else type(output).__name__
-                    raise UserError(f"{path}: the encoder returned {name} of {got}, but its metadata promises float32 [1, {self.latent_dim}]")
+                if (
+                    not isinstance(output, np.ndarray)
+                    or output.dtype != np.float32
+                    or output.shape != (1, self.latent_dim)
+                ):
+                    got = (
+                        f"{output.dtype} {list(output.shape)}"
+                        if isinstance(output, np.ndarray)
+                        else type(output).__name__
+                    )
+                    raise UserError(
+                        f"{path}: the encoder returned {name} of {got}, but its metadata promises float32 [1, {self.latent_dim}]"
+                    )
                 if not np.isfinite(output).all():
                     raise UserError(f"{path}: the encoder's {name} holds NaN or infinite values (broken weights?)")
             self.encoder_contract, self._encoder_session = contract, session
@@ -431,8 +503,14 @@ class Sampler:
         else:
             items = [images]
         if not items:
-            raise UserError("no images given: expected a PIL image, a uint8 array [H, W, 3], a list of them, or uint8 [N, H, W, 3]")
-        check_fits(len(items) * 3 * height * width * 4, f"{len(items)} image(s) prepared at {height}x{width}", "encode fewer images per call")
+            raise UserError(
+                "no images given: expected a PIL image, a uint8 array [H, W, 3], a list of them, or uint8 [N, H, W, 3]"
+            )
+        check_fits(
+            len(items) * 3 * height * width * 4,
+            f"{len(items)} image(s) prepared at {height}x{width}",
+            "encode fewer images per call",
+        )
         batch = np.empty((len(items), 3, height, width), np.float32)
         for index, item in enumerate(items):
             if isinstance(item, Image.Image):
@@ -440,11 +518,19 @@ class Sampler:
                     image = as_viewed(item)
                 except ImageError as error:
                     raise UserError(f"image {index}: {error}") from None
-            elif isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim == 3 and item.shape[2] == 3 and min(item.shape[:2]) >= 1:
+            elif (
+                isinstance(item, np.ndarray)
+                and item.dtype == np.uint8
+                and item.ndim == 3
+                and item.shape[2] == 3
+                and min(item.shape[:2]) >= 1
+            ):
                 image = Image.fromarray(np.ascontiguousarray(item), "RGB")
             else:
                 what = f"{item.dtype} {list(item.shape)}" if isinstance(item, np.ndarray) else type(item).__name__
-                raise UserError(f"image {index} is {what}: expected a PIL image or a uint8 RGB array [H, W, 3] (values 0..255)")
+                raise UserError(
+                    f"image {index} is {what}: expected a PIL image or a uint8 RGB array [H, W, 3] (values 0..255)"
+                )
             box = (0.0, 0.0, float(image.width), float(image.height))
             if isinstance(crop, int):
                 if crop > min(image.size):
@@ -472,8 +558,10 @@ class Sampler:
         session = self._encoder()
         parts = []
         for start in range(0, len(images), self.batch_size):
-            feed = {"images": np.ascontiguousarray(images[start : start + self.batch_size]),
-                    "attributes": np.ascontiguousarray(attributes[start : start + self.batch_size], np.float32)}
+            feed = {
+                "images": np.ascontiguousarray(images[start : start + self.batch_size]),
+                "attributes": np.ascontiguousarray(attributes[start : start + self.batch_size], np.float32),
+            }
             parts.append(session.run(list(names), feed))
         return [np.concatenate([part[i] for part in parts]) for i in range(len(names))]
 
@@ -505,7 +593,9 @@ class Sampler:
         mean, logvar = self._encode_outputs(prepared, before, ["mean", "logvar"])
         z = mean
         if temperature > 0:
-            z = mean + np.float32(temperature) * np.exp(0.5 * logvar) * np.random.default_rng(seed).standard_normal(mean.shape, dtype=np.float32)
+            z = mean + np.float32(temperature) * np.exp(0.5 * logvar) * np.random.default_rng(seed).standard_normal(
+                mean.shape, dtype=np.float32
+            )
         noise = z
         if self.encoder_contract.prior == "learned":  # the decoder computes prior_mean + prior_std * noise: invert it
             prior_mean, prior_logvar = self._encode_outputs(prepared, after, ["prior_mean", "prior_logvar"])
@@ -523,7 +613,11 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def _temperature(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not 0 <= value <= MAX_TEMPERATURE:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.integer, np.floating))
+        or not 0 <= value <= MAX_TEMPERATURE
+    ):
         raise UserError(f"temperature must be a number from 0 to {MAX_TEMPERATURE:g}, got {value!r}")
     return float(value)
 
@@ -532,7 +626,9 @@ def image_grid(images: np.ndarray, columns: int, padding: int = 2, fill: int = 2
     """Tile uint8 images [N, H, W, 3] into one uint8 picture, `columns` per row."""
     count, height, width, channels = images.shape
     rows = -(-count // columns)
-    grid = np.full((rows * (height + padding) + padding, columns * (width + padding) + padding, channels), fill, np.uint8)
+    grid = np.full(
+        (rows * (height + padding) + padding, columns * (width + padding) + padding, channels), fill, np.uint8
+    )
     for index, image in enumerate(images):
         top = padding + (index // columns) * (height + padding)
         left = padding + (index % columns) * (width + padding)

@@ -43,10 +43,22 @@ PAPER_BETAS = (0.25, 0.5, 0.75, 0.9)
 SET_BY_SWEEP = ("beta", "run_dir", "resume")  # the sweep sets these per run
 # Keys that do not change what the first N steps compute: a finished or interrupted run that differs
 # only in these is continued (resume=latest) rather than refused, e.g. a sweep asked for more steps.
-RESUMABLE_KEYS = {"max_steps", "log_every", "sample_every", "eval_every", "checkpoint_every", "checkpoints_total_limit", "max_bad_steps",
-                  "data.max_skipped_fraction",  # a bound that stops a run; the steps it let through are the same
-                  "dist_timeout_s"}  # how long a collective may wait: changes nothing a step computes
-IGNORED_KEYS = {"run_dir", "resume", "overwrite"}  # the same folder by construction; resume and overwrite are how, not what
+RESUMABLE_KEYS = {
+    "max_steps",
+    "log_every",
+    "sample_every",
+    "eval_every",
+    "checkpoint_every",
+    "checkpoints_total_limit",
+    "max_bad_steps",
+    "data.max_skipped_fraction",  # a bound that stops a run; the steps it let through are the same
+    "dist_timeout_s",
+}  # how long a collective may wait: changes nothing a step computes
+IGNORED_KEYS = {
+    "run_dir",
+    "resume",
+    "overwrite",
+}  # the same folder by construction; resume and overwrite are how, not what
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 OUTPUTS = ("table1.md", "table1.csv", "figure3.png", "figure4.png", "figure5.png", "loss_curves.png", "sweep.json")
 TABLE_COLUMNS = [  # (csv name, markdown header, format)
@@ -89,7 +101,9 @@ def parse_betas(value: str) -> list[float]:
         betas.append(float(f"{float(item):g}"))  # 6 significant digits: the folder name beta-<b> holds the exact value
     repeated = sorted({b for b in betas if betas.count(b) > 1})
     if repeated:
-        raise UserError(f"bad value for betas: {', '.join(f'{b:g}' for b in repeated)} given more than once (got betas={value})")
+        raise UserError(
+            f"bad value for betas: {', '.join(f'{b:g}' for b in repeated)} given more than once (got betas={value})"
+        )
     return betas
 
 
@@ -107,7 +121,11 @@ def split_arguments(args: list[str]) -> tuple[list[float], list[str]]:
         elif sep and key in SET_BY_SWEEP:
             raise UserError(
                 f"{key} is set by the sweep for each run ("
-                + {"beta": "use betas=[...]", "run_dir": "use --out DIR", "resume": "finished runs are reused, others resume"}[key]
+                + {
+                    "beta": "use betas=[...]",
+                    "run_dir": "use --out DIR",
+                    "resume": "finished runs are reused, others resume",
+                }[key]
                 + f"); drop {arg}"
             )
         else:
@@ -153,7 +171,9 @@ def config_differences(run_dir: Path, config) -> dict[str, tuple]:
     try:
         saved = _flatten(OmegaConf.to_container(OmegaConf.load(run_dir / RECIPE)))
     except Exception as error:
-        raise UserError(f"{run_dir / 'recipe.yaml'} is not readable: {one_line(error)}; delete {run_dir} to retrain it") from None
+        raise UserError(
+            f"{run_dir / 'recipe.yaml'} is not readable: {one_line(error)}; delete {run_dir} to retrain it"
+        ) from None
     wanted = _flatten(OmegaConf.to_container(OmegaConf.structured(config)))
     defaults = _flatten(OmegaConf.to_container(OmegaConf.structured(TrainConfig())))
     differ = {}
@@ -161,7 +181,9 @@ def config_differences(run_dir: Path, config) -> dict[str, tuple]:
         if key in IGNORED_KEYS:
             continue
         old, new = saved.get(key, defaults.get(key)), wanted.get(key)
-        if old != new and not (isinstance(old, (int, float)) and isinstance(new, (int, float)) and float(old) == float(new)):
+        if old != new and not (
+            isinstance(old, (int, float)) and isinstance(new, (int, float)) and float(old) == float(new)
+        ):
             differ[key] = (old, new)
     return differ
 
@@ -181,8 +203,10 @@ def decide(run_dir: Path, config) -> tuple[str, str]:
         latest = find_checkpoint(run_dir, "latest")
         step = checkpoint_step(latest) if latest else 0
         if step > config.max_steps:
-            raise UserError(f"{run_dir} already has a checkpoint at step {step}, beyond max_steps={config.max_steps}; "
-                            f"delete the folder or sweep into another --out")
+            raise UserError(
+                f"{run_dir} already has a checkpoint at step {step}, beyond max_steps={config.max_steps}; "
+                f"delete the folder or sweep into another --out"
+            )
         changed = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in differ.items())
         return "resume", f"continued from step {step} ({changed})"
     changed = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in list(differ.items())[:4])
@@ -225,12 +249,16 @@ def launcher_prefix(launcher: str | None) -> list[str]:
     except ValueError as error:  # an unmatched quote, a trailing backslash
         raise UserError(f"--launcher {launcher!r} is not a command line: {one_line(error)}") from None
     if not prefix:
-        raise UserError("--launcher is empty: give a command such as \"accelerate launch --multi_gpu\", or leave it out for python")
+        raise UserError(
+            '--launcher is empty: give a command such as "accelerate launch --multi_gpu", or leave it out for python'
+        )
     beside = Path(sys.executable).parent / prefix[0]  # `accelerate` of this environment when it is not activated
     if "/" not in prefix[0] and shutil.which(prefix[0]) is None and beside.is_file():
         prefix[0] = str(beside)
     if shutil.which(prefix[0]) is None:
-        raise UserError(f"--launcher {launcher!r}: no program {prefix[0]!r} found (not on PATH, not beside {sys.executable})")
+        raise UserError(
+            f"--launcher {launcher!r}: no program {prefix[0]!r} found (not on PATH, not beside {sys.executable})"
+        )
     return prefix
 
 
@@ -294,11 +322,15 @@ def evaluation_matches(report: dict, run_dir: Path, classifier: Path | None, ste
     from toolkit.evaluate import CONTROL_CONDITIONS, DIVERSITY_CONDITIONS, DIVERSITY_SAMPLES
 
     path = run_dir / METRICS
-    judged_after = classifier is None or path.stat().st_mtime >= (Path(classifier) / CLASSIFIER_WEIGHTS).stat().st_mtime
+    judged_after = (
+        classifier is None or path.stat().st_mtime >= (Path(classifier) / CLASSIFIER_WEIGHTS).stat().st_mtime
+    )
     return (
         path.stat().st_mtime >= (run_dir / WEIGHTS).stat().st_mtime
         and judged_after  # a classifier retrained in the same folder (e.g. with --hflip) judges again
-        and report.get("split") == "test" and report.get("seed") == 0 and report.get("step") == step
+        and report.get("split") == "test"
+        and report.get("seed") == 0
+        and report.get("step") == step
         and report.get("classifier") == (str(classifier) if classifier else None)
         and report.get("settings", {}).get("diversity_samples") == DIVERSITY_SAMPLES
         and report.get("settings", {}).get("diversity_conditions", 0) <= DIVERSITY_CONDITIONS
@@ -359,7 +391,10 @@ def table_csv(rows: list[dict]) -> str:
 
 def table_markdown(rows: list[dict], caption: str = "") -> str:
     columns = [c for c in TABLE_COLUMNS if c[0] not in OPTIONAL_COLUMNS or any(row[c[0]] is not None for row in rows)]
-    lines = ["| " + " | ".join(header for _, header, _ in columns) + " |", "|" + "|".join("---:" for _ in columns) + "|"]
+    lines = [
+        "| " + " | ".join(header for _, header, _ in columns) + " |",
+        "|" + "|".join("---:" for _ in columns) + "|",
+    ]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row[name], fmt, "-") for name, _, fmt in columns) + " |")
     return "\n".join(lines) + "\n" + (f"\n{caption}\n" if caption else "")
@@ -379,14 +414,19 @@ def table_caption(runs: list[Run], reports: dict, classifier: Path | None) -> st
         f"of each of the first {report['settings']['diversity_conditions']} test attribute vectors. "
     )
     if classifier is None:
-        return text + "No attribute classifier was given, so the accuracy columns are empty (`cvae-tk classifier train recipe=NAME`, then `--classifier`)."
+        return (
+            text
+            + "No attribute classifier was given, so the accuracy columns are empty (`cvae-tk classifier train recipe=NAME`, then `--classifier`)."
+        )
     real = metrics.get("attr_acc_real")
     real_top1 = metrics.get("attr_acc_real_top1")
     return text + (
         f"Attribute accuracy: one prior sample per test attribute vector, judged by the classifier `{classifier}` "
         f"(mean over attributes of present/absent agreement; top-1: arg-max = the requested class, one-hot data only); "
         f"floor: the same images against shuffled vectors (a generator that ignores its condition). "
-        f"The classifier scores {real:.4f}" + (f" (top-1 {real_top1:.4f})" if real_top1 is not None else "") + " on the real test images. "
+        f"The classifier scores {real:.4f}"
+        + (f" (top-1 {real_top1:.4f})" if real_top1 is not None else "")
+        + " on the real test images. "
         + control_caption(report)
     )
 
@@ -403,7 +443,10 @@ def control_caption(report: dict) -> str:
         "set to 1 and to 0 (same noise), the classifier's balanced accuracy at telling the two apart (0.5: no control, 1: full), "
     )
     if not reliable:
-        return text + "averaged over the attributes the classifier recognises reliably on real test images: none here, so the column is empty."
+        return (
+            text
+            + "averaged over the attributes the classifier recognises reliably on real test images: none here, so the column is empty."
+        )
     shown = ", ".join(f"{name} ({per[name]['real_balanced']:.2f})" for name in reliable)
     return text + (
         f"averaged over the {len(reliable)} attribute(s) the classifier recognises reliably on the real test images "
@@ -441,8 +484,14 @@ def resolve_classifier(classifier: str | Path | None, out: Path, recipe: str, sh
 
 
 def run_sweep(
-    args: list[str], out: str | Path | None = None, classifier: str | Path | None = None, launcher: str | None = None,
-    device: str = "auto", figure5_beta: float | None = None, figure5_attributes: list[str] | None = None, log=print,
+    args: list[str],
+    out: str | Path | None = None,
+    classifier: str | Path | None = None,
+    launcher: str | None = None,
+    device: str = "auto",
+    figure5_beta: float | None = None,
+    figure5_attributes: list[str] | None = None,
+    log=print,
 ) -> dict:
     """Train (or reuse) one run per beta, evaluate them, write OUT/{table1.md, table1.csv, figure3.png,
     figure4.png, figure5.png, loss_curves.png, sweep.json}; returns what sweep.json holds."""
@@ -465,9 +514,11 @@ def run_sweep(
         unknown = [name for name in figure5_attributes if name not in manifest["attributes"]]
         if unknown:
             raise UserError(f"--figure5-attributes: unknown attribute(s) {', '.join(unknown)} in {config.data.shards}")
-    log(f"sweep: {config.recipe}, betas {', '.join(f'{b:g}' for b in betas)} -> {out} "
+    log(
+        f"sweep: {config.recipe}, betas {', '.join(f'{b:g}' for b in betas)} -> {out} "
         f"({sum(r.action != 'reuse' for r in runs)} to train, {sum(r.action == 'reuse' for r in runs)} finished); "
-        f"classifier: {classifier or 'none'}")
+        f"classifier: {classifier or 'none'}"
+    )
     out.mkdir(parents=True, exist_ok=True)
 
     train_runs(runs, launcher, log)
@@ -487,9 +538,17 @@ def run_sweep(
         "classifier": str(classifier) if classifier else None,
         "device": device,
         "runs": [
-            {"beta": r.beta, "run_dir": str(r.run_dir), "action": r.action, "reason": r.reason, "train_seconds": r.seconds,
-             "command": shlex.join(training_command(r, launcher)) if r.action != "reuse" else None,
-             "step": reports[r.beta].get("step"), "metrics": reports[r.beta]["metrics"], "control": reports[r.beta].get("control")}
+            {
+                "beta": r.beta,
+                "run_dir": str(r.run_dir),
+                "action": r.action,
+                "reason": r.reason,
+                "train_seconds": r.seconds,
+                "command": shlex.join(training_command(r, launcher)) if r.action != "reuse" else None,
+                "step": reports[r.beta].get("step"),
+                "metrics": reports[r.beta]["metrics"],
+                "control": reports[r.beta].get("control"),
+            }
             for r in runs
         ],
         "table": rows,
@@ -516,8 +575,11 @@ def draw_figures(runs: list[Run], out: Path, shards: str, device: str, edit_beta
     image, layouts["figure5"] = figures.attribute_figure(models[f"beta={edit_beta:g}"], shards, only=edit_attributes)
     layouts["figure5"]["beta"] = edit_beta
     figures.save_png(image, out / "figure5.png")
-    points = figures.loss_curves({f"beta={r.beta:g}": r.run_dir for r in ordered}, out / "loss_curves.png",
-                                 title=f"{runs[0].config.recipe}: training loss per beta")
+    points = figures.loss_curves(
+        {f"beta={r.beta:g}": r.run_dir for r in ordered},
+        out / "loss_curves.png",
+        title=f"{runs[0].config.recipe}: training loss per beta",
+    )
     layouts["loss_curves"] = {"points": points}
     log(f"sweep: figures {', '.join(str(out / name) for name in OUTPUTS[2:6])}")
     return layouts

@@ -39,20 +39,37 @@ from itertools import islice
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
-from torchvision.utils import make_grid, save_image as _save_png
+from torchvision.utils import make_grid
+from torchvision.utils import save_image as _save_png
 from tqdm.auto import tqdm
 
 import toolkit
 from toolkit.atomic import atomic_path, write_text
 from toolkit.config import DataConfig, TrainConfig, load_config, to_yaml
-from toolkit.data.stream import Skips, batches_per_rank, epoch_batches, eval_batches, read_manifest, train_batches, worker_died
+from toolkit.data.stream import (
+    Skips,
+    batches_per_rank,
+    epoch_batches,
+    eval_batches,
+    read_manifest,
+    train_batches,
+    worker_died,
+)
 from toolkit.errors import UserError, one_line
 from toolkit.figures import split_classes
 from toolkit.formats import LOGS, RECIPE, SAMPLES, SAMPLES_GRID, SEEN
 from toolkit.loss import cvae_loss
 from toolkit.model import CVAE, ModelSpec, arch_options, save_model
 from toolkit.run_folder import (  # noqa: F401  (CHECKPOINTS, LOCK, ...: the names tests and callers import from here)
-    CHECKPOINTS, LOCK, RUN_FILES, TRAINER_STATE, RunLock, checkpoint_step, claim_run_dir, find_checkpoint, shards_fingerprint,
+    CHECKPOINTS,
+    LOCK,
+    RUN_FILES,
+    TRAINER_STATE,
+    RunLock,
+    checkpoint_step,
+    claim_run_dir,
+    find_checkpoint,
+    shards_fingerprint,
 )
 from toolkit.safe_load import verify_checkpoint
 
@@ -68,7 +85,9 @@ class TrainingStopped(UserError):
 # --- pictures and metrics --------------------------------------------------------------------
 
 
-def grid_conditions(shards: str, num_attributes: int, max_skipped_fraction: float = DataConfig.max_skipped_fraction) -> torch.Tensor:
+def grid_conditions(
+    shards: str, num_attributes: int, max_skipped_fraction: float = DataConfig.max_skipped_fraction
+) -> torch.Tensor:
     """Rows of the sample grids: with few attributes (digits' classes) each one alone; one-hot data
     with many classes (CUB's species) the first GRID_ROWS classes of the test split, each alone;
     else (CelebA, CUB's attributes) the attribute vectors of the first test images, which are real
@@ -105,11 +124,19 @@ def reconstruction_grid(model: CVAE, images: torch.Tensor, attributes: torch.Ten
 
 
 @torch.no_grad()
-def heldout_metrics(model: CVAE, shards: str, device: torch.device, split: str = "test", max_skipped_fraction: float = DataConfig.max_skipped_fraction) -> dict[str, float]:
+def heldout_metrics(
+    model: CVAE,
+    shards: str,
+    device: torch.device,
+    split: str = "test",
+    max_skipped_fraction: float = DataConfig.max_skipped_fraction,
+) -> dict[str, float]:
     """Reconstruction MSE (summed per image, and per pixel) and KL per image on a split, from the posterior mean."""
     from toolkit.evaluate import reconstruction_metrics
 
-    result = reconstruction_metrics(model, shards, split, device, sampled=False, max_skipped_fraction=max_skipped_fraction)
+    result = reconstruction_metrics(
+        model, shards, split, device, sampled=False, max_skipped_fraction=max_skipped_fraction
+    )
     return {f"{split}/{key}": result[key] for key in ("mse_per_image", "mse_per_pixel", "kl_per_image")}
 
 
@@ -164,13 +191,27 @@ class BatchStream:
         config, data = self.config, self.data
         if data.sampling == "resampled":
             loader = train_batches(
-                data.shards, config.batch_size, config.seed * 1_000_003 + segment, data.num_workers, data.shuffle_buffer, data.record_keys,
+                data.shards,
+                config.batch_size,
+                config.seed * 1_000_003 + segment,
+                data.num_workers,
+                data.shuffle_buffer,
+                data.record_keys,
                 skips=self.skips,
             )
             return islice(loader, self.SEGMENT)
         return epoch_batches(
-            data.shards, "train", config.batch_size, epoch=segment, seed=config.seed, rank=self.rank, world=self.world,
-            num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer, with_keys=data.record_keys, skips=self.skips,
+            data.shards,
+            "train",
+            config.batch_size,
+            epoch=segment,
+            seed=config.seed,
+            rank=self.rank,
+            world=self.world,
+            num_workers=data.num_workers,
+            shuffle_buffer=data.shuffle_buffer,
+            with_keys=data.record_keys,
+            skips=self.skips,
         )
 
     def batches(self, start: int):
@@ -193,12 +234,25 @@ class BatchStream:
 def _data_order(config: TrainConfig, world: int) -> dict:
     """What a resumed run must share with the checkpoint's run to continue exactly as it would have
     (the batches are a function of these; see BatchStream)."""
-    return {"seed": config.seed, "batch_size": config.batch_size, "grad_accum": config.grad_accum, "processes": world,
-            "sampling": config.data.sampling, "num_workers": config.data.num_workers}
+    return {
+        "seed": config.seed,
+        "batch_size": config.batch_size,
+        "grad_accum": config.grad_accum,
+        "processes": world,
+        "sampling": config.data.sampling,
+        "num_workers": config.data.num_workers,
+    }
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, spec: ModelSpec, limit: int, data_order: dict | None = None,
-                    shards: dict | None = None) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator,
+    run_dir: Path,
+    step: int,
+    spec: ModelSpec,
+    limit: int,
+    data_order: dict | None = None,
+    shards: dict | None = None,
+) -> Path:
     """save_state into checkpoint-<step>.tmp, mark it complete, then rename: a save cut short never
     replaces (or looks like) a good checkpoint. Keeps the newest `limit`."""
     folder = run_dir / CHECKPOINTS
@@ -212,8 +266,13 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, spec: Mo
         raise _save_failed(run_dir, partial, error) from error
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"step": step, "model": _identity(spec), "data_order": data_order or {}, "shards": shards or {},
-                 "toolkit_version": toolkit.__version__}
+        state = {
+            "step": step,
+            "model": _identity(spec),
+            "data_order": data_order or {},
+            "shards": shards or {},
+            "toolkit_version": toolkit.__version__,
+        }
         try:
             (partial / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
         except OSError as error:
@@ -239,16 +298,26 @@ def _save_failed(run_dir: Path, partial: Path, error: OSError) -> TrainingStoppe
 
 def _identity(spec: ModelSpec) -> dict:
     """What a checkpoint's model must share with the run that resumes it."""
-    return {"attributes": list(spec.attributes), "image_size": list(spec.image_size), "arch": spec.arch,
-            "latent_dim": spec.latent_dim, "prior": spec.prior, "options": dict(spec.options)}
+    return {
+        "attributes": list(spec.attributes),
+        "image_size": list(spec.image_size),
+        "arch": spec.arch,
+        "latent_dim": spec.latent_dim,
+        "prior": spec.prior,
+        "options": dict(spec.options),
+    }
 
 
-def _check_resume(path: Path, spec: ModelSpec, data_order: dict, warn: bool = True, shards: dict | None = None, where: str = "") -> None:
+def _check_resume(
+    path: Path, spec: ModelSpec, data_order: dict, warn: bool = True, shards: dict | None = None, where: str = ""
+) -> None:
     state = json.loads((path / TRAINER_STATE).read_text())
     saved = state.get("model", {})
     for key, now in _identity(spec).items():
         if key in saved and saved[key] != now:
-            raise UserError(f"cannot resume from {path}: its model has {key}={saved[key]!r}, the recipe and shards give {now!r}")
+            raise UserError(
+                f"cannot resume from {path}: its model has {key}={saved[key]!r}, the recipe and shards give {now!r}"
+            )
     for split, now in (shards or {}).items():  # checkpoints of older toolkits carry no fingerprint
         then = state.get("shards", {}).get(split)
         if not then:
@@ -267,11 +336,17 @@ def _check_resume(path: Path, spec: ModelSpec, data_order: dict, warn: bool = Tr
             )
     # Another batch size, seed or process count is a legitimate choice (a bigger machine), but the
     # run then no longer continues as the interrupted one would have: say so, once.
-    changed = [f"{key}={now!r} (was {state['data_order'][key]!r})" for key, now in data_order.items()
-               if key in state.get("data_order", {}) and state["data_order"][key] != now]
+    changed = [
+        f"{key}={now!r} (was {state['data_order'][key]!r})"
+        for key, now in data_order.items()
+        if key in state.get("data_order", {}) and state["data_order"][key] != now
+    ]
     if changed and warn:
-        tqdm.write(f"warning: resuming from {path} with {', '.join(changed)}: training goes on, but the data order "
-                   "differs from the run that wrote the checkpoint, so it will not match an uninterrupted run", file=sys.stderr)
+        tqdm.write(
+            f"warning: resuming from {path} with {', '.join(changed)}: training goes on, but the data order "
+            "differs from the run that wrote the checkpoint, so it will not match an uninterrupted run",
+            file=sys.stderr,
+        )
 
 
 # --- what the machine can do ---------------------------------------------------------------------
@@ -299,13 +374,21 @@ def memory_estimate(spec: ModelSpec, batch_size: int, prior_sample: bool) -> dic
     with torch.device("meta"):
         model = CVAE(spec)
         hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
-        model(torch.empty(batch_size, 3, *spec.image_size), torch.empty(batch_size, spec.num_attributes), prior_sample=prior_sample)
+        model(
+            torch.empty(batch_size, 3, *spec.image_size),
+            torch.empty(batch_size, spec.num_attributes),
+            prior_sample=prior_sample,
+        )
     for hook in hooks:
         hook.remove()
     largest = max(model.named_parameters(), key=lambda item: item[1].numel())
     parameters = sum(p.numel() for p in model.parameters())
-    return {"parameters": parameters, "weights": 16 * parameters, "activations": 8 * values[0],
-            "largest": (largest[0], largest[1].numel())}
+    return {
+        "parameters": parameters,
+        "weights": 16 * parameters,
+        "activations": 8 * values[0],
+        "largest": (largest[0], largest[1].numel()),
+    }
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -407,12 +490,17 @@ def _check_precision(config: TrainConfig, accelerator: Accelerator) -> None:
     that would do nothing, or say it once when it came from `accelerate launch` / its config."""
     if accelerator.mixed_precision != "fp16" or accelerator.native_amp:
         return
-    message = (f"mixed_precision=fp16 does nothing on {accelerator.device.type}: Accelerate runs fp32 there "
-               "(fp16 needs a GPU); use mixed_precision=no, or bf16, which the CPU runs")
+    message = (
+        f"mixed_precision=fp16 does nothing on {accelerator.device.type}: Accelerate runs fp32 there "
+        "(fp16 needs a GPU); use mixed_precision=no, or bf16, which the CPU runs"
+    )
     if config.mixed_precision == "fp16":
         raise UserError(message)
     if accelerator.is_main_process:
-        tqdm.write(f"warning: {message.replace('mixed_precision=fp16', 'fp16 (from accelerate launch or its config)', 1)}", file=sys.stderr)
+        tqdm.write(
+            f"warning: {message.replace('mixed_precision=fp16', 'fp16 (from accelerate launch or its config)', 1)}",
+            file=sys.stderr,
+        )
 
 
 def _train(config: TrainConfig, accelerator: Accelerator, run_dir: Path) -> Path:
@@ -423,7 +511,11 @@ def _train(config: TrainConfig, accelerator: Accelerator, run_dir: Path) -> Path
     test = read_manifest(config.data.shards, "test")  # needed for grids and metrics: fail now, not after training
     for key, what in (("image_size", "image size"), ("attributes", "attributes")):
         if test.get(key) != manifest[key]:
-            show = (lambda v: "x".join(map(str, v)) if v else repr(v)) if key == "image_size" else (lambda v: f"{len(v)} ({', '.join(v[:3])}, ...)" if isinstance(v, list) else repr(v))
+            show = (
+                (lambda v: "x".join(map(str, v)) if v else repr(v))
+                if key == "image_size"
+                else (lambda v: f"{len(v)} ({', '.join(v[:3])}, ...)" if isinstance(v, list) else repr(v))
+            )
             raise UserError(
                 f"{config.data.shards}: the test split's {what} ({show(test.get(key))}) differ from the train split's ({show(manifest[key])}); "
                 "rebuild both splits in one `cvae-tk shards` run"
@@ -440,7 +532,14 @@ def _train(config: TrainConfig, accelerator: Accelerator, run_dir: Path) -> Path
     data_order = _data_order(config, accelerator.num_processes)
     fingerprint = shards_fingerprint(config.data.shards)
     if resume_from is not None:  # on every rank: a refusal must stop them all
-        _check_resume(resume_from, spec, data_order, warn=accelerator.is_main_process, shards=fingerprint, where=config.data.shards)
+        _check_resume(
+            resume_from,
+            spec,
+            data_order,
+            warn=accelerator.is_main_process,
+            shards=fingerprint,
+            where=config.data.shards,
+        )
     _on_main(accelerator, lambda: claim_run_dir(config, run_dir, resume_from))
     stream = BatchStream(config, accelerator.process_index, accelerator.num_processes)
     check_memory(config, spec, accelerator.device)
@@ -454,27 +553,38 @@ def _train(config: TrainConfig, accelerator: Accelerator, run_dir: Path) -> Path
     accelerator.register_for_checkpointing(scheduler)
     start_step = 0
     if resume_from is not None:
-        verify_checkpoint(resume_from)  # accelerate unpickles custom_checkpoint_*.pkl: only files that load as plain data
+        verify_checkpoint(
+            resume_from
+        )  # accelerate unpickles custom_checkpoint_*.pkl: only files that load as plain data
         accelerator.load_state(str(resume_from))
         start_step = checkpoint_step(resume_from)
 
     # Fixed conditions, noise and test images for every grid, so grids are comparable across steps.
-    grid_attributes = grid_conditions(config.data.shards, spec.num_attributes, config.data.max_skipped_fraction).to(accelerator.device)
+    grid_attributes = grid_conditions(config.data.shards, spec.num_attributes, config.data.max_skipped_fraction).to(
+        accelerator.device
+    )
     grid_noise = torch.randn(
         len(grid_attributes) * GRID_COLUMNS, spec.latent_dim, generator=torch.Generator().manual_seed(config.seed)
     ).to(accelerator.device)
-    fixed_images, fixed_attributes = (t[:GRID_COLUMNS].to(accelerator.device) for t in next(iter(eval_batches(config.data.shards, "test", GRID_COLUMNS, config.data.max_skipped_fraction))))
+    fixed_images, fixed_attributes = (
+        t[:GRID_COLUMNS].to(accelerator.device)
+        for t in next(iter(eval_batches(config.data.shards, "test", GRID_COLUMNS, config.data.max_skipped_fraction)))
+    )
     steps_per_epoch = max(1, stream.train_count // (config.batch_size * accelerator.num_processes * config.grad_accum))
 
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         # the sweep compares it: never half-written; overwrite is an action on the folder, not a setting of the run
         write_text(run_dir / RECIPE, to_yaml(dataclasses.replace(config, overwrite=False)))
-        accelerator.init_trackers("cvae", config={"beta": config.beta, "lr": config.lr, "batch_size": config.batch_size})
-        print(f"training {spec.arch} CVAE ({spec.prior} prior) on {config.data.shards} ({stream.train_count} train images, "
-              f"{spec.image_size[0]}x{spec.image_size[1]}, {spec.num_attributes} attributes) on {accelerator.device}, "
-              f"precision {accelerator.mixed_precision}, {accelerator.num_processes} process(es)"
-              + (f"; resuming from {resume_from} (step {start_step})" if resume_from else ""))
+        accelerator.init_trackers(
+            "cvae", config={"beta": config.beta, "lr": config.lr, "batch_size": config.batch_size}
+        )
+        print(
+            f"training {spec.arch} CVAE ({spec.prior} prior) on {config.data.shards} ({stream.train_count} train images, "
+            f"{spec.image_size[0]}x{spec.image_size[1]}, {spec.num_attributes} attributes) on {accelerator.device}, "
+            f"precision {accelerator.mixed_precision}, {accelerator.num_processes} process(es)"
+            + (f"; resuming from {resume_from} (step {start_step})" if resume_from else "")
+        )
     seen_file = None
     if config.data.record_keys:
         (run_dir / SEEN).mkdir(parents=True, exist_ok=True)
@@ -494,37 +604,65 @@ def _train(config: TrainConfig, accelerator: Accelerator, run_dir: Path) -> Path
 
     def evaluate(step: int) -> None:
         try:
-            metrics = heldout_metrics(accelerator.unwrap_model(model).eval(), config.data.shards, accelerator.device,
-                                      max_skipped_fraction=config.data.max_skipped_fraction)
-        except UserError as error:  # a damaged test split costs the metrics, never the run (and only this rank reads it)
+            metrics = heldout_metrics(
+                accelerator.unwrap_model(model).eval(),
+                config.data.shards,
+                accelerator.device,
+                max_skipped_fraction=config.data.max_skipped_fraction,
+            )
+        except (
+            UserError
+        ) as error:  # a damaged test split costs the metrics, never the run (and only this rank reads it)
             tqdm.write(f"warning: step {step}: no test metrics: {one_line(error)}", file=sys.stderr)
             return
         finally:
             accelerator.unwrap_model(model).train()
         accelerator.log(metrics, step=step)
-        tqdm.write(f"step {step}: test MSE {metrics['test/mse_per_image']:.2f} per image "
-                   f"({metrics['test/mse_per_pixel']:.5f} per pixel), KL {metrics['test/kl_per_image']:.2f}")
+        tqdm.write(
+            f"step {step}: test MSE {metrics['test/mse_per_image']:.2f} per image "
+            f"({metrics['test/mse_per_pixel']:.5f} per pixel), KL {metrics['test/kl_per_image']:.2f}"
+        )
 
     model.train()
     step, bad_streak, last_saved, epoch_ended = start_step, 0, start_step if resume_from else None, False
     batches = stream.batches(start_step * config.grad_accum)
-    progress = tqdm(total=config.max_steps, initial=start_step, disable=not accelerator.is_main_process, desc="train", mininterval=2)
+    progress = tqdm(
+        total=config.max_steps,
+        initial=start_step,
+        disable=not accelerator.is_main_process,
+        desc="train",
+        mininterval=2,
+    )
     window_start, window_images = time.perf_counter(), 0
     try:
         while step < config.max_steps:
             _, segment_end, batch = next(batches)
             epoch_ended = epoch_ended or segment_end  # remembered until the optimizer step it belongs to
-            images, attributes = batch[0].to(accelerator.device, non_blocking=True), batch[1].to(accelerator.device, non_blocking=True)
+            images, attributes = (
+                batch[0].to(accelerator.device, non_blocking=True),
+                batch[1].to(accelerator.device, non_blocking=True),
+            )
             if seen_file is not None:
                 seen_file.write("\n".join(batch[2]) + "\n")
             with accelerator.accumulate(model):
                 out = model(images, attributes, prior_sample=config.gsnn_weight > 0)
-                terms = cvae_loss(out.recon, images, out.mu, out.logvar, config.beta, out.prior_mu, out.prior_logvar,
-                                  out.prior_recon, config.gsnn_weight)
+                terms = cvae_loss(
+                    out.recon,
+                    images,
+                    out.mu,
+                    out.logvar,
+                    config.beta,
+                    out.prior_mu,
+                    out.prior_logvar,
+                    out.prior_recon,
+                    config.gsnn_weight,
+                )
                 finite = torch.isfinite(terms.total.detach()).long()
                 # (finite, unreadable train samples, samples read) summed over the ranks in one
                 # collective: every rank must take the same branch (or DDP hangs) and stop together.
-                status = torch.stack([finite, finite.new_tensor(stream.skips.skipped), finite.new_tensor(stream.skips.read)])
+                status = torch.stack(
+                    [finite, finite.new_tensor(stream.skips.skipped), finite.new_tensor(stream.skips.read)]
+                )
                 if accelerator.num_processes > 1:
                     status = accelerator.reduce(status, reduction="sum")
                 finite_on_all, skipped, read = status.tolist()
@@ -542,7 +680,11 @@ def _train(config: TrainConfig, accelerator: Accelerator, run_dir: Path) -> Path
                             f"last mse={terms.mse.item()}, kl={terms.kl.item()}"
                             + (f", mse_prior={terms.mse_prior.item()}" if terms.mse_prior is not None else "")
                             + "); stopped without saving. "
-                            + (f"The last good checkpoint is {run_dir / CHECKPOINTS}/checkpoint-{last_saved}; " if last_saved else "")
+                            + (
+                                f"The last good checkpoint is {run_dir / CHECKPOINTS}/checkpoint-{last_saved}; "
+                                if last_saved
+                                else ""
+                            )
                             + "try a lower lr, grad_clip, or mixed_precision=bf16 instead of fp16"
                         )
                 optimizer.zero_grad(set_to_none=True)
@@ -555,27 +697,45 @@ def _train(config: TrainConfig, accelerator: Accelerator, run_dir: Path) -> Path
             if (problem := stream.skips.problem(skipped, read)) is not None:
                 raise TrainingStopped(
                     f"{problem}. Stopped after step {step}, not saved"
-                    + (f"; the last good checkpoint is {run_dir / CHECKPOINTS}/checkpoint-{last_saved}" if last_saved else "")
+                    + (
+                        f"; the last good checkpoint is {run_dir / CHECKPOINTS}/checkpoint-{last_saved}"
+                        if last_saved
+                        else ""
+                    )
                 )
 
             if step % config.log_every == 0 or step == config.max_steps:
                 elapsed = time.perf_counter() - window_start
-                logs = {"train/loss": terms.total.item(), "train/mse": terms.mse.item(), "train/kl": terms.kl.item(),
-                        "train/lr": scheduler.get_last_lr()[0], "train/images_per_s": window_images / max(elapsed, 1e-9),
-                        "train/epoch": step / steps_per_epoch, "train/skipped_samples": skipped}
+                logs = {
+                    "train/loss": terms.total.item(),
+                    "train/mse": terms.mse.item(),
+                    "train/kl": terms.kl.item(),
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/images_per_s": window_images / max(elapsed, 1e-9),
+                    "train/epoch": step / steps_per_epoch,
+                    "train/skipped_samples": skipped,
+                }
                 if terms.mse_prior is not None:
                     logs["train/mse_prior"] = terms.mse_prior.item()
                 accelerator.log(logs, step=step)
-                progress.set_postfix(loss=f"{logs['train/loss']:.1f}", mse=f"{logs['train/mse']:.1f}", kl=f"{logs['train/kl']:.1f}")
+                progress.set_postfix(
+                    loss=f"{logs['train/loss']:.1f}", mse=f"{logs['train/mse']:.1f}", kl=f"{logs['train/kl']:.1f}"
+                )
                 window_start, window_images = time.perf_counter(), 0
             if accelerator.is_main_process and (step % config.sample_every == 0 or step == config.max_steps):
                 write_grids(step)
-            at_eval = (step % config.eval_every == 0) if config.eval_every else (epoch_ended and config.data.sampling == "epochs")
+            at_eval = (
+                (step % config.eval_every == 0)
+                if config.eval_every
+                else (epoch_ended and config.data.sampling == "epochs")
+            )
             epoch_ended = False
             if at_eval and accelerator.is_main_process and step < config.max_steps:
                 evaluate(step)
             if bad_streak == 0 and (step % config.checkpoint_every == 0 or step == config.max_steps):
-                save_checkpoint(accelerator, run_dir, step, spec, config.checkpoints_total_limit, data_order, fingerprint)
+                save_checkpoint(
+                    accelerator, run_dir, step, spec, config.checkpoints_total_limit, data_order, fingerprint
+                )
                 last_saved = step
     except RuntimeError as error:
         if not worker_died(error):
@@ -586,7 +746,11 @@ def _train(config: TrainConfig, accelerator: Accelerator, run_dir: Path) -> Path
         raise TrainingStopped(
             f"a data loader worker died during step {step + 1} ({one_line(error).rstrip('. ')}; the kernel's out-of-memory killer "
             "does this when memory runs out: lower data.num_workers, data.shuffle_buffer or batch_size); stopped, not saved; "
-            + (f"the last good checkpoint is {last}: continue with resume=latest" if last else "there is no checkpoint yet: run it again")
+            + (
+                f"the last good checkpoint is {last}: continue with resume=latest"
+                if last
+                else "there is no checkpoint yet: run it again"
+            )
         ) from None
     finally:
         progress.close()
@@ -600,7 +764,9 @@ def _train(config: TrainConfig, accelerator: Accelerator, run_dir: Path) -> Path
     if accelerator.is_main_process:
         final = accelerator.unwrap_model(model).eval()
         try:
-            metrics = heldout_metrics(final, config.data.shards, accelerator.device, max_skipped_fraction=config.data.max_skipped_fraction)
+            metrics = heldout_metrics(
+                final, config.data.shards, accelerator.device, max_skipped_fraction=config.data.max_skipped_fraction
+            )
             accelerator.log(metrics, step=step)
         except UserError as error:  # a damaged test split must not throw away a finished run
             metrics = {}
@@ -619,7 +785,9 @@ def _train(config: TrainConfig, accelerator: Accelerator, run_dir: Path) -> Path
                 f"test: MSE {metrics['test/mse_per_image']:.2f} per image ({metrics['test/mse_per_pixel']:.5f} per pixel), "
                 f"KL {metrics['test/kl_per_image']:.2f} per image"
             )
-        print(f"saved {run_dir / 'model.safetensors'} and {run_dir / 'config.json'}; samples: {run_dir / 'samples.png'}")
+        print(
+            f"saved {run_dir / 'model.safetensors'} and {run_dir / 'config.json'}; samples: {run_dir / 'samples.png'}"
+        )
     accelerator.end_training()
     return run_dir
 

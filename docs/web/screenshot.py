@@ -33,10 +33,14 @@ def main(export: str, out: str, checks: list[str], seed: int = 3, temperature: f
             driver("open", url=url(server))
             driver("fill", selector="#count", value=str(count))
             driver("fill", selector="#seed", value=str(seed))
-            driver.eval(f"(() => {{ const e = document.querySelector('#temperature'); e.value = '{temperature}'; e.dispatchEvent(new Event('input')); }})()")
+            driver.eval(
+                f"(() => {{ const e = document.querySelector('#temperature'); e.value = '{temperature}'; e.dispatchEvent(new Event('input')); }})()"
+            )
             for name in checks:  # many attributes sit in closed groups: open the one that holds it first
-                driver.eval(f"(() => {{ const box = document.querySelector('input[name={name}]'); const group = box.closest('details'); "
-                            f"if (group) group.open = true; }})()")
+                driver.eval(
+                    f"(() => {{ const box = document.querySelector('input[name={name}]'); const group = box.closest('details'); "
+                    f"if (group) group.open = true; }})()"
+                )
                 driver("check", selector=f"input[name={name}]")
             driver.eval("cvae.idle()")
             driver("screenshot", path=str(Path(out).resolve()))

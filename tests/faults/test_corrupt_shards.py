@@ -29,7 +29,9 @@ TRAIN, TRAIN_SHARD, TEST_SHARD = 400, 100, 50  # 4 train shards of 100; the 179 
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory):
     out = tmp_path_factory.mktemp("clean") / "digits"
-    write_split(islice(digit_samples("train", SIZE), TRAIN), out, "train", ATTRIBUTES, (SIZE, SIZE), "digits", TRAIN_SHARD)
+    write_split(
+        islice(digit_samples("train", SIZE), TRAIN), out, "train", ATTRIBUTES, (SIZE, SIZE), "digits", TRAIN_SHARD
+    )
     write_split(digit_samples("test", SIZE), out, "test", ATTRIBUTES, (SIZE, SIZE), "digits", TEST_SHARD)
     return out
 
@@ -56,7 +58,7 @@ def corrupt_image(tar, sample):
     """Overwrite the PNG bytes of the tar's `sample`-th sample; the tar itself stays well-formed."""
     member = [m for m in members(tar) if m.name.endswith(".png")][sample]
     data = bytearray(tar.read_bytes())
-    data[member.offset_data: member.offset_data + member.size] = (b"not a png " * member.size)[: member.size]
+    data[member.offset_data : member.offset_data + member.size] = (b"not a png " * member.size)[: member.size]
     tar.write_bytes(bytes(data))
 
 
@@ -67,8 +69,19 @@ def damage_train(shards):
 
 
 def config(shards, run_dir, *extra):
-    return load_config(["recipe=digits", f"run_dir={run_dir}", f"data.shards={shards}", "batch_size=40", "log_every=1",
-                        "sample_every=1000", "checkpoint_every=1000", "model.latent_dim=8", *extra])
+    return load_config(
+        [
+            "recipe=digits",
+            f"run_dir={run_dir}",
+            f"data.shards={shards}",
+            "batch_size=40",
+            "log_every=1",
+            "sample_every=1000",
+            "checkpoint_every=1000",
+            "model.latent_dim=8",
+            *extra,
+        ]
+    )
 
 
 def replayed_skips(cfg, micro_batches):
@@ -104,7 +117,9 @@ def test_a_cut_tar_and_a_corrupt_image_are_skipped_counted_and_reported(shards, 
     assert sorted(skips.by_shard) == [cut, corrupt]
     assert skips.by_shard[cut] == [4, "broke off after 98 of 100 samples: ReadError: unexpected end of data"]
     assert skips.by_shard[corrupt][0] == 2 and skips.by_shard[corrupt][1].startswith("sample digits_")
-    assert skips.by_shard[corrupt][1].endswith("could not be decoded: UnidentifiedImageError: cannot identify image file <_io.BytesIO>")
+    assert skips.by_shard[corrupt][1].endswith(
+        "could not be decoded: UnidentifiedImageError: cannot identify image file <_io.BytesIO>"
+    )
 
     # and a resumed run (mid-epoch) still ends with exactly the weights of the uninterrupted one
     train(config(shards, tmp_path / "resumed", f"data.num_workers={workers}", "max_steps=7", "checkpoint_every=7"))
@@ -131,8 +146,17 @@ def test_many_corrupt_shards_stop_the_command_with_one_line(shards, tmp_path, ca
     for number in range(4):  # every train shard cut in half: 50 % lost, far past the default 1 %
         cut_in_member(shards / "train" / f"train-{number:06d}.tar", 2 * 50 + 1)
     with pytest.raises(SystemExit) as caught:
-        main(["recipe=digits", f"run_dir={tmp_path / 'run'}", f"data.shards={shards}", "batch_size=40", "max_steps=20",
-              "sample_every=1000", "data.num_workers=0"])
+        main(
+            [
+                "recipe=digits",
+                f"run_dir={tmp_path / 'run'}",
+                f"data.shards={shards}",
+                "batch_size=40",
+                "max_steps=20",
+                "sample_every=1000",
+                "data.num_workers=0",
+            ]
+        )
     assert caught.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith(f"error: too many unreadable samples in the train split of {shards}: ")
@@ -165,13 +189,17 @@ def test_evaluation_skips_and_counts_the_same_way(clean, shards, capfd):
     # past the bound (default 1 %): one clear error, raised as soon as the skips pass 1 % of the split
     with pytest.raises(UserError) as caught:
         list(eval_batches(shards, "test", batch_size=64))
-    assert str(caught.value).startswith(f"too many unreadable samples in the test split of {shards}: 45 skipped = 25.14% of the split's 179")
+    assert str(caught.value).startswith(
+        f"too many unreadable samples in the test split of {shards}: 45 skipped = 25.14% of the split's 179"
+    )
     assert "data.max_skipped_fraction=0.01" in str(caught.value)
     # a shard gone altogether: all its samples (29, from the manifest) skipped, the pass goes on
     (shards / "test" / "test-000003.tar").unlink()
     batches = eval_batches(shards, "test", batch_size=64, max_skipped_fraction=0.5)
     assert torch.equal(torch.cat([batch[0] for batch in batches]), everything[kept[:-29]])
-    assert batches.skips.skipped == 46 + 29 and batches.skips.by_shard[str(shards / "test" / "test-000003.tar")][0] == 29
+    assert (
+        batches.skips.skipped == 46 + 29 and batches.skips.by_shard[str(shards / "test" / "test-000003.tar")][0] == 29
+    )
     assert "test-000003.tar: unreadable: FileNotFoundError" in capfd.readouterr().err
 
 
@@ -234,24 +262,30 @@ def _manifest(shards) -> dict:
     return json.loads((shards / "train" / "manifest.json").read_text())
 
 
-@pytest.mark.parametrize("damage, words", [
-    (lambda m: b"{\"attributes\": [", ["is not a JSON manifest"]),
-    (lambda m: b"\xff\xfe not text", ["is not a JSON manifest"]),
-    (lambda m: [m], ["expected a JSON object, got list"]),
-    (lambda m: "a string", ["expected a JSON object, got str"]),
-    (lambda m: {k: v for k, v in m.items() if k != "count"}, ["it has no 'count'"]),
-    (lambda m: {k: v for k, v in m.items() if k != "attributes"}, ["it has no 'attributes'"]),
-    (lambda m: {**m, "attributes": "digit_0"}, ["'attributes' must be a non-empty list"]),
-    (lambda m: {**m, "attributes": ["a", "a"] + m["attributes"][2:]}, ["names an attribute twice"]),
-    (lambda m: {**m, "shards": list(m["shards"])}, ["'shards' must map shard file names to sample counts"]),
-    (lambda m: {**m, "shards": {**m["shards"], "train-000000.tar": -5}}, ["has the count -5, expected an integer >= 0"]),
-    (lambda m: {**m, "shards": {**m["shards"], "train-000000.tar": "100"}}, ["has the count '100'"]),
-    (lambda m: {**m, "shards": {**m["shards"], "train-000000.tar": True}}, ["has the count True"]),
-    (lambda m: {**m, "count": m["count"] + 1}, ["'count' is 401, expected the sum of the shard counts (400)"]),
-    (lambda m: {**m, "count": 1.5}, ["'count' is 1.5"]),
-    (lambda m: {**m, "image_size": [8]}, ["'image_size' is [8], expected [height, width] or null"]),
-    (lambda m: {**m, "image_size": "8x8"}, ["'image_size' is '8x8'"]),
-])
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda m: b'{"attributes": [', ["is not a JSON manifest"]),
+        (lambda m: b"\xff\xfe not text", ["is not a JSON manifest"]),
+        (lambda m: [m], ["expected a JSON object, got list"]),
+        (lambda m: "a string", ["expected a JSON object, got str"]),
+        (lambda m: {k: v for k, v in m.items() if k != "count"}, ["it has no 'count'"]),
+        (lambda m: {k: v for k, v in m.items() if k != "attributes"}, ["it has no 'attributes'"]),
+        (lambda m: {**m, "attributes": "digit_0"}, ["'attributes' must be a non-empty list"]),
+        (lambda m: {**m, "attributes": ["a", "a"] + m["attributes"][2:]}, ["names an attribute twice"]),
+        (lambda m: {**m, "shards": list(m["shards"])}, ["'shards' must map shard file names to sample counts"]),
+        (
+            lambda m: {**m, "shards": {**m["shards"], "train-000000.tar": -5}},
+            ["has the count -5, expected an integer >= 0"],
+        ),
+        (lambda m: {**m, "shards": {**m["shards"], "train-000000.tar": "100"}}, ["has the count '100'"]),
+        (lambda m: {**m, "shards": {**m["shards"], "train-000000.tar": True}}, ["has the count True"]),
+        (lambda m: {**m, "count": m["count"] + 1}, ["'count' is 401, expected the sum of the shard counts (400)"]),
+        (lambda m: {**m, "count": 1.5}, ["'count' is 1.5"]),
+        (lambda m: {**m, "image_size": [8]}, ["'image_size' is [8], expected [height, width] or null"]),
+        (lambda m: {**m, "image_size": "8x8"}, ["'image_size' is '8x8'"]),
+    ],
+)
 def test_a_malformed_manifest_is_one_line_naming_it(clean, tmp_path, damage, words):
     import json
 
@@ -260,7 +294,10 @@ def test_a_malformed_manifest_is_one_line_naming_it(clean, tmp_path, damage, wor
     damaged = damage(_manifest(shards))
     path = shards / "train" / "manifest.json"
     path.write_bytes(damaged if isinstance(damaged, bytes) else json.dumps(damaged).encode())
-    for read in (lambda: eval_batches(shards, "train"), lambda: train(config(shards, tmp_path / "run", "max_steps=1"))):
+    for read in (
+        lambda: eval_batches(shards, "train"),
+        lambda: train(config(shards, tmp_path / "run", "max_steps=1")),
+    ):
         with pytest.raises(UserError) as caught:
             read()
         message = str(caught.value)

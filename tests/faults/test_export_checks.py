@@ -26,8 +26,14 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 def cli(*args, cwd=None, user=None):
     """The real CLI in its own process (as `user`'s uid when given): (exit code, stdout, stderr)."""
     head = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] if user is not None else []
-    done = subprocess.run([*head, sys.executable, "-m", "toolkit.cli", *map(str, args)], cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*head, sys.executable, "-m", "toolkit.cli", *map(str, args)],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return done.returncode, done.stdout, done.stderr
 
 
@@ -58,7 +64,9 @@ def tiny_run(tmp_path_factory) -> Path:
 def uint8_onnx(tiny_run) -> Path:
     from toolkit.export import export_onnx
 
-    path, _ = export_onnx(tiny_run, tiny_run.parent / "tiny-uint8-temperature.onnx", uint8=True, temperature_input=True)
+    path, _ = export_onnx(
+        tiny_run, tiny_run.parent / "tiny-uint8-temperature.onnx", uint8=True, temperature_input=True
+    )
     return path
 
 
@@ -85,6 +93,7 @@ def edited(source: Path, folder: Path, meta: dict | None = None, graph=None) -> 
 
 def declare_output(dtype=None, dims=None):
     """Change what the graph declares for its output (not what it computes)."""
+
     def change(model):
         tensor = model.graph.output[0].type.tensor_type
         if dtype is not None:
@@ -94,6 +103,7 @@ def declare_output(dtype=None, dims=None):
                 dim.dim_param = value
             else:
                 dim.dim_value = value
+
     return change
 
 
@@ -124,12 +134,23 @@ METADATA_CASES = {
     "unknown output layout": ({"output": "png"}, None, "metadata output = 'png'"),
     "unknown precision": ({"precision": "int4"}, None, "metadata precision = 'int4'"),
     "another value range": ({"value_range": "[-1, 1]"}, None, "value_range = [-1, 1]"),
-    "inputs the graph does not have": ({"inputs": '["attributes", "noise", "temperature"]'}, None,
-                                       "but the graph's inputs are"),
-    "a format from the future": ({"cvae_tk.format": "sampler/2"}, None, "newer than this cvae-tk reads (sampler/1): upgrade"),
+    "inputs the graph does not have": (
+        {"inputs": '["attributes", "noise", "temperature"]'},
+        None,
+        "but the graph's inputs are",
+    ),
+    "a format from the future": (
+        {"cvae_tk.format": "sampler/2"},
+        None,
+        "newer than this cvae-tk reads (sampler/1): upgrade",
+    ),
     "an unknown format": ({"cvae_tk.format": "gan/1"}, None, "unknown cvae_tk.format 'gan/1'"),
     "no format": ({"cvae_tk.format": None}, None, "not a cvae-tk sampler export"),
-    "uint8 metadata, float32 graph": ({"output": "uint8_nhwc"}, None, "output 'images' is float32, but the metadata says output=uint8_nhwc"),
+    "uint8 metadata, float32 graph": (
+        {"output": "uint8_nhwc"},
+        None,
+        "output 'images' is float32, but the metadata says output=uint8_nhwc",
+    ),
     "float16 noise input": ({}, float16_noise, "input 'noise' is float16, expected float32"),
 }
 # declared shapes that lie about what the graph computes: ONNX Runtime only warns and returns the
@@ -141,7 +162,9 @@ LYING_CASES = {
 
 
 @pytest.mark.parametrize("case", METADATA_CASES, ids=str)
-def test_a_file_whose_metadata_disagrees_with_its_graph_is_refused_by_the_sampler_and_inspect(tiny_onnx, tmp_path, case):
+def test_a_file_whose_metadata_disagrees_with_its_graph_is_refused_by_the_sampler_and_inspect(
+    tiny_onnx, tmp_path, case
+):
     from toolkit.inspection import inspect_onnx
     from toolkit.sampler import Sampler
 
@@ -198,9 +221,13 @@ def test_the_exporter_refuses_to_write_a_file_whose_metadata_disagrees_with_its_
     import toolkit.export
 
     real = toolkit.export.metadata
-    monkeypatch.setattr(toolkit.export, "metadata", lambda *a, **k: {**real(*a, **k), "latent_dim": "5"})  # a bug in the exporter
+    monkeypatch.setattr(
+        toolkit.export, "metadata", lambda *a, **k: {**real(*a, **k), "latent_dim": "5"}
+    )  # a bug in the exporter
     out = tmp_path / "x.onnx"
-    with pytest.raises(UserError, match=r"the exported graph: input 'noise' has shape \['batch', 4\], expected \[batch, 5\]"):
+    with pytest.raises(
+        UserError, match=r"the exported graph: input 'noise' has shape \['batch', 4\], expected \[batch, 5\]"
+    ):
         toolkit.export.export_onnx(tiny_run, out)
     assert list(tmp_path.iterdir()) == []
 
@@ -225,7 +252,10 @@ CONFIG_CASES = {
     "binary bytes": (lambda c: b"\xd3\x00\xff garbage", "not valid JSON"),
     "a list": (lambda c: "[1, 2]", "expected a JSON object"),
     "no latent_dim": (lambda c: c.pop("latent_dim"), "it has no latent_dim"),
-    "attributes a string": (lambda c: c.update(attributes="abcde"), "'attributes' must be a non-empty list of names, got 'abcde'"),
+    "attributes a string": (
+        lambda c: c.update(attributes="abcde"),
+        "'attributes' must be a non-empty list of names, got 'abcde'",
+    ),
     "repeated attributes": (lambda c: c.update(attributes=["a", "a", "c", "d", "e"]), "'a' appear(s) more than once"),
     "latent_dim a float": (lambda c: c.update(latent_dim=4.5), "'latent_dim' must be a positive integer, got 4.5"),
     "latent_dim text": (lambda c: c.update(latent_dim="4"), "'latent_dim' must be a positive integer, got '4'"),
@@ -279,7 +309,11 @@ def test_a_model_bigger_than_the_memory_is_refused_before_it_is_allocated(tiny_r
     shapes = expected_shapes(ModelSpec(list("abcde"), (8, 8), latent))
     write_safetensors(run / "model.safetensors", shapes)
     assert (run / "model.safetensors").stat().st_size > available  # a sparse file: nothing on disk
-    with pytest.raises(UserError, match=r"config.json \(.* parameters: .*latent_dim %d.*\) needs .* GiB of memory, but only .* is available" % latent):
+    with pytest.raises(
+        UserError,
+        match=r"config.json \(.* parameters: .*latent_dim %d.*\) needs .* GiB of memory, but only .* is available"
+        % latent,
+    ):
         load_model(run)
 
 
@@ -363,7 +397,7 @@ def test_a_run_without_its_final_model_says_how_to_get_it_and_that_works(trained
         export_onnx(run, tmp_path / "x.onnx")
     message = str(caught.value)
     assert "has no final model" in message and f"{run}/checkpoints/checkpoint-" in message, message
-    command = message[message.index("`cvae-tk train ") + len("`cvae-tk train "):message.rindex("`")]
+    command = message[message.index("`cvae-tk train ") + len("`cvae-tk train ") : message.rindex("`")]
     train(load_config(command.split()))  # the command the message gives
     path, _ = export_onnx(run, tmp_path / "x.onnx")
     assert path.stat().st_size > 0
@@ -378,7 +412,9 @@ def test_n_beyond_the_memory_available_is_refused_before_anything_is_allocated(t
 
     sampler = Sampler(tiny_onnx, device="cpu")
     n = 2 * available_bytes() // (8 * 8 * 3)  # uint8 images of 8x8: twice the memory there is
-    with pytest.raises(UserError, match=r"image\(s\) of 8x8 (needs .* of memory, but only .* is available|would need .* GiB \(limit)"):
+    with pytest.raises(
+        UserError, match=r"image\(s\) of 8x8 (needs .* of memory, but only .* is available|would need .* GiB \(limit)"
+    ):
         sampler.sample({"a": 1}, n=n, seed=0)
     assert sampler.sample({"a": 1}, n=3, seed=0).shape == (3, 8, 8, 3)  # still serves
 
@@ -429,12 +465,16 @@ def test_run_checks_its_arrays(tiny_onnx):
         ("x.onnx", 99, "ONNX opset 99 is not supported"),
     ],
 )
-def test_a_bad_out_or_opset_is_refused_before_the_model_is_loaded(tiny_run, tmp_path, monkeypatch, out, opset, fragment):
+def test_a_bad_out_or_opset_is_refused_before_the_model_is_loaded(
+    tiny_run, tmp_path, monkeypatch, out, opset, fragment
+):
     import toolkit.export
 
     (tmp_path / "folder").mkdir()
     (tmp_path / "a_file").write_text("not a folder")
-    monkeypatch.setattr(toolkit.export, "load_model", lambda *a: pytest.fail("the model was loaded before the output was checked"))
+    monkeypatch.setattr(
+        toolkit.export, "load_model", lambda *a: pytest.fail("the model was loaded before the output was checked")
+    )
     before = sorted(p.name for p in tmp_path.iterdir())
     with pytest.raises(UserError, match=fragment.replace(".", r"\.").replace("(", r"\(")):
         toolkit.export.export_onnx(tiny_run, tmp_path / out, opset=opset)
@@ -457,7 +497,9 @@ def test_export_into_a_read_only_folder_is_one_line_and_leaves_nothing(tiny_run)
         for out in (read_only / "x.onnx", read_only / "sub" / "x.onnx"):
             code, _, stderr = cli("export", run, "--out", out, cwd=scratch, user=user)
             assert code == 2
-            assert_one_line(stderr, f"cannot write {out}: the folder {read_only} is not writable: Permission denied (EACCES)")
+            assert_one_line(
+                stderr, f"cannot write {out}: the folder {read_only} is not writable: Permission denied (EACCES)"
+            )
         assert list(read_only.iterdir()) == []
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -471,6 +513,8 @@ def test_a_disk_that_fills_while_the_file_is_written_is_one_line_and_leaves_noth
         pytest.skip("no /dev/full")
     out = tmp_path / "x.onnx"
     (tmp_path / f".x.onnx.{os.getpid()}.tmp").symlink_to("/dev/full")  # toolkit.atomic's temp name
-    with pytest.raises(UserError, match=rf"could not write {out}: No space left on device \(ENOSPC\); nothing was written"):
+    with pytest.raises(
+        UserError, match=rf"could not write {out}: No space left on device \(ENOSPC\); nothing was written"
+    ):
         export_onnx(tiny_run, out)
     assert list(tmp_path.iterdir()) == []

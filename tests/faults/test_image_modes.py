@@ -54,13 +54,13 @@ def shown_upright(a: np.ndarray, orientation: int) -> np.ndarray:
     row 0 / column 0 are: 6 = row 0 on the right, so the picture is turned 90 degrees clockwise)."""
     return {
         1: lambda: a,
-        2: lambda: a[:, ::-1],             # mirrored left-right
-        3: lambda: a[::-1, ::-1],          # turned 180
-        4: lambda: a[::-1],                # mirrored top-bottom
-        5: lambda: a.transpose(1, 0, 2),   # row 0 on the left, column 0 at the top
-        6: lambda: np.rot90(a, -1),        # turned 90 clockwise
+        2: lambda: a[:, ::-1],  # mirrored left-right
+        3: lambda: a[::-1, ::-1],  # turned 180
+        4: lambda: a[::-1],  # mirrored top-bottom
+        5: lambda: a.transpose(1, 0, 2),  # row 0 on the left, column 0 at the top
+        6: lambda: np.rot90(a, -1),  # turned 90 clockwise
         7: lambda: a[::-1, ::-1].transpose(1, 0, 2),  # row 0 on the right, column 0 at the bottom
-        8: lambda: np.rot90(a, 1),         # turned 90 anticlockwise
+        8: lambda: np.rot90(a, 1),  # turned 90 anticlockwise
     }[orientation]()
 
 
@@ -89,14 +89,19 @@ def build(tmp_path, paths: dict, size="32") -> dict:
     reader decodes it: {key: uint8 [H, W, 3]}."""
     records = [Record(key, path, np.array([i % 2], np.uint8)) for i, (key, path) in enumerate(paths.items())]
     out = tmp_path / "shards"
-    build_shards(SourceTable("viewer", ["a"], {"train": records}), out, ImageSpec.parse(size), workers=1, progress=False)
+    build_shards(
+        SourceTable("viewer", ["a"], {"train": records}), out, ImageSpec.parse(size), workers=1, progress=False
+    )
     members: dict = {}
     for tar_path in sorted((out / "train").glob("*.tar")):
         with tarfile.open(tar_path) as tar:
             for member in tar.getmembers():
                 key, _, field = member.name.partition(".")
                 members.setdefault(key, {"__key__": key})[field] = tar.extractfile(member).read()
-    return {key: (decode(sample)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for key, sample in members.items()}
+    return {
+        key: (decode(sample)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        for key, sample in members.items()
+    }
 
 
 # --- orientation ------------------------------------------------------------------------------------
@@ -154,7 +159,12 @@ def test_transparency_is_shown_on_white(tmp_path):
     for fmt, extra in (("PNG", {}), ("WEBP", {"lossless": True}), ("TIFF", {}), ("TGA", {})):
         files[f"rgba_{fmt.lower()}"] = (fmt, Image.fromarray(rgba, "RGBA"), extra, expected_rgba)
     grey = np.full((32, 32), 60, np.uint8)
-    files["la_png"] = ("PNG", Image.fromarray(np.dstack([grey, alpha]), "LA"), {}, on_white(np.dstack([grey] * 3), alpha))
+    files["la_png"] = (
+        "PNG",
+        Image.fromarray(np.dstack([grey, alpha]), "LA"),
+        {},
+        on_white(np.dstack([grey] * 3), alpha),
+    )
     # A palette with one fully transparent entry (tRNS), as GIF and PNG icons have; the colour under it is black.
     palette = Image.fromarray(np.where(np.arange(32)[None, :] < 16, 0, 1).astype(np.uint8).repeat(32, 0), "P")
     palette.putpalette([0, 0, 0, *RED] + [0] * 762)
@@ -163,11 +173,21 @@ def test_transparency_is_shown_on_white(tmp_path):
     files["p_png"] = ("PNG", palette, {"transparency": 0}, half_white)
     files["p_gif"] = ("GIF", palette, {"transparency": 0}, half_white)
     # Partial alpha per palette entry (tRNS with several values)
-    files["p_alpha_png"] = ("PNG", palette, {"transparency": bytes([255, 128])},
-                            np.where(np.arange(32)[None, :, None] < 16, 0, on_white(np.array([[RED]], np.uint8), np.array([[128]]))).astype(np.uint8).repeat(32, 0))
+    files["p_alpha_png"] = (
+        "PNG",
+        palette,
+        {"transparency": bytes([255, 128])},
+        np.where(np.arange(32)[None, :, None] < 16, 0, on_white(np.array([[RED]], np.uint8), np.array([[128]])))
+        .astype(np.uint8)
+        .repeat(32, 0),
+    )
     # tRNS on RGB and grey: one colour is transparent
-    files["rgb_trns_png"] = ("PNG", Image.fromarray(pixels), {"transparency": RED},
-                             np.where((pixels == RED).all(-1, keepdims=True), 255, pixels).astype(np.uint8))
+    files["rgb_trns_png"] = (
+        "PNG",
+        Image.fromarray(pixels),
+        {"transparency": RED},
+        np.where((pixels == RED).all(-1, keepdims=True), 255, pixels).astype(np.uint8),
+    )
     files["l_trns_png"] = ("PNG", Image.fromarray(grey), {"transparency": 60}, np.full((32, 32, 3), 255, np.uint8))
     paths = {}
     for key, (fmt, image, extra, _) in files.items():
@@ -195,8 +215,10 @@ def test_16_bit_and_float_pixels_are_scaled_not_clipped(tmp_path):
     ramp_f = np.tile(np.linspace(0, 1, 32, dtype=np.float32), (32, 1))
     Image.fromarray(ramp_f).save(tmp_path / "float.tiff")  # F, 0..1 as float TIFFs hold it
     expected = {
-        "grey16.png": np.dstack([shown16] * 3), "grey16.tiff": np.dstack([shown16] * 3),
-        "grey16b.tiff": np.dstack([shown16] * 3), "grey16.pgm": np.dstack([shown16] * 3),
+        "grey16.png": np.dstack([shown16] * 3),
+        "grey16.tiff": np.dstack([shown16] * 3),
+        "grey16b.tiff": np.dstack([shown16] * 3),
+        "grey16.pgm": np.dstack([shown16] * 3),
         "rgb48.png": (rgb48 >> 8).astype(np.uint8),  # Pillow keeps the high byte: within one level of /257
         "float.tiff": np.dstack([np.rint(ramp_f * 255).astype(np.uint8)] * 3),
     }
@@ -224,7 +246,9 @@ def test_cmyk_is_read_as_photoshop_and_browsers_read_it(tmp_path):
     shown = np.zeros((32, 32, 3), np.uint8)
     shown[:h, :h], shown[:h, h:], shown[h:, :h], shown[h:, h:] = (0, 255, 255), (255, 0, 255), (255, 255, 0), (0, 0, 0)
     buffer = io.BytesIO()
-    Image.fromarray(inks, "CMYK").save(buffer, format="JPEG", quality=95)  # inverted, with the Adobe marker, as Photoshop
+    Image.fromarray(inks, "CMYK").save(
+        buffer, format="JPEG", quality=95
+    )  # inverted, with the Adobe marker, as Photoshop
     (tmp_path / "adobe.jpg").write_bytes(buffer.getvalue())
     # Without the marker a CMYK JPEG holds the inks as they are: Pillow writes 255 - values inverted,
     # i.e. the inks themselves; the marker removed, a viewer reads them as inks.
@@ -266,8 +290,12 @@ def _with_colorants(icc: bytes, colorants: dict) -> bytes:
 
 def _colorants(icc: bytes) -> np.ndarray:
     tags = _tags(icc)
-    return np.array([[v / 65536 for v in struct.unpack(">3i", icc[tags[s][0] + 8 : tags[s][0] + 20])]
-                     for s in (b"rXYZ", b"gXYZ", b"bXYZ")]).T  # columns: the primaries in D50 XYZ
+    return np.array(
+        [
+            [v / 65536 for v in struct.unpack(">3i", icc[tags[s][0] + 8 : tags[s][0] + 20])]
+            for s in (b"rXYZ", b"gXYZ", b"bXYZ")
+        ]
+    ).T  # columns: the primaries in D50 XYZ
 
 
 def _decode_srgb(v):
@@ -286,8 +314,11 @@ def test_colour_profiles_are_converted_to_srgb(tmp_path):
     # A profile whose red and green primaries are swapped: unmistakable proof that it is applied.
     swapped = _with_colorants(srgb, {b"rXYZ": _colorants(srgb)[:, 1], b"gXYZ": _colorants(srgb)[:, 0]})
     # Display P3 (iPhone photos): Apple's D50 colorants, the sRGB tone curve.
-    p3_primaries = {b"rXYZ": (0.515102, 0.241182, -0.001050), b"gXYZ": (0.291965, 0.692236, 0.041882),
-                    b"bXYZ": (0.157153, 0.066574, 0.784378)}
+    p3_primaries = {
+        b"rXYZ": (0.515102, 0.241182, -0.001050),
+        b"gXYZ": (0.291965, 0.692236, 0.041882),
+        b"bXYZ": (0.157153, 0.066574, 0.784378),
+    }
     display_p3 = _with_colorants(srgb, p3_primaries)
     assert tags[b"rXYZ"] != tags[b"gXYZ"]
     pixels = scene()
@@ -301,7 +332,11 @@ def test_colour_profiles_are_converted_to_srgb(tmp_path):
         "p3.png": ("PNG", display_p3, p3_shown),
         "p3.webp": ("WEBP", display_p3, p3_shown),
         "srgb.png": ("PNG", srgb, pixels),  # an sRGB profile changes nothing
-        "broken.png": ("PNG", b"not a profile at all" * 10, pixels),  # a profile that does not parse: ignored, as viewers do
+        "broken.png": (
+            "PNG",
+            b"not a profile at all" * 10,
+            pixels,
+        ),  # a profile that does not parse: ignored, as viewers do
     }
     assert np.abs(p3_shown.astype(int) - pixels).max() > 20  # P3 differs visibly from reading the values as sRGB
     for name, (fmt, icc, _) in cases.items():
@@ -339,7 +374,11 @@ def test_every_container_and_plain_mode(tmp_path):
         "bits.png": (Image.fromarray(bits), {}, np.dstack([bits * 255] * 3).astype(np.uint8)),
         "palette.png": (Image.fromarray(pixels).quantize(8), {}, pixels),
         "ycbcr.tiff": (Image.fromarray(pixels).convert("YCbCr"), {}, pixels),
-        "lab.tiff": (lab, {}, np.where(np.arange(32)[:, None, None] < 16, 255, 0).repeat(32, 1).repeat(3, 2).astype(np.uint8)),
+        "lab.tiff": (
+            lab,
+            {},
+            np.where(np.arange(32)[:, None, None] < 16, 255, 0).repeat(32, 1).repeat(3, 2).astype(np.uint8),
+        ),
     }
     for name, (image, extra, _) in cases.items():
         image.save(tmp_path / name, **extra)
@@ -382,8 +421,11 @@ def test_unreadable_files_are_one_line_naming_the_file(tmp_path):
     os.mkfifo(tmp_path / "pipe.png")  # opening it to read would wait for a writer forever
     (tmp_path / "folder.png").mkdir()
     reasons = {
-        "cut.jpg": "truncated", "cut.png": "", "bomb.png": "decompression bomb",
-        "notes.png": "cannot identify", "pipe.png": "not a regular file (a FIFO)",
+        "cut.jpg": "truncated",
+        "cut.png": "",
+        "bomb.png": "decompression bomb",
+        "notes.png": "cannot identify",
+        "pipe.png": "not a regular file (a FIFO)",
     }
     for name, reason in reasons.items():
         with pytest.raises(UserError) as caught:
@@ -394,8 +436,13 @@ def test_unreadable_files_are_one_line_naming_the_file(tmp_path):
         load_image(tmp_path / "folder.png")
     paths = {"good": good, **{name.replace(".", "_"): tmp_path / name for name in reasons}}
     records = [Record(key, path, np.array([1], np.uint8)) for key, path in paths.items()]
-    manifests = build_shards(SourceTable("bad", ["a"], {"train": records}), tmp_path / "out", ImageSpec.parse("32"),
-                             workers=1, progress=False)
+    manifests = build_shards(
+        SourceTable("bad", ["a"], {"train": records}),
+        tmp_path / "out",
+        ImageSpec.parse("32"),
+        workers=1,
+        progress=False,
+    )
     skipped = {s["key"]: s["reason"] for s in manifests["train"]["skipped"]["samples"]}
     assert manifests["train"]["count"] == 1 and set(skipped) == set(paths) - {"good"}
     for name, reason in reasons.items():
@@ -432,7 +479,9 @@ def test_original_bytes_are_kept_only_where_they_show_as_stored(tmp_path):
     assert ext == "jpg" and size == (32, 48)
     assert_looks_like(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), np.rot90(tall, -1))
     data, ext, size = original_bytes(tmp_path / "clear.png")
-    assert ext == "png" and np.array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), np.full_like(tall, 255))
+    assert ext == "png" and np.array_equal(
+        np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), np.full_like(tall, 255)
+    )
     with pytest.raises(ValueError, match=r"GIF image, expected JPEG or PNG for --size original"):
         original_bytes(tmp_path / "pic.gif")
 
@@ -444,8 +493,17 @@ def test_original_size_shards_show_rotated_and_transparent_files_as_a_viewer_doe
     exif[0x0112] = 6
     (tmp_path / "turned.jpg").write_bytes(_jpeg(tall, exif=exif))
     Image.fromarray(np.dstack([tall, np.zeros((48, 32), np.uint8)]), "RGBA").save(tmp_path / "clear.png")
-    records = [Record("turned", tmp_path / "turned.jpg", np.array([1], np.uint8)), Record("clear", tmp_path / "clear.png", np.array([0], np.uint8))]
-    build_shards(SourceTable("orig", ["a"], {"train": records}), tmp_path / "out", ImageSpec.parse("original"), workers=1, progress=False)
+    records = [
+        Record("turned", tmp_path / "turned.jpg", np.array([1], np.uint8)),
+        Record("clear", tmp_path / "clear.png", np.array([0], np.uint8)),
+    ]
+    build_shards(
+        SourceTable("orig", ["a"], {"train": records}),
+        tmp_path / "out",
+        ImageSpec.parse("original"),
+        workers=1,
+        progress=False,
+    )
     with tarfile.open(tmp_path / "out" / "train" / "train-000000.tar") as tar:
         turned = np.asarray(Image.open(io.BytesIO(tar.extractfile("turned.jpg").read())).convert("RGB"))
         clear = np.asarray(Image.open(io.BytesIO(tar.extractfile("clear.png").read())).convert("RGB"))

@@ -13,7 +13,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 # The real CLI, paused (60 s) between writing the temp file and renaming it: the kill lands in the
 # one window where bytes are on disk.
-SLOW_RENAME = '''
+SLOW_RENAME = """
 import os, sys, time
 real_replace = os.replace
 
@@ -27,13 +27,19 @@ os.replace = replace
 from toolkit.cli import main
 sys.argv = ["cvae-tk", *sys.argv[1:]]
 main()
-'''
+"""
 
 
 def export(run_dir, out, cwd, script=None):
     head = [sys.executable, str(script)] if script else [sys.executable, "-m", "toolkit.cli"]
-    return subprocess.Popen([*head, "export", "--onnx", str(run_dir), "--out", str(out)], cwd=cwd, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [*head, "export", "--onnx", str(run_dir), "--out", str(out)],
+        cwd=cwd,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def kill(process):
@@ -45,7 +51,9 @@ def kill(process):
 def test_sigkill_during_export_leaves_nothing_under_the_final_name(trained_run, tmp_path):
     out = tmp_path / "out" / "digits.onnx"
     process = export(trained_run, out, tmp_path)
-    time.sleep(random.uniform(1.0, 3.0))  # loading, tracing or the parity check (the whole export takes several seconds)
+    time.sleep(
+        random.uniform(1.0, 3.0)
+    )  # loading, tracing or the parity check (the whole export takes several seconds)
     assert process.poll() is None, "the export finished before it could be killed"
     kill(process)
     assert not out.exists()

@@ -16,7 +16,7 @@ ARGS = ["--size", "32", "--workers", "2", "--shard-size", "4"]
 
 # The real CLI, with the writer paused (30 s) after the 2nd sample of the 3rd train shard, so the
 # kill lands mid-build at a known point: 2 shards committed, the 3rd open under its .tmp name.
-SLOW_BUILD = '''
+SLOW_BUILD = """
 import sys, time
 import toolkit.data.shards as shards
 real_append = shards._ShardFile.append
@@ -32,7 +32,7 @@ shards._ShardFile.append = append
 from toolkit.cli import main
 sys.argv = ["cvae-tk", *sys.argv[1:]]
 main()
-'''
+"""
 
 
 def files(folder):
@@ -55,13 +55,26 @@ def workers_gone(group, timeout=10.0):
 def test_sigkill_mid_build_then_rerun_gives_the_uninterrupted_shards(tmp_path):
     celeba = make_celeba(tmp_path / "celeba", n=60)  # 40 train / 10 val / 10 test -> 10 + 3 + 3 shards
     build = ["shards", "celeba", "--root", str(celeba["root"]), *ARGS]
-    clean = subprocess.Popen([sys.executable, "-m", "toolkit.cli", *build, "--out", "clean"], cwd=tmp_path, env=ENV,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    clean = subprocess.Popen(
+        [sys.executable, "-m", "toolkit.cli", *build, "--out", "clean"],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     script = tmp_path / "slow_build.py"
     script.write_text(SLOW_BUILD)
     # its own process group, so that the pool workers it forks can be found (and reaped) afterwards
-    killed = subprocess.Popen([sys.executable, str(script), *build, "--out", "out"], cwd=tmp_path, env=ENV,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    killed = subprocess.Popen(
+        [sys.executable, str(script), *build, "--out", "out"],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         line = killed.stdout.readline()
         while line and not line.startswith("PAUSED"):
@@ -81,8 +94,14 @@ def test_sigkill_mid_build_then_rerun_gives_the_uninterrupted_shards(tmp_path):
     assert sorted(p.name for p in train.iterdir()) == ["train-000000.tar", "train-000001.tar", "train-000002.tar.tmp"]
     assert not list((tmp_path / "out").rglob("manifest.json"))  # nothing looks finished
 
-    again = subprocess.run([sys.executable, "-m", "toolkit.cli", *build, "--out", "out"], cwd=tmp_path, env=ENV,
-                           capture_output=True, text=True, timeout=120)
+    again = subprocess.run(
+        [sys.executable, "-m", "toolkit.cli", *build, "--out", "out"],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     _, err = clean.communicate(timeout=120)
     assert clean.returncode == 0, err[-3000:]

@@ -20,9 +20,20 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # one thr
 
 
 def command(shards, run_dir, *extra, script=None):
-    return [sys.executable, str(script or ROOT / "toolkit" / "train.py"), "recipe=digits", f"run_dir={run_dir}",
-            f"data.shards={shards}", "max_steps=40", "checkpoint_every=5", "batch_size=16", "data.num_workers=0",
-            "log_every=1", "sample_every=1000", *extra]
+    return [
+        sys.executable,
+        str(script or ROOT / "toolkit" / "train.py"),
+        "recipe=digits",
+        f"run_dir={run_dir}",
+        f"data.shards={shards}",
+        "max_steps=40",
+        "checkpoint_every=5",
+        "batch_size=16",
+        "data.num_workers=0",
+        "log_every=1",
+        "sample_every=1000",
+        *extra,
+    ]
 
 
 def start(args, cwd):
@@ -44,7 +55,9 @@ def kill(process):
 def wait_for(condition, process, timeout=120):
     deadline = time.monotonic() + timeout
     while not condition():
-        assert process.poll() is None, f"the run ended (rc {process.returncode}) before the fault: {process.stderr.read()[-3000:]}"
+        assert process.poll() is None, (
+            f"the run ended (rc {process.returncode}) before the fault: {process.stderr.read()[-3000:]}"
+        )
         assert time.monotonic() < deadline, "timed out waiting for the moment to kill"
         time.sleep(0.01)
 
@@ -102,7 +115,7 @@ def test_sigkill_between_steps_then_resume_gives_the_uninterrupted_weights(digit
     assert_same_weights(reference(), run_dir)
 
 
-SLOW_SAVE = '''
+SLOW_SAVE = """
 import sys, time
 import accelerate.checkpointing as checkpointing
 real_save = checkpointing.save
@@ -117,7 +130,7 @@ def save(obj, f, *args, **kwargs):
 checkpointing.save = save
 import toolkit.train
 toolkit.train.main(sys.argv[1:])
-'''
+"""
 
 
 def test_sigkill_while_a_checkpoint_is_written_keeps_the_previous_one(digits_shards, reference, tmp_path):

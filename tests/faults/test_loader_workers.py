@@ -18,14 +18,33 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 def command(shards, run_dir, *extra):
-    return [sys.executable, "-m", "toolkit.cli", "train", "recipe=digits", f"run_dir={run_dir}", f"data.shards={shards}",
-            "checkpoint_every=2", "batch_size=16", "data.num_workers=2", "log_every=1", "sample_every=1000", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "toolkit.cli",
+        "train",
+        "recipe=digits",
+        f"run_dir={run_dir}",
+        f"data.shards={shards}",
+        "checkpoint_every=2",
+        "batch_size=16",
+        "data.num_workers=2",
+        "log_every=1",
+        "sample_every=1000",
+        *extra,
+    ]
 
 
 def test_a_killed_loader_worker_stops_training_in_one_line_and_resume_continues(digits_shards, tmp_path):
     run_dir = tmp_path / "run"
-    process = subprocess.Popen(command(digits_shards, run_dir, "max_steps=100000"), cwd=tmp_path, env=ENV,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command(digits_shards, run_dir, "max_steps=100000"),
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not list((run_dir / CHECKPOINTS).glob(f"checkpoint-*/{TRAINER_STATE}")):
@@ -53,8 +72,14 @@ def test_a_killed_loader_worker_stops_training_in_one_line_and_resume_continues(
     assert not (run_dir / ".lock").exists()
 
     step = int(newest.name.split("-")[1])
-    resumed = subprocess.run(command(digits_shards, run_dir, f"max_steps={step + 1}", "resume=latest"), cwd=tmp_path, env=ENV,
-                             capture_output=True, text=True, timeout=240)
+    resumed = subprocess.run(
+        command(digits_shards, run_dir, f"max_steps={step + 1}", "resume=latest"),
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {newest} (step {step})" in resumed.stdout
     assert (run_dir / "model.safetensors").is_file()

@@ -4,18 +4,29 @@ intact and resumable, nothing half-written that resume=latest could pick."""
 import errno
 import json
 
+import accelerate.checkpointing as checkpointing
 import pytest
 
-import accelerate.checkpointing as checkpointing
 from toolkit.train import CHECKPOINTS, TRAINER_STATE, find_checkpoint, main
 
 
 def args(shards, run_dir, *extra):
-    return ["recipe=digits", f"run_dir={run_dir}", f"data.shards={shards}", "batch_size=16", "log_every=2",
-            "sample_every=1000", "data.num_workers=0", "checkpoint_every=2", *extra]
+    return [
+        "recipe=digits",
+        f"run_dir={run_dir}",
+        f"data.shards={shards}",
+        "batch_size=16",
+        "log_every=2",
+        "sample_every=1000",
+        "data.num_workers=0",
+        "checkpoint_every=2",
+        *extra,
+    ]
 
 
-def test_enospc_while_saving_a_checkpoint_stops_clearly_and_keeps_the_previous_one(digits_shards, tmp_path, monkeypatch, capsys):
+def test_enospc_while_saving_a_checkpoint_stops_clearly_and_keeps_the_previous_one(
+    digits_shards, tmp_path, monkeypatch, capsys
+):
     real_save, written = checkpointing.save, []
 
     def disk_full_on_the_second_checkpoint(obj, f, *rest, **kwargs):
@@ -32,7 +43,13 @@ def test_enospc_while_saving_a_checkpoint_stops_clearly_and_keeps_the_previous_o
     assert stopped.value.code == 2  # a UserError: one line, not a traceback
     message = capsys.readouterr().err.strip().splitlines()[-1]  # (the progress bar comes first)
     assert message.startswith("error: ")
-    for words in ("No space left on device", "ENOSPC", str(run_dir / CHECKPOINTS / "checkpoint-4.tmp"), "checkpoint-2", "resume=latest"):
+    for words in (
+        "No space left on device",
+        "ENOSPC",
+        str(run_dir / CHECKPOINTS / "checkpoint-4.tmp"),
+        "checkpoint-2",
+        "resume=latest",
+    ):
         assert words in message, (words, message)
 
     folder = run_dir / CHECKPOINTS

@@ -34,8 +34,11 @@ def _namespace_prefix() -> list[str] | None:
         return None
     prefix = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-r", "-m"]
     try:
-        probe = subprocess.run([*prefix, "sh", "-c", "mount -t tmpfs -o size=16k tmpfs /mnt 2>/dev/null || mount -t tmpfs tmpfs /tmp"],
-                               capture_output=True, timeout=30)
+        probe = subprocess.run(
+            [*prefix, "sh", "-c", "mount -t tmpfs -o size=16k tmpfs /mnt 2>/dev/null || mount -t tmpfs tmpfs /tmp"],
+            capture_output=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return prefix if probe.returncode == 0 else None
@@ -45,7 +48,9 @@ NAMESPACE = _namespace_prefix()
 needs_mount = pytest.mark.skipif(NAMESPACE is None, reason="cannot mount a tmpfs in a private mount namespace here")
 
 
-def run_on_tmpfs(folder: Path, options: str, args: list, fill: bool = False, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_on_tmpfs(
+    folder: Path, options: str, args: list, fill: bool = False, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     """`cvae-tk ARGS` with a fresh tmpfs (mount options `options`, e.g. ro or size=16k) on `folder`,
     seen by this command only; `fill` fills it up first. Returns the result and what the folder
     held at the end (in result.listing: the mount vanishes with the namespace)."""
@@ -56,10 +61,18 @@ def run_on_tmpfs(folder: Path, options: str, args: list, fill: bool = False, cwd
     script += '"$@"; code=$?; find "$MNT" -mindepth 1 -printf "%P %s\\n" > "$LISTING"; exit $code'
     listing = folder.parent / f"{folder.name}.listing"
     env = dict(ENV, MNT=str(folder), LISTING=str(listing))
-    result = subprocess.run([*NAMESPACE, "sh", "-c", script, "sh", options, str(folder), *CLI, *map(str, args)],
-                            capture_output=True, text=True, timeout=300, env=env, cwd=cwd or folder.parent)
+    result = subprocess.run(
+        [*NAMESPACE, "sh", "-c", script, "sh", options, str(folder), *CLI, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=cwd or folder.parent,
+    )
     assert result.returncode != 99, result.stderr
-    result.listing = {line.rsplit(" ", 1)[0]: int(line.rsplit(" ", 1)[1]) for line in listing.read_text().splitlines() if line}
+    result.listing = {
+        line.rsplit(" ", 1)[0]: int(line.rsplit(" ", 1)[1]) for line in listing.read_text().splitlines() if line
+    }
     return result
 
 
@@ -101,7 +114,10 @@ def test_a_disk_that_fills_while_an_image_is_written_leaves_the_old_file_and_no_
     assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]
 
 
-@pytest.mark.parametrize("name, kind", [("a.png", "PNG"), ("a.JPG", "JPEG"), ("a.jpeg", "JPEG"), ("a.webp", "WEBP"), ("a.bmp", "BMP"), ("a.tif", "TIFF")])
+@pytest.mark.parametrize(
+    "name, kind",
+    [("a.png", "PNG"), ("a.JPG", "JPEG"), ("a.jpeg", "JPEG"), ("a.webp", "WEBP"), ("a.bmp", "BMP"), ("a.tif", "TIFF")],
+)
 def test_the_format_comes_from_the_final_name_not_the_temporary_one(tmp_path, name, kind):
     save_image(Image.new("RGBA", (5, 4), (10, 20, 30, 255)), tmp_path / name)
     with Image.open(tmp_path / name) as written:
@@ -155,10 +171,30 @@ def test_a_read_only_folder_is_refused_in_one_line_before_any_work(tiny_onnx, di
         "grid": ["sample", tiny_onnx, "--each-attribute", "-n", 2, "--grid", ro / "grid.png"],
         "out-dir": ["sample", tiny_onnx, "--attr", "a=1", "-n", 2, "--out-dir", ro / "images"],
         "export": ["export", run_dir, "--out", ro / "x.onnx"],
-        "interpolate": ["interpolate", run_dir, "--from-attr", "a=1", "--to-attr", "b=1", "--steps", 3, "--out", ro / "strip.png"],
+        "interpolate": [
+            "interpolate",
+            run_dir,
+            "--from-attr",
+            "a=1",
+            "--to-attr",
+            "b=1",
+            "--steps",
+            3,
+            "--out",
+            ro / "strip.png",
+        ],
         "edit": ["edit", run_dir, photo, "--attr", "a=1", "--set", "b=1", "--out", ro / "edit.png"],
         "shards": ["shards", "digits", "--out", ro / "digits"],
-        "classifier": ["classifier", "train", "recipe=digits", f"data.shards={digits_shards}", "--steps", 1, "--out", ro / "classifier"],
+        "classifier": [
+            "classifier",
+            "train",
+            "recipe=digits",
+            f"data.shards={digits_shards}",
+            "--steps",
+            1,
+            "--out",
+            ro / "classifier",
+        ],
     }[command]
     result = run_on_tmpfs(ro, "ro", args)
     assert_user_error(result, str(ro), "not writable", "EROFS")
@@ -169,7 +205,11 @@ def test_a_read_only_folder_is_refused_in_one_line_before_any_work(tiny_onnx, di
 def test_a_disk_that_fills_during_the_grid_is_one_line_and_leaves_nothing(tiny_onnx, tmp_path):
     small = tmp_path / "small"
     # 10 rows x 64 noisy 8x8 images: far more than 16 KiB of PNG
-    result = run_on_tmpfs(small, "size=16k", ["sample", tiny_onnx, "--each-attribute", "-n", 64, "--temperature", 3, "--grid", small / "grid.png"])
+    result = run_on_tmpfs(
+        small,
+        "size=16k",
+        ["sample", tiny_onnx, "--each-attribute", "-n", 64, "--temperature", 3, "--grid", small / "grid.png"],
+    )
     assert_user_error(result, str(small / "grid.png"), "No space left on device", "ENOSPC")
     assert result.listing == {}  # neither the grid nor its temporary file
 
@@ -177,7 +217,9 @@ def test_a_disk_that_fills_during_the_grid_is_one_line_and_leaves_nothing(tiny_o
 @needs_mount
 def test_a_disk_that_fills_during_out_dir_keeps_only_complete_images(tiny_onnx, tmp_path):
     small = tmp_path / "small"
-    result = run_on_tmpfs(small, "size=16k", ["sample", tiny_onnx, "--each-attribute", "-n", 64, "--out-dir", small / "images"])
+    result = run_on_tmpfs(
+        small, "size=16k", ["sample", tiny_onnx, "--each-attribute", "-n", 64, "--out-dir", small / "images"]
+    )
     assert_user_error(result, str(small / "images"), "ENOSPC")
     names = [name for name in result.listing if name.startswith("images/")]
     assert names and all(name.endswith(".png") and not name.split("/")[-1].startswith(".") for name in names)
@@ -188,13 +230,21 @@ def test_a_disk_that_fills_during_out_dir_keeps_only_complete_images(tiny_onnx, 
 @needs_mount
 def test_a_full_disk_is_refused_before_sampling(tiny_onnx, tmp_path):
     full = tmp_path / "full"
-    result = run_on_tmpfs(full, "size=16k", ["sample", tiny_onnx, "--attr", "a=1", "-n", 1, "--grid", full / "grid.png"], fill=True)
+    result = run_on_tmpfs(
+        full, "size=16k", ["sample", tiny_onnx, "--attr", "a=1", "-n", 1, "--grid", full / "grid.png"], fill=True
+    )
     assert_user_error(result, str(full / "grid.png"), "is full")
     assert set(result.listing) == {"fill"}
 
 
 def test_an_unknown_extension_is_refused_before_the_model_is_even_opened(tmp_path):
-    result = subprocess.run([*CLI, "sample", "missing.onnx", "--attr", "a=1", "--grid", "out.xyz"], capture_output=True,
-                            text=True, timeout=120, env=ENV, cwd=tmp_path)
+    result = subprocess.run(
+        [*CLI, "sample", "missing.onnx", "--attr", "a=1", "--grid", "out.xyz"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+        cwd=tmp_path,
+    )
     assert_user_error(result, "out.xyz", "unknown image extension '.xyz'")
     assert snapshot(tmp_path) == []

@@ -27,8 +27,18 @@ STOP_WITHIN_S = 60  # the bound on how long the surviving side may take to stop 
 
 
 def train_args(shards, run_dir, *extra):
-    return [str(ROOT / "toolkit" / "train.py"), "recipe=digits", f"run_dir={run_dir}", f"data.shards={shards}",
-            "batch_size=16", "checkpoint_every=2", "sample_every=100000", "log_every=10", "data.num_workers=0", *extra]
+    return [
+        str(ROOT / "toolkit" / "train.py"),
+        "recipe=digits",
+        f"run_dir={run_dir}",
+        f"data.shards={shards}",
+        "batch_size=16",
+        "checkpoint_every=2",
+        "sample_every=100000",
+        "log_every=10",
+        "data.num_workers=0",
+        *extra,
+    ]
 
 
 def wait_for_first_checkpoint(run_dir, processes, timeout=180):
@@ -36,7 +46,9 @@ def wait_for_first_checkpoint(run_dir, processes, timeout=180):
     deadline = time.monotonic() + timeout
     while not (run_dir / CHECKPOINTS / "checkpoint-2" / TRAINER_STATE).is_file():
         for process in processes:
-            assert process.poll() is None, f"a rank ended (rc {process.returncode}) before the fault: {process.stderr.read()[-3000:]}"
+            assert process.poll() is None, (
+                f"a rank ended (rc {process.returncode}) before the fault: {process.stderr.read()[-3000:]}"
+            )
         assert time.monotonic() < deadline, "timed out waiting for the first checkpoint"
         time.sleep(0.05)
 
@@ -48,7 +60,9 @@ def wait_for_exit(process, started):
     except subprocess.TimeoutExpired:
         process.kill()
         _, err = process.communicate()
-        pytest.fail(f"the surviving side still ran {STOP_WITHIN_S} s after the fault (hung in a collective?): {err[-2000:]}")
+        pytest.fail(
+            f"the surviving side still ran {STOP_WITHIN_S} s after the fault (hung in a collective?): {err[-2000:]}"
+        )
     return process.returncode, err, time.monotonic() - started
 
 
@@ -68,10 +82,25 @@ def start_by_hand(shards, run_dir, *extra):
     """Two ranks started one by one with the env:// variables, no launcher watching them."""
     port, processes = free_port(), []
     for rank in (0, 1):
-        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        processes.append(subprocess.Popen([sys.executable, *train_args(shards, run_dir, "max_steps=100000", *extra)],
-                                          cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = {
+            **ENV,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, *train_args(shards, run_dir, "max_steps=100000", *extra)],
+                cwd=run_dir.parent,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     return processes
 
 
@@ -81,9 +110,19 @@ def resume_and_finish(shards, run_dir):
     assert latest is not None and (latest / TRAINER_STATE).is_file()
     step = checkpoint_step(latest)
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         *train_args(shards, run_dir, f"max_steps={step + 3}", "resume=latest")],
-        cwd=run_dir.parent, env=ENV, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            *train_args(shards, run_dir, f"max_steps={step + 3}", "resume=latest"),
+        ],
+        cwd=run_dir.parent,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resuming from {latest} (step {step})" in done.stdout
@@ -94,9 +133,19 @@ def resume_and_finish(shards, run_dir):
 def test_launcher_stops_the_run_when_a_rank_is_killed_and_resume_latest_continues(digits_shards, tmp_path):
     run_dir = tmp_path / "run"
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         *train_args(digits_shards, run_dir, "max_steps=100000", "data.num_workers=1")],
-        cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            *train_args(digits_shards, run_dir, "max_steps=100000", "data.num_workers=1"),
+        ],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         wait_for_first_checkpoint(run_dir, [launcher])
@@ -156,5 +205,7 @@ def test_a_frozen_rank_stops_the_other_after_dist_timeout_s(digits_shards, tmp_p
             process.communicate()
     assert code != 0
     assert "Timed out" in err, err[-3000:]
-    assert 10 < took < 15 + 30, took  # the timeout, not a dead socket, ended it (the wait may have begun just before the freeze)
+    assert 10 < took < 15 + 30, (
+        took
+    )  # the timeout, not a dead socket, ended it (the wait may have begun just before the freeze)
     print(f"rank 0 stopped {took:.1f} s after rank 1 froze (dist_timeout_s=15)")

@@ -25,19 +25,37 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 def config(shards, run_dir, *extra):
-    return load_config(["recipe=digits", f"run_dir={run_dir}", f"data.shards={shards}", "batch_size=16", "max_steps=2",
-                        "checkpoint_every=1", "log_every=1", "sample_every=1000", "data.num_workers=0", *extra])
+    return load_config(
+        [
+            "recipe=digits",
+            f"run_dir={run_dir}",
+            f"data.shards={shards}",
+            "batch_size=16",
+            "max_steps=2",
+            "checkpoint_every=1",
+            "log_every=1",
+            "sample_every=1000",
+            "data.num_workers=0",
+            *extra,
+        ]
+    )
 
 
 def test_another_run_is_refused_unless_resumed_or_replaced(digits_shards, tmp_path):
     run_dir = tmp_path / "run"
     train(config(digits_shards, run_dir, "max_steps=3"))
     for extra in ([], ["beta=0.1"], ["max_steps=5"]):  # the same run again, other settings, more steps
-        with pytest.raises(UserError, match="already holds a finished model .* and 3 checkpoint.*resume=latest.*overwrite=true"):
+        with pytest.raises(
+            UserError, match="already holds a finished model .* and 3 checkpoint.*resume=latest.*overwrite=true"
+        ):
             train(config(digits_shards, run_dir, "max_steps=3", *extra))
     # resume= continues it
     train(config(digits_shards, run_dir, "max_steps=4", "resume=latest"))
-    assert sorted(p.name for p in (run_dir / CHECKPOINTS).iterdir()) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
+    assert sorted(p.name for p in (run_dir / CHECKPOINTS).iterdir()) == [
+        "checkpoint-2",
+        "checkpoint-3",
+        "checkpoint-4",
+    ]
     # overwrite=true replaces it: the old checkpoints, samples and logs go too
     old_logs = set((run_dir / "logs").rglob("events.out.tfevents*"))
     train(config(digits_shards, run_dir, "beta=0.1", "overwrite=true", "max_steps=1"))
@@ -51,10 +69,18 @@ def test_another_run_is_refused_unless_resumed_or_replaced(digits_shards, tmp_pa
 def test_a_checkpoint_of_another_folder_does_not_open_an_occupied_one(digits_shards, tmp_path):
     train(config(digits_shards, tmp_path / "a"))
     train(config(digits_shards, tmp_path / "b"))
-    with pytest.raises(UserError, match="resume=.*checkpoint-2 is a checkpoint of another folder, and run_dir=.*already holds"):
-        train(config(digits_shards, tmp_path / "b", f"resume={tmp_path / 'a' / CHECKPOINTS / 'checkpoint-2'}", "max_steps=3"))
+    with pytest.raises(
+        UserError, match="resume=.*checkpoint-2 is a checkpoint of another folder, and run_dir=.*already holds"
+    ):
+        train(
+            config(
+                digits_shards, tmp_path / "b", f"resume={tmp_path / 'a' / CHECKPOINTS / 'checkpoint-2'}", "max_steps=3"
+            )
+        )
     # into a new folder it starts from that checkpoint (fine-tuning)
-    train(config(digits_shards, tmp_path / "c", f"resume={tmp_path / 'a' / CHECKPOINTS / 'checkpoint-2'}", "max_steps=3"))
+    train(
+        config(digits_shards, tmp_path / "c", f"resume={tmp_path / 'a' / CHECKPOINTS / 'checkpoint-2'}", "max_steps=3")
+    )
 
 
 def test_files_that_are_not_a_runs_are_refused_and_never_removed(digits_shards, tmp_path):
@@ -74,7 +100,9 @@ def test_the_same_run_killed_before_its_first_checkpoint_starts_again(digits_sha
         shutil.rmtree(run_dir / name) if (run_dir / name).is_dir() else (run_dir / name).unlink()
     with pytest.raises(UserError, match="a run with other settings \\(beta: 0.9 there, 0.5 now\\)"):
         train(config(digits_shards, run_dir, "beta=0.5"))
-    train(config(digits_shards, run_dir, "max_steps=2"))  # the same settings (more steps): nothing to lose, so it starts
+    train(
+        config(digits_shards, run_dir, "max_steps=2")
+    )  # the same settings (more steps): nothing to lose, so it starts
     assert (run_dir / "model.safetensors").is_file()
 
 
@@ -88,19 +116,39 @@ def wait_for(path, process, timeout=120):
 
 def test_two_trainings_into_one_folder_the_second_is_refused_and_a_stale_lock_is_taken_over(digits_shards, tmp_path):
     run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "toolkit.cli", "train", "recipe=digits", f"run_dir={run_dir}", f"data.shards={digits_shards}",
-            "batch_size=16", "data.num_workers=0", "log_every=1", "sample_every=1000"]
-    first = subprocess.Popen([*args, "max_steps=100000", "checkpoint_every=1"], cwd=tmp_path, env=ENV,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [
+        sys.executable,
+        "-m",
+        "toolkit.cli",
+        "train",
+        "recipe=digits",
+        f"run_dir={run_dir}",
+        f"data.shards={digits_shards}",
+        "batch_size=16",
+        "data.num_workers=0",
+        "log_every=1",
+        "sample_every=1000",
+    ]
+    first = subprocess.Popen(
+        [*args, "max_steps=100000", "checkpoint_every=1"],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(run_dir / CHECKPOINTS / "checkpoint-1" / "trainer_state.json", first)
         holder = json.loads((run_dir / LOCK).read_text())
         assert (holder["pid"], holder["host"]) == (first.pid, socket.gethostname())
-        second = subprocess.run([*args, "max_steps=3", "resume=latest"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+        second = subprocess.run(
+            [*args, "max_steps=3", "resume=latest"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120
+        )
         assert second.returncode == 2 and "Traceback" not in second.stderr
         assert second.stderr.strip().splitlines()[-1] == (
             f"error: another training (pid {first.pid} on this machine) is writing run_dir={run_dir}: wait for it to end, "
-            "or choose another run_dir (two runs in one folder would mix their checkpoints)")
+            "or choose another run_dir (two runs in one folder would mix their checkpoints)"
+        )
         os.kill(first.pid, signal.SIGKILL)  # leaves its lock behind
         first.communicate(timeout=60)
     finally:
@@ -108,11 +156,22 @@ def test_two_trainings_into_one_folder_the_second_is_refused_and_a_stale_lock_is
             first.kill()
             first.communicate()
     assert json.loads((run_dir / LOCK).read_text())["pid"] == first.pid
-    step = max(int(p.name.split("-")[1]) for p in (run_dir / CHECKPOINTS).glob("checkpoint-*") if not p.name.endswith(".tmp"))
-    third = subprocess.run([*args, f"max_steps={step + 1}", "resume=latest", "checkpoint_every=1000"], cwd=tmp_path, env=ENV,
-                           capture_output=True, text=True, timeout=240)
+    step = max(
+        int(p.name.split("-")[1]) for p in (run_dir / CHECKPOINTS).glob("checkpoint-*") if not p.name.endswith(".tmp")
+    )
+    third = subprocess.run(
+        [*args, f"max_steps={step + 1}", "resume=latest", "checkpoint_every=1000"],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert third.returncode == 0, third.stderr[-3000:]
-    assert f"warning: taking over the stale lock {run_dir / LOCK} (pid {first.pid} is gone: a run that was killed)" in third.stderr
+    assert (
+        f"warning: taking over the stale lock {run_dir / LOCK} (pid {first.pid} is gone: a run that was killed)"
+        in third.stderr
+    )
     assert not (run_dir / LOCK).exists()  # released at the end
 
 
@@ -134,7 +193,7 @@ def test_a_lock_of_another_host_is_reported_and_the_lock_is_released_on_errors(d
 
 def build(out, order=1):
     for split in SPLITS:
-        samples = list(digit_samples(split, 32))[::order if split == "train" else 1]
+        samples = list(digit_samples(split, 32))[:: order if split == "train" else 1]
         write_split(samples, out, split, ATTRIBUTES, (32, 32), "scikit-learn digits", shard_size=1000)
     return out
 
@@ -145,7 +204,10 @@ def test_resume_refuses_other_shards_and_accepts_a_byte_identical_rebuild(digits
     # the same names, counts and attributes, the images dealt to the shards in another order: the manifest is the same
     other = build(tmp_path / "reversed", order=-1)
     assert (other / "train" / "manifest.json").read_bytes() == (digits_shards / "train" / "manifest.json").read_bytes()
-    with pytest.raises(UserError, match="the train split of data.shards=.*reversed is not the one it was trained on \\(train-00000.\\.tar holds other bytes"):
+    with pytest.raises(
+        UserError,
+        match="the train split of data.shards=.*reversed is not the one it was trained on \\(train-00000.\\.tar holds other bytes",
+    ):
         train(config(other, run_dir, "max_steps=3", "resume=latest"))
     fewer = tmp_path / "fewer"
     shutil.copytree(digits_shards, fewer)
@@ -155,4 +217,6 @@ def test_resume_refuses_other_shards_and_accepts_a_byte_identical_rebuild(digits
     (fewer / "train" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="the train split .* is not the one it was trained on \\(its manifest differs"):
         train(config(fewer, run_dir, "max_steps=3", "resume=latest"))
-    train(config(build(tmp_path / "rebuilt"), run_dir, "max_steps=3", "resume=latest"))  # byte-identical elsewhere: resumes
+    train(
+        config(build(tmp_path / "rebuilt"), run_dir, "max_steps=3", "resume=latest")
+    )  # byte-identical elsewhere: resumes

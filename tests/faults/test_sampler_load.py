@@ -25,7 +25,10 @@ def make_calls(count: int, seed: int) -> list[tuple]:
         return {name: rng.randint(0, 1) for name in rng.sample(names, rng.randint(0, len(names)))}
 
     def array(rows):
-        return np.array([[rng.randint(0, 1) for _ in names] for _ in range(rows)], dtype=rng.choice([np.float32, np.int64, np.uint8]))
+        return np.array(
+            [[rng.randint(0, 1) for _ in names] for _ in range(rows)],
+            dtype=rng.choice([np.float32, np.int64, np.uint8]),
+        )
 
     forms = [
         lambda: mapping(),
@@ -48,7 +51,9 @@ def test_eight_threads_of_200_calls_give_what_the_calls_give_one_at_a_time(tiny_
     sampler = Sampler(tiny_onnx, device="cpu", batch_size=5, io_binding=io_binding)
     calls = [make_calls(CALLS, seed=thread) for thread in range(THREADS)]
     started = time.perf_counter()
-    expected = [[sampler.sample(a, n=n, seed=s, temperature=t, base=b) for a, n, s, t, b in thread] for thread in calls]
+    expected = [
+        [sampler.sample(a, n=n, seed=s, temperature=t, base=b) for a, n, s, t, b in thread] for thread in calls
+    ]
     serial = time.perf_counter() - started
 
     results: list[list] = [[] for _ in range(THREADS)]

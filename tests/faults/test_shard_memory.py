@@ -78,7 +78,9 @@ print(process.memory_info().rss - before)
 
 def table_cost(root: Path) -> int:
     """Bytes of RSS that the source table (read_folder's result) takes, in a fresh process."""
-    done = subprocess.run([sys.executable, "-c", TABLE_COST, str(root)], env=ENV, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", TABLE_COST, str(root)], env=ENV, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return int(done.stdout.split()[-1])
 
@@ -88,9 +90,30 @@ def build_peaks(root: Path) -> dict:
     of each worker (its RSS also counts the pages it shares with the main process), peak sum of PSS."""
     started = time.monotonic()
     build = subprocess.Popen(
-        [sys.executable, "-m", "toolkit.cli", "shards", "folder", "--root", str(root), "--attributes", str(root / "labels.csv"),
-         "--out", str(root / "shards"), "--size", "48", "--workers", "2", "--shard-size", "10000"],
-        cwd=root, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "toolkit.cli",
+            "shards",
+            "folder",
+            "--root",
+            str(root),
+            "--attributes",
+            str(root / "labels.csv"),
+            "--out",
+            str(root / "shards"),
+            "--size",
+            "48",
+            "--workers",
+            "2",
+            "--shard-size",
+            "10000",
+        ],
+        cwd=root,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     main = psutil.Process(build.pid)
     peaks: dict[int, int] = {}
@@ -137,9 +160,11 @@ def test_shard_build_memory_grows_only_by_the_source_table(tmp_path):
         shutil.rmtree(root)  # 2 x 50,000 small files: give the disk back now
     small, large = measured[SMALL], measured[LARGE]
     for count, m in measured.items():
-        print(f"{count} images: made in {m['make_seconds']:.1f} s, built in {m['seconds']:.1f} s; peak RSS main "
-              f"{m['main'] / MiB:.0f} MiB, workers' USS {[round(w / MiB) for w in m['workers']]} MiB, sum of PSS "
-              f"{m['pss'] / MiB:.0f} MiB; the table alone {m['table'] / MiB:.1f} MiB")
+        print(
+            f"{count} images: made in {m['make_seconds']:.1f} s, built in {m['seconds']:.1f} s; peak RSS main "
+            f"{m['main'] / MiB:.0f} MiB, workers' USS {[round(w / MiB) for w in m['workers']]} MiB, sum of PSS "
+            f"{m['pss'] / MiB:.0f} MiB; the table alone {m['table'] / MiB:.1f} MiB"
+        )
     table_growth = large["table"] - small["table"]
     assert large["main"] - small["main"] <= table_growth + MARGIN, (small, large)
     for before, after in zip(sorted(small["workers"]), sorted(large["workers"])):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures import make_celeba
 from PIL import Image
 
-from fixtures import make_celeba
 from toolkit.data import shards as shards_module
 from toolkit.data.build import ImageSpec, build_shards
 from toolkit.data.digits import write_digits
@@ -49,8 +49,14 @@ def table(tmp_path, splits=("train", "test"), n=6):
 
 def cli(*args, cwd):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "toolkit.cli", "shards", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "toolkit.cli", "shards", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def one_error_line(done):
@@ -70,7 +76,11 @@ def test_a_rebuild_leaves_no_split_or_shard_of_the_older_build(tmp_path):
     smaller.splits["train"] = smaller.splits["train"][:3]
     build_shards(smaller, out, SPEC, workers=1, shard_size=2, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["test", "train"]
-    assert sorted(p.name for p in (out / "train").iterdir()) == ["manifest.json", "train-000000.tar", "train-000001.tar"]
+    assert sorted(p.name for p in (out / "train").iterdir()) == [
+        "manifest.json",
+        "train-000000.tar",
+        "train-000001.tar",
+    ]
     clean = tmp_path / "clean"
     build_shards(smaller, clean, SPEC, workers=1, shard_size=2, progress=False)
     assert files(out) == files(clean)
@@ -90,7 +100,9 @@ def test_overwrite_replaces_the_whole_output_of_another_build(tmp_path):
     assert json.loads((out / "train" / "manifest.json").read_text())["image_size"] == [12, 12]
 
 
-@pytest.mark.parametrize("stray", ["notes.txt", "photos/a.jpg", "train/notes.txt", "train/train-000000.tar.bak", "test/sub/x"])
+@pytest.mark.parametrize(
+    "stray", ["notes.txt", "photos/a.jpg", "train/notes.txt", "train/train-000000.tar.bak", "test/sub/x"]
+)
 def test_a_folder_holding_other_files_is_refused_even_with_overwrite(tmp_path, stray):
     out = tmp_path / "out"
     build_shards(table(tmp_path), out, SPEC, workers=1, progress=False)
@@ -150,9 +162,15 @@ def test_outputs_that_cannot_be_written_are_one_line_before_any_work(tmp_path):
     celeba = make_celeba(tmp_path / "celeba", n=6)
     (tmp_path / "afile").write_text("not a folder")
     with read_only_folder(tmp_path / "ro"):
-        for out, words in (("afile", ["afile", "is a file"]), ("afile/sub", ["afile", "is a file"]),
-                           ("ro", ["ro", "not writable"]), ("ro/sub", ["ro", "not writable"])):
-            line = one_error_line(cli("celeba", "--root", celeba["root"], "--out", out, "--size", "8", "--workers", "1", cwd=tmp_path))
+        for out, words in (
+            ("afile", ["afile", "is a file"]),
+            ("afile/sub", ["afile", "is a file"]),
+            ("ro", ["ro", "not writable"]),
+            ("ro/sub", ["ro", "not writable"]),
+        ):
+            line = one_error_line(
+                cli("celeba", "--root", celeba["root"], "--out", out, "--size", "8", "--workers", "1", cwd=tmp_path)
+            )
             for word in words:
                 assert word in line, line
         assert not list((tmp_path / "ro").iterdir())
@@ -176,7 +194,11 @@ def test_a_full_disk_is_one_line_leaves_no_partial_shard_and_a_rerun_finishes(tm
         build_shards(source, out, SPEC, workers=2, shard_size=2, progress=False)
     for words in ("No space left on device", "ENOSPC", "train", "run the same command again"):
         assert words in str(refused.value), str(refused.value)
-    assert sorted(p.name for p in out.rglob("*")) == ["train", "train-000000.tar", "train-000001.tar"]  # no .tmp, no manifest
+    assert sorted(p.name for p in out.rglob("*")) == [
+        "train",
+        "train-000000.tar",
+        "train-000001.tar",
+    ]  # no .tmp, no manifest
     monkeypatch.setattr(shards_module._ShardFile, "append", real_append)  # space freed
     build_shards(source, out, SPEC, workers=2, shard_size=2, progress=False)
     assert files(out) == files(clean)
@@ -187,7 +209,9 @@ def test_the_folder_reader_refuses_unknown_image_extensions_before_any_image_is_
     root.mkdir()
     rng = np.random.default_rng(0)
     for name in ("a.jpg", "b.png", "c.txt", "d", "e.heic"):  # .txt and no extension hold real JPEG bytes
-        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(root / name, format="PNG" if name == "b.png" else "JPEG")
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(
+            root / name, format="PNG" if name == "b.png" else "JPEG"
+        )
     csv = tmp_path / "labels.csv"
     import toolkit.data.build as build_module
 
@@ -195,7 +219,11 @@ def test_the_folder_reader_refuses_unknown_image_extensions_before_any_image_is_
         raise AssertionError("an image was encoded before the extensions were checked")
 
     monkeypatch.setattr(build_module, "encode_record", never)
-    for rows, words in ((["c.txt"], ["c.txt"]), (["d"], ["d"]), (["e.heic", "c.txt"], ["e.heic", "c.txt", "2 image file"])):
+    for rows, words in (
+        (["c.txt"], ["c.txt"]),
+        (["d"], ["d"]),
+        (["e.heic", "c.txt"], ["e.heic", "c.txt", "2 image file"]),
+    ):
         csv.write_text("file,x\na.jpg,1\nb.png,0\n" + "".join(f"{row},1\n" for row in rows))
         with pytest.raises(UserError, match="image extension") as refused:
             build_shards(read_folder(root, csv), tmp_path / "out", SPEC, workers=1, progress=False)

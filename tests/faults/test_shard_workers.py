@@ -11,7 +11,6 @@ import tarfile
 from pathlib import Path
 
 import psutil
-
 from fixtures import make_celeba
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,7 +19,7 @@ ARGS = ["--size", "16", "--workers", "2", "--shard-size", "4"]
 
 # The real CLI, one record per task, with the writer paused after the 2nd sample of the 3rd train
 # shard until the test creates the file `go`: the kill lands mid-build, with tasks still to submit.
-PAUSED_BUILD = '''
+PAUSED_BUILD = """
 import sys, time
 from pathlib import Path
 import toolkit.data.build as build
@@ -40,7 +39,7 @@ shards._ShardFile.append = append
 from toolkit.cli import main
 sys.argv = ["cvae-tk", *sys.argv[1:]]
 main()
-'''
+"""
 
 
 def files(folder):
@@ -50,8 +49,15 @@ def files(folder):
 def start_paused(tmp_path, build):
     script = tmp_path / "paused_build.py"
     script.write_text(PAUSED_BUILD)
-    process = subprocess.Popen([sys.executable, str(script), *build], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, str(script), *build],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     line = process.stdout.readline()
     while line and not line.startswith("PAUSED"):
         line = process.stdout.readline()
@@ -81,8 +87,14 @@ def finish(process, workers):
 def test_a_killed_worker_ends_the_build_in_one_line_and_a_rerun_finishes_it(tmp_path):
     celeba = make_celeba(tmp_path / "celeba", n=60)  # 40 train / 10 val / 10 test
     build = ["shards", "celeba", "--root", str(celeba["root"]), *ARGS]
-    clean = subprocess.run([sys.executable, "-m", "toolkit.cli", *build, "--out", "clean"], cwd=tmp_path, env=ENV,
-                           capture_output=True, text=True, timeout=120)
+    clean = subprocess.run(
+        [sys.executable, "-m", "toolkit.cli", *build, "--out", "clean"],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert clean.returncode == 0, clean.stderr[-3000:]
 
     process, workers = start_paused(tmp_path, [*build, "--out", "out"])
@@ -101,15 +113,23 @@ def test_a_killed_worker_ends_the_build_in_one_line_and_a_rerun_finishes_it(tmp_
         with tarfile.open(shard) as tar:
             assert len(tar.getmembers()) == 2 * 4
 
-    again = subprocess.run([sys.executable, "-m", "toolkit.cli", *build, "--out", "out"], cwd=tmp_path, env=ENV,
-                           capture_output=True, text=True, timeout=120)
+    again = subprocess.run(
+        [sys.executable, "-m", "toolkit.cli", *build, "--out", "out"],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert files(out) == files(tmp_path / "clean")
 
 
 def test_ctrl_c_stops_the_build_and_its_workers_without_a_traceback(tmp_path):
     celeba = make_celeba(tmp_path / "celeba", n=60)
-    process, workers = start_paused(tmp_path, ["shards", "celeba", "--root", str(celeba["root"]), *ARGS, "--out", "out"])
+    process, workers = start_paused(
+        tmp_path, ["shards", "celeba", "--root", str(celeba["root"]), *ARGS, "--out", "out"]
+    )
     os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground process group
     err = finish(process, workers)
     assert process.returncode not in (0, None)

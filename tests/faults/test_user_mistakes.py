@@ -53,10 +53,16 @@ MISTAKES = {
     "out-dir-is-a-file": (sample("MODEL", "--out-dir", "afile"), ["afile", "it is a file, expected a folder"]),
     "export-out-is-a-folder": (["export", "RUN", "--out", "adir"], ["adir", "it is a folder"]),
     "interpolate-out-is-a-folder": (interpolate("RUN", "--out", "folder.png"), ["folder.png", "it is a folder"]),
-    "edit-out-unknown-extension": (["edit", "RUN", "photo.png", "--attr", "a=1", "--set", "b=1", "--out", "e.xyz"], ["e.xyz", "extension"]),
+    "edit-out-unknown-extension": (
+        ["edit", "RUN", "photo.png", "--attr", "a=1", "--set", "b=1", "--out", "e.xyz"],
+        ["e.xyz", "extension"],
+    ),
     "interpolate-out-parent-is-a-file": (interpolate("RUN", "--out", "afile/strip.png"), ["afile", "not a folder"]),
     "shards-out-is-a-file": (["shards", "digits", "--out", "afile"], ["afile", "expected a folder"]),
-    "classifier-out-is-a-file": (["classifier", "train", "recipe=digits", "data.shards=SHARDS", "--steps", "1", "--out", "afile"], ["afile", "expected a folder"]),
+    "classifier-out-is-a-file": (
+        ["classifier", "train", "recipe=digits", "data.shards=SHARDS", "--steps", "1", "--out", "afile"],
+        ["afile", "expected a folder"],
+    ),
     # sizes: below the minimum, or beyond the memory of any machine
     "n-zero": (sample("MODEL", "-n", "0", "--grid", "g.png"), ["-n", ">= 1", "0"]),
     "n-negative": (sample("MODEL", "-n", "-1", "--grid", "g.png"), ["-n", ">= 1"]),
@@ -73,19 +79,43 @@ MISTAKES = {
     "interpolate-seed-negative": (interpolate("RUN", "--seed", "-1"), ["--seed", "-1"]),
     "interpolate-seed-huge": (interpolate("RUN", "--seed", str(10**30)), ["--seed", str(10**30)]),
     "eval-seed-negative": (["eval", "RUN", "--seed", "-5"], ["--seed", "-5"]),
-    "shards-folder-seed-huge": (["shards", "folder", "--root", ".", "--attributes", "afile", "--out", "o", "--seed", str(2**63)], ["--seed"]),
-    "classifier-lr-nan": (["classifier", "train", "recipe=digits", "data.shards=SHARDS", "--lr", "nan"], ["--lr", "finite", "nan"]),
-    "classifier-lr-inf": (["classifier", "train", "recipe=digits", "data.shards=SHARDS", "--lr", "inf"], ["--lr", "inf"]),
-    "classifier-lr-zero": (["classifier", "train", "recipe=digits", "data.shards=SHARDS", "--lr", "0"], ["--lr", "> 0"]),
+    "shards-folder-seed-huge": (
+        ["shards", "folder", "--root", ".", "--attributes", "afile", "--out", "o", "--seed", str(2**63)],
+        ["--seed"],
+    ),
+    "classifier-lr-nan": (
+        ["classifier", "train", "recipe=digits", "data.shards=SHARDS", "--lr", "nan"],
+        ["--lr", "finite", "nan"],
+    ),
+    "classifier-lr-inf": (
+        ["classifier", "train", "recipe=digits", "data.shards=SHARDS", "--lr", "inf"],
+        ["--lr", "inf"],
+    ),
+    "classifier-lr-zero": (
+        ["classifier", "train", "recipe=digits", "data.shards=SHARDS", "--lr", "0"],
+        ["--lr", "> 0"],
+    ),
     # inputs that are not what they should be
     "edit-not-an-image": (["edit", "RUN", "notimg.png", "--attr", "a=1", "--set", "b=1"], ["notimg.png"]),
     "edit-a-folder": (["edit", "RUN", "adir", "--attr", "a=1", "--set", "b=1"], ["adir", "folder"]),
-    "edit-missing-image": (["edit", "RUN", "missing.png", "--attr", "a=1", "--set", "b=1"], ["missing.png", "not found"]),
+    "edit-missing-image": (
+        ["edit", "RUN", "missing.png", "--attr", "a=1", "--set", "b=1"],
+        ["missing.png", "not found"],
+    ),
     "eval-a-folder-that-is-not-a-run": (["eval", "adir"], ["adir", "config.json"]),
     "eval-a-file": (["eval", "afile"], ["afile"]),
-    "sweep-launcher-unmatched-quote": (["sweep", "recipe=digits", "data.shards=SHARDS", "--launcher", "python 'oops"], ["--launcher", "No closing quotation"]),
-    "sweep-launcher-blank": (["sweep", "recipe=digits", "data.shards=SHARDS", "--launcher", "   "], ["--launcher is empty"]),
-    "sweep-launcher-no-program": (["sweep", "recipe=digits", "data.shards=SHARDS", "--launcher", "no-such-launcher --x"], ["no-such-launcher", "no program"]),
+    "sweep-launcher-unmatched-quote": (
+        ["sweep", "recipe=digits", "data.shards=SHARDS", "--launcher", "python 'oops"],
+        ["--launcher", "No closing quotation"],
+    ),
+    "sweep-launcher-blank": (
+        ["sweep", "recipe=digits", "data.shards=SHARDS", "--launcher", "   "],
+        ["--launcher is empty"],
+    ),
+    "sweep-launcher-no-program": (
+        ["sweep", "recipe=digits", "data.shards=SHARDS", "--launcher", "no-such-launcher --x"],
+        ["no-such-launcher", "no program"],
+    ),
     "unknown-option": (sample("MODEL", "--gird", "g.png"), ["--gird"]),
     "unknown-command": (["smaple"], ["smaple"]),
 }
@@ -140,7 +170,9 @@ def test_a_real_bug_keeps_its_traceback(tiny_onnx, tmp_path, monkeypatch):
 def test_help_and_success_still_exit_0(tiny_onnx, tmp_path, monkeypatch, capsys):
     code, out, _ = cli(["sample", "--help"], monkeypatch, capsys, tmp_path)
     assert code == 0 and "--grid" in out
-    code, out, err = cli(sample(tiny_onnx, "-n", "2", "--seed", str(2**63 - 1), "--grid", "g.png"), monkeypatch, capsys, tmp_path)
+    code, out, err = cli(
+        sample(tiny_onnx, "-n", "2", "--seed", str(2**63 - 1), "--grid", "g.png"), monkeypatch, capsys, tmp_path
+    )
     assert code == 0 and err == "" and "wrote g.png" in out
     with Image.open(tmp_path / "g.png") as grid:
         assert grid.format == "PNG"

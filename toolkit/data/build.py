@@ -42,7 +42,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from toolkit.atomic import check_output as check_writable, describe_os_error
+from toolkit.atomic import check_output as check_writable
+from toolkit.atomic import describe_os_error
 from toolkit.data.shards import EncodedSample, Sample, prepare_output, serialize, write_split
 from toolkit.data.sources import Record, SourceTable, first_few
 from toolkit.errors import UserError
@@ -51,7 +52,6 @@ from toolkit.memory import check_fits, gib
 
 # The largest side libjpeg (so Pillow) writes: every re-encoded image is a JPEG.
 MAX_SIDE = 65_500
-
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,10 @@ class ImageSpec:
                 parsed = None
                 parts = []
             if len(parts) != 2 or min(parts) < 4 or max(parts) > MAX_SIDE:
-                raise UserError(f"--size '{size}': expected N (N x N), HxW (e.g. 218x178) or original, "
-                                f"sides from 4 to {MAX_SIDE:,} (the largest JPEG)")
+                raise UserError(
+                    f"--size '{size}': expected N (N x N), HxW (e.g. 218x178) or original, "
+                    f"sides from 4 to {MAX_SIDE:,} (the largest JPEG)"
+                )
             parsed = (parts[0], parts[1])
         side = None
         if crop:
@@ -159,9 +161,13 @@ def _encode_image(record: Record, spec: ImageSpec) -> Sample | Skipped:
             data, ext, size = original_bytes(record.path, spec.quality)
             return Sample(record.key, data, ext, record.attributes, size)
         image, box = _decode(record.path, spec, record.bbox)
-        if spec.crop is not None and (min(box[:2]) < -0.5 or box[2] > image.width + 0.5 or box[3] > image.height + 0.5):
-            return Skipped(record.key, f"{record.path.name}: --crop center:{spec.crop} does not fit the image "
-                                       f"({_shown(record.path)})")
+        if spec.crop is not None and (
+            min(box[:2]) < -0.5 or box[2] > image.width + 0.5 or box[3] > image.height + 0.5
+        ):
+            return Skipped(
+                record.key,
+                f"{record.path.name}: --crop center:{spec.crop} does not fit the image ({_shown(record.path)})",
+            )
         if spec.size is None:  # bounding box only: keep its pixels
             image = image.crop(tuple(round(v) for v in box))
         else:
@@ -185,15 +191,21 @@ class _Records:
         self.keys = np.array([r.key.encode() for r in records], dtype=np.bytes_)
         self.paths = np.array([os.fsencode(r.path) for r in records], dtype=np.bytes_)
         self.attributes = np.stack([r.attributes for r in records]) if records else np.zeros((0, 0), np.uint8)
-        self.bboxes = np.array([r.bbox if r.bbox is not None else (np.nan,) * 4 for r in records], dtype=np.float64).reshape(-1, 4)
+        self.bboxes = np.array(
+            [r.bbox if r.bbox is not None else (np.nan,) * 4 for r in records], dtype=np.float64
+        ).reshape(-1, 4)
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def __getitem__(self, index: int) -> Record:
         bbox = self.bboxes[index]
-        return Record(self.keys[index].decode(), Path(os.fsdecode(self.paths[index])), self.attributes[index],
-                      None if np.isnan(bbox[0]) else tuple(float(v) for v in bbox))
+        return Record(
+            self.keys[index].decode(),
+            Path(os.fsdecode(self.paths[index])),
+            self.attributes[index],
+            None if np.isnan(bbox[0]) else tuple(float(v) for v in bbox),
+        )
 
 
 # Worker state: the records and options arrive once per worker (inherited under fork), so a task
@@ -264,12 +276,18 @@ def _unpack(packed: tuple[bytes, list]) -> list[EncodedSample | Skipped]:
     return results
 
 
-def _chunks(table: SourceTable, chunk: int, executor: ProcessPoolExecutor | None, workers: int) -> Iterator[list[EncodedSample | Skipped]]:
+def _chunks(
+    table: SourceTable, chunk: int, executor: ProcessPoolExecutor | None, workers: int
+) -> Iterator[list[EncodedSample | Skipped]]:
     """Encoded chunks of every split, in input order. Tasks are index ranges (tiny); a bounded
     window of them is in flight, and results are written as they arrive, so memory stays flat; one
     stream over all splits keeps every worker busy up to the very end (no drain between splits).
     A dead worker raises BrokenProcessPool here (from `result()` or `submit`)."""
-    tasks = ((split, i, min(i + chunk, len(records))) for split, records in table.splits.items() for i in range(0, len(records), chunk))
+    tasks = (
+        (split, i, min(i + chunk, len(records)))
+        for split, records in table.splits.items()
+        for i in range(0, len(records), chunk)
+    )
     if executor is None:
         yield from map(_unpack, map(_encode_chunk, tasks))
         return
@@ -282,7 +300,9 @@ def _chunks(table: SourceTable, chunk: int, executor: ProcessPoolExecutor | None
         yield _unpack(packed)
 
 
-def _split_samples(chunks, count: int, name: str, strict: bool, skipped: list, extra: dict, bar) -> Iterator[EncodedSample]:
+def _split_samples(
+    chunks, count: int, name: str, strict: bool, skipped: list, extra: dict, bar
+) -> Iterator[EncodedSample]:
     """The next `count` chunks' samples; skips are listed (or fatal with strict), then `extra` is filled."""
     sizes: set = set()
     for _ in range(count):
@@ -338,32 +358,47 @@ def check_inputs(table: SourceTable, spec: ImageSpec, workers: int) -> None:
     Image.init()  # every plugin, not only the few Pillow loads at first
     readable = {ext for ext, name in Image.registered_extensions().items() if name in Image.OPEN}
     kept = {".jpg", ".jpeg", ".png"}  # --size original keeps the bytes: JPEG or PNG only
-    bad = [Path(*r.path.parts[-2:]).as_posix() for records in table.splits.values() for r in records
-           if r.path.suffix.lower() not in (kept if spec.size is None and r.bbox is None else readable)]
+    bad = [
+        Path(*r.path.parts[-2:]).as_posix()
+        for records in table.splits.values()
+        for r in records
+        if r.path.suffix.lower() not in (kept if spec.size is None and r.bbox is None else readable)
+    ]
     if bad:
-        expected = (".jpg, .jpeg or .png (--size original keeps the files' bytes)" if spec.size is None else
-                    "the extension of an image format Pillow reads (.jpg, .png, .webp, .tif, .bmp, .gif, ...)")
-        raise UserError(f"{table.source}: {len(bad)} image file name(s) without a usable image extension "
-                        f"(first: {first_few(bad)}); expected {expected}")
+        expected = (
+            ".jpg, .jpeg or .png (--size original keeps the files' bytes)"
+            if spec.size is None
+            else "the extension of an image format Pillow reads (.jpg, .png, .webp, .tif, .bmp, .gif, ...)"
+        )
+        raise UserError(
+            f"{table.source}: {len(bad)} image file name(s) without a usable image extension "
+            f"(first: {first_few(bad)}); expected {expected}"
+        )
     if spec.crop is not None:
         for split, records in table.splits.items():
             shown = _shown(records[0].path) if records else ""
             if shown and spec.crop > min(int(side) for side in shown.split("x")):
-                raise UserError(f"--crop center:{spec.crop} is larger than the images ({split}'s first, "
-                                f"{records[0].path.name}, is {shown}); expected a side no larger than the image's")
+                raise UserError(
+                    f"--crop center:{spec.crop} is larger than the images ({split}'s first, "
+                    f"{records[0].path.name}, is {shown}); expected a side no larger than the image's"
+                )
     chunk = _chunk_size(spec)
     pixels = 3 * spec.size[0] * spec.size[1] if spec.size is not None else 0
     # each worker: the decoded image, its resized copy, the JPEG (no bigger than the pixels) and a
     # task's results; the main process: the results of the tasks in flight
     per_worker = WORKER_MEMORY + (3 + chunk) * pixels
-    check_fits(workers * per_worker + _window(workers) * chunk * pixels,
-               f"building {'x'.join(map(str, spec.size)) if spec.size else 'original-size'} shards with {workers} worker(s)",
-               f"choose a smaller --size or fewer --workers (each needs about {gib(per_worker)})")
+    check_fits(
+        workers * per_worker + _window(workers) * chunk * pixels,
+        f"building {'x'.join(map(str, spec.size)) if spec.size else 'original-size'} shards with {workers} worker(s)",
+        f"choose a smaller --size or fewer --workers (each needs about {gib(per_worker)})",
+    )
 
 
 def _worker_death(executor: ProcessPoolExecutor, out: Path, split: str) -> str:
     """The one line for a pool whose worker died, saying how it died where its exit code tells."""
-    processes = list((getattr(executor, "_processes", None) or {}).values())  # private, but the only record of the exit codes
+    processes = list(
+        (getattr(executor, "_processes", None) or {}).values()
+    )  # private, but the only record of the exit codes
     for process in processes:
         process.join(1)  # the pool is stopping them: wait a moment, so that every exit code is known
     codes = [p.exitcode for p in processes if p.exitcode not in (None, 0, -signal.SIGTERM)]
@@ -371,14 +406,20 @@ def _worker_death(executor: ProcessPoolExecutor, out: Path, split: str) -> str:
     if code == -signal.SIGKILL:
         how = "it was killed (SIGKILL), as the kernel's out-of-memory killer does"
     elif code is not None and code < 0:
-        how = f"it was killed by {signal.Signals(-code).name}" if -code in signal.valid_signals() else f"it was killed by signal {-code}"
+        how = (
+            f"it was killed by {signal.Signals(-code).name}"
+            if -code in signal.valid_signals()
+            else f"it was killed by signal {-code}"
+        )
     elif code is not None:
         how = f"it exited with status {code}"
     else:
         how = "it ended abruptly"
-    return (f"a shard-building worker process died while the {split} split of {out} was being written: {how}; "
-            f"the shards finished so far are kept and that split has no manifest (unfinished): run the same "
-            f"command again to finish the build, with fewer --workers if memory is short")
+    return (
+        f"a shard-building worker process died while the {split} split of {out} was being written: {how}; "
+        f"the shards finished so far are kept and that split has no manifest (unfinished): run the same "
+        f"command again to finish the build, with fewer --workers if memory is short"
+    )
 
 
 def _stop(executor: ProcessPoolExecutor) -> None:
@@ -421,21 +462,36 @@ def build_shards(
     try:
         prepare_output(out, table.splits, options, overwrite)
         if workers > 1:
-            executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(*state, os.getpid()))
+            executor = ProcessPoolExecutor(
+                workers, mp_context=context, initializer=_start_worker, initargs=(*state, os.getpid())
+            )
         with tqdm(total=total, desc=f"shards {table.source}", unit="img", disable=not progress, mininterval=1) as bar:
             chunks = _chunks(table, chunk, executor, workers)
             for split, records in table.splits.items():
                 skipped = [{"key": s.split(":", 1)[0], "reason": s} for s in table.skipped.get(split, [])]
                 extra: dict = {"build": options}
-                samples = _split_samples(chunks, -(-len(records) // chunk), f"{table.source} {split}", strict, skipped, extra, bar)
+                samples = _split_samples(
+                    chunks, -(-len(records) // chunk), f"{table.source} {split}", strict, skipped, extra, bar
+                )
                 size = spec.size or (0, 0)  # original: filled in from the images themselves
-                manifests[split] = write_split(samples, out, split, table.attributes, size, table.source, shard_size or auto_shard_size(len(records)), extra=extra)
+                manifests[split] = write_split(
+                    samples,
+                    out,
+                    split,
+                    table.attributes,
+                    size,
+                    table.source,
+                    shard_size or auto_shard_size(len(records)),
+                    extra=extra,
+                )
     except BrokenProcessPool:
         raise UserError(_worker_death(executor, out, split)) from None
     except OSError as error:  # the main process only writes: a full disk, a folder made read-only meanwhile
         where = f" ({error.filename})" if error.filename else ""
-        raise UserError(f"could not write the shards in {out}{where}: {describe_os_error(error)}; the {split} split "
-                        f"has no manifest (unfinished): free some space or fix the folder, then run the same command again") from None
+        raise UserError(
+            f"could not write the shards in {out}{where}: {describe_os_error(error)}; the {split} split "
+            f"has no manifest (unfinished): free some space or fix the folder, then run the same command again"
+        ) from None
     finally:
         gc.unfreeze()
         _WORKER.clear()

@@ -31,7 +31,9 @@ _value = _VALUE.__getitem__
 def read_celeba(root: str | Path) -> SourceTable:
     root = Path(os.path.abspath(root))
     if not root.is_dir():
-        raise UserError(f"CelebA root {root} is not a folder (expected one holding {IMAGES}/, {ATTRIBUTES} and {PARTITION})")
+        raise UserError(
+            f"CelebA root {root} is not a folder (expected one holding {IMAGES}/, {ATTRIBUTES} and {PARTITION})"
+        )
     images_dir, attr_file, partition_file = root / IMAGES, root / ATTRIBUTES, root / PARTITION
     if not images_dir.is_dir():
         raise UserError(f"CelebA: expected the image folder {images_dir}")
@@ -55,7 +57,9 @@ def read_celeba(root: str | Path) -> SourceTable:
     listed = set(files)
     unlisted = sorted(name for name in on_disk if name not in listed)
     if unlisted:
-        raise UserError(f"{images_dir}: {len(unlisted)} image(s) have no row in {attr_file} (first: {first_few(unlisted)})")
+        raise UserError(
+            f"{images_dir}: {len(unlisted)} image(s) have no row in {attr_file} (first: {first_few(unlisted)})"
+        )
     unsplit = [name for name in files if name not in split_of]
     if unsplit:
         raise UserError(f"{partition_file}: {len(unsplit)} image(s) have no row (first: {first_few(unsplit)})")
@@ -65,8 +69,10 @@ def read_celeba(root: str | Path) -> SourceTable:
     for index, name in enumerate(files):
         key = safe_key(name)
         if key in keys:  # e.g. '000001.jpg' and '000001.png': one sample key, so the shards would merge them
-            raise UserError(f"{attr_file} line {lines[index]}: {name} gives the key {key!r}, as {files[keys[key]]} on line "
-                            f"{lines[keys[key]]} does; rename one of the images")
+            raise UserError(
+                f"{attr_file} line {lines[index]}: {name} gives the key {key!r}, as {files[keys[key]]} on line "
+                f"{lines[keys[key]]} does; rename one of the images"
+            )
         keys[key] = index
         splits[split_of[name]].append(Record(key=key, path=images_dir / name, attributes=matrix[index]))
     return SourceTable(source="celeba", attributes=names, splits=splits)
@@ -76,7 +82,9 @@ def _read_attributes(path: Path) -> tuple[list[str], list[str], list[int], np.nd
     """Attribute names, image file names and their line numbers, and the (images, attributes) uint8 matrix."""
     rows = text_rows(path)
     number, fields = next(rows, (1, []))
-    if len(fields) != 1 or not (fields[0].isascii() and fields[0].isdigit()):  # not '²', which isdigit() takes and int() refuses
+    if len(fields) != 1 or not (
+        fields[0].isascii() and fields[0].isdigit()
+    ):  # not '²', which isdigit() takes and int() refuses
         raise UserError(f"{path} line {number}: expected the image count alone, got {' '.join(fields)!r}")
     count, count_line = int(fields[0]), number
     number, names = next(rows, (count_line + 1, []))

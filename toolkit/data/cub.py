@@ -59,12 +59,16 @@ def read_cub(root: str | Path, bbox_crop: bool = False, condition: str = "both")
     if attributes:
         labels_file = data / "attributes" / "image_attribute_labels.txt"
         if not labels_file.is_file():  # the file many copies of CUB lack: say how to do without it
-            raise UserError(f"CUB-200-2011: {labels_file} not found; it holds the attribute labels that "
-                            f"condition {condition!r} needs (--condition species builds species-only shards)")
+            raise UserError(
+                f"CUB-200-2011: {labels_file} not found; it holds the attribute labels that "
+                f"condition {condition!r} needs (--condition species builds species-only shards)"
+            )
         attribute_names, attribute_index = _read_names(_attributes_file(data, condition), "attribute")
     repeated = sorted(name for name, count in Counter(class_names + attribute_names).items() if count > 1)
     if repeated:  # the condition vector is addressed by name (the sampler, edits): one name per position
-        raise UserError(f"CUB-200-2011: name(s) used twice across classes.txt and attributes.txt: {first_few(repeated)}")
+        raise UserError(
+            f"CUB-200-2011: name(s) used twice across classes.txt and attributes.txt: {first_few(repeated)}"
+        )
     ids, relpaths, image_index = _read_images(data / "images.txt")
 
     def class_of(value: str) -> int:
@@ -80,13 +84,20 @@ def read_cub(root: str | Path, bbox_crop: bool = False, condition: str = "both")
 
     matrix = np.zeros((len(ids), len(class_names) + len(attribute_names)), dtype=np.uint8)
     if species:
-        labels = _per_image(data / "image_class_labels.txt", image_index, ids, relpaths, "<image_id> <class_id>", class_of)
+        labels = _per_image(
+            data / "image_class_labels.txt", image_index, ids, relpaths, "<image_id> <class_id>", class_of
+        )
         matrix[np.arange(len(ids)), labels] = 1
     train = _per_image(data / "train_test_split.txt", image_index, ids, relpaths, "<image_id> 1|0", is_train)
     if attributes:
-        matrix[:, len(class_names):] = _read_attribute_labels(labels_file, image_index, ids, relpaths, attribute_index)
-    boxes = _per_image(data / "bounding_boxes.txt", image_index, ids, relpaths, "<image_id> x y w h", _box,
-                       columns=4) if bbox_crop else None
+        matrix[:, len(class_names) :] = _read_attribute_labels(
+            labels_file, image_index, ids, relpaths, attribute_index
+        )
+    boxes = (
+        _per_image(data / "bounding_boxes.txt", image_index, ids, relpaths, "<image_id> x y w h", _box, columns=4)
+        if bbox_crop
+        else None
+    )
 
     images_dir = data / "images"
     _check_images(images_dir, data / "images.txt", relpaths)
@@ -98,8 +109,12 @@ def read_cub(root: str | Path, bbox_crop: bool = False, condition: str = "both")
         if key in keys:  # e.g. 'a.b/c.jpg' and 'a_b/c.jpg'
             raise UserError(f"{data / 'images.txt'}: {relpath} and {keys[key]} give the same key {key!r}")
         keys[key] = relpath
-        record = Record(key=key, path=images_dir / relpath, attributes=matrix[index],
-                        bbox=boxes[index] if boxes is not None else None)
+        record = Record(
+            key=key,
+            path=images_dir / relpath,
+            attributes=matrix[index],
+            bbox=boxes[index] if boxes is not None else None,
+        )
         splits["train" if train[index] else "test"].append(record)
     source = "cub-200-2011" if condition == "both" else f"cub-200-2011:{condition}"
     return SourceTable(source=source, attributes=class_names + attribute_names, splits=splits)
@@ -122,8 +137,10 @@ def _attributes_file(data: Path, condition: str) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise UserError(f"CUB-200-2011: attributes.txt not found (looked for {candidates[0]} and {candidates[1]}); "
-                    f"condition {condition!r} needs it (--condition species builds species-only shards)")
+    raise UserError(
+        f"CUB-200-2011: attributes.txt not found (looked for {candidates[0]} and {candidates[1]}); "
+        f"condition {condition!r} needs it (--condition species builds species-only shards)"
+    )
 
 
 def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:
@@ -167,12 +184,16 @@ def _read_images(path: Path) -> tuple[list[int], list[str], dict[int, int]]:
     for number, fields in _rows(path):
         ident = _int(fields[0])
         if len(fields) != 2 or ident is None:
-            raise UserError(f"{path} line {number}: expected '<image_id> <class_dir>/<file>', got {' '.join(fields)!r}")
+            raise UserError(
+                f"{path} line {number}: expected '<image_id> <class_dir>/<file>', got {' '.join(fields)!r}"
+            )
         relpath = fields[1]
         if relpath.startswith("/") or ".." in relpath.split("/"):
             raise UserError(f"{path} line {number}: {relpath!r} is not a path inside images/")
         if ident in index:
-            raise UserError(f"{path} line {number}: image id {ident} already used on line {seen[relpaths[index[ident]]]}")
+            raise UserError(
+                f"{path} line {number}: image id {ident} already used on line {seen[relpaths[index[ident]]]}"
+            )
         if relpath in seen:
             raise UserError(f"{path} line {number}: {relpath} already listed on line {seen[relpath]}")
         index[ident], seen[relpath] = len(ids), number
@@ -183,8 +204,15 @@ def _read_images(path: Path) -> tuple[list[int], list[str], dict[int, int]]:
     return ids, relpaths, index
 
 
-def _per_image(path: Path, image_index: dict[int, int], ids: list[int], relpaths: list[str], form: str,
-               parse: Callable[..., T], columns: int = 1) -> list[T]:
+def _per_image(
+    path: Path,
+    image_index: dict[int, int],
+    ids: list[int],
+    relpaths: list[str],
+    form: str,
+    parse: Callable[..., T],
+    columns: int = 1,
+) -> list[T]:
     """`<image_id> <value...>` rows -> one parsed value per image (images.txt order); every image needs a row.
 
     `parse` gets the fields after the id and raises ValueError(reason) on a bad value.
@@ -224,8 +252,9 @@ _PRESENT = {"0": False, "1": True}
 _CERTAIN = {"1": False, "2": False, "3": True, "4": True}  # certainty_id >= 3; other spellings go through int()
 
 
-def _read_attribute_labels(path: Path, image_index: dict[int, int], ids: list[int], relpaths: list[str],
-                           attribute_index: dict[int, int]) -> np.ndarray:
+def _read_attribute_labels(
+    path: Path, image_index: dict[int, int], ids: list[int], relpaths: list[str], attribute_index: dict[int, int]
+) -> np.ndarray:
     """image_attribute_labels.txt -> (images, attributes) uint8, 1 where present with certainty >= 3.
 
     The real file has ~3.7M rows: ids are looked up as text first, and only the 1s are collected.
@@ -261,7 +290,9 @@ def _read_attribute_labels(path: Path, image_index: dict[int, int], ids: list[in
             certain = certainty >= 3
         position = image * n_attributes + attribute
         if seen[position]:
-            raise UserError(f"{path} line {number}: image id {ids[image]} and attribute id {fields[1]} already have a row")
+            raise UserError(
+                f"{path} line {number}: image id {ids[image]} and attribute id {fields[1]} already have a row"
+            )
         seen[position] = 1
         counts[image] += 1
         if present and certain:
@@ -281,4 +312,6 @@ def _check_images(images_dir: Path, listing: Path, relpaths: list[str]) -> None:
     """Every listed image must exist: one directory listing per class folder, no stat per image."""
     missing = [relpaths[i] for i in missing_files(images_dir, relpaths)]
     if missing:
-        raise UserError(f"{listing}: {len(missing)} listed image(s) not found under {images_dir} (first: {first_few(missing)})")
+        raise UserError(
+            f"{listing}: {len(missing)} listed image(s) not found under {images_dir} (first: {first_few(missing)})"
+        )

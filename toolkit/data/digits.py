@@ -50,5 +50,16 @@ def write_digits(out: str | Path, size: int = 32, shard_size: int = 100, overwri
     older split or shard is left beside the new ones. Returns {split: manifest}."""
     build = {"source": SOURCE, "size": size, "shard_size": shard_size}
     prepare_output(out, SPLITS, build, overwrite)
-    return {split: write_split(digit_samples(split, size), out, split, ATTRIBUTES, (size, size), SOURCE, shard_size,
-                               extra={"build": build}) for split in SPLITS}
+    return {
+        split: write_split(
+            digit_samples(split, size),
+            out,
+            split,
+            ATTRIBUTES,
+            (size, size),
+            SOURCE,
+            shard_size,
+            extra={"build": build},
+        )
+        for split in SPLITS
+    }

@@ -30,8 +30,9 @@ SPLITS = ("train", "val", "test")
 _VALUE = {"0": 0, "1": 1}
 
 
-def read_folder(root: str | Path, table: str | Path, split_column: str | None = None,
-                test_fraction: float = 0.1, seed: int = 0) -> SourceTable:
+def read_folder(
+    root: str | Path, table: str | Path, split_column: str | None = None, test_fraction: float = 0.1, seed: int = 0
+) -> SourceTable:
     root, table = Path(os.path.abspath(root)), Path(os.path.abspath(table))
     if not root.is_dir():
         raise UserError(f"image folder {root} is not a folder")
@@ -60,8 +61,9 @@ def read_folder(root: str | Path, table: str | Path, split_column: str | None = 
     return SourceTable(source=f"folder:{root.name}", attributes=names, splits=splits)
 
 
-def _read_table(table: Path, split_column: str | None
-                ) -> tuple[list[str], list[str], list[int], np.ndarray, list[str] | None]:
+def _read_table(
+    table: Path, split_column: str | None
+) -> tuple[list[str], list[str], list[int], np.ndarray, list[str] | None]:
     """Attribute names, normalized file names, their line numbers, the uint8 matrix, and the splits if given."""
     try:
         with open(table, newline="", encoding="utf-8-sig") as stream:  # -sig: Excel's byte-order mark
@@ -160,7 +162,9 @@ def _check_images(root: Path, table: Path, files: list[str], lines: list[int]) -
     """Every row's image must exist: one directory listing per folder, no stat per image."""
     missing = [f"{files[i]} (line {lines[i]})" for i in missing_files(root, files)]
     if missing:
-        raise UserError(f"{table}: {len(missing)} listed image(s) not found under {root} (first: {first_few(missing)})")
+        raise UserError(
+            f"{table}: {len(missing)} listed image(s) not found under {root} (first: {first_few(missing)})"
+        )
 
 
 def _random_split(n: int, test_fraction: float, seed: int) -> list[str]:
@@ -171,4 +175,3 @@ def _random_split(n: int, test_fraction: float, seed: int) -> list[str]:
     n_test = min(n_test, max(n - 1, 0))  # keep at least one training row
     test = set(np.random.default_rng(seed).permutation(n)[:n_test].tolist())
     return ["test" if index in test else "train" for index in range(n)]
-

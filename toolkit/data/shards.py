@@ -76,13 +76,19 @@ def encode_attributes(attributes: np.ndarray) -> bytes:
 
 def _check(sample: Sample, num_attributes: int) -> None:
     if not isinstance(sample.key, str) or not _KEY.fullmatch(sample.key):
-        raise ValueError(f"sample key {sample.key!r}: expected a non-empty name without '.', '/', '\\' or control characters")
+        raise ValueError(
+            f"sample key {sample.key!r}: expected a non-empty name without '.', '/', '\\' or control characters"
+        )
     if sample.ext not in IMAGE_EXTS:
         raise ValueError(f"sample {sample.key}: image extension {sample.ext!r}, expected one of {IMAGE_EXTS}")
     attributes = np.asarray(sample.attributes)
     if attributes.shape != (num_attributes,):
-        raise ValueError(f"sample {sample.key}: {attributes.shape[0] if attributes.ndim else 0} attribute values, expected {num_attributes}")
-    if attributes.size and (attributes.min() < 0 or attributes.max() > 1 or not np.array_equal(attributes, attributes.astype(np.uint8))):
+        raise ValueError(
+            f"sample {sample.key}: {attributes.shape[0] if attributes.ndim else 0} attribute values, expected {num_attributes}"
+        )
+    if attributes.size and (
+        attributes.min() < 0 or attributes.max() > 1 or not np.array_equal(attributes, attributes.astype(np.uint8))
+    ):
         raise ValueError(f"sample {sample.key}: attribute values must be 0 or 1")
 
 
@@ -206,8 +212,11 @@ def write_split(
 # What a build leaves in a split folder <split>/: its tars, its manifest, and the temporary names
 # of both (a killed build's `.tar.tmp`, atomic_path's hidden `.manifest.json.<pid>.tmp`).
 def _is_shard_file(split: str, name: str) -> bool:
-    return (name == MANIFEST or re.fullmatch(rf"\.{re.escape(MANIFEST)}\.\d+\.tmp", name) is not None
-            or re.fullmatch(rf"{re.escape(split)}-\d{{6,}}\.tar(\.tmp)?", name) is not None)
+    return (
+        name == MANIFEST
+        or re.fullmatch(rf"\.{re.escape(MANIFEST)}\.\d+\.tmp", name) is not None
+        or re.fullmatch(rf"{re.escape(split)}-\d{{6,}}\.tar(\.tmp)?", name) is not None
+    )
 
 
 def _split_folders(out: Path) -> dict[str, list[str]]:
@@ -233,8 +242,10 @@ def _split_folders(out: Path) -> dict[str, list[str]]:
                 splits[entry.name] = sorted(files)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise UserError(f"--out {out} holds files that are not shards ({shown}); choose an empty or new folder "
-                        f"(--overwrite replaces only shards, never other files)")
+        raise UserError(
+            f"--out {out} holds files that are not shards ({shown}); choose an empty or new folder "
+            f"(--overwrite replaces only shards, never other files)"
+        )
     return splits
 
 
@@ -259,8 +270,10 @@ def prepare_output(out: str | Path, splits: Iterable[str], build: dict, overwrit
             except (ValueError, OSError):
                 previous = None
             if not isinstance(previous, dict) or previous.get("build") != build:
-                raise UserError(f"{out} already holds shards from another build ({manifest}); "
-                                f"choose another --out or pass --overwrite to replace them")
+                raise UserError(
+                    f"{out} already holds shards from another build ({manifest}); "
+                    f"choose another --out or pass --overwrite to replace them"
+                )
     wanted = set(splits)
     for split, names in found.items():
         folder = out / split

@@ -87,7 +87,9 @@ def read_manifest(shards: str | Path, split: str) -> dict:
     try:
         manifest = json.loads(text)
     except ValueError as error:  # also bytes that are not UTF-8
-        raise UserError(f"{location} is not a JSON manifest ({one_line(error)}); rebuild the shards with `cvae-tk shards`") from None
+        raise UserError(
+            f"{location} is not a JSON manifest ({one_line(error)}); rebuild the shards with `cvae-tk shards`"
+        ) from None
     check_manifest(manifest, location, split)
     return manifest
 
@@ -125,7 +127,9 @@ def check_manifest(manifest, location: str, split: str) -> None:
         if not count(value):
             raise bad(f"shard {name} has the count {value!r}, expected an integer >= 0")
     if not count(manifest["count"]) or manifest["count"] != sum(manifest["shards"].values()):
-        raise bad(f"'count' is {manifest['count']!r}, expected the sum of the shard counts ({sum(manifest['shards'].values())})")
+        raise bad(
+            f"'count' is {manifest['count']!r}, expected the sum of the shard counts ({sum(manifest['shards'].values())})"
+        )
     size = manifest.get("image_size")  # null: images of varied sizes (--size original)
     if size is not None and not (isinstance(size, list) and len(size) == 2 and all(count(side) for side in size)):
         raise bad(f"'image_size' is {size!r}, expected [height, width] or null")
@@ -229,7 +233,11 @@ def _read_shards(source, counts: dict[str, int], tally: list[int]):
         if error is None:
             reason = f"it ended after {read} of {expected} samples (a cut-off tar?)"
         else:
-            reason = f"broke off after {read} of {expected} samples: {_describe(error)}" if read else f"unreadable: {_describe(error)}"
+            reason = (
+                f"broke off after {read} of {expected} samples: {_describe(error)}"
+                if read
+                else f"unreadable: {_describe(error)}"
+            )
         yield {SKIPPED: (url, reason, lost, False)}
 
 
@@ -242,7 +250,9 @@ def _check_sample(decoded: tuple, image_size, num_attributes: int | None) -> str
     return None
 
 
-def _decode_batches(source, batch_size: int, partial: bool, with_keys: bool, tally: list[int], image_size=None, num_attributes=None):
+def _decode_batches(
+    source, batch_size: int, partial: bool, with_keys: bool, tally: list[int], image_size=None, num_attributes=None
+):
     """Decode and batch (what wds.map(decode) + wds.batched did). Yields (batch, None, read) and, at
     once for every skip report or undecodable sample, (None, (shard, reason, samples lost,
     undecodable), read); read: the samples the reader has yielded since the previous item (the
@@ -297,7 +307,14 @@ class Skips:
     `max_fraction` 0: the first unreadable sample stops; 1: never (unless nothing is readable).
     """
 
-    def __init__(self, split: str, shards, split_count: int, max_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION, check: bool = True):
+    def __init__(
+        self,
+        split: str,
+        shards,
+        split_count: int,
+        max_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
+        check: bool = True,
+    ):
         self.split, self.shards, self.split_count = split, str(shards), int(split_count)
         self.max_fraction, self.check = max_fraction, check  # check=False: the caller checks (e.g. summed over ranks)
         self.delivered = 0  # samples handed over in batches
@@ -363,7 +380,11 @@ class Skips:
         read = self.read if read is None else read
         if skipped == 0 or self.fraction(skipped, read) <= self.max_fraction:
             return None
-        of = f"{read} samples read" if read >= self.split_count else f"the split's {self.split_count} samples ({read} read so far)"
+        of = (
+            f"{read} samples read"
+            if read >= self.split_count
+            else f"the split's {self.split_count} samples ({read} read so far)"
+        )
         return (
             f"too many unreadable samples in the {self.split} split of {self.shards}: {skipped} skipped = "
             f"{self.fraction(skipped, read):.2%} of {of}, more than data.max_skipped_fraction={self.max_fraction:g} allows; "
@@ -418,17 +439,28 @@ class Batches:
 
 def _loader(pipeline, num_workers: int, seed: int):
     # Its own generator: creating a loader iterator must not draw from the global RNG (exact resume).
-    return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers, generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.DataLoader(
+        pipeline, batch_size=None, num_workers=num_workers, generator=torch.Generator().manual_seed(seed)
+    )
 
 
-def _stages(counts: dict[str, int], manifest: dict, batch_size: int, partial_batches: bool, with_keys: bool, shuffle=None) -> list:
+def _stages(
+    counts: dict[str, int], manifest: dict, batch_size: int, partial_batches: bool, with_keys: bool, shuffle=None
+) -> list:
     """Read the shards -> (shuffle) -> decode and batch; the first and last share a tally of the samples read."""
     tally = [0]
     return [
         partial(_read_shards, counts=counts, tally=tally),
         *([shuffle] if shuffle else []),
-        partial(_decode_batches, batch_size=batch_size, partial=partial_batches, with_keys=with_keys, tally=tally,
-                image_size=manifest.get("image_size"), num_attributes=len(manifest.get("attributes", [])) or None),
+        partial(
+            _decode_batches,
+            batch_size=batch_size,
+            partial=partial_batches,
+            with_keys=with_keys,
+            tally=tally,
+            image_size=manifest.get("image_size"),
+            num_attributes=len(manifest.get("attributes", [])) or None,
+        ),
     ]
 
 
@@ -467,8 +499,14 @@ def _skips(skips: Skips | None, split: str, shards, manifest: dict, max_skipped_
 
 
 def train_batches(
-    shards: str | Path, batch_size: int, seed: int = 0, num_workers: int = 1, shuffle_buffer: int = 1000, with_keys: bool = False,
-    max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION, skips: Skips | None = None,
+    shards: str | Path,
+    batch_size: int,
+    seed: int = 0,
+    num_workers: int = 1,
+    shuffle_buffer: int = 1000,
+    with_keys: bool = False,
+    max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
+    skips: Skips | None = None,
 ) -> Batches:
     """Endless shuffled batches from the train split (see the module docstring). `skips`: a counter to
     add to (one per run), else a new one checking `max_skipped_fraction`."""
@@ -476,12 +514,18 @@ def train_batches(
     counts = {_join(shards, "train", name): count for name, count in manifest["shards"].items()}
     pipeline = wds.DataPipeline(
         wds.ResampledShards(list(counts), seed=seed, deterministic=True),
-        *_stages(counts, manifest, batch_size, False, with_keys, partial(_worker_shuffle, bufsize=shuffle_buffer, seed=seed)),
+        *_stages(
+            counts, manifest, batch_size, False, with_keys, partial(_worker_shuffle, bufsize=shuffle_buffer, seed=seed)
+        ),
     )
-    return Batches(_loader(pipeline, num_workers, seed), _skips(skips, "train", shards, manifest, max_skipped_fraction))
+    return Batches(
+        _loader(pipeline, num_workers, seed), _skips(skips, "train", shards, manifest, max_skipped_fraction)
+    )
 
 
-def deal_shards(names: list[str], epoch: int, seed: int, rank: int, world: int, worker: int, workers: int) -> list[str]:
+def deal_shards(
+    names: list[str], epoch: int, seed: int, rank: int, world: int, worker: int, workers: int
+) -> list[str]:
     """The shards one worker of one rank reads in `epoch`: a seeded shuffle, dealt round-robin."""
     order = list(names)
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
@@ -506,7 +550,8 @@ def batches_per_rank(counts: dict[str, int], batch_size: int, epoch: int, seed: 
     for rank in range(world):
         per_rank.append(
             sum(
-                sum(counts[name] for name in deal_shards(names, epoch, seed, rank, world, worker, workers)) // batch_size
+                sum(counts[name] for name in deal_shards(names, epoch, seed, rank, world, worker, workers))
+                // batch_size
                 for worker in range(workers)
             )
         )
@@ -541,9 +586,20 @@ def epoch_batches(
         )
     pipeline = wds.DataPipeline(
         _EpochShards(urls, epoch, seed, rank, world),
-        *_stages(counts, manifest, batch_size, False, with_keys, partial(_worker_shuffle, bufsize=shuffle_buffer, seed=seed * 7919 + epoch)),
+        *_stages(
+            counts,
+            manifest,
+            batch_size,
+            False,
+            with_keys,
+            partial(_worker_shuffle, bufsize=shuffle_buffer, seed=seed * 7919 + epoch),
+        ),
     )
-    return Batches(_loader(pipeline, num_workers, seed), _skips(skips, split, shards, manifest, max_skipped_fraction), length=count)
+    return Batches(
+        _loader(pipeline, num_workers, seed),
+        _skips(skips, split, shards, manifest, max_skipped_fraction),
+        length=count,
+    )
 
 
 def attribute_vectors(shards: str | Path, split: str) -> np.ndarray:
@@ -558,10 +614,14 @@ def attribute_vectors(shards: str | Path, split: str) -> np.ndarray:
         except Exception:
             continue
         try:
-            for member in wds.tariterators.tar_file_iterator(stream, select_files=lambda name: name.endswith(".attr.npy")):
+            for member in wds.tariterators.tar_file_iterator(
+                stream, select_files=lambda name: name.endswith(".attr.npy")
+            ):
                 vector = np.load(io.BytesIO(member["data"]), allow_pickle=False)
                 if vector.shape != (width,):
-                    raise UserError(f"{url}: {member['fname']} holds a vector of shape {list(vector.shape)}, expected [{width}] (the manifest's attributes)")
+                    raise UserError(
+                        f"{url}: {member['fname']} holds a vector of shape {list(vector.shape)}, expected [{width}] (the manifest's attributes)"
+                    )
                 vectors.append(vector.astype(np.uint8))
         except UserError:
             raise
@@ -578,7 +638,10 @@ def attribute_vectors(shards: str | Path, split: str) -> np.ndarray:
 
 
 def eval_batches(
-    shards: str | Path, split: str = "test", batch_size: int = 256, max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION
+    shards: str | Path,
+    split: str = "test",
+    batch_size: int = 256,
+    max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
 ) -> Batches:
     """One ordered pass over `split`: every readable sample exactly once, in shard order. Unreadable
     ones are skipped and counted in `.skips` (a UserError past `max_skipped_fraction` of the split)."""

@@ -58,15 +58,19 @@ def find_ort_dist(ort_dist: str | Path | None = None) -> Path:
         folder = Path(ort_dist)
         missing = [name for name in ORT_FILES if not (folder / name).is_file()]
         if missing:
-            raise UserError(f"--ort-dist {folder} lacks {', '.join(missing)}: expected the dist/ folder of the "
-                            f"onnxruntime-web npm package (node_modules/onnxruntime-web/dist)")
+            raise UserError(
+                f"--ort-dist {folder} lacks {', '.join(missing)}: expected the dist/ folder of the "
+                f"onnxruntime-web npm package (node_modules/onnxruntime-web/dist)"
+            )
         return folder
     places = ort_dist_candidates()
     for folder in places:
         if all((folder / name).is_file() for name in ORT_FILES):
             return folder
-    raise UserError(f"onnxruntime-web not found: neither {' nor '.join(map(str, places))} holds {ORT_FILES[0]}; "
-                    f"run `bash scripts/setup-js.sh` (npm ci) or pass --ort-dist DIR (onnxruntime-web's dist/ folder)")
+    raise UserError(
+        f"onnxruntime-web not found: neither {' nor '.join(map(str, places))} holds {ORT_FILES[0]}; "
+        f"run `bash scripts/setup-js.sh` (npm ci) or pass --ort-dist DIR (onnxruntime-web's dist/ folder)"
+    )
 
 
 def _ort_version(folder: Path) -> str | None:
@@ -125,14 +129,18 @@ def _copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, tmp)
 
 
-def build_page(export: str | Path, out: str | Path, ort_dist: str | Path | None = None, serve: bool = False, port: int = 8000) -> Path:
+def build_page(
+    export: str | Path, out: str | Path, ort_dist: str | Path | None = None, serve: bool = False, port: int = 8000
+) -> Path:
     """Write the page for `export` into `out` (see the module's doc); returns `out`. With `serve`,
     also serve it on 127.0.0.1 until interrupted (see `serve`)."""
     export, out = Path(export), Path(out)
     check_output(out, folder=True)  # user mistakes first, before anything is copied
     if out.resolve() == export.resolve().parent:
-        raise UserError(f"--out {out} is the folder of {export.name} itself: write the page into a folder of its own "
-                        f"(it copies the export there and replaces the files of an earlier page)")
+        raise UserError(
+            f"--out {out} is the folder of {export.name} itself: write the page into a folder of its own "
+            f"(it copies the export there and replaces the files of an earlier page)"
+        )
     dist = find_ort_dist(ort_dist)
     manifest = model_manifest(export, _ort_version(dist))
     out.mkdir(parents=True, exist_ok=True)
@@ -150,7 +158,9 @@ def build_page(export: str | Path, out: str | Path, ort_dist: str | Path | None 
     models = [export] + ([encoder_beside(export)] if manifest["encoder"] else [])
     for model in models:
         _copy(model, out / model.name)
-    write_text(out / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")  # last: the page waits for it
+    write_text(
+        out / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n"
+    )  # last: the page waits for it
     for name in previous - {model.name for model in models}:  # an earlier page's model, now unreferenced
         (out / name).unlink(missing_ok=True)
     if serve:
@@ -194,7 +204,9 @@ def serve(folder: str | Path, port: int = 8000) -> ThreadingHTTPServer:
     try:
         server = ThreadingHTTPServer(("127.0.0.1", port), partial(_Handler, directory=str(folder)))
     except OSError as error:
-        raise UserError(f"cannot serve on 127.0.0.1:{port}: {error.strerror or error}; choose another --port (0: any free one)") from None
+        raise UserError(
+            f"cannot serve on 127.0.0.1:{port}: {error.strerror or error}; choose another --port (0: any free one)"
+        ) from None
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="cvae-tk web", daemon=True).start()
     return server
