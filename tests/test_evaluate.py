@@ -330,9 +330,8 @@ def test_attribute_control_is_one_for_a_controlled_attribute_and_one_half_for_an
     assert scores["b"]["control"] == pytest.approx(0.5) and scores["b"]["present"] + scores["b"][
         "absent"
     ] == pytest.approx(1.0)
-    assert (
-        attribute_control(BrightnessClassifier(), model, vectors, seed=0, batch_size=7) == scores
-    )  # seeded, batch-free
+    # seeded, batch-free
+    assert attribute_control(BrightnessClassifier(), model, vectors, seed=0, batch_size=7) == scores
     assert list(attribute_control(BrightnessClassifier(), model, vectors, names=["b"])) == ["b"]
 
 

@@ -144,9 +144,8 @@ def test_node_uint8_export_with_temperature_input(variant, tmp_path):
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    expected = Sampler(variant, device="cpu").run(
-        condition("digit_5", 3), noise, temperature=0.7
-    )  # uint8 [3, 32, 32, 3]
+    # uint8 [3, 32, 32, 3]
+    expected = Sampler(variant, device="cpu").run(condition("digit_5", 3), noise, temperature=0.7)
     raw = np.fromfile(tmp_path / "out.u8", np.uint8).reshape(expected.shape)
     assert np.abs(raw.astype(int) - expected.astype(int)).max() <= 1
     pixels = np.asarray(Image.open(tmp_path / "fives.png"))

@@ -1039,9 +1039,8 @@ def typed_overrides(draw):
         else:  # text is taken as typed, '=' and YAML syntax included; only ${...} is OmegaConf's interpolation
             value = text = draw(st.text(min_size=1, max_size=20).filter(lambda t: "${" not in t and "\\" not in t))
         items[key] = (text, value)
-    if {"model.width", "model.levels", "model.embed_dim"} & set(
-        items
-    ):  # options only resnet reads (paper refuses them)
+    if {"model.width", "model.levels", "model.embed_dim"} & set(items):
+        # options only resnet reads (paper refuses them)
         items["model.arch"] = ("resnet", "resnet")
     return items
 
@@ -1121,9 +1120,10 @@ def arrays(valid: bool):
         )
     numbers = st.sampled_from([0, 1, 2, -1, 0.5, float("nan"), float("inf"), 1e300, -0.0])
     return st.one_of(
+        # a value outside 0/1
         st.lists(st.lists(numbers, min_size=len(NAMES), max_size=len(NAMES)), min_size=1, max_size=3).filter(
             lambda rows: any(v not in (0, 1) for row in rows for v in row)
-        ),  # a value outside 0/1
+        ),
         st.integers(0, 9).filter(lambda a: a != len(NAMES)).map(lambda a: np.zeros((2, a), np.float32)),  # wrong width
         st.sampled_from(
             [

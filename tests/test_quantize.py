@@ -220,9 +220,8 @@ def test_with_a_judge_the_int8_file_keeps_control_and_records_both_scores(traine
 
 
 def test_an_int8_file_that_loses_control_is_not_written(trained_run, exported, judge, tmp_path, monkeypatch):
-    monkeypatch.setattr(
-        quantize, "CONTROL_DROP", -1.0
-    )  # any int8 file now "loses" control: the mechanism, not the numbers
+    # any int8 file now "loses" control: the mechanism, not the numbers
+    monkeypatch.setattr(quantize, "CONTROL_DROP", -1.0)
     with pytest.raises(
         UserError, match=r"loses attribute control: control score fp32 .*lost-int8.onnx was not written"
     ):
@@ -297,9 +296,8 @@ def test_calibration_draws_two_disjoint_sets_from_the_whole_split(digits_shards,
     write_split(iter(by_class), tmp_path / "sorted", "train", names, (32, 32), "sorted digits", shard_size=100)
     calibrating, checking = quantize.calibration_conditions(str(tmp_path / "sorted"), 200)
     assert len(calibrating) == len(checking) == 200
-    assert (
-        calibrating[:, :10].sum(0).min() > 0 and checking[:, :10].sum(0).min() > 0
-    )  # every class, not the first shards' only
+    # every class, not the first shards' only
+    assert calibrating[:, :10].sum(0).min() > 0 and checking[:, :10].sum(0).min() > 0
     assert not {row.tobytes() for row in calibrating} & {row.tobytes() for row in checking}  # disjoint
     few, _ = quantize.calibration_conditions(str(tmp_path / "sorted"), 10**6)  # more asked than there are: halved
     assert len(few) == 500

@@ -69,9 +69,8 @@ def test_a_sweep_writes_the_table_the_figures_and_sweep_json(swept):
     for beta in ("0.5", "0.9"):
         run = out / f"beta-{beta}"
         assert (run / "model.safetensors").is_file() and (run / "metrics.json").is_file()
-        assert (
-            f"beta: {beta}" in (run / "recipe.yaml").read_text()
-        )  # everything else equal: only beta and run_dir differ
+        # everything else equal: only beta and run_dir differ
+        assert f"beta: {beta}" in (run / "recipe.yaml").read_text()
     recipes = [(out / f"beta-{b}" / "recipe.yaml").read_text().splitlines() for b in ("0.5", "0.9")]
     differing = [a for a, b in zip(*recipes) if a != b]
     assert [line.split(":")[0] for line in differing] == ["run_dir", "beta"], differing
@@ -113,10 +112,11 @@ def test_a_sweep_writes_the_table_the_figures_and_sweep_json(swept):
     assert saved["betas"] == [0.5, 0.9] and [r["action"] for r in saved["runs"]] == ["train", "train"]
     assert all("resume=latest" in r["command"] and r["step"] == 10 for r in saved["runs"])
     assert saved["classifier"] and saved["table"] == result["table"]
+    # per attribute, as the caption says
     assert all(
         r["control"]["reliable"] == [] and set(r["control"]["per_attribute"]) == {f"digit_{i}" for i in range(10)}
         for r in saved["runs"]
-    )  # per attribute, as the caption says
+    )
 
 
 def test_the_figures_have_one_row_per_beta_at_the_image_size(swept):
@@ -140,9 +140,8 @@ def test_the_figures_have_one_row_per_beta_at_the_image_size(swept):
     assert layouts["figure5"]["labels"][0].startswith("base: digit_")
     curves = layouts["loss_curves"]["points"]
     assert set(curves) == {"beta=0.9", "beta=0.5"}
-    assert all(
-        points == {"train/loss": 2, "train/mse": 2, "train/kl": 2} for points in curves.values()
-    )  # steps 5 and 10
+    # steps 5 and 10
+    assert all(points == {"train/loss": 2, "train/mse": 2, "train/kl": 2} for points in curves.values())
     assert Image.open(out / "loss_curves.png").size[0] > 600
 
 

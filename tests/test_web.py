@@ -498,11 +498,12 @@ def test_a_dropped_photo_is_encoded_and_edited_as_the_python_sampler_does(studio
 
 # --- many attributes (CUB-sized) -------------------------------------------------------------------------
 
+# 200 + 312 = 512 names, as CUB's --condition both
 CUB_LIKE = [f"{i + 1:03d}.Species_{i + 1}" for i in range(200)] + [
     f"has_{part}::value_{k}"
     for part in ("bill_shape", "wing_color", "upperparts_color", "breast_pattern")
     for k in range(78)
-]  # 200 + 312 = 512 names, as CUB's --condition both
+]
 
 
 @pytest.fixture(scope="module")

@@ -49,12 +49,10 @@ class ModelConfig:
     latent_dim: int = 128
     prior: str = "standard"  # standard: N(0, I) (the paper's code) | learned: p(z | x) from the attributes
     width: int = ARCH_OPTIONS["resnet"]["width"]  # resnet: channels of the first level (doubling per level, up to 2x)
-    levels: int = ARCH_OPTIONS["resnet"][
-        "levels"
-    ]  # resnet: downsamplings (64x64 -> 4x4); H and W must be multiples of 2**levels
-    embed_dim: int = ARCH_OPTIONS["resnet"][
-        "embed_dim"
-    ]  # resnet: size of the attribute embedding that conditions every block
+    # resnet: downsamplings (64x64 -> 4x4); H and W must be multiples of 2**levels
+    levels: int = ARCH_OPTIONS["resnet"]["levels"]
+    # resnet: size of the attribute embedding that conditions every block
+    embed_dim: int = ARCH_OPTIONS["resnet"]["embed_dim"]
 
 
 @dataclass

@@ -51,6 +51,7 @@ from toolkit.formats import CLASSIFIER_CONFIG, METRICS, RECIPE
 METRICS_FILE = METRICS  # RUN/metrics.json (toolkit.formats)
 DIVERSITY_CONDITIONS = 32  # test attribute vectors diversity is averaged over
 DIVERSITY_SAMPLES = 8
+# None without a classifier
 CLASSIFIER_METRICS = (
     "attr_acc",
     "attr_acc_top1",
@@ -61,7 +62,7 @@ CLASSIFIER_METRICS = (
     "control",
     "control_all",
     "control_attributes",
-)  # None without a classifier
+)
 CONTROL_CONDITIONS = 256  # test attribute vectors the control score uses (two images each per attribute)
 CONTROL_ALL_LIMIT = 64  # with more attributes, control is scored for the reliable ones only (2 x 256 images each)
 

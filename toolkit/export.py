@@ -284,10 +284,11 @@ def encoder_to_onnx(model: CVAE, preprocessing: dict, opset: int = OPSET, *, wei
         weights = weights_sha256(model)
     spec = model.spec
     height, width = spec.image_size
+    # batch >= 2: a dynamic dim
     example = (
         torch.rand(2, 3, height, width),
         (torch.rand(2, spec.num_attributes) > 0.5).float(),
-    )  # batch >= 2: a dynamic dim
+    )
     batch = torch.export.Dim("batch")
     proto = _export_program(
         EncoderGraph(model).eval(),

@@ -90,9 +90,8 @@ def check_contract(path, proto) -> Contract | EncoderContract:
     initializers = {init.name for init in inferred.graph.initializer}
     inputs = [_tensor(value) for value in inferred.graph.input if value.name not in initializers]
     meta = {entry.key: entry.value for entry in proto.metadata_props}
-    encoder = str(meta.get("cvae_tk.format", "")).startswith(
-        ENCODER_FORMAT.split("/")[0] + "/"
-    )  # any version: its reader says which it takes
+    # any version: its reader says which it takes
+    encoder = str(meta.get("cvae_tk.format", "")).startswith(ENCODER_FORMAT.split("/")[0] + "/")
     read = read_encoder_contract if encoder else read_contract
     return read(path, meta, inputs, [_tensor(value) for value in inferred.graph.output])
 

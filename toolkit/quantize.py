@@ -198,9 +198,8 @@ def quantize_bytes(fp32_bytes: bytes, calibration: list[dict], per_channel: bool
     logging.disable(logging.WARNING)
     try:
         return _quantize_static(model, calibration, per_channel, excluded)
-    except (
-        Exception
-    ) as error:  # onnxruntime.quantization's own failures: say which tool failed (ours keep their traceback)
+    except Exception as error:
+        # onnxruntime.quantization's own failures: say which tool failed (ours keep their traceback)
         raise UserError(
             f"onnxruntime.quantization could not quantize the export: {one_line(error)[:300]}; nothing was written"
         ) from None

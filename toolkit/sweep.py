@@ -43,6 +43,7 @@ PAPER_BETAS = (0.25, 0.5, 0.75, 0.9)
 SET_BY_SWEEP = ("beta", "run_dir", "resume")  # the sweep sets these per run
 # Keys that do not change what the first N steps compute: a finished or interrupted run that differs
 # only in these is continued (resume=latest) rather than refused, e.g. a sweep asked for more steps.
+# how long a collective may wait: changes nothing a step computes
 RESUMABLE_KEYS = {
     "max_steps",
     "log_every",
@@ -53,12 +54,13 @@ RESUMABLE_KEYS = {
     "max_bad_steps",
     "data.max_skipped_fraction",  # a bound that stops a run; the steps it let through are the same
     "dist_timeout_s",
-}  # how long a collective may wait: changes nothing a step computes
+}
+# the same folder by construction; resume and overwrite are how, not what
 IGNORED_KEYS = {
     "run_dir",
     "resume",
     "overwrite",
-}  # the same folder by construction; resume and overwrite are how, not what
+}
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 OUTPUTS = ("table1.md", "table1.csv", "figure3.png", "figure4.png", "figure5.png", "loss_curves.png", "sweep.json")
 TABLE_COLUMNS = [  # (csv name, markdown header, format)

@@ -553,9 +553,8 @@ def _train(config: TrainConfig, accelerator: Accelerator, run_dir: Path) -> Path
     accelerator.register_for_checkpointing(scheduler)
     start_step = 0
     if resume_from is not None:
-        verify_checkpoint(
-            resume_from
-        )  # accelerate unpickles custom_checkpoint_*.pkl: only files that load as plain data
+        # accelerate unpickles custom_checkpoint_*.pkl: only files that load as plain data
+        verify_checkpoint(resume_from)
         accelerator.load_state(str(resume_from))
         start_step = checkpoint_step(resume_from)
 
@@ -610,9 +609,8 @@ def _train(config: TrainConfig, accelerator: Accelerator, run_dir: Path) -> Path
                 accelerator.device,
                 max_skipped_fraction=config.data.max_skipped_fraction,
             )
-        except (
-            UserError
-        ) as error:  # a damaged test split costs the metrics, never the run (and only this rank reads it)
+        except UserError as error:
+            # a damaged test split costs the metrics, never the run (and only this rank reads it)
             tqdm.write(f"warning: step {step}: no test metrics: {one_line(error)}", file=sys.stderr)
             return
         finally:

@@ -221,9 +221,8 @@ def test_the_exporter_refuses_to_write_a_file_whose_metadata_disagrees_with_its_
     import toolkit.export
 
     real = toolkit.export.metadata
-    monkeypatch.setattr(
-        toolkit.export, "metadata", lambda *a, **k: {**real(*a, **k), "latent_dim": "5"}
-    )  # a bug in the exporter
+    # a bug in the exporter
+    monkeypatch.setattr(toolkit.export, "metadata", lambda *a, **k: {**real(*a, **k), "latent_dim": "5"})
     out = tmp_path / "x.onnx"
     with pytest.raises(
         UserError, match=r"the exported graph: input 'noise' has shape \['batch', 4\], expected \[batch, 5\]"

@@ -86,10 +86,11 @@ def test_a_genuine_checkpoint_passes_the_check(resumable):
 @pytest.mark.parametrize(
     "name, raw",
     [
+        # the LR scheduler: accelerate itself would unpickle it (weights_only=False)
         (
             "custom_checkpoint_0.pkl",
             False,
-        ),  # the LR scheduler: accelerate itself would unpickle it (weights_only=False)
+        ),
         ("custom_checkpoint_0.pkl", True),
         ("optimizer.bin", False),
         ("random_states_0.pkl", False),  # accelerate would only log "Could not load random states" and go on
@@ -284,10 +285,11 @@ ATTR = encode_attributes(np.array([1, 0], np.uint8))
     [
         ([("symlink", "x.png", "/etc/passwd"), ("x.attr.npy", ATTR)], [("x", "image (.png or .jpg)")]),
         ([("hardlink", "x.attr.npy", "/etc/passwd"), ("x.png", png_bytes())], [("x", ".attr.npy")]),
+        # two keys
         (
             [("../x.png", png_bytes()), ("x.attr.npy", ATTR)],
             [("../x", ".attr.npy"), ("x", "image (.png or .jpg)")],
-        ),  # two keys
+        ),
     ],
 )
 def test_a_sample_left_without_a_field_is_skipped_and_reported_like_any_unreadable_sample(

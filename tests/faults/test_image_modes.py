@@ -246,9 +246,8 @@ def test_cmyk_is_read_as_photoshop_and_browsers_read_it(tmp_path):
     shown = np.zeros((32, 32, 3), np.uint8)
     shown[:h, :h], shown[:h, h:], shown[h:, :h], shown[h:, h:] = (0, 255, 255), (255, 0, 255), (255, 255, 0), (0, 0, 0)
     buffer = io.BytesIO()
-    Image.fromarray(inks, "CMYK").save(
-        buffer, format="JPEG", quality=95
-    )  # inverted, with the Adobe marker, as Photoshop
+    # inverted, with the Adobe marker, as Photoshop
+    Image.fromarray(inks, "CMYK").save(buffer, format="JPEG", quality=95)
     (tmp_path / "adobe.jpg").write_bytes(buffer.getvalue())
     # Without the marker a CMYK JPEG holds the inks as they are: Pillow writes 255 - values inverted,
     # i.e. the inks themselves; the marker removed, a viewer reads them as inks.
@@ -290,12 +289,13 @@ def _with_colorants(icc: bytes, colorants: dict) -> bytes:
 
 def _colorants(icc: bytes) -> np.ndarray:
     tags = _tags(icc)
+    # columns: the primaries in D50 XYZ
     return np.array(
         [
             [v / 65536 for v in struct.unpack(">3i", icc[tags[s][0] + 8 : tags[s][0] + 20])]
             for s in (b"rXYZ", b"gXYZ", b"bXYZ")
         ]
-    ).T  # columns: the primaries in D50 XYZ
+    ).T
 
 
 def _decode_srgb(v):
@@ -332,11 +332,12 @@ def test_colour_profiles_are_converted_to_srgb(tmp_path):
         "p3.png": ("PNG", display_p3, p3_shown),
         "p3.webp": ("WEBP", display_p3, p3_shown),
         "srgb.png": ("PNG", srgb, pixels),  # an sRGB profile changes nothing
+        # a profile that does not parse: ignored, as viewers do
         "broken.png": (
             "PNG",
             b"not a profile at all" * 10,
             pixels,
-        ),  # a profile that does not parse: ignored, as viewers do
+        ),
     }
     assert np.abs(p3_shown.astype(int) - pixels).max() > 20  # P3 differs visibly from reading the values as sRGB
     for name, (fmt, icc, _) in cases.items():

@@ -51,9 +51,8 @@ def kill(process):
 def test_sigkill_during_export_leaves_nothing_under_the_final_name(trained_run, tmp_path):
     out = tmp_path / "out" / "digits.onnx"
     process = export(trained_run, out, tmp_path)
-    time.sleep(
-        random.uniform(1.0, 3.0)
-    )  # loading, tracing or the parity check (the whole export takes several seconds)
+    # loading, tracing or the parity check (the whole export takes several seconds)
+    time.sleep(random.uniform(1.0, 3.0))
     assert process.poll() is None, "the export finished before it could be killed"
     kill(process)
     assert not out.exists()

@@ -100,9 +100,8 @@ def test_the_same_run_killed_before_its_first_checkpoint_starts_again(digits_sha
         shutil.rmtree(run_dir / name) if (run_dir / name).is_dir() else (run_dir / name).unlink()
     with pytest.raises(UserError, match="a run with other settings \\(beta: 0.9 there, 0.5 now\\)"):
         train(config(digits_shards, run_dir, "beta=0.5"))
-    train(
-        config(digits_shards, run_dir, "max_steps=2")
-    )  # the same settings (more steps): nothing to lose, so it starts
+    # the same settings (more steps): nothing to lose, so it starts
+    train(config(digits_shards, run_dir, "max_steps=2"))
     assert (run_dir / "model.safetensors").is_file()
 
 
@@ -217,6 +216,5 @@ def test_resume_refuses_other_shards_and_accepts_a_byte_identical_rebuild(digits
     (fewer / "train" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="the train split .* is not the one it was trained on \\(its manifest differs"):
         train(config(fewer, run_dir, "max_steps=3", "resume=latest"))
-    train(
-        config(build(tmp_path / "rebuilt"), run_dir, "max_steps=3", "resume=latest")
-    )  # byte-identical elsewhere: resumes
+    # byte-identical elsewhere: resumes
+    train(config(build(tmp_path / "rebuilt"), run_dir, "max_steps=3", "resume=latest"))

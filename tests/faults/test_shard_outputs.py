@@ -194,11 +194,12 @@ def test_a_full_disk_is_one_line_leaves_no_partial_shard_and_a_rerun_finishes(tm
         build_shards(source, out, SPEC, workers=2, shard_size=2, progress=False)
     for words in ("No space left on device", "ENOSPC", "train", "run the same command again"):
         assert words in str(refused.value), str(refused.value)
+    # no .tmp, no manifest
     assert sorted(p.name for p in out.rglob("*")) == [
         "train",
         "train-000000.tar",
         "train-000001.tar",
-    ]  # no .tmp, no manifest
+    ]
     monkeypatch.setattr(shards_module._ShardFile, "append", real_append)  # space freed
     build_shards(source, out, SPEC, workers=2, shard_size=2, progress=False)
     assert files(out) == files(clean)

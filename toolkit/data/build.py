@@ -396,9 +396,8 @@ def check_inputs(table: SourceTable, spec: ImageSpec, workers: int) -> None:
 
 def _worker_death(executor: ProcessPoolExecutor, out: Path, split: str) -> str:
     """The one line for a pool whose worker died, saying how it died where its exit code tells."""
-    processes = list(
-        (getattr(executor, "_processes", None) or {}).values()
-    )  # private, but the only record of the exit codes
+    # private, but the only record of the exit codes
+    processes = list((getattr(executor, "_processes", None) or {}).values())
     for process in processes:
         process.join(1)  # the pool is stopping them: wait a moment, so that every exit code is known
     codes = [p.exitcode for p in processes if p.exitcode not in (None, 0, -signal.SIGTERM)]

@@ -82,9 +82,8 @@ def _read_attributes(path: Path) -> tuple[list[str], list[str], list[int], np.nd
     """Attribute names, image file names and their line numbers, and the (images, attributes) uint8 matrix."""
     rows = text_rows(path)
     number, fields = next(rows, (1, []))
-    if len(fields) != 1 or not (
-        fields[0].isascii() and fields[0].isdigit()
-    ):  # not '²', which isdigit() takes and int() refuses
+    if len(fields) != 1 or not (fields[0].isascii() and fields[0].isdigit()):
+        # not '²', which isdigit() takes and int() refuses
         raise UserError(f"{path} line {number}: expected the image count alone, got {' '.join(fields)!r}")
     count, count_line = int(fields[0]), number
     number, names = next(rows, (count_line + 1, []))

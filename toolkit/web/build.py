@@ -158,9 +158,8 @@ def build_page(
     models = [export] + ([encoder_beside(export)] if manifest["encoder"] else [])
     for model in models:
         _copy(model, out / model.name)
-    write_text(
-        out / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n"
-    )  # last: the page waits for it
+    # last: the page waits for it
+    write_text(out / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     for name in previous - {model.name for model in models}:  # an earlier page's model, now unreferenced
         (out / name).unlink(missing_ok=True)
     if serve:
