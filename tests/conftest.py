@@ -7,6 +7,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+FAULTS = Path(__file__).resolve().parent / "faults"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/faults/ (killed processes, full disks, hostile files, user mistakes:
+    RELIABILITY.md) carries the `faults` marker: `pytest -m "not faults"` is the quick run while
+    changing code, `pytest -m faults` the fault suite alone."""
+    for item in items:
+        if FAULTS in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.faults)
 
 
 @pytest.fixture(scope="session")
