@@ -57,7 +57,7 @@ from toolkit.data.stream import (
 )
 from toolkit.errors import UserError, one_line
 from toolkit.figures import split_classes
-from toolkit.formats import LOGS, RECIPE, SAMPLES, SAMPLES_GRID, SEEN
+from toolkit.formats import CONFIG, LOGS, RECIPE, SAMPLES, SAMPLES_GRID, SEEN, WEIGHTS
 from toolkit.loss import cvae_loss
 from toolkit.model import CVAE, ModelSpec, arch_options, save_model
 from toolkit.run_folder import (  # noqa: F401  (CHECKPOINTS, LOCK, ...: the names tests and callers import from here)
@@ -478,7 +478,10 @@ def train(config: TrainConfig) -> Path:
 
     _on_main(accelerator, take)  # only the main process writes the folder (it may be shared by machines)
     try:
-        return _train(config, accelerator, run_dir)
+        trainer = Trainer(config, accelerator, run_dir)
+        trainer.setup()
+        trainer.train()
+        return trainer.finish()
     finally:
         lock.release()
         if accelerator.is_main_process and created and run_dir.is_dir() and not any(run_dir.iterdir()):
@@ -503,12 +506,13 @@ def _check_precision(config: TrainConfig, accelerator: Accelerator) -> None:
         )
 
 
-def _train(config: TrainConfig, accelerator: Accelerator, run_dir: Path) -> Path:
-    set_seed(config.seed)
-    manifest = read_manifest(config.data.shards, "train")
+def _check_splits(shards: str) -> dict:
+    """The train manifest, once its images have one size and the test split matches it (the test
+    split feeds grids and metrics: fail now, not after training)."""
+    manifest = read_manifest(shards, "train")
     if not manifest.get("image_size") or 0 in manifest["image_size"]:
-        raise UserError(f"{config.data.shards}: the images have varied sizes; rebuild the shards with --size N or HxW")
-    test = read_manifest(config.data.shards, "test")  # needed for grids and metrics: fail now, not after training
+        raise UserError(f"{shards}: the images have varied sizes; rebuild the shards with --size N or HxW")
+    test = read_manifest(shards, "test")
     for key, what in (("image_size", "image size"), ("attributes", "attributes")):
         if test.get(key) != manifest[key]:
             show = (
@@ -517,277 +521,322 @@ def _train(config: TrainConfig, accelerator: Accelerator, run_dir: Path) -> Path
                 else (lambda v: f"{len(v)} ({', '.join(v[:3])}, ...)" if isinstance(v, list) else repr(v))
             )
             raise UserError(
-                f"{config.data.shards}: the test split's {what} ({show(test.get(key))}) differ from the train split's ({show(manifest[key])}); "
+                f"{shards}: the test split's {what} ({show(test.get(key))}) differ from the train split's ({show(manifest[key])}); "
                 "rebuild both splits in one `cvae-tk shards` run"
             )
-    spec = ModelSpec(
-        attributes=manifest["attributes"],
-        image_size=tuple(manifest["image_size"]),
-        latent_dim=config.model.latent_dim,
-        arch=config.model.arch,
-        prior=config.model.prior,
-        options=arch_options(config.model.arch, config.model),
-    )
-    resume_from = find_checkpoint(run_dir, config.resume)
-    data_order = _data_order(config, accelerator.num_processes)
-    fingerprint = shards_fingerprint(config.data.shards)
-    if resume_from is not None:  # on every rank: a refusal must stop them all
-        _check_resume(
-            resume_from,
-            spec,
-            data_order,
-            warn=accelerator.is_main_process,
-            shards=fingerprint,
-            where=config.data.shards,
+    return manifest
+
+
+class Trainer:
+    """One training run in torchtune's shape: `setup()` (shards, model, optimizer, resume, run
+    folder), `train()` (the loop; `step()` is one micro-batch), `finish()` (final metrics, weights,
+    grid). `train(config)` below runs the three inside the run folder's lock."""
+
+    def __init__(self, config: TrainConfig, accelerator: Accelerator, run_dir: Path):
+        self.config, self.accelerator, self.run_dir = config, accelerator, run_dir
+
+    # --- setup -------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        config, accelerator, run_dir = self.config, self.accelerator, self.run_dir
+        set_seed(config.seed)
+        manifest = _check_splits(config.data.shards)
+        self.spec = spec = ModelSpec(
+            attributes=manifest["attributes"],
+            image_size=tuple(manifest["image_size"]),
+            latent_dim=config.model.latent_dim,
+            arch=config.model.arch,
+            prior=config.model.prior,
+            options=arch_options(config.model.arch, config.model),
         )
-    _on_main(accelerator, lambda: claim_run_dir(config, run_dir, resume_from))
-    stream = BatchStream(config, accelerator.process_index, accelerator.num_processes)
-    check_memory(config, spec, accelerator.device)
-
-    model = CVAE(spec)
-    optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    optimizer = optimizer_class(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    # The scheduler is stepped once per optimizer step by this loop, and checkpointed with the rest.
-    accelerator.register_for_checkpointing(scheduler)
-    start_step = 0
-    if resume_from is not None:
-        # accelerate unpickles custom_checkpoint_*.pkl: only files that load as plain data
-        verify_checkpoint(resume_from)
-        accelerator.load_state(str(resume_from))
-        start_step = checkpoint_step(resume_from)
-
-    # Fixed conditions, noise and test images for every grid, so grids are comparable across steps.
-    grid_attributes = grid_conditions(config.data.shards, spec.num_attributes, config.data.max_skipped_fraction).to(
-        accelerator.device
-    )
-    grid_noise = torch.randn(
-        len(grid_attributes) * GRID_COLUMNS, spec.latent_dim, generator=torch.Generator().manual_seed(config.seed)
-    ).to(accelerator.device)
-    fixed_images, fixed_attributes = (
-        t[:GRID_COLUMNS].to(accelerator.device)
-        for t in next(iter(eval_batches(config.data.shards, "test", GRID_COLUMNS, config.data.max_skipped_fraction)))
-    )
-    steps_per_epoch = max(1, stream.train_count // (config.batch_size * accelerator.num_processes * config.grad_accum))
-
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # the sweep compares it: never half-written; overwrite is an action on the folder, not a setting of the run
-        write_text(run_dir / RECIPE, to_yaml(dataclasses.replace(config, overwrite=False)))
-        accelerator.init_trackers(
-            "cvae", config={"beta": config.beta, "lr": config.lr, "batch_size": config.batch_size}
+        self.resume_from = find_checkpoint(run_dir, config.resume)
+        self.data_order = _data_order(config, accelerator.num_processes)
+        self.fingerprint = shards_fingerprint(config.data.shards)
+        if self.resume_from is not None:  # on every rank: a refusal must stop them all
+            _check_resume(
+                self.resume_from,
+                spec,
+                self.data_order,
+                warn=accelerator.is_main_process,
+                shards=self.fingerprint,
+                where=config.data.shards,
+            )
+        _on_main(accelerator, lambda: claim_run_dir(config, run_dir, self.resume_from))
+        self.stream = BatchStream(config, accelerator.process_index, accelerator.num_processes)
+        check_memory(config, spec, accelerator.device)
+        self._setup_model()
+        self._setup_grids()
+        self.steps_per_epoch = max(
+            1, self.stream.train_count // (config.batch_size * accelerator.num_processes * config.grad_accum)
         )
-        print(
-            f"training {spec.arch} CVAE ({spec.prior} prior) on {config.data.shards} ({stream.train_count} train images, "
-            f"{spec.image_size[0]}x{spec.image_size[1]}, {spec.num_attributes} attributes) on {accelerator.device}, "
-            f"precision {accelerator.mixed_precision}, {accelerator.num_processes} process(es)"
-            + (f"; resuming from {resume_from} (step {start_step})" if resume_from else "")
-        )
-    seen_file = None
-    if config.data.record_keys:
-        (run_dir / SEEN).mkdir(parents=True, exist_ok=True)
-        seen_file = open(run_dir / SEEN / f"rank-{accelerator.process_index}.txt", "a")
+        if accelerator.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            # the sweep compares it: never half-written; overwrite is an action on the folder, not a setting of the run
+            write_text(run_dir / RECIPE, to_yaml(dataclasses.replace(config, overwrite=False)))
+            accelerator.init_trackers(
+                "cvae", config={"beta": config.beta, "lr": config.lr, "batch_size": config.batch_size}
+            )
+            print(
+                f"training {spec.arch} CVAE ({spec.prior} prior) on {config.data.shards} ({self.stream.train_count} train images, "
+                f"{spec.image_size[0]}x{spec.image_size[1]}, {spec.num_attributes} attributes) on {accelerator.device}, "
+                f"precision {accelerator.mixed_precision}, {accelerator.num_processes} process(es)"
+                + (f"; resuming from {self.resume_from} (step {self.start_step})" if self.resume_from else "")
+            )
+        self.seen_file = None
+        if config.data.record_keys:
+            (run_dir / SEEN).mkdir(parents=True, exist_ok=True)
+            self.seen_file = open(run_dir / SEEN / f"rank-{accelerator.process_index}.txt", "a")
 
-    def write_grids(step: int) -> None:
-        unwrapped = accelerator.unwrap_model(model).eval()
-        tracker = accelerator.get_tracker("tensorboard", unwrap=True)
-        (run_dir / SAMPLES).mkdir(exist_ok=True)
-        samples = sample_grid(unwrapped, grid_attributes, grid_noise)
-        save_grid(samples, run_dir / SAMPLES / f"step-{step:06d}.png")
+    def _setup_model(self) -> None:
+        """Model, optimizer and LR schedule, prepared by Accelerate; the checkpoint's state if resuming."""
+        config, accelerator = self.config, self.accelerator
+        model = CVAE(self.spec)
+        optimizer_class = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+        optimizer = optimizer_class(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        # The scheduler is stepped once per optimizer step by this loop, and checkpointed with the rest.
+        accelerator.register_for_checkpointing(self.scheduler)
+        self.start_step = 0
+        if self.resume_from is not None:
+            # accelerate unpickles custom_checkpoint_*.pkl: only files that load as plain data
+            verify_checkpoint(self.resume_from)
+            accelerator.load_state(str(self.resume_from))
+            self.start_step = checkpoint_step(self.resume_from)
+
+    def _setup_grids(self) -> None:
+        """Fixed conditions, noise and test images for every grid, so grids are comparable across steps."""
+        config, device = self.config, self.accelerator.device
+        self.grid_attributes = grid_conditions(
+            config.data.shards, self.spec.num_attributes, config.data.max_skipped_fraction
+        ).to(device)
+        self.grid_noise = torch.randn(
+            len(self.grid_attributes) * GRID_COLUMNS,
+            self.spec.latent_dim,
+            generator=torch.Generator().manual_seed(config.seed),
+        ).to(device)
+        self.fixed_images, self.fixed_attributes = (
+            t[:GRID_COLUMNS].to(device)
+            for t in next(
+                iter(eval_batches(config.data.shards, "test", GRID_COLUMNS, config.data.max_skipped_fraction))
+            )
+        )
+
+    # --- the loop ----------------------------------------------------------------------------------
+
+    def step(self, images: torch.Tensor, attributes: torch.Tensor):
+        """One micro-batch: forward, loss, backward, clip, optimizer step, zero, when the loss is
+        finite on every rank (else none of them steps). Returns (loss terms, skipped and read train
+        samples summed over the ranks)."""
+        config, accelerator, model, optimizer = self.config, self.accelerator, self.model, self.optimizer
+        with accelerator.accumulate(model):
+            out = model(images, attributes, prior_sample=config.gsnn_weight > 0)
+            terms = cvae_loss(
+                out.recon, images, out.mu, out.logvar, config.beta,
+                out.prior_mu, out.prior_logvar, out.prior_recon, config.gsnn_weight,
+            )  # fmt: skip
+            finite, skipped, read = self._agree(terms)
+            if finite:
+                self.bad_streak = 0
+                accelerator.backward(terms.total)
+                if accelerator.sync_gradients and config.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+            else:
+                self.bad_streak += 1
+                if self.bad_streak >= config.max_bad_steps:
+                    raise self._not_finite(terms)
+            optimizer.zero_grad(set_to_none=True)
+        return terms, skipped, read
+
+    def _agree(self, terms) -> tuple[bool, int, int]:
+        """(loss finite on every rank, unreadable train samples, samples read), summed over the ranks
+        in one collective: every rank must take the same branch (or DDP hangs) and stop together."""
+        finite = torch.isfinite(terms.total.detach()).long()
+        skips = self.stream.skips
+        status = torch.stack([finite, finite.new_tensor(skips.skipped), finite.new_tensor(skips.read)])
+        if self.accelerator.num_processes > 1:
+            status = self.accelerator.reduce(status, reduction="sum")
+        finite_on_all, skipped, read = status.tolist()
+        return finite_on_all == self.accelerator.num_processes, skipped, read
+
+    def _last_good(self, lead: str) -> str:
+        saved = self.last_saved
+        return f"{lead}{self.run_dir / CHECKPOINTS}/checkpoint-{saved}" if saved else ""
+
+    def _not_finite(self, terms) -> TrainingStopped:
+        return TrainingStopped(
+            f"the loss was not finite for {self.bad_streak} consecutive micro-batches (step {self.step_done + 1}; "
+            f"last mse={terms.mse.item()}, kl={terms.kl.item()}"
+            + (f", mse_prior={terms.mse_prior.item()}" if terms.mse_prior is not None else "")
+            + "); stopped without saving. "
+            + (self._last_good("The last good checkpoint is ") + "; " if self.last_saved else "")
+            + "try a lower lr, grad_clip, or mixed_precision=bf16 instead of fp16"
+        )
+
+    def train(self) -> None:
+        config, accelerator, stream = self.config, self.accelerator, self.stream
+        self.model.train()
+        self.step_done, self.bad_streak = self.start_step, 0
+        self.last_saved = self.start_step if self.resume_from else None
+        epoch_ended = False
+        batches = stream.batches(self.start_step * config.grad_accum)
+        progress = tqdm(
+            total=config.max_steps, initial=self.start_step, disable=not accelerator.is_main_process,
+            desc="train", mininterval=2,
+        )  # fmt: skip
+        window_start, window_images = time.perf_counter(), 0
+        try:
+            while self.step_done < config.max_steps:
+                _, segment_end, batch = next(batches)
+                epoch_ended = epoch_ended or segment_end  # remembered until the optimizer step it belongs to
+                images = batch[0].to(accelerator.device, non_blocking=True)
+                attributes = batch[1].to(accelerator.device, non_blocking=True)
+                if self.seen_file is not None:
+                    self.seen_file.write("\n".join(batch[2]) + "\n")
+                terms, skipped, read = self.step(images, attributes)
+                window_images += len(images) * accelerator.num_processes
+                if not accelerator.sync_gradients:
+                    continue  # inside a gradient accumulation
+                self.step_done += 1
+                step = self.step_done
+                self.scheduler.step()
+                progress.update(1)
+                if (problem := stream.skips.problem(skipped, read)) is not None:
+                    raise TrainingStopped(
+                        f"{problem}. Stopped after step {step}, not saved{self._last_good('; the last good checkpoint is ')}"
+                    )
+
+                if step % config.log_every == 0 or step == config.max_steps:
+                    self._log(
+                        terms, skipped, step, window_images / max(time.perf_counter() - window_start, 1e-9), progress
+                    )
+                    window_start, window_images = time.perf_counter(), 0
+                if accelerator.is_main_process and (step % config.sample_every == 0 or step == config.max_steps):
+                    self.write_grids(step)
+                at_eval = (
+                    (step % config.eval_every == 0)
+                    if config.eval_every
+                    else (epoch_ended and config.data.sampling == "epochs")
+                )
+                epoch_ended = False
+                if at_eval and accelerator.is_main_process and step < config.max_steps:
+                    self.evaluate(step)
+                if self.bad_streak == 0 and (step % config.checkpoint_every == 0 or step == config.max_steps):
+                    save_checkpoint(
+                        accelerator, self.run_dir, step, self.spec, config.checkpoints_total_limit,
+                        self.data_order, self.fingerprint,
+                    )  # fmt: skip
+                    self.last_saved = step
+        except RuntimeError as error:
+            if not worker_died(error):
+                raise
+            # PyTorch raises this wherever the main process is when the worker dies (the kernel's OOM
+            # killer sends SIGKILL): the step under way is lost, the checkpoints before it are complete.
+            last = find_checkpoint(self.run_dir, "latest")
+            raise TrainingStopped(
+                f"a data loader worker died during step {self.step_done + 1} ({one_line(error).rstrip('. ')}; the kernel's out-of-memory killer "
+                "does this when memory runs out: lower data.num_workers, data.shuffle_buffer or batch_size); stopped, not saved; "
+                + (
+                    f"the last good checkpoint is {last}: continue with resume=latest"
+                    if last
+                    else "there is no checkpoint yet: run it again"
+                )
+            ) from None
+        finally:
+            progress.close()
+            batches.close()  # stops the loader workers (and any pipe: readers) now, not at exit
+            if self.seen_file is not None:
+                self.seen_file.close()
+
+    def _log(self, terms, skipped: int, step: int, images_per_s: float, progress) -> None:
+        logs = {
+            "train/loss": terms.total.item(),
+            "train/mse": terms.mse.item(),
+            "train/kl": terms.kl.item(),
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/images_per_s": images_per_s,
+            "train/epoch": step / self.steps_per_epoch,
+            "train/skipped_samples": skipped,
+        }
+        if terms.mse_prior is not None:
+            logs["train/mse_prior"] = terms.mse_prior.item()
+        self.accelerator.log(logs, step=step)
+        progress.set_postfix(
+            loss=f"{logs['train/loss']:.1f}", mse=f"{logs['train/mse']:.1f}", kl=f"{logs['train/kl']:.1f}"
+        )
+
+    def write_grids(self, step: int) -> None:
+        unwrapped = self.accelerator.unwrap_model(self.model).eval()
+        tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
+        (self.run_dir / SAMPLES).mkdir(exist_ok=True)
+        samples = sample_grid(unwrapped, self.grid_attributes, self.grid_noise)
+        save_grid(samples, self.run_dir / SAMPLES / f"step-{step:06d}.png")
         tracker.add_image("samples", samples, step)
-        recon = reconstruction_grid(unwrapped, fixed_images, fixed_attributes)
-        save_grid(recon, run_dir / SAMPLES / f"reconstructions-{step:06d}.png")
+        recon = reconstruction_grid(unwrapped, self.fixed_images, self.fixed_attributes)
+        save_grid(recon, self.run_dir / SAMPLES / f"reconstructions-{step:06d}.png")
         tracker.add_image("reconstructions", recon, step)
         unwrapped.train()
 
-    def evaluate(step: int) -> None:
+    def evaluate(self, step: int) -> None:
+        """The test split's metrics mid-run (main process only)."""
         try:
             metrics = heldout_metrics(
-                accelerator.unwrap_model(model).eval(),
-                config.data.shards,
-                accelerator.device,
-                max_skipped_fraction=config.data.max_skipped_fraction,
+                self.accelerator.unwrap_model(self.model).eval(),
+                self.config.data.shards,
+                self.accelerator.device,
+                max_skipped_fraction=self.config.data.max_skipped_fraction,
             )
         except UserError as error:
             # a damaged test split costs the metrics, never the run (and only this rank reads it)
             tqdm.write(f"warning: step {step}: no test metrics: {one_line(error)}", file=sys.stderr)
             return
         finally:
-            accelerator.unwrap_model(model).train()
-        accelerator.log(metrics, step=step)
+            self.accelerator.unwrap_model(self.model).train()
+        self.accelerator.log(metrics, step=step)
         tqdm.write(
             f"step {step}: test MSE {metrics['test/mse_per_image']:.2f} per image "
             f"({metrics['test/mse_per_pixel']:.5f} per pixel), KL {metrics['test/kl_per_image']:.2f}"
         )
 
-    model.train()
-    step, bad_streak, last_saved, epoch_ended = start_step, 0, start_step if resume_from else None, False
-    batches = stream.batches(start_step * config.grad_accum)
-    progress = tqdm(
-        total=config.max_steps,
-        initial=start_step,
-        disable=not accelerator.is_main_process,
-        desc="train",
-        mininterval=2,
-    )
-    window_start, window_images = time.perf_counter(), 0
-    try:
-        while step < config.max_steps:
-            _, segment_end, batch = next(batches)
-            epoch_ended = epoch_ended or segment_end  # remembered until the optimizer step it belongs to
-            images, attributes = (
-                batch[0].to(accelerator.device, non_blocking=True),
-                batch[1].to(accelerator.device, non_blocking=True),
-            )
-            if seen_file is not None:
-                seen_file.write("\n".join(batch[2]) + "\n")
-            with accelerator.accumulate(model):
-                out = model(images, attributes, prior_sample=config.gsnn_weight > 0)
-                terms = cvae_loss(
-                    out.recon,
-                    images,
-                    out.mu,
-                    out.logvar,
-                    config.beta,
-                    out.prior_mu,
-                    out.prior_logvar,
-                    out.prior_recon,
-                    config.gsnn_weight,
-                )
-                finite = torch.isfinite(terms.total.detach()).long()
-                # (finite, unreadable train samples, samples read) summed over the ranks in one
-                # collective: every rank must take the same branch (or DDP hangs) and stop together.
-                status = torch.stack(
-                    [finite, finite.new_tensor(stream.skips.skipped), finite.new_tensor(stream.skips.read)]
-                )
-                if accelerator.num_processes > 1:
-                    status = accelerator.reduce(status, reduction="sum")
-                finite_on_all, skipped, read = status.tolist()
-                if finite_on_all == accelerator.num_processes:
-                    bad_streak = 0
-                    accelerator.backward(terms.total)
-                    if accelerator.sync_gradients and config.grad_clip > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-                    optimizer.step()
-                else:
-                    bad_streak += 1
-                    if bad_streak >= config.max_bad_steps:
-                        raise TrainingStopped(
-                            f"the loss was not finite for {bad_streak} consecutive micro-batches (step {step + 1}; "
-                            f"last mse={terms.mse.item()}, kl={terms.kl.item()}"
-                            + (f", mse_prior={terms.mse_prior.item()}" if terms.mse_prior is not None else "")
-                            + "); stopped without saving. "
-                            + (
-                                f"The last good checkpoint is {run_dir / CHECKPOINTS}/checkpoint-{last_saved}; "
-                                if last_saved
-                                else ""
-                            )
-                            + "try a lower lr, grad_clip, or mixed_precision=bf16 instead of fp16"
-                        )
-                optimizer.zero_grad(set_to_none=True)
-            window_images += len(images) * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue  # inside a gradient accumulation
-            step += 1
-            scheduler.step()
-            progress.update(1)
-            if (problem := stream.skips.problem(skipped, read)) is not None:
-                raise TrainingStopped(
-                    f"{problem}. Stopped after step {step}, not saved"
-                    + (
-                        f"; the last good checkpoint is {run_dir / CHECKPOINTS}/checkpoint-{last_saved}"
-                        if last_saved
-                        else ""
-                    )
-                )
+    # --- the end -----------------------------------------------------------------------------------
 
-            if step % config.log_every == 0 or step == config.max_steps:
-                elapsed = time.perf_counter() - window_start
-                logs = {
-                    "train/loss": terms.total.item(),
-                    "train/mse": terms.mse.item(),
-                    "train/kl": terms.kl.item(),
-                    "train/lr": scheduler.get_last_lr()[0],
-                    "train/images_per_s": window_images / max(elapsed, 1e-9),
-                    "train/epoch": step / steps_per_epoch,
-                    "train/skipped_samples": skipped,
-                }
-                if terms.mse_prior is not None:
-                    logs["train/mse_prior"] = terms.mse_prior.item()
-                accelerator.log(logs, step=step)
-                progress.set_postfix(
-                    loss=f"{logs['train/loss']:.1f}", mse=f"{logs['train/mse']:.1f}", kl=f"{logs['train/kl']:.1f}"
+    def finish(self) -> Path:
+        """Final test metrics, weights + config.json and the sample grid (main process)."""
+        config, accelerator, run_dir, step = self.config, self.accelerator, self.run_dir, self.step_done
+        if self.stream.skips.skipped:  # each rank its own; TensorBoard's train/skipped_samples is the sum
+            tqdm.write(f"warning: {self.stream.skips.summary()}", file=sys.stderr)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            final = accelerator.unwrap_model(self.model).eval()
+            try:
+                metrics = heldout_metrics(
+                    final,
+                    config.data.shards,
+                    accelerator.device,
+                    max_skipped_fraction=config.data.max_skipped_fraction,
                 )
-                window_start, window_images = time.perf_counter(), 0
-            if accelerator.is_main_process and (step % config.sample_every == 0 or step == config.max_steps):
-                write_grids(step)
-            at_eval = (
-                (step % config.eval_every == 0)
-                if config.eval_every
-                else (epoch_ended and config.data.sampling == "epochs")
-            )
-            epoch_ended = False
-            if at_eval and accelerator.is_main_process and step < config.max_steps:
-                evaluate(step)
-            if bad_streak == 0 and (step % config.checkpoint_every == 0 or step == config.max_steps):
-                save_checkpoint(
-                    accelerator, run_dir, step, spec, config.checkpoints_total_limit, data_order, fingerprint
+                accelerator.log(metrics, step=step)
+            except UserError as error:  # a damaged test split must not throw away a finished run
+                metrics = {}
+                tqdm.write(f"warning: no final test metrics: {one_line(error)}", file=sys.stderr)
+            final.spec.extra = {
+                "recipe": config.recipe,
+                "step": step,
+                "beta": config.beta,
+                "toolkit_version": toolkit.__version__,
+                **{k.replace("test/", "test_"): round(v, 4) for k, v in metrics.items()},
+            }
+            save_model(final, run_dir)
+            save_grid(sample_grid(final, self.grid_attributes, self.grid_noise), run_dir / SAMPLES_GRID)
+            if metrics:
+                print(
+                    f"test: MSE {metrics['test/mse_per_image']:.2f} per image ({metrics['test/mse_per_pixel']:.5f} per pixel), "
+                    f"KL {metrics['test/kl_per_image']:.2f} per image"
                 )
-                last_saved = step
-    except RuntimeError as error:
-        if not worker_died(error):
-            raise
-        # PyTorch raises this wherever the main process is when the worker dies (the kernel's OOM
-        # killer sends SIGKILL): the step under way is lost, the checkpoints before it are complete.
-        last = find_checkpoint(run_dir, "latest")
-        raise TrainingStopped(
-            f"a data loader worker died during step {step + 1} ({one_line(error).rstrip('. ')}; the kernel's out-of-memory killer "
-            "does this when memory runs out: lower data.num_workers, data.shuffle_buffer or batch_size); stopped, not saved; "
-            + (
-                f"the last good checkpoint is {last}: continue with resume=latest"
-                if last
-                else "there is no checkpoint yet: run it again"
-            )
-        ) from None
-    finally:
-        progress.close()
-        batches.close()  # stops the loader workers (and any pipe: readers) now, not at exit
-        if seen_file is not None:
-            seen_file.close()
-
-    if stream.skips.skipped:  # each rank its own; TensorBoard's train/skipped_samples is the sum
-        tqdm.write(f"warning: {stream.skips.summary()}", file=sys.stderr)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        final = accelerator.unwrap_model(model).eval()
-        try:
-            metrics = heldout_metrics(
-                final, config.data.shards, accelerator.device, max_skipped_fraction=config.data.max_skipped_fraction
-            )
-            accelerator.log(metrics, step=step)
-        except UserError as error:  # a damaged test split must not throw away a finished run
-            metrics = {}
-            tqdm.write(f"warning: no final test metrics: {one_line(error)}", file=sys.stderr)
-        final.spec.extra = {
-            "recipe": config.recipe,
-            "step": step,
-            "beta": config.beta,
-            "toolkit_version": toolkit.__version__,
-            **{k.replace("test/", "test_"): round(v, 4) for k, v in metrics.items()},
-        }
-        save_model(final, run_dir)
-        save_grid(sample_grid(final, grid_attributes, grid_noise), run_dir / SAMPLES_GRID)
-        if metrics:
-            print(
-                f"test: MSE {metrics['test/mse_per_image']:.2f} per image ({metrics['test/mse_per_pixel']:.5f} per pixel), "
-                f"KL {metrics['test/kl_per_image']:.2f} per image"
-            )
-        print(
-            f"saved {run_dir / 'model.safetensors'} and {run_dir / 'config.json'}; samples: {run_dir / 'samples.png'}"
-        )
-    accelerator.end_training()
-    return run_dir
+            print(f"saved {run_dir / WEIGHTS} and {run_dir / CONFIG}; samples: {run_dir / SAMPLES_GRID}")
+        accelerator.end_training()
+        return run_dir
 
 
 def main(argv: list[str] | None = None) -> None:
