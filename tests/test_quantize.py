@@ -5,9 +5,6 @@ The control score on real faces is out of reach here (the tests have no real dat
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +12,6 @@ import pytest
 
 from toolkit import quantize
 from toolkit.errors import UserError
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -119,45 +114,15 @@ def test_an_fp16_export_or_a_bad_name_is_refused(trained_run, exported, tmp_path
 
 
 def test_cli_export_int8_writes_both_files(trained_run, tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "toolkit.cli",
-            "export",
-            "--onnx",
-            str(trained_run),
-            "--out",
-            str(tmp_path / "d.onnx"),
-            "--int8",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    from tests.test_cli import run_cli
+
+    result = run_cli(["export", "--onnx", trained_run, "--out", tmp_path / "d.onnx", "--int8"], cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "int8 parity: grey levels from the fp32 file: batch 1: mean" in result.stdout
     assert "WARNING" not in result.stderr, result.stderr  # the quantizer's advice stays quiet
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d-int8.onnx", "d.onnx"]
-    refused = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "toolkit.cli",
-            "export",
-            "--onnx",
-            str(trained_run),
-            "--out",
-            str(tmp_path / "h.onnx"),
-            "--int8",
-            "--fp16",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
+    refused = run_cli(
+        ["export", "--onnx", trained_run, "--out", tmp_path / "h.onnx", "--int8", "--fp16"], cwd=tmp_path
     )
     assert (
         refused.returncode == 2
@@ -244,24 +209,10 @@ def test_a_judge_is_checked_before_any_work(trained_run, exported, judge, tmp_pa
     monkeypatch.setattr(classifier_module, "load_classifier", other_names)
     with pytest.raises(UserError, match=r"^--classifier .*does not know attribute"):
         quantize.check_request(trained_run, tmp_path / "x.onnx", classifier=judge)
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    alone = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "toolkit.cli",
-            "export",
-            "--onnx",
-            str(trained_run),
-            "--out",
-            str(tmp_path / "c.onnx"),
-            "--classifier",
-            str(judge),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
+    from tests.test_cli import run_cli
+
+    alone = run_cli(
+        ["export", "--onnx", trained_run, "--out", tmp_path / "c.onnx", "--classifier", judge], cwd=tmp_path
     )
     assert alone.returncode == 2 and alone.stderr.startswith(
         "error: --classifier judges the --int8 file's control score: add --int8"
