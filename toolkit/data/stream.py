@@ -30,7 +30,6 @@ import io
 import json
 import random
 import re
-import sys
 import tarfile
 from functools import partial
 from pathlib import Path
@@ -41,13 +40,9 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import default_collate
 
-from toolkit.config import DataConfig
+from toolkit.data.batches import DEFAULT_MAX_SKIPPED_FRACTION, Batches, Skip, Skips  # noqa: F401 (Skips: re-exported)
 from toolkit.errors import UserError, one_line
 from toolkit.formats import FIELDS, MANIFEST
-
-DEFAULT_MAX_SKIPPED_FRACTION = DataConfig.max_skipped_fraction  # data.max_skipped_fraction
-SKIPPED = "__skipped__"  # marks a skip report (shard, reason, samples lost) travelling in place of a sample
-MAX_WARNINGS = 20  # distinct (shard, reason) warnings printed per counter; later ones are only counted
 
 # A shard name from a manifest: a plain file name, so it cannot point outside the split's folder
 # (`../x.tar`, `/etc/x`) nor into the command of a `pipe:` URL (`x.tar; rm ...`).
@@ -203,12 +198,20 @@ def _tar_samples(stream, url: str):
     yield from wds.tariterators.group_by_keys({**member, "__url__": url} for member in members)
 
 
-def _read_shards(source, counts: dict[str, int], tally: list[int]):
+class ReadCount:
+    """The samples the shard reader (the pipeline's first stage) has yielded in this pass, which the
+    last stage reports batch by batch: the shuffle buffer between them reads ahead of the batches,
+    and the skip bound weighs losses against what was read."""
+
+    def __init__(self):
+        self.total = 0
+
+
+def _read_shards(source, counts: dict[str, int], count: ReadCount):
     """Samples of each shard ({"url": ...} items) in order. A shard that cannot be opened, breaks
-    off, or ends before its manifest count is followed by a skip report of the samples it did not
-    deliver (tarfile takes a cut-off header for the end of the archive: only the count tells).
-    tally[0] counts the samples yielded, for `_decode_batches` to pass on."""
-    tally[0] = 0
+    off, or ends before its manifest count is followed by a `Skip` of the samples it did not
+    deliver (tarfile takes a cut-off header for the end of the archive: only the count tells)."""
+    count.total = 0
     for item in source:
         url = item["url"]
         expected, read, error, stream = counts.get(url, 0), 0, None, None
@@ -216,7 +219,7 @@ def _read_shards(source, counts: dict[str, int], tally: list[int]):
             stream = wds.gopen(url, "rb")
             for sample in _tar_samples(stream, url):
                 read += 1
-                tally[0] += 1
+                count.total += 1
                 yield sample
         except Exception as caught:
             error = caught
@@ -238,7 +241,7 @@ def _read_shards(source, counts: dict[str, int], tally: list[int]):
                 if read
                 else f"unreadable: {_describe(error)}"
             )
-        yield {SKIPPED: (url, reason, lost, False)}
+        yield Skip(url, reason, lost)
 
 
 def _check_sample(decoded: tuple, image_size, num_attributes: int | None) -> str | None:
@@ -251,22 +254,22 @@ def _check_sample(decoded: tuple, image_size, num_attributes: int | None) -> str
 
 
 def _decode_batches(
-    source, batch_size: int, partial: bool, with_keys: bool, tally: list[int], image_size=None, num_attributes=None
+    source, batch_size: int, partial: bool, with_keys: bool, count: ReadCount, image_size=None, num_attributes=None
 ):
     """Decode and batch (what wds.map(decode) + wds.batched did). Yields (batch, None, read) and, at
-    once for every skip report or undecodable sample, (None, (shard, reason, samples lost,
-    undecodable), read); read: the samples the reader has yielded since the previous item (the
-    shuffle buffer reads ahead of the batches, so both losses and reads are counted when read)."""
+    once for every skip report or undecodable sample, (None, Skip, read); read: the samples the
+    reader has yielded since the previous item (the shuffle buffer reads ahead of the batches, so
+    both losses and reads are counted when read)."""
     batch, counted = [], 0
 
     def read() -> int:
         nonlocal counted
-        counted, new = tally[0], tally[0] - counted
+        counted, new = count.total, count.total - counted
         return new
 
     for sample in source:
-        if SKIPPED in sample:
-            yield None, sample[SKIPPED], read()
+        if isinstance(sample, Skip):
+            yield None, sample, read()
             continue
         try:
             decoded = decode(sample, with_keys, image_size)
@@ -279,7 +282,7 @@ def _decode_batches(
             problem = f"could not be decoded: {_describe(error)}"
         if problem:
             reason = problem if problem.startswith("sample ") else f"sample {sample.get('__key__')} {problem}"
-            yield None, (sample.get("__url__", "?"), reason, 1, True), read()
+            yield None, Skip(sample.get("__url__", "?"), reason, 1, undecodable=True), read()
             continue
         batch.append(decoded)
         if len(batch) == batch_size:
@@ -287,154 +290,6 @@ def _decode_batches(
             batch = []
     if batch and partial:
         yield default_collate(batch), None, read()
-
-
-def _shard_name(url: str) -> str:
-    return str(url).rstrip("/").rsplit("/", 1)[-1].split()[0] or str(url)
-
-
-class Skips:
-    """The samples one reader (or one training run's readers) skipped, counted in the main process.
-
-    The fraction is skipped / read: read = the samples met in the shards (read out of them, or lost
-    in them: a cut-off tar's missing samples, counted from its manifest count), both counted when
-    the reader meets them, ahead of the shuffle buffer. The denominator is taken as no less than the
-    split's size (its manifest count): until a split has been read once, the bound trips only when
-    the skips alone pass `max_fraction` of the whole split. So one bad sample among the first few
-    never stops a run, a cut-off shard read early is weighed against the split, not against the
-    handful of samples read before it, and a split with more unreadable samples than the bound
-    allows stops during its first pass. Afterwards it is the fraction of everything read.
-    `max_fraction` 0: the first unreadable sample stops; 1: never (unless nothing is readable).
-    """
-
-    def __init__(
-        self,
-        split: str,
-        shards,
-        split_count: int,
-        max_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
-        check: bool = True,
-    ):
-        self.split, self.shards, self.split_count = split, str(shards), int(split_count)
-        self.max_fraction, self.check = max_fraction, check  # check=False: the caller checks (e.g. summed over ranks)
-        self.delivered = 0  # samples handed over in batches
-        self.samples_read = 0  # samples read out of the shards (some of which may not decode)
-        self.lost_in_shards = self.undecodable = 0  # skipped: cut off or unreadable; read but not decodable
-        self.skipped_since_batch = 0
-        self.by_shard: dict[str, list] = {}  # shard url -> [samples skipped, first reason]
-        self._warned: set = set()
-
-    @property
-    def skipped(self) -> int:
-        return self.lost_in_shards + self.undecodable
-
-    @property
-    def read(self) -> int:
-        """The samples met so far: read out of the shards or lost in them (the fraction's denominator)."""
-        return self.samples_read + self.lost_in_shards
-
-    def deliver(self, samples: int) -> None:
-        self.delivered += int(samples)
-        self.skipped_since_batch = 0
-
-    def count_read(self, samples: int) -> None:
-        self.samples_read += int(samples)
-
-    def add(self, url: str, reason: str, lost: int, undecodable: bool = False) -> None:
-        """Count a loss: `lost` samples of the shard `url`, for `reason` (undecodable: read, then lost)."""
-        lost = int(lost)
-        if undecodable:
-            self.undecodable += lost
-        else:
-            self.lost_in_shards += lost
-        self.skipped_since_batch += lost
-        self.by_shard.setdefault(url, [0, reason])[0] += lost
-        if (url, reason) not in self._warned and len(self._warned) < MAX_WARNINGS:
-            self._warned.add((url, reason))
-            more = "; further skips are counted, not shown" if len(self._warned) == MAX_WARNINGS else ""
-            print(f"warning: skipped {lost} sample(s) of {url}: {reason}{more}", file=sys.stderr, flush=True)
-        # A split's worth skipped without one batch in between: check here even when the caller
-        # checks (it only can after a batch), and never read on forever.
-        stuck = self.skipped_since_batch > max(self.split_count, 1)
-        if (self.check or stuck) and (problem := self.problem()):
-            raise UserError(problem)
-        if self.skipped_since_batch > 10 * max(self.split_count, 1):
-            raise UserError(
-                f"nothing readable in the {self.split} split of {self.shards}: the last {self.skipped_since_batch} samples "
-                f"read were all skipped ({self._worst()}); rebuild or replace those shards"
-            )
-
-    def _worst(self, n: int = 3) -> str:
-        worst = sorted(self.by_shard.items(), key=lambda item: -item[1][0])[:n]
-        return "; ".join(f"{_shard_name(url)} ({lost} skipped: {reason})" for url, (lost, reason) in worst)
-
-    def fraction(self, skipped: int | None = None, read: int | None = None) -> float:
-        skipped = self.skipped if skipped is None else skipped
-        read = self.read if read is None else read
-        return skipped / max(read, self.split_count, 1)
-
-    def problem(self, skipped: int | None = None, read: int | None = None) -> str | None:
-        """None while within the bound, else the message to stop with. `skipped` and `read` default
-        to this counter's own; a multi-process trainer passes the sums over its ranks."""
-        skipped = self.skipped if skipped is None else skipped
-        read = self.read if read is None else read
-        if skipped == 0 or self.fraction(skipped, read) <= self.max_fraction:
-            return None
-        of = (
-            f"{read} samples read"
-            if read >= self.split_count
-            else f"the split's {self.split_count} samples ({read} read so far)"
-        )
-        return (
-            f"too many unreadable samples in the {self.split} split of {self.shards}: {skipped} skipped = "
-            f"{self.fraction(skipped, read):.2%} of {of}, more than data.max_skipped_fraction={self.max_fraction:g} allows; "
-            f"{self._worst() or 'skipped on other ranks'}; rebuild or replace those shards, or raise data.max_skipped_fraction"
-        )
-
-    def summary(self) -> str:
-        return f"{self.skipped} unreadable sample(s) of the {self.split} split skipped ({self._worst()})"
-
-
-class Batches:
-    """What the readers return: iterating gives the batches ([images, attributes] or with keys
-    [images, attributes, keys]); `skips` counts what could not be read. With `length`, every pass
-    gives exactly that many batches: a pass left short by skipped samples reads the same shards
-    again for the rest (webdataset's with_epoch did the same), so an epoch's length stays what
-    the manifest says and exact resume holds. Only the first pass's losses are counted: it read
-    the shards to the end, so a pass that reads them again meets the same ones."""
-
-    def __init__(self, loader, skips: Skips, length: int | None = None):
-        self.loader, self.skips, self.length = loader, skips, length
-
-    def __len__(self) -> int:
-        if self.length is None:
-            raise TypeError("this stream has no length")
-        return self.length
-
-    def __iter__(self):
-        delivered, first = 0, True
-        while True:
-            before = delivered
-            for batch, report, read in self.loader:
-                if first:  # a pass that reads the shards again meets what the first pass counted
-                    self.skips.count_read(read)
-                    if report is not None:
-                        self.skips.add(*report)
-                if report is not None:
-                    continue
-                self.skips.deliver(len(batch[1]))
-                yield batch
-                delivered += 1
-                if delivered == self.length:
-                    return
-            if self.length is None:
-                return
-            if delivered == before:
-                raise UserError(
-                    f"nothing readable in the shards of the {self.skips.split} split of {self.skips.shards} dealt to this process "
-                    f"({self.skips._worst() or 'no batch could be filled'}); rebuild or replace those shards"
-                )
-            first = False
 
 
 def _loader(pipeline, num_workers: int, seed: int):
@@ -447,17 +302,20 @@ def _loader(pipeline, num_workers: int, seed: int):
 def _stages(
     counts: dict[str, int], manifest: dict, batch_size: int, partial_batches: bool, with_keys: bool, shuffle=None
 ) -> list:
-    """Read the shards -> (shuffle) -> decode and batch; the first and last share a tally of the samples read."""
-    tally = [0]
+    """The pipeline after the shard list. At this point items are {"url": ...}; `_read_shards`
+    turns them into samples (dicts of tar members) with a `Skip` where a shard fails; the shuffle
+    (training only) mixes samples, passing Skips straight on; `_decode_batches` yields (batch,
+    None, read) or (None, Skip, read). The first and last stage share the count of samples read."""
+    count = ReadCount()
     return [
-        partial(_read_shards, counts=counts, tally=tally),
+        partial(_read_shards, counts=counts, count=count),
         *([shuffle] if shuffle else []),
         partial(
             _decode_batches,
             batch_size=batch_size,
             partial=partial_batches,
             with_keys=with_keys,
-            tally=tally,
+            count=count,
             image_size=manifest.get("image_size"),
             num_attributes=len(manifest.get("attributes", [])) or None,
         ),
@@ -470,13 +328,13 @@ def _shuffle(source, bufsize: int, initial: int, rng: random.Random):
     source = iter(source)
     initial, buffer = min(initial, bufsize), []
     for sample in source:
-        if SKIPPED in sample:
+        if isinstance(sample, Skip):
             yield sample
             continue
         buffer.append(sample)
         if len(buffer) < bufsize:
             for extra in source:
-                if SKIPPED in extra:
+                if isinstance(extra, Skip):
                     yield extra
                     continue
                 buffer.append(extra)
