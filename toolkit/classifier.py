@@ -23,9 +23,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
+from torchvision.transforms.functional import gaussian_blur
 
 from toolkit.atomic import save_state_dict, write_text
+from toolkit.data.stream import epoch_batches, eval_batches, read_manifest, worker_died
 from toolkit.errors import UserError, one_line
 from toolkit.formats import CLASSIFIER_CONFIG as CONFIG
 from toolkit.formats import CLASSIFIER_WEIGHTS as WEIGHTS
@@ -177,7 +180,6 @@ def classifier_accuracy(
     Returns AccuracyCounter's dict: "mean" (over attributes), "per_attribute", "balanced" and
     "positives" (per attribute), "top1" (one-hot targets only, else None), "count".
     """
-    from toolkit.data.stream import eval_batches, read_manifest
 
     manifest = read_manifest(shards, split)
     names = list(manifest["attributes"])
@@ -226,7 +228,6 @@ def train_classifier(
     thin or dark details there (measured on the real CelebA sample, sigma 1.5: Eyeglasses' balanced
     accuracy 0.83 -> 0.50, Black_Hair 0.85 -> 0.67), so it would miss attributes that are visibly drawn.
     """
-    from toolkit.data.stream import epoch_batches, read_manifest, worker_died
 
     if steps < 1 or batch_size < 1 or not (math.isfinite(lr) and lr > 0):  # an infinite lr trains to NaN weights
         raise UserError(
@@ -298,7 +299,6 @@ def train_classifier(
 
 def blur_some(images: torch.Tensor, max_sigma: float, generator: torch.Generator) -> torch.Tensor:
     """A random half of the batch blurred with one Gaussian of sigma in [0.5, max_sigma] (drawn from `generator`)."""
-    from torchvision.transforms.functional import gaussian_blur
 
     chosen = torch.rand(len(images), generator=generator) < 0.5
     sigma = 0.5 + float(torch.rand(1, generator=generator)) * max(max_sigma - 0.5, 0.0)
@@ -332,7 +332,6 @@ def save_classifier(classifier: AttributeClassifier, out_dir: str | Path, meta: 
 
 def load_classifier(folder: str | Path) -> AttributeClassifier:
     """Rebuild a classifier from its folder, on the CPU, in eval mode; `.meta` holds classifier.json."""
-    from safetensors.torch import load_file
 
     folder = Path(folder)
     config, weights = folder / CONFIG, folder / WEIGHTS

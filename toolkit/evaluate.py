@@ -41,12 +41,26 @@ import json
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from toolkit.atomic import write_text
+from toolkit.classifier import (
+    THRESHOLD,
+    AccuracyCounter,
+    AttributeClassifier,
+    check_image_size,
+    classifier_accuracy,
+    columns_for,
+    load_classifier,
+    reliable_attributes,
+)
 from toolkit.config import DataConfig
+from toolkit.data.stream import eval_batches, read_manifest
 from toolkit.devices import resolve_device
 from toolkit.errors import UserError, one_line
 from toolkit.formats import CLASSIFIER_CONFIG, METRICS, RECIPE
+from toolkit.loss import kl_gaussians, kl_standard_normal
+from toolkit.model import load_model
 
 METRICS_FILE = METRICS  # RUN/metrics.json (toolkit.formats)
 DIVERSITY_CONDITIONS = 32  # test attribute vectors diversity is averaged over
@@ -91,7 +105,6 @@ def reconstruction_metrics(
     Unreadable samples are skipped and counted (`eval_batches`; a UserError past `max_skipped_fraction`,
     default data.max_skipped_fraction's); "count" is of the images read.
     """
-    from toolkit.data.stream import eval_batches
 
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
@@ -130,7 +143,6 @@ def _squared_error(recon: torch.Tensor, target: torch.Tensor) -> float:
 
 def kl_per_image(model, mu: torch.Tensor, logvar: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
     """KL(q || the model's prior) per image [B], summed over latent units."""
-    from toolkit.loss import kl_gaussians, kl_standard_normal
 
     prior = model.prior(attributes)
     if prior is None:
@@ -179,7 +191,6 @@ def diversity(
 
 def split_attributes(shards: str | Path, split: str = "test") -> torch.Tensor:
     """Every attribute vector of a split, in order [N, A] (small: the images are not kept)."""
-    from toolkit.data.stream import eval_batches
 
     vectors = [attributes for _, attributes in eval_batches(shards, split)]
     if not vectors:
@@ -208,7 +219,6 @@ def attribute_accuracy(
     when every vector is one-hot else None, "count": images}. `attributes` [N, A] saves re-reading
     the split when already at hand. The classifier is matched to the model's attributes by name.
     """
-    from toolkit.classifier import AccuracyCounter, check_image_size, columns_for
 
     names = list(model.spec.attributes)
     columns = columns_for(classifier, names, "the model")
@@ -268,7 +278,6 @@ def attribute_control(
     doubled: for a class a, the a=1 vector has class a instead of its own, the a=0 vector keeps its
     own, and vectors of class a are left out.
     """
-    from toolkit.classifier import THRESHOLD, check_image_size, columns_for
 
     model_names = list(model.spec.attributes)
     vectors = torch.as_tensor(attributes, dtype=torch.float32)
@@ -316,7 +325,6 @@ def attribute_control(
 
 def run_shards(run_dir: str | Path) -> str:
     """The shards a run was trained on: data.shards of RUN/recipe.yaml."""
-    from omegaconf import OmegaConf
 
     path = Path(run_dir) / RECIPE
     if not path.is_file():
@@ -376,16 +384,6 @@ def evaluate_run(
     (control_attributes is an int: how many attributes `control` averages.)
     Definitions and reductions: the module docstring.
     """
-    from toolkit.classifier import (
-        AttributeClassifier,
-        check_image_size,
-        classifier_accuracy,
-        columns_for,
-        load_classifier,
-        reliable_attributes,
-    )
-    from toolkit.data.stream import read_manifest
-    from toolkit.model import load_model
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

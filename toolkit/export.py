@@ -56,7 +56,10 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
+from safetensors.torch import save
 
 import toolkit
 from toolkit.atomic import atomic_path, check_output, describe_os_error
@@ -69,8 +72,11 @@ from toolkit.contract import (
     encoder_outputs,
     preprocessing_dict,
 )
+from toolkit.data.stream import read_manifest
 from toolkit.errors import UserError, one_line
-from toolkit.model import CVAE, WEIGHTS, load_model
+from toolkit.evaluate import run_shards
+from toolkit.inspection import check_contract
+from toolkit.model import CVAE, WEIGHTS, PaperEncoder, load_model
 from toolkit.sampler import to_uint8
 
 OPSET = 18
@@ -126,7 +132,6 @@ class EncoderGraph(torch.nn.Module):
 
     def __init__(self, model: CVAE):
         super().__init__()
-        from toolkit.model import PaperEncoder
 
         self.model = model
         self.paper = isinstance(model.encoder, PaperEncoder)
@@ -170,7 +175,6 @@ def input_names(temperature_input: bool = False) -> list[str]:
 def weights_sha256(model: CVAE) -> str:
     """SHA-256 of the model.safetensors bytes that `save_model` writes for `model` (for a model that
     is not read from a run folder; `export_onnx` hashes the run's file itself)."""
-    from safetensors.torch import save
 
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     return hashlib.sha256(save(state, metadata={"format": "pt"})).hexdigest()
@@ -231,7 +235,6 @@ def _finish(proto, meta: dict[str, str]):
     """Metadata, producer and model_version in; the weights' stale value_info entries out (the
     exporter records each initializer's shape there too; tools that rewrite a weight, such as
     quantize_dynamic transposing a Gemm's, then meet an entry that contradicts it)."""
-    import onnx
 
     for key, value in meta.items():
         entry = proto.metadata_props.add()
@@ -277,7 +280,6 @@ def _export_program(graph, example: tuple, names: list[str], outputs: list[str],
 
 def encoder_to_onnx(model: CVAE, preprocessing: dict, opset: int = OPSET, *, weights: str | None = None) -> bytes:
     """The serialized ONNX encoder (fp32) of `model`, metadata included, not yet parity-checked."""
-    from toolkit.inspection import check_contract
 
     check_opset(opset)
     if weights is None:
@@ -314,7 +316,6 @@ def to_onnx(
 ) -> bytes:
     """The serialized ONNX sampler for the fp32 `model` (metadata included), not yet parity-checked.
     `weights`: the SHA-256 recorded as weights_sha256 (default: computed from `model`)."""
-    from toolkit.inspection import check_contract
 
     check_opset(opset)
     if weights is None:
@@ -338,7 +339,6 @@ def to_onnx(
 
 
 def check_opset(opset: int) -> None:
-    import onnx
 
     newest = onnx.defs.onnx_opset_version()
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
@@ -361,7 +361,6 @@ def check_out(out: Path) -> None:
 def _check_session(onnx_bytes: bytes):
     """An ONNX Runtime CPU session of a graph about to be checked; one that ONNX Runtime cannot load
     (an opset newer than it supports) is a UserError."""
-    import onnxruntime as ort
 
     try:
         return ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
@@ -447,8 +446,6 @@ def run_preprocessing(run_dir: str | Path, image_size, shards: str | Path | None
     options in the train manifest of its shards (`shards`, default data.shards of RUN/recipe.yaml).
     Shards written without build options (the test fixtures' write_split) were neither cropped nor
     resized: crop null."""
-    from toolkit.data.stream import read_manifest
-    from toolkit.evaluate import run_shards
 
     try:
         shards = str(shards) if shards is not None else run_shards(run_dir)

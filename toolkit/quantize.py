@@ -38,10 +38,24 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import (
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
 
 from toolkit.atomic import atomic_path, describe_os_error
+from toolkit.classifier import classifier_accuracy, load_classifier, reliable_attributes
+from toolkit.contract import UINT8_OUTPUT
+from toolkit.data.stream import attribute_vectors
 from toolkit.errors import UserError, one_line
+from toolkit.evaluate import CONTROL_CONDITIONS, attribute_control, run_shards, split_attributes
 from toolkit.export import check_out
+from toolkit.inspection import check_contract
 from toolkit.sampler import to_uint8
 
 CALIBRATION_SAMPLES = 512
@@ -89,7 +103,6 @@ def check_request(
     """What `cvae-tk export --int8` checks before any work: an fp32 export to start from, an int8
     output that can be written, shards to calibrate on, a judge (if given) that knows the shards'
     attributes and image size; returns the int8 output path."""
-    from toolkit.evaluate import run_shards
 
     if fp16:
         raise UserError("--int8 is quantized from the fp32 export: drop --fp16")
@@ -114,7 +127,6 @@ def calibration_conditions(shards: str, count: int, seed: int = CALIBRATION_SEED
     training split (a split stored in class order, as CUB's, is covered end to end): the first
     calibrates, the second serves the parity checks. A split of fewer than 2 x `count` vectors is
     halved."""
-    from toolkit.data.stream import attribute_vectors
 
     vectors = attribute_vectors(shards, "train").astype(np.float32)
     order = np.random.default_rng(seed).permutation(len(vectors))
@@ -183,7 +195,6 @@ def _float_tail(model) -> list[str]:
 
 def quantize_bytes(fp32_bytes: bytes, calibration: list[dict], per_channel: bool = True) -> bytes:
     """The QDQ int8 model of `fp32_bytes`, calibrated on `calibration` (feeds), without metadata changes."""
-    import onnx
 
     model = onnx.load_from_string(fp32_bytes)
     # Shape entries the exporter left in value_info (some stale, e.g. for weights) confuse the
@@ -208,12 +219,6 @@ def quantize_bytes(fp32_bytes: bytes, calibration: list[dict], per_channel: bool
 
 
 def _quantize_static(model, calibration: list[dict], per_channel: bool, excluded: list[str]) -> bytes:
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
 
     with tempfile.TemporaryDirectory(prefix="cvae-tk-int8-") as folder:
         source, target = Path(folder) / "fp32.onnx", Path(folder) / "int8.onnx"
@@ -248,7 +253,6 @@ def parity_levels(
     PARITY_IMAGES conditions drawn from `attributes` with prior noise (both from `seed`), run at each
     batch size of PARITY_BATCHES; per batch size the mean, 99th percentile and max over every pixel
     and channel."""
-    import onnxruntime as ort
 
     sessions = [ort.InferenceSession(data, providers=["CPUExecutionProvider"]) for data in (fp32_bytes, int8_bytes)]
     names, latent_dim = _inputs(sessions[0])
@@ -290,9 +294,6 @@ class OnnxImages:
     float images [B, 3, H, W] in [0, 1] (a --uint8 file's pixels / 255), temperature 1."""
 
     def __init__(self, data: bytes):
-        import onnxruntime as ort
-
-        from toolkit.contract import UINT8_OUTPUT
 
         self.session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
         meta = self.session.get_modelmeta().custom_metadata_map
@@ -305,7 +306,6 @@ class OnnxImages:
         )
 
     def generate(self, attributes, noise):
-        import torch
 
         feed = feeds(
             self.names, attributes.cpu().numpy().astype(np.float32), self.spec.latent_dim, len(attributes), 0
@@ -321,8 +321,6 @@ def control_scores(fp32_bytes: bytes, int8_bytes: bytes, classifier_dir: str | P
     """Both files' attribute control score, judged by the classifier in `classifier_dir`, on the test
     split of `shards` (see the module doc): {"fp32", "int8" (means over the reliable attributes),
     "attributes" (their names), "per_attribute" {name: [fp32, int8]}, "classifier", "conditions"}."""
-    from toolkit.classifier import classifier_accuracy, load_classifier, reliable_attributes
-    from toolkit.evaluate import CONTROL_CONDITIONS, attribute_control, split_attributes
 
     classifier = load_classifier(classifier_dir)
     files = {"fp32": OnnxImages(fp32_bytes), "int8": OnnxImages(int8_bytes)}
@@ -354,7 +352,6 @@ def describe_control(control: dict) -> str:
 def with_metadata(int8_bytes: bytes, fp32_bytes: bytes, quantization: dict) -> bytes:
     """The int8 model carrying the fp32 file's metadata (precision = int8, plus `quantization`) and
     its model fields (producer, version, doc string)."""
-    import onnx
 
     fp32, int8 = onnx.load_from_string(fp32_bytes), onnx.load_from_string(int8_bytes)
     meta = {entry.key: entry.value for entry in fp32.metadata_props}
@@ -381,11 +378,6 @@ def quantize_export(
     `default_path`), calibrated on the run's training split (`shards`, default data.shards of
     RUN/recipe.yaml); returns (path written, `parity_levels`, `control_scores` or None without a
     `classifier`). A parity check that fails, or a file no reader would take, writes nothing."""
-    import onnx
-    import onnxruntime as ort
-
-    from toolkit.evaluate import run_shards
-    from toolkit.inspection import check_contract
 
     fp32_path = Path(fp32_path)
     out = Path(out) if out else default_path(fp32_path)

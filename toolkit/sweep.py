@@ -35,9 +35,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+from omegaconf import OmegaConf
+
+from toolkit import figures
 from toolkit.atomic import check_output, write_text
+from toolkit.classifier import RELIABLE_BALANCED, check_image_size, columns_for, load_classifier
+from toolkit.config import TrainConfig, load_config, parse_overrides
+from toolkit.data.stream import read_manifest
+from toolkit.devices import resolve_device
 from toolkit.errors import UserError, one_line
+from toolkit.evaluate import CONTROL_CONDITIONS, DIVERSITY_CONDITIONS, DIVERSITY_SAMPLES, evaluate_run, find_classifier
 from toolkit.formats import CLASSIFIER_WEIGHTS, CONFIG, METRICS, RECIPE, WEIGHTS
+from toolkit.model import load_model, read_spec
+from toolkit.run_folder import checkpoint_step, find_checkpoint
 
 PAPER_BETAS = (0.25, 0.5, 0.75, 0.9)
 SET_BY_SWEEP = ("beta", "run_dir", "resume")  # the sweep sets these per run
@@ -84,7 +95,6 @@ OPTIONAL_COLUMNS = {"attr_acc_top1", "attr_acc_floor_top1"}  # left out of the m
 def parse_betas(value: str) -> list[float]:
     """`[0.25,0.5]` (YAML / OmegaConf list), `0.5` or `0.25,0.5` -> floats in [0, 1] (6 significant
     digits), at least one, no repeats."""
-    import yaml
 
     text = value.strip()
     try:
@@ -166,9 +176,6 @@ def _flatten(node, prefix: str = "") -> dict:
 def config_differences(run_dir: Path, config) -> dict[str, tuple]:
     """{key: (in RUN/recipe.yaml, in `config`)} for every key that differs, run_dir and resume left out.
     A key the file lacks (an older toolkit) counts as its default."""
-    from omegaconf import OmegaConf
-
-    from toolkit.config import TrainConfig
 
     try:
         saved = _flatten(OmegaConf.to_container(OmegaConf.load(run_dir / RECIPE)))
@@ -193,7 +200,6 @@ def config_differences(run_dir: Path, config) -> dict[str, tuple]:
 def decide(run_dir: Path, config) -> tuple[str, str]:
     """(action, why) for one run folder: reuse a finished identical run, resume an interrupted one (or
     one that only asks for more steps), train a new one; refuse a folder holding another experiment."""
-    from toolkit.run_folder import checkpoint_step, find_checkpoint
 
     if not (run_dir / RECIPE).is_file():
         return "train", "new run"
@@ -218,7 +224,6 @@ def decide(run_dir: Path, config) -> tuple[str, str]:
 def plan(args: list[str], out: str | Path | None = None) -> tuple[list[Run], Path, list[str]]:
     """Validate everything (betas, every override through load_config, the existing run folders) and
     decide each run's action, before anything is written. Returns (runs, out, overrides)."""
-    from toolkit.config import load_config, parse_overrides
 
     betas, rest = split_arguments(list(args))
     recipe, overrides = parse_overrides(rest)  # rejects arguments that are not key=value
@@ -321,7 +326,6 @@ def train_runs(runs: list[Run], launcher: str | None, log) -> None:
 
 
 def evaluation_matches(report: dict, run_dir: Path, classifier: Path | None, step) -> bool:
-    from toolkit.evaluate import CONTROL_CONDITIONS, DIVERSITY_CONDITIONS, DIVERSITY_SAMPLES
 
     path = run_dir / METRICS
     judged_after = (
@@ -345,8 +349,6 @@ def evaluation_matches(report: dict, run_dir: Path, classifier: Path | None, ste
 def evaluate_runs(runs: list[Run], classifier: Path | None, device: str, log) -> dict[float, dict]:
     """evaluate_run for each run (its RUN/metrics.json reused when it is newer than the weights and
     was made the same way)."""
-    from toolkit.evaluate import evaluate_run
-    from toolkit.model import read_spec
 
     reports = {}
     for run in runs:
@@ -435,7 +437,6 @@ def table_caption(runs: list[Run], reports: dict, classifier: Path | None) -> st
 
 def control_caption(report: dict) -> str:
     """What the control column means for this table, with the attributes it averages and their scores."""
-    from toolkit.classifier import RELIABLE_BALANCED
 
     control = report.get("control") or {}
     per = control.get("per_attribute") or {}
@@ -463,9 +464,6 @@ def resolve_classifier(classifier: str | Path | None, out: Path, recipe: str, sh
     """The classifier to judge the samples with: --classifier, else one evaluate_run would find beside
     the runs (OUT/classifier, OUT/<recipe>-classifier), else None. Checked against the shards now,
     not after hours of training."""
-    from toolkit.classifier import check_image_size, columns_for, load_classifier
-    from toolkit.data.stream import read_manifest
-    from toolkit.evaluate import find_classifier
 
     if classifier is not None:
         classifier = Path(classifier)
@@ -500,8 +498,6 @@ def run_sweep(
     started = time.perf_counter()
     launcher_prefix(launcher)  # an unparsable --launcher stops here too
     runs, out, overrides = plan(args, out)  # argument mistakes stop here, before torch is even imported
-    from toolkit.data.stream import read_manifest
-    from toolkit.devices import resolve_device
 
     config = runs[0].config
     read_manifest(config.data.shards, "train")  # the shards must be there before anything starts
@@ -564,8 +560,6 @@ def run_sweep(
 
 
 def draw_figures(runs: list[Run], out: Path, shards: str, device: str, edit_beta: float, edit_attributes, log) -> dict:
-    from toolkit import figures
-    from toolkit.model import load_model
 
     ordered = sorted(runs, key=lambda r: r.beta, reverse=True)
     models = {f"beta={r.beta:g}": load_model(r.run_dir).to(device).eval() for r in ordered}
