@@ -25,7 +25,6 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from toolkit import quantize  # noqa: E402
-from toolkit.sampler import to_uint8  # noqa: E402
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
@@ -53,7 +52,7 @@ def main() -> None:
         attributes = (rng.random((batch, width)) > 0.5).astype(np.float32)
         feed = quantize.feeds(names, attributes, latent_dim, batch, batch)[0]
         outputs = {kind: s.run(["images"], feed)[0] for kind, s in sessions.items()}  # also the warm-up
-        grey = {kind: (o if o.dtype == np.uint8 else to_uint8(o)).astype(np.int16) for kind, o in outputs.items()}
+        grey = {kind: quantize.grey_levels(output) for kind, output in outputs.items()}
         difference = np.abs(grey["int8"] - grey["fp32"])
         times = {kind: [] for kind in sessions}
         deadline = time.perf_counter() + 2 * args.seconds

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from toolkit.sampler import Sampler, image_grid
+from toolkit.sampler import Sampler, image_grid, to_uint8
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "node" / "sample.mjs"
@@ -48,11 +48,6 @@ def condition(name: str, rows: int) -> np.ndarray:
     attributes = np.zeros((rows, len(DIGITS)), np.float32)
     attributes[:, DIGITS.index(name)] = 1
     return attributes
-
-
-def to_pixels(output: np.ndarray) -> np.ndarray:
-    """uint8 [N, H, W, 3] from the float output, exactly as Sampler.sample makes them."""
-    return np.round(np.clip(output, 0.0, 1.0) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 def png_chunks(path: Path) -> list[tuple[bytes, bytes]]:
@@ -111,7 +106,7 @@ def test_node_png_equals_the_python_sampler(exported, tmp_path):
     with Image.open(tmp_path / "threes.png") as image:
         assert image.mode == "RGB" and image.size == (4 * 34 + 2, 2 * 34 + 2)  # 2 rows x 4, 2-pixel gaps
         pixels = np.asarray(image)
-    grid = image_grid(to_pixels(expected), columns=4)
+    grid = image_grid(to_uint8(expected), columns=4)
     assert pixels.shape == grid.shape
     assert np.abs(pixels.astype(int) - grid.astype(int)).max() <= 1
 

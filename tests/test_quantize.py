@@ -195,18 +195,16 @@ def test_an_int8_file_that_loses_control_is_not_written(trained_run, exported, j
 
 
 def test_a_judge_is_checked_before_any_work(trained_run, exported, judge, tmp_path, monkeypatch):
-    from toolkit import classifier as classifier_module
-
     with pytest.raises(UserError, match="nowhere is not an attribute classifier"):
         quantize.check_request(trained_run, tmp_path / "x.onnx", classifier=tmp_path / "nowhere")
-    real = classifier_module.load_classifier
+    real = quantize.load_classifier
 
     def other_names(folder):
         loaded = real(folder)
         loaded.attributes = [f"other_{i}" for i in range(len(loaded.attributes))]
         return loaded
 
-    monkeypatch.setattr(classifier_module, "load_classifier", other_names)
+    monkeypatch.setattr(quantize, "load_classifier", other_names)
     with pytest.raises(UserError, match=r"^--classifier .*does not know attribute"):
         quantize.check_request(trained_run, tmp_path / "x.onnx", classifier=judge)
     from tests.test_cli import run_cli
@@ -252,3 +250,17 @@ def test_calibration_draws_two_disjoint_sets_from_the_whole_split(digits_shards,
     assert not {row.tobytes() for row in calibrating} & {row.tobytes() for row in checking}  # disjoint
     few, _ = quantize.calibration_conditions(str(tmp_path / "sorted"), 10**6)  # more asked than there are: halved
     assert len(few) == 500
+
+
+def test_only_a_sampler_export_is_quantized(trained_run, tmp_path):
+    """The fp32 file is read through the contract every reader checks: an encoder or a file that is
+    not a cvae-tk export is one line, and nothing is written."""
+    from toolkit.export import export_onnx
+
+    (tmp_path / "x.onnx").write_bytes(b"not onnx")
+    with pytest.raises(UserError, match="x.onnx is not an ONNX model"):
+        quantize.quantize_export(trained_run, tmp_path / "x.onnx", tmp_path / "x-int8.onnx")
+    export_onnx(trained_run, tmp_path / "d.onnx", encoder=True)
+    with pytest.raises(UserError, match="d-encoder.onnx is an encoder: --int8 quantizes the decoder"):
+        quantize.quantize_export(trained_run, tmp_path / "d-encoder.onnx", tmp_path / "e-int8.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d-encoder.onnx", "d.onnx", "x.onnx"]

@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from toolkit.errors import UserError
-from toolkit.sampler import Sampler
+from toolkit.sampler import Sampler, to_uint8
 from toolkit.web import build as web_build
 from toolkit.web import build_page, serve, url
 
@@ -150,11 +150,6 @@ def studio(browser, server):
 
 
 # --- helpers --------------------------------------------------------------------------------------
-
-
-def quantize(images: np.ndarray) -> np.ndarray:
-    """float [B, 3, H, W] -> uint8 [B, H, W, 3], as the Sampler does."""
-    return np.round(np.clip(images, 0, 1) * 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 def grid_tiles(driver: Driver, count: int, size) -> np.ndarray:
@@ -400,7 +395,7 @@ def test_grid_pixels_match_the_python_sampler_on_the_same_noise(studio, sampler)
     noise = np.random.default_rng(1).standard_normal((5, sampler.latent_dim), dtype=np.float32)
     studio.eval(f"cvae.setNoise({json.dumps(noise.tolist())})")
     attributes = np.repeat(one_hot(sampler, "digit_3")[None], 5, axis=0)
-    expected = quantize(sampler.run(attributes, noise, temperature=0.7))
+    expected = to_uint8(sampler.run(attributes, noise, temperature=0.7))
     got = grid_tiles(studio, 5, sampler.image_size)
     assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
     # the raw float output of the decoder in the browser, against ONNX Runtime in Python
@@ -425,7 +420,7 @@ def test_seeded_noise_is_the_documented_generator_and_drives_the_grid(studio, sa
     assert state["seed"] == 7 and state["count"] == 3
     assert np.abs(noise - js_noise(7, 3 * sampler.latent_dim)).max() < 1e-6
     assert abs(float(noise.mean())) < 0.5 and 0.5 < float(noise.std()) < 1.5  # standard normal, roughly (48 values)
-    expected = quantize(sampler.run(np.zeros((3, 10), np.float32), noise.reshape(3, -1)))
+    expected = to_uint8(sampler.run(np.zeros((3, 10), np.float32), noise.reshape(3, -1)))
     first = grid_tiles(studio, 3, sampler.image_size)
     assert np.abs(first.astype(int) - expected.astype(int)).max() <= 1
     studio("fill", selector="#count", value="5")  # more samples: the first ones keep their noise
@@ -447,7 +442,7 @@ def test_toggling_an_attribute_changes_the_grid(studio, sampler):
     changed = np.abs(threes.astype(int) - sevens.astype(int)) > 8
     assert changed.mean() > 0.05, f"only {changed.mean():.1%} of the pixels changed"
     noise = np.asarray(studio.eval("cvae.state().noise"), np.float32).reshape(8, -1)
-    expected = quantize(sampler.run(np.repeat(one_hot(sampler, "digit_7")[None], 8, axis=0), noise))
+    expected = to_uint8(sampler.run(np.repeat(one_hot(sampler, "digit_7")[None], 8, axis=0), noise))
     assert np.abs(sevens.astype(int) - expected.astype(int)).max() <= 1
 
 
@@ -550,7 +545,7 @@ def test_many_attributes_get_a_filter_and_groups(browser, many_page):
     assert [i for i, v in enumerate(state["attributes"]) if v] == [CUB_LIKE.index("has_wing_color::value_12")]
     sampler = Sampler(path, device="cpu")
     noise = np.asarray(state["noise"], np.float32).reshape(state["count"], -1)
-    expected = quantize(
+    expected = to_uint8(
         sampler.run(np.repeat(np.asarray(state["attributes"], np.float32)[None], len(noise), axis=0), noise)
     )
     assert np.abs(grid_tiles(browser, len(noise), (8, 8)).astype(int) - expected.astype(int)).max() <= 1

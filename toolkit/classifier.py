@@ -180,7 +180,6 @@ def classifier_accuracy(
     Returns AccuracyCounter's dict: "mean" (over attributes), "per_attribute", "balanced" and
     "positives" (per attribute), "top1" (one-hot targets only, else None), "count".
     """
-
     manifest = read_manifest(shards, split)
     names = list(manifest["attributes"])
     columns = columns_for(classifier, names, f"{shards}")
@@ -228,7 +227,6 @@ def train_classifier(
     thin or dark details there (measured on the real CelebA sample, sigma 1.5: Eyeglasses' balanced
     accuracy 0.83 -> 0.50, Black_Hair 0.85 -> 0.67), so it would miss attributes that are visibly drawn.
     """
-
     if steps < 1 or batch_size < 1 or not (math.isfinite(lr) and lr > 0):  # an infinite lr trains to NaN weights
         raise UserError(
             f"classifier training needs steps >= 1, batch_size >= 1 and a finite lr > 0 (got {steps}, {batch_size}, {lr})"
@@ -299,7 +297,6 @@ def train_classifier(
 
 def blur_some(images: torch.Tensor, max_sigma: float, generator: torch.Generator) -> torch.Tensor:
     """A random half of the batch blurred with one Gaussian of sigma in [0.5, max_sigma] (drawn from `generator`)."""
-
     chosen = torch.rand(len(images), generator=generator) < 0.5
     sigma = 0.5 + float(torch.rand(1, generator=generator)) * max(max_sigma - 0.5, 0.0)
     kernel = 2 * math.ceil(3 * sigma) + 1
@@ -332,7 +329,6 @@ def save_classifier(classifier: AttributeClassifier, out_dir: str | Path, meta: 
 
 def load_classifier(folder: str | Path) -> AttributeClassifier:
     """Rebuild a classifier from its folder, on the CPU, in eval mode; `.meta` holds classifier.json."""
-
     folder = Path(folder)
     config, weights = folder / CONFIG, folder / WEIGHTS
     if not config.is_file() or not weights.is_file():

@@ -716,7 +716,7 @@ def web_command(
     """A static in-browser studio for an export (onnxruntime-web: WebGPU or wasm; works offline)."""
     from toolkit.web import build_page
 
-    build_page(model, out, ort_dist=ort_dist, serve=False)
+    build_page(model, out, ort_dist=ort_dist)
     typer.echo(
         f"wrote {out / 'index.html'} (open it through a web server: cvae-tk web ... --serve, or any static host)"
     )

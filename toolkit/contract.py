@@ -58,6 +58,8 @@ class Contract:
     output: str  # FLOAT_OUTPUT or UINT8_OUTPUT
     precision: str
     inputs: tuple[str, ...]
+    prior: str = "standard"
+    weights_sha256: str | None = None
 
     @property
     def uint8(self) -> bool:
@@ -139,8 +141,8 @@ def _check_format(meta: Mapping[str, str], path, expected: str = FORMAT) -> None
     raise UserError(f"{path}: unknown cvae_tk.format {found[:40]!r}, expected {expected}")
 
 
-def _model_claims(meta: Mapping[str, str], path, expected: str) -> tuple[list[str], int, tuple[int, int], str]:
-    """(attributes, latent_dim, image_size, precision): what both formats record alike."""
+def _model_claims(meta: Mapping[str, str], path, expected: str) -> tuple[list[str], int, tuple[int, int], str, str]:
+    """(attributes, latent_dim, image_size, precision, prior): what both formats record alike."""
     _check_format(meta, path, expected)
     for key in ("attributes", "latent_dim", "image_size"):
         if key not in meta:
@@ -178,12 +180,15 @@ def _model_claims(meta: Mapping[str, str], path, expected: str) -> tuple[list[st
         raise UserError(
             f"{path}: metadata value_range = {meta['value_range'][:40]}, expected [0, 1] (the only range cvae-tk samplers produce)"
         )
-    return attributes, latent_dim, image_size, precision
+    prior = meta.get("prior", "standard")
+    if prior not in PRIORS:
+        raise UserError(f"{path}: metadata prior = {prior[:40]!r}, expected {' or '.join(PRIORS)}")
+    return attributes, latent_dim, image_size, precision, prior
 
 
 def read_contract(path, meta: Mapping[str, str], inputs: Sequence[Tensor], outputs: Sequence[Tensor]) -> Contract:
     """The file's claims, checked against each other and against its declared graph."""
-    attributes, latent_dim, image_size, precision = _model_claims(meta, path, FORMAT)
+    attributes, latent_dim, image_size, precision, prior = _model_claims(meta, path, FORMAT)
     output = meta.get("output", FLOAT_OUTPUT)  # files from before --uint8 existed have no 'output'
     if output not in (FLOAT_OUTPUT, UINT8_OUTPUT):
         raise UserError(f"{path}: metadata output = {output[:40]!r}, expected {FLOAT_OUTPUT} or {UINT8_OUTPUT}")
@@ -195,7 +200,9 @@ def read_contract(path, meta: Mapping[str, str], inputs: Sequence[Tensor], outpu
         raise UserError(
             f"{path}: metadata inputs = {meta['inputs'][:80]}, but the graph's inputs are {json.dumps(names)}"
         )
-    contract = Contract(tuple(attributes), latent_dim, image_size, output, precision, tuple(names))
+    contract = Contract(
+        tuple(attributes), latent_dim, image_size, output, precision, tuple(names), prior, meta.get("weights_sha256")
+    )
 
     widths = {"attributes": len(attributes), "noise": latent_dim}
     for tensor in inputs:
@@ -289,10 +296,7 @@ def read_encoder_contract(
     """An encoder/1 file's claims, checked against each other and against its declared graph:
     inputs images float32 [batch, 3, H, W] and attributes float32 [batch, A], outputs float32
     [batch, Z] (`encoder_outputs` of its prior), preprocessing as `preprocessing_dict` writes it."""
-    attributes, latent_dim, image_size, precision = _model_claims(meta, path, ENCODER_FORMAT)
-    prior = meta.get("prior", "standard")
-    if prior not in PRIORS:
-        raise UserError(f"{path}: metadata prior = {prior[:40]!r}, expected {' or '.join(PRIORS)}")
+    attributes, latent_dim, image_size, precision, prior = _model_claims(meta, path, ENCODER_FORMAT)
     preprocessing = _preprocessing(meta, path, image_size)
 
     names = [tensor.name for tensor in inputs]
@@ -352,12 +356,10 @@ def encoder_beside(decoder) -> Path:
     return decoder.with_name(f"{decoder.stem}-encoder{decoder.suffix}")
 
 
-def check_pair(
-    decoder_path, decoder: Contract, decoder_meta: Mapping[str, str], encoder_path, encoder: EncoderContract
-) -> None:
+def check_pair(decoder_path, decoder: Contract, encoder_path, encoder: EncoderContract) -> None:
     """Refuse an encoder that is not this decoder's: other attributes, latent_dim, image_size or
     prior, or other weights (weights_sha256, when both record it)."""
-    ours = (decoder.attributes, decoder.latent_dim, decoder.image_size, decoder_meta.get("prior", "standard"))
+    ours = (decoder.attributes, decoder.latent_dim, decoder.image_size, decoder.prior)
     theirs = (encoder.attributes, encoder.latent_dim, encoder.image_size, encoder.prior)
     for what, mine, other in zip(("attributes", "latent_dim", "image_size", "prior"), ours, theirs):
         if mine != other:
@@ -365,7 +367,7 @@ def check_pair(
             raise UserError(
                 f"{encoder_path} is not the encoder of {decoder_path}: its {what} is {shown(other)}, the decoder's {shown(mine)}"
             )
-    weights = decoder_meta.get("weights_sha256")
+    weights = decoder.weights_sha256
     if weights and encoder.weights_sha256 and weights != encoder.weights_sha256:
         raise UserError(
             f"{encoder_path} is not the encoder of {decoder_path}: they were exported from different weights "

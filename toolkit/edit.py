@@ -115,7 +115,6 @@ def describe(names: Sequence[str], vector) -> str:
 def load_image(path: str | Path) -> Image.Image:
     """An image file as RGB, as an image viewer shows it (toolkit.images: EXIF orientation, colour
     profile, transparency on white, 16-bit); a missing or unreadable file is a UserError."""
-
     try:
         return open_image(path)
     except ImageError as error:
@@ -154,7 +153,6 @@ def save_strip(images: Sequence[Image.Image], path: str | Path) -> Path:
 
 def save_image(image: Image.Image, path: str | Path) -> Path:
     """Save through a temporary name + rename (toolkit.atomic), the format from `path`'s extension."""
-
     path = Path(path)
     check_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +162,6 @@ def save_image(image: Image.Image, path: str | Path) -> Path:
 def check_output(path: str | Path) -> None:
     """A UserError unless `path` can take an image: an extension PIL writes, not a folder, in a
     folder that exists or can be made and is writable (checked before any work is done)."""
-
     image_format(path)
     check_writable(path)
 
@@ -175,7 +172,6 @@ def check_output(path: str | Path) -> None:
 @torch.no_grad()
 def attribute_probabilities(classifier, model, image: Image.Image) -> dict[str, float]:
     """The classifier's probability of each of the model's attributes for `image` (resized to the model's size)."""
-
     names = list(model.spec.attributes)
     columns = columns_for(classifier, names, "the model")
     check_image_size(classifier, model.spec.image_size, "the model")
@@ -236,7 +232,6 @@ DECODE_BATCH = 64  # frames decoded at once: the decoder's activations stay boun
 def check_steps(steps: int, image_size: Sequence[int] | None = None) -> None:
     """steps >= 2; with the frames' (H, W), also that the frames and the strip fit in the memory
     available now (a UserError before anything is decoded)."""
-
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2:
         raise UserError(f"--steps must be an integer >= 2 (both ends are frames), got {steps!r}")
     if image_size is not None:
@@ -301,7 +296,6 @@ def interpolate_attributes(
 
 def load_run_model(run_dir: str | Path, device: str = "auto"):
     """load_model with a clear message for a missing folder; moved to the resolved device, eval mode."""
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run folder not found: {run_dir}")
@@ -312,7 +306,6 @@ def load_run_model(run_dir: str | Path, device: str = "auto"):
 def find_run_classifier(run_dir: str | Path, model, folder: str | Path | None = None, attr_option: str = "--attr"):
     """(classifier, folder): `folder`, else the one `evaluate.find_classifier` finds for the run; loaded
     on the model's device and checked against its attributes and image size. None found is a UserError."""
-
     if folder is not None:
         folder = Path(folder)
         if not folder.is_dir():

@@ -105,7 +105,6 @@ def reconstruction_metrics(
     Unreadable samples are skipped and counted (`eval_batches`; a UserError past `max_skipped_fraction`,
     default data.max_skipped_fraction's); "count" is of the images read.
     """
-
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
     sums = {"mse": 0.0, "mse_sampled": 0.0, "kl": 0.0}
@@ -143,7 +142,6 @@ def _squared_error(recon: torch.Tensor, target: torch.Tensor) -> float:
 
 def kl_per_image(model, mu: torch.Tensor, logvar: torch.Tensor, attributes: torch.Tensor) -> torch.Tensor:
     """KL(q || the model's prior) per image [B], summed over latent units."""
-
     prior = model.prior(attributes)
     if prior is None:
         return kl_standard_normal(mu.float(), logvar.float())
@@ -191,7 +189,6 @@ def diversity(
 
 def split_attributes(shards: str | Path, split: str = "test") -> torch.Tensor:
     """Every attribute vector of a split, in order [N, A] (small: the images are not kept)."""
-
     vectors = [attributes for _, attributes in eval_batches(shards, split)]
     if not vectors:
         raise UserError(f"the {split} split of {shards} holds no images")
@@ -219,7 +216,6 @@ def attribute_accuracy(
     when every vector is one-hot else None, "count": images}. `attributes` [N, A] saves re-reading
     the split when already at hand. The classifier is matched to the model's attributes by name.
     """
-
     names = list(model.spec.attributes)
     columns = columns_for(classifier, names, "the model")
     check_image_size(classifier, model.spec.image_size, "the model")
@@ -278,7 +274,6 @@ def attribute_control(
     doubled: for a class a, the a=1 vector has class a instead of its own, the a=0 vector keeps its
     own, and vectors of class a are left out.
     """
-
     model_names = list(model.spec.attributes)
     vectors = torch.as_tensor(attributes, dtype=torch.float32)
     if vectors.dim() != 2 or vectors.shape[1] != len(model_names) or len(vectors) == 0:
@@ -325,7 +320,6 @@ def attribute_control(
 
 def run_shards(run_dir: str | Path) -> str:
     """The shards a run was trained on: data.shards of RUN/recipe.yaml."""
-
     path = Path(run_dir) / RECIPE
     if not path.is_file():
         raise UserError(f"{run_dir} has no recipe.yaml to find its shards in; pass --shards")
@@ -347,7 +341,6 @@ def run_shards(run_dir: str | Path) -> str:
 def find_classifier(run_dir: str | Path, recipe: str | None = None) -> Path | None:
     """Where a classifier for this run sits, if anywhere: RUN/../classifier, then
     RUN/../<recipe>-classifier (where `cvae-tk classifier train recipe=<recipe>` writes)."""
-
     parent = Path(run_dir).resolve().parent
     candidates = [parent / "classifier"] + ([parent / f"{recipe}-classifier"] if recipe else [])
     return next((c for c in candidates if (c / CLASSIFIER_CONFIG).is_file()), None)
@@ -384,7 +377,6 @@ def evaluate_run(
     (control_attributes is an int: how many attributes `control` averages.)
     Definitions and reductions: the module docstring.
     """
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run folder not found: {run_dir}")

@@ -65,6 +65,7 @@ import toolkit
 from toolkit.atomic import atomic_path, check_output, describe_os_error
 from toolkit.contract import (
     ENCODER_FORMAT,
+    ENCODER_INPUTS,
     FLOAT_OUTPUT,
     FORMAT_VERSION,
     UINT8_OUTPUT,
@@ -175,7 +176,6 @@ def input_names(temperature_input: bool = False) -> list[str]:
 def weights_sha256(model: CVAE) -> str:
     """SHA-256 of the model.safetensors bytes that `save_model` writes for `model` (for a model that
     is not read from a run folder; `export_onnx` hashes the run's file itself)."""
-
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     return hashlib.sha256(save(state, metadata={"format": "pt"})).hexdigest()
 
@@ -223,7 +223,7 @@ def encoder_metadata(
         {
             "cvae_tk.format": ENCODER_FORMAT,
             "output": "mean",
-            "inputs": json.dumps(["images", "attributes"]),
+            "inputs": json.dumps(list(ENCODER_INPUTS)),
             "outputs": json.dumps(list(encoder_outputs(model.spec.prior))),
             "preprocessing": json.dumps(preprocessing),
         }
@@ -235,7 +235,6 @@ def _finish(proto, meta: dict[str, str]):
     """Metadata, producer and model_version in; the weights' stale value_info entries out (the
     exporter records each initializer's shape there too; tools that rewrite a weight, such as
     quantize_dynamic transposing a Gemm's, then meet an entry that contradicts it)."""
-
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -280,7 +279,6 @@ def _export_program(graph, example: tuple, names: list[str], outputs: list[str],
 
 def encoder_to_onnx(model: CVAE, preprocessing: dict, opset: int = OPSET, *, weights: str | None = None) -> bytes:
     """The serialized ONNX encoder (fp32) of `model`, metadata included, not yet parity-checked."""
-
     check_opset(opset)
     if weights is None:
         weights = weights_sha256(model)
@@ -295,7 +293,7 @@ def encoder_to_onnx(model: CVAE, preprocessing: dict, opset: int = OPSET, *, wei
     proto = _export_program(
         EncoderGraph(model).eval(),
         example,
-        ["images", "attributes"],
+        list(ENCODER_INPUTS),
         list(encoder_outputs(spec.prior)),
         {"images": {0: batch}, "attributes": {0: batch}},
         opset,
@@ -316,7 +314,6 @@ def to_onnx(
 ) -> bytes:
     """The serialized ONNX sampler for the fp32 `model` (metadata included), not yet parity-checked.
     `weights`: the SHA-256 recorded as weights_sha256 (default: computed from `model`)."""
-
     check_opset(opset)
     if weights is None:
         weights = weights_sha256(model)
@@ -339,7 +336,6 @@ def to_onnx(
 
 
 def check_opset(opset: int) -> None:
-
     newest = onnx.defs.onnx_opset_version()
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
         raise UserError(
@@ -361,7 +357,6 @@ def check_out(out: Path) -> None:
 def _check_session(onnx_bytes: bytes):
     """An ONNX Runtime CPU session of a graph about to be checked; one that ONNX Runtime cannot load
     (an opset newer than it supports) is a UserError."""
-
     try:
         return ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     except Exception as error:
@@ -446,7 +441,6 @@ def run_preprocessing(run_dir: str | Path, image_size, shards: str | Path | None
     options in the train manifest of its shards (`shards`, default data.shards of RUN/recipe.yaml).
     Shards written without build options (the test fixtures' write_split) were neither cropped nor
     resized: crop null."""
-
     try:
         shards = str(shards) if shards is not None else run_shards(run_dir)
         manifest = read_manifest(shards, "train")
@@ -468,9 +462,6 @@ def run_preprocessing(run_dir: str | Path, image_size, shards: str | Path | None
             f"they are not the shards it was trained on; nothing was written"
         )
     return preprocessing_dict(crop, image_size)
-
-
-encoder_path = encoder_beside  # OUT-encoder.onnx beside OUT.onnx (toolkit.contract)
 
 
 class Exported(tuple):
@@ -525,13 +516,14 @@ def export_onnx(
     shards: str | Path | None = None,
 ) -> Exported:
     """Export `run_dir` to `out` (default `default_path`); returns (path written, parity error, in
-    the units of `parity_limit`), with `encoder` also the encoder (`encoder_path(out)`; see Exported).
+    the units of `parity_limit`), with `encoder` also the encoder (`encoder_beside(out)`; see Exported).
     `shards`: where the encoder's preprocessing is read (default the run's data.shards)."""
     out = Path(out) if out else default_path(run_dir, fp16, uint8, temperature_input)
     check_opset(opset)  # user mistakes first, before the minutes a large model takes
     check_out(out)
-    if encoder:
-        check_out(encoder_path(out))
+    encoder_out = encoder_beside(out) if encoder else None
+    if encoder_out is not None:
+        check_out(encoder_out)
     weights_file = Path(run_dir) / WEIGHTS
     weights = _sha256_of(weights_file) if weights_file.is_file() else None  # hashed before and after loading
     model = load_model(run_dir)  # a missing or unreadable file is its UserError
@@ -560,11 +552,11 @@ def export_onnx(
         )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _write(out, onnx_bytes, encoder_path(out) if encoder else None, encoder_bytes)
+        _write(out, onnx_bytes, encoder_out, encoder_bytes)
     except OSError as failure:  # a disk that filled up, a folder made read-only meanwhile: nothing is left behind
-        both = f" and {encoder_path(out).name}" if encoder else ""
+        both = f" and {encoder_out.name}" if encoder_out else ""
         raise UserError(f"could not write {out}{both}: {describe_os_error(failure)}; nothing was written") from None
-    return Exported(out, error, encoder_path(out) if encoder else None, encoder_error)
+    return Exported(out, error, encoder_out, encoder_error)
 
 
 def _write(out: Path, onnx_bytes: bytes, encoder_out: Path | None, encoder_bytes: bytes | None) -> None:

@@ -203,6 +203,14 @@ def as_viewed(image: Image.Image) -> Image.Image:
         raise ImageError(_reason(error)) from None
 
 
+def centre_crop(region: tuple[float, float, float, float], side: int) -> tuple[float, float, float, float]:
+    """The square of `side` pixels centred on `region` (left, top, right, bottom), in sub-pixel
+    precision: the box the shard builder resizes from (`--crop center:N`), and the one
+    toolkit.sampler prepares a photo with, so that both see the same pixels."""
+    cx, cy, half = (region[0] + region[2]) / 2, (region[1] + region[3]) / 2, side / 2
+    return (cx - half, cy - half, cx + half, cy + half)
+
+
 def open_image(path: str | Path) -> Image.Image:
     """The image file at `path` as RGB, as a viewer shows it; ImageError naming the file otherwise."""
     if not os.path.exists(path):

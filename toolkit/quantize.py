@@ -49,13 +49,13 @@ from onnxruntime.quantization import (
 )
 
 from toolkit.atomic import atomic_path, describe_os_error
-from toolkit.classifier import classifier_accuracy, load_classifier, reliable_attributes
-from toolkit.contract import UINT8_OUTPUT
-from toolkit.data.stream import attribute_vectors
+from toolkit.classifier import check_image_size, classifier_accuracy, columns_for, load_classifier, reliable_attributes
+from toolkit.contract import UINT8_OUTPUT, EncoderContract
+from toolkit.data.stream import attribute_vectors, read_manifest
 from toolkit.errors import UserError, one_line
 from toolkit.evaluate import CONTROL_CONDITIONS, attribute_control, run_shards, split_attributes
 from toolkit.export import check_out
-from toolkit.inspection import check_contract
+from toolkit.inspection import check_contract, load_checked
 from toolkit.sampler import to_uint8
 
 CALIBRATION_SAMPLES = 512
@@ -103,16 +103,12 @@ def check_request(
     """What `cvae-tk export --int8` checks before any work: an fp32 export to start from, an int8
     output that can be written, shards to calibrate on, a judge (if given) that knows the shards'
     attributes and image size; returns the int8 output path."""
-
     if fp16:
         raise UserError("--int8 is quantized from the fp32 export: drop --fp16")
     out = default_path(fp32_out)
     check_out(out)
     shards = run_shards(run_dir)
     if classifier is not None:
-        from toolkit.classifier import check_image_size, columns_for, load_classifier
-        from toolkit.data.stream import read_manifest
-
         judge, manifest = load_classifier(classifier), read_manifest(shards, "test")
         try:
             columns_for(judge, list(manifest["attributes"]), f"{shards}")
@@ -127,7 +123,6 @@ def calibration_conditions(shards: str, count: int, seed: int = CALIBRATION_SEED
     training split (a split stored in class order, as CUB's, is covered end to end): the first
     calibrates, the second serves the parity checks. A split of fewer than 2 x `count` vectors is
     halved."""
-
     vectors = attribute_vectors(shards, "train").astype(np.float32)
     order = np.random.default_rng(seed).permutation(len(vectors))
     if len(vectors) < 2:
@@ -195,10 +190,9 @@ def _float_tail(model) -> list[str]:
 
 def quantize_bytes(fp32_bytes: bytes, calibration: list[dict], per_channel: bool = True) -> bytes:
     """The QDQ int8 model of `fp32_bytes`, calibrated on `calibration` (feeds), without metadata changes."""
-
     model = onnx.load_from_string(fp32_bytes)
-    # Shape entries the exporter left in value_info (some stale, e.g. for weights) confuse the
-    # quantizer's shape handling; ONNX Runtime infers every shape anyway.
+    # Exports from before cvae-tk dropped them (toolkit.export._finish) carry stale value_info
+    # entries for weights, which the quantizer trips over; ONNX Runtime infers every shape anyway.
     del model.graph.value_info[:]
     for index, node in enumerate(model.graph.node):
         if not node.name:  # the quantizer names what it inserts after the nodes
@@ -219,7 +213,6 @@ def quantize_bytes(fp32_bytes: bytes, calibration: list[dict], per_channel: bool
 
 
 def _quantize_static(model, calibration: list[dict], per_channel: bool, excluded: list[str]) -> bytes:
-
     with tempfile.TemporaryDirectory(prefix="cvae-tk-int8-") as folder:
         source, target = Path(folder) / "fp32.onnx", Path(folder) / "int8.onnx"
         source.write_bytes(model.SerializeToString())
@@ -239,7 +232,7 @@ def _quantize_static(model, calibration: list[dict], per_channel: bool, excluded
         return target.read_bytes()
 
 
-def _grey(images: np.ndarray) -> np.ndarray:
+def grey_levels(images: np.ndarray) -> np.ndarray:
     """Images as the grey levels a user sees (a --uint8 graph's output already is)."""
     if images.dtype == np.uint8:
         return images.astype(np.int16)
@@ -253,7 +246,6 @@ def parity_levels(
     PARITY_IMAGES conditions drawn from `attributes` with prior noise (both from `seed`), run at each
     batch size of PARITY_BATCHES; per batch size the mean, 99th percentile and max over every pixel
     and channel."""
-
     sessions = [ort.InferenceSession(data, providers=["CPUExecutionProvider"]) for data in (fp32_bytes, int8_bytes)]
     names, latent_dim = _inputs(sessions[0])
     rows = _pick(attributes, PARITY_IMAGES, seed)
@@ -261,7 +253,7 @@ def parity_levels(
     for batch in PARITY_BATCHES:
         differences = []
         for feed in feeds(names, rows, latent_dim, batch, seed):  # the same noise at every batch size
-            fp32, int8 = (_grey(session.run(["images"], feed)[0]) for session in sessions)
+            fp32, int8 = (grey_levels(session.run(["images"], feed)[0]) for session in sessions)
             if fp32.shape != int8.shape:
                 raise RuntimeError(f"the int8 graph's images have shape {int8.shape}, the fp32 graph's {fp32.shape}")
             differences.append(np.abs(int8 - fp32).ravel())
@@ -294,7 +286,6 @@ class OnnxImages:
     float images [B, 3, H, W] in [0, 1] (a --uint8 file's pixels / 255), temperature 1."""
 
     def __init__(self, data: bytes):
-
         self.session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
         meta = self.session.get_modelmeta().custom_metadata_map
         self.names, latent_dim = _inputs(self.session)
@@ -306,7 +297,6 @@ class OnnxImages:
         )
 
     def generate(self, attributes, noise):
-
         feed = feeds(
             self.names, attributes.cpu().numpy().astype(np.float32), self.spec.latent_dim, len(attributes), 0
         )[0]
@@ -321,7 +311,6 @@ def control_scores(fp32_bytes: bytes, int8_bytes: bytes, classifier_dir: str | P
     """Both files' attribute control score, judged by the classifier in `classifier_dir`, on the test
     split of `shards` (see the module doc): {"fp32", "int8" (means over the reliable attributes),
     "attributes" (their names), "per_attribute" {name: [fp32, int8]}, "classifier", "conditions"}."""
-
     classifier = load_classifier(classifier_dir)
     files = {"fp32": OnnxImages(fp32_bytes), "int8": OnnxImages(int8_bytes)}
     reliable = reliable_attributes(classifier_accuracy(classifier, shards, "test"))
@@ -352,7 +341,6 @@ def describe_control(control: dict) -> str:
 def with_metadata(int8_bytes: bytes, fp32_bytes: bytes, quantization: dict) -> bytes:
     """The int8 model carrying the fp32 file's metadata (precision = int8, plus `quantization`) and
     its model fields (producer, version, doc string)."""
-
     fp32, int8 = onnx.load_from_string(fp32_bytes), onnx.load_from_string(int8_bytes)
     meta = {entry.key: entry.value for entry in fp32.metadata_props}
     meta["precision"] = PRECISION
@@ -378,21 +366,22 @@ def quantize_export(
     `default_path`), calibrated on the run's training split (`shards`, default data.shards of
     RUN/recipe.yaml); returns (path written, `parity_levels`, `control_scores` or None without a
     `classifier`). A parity check that fails, or a file no reader would take, writes nothing."""
-
     fp32_path = Path(fp32_path)
     out = Path(out) if out else default_path(fp32_path)
     check_out(out)
     if out.resolve() == fp32_path.resolve():
         raise UserError(f"the int8 file would replace the fp32 export {fp32_path}: choose another name")
-    fp32_bytes = fp32_path.read_bytes()
-    meta = {entry.key: entry.value for entry in onnx.load_from_string(fp32_bytes).metadata_props}
-    if meta.get("precision", "fp32") != "fp32":
+    _, contract = load_checked(fp32_path)  # a sampler export (not an encoder, not any ONNX file)
+    if isinstance(contract, EncoderContract):
+        raise UserError(f"{fp32_path} is an encoder: --int8 quantizes the decoder (the sampler OUT.onnx)")
+    if contract.precision != "fp32":
         raise UserError(
-            f"{fp32_path} is a {meta['precision']} export: int8 is quantized from an fp32 one (drop --fp16)"
+            f"{fp32_path} is a {contract.precision} export: int8 is quantized from an fp32 one (drop --fp16)"
         )
+    fp32_bytes = fp32_path.read_bytes()
     shards = shards or run_shards(run_dir)
     calibrating, checking = calibration_conditions(shards, samples)
-    names, latent_dim = _inputs(ort.InferenceSession(fp32_bytes, providers=["CPUExecutionProvider"]))
+    names, latent_dim = list(contract.inputs), contract.latent_dim
     calibration = feeds(
         names, _pick(calibrating, samples, CALIBRATION_SEED), latent_dim, CALIBRATION_BATCH, CALIBRATION_SEED
     )

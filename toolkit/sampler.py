@@ -452,7 +452,7 @@ class Sampler:
             contract = read_encoder_contract(
                 path, meta, _declared(session.get_inputs()), _declared(session.get_outputs())
             )
-            check_pair(self.path, self.contract, self.metadata, path, contract)
+            check_pair(self.path, self.contract, path, contract)
             height, width = self.image_size
             try:
                 outputs = session.run(
@@ -491,7 +491,7 @@ class Sampler:
         or uint8 [N, H0, W0, 3]."""
         from PIL import Image
 
-        from toolkit.images import ImageError, as_viewed
+        from toolkit.images import ImageError, as_viewed, centre_crop
 
         self._encoder()
         crop = self.encoder_contract.preprocessing.crop
@@ -538,8 +538,7 @@ class Sampler:
                         f"image {index} is {image.width}x{image.height}, smaller than the centre crop of {crop} the model's shards "
                         f"were made with: give a photo framed as the data set's (at least {crop}x{crop})"
                     )
-                cx, cy, half = image.width / 2, image.height / 2, crop / 2
-                box = (cx - half, cy - half, cx + half, cy + half)
+                box = centre_crop(box, crop)
             # as the shard builder: crop and resize in one step (sub-pixel box), PIL's bilinear filter
             image = image.resize((width, height), Image.BILINEAR, box=box)
             batch[index] = np.asarray(image, np.float32).transpose(2, 0, 1) / np.float32(255)

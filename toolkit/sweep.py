@@ -95,7 +95,6 @@ OPTIONAL_COLUMNS = {"attr_acc_top1", "attr_acc_floor_top1"}  # left out of the m
 def parse_betas(value: str) -> list[float]:
     """`[0.25,0.5]` (YAML / OmegaConf list), `0.5` or `0.25,0.5` -> floats in [0, 1] (6 significant
     digits), at least one, no repeats."""
-
     text = value.strip()
     try:
         parsed = yaml.safe_load(text) if text else None
@@ -176,7 +175,6 @@ def _flatten(node, prefix: str = "") -> dict:
 def config_differences(run_dir: Path, config) -> dict[str, tuple]:
     """{key: (in RUN/recipe.yaml, in `config`)} for every key that differs, run_dir and resume left out.
     A key the file lacks (an older toolkit) counts as its default."""
-
     try:
         saved = _flatten(OmegaConf.to_container(OmegaConf.load(run_dir / RECIPE)))
     except Exception as error:
@@ -200,7 +198,6 @@ def config_differences(run_dir: Path, config) -> dict[str, tuple]:
 def decide(run_dir: Path, config) -> tuple[str, str]:
     """(action, why) for one run folder: reuse a finished identical run, resume an interrupted one (or
     one that only asks for more steps), train a new one; refuse a folder holding another experiment."""
-
     if not (run_dir / RECIPE).is_file():
         return "train", "new run"
     differ = config_differences(run_dir, config)
@@ -224,7 +221,6 @@ def decide(run_dir: Path, config) -> tuple[str, str]:
 def plan(args: list[str], out: str | Path | None = None) -> tuple[list[Run], Path, list[str]]:
     """Validate everything (betas, every override through load_config, the existing run folders) and
     decide each run's action, before anything is written. Returns (runs, out, overrides)."""
-
     betas, rest = split_arguments(list(args))
     recipe, overrides = parse_overrides(rest)  # rejects arguments that are not key=value
     recipe_stem = load_config(rest).recipe  # no recipe, unknown keys, bad values: stop here
@@ -326,7 +322,6 @@ def train_runs(runs: list[Run], launcher: str | None, log) -> None:
 
 
 def evaluation_matches(report: dict, run_dir: Path, classifier: Path | None, step) -> bool:
-
     path = run_dir / METRICS
     judged_after = (
         classifier is None or path.stat().st_mtime >= (Path(classifier) / CLASSIFIER_WEIGHTS).stat().st_mtime
@@ -349,7 +344,6 @@ def evaluation_matches(report: dict, run_dir: Path, classifier: Path | None, ste
 def evaluate_runs(runs: list[Run], classifier: Path | None, device: str, log) -> dict[float, dict]:
     """evaluate_run for each run (its RUN/metrics.json reused when it is newer than the weights and
     was made the same way)."""
-
     reports = {}
     for run in runs:
         path = run.run_dir / METRICS
@@ -437,7 +431,6 @@ def table_caption(runs: list[Run], reports: dict, classifier: Path | None) -> st
 
 def control_caption(report: dict) -> str:
     """What the control column means for this table, with the attributes it averages and their scores."""
-
     control = report.get("control") or {}
     per = control.get("per_attribute") or {}
     reliable = [name for name in control.get("reliable", []) if name in per]
@@ -464,7 +457,6 @@ def resolve_classifier(classifier: str | Path | None, out: Path, recipe: str, sh
     """The classifier to judge the samples with: --classifier, else one evaluate_run would find beside
     the runs (OUT/classifier, OUT/<recipe>-classifier), else None. Checked against the shards now,
     not after hours of training."""
-
     if classifier is not None:
         classifier = Path(classifier)
         if not classifier.is_dir():
@@ -560,7 +552,6 @@ def run_sweep(
 
 
 def draw_figures(runs: list[Run], out: Path, shards: str, device: str, edit_beta: float, edit_attributes, log) -> dict:
-
     ordered = sorted(runs, key=lambda r: r.beta, reverse=True)
     models = {f"beta={r.beta:g}": load_model(r.run_dir).to(device).eval() for r in ordered}
     layouts = {}

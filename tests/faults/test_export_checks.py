@@ -133,6 +133,7 @@ METADATA_CASES = {
     "image_size text": ({"image_size": '"8x8"'}, None, "'image_size' must be [height, width]"),
     "unknown output layout": ({"output": "png"}, None, "metadata output = 'png'"),
     "unknown precision": ({"precision": "int4"}, None, "metadata precision = 'int4'"),
+    "unknown prior": ({"prior": "gaussian"}, None, "metadata prior = 'gaussian', expected standard or learned"),
     "another value range": ({"value_range": "[-1, 1]"}, None, "value_range = [-1, 1]"),
     "inputs the graph does not have": (
         {"inputs": '["attributes", "noise", "temperature"]'},

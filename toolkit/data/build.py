@@ -132,9 +132,7 @@ def _decode(path: Path, spec: ImageSpec, bbox) -> tuple[Image.Image, tuple[float
     else:
         box = (0.0, 0.0, float(full_w), float(full_h))
     if spec.crop is not None:
-        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        half = spec.crop / 2
-        box = (cx - half, cy - half, cx + half, cy + half)
+        box = images.centre_crop(box, spec.crop)
     if image.format == "JPEG" and spec.size is not None:
         # Ask the decoder for the smallest scale (1/2, 1/4, 1/8) that keeps the region >= the target
         # (a ratio: the same for the stored pixels, which an EXIF orientation may turn).

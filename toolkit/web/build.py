@@ -25,8 +25,9 @@ from pathlib import Path
 
 import toolkit
 from toolkit.atomic import atomic_path, check_output, write_text
-from toolkit.contract import EncoderContract, check_pair, encoder_beside
+from toolkit.contract import Contract, EncoderContract, check_pair, encoder_beside
 from toolkit.errors import UserError
+from toolkit.inspection import load_checked
 
 PAGE_FILES = ("index.html", "app.js", "style.css")
 # What the page loads from onnxruntime-web's dist/ (checked by loading the page: the request log of
@@ -80,11 +81,9 @@ def _ort_version(folder: Path) -> str | None:
         return None  # a bare copy of dist/: the version is unknown, the page works the same
 
 
-def read_model(path: Path) -> tuple[dict, object]:
+def read_model(path: Path) -> tuple[dict, Contract | EncoderContract]:
     """An ONNX export's metadata, checked as every reader checks it (toolkit.inspection), parsed;
     and its contract (toolkit.contract)."""
-    from toolkit.inspection import load_checked
-
     proto, contract = load_checked(path)
     meta = {entry.key: entry.value for entry in proto.metadata_props}
     parsed = {}
@@ -93,28 +92,27 @@ def read_model(path: Path) -> tuple[dict, object]:
             parsed[key] = json.loads(value) if value[:1] in "[{" else value
         except ValueError:
             parsed[key] = value
-    return {"file": path.name, "metadata": parsed, "bytes": path.stat().st_size}, (contract, meta)
+    return {"file": path.name, "metadata": parsed, "bytes": path.stat().st_size}, contract
 
 
 def model_manifest(export: Path, ort_version: str | None = None) -> dict:
     """What model.json holds: the decoder's and (if present) the encoder's metadata, plus the few
     facts the page needs, already parsed."""
-    decoder, (decoder_contract, decoder_meta) = read_model(export)
+    decoder, decoder_contract = read_model(export)
     if isinstance(decoder_contract, EncoderContract):
         raise UserError(f"{export} is an encoder: give the decoder (the sampler OUT.onnx beside it)")
     encoder_file = encoder_beside(export)
     encoder = None
     if encoder_file.is_file():  # as the Sampler checks it: the same names, sizes, prior and weights
-        encoder, (encoder_contract, _) = read_model(encoder_file)
-        check_pair(export, decoder_contract, decoder_meta, encoder_file, encoder_contract)
-    meta = decoder["metadata"]
+        encoder, encoder_contract = read_model(encoder_file)
+        check_pair(export, decoder_contract, encoder_file, encoder_contract)
     return {
         "format": FORMAT,
         "name": export.stem,
         "attributes": list(decoder_contract.attributes),
         "latent_dim": decoder_contract.latent_dim,
         "image_size": list(decoder_contract.image_size),
-        "prior": meta.get("prior", "standard"),
+        "prior": decoder_contract.prior,
         "output": decoder_contract.output,
         "temperature_input": decoder_contract.temperature_input,
         "decoder": decoder,
@@ -129,11 +127,8 @@ def _copy(source: Path, target: Path) -> None:
         shutil.copyfile(source, tmp)
 
 
-def build_page(
-    export: str | Path, out: str | Path, ort_dist: str | Path | None = None, serve: bool = False, port: int = 8000
-) -> Path:
-    """Write the page for `export` into `out` (see the module's doc); returns `out`. With `serve`,
-    also serve it on 127.0.0.1 until interrupted (see `serve`)."""
+def build_page(export: str | Path, out: str | Path, ort_dist: str | Path | None = None) -> Path:
+    """Write the page for `export` into `out` (see the module's doc); returns `out` (`serve` serves it)."""
     export, out = Path(export), Path(out)
     check_output(out, folder=True)  # user mistakes first, before anything is copied
     if out.resolve() == export.resolve().parent:
@@ -162,8 +157,6 @@ def build_page(
     write_text(out / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     for name in previous - {model.name for model in models}:  # an earlier page's model, now unreferenced
         (out / name).unlink(missing_ok=True)
-    if serve:
-        serve_forever(out, port)
     return out
 
 
