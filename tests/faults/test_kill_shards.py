@@ -10,6 +10,8 @@ from pathlib import Path
 
 from fixtures import make_celeba
 
+from tests.test_cli import run_cli
+
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 ARGS = ["--size", "32", "--workers", "2", "--shard-size", "4"]
@@ -94,14 +96,7 @@ def test_sigkill_mid_build_then_rerun_gives_the_uninterrupted_shards(tmp_path):
     assert sorted(p.name for p in train.iterdir()) == ["train-000000.tar", "train-000001.tar", "train-000002.tar.tmp"]
     assert not list((tmp_path / "out").rglob("manifest.json"))  # nothing looks finished
 
-    again = subprocess.run(
-        [sys.executable, "-m", "toolkit.cli", *build, "--out", "out"],
-        cwd=tmp_path,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    again = run_cli([*build, "--out", "out"], cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     _, err = clean.communicate(timeout=120)
     assert clean.returncode == 0, err[-3000:]

@@ -13,6 +13,8 @@ from pathlib import Path
 import psutil
 from fixtures import make_celeba
 
+from tests.test_cli import run_cli
+
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 ARGS = ["--size", "16", "--workers", "2", "--shard-size", "4"]
@@ -87,14 +89,7 @@ def finish(process, workers):
 def test_a_killed_worker_ends_the_build_in_one_line_and_a_rerun_finishes_it(tmp_path):
     celeba = make_celeba(tmp_path / "celeba", n=60)  # 40 train / 10 val / 10 test
     build = ["shards", "celeba", "--root", str(celeba["root"]), *ARGS]
-    clean = subprocess.run(
-        [sys.executable, "-m", "toolkit.cli", *build, "--out", "clean"],
-        cwd=tmp_path,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    clean = run_cli([*build, "--out", "clean"], cwd=tmp_path)
     assert clean.returncode == 0, clean.stderr[-3000:]
 
     process, workers = start_paused(tmp_path, [*build, "--out", "out"])
@@ -113,14 +108,7 @@ def test_a_killed_worker_ends_the_build_in_one_line_and_a_rerun_finishes_it(tmp_
         with tarfile.open(shard) as tar:
             assert len(tar.getmembers()) == 2 * 4
 
-    again = subprocess.run(
-        [sys.executable, "-m", "toolkit.cli", *build, "--out", "out"],
-        cwd=tmp_path,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    again = run_cli([*build, "--out", "out"], cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert files(out) == files(tmp_path / "clean")
 
