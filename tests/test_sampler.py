@@ -13,6 +13,7 @@ import pytest
 
 from toolkit.errors import UserError
 from toolkit.sampler import Sampler, image_grid
+from toolkit.sessions import GraphRun
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = [f"digit_{i}" for i in range(10)]
@@ -323,7 +324,8 @@ def test_fixed_batch_path_gives_the_same_images(exported, sampler):
     # The CUDA-graph path's buffer handling (allocate once, update in place, pad the last batch),
     # run on the CPU provider; the graph capture itself needs a GPU (test_cuda_graph_... below).
     fixed = Sampler(exported, device="cpu", batch_size=4)
-    fixed._fixed_batch = True
+    contract = fixed.contract
+    fixed._run = GraphRun(fixed.session, "cpu", fixed.batch_size, contract.image_dims, contract.output_dtype)
     attributes = np.eye(10, dtype=np.float32)
     for n, seed in [(1, 0), (3, 1), (1, 2)]:  # 10, 30, 10 rows: full and padded batches, reused buffers
         assert np.array_equal(fixed.sample(attributes, n=n, seed=seed), sampler.sample(attributes, n=n, seed=seed))
@@ -342,7 +344,7 @@ def test_cuda_graph_needs_cuda(exported):
             Sampler(exported, device="auto", cuda_graph=True)
 
 
-@pytest.mark.skipif("not __import__('toolkit.sampler').sampler._cuda_device_present()", reason="needs a GPU")
+@pytest.mark.skipif("not __import__('toolkit.sessions').sessions.cuda_device_present()", reason="needs a GPU")
 def test_cuda_io_binding_and_cuda_graph_give_the_cpu_images(exported, sampler):
     if not _onnxruntime_really_uses_cuda(exported):
         pytest.skip("ONNX Runtime cannot use CUDA here")
@@ -418,7 +420,7 @@ def test_wrong_input_names_and_absurd_batch_sizes_are_refused(exported, tmp_path
             Sampler(exported, device="cpu", batch_size=bad)
 
 
-@pytest.mark.skipif("not __import__('toolkit.sampler').sampler._cuda_device_present()", reason="needs a GPU")
+@pytest.mark.skipif("not __import__('toolkit.sessions').sessions.cuda_device_present()", reason="needs a GPU")
 def test_fp16_and_uint8_exports_on_cuda_with_and_without_the_graph(trained_run, exported, sampler, tmp_path):
     if not _onnxruntime_really_uses_cuda(exported):
         pytest.skip("ONNX Runtime cannot use CUDA here")

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import re
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -65,8 +64,18 @@ from toolkit.contract import (  # noqa: F401 (FORMAT, MAX_SIDE, MAX_WIDTH, Tenso
     read_contract,
     read_encoder_contract,
 )
-from toolkit.errors import UserError, one_line
+from toolkit.errors import UserError
 from toolkit.memory import check_fits, gib
+from toolkit.sessions import (  # noqa: F401 (cuda_device_present: the tests' GPU check)
+    CUDA,
+    BoundRun,
+    GraphRun,
+    PlainRun,
+    cuda_device_present,
+    open_session,
+    ort_message,
+    session_plan,
+)
 
 MAX_BATCH_BYTES = 16 * 2**30  # one batch of output images
 MAX_RESULT_BYTES = 64 * 2**30  # the images one sample() or run() call returns (and less than the memory available)
@@ -81,19 +90,6 @@ def _declared(values) -> list[Tensor]:
         kind = value.type[len("tensor(") : -1] if value.type.startswith("tensor(") else value.type
         tensors.append(Tensor(value.name, names.get(kind, kind), tuple(value.shape)))
     return tensors
-
-
-def _ort_message(error: Exception) -> str:
-    """ONNX Runtime's message without its status code, file path and C++ function signature."""
-    text = one_line(error) or type(error).__name__
-    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Load model from .*? failed:)?", "", text).strip()
-    return re.sub(r"^/\S+:\d+ .*?\) (?=[A-Z])", "", text)
-
-
-def _cuda_device_present() -> bool:
-    # Asking ONNX Runtime for CUDA on a machine without a GPU prints loud errors; the driver's
-    # device nodes (Linux) are a cheap, quiet first check.
-    return os.name == "nt" or Path("/dev/nvidiactl").exists()
 
 
 class Sampler:
@@ -116,7 +112,9 @@ class Sampler:
         if not path.is_file():
             raise UserError(f"model file not found: {path}")
         self.path, self.batch_size = path, int(batch_size)
-        self.session = self._open(path, device, self.batch_size if cuda_graph else None)
+        # The provider and its options (fp16: channels-last; a CUDA graph: a fixed batch) are
+        # chosen from the file before its one session opens.
+        self.session = open_session(path, device, session_plan(path, device, self.batch_size if cuda_graph else None))
         self.provider = self.session.get_providers()[0]
         meta = self.session.get_modelmeta().custom_metadata_map
         self.contract = contract = read_contract(
@@ -130,19 +128,21 @@ class Sampler:
         self._temperature_input = contract.temperature_input
         self._uint8_output = contract.uint8
         self._check_batch_size()
-        if self.provider == "CUDAExecutionProvider" and contract.precision == "fp16":
-            # fp16 convolutions run on tensor cores in channels-last layout: on an H200 this made
-            # the paper decoder 1.7x faster at batch 1,024 (bench/RESULTS.md); fp32 gained nothing.
-            self.session = self._open(path, device, self.batch_size if cuda_graph else None, prefer_nhwc=True)
-            self.provider = self.session.get_providers()[0]
-        self._device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+        self._device = "cuda" if self.provider == CUDA else "cpu"
         if cuda_graph and self._device != "cuda":
             raise UserError(f"cuda_graph=True needs the CUDA provider, but ONNX Runtime runs {self.provider} here")
         self.cuda_graph = cuda_graph
         self.io_binding = self._device == "cuda" if io_binding is None else io_binding
-        self._fixed_batch = cuda_graph  # every run fills the same buffers of batch_size rows
-        self._fixed_lock = threading.Lock()
-        self._fixed: tuple | None = None  # (binding, input OrtValues, output OrtValue) once allocated
+        # How each batch runs, chosen once (toolkit.sessions): a CUDA graph's fixed buffers, IO
+        # binding, or plain session.run.
+        if cuda_graph:
+            self._run = GraphRun(
+                self.session, self._device, self.batch_size, contract.image_dims, contract.output_dtype
+            )
+        elif self.io_binding:
+            self._run = BoundRun(self.session, self._device)
+        else:
+            self._run = PlainRun(self.session)
         if not cuda_graph:  # a graph session runs only its fixed batch; its output buffer has the promised shape
             self._probe()
         self._encoder_lock = threading.Lock()
@@ -198,7 +198,7 @@ class Sampler:
             (output,) = self.session.run(["images"], feed, quiet)
         except Exception as error:
             raise UserError(
-                f"{self.path}: the graph does not run on the inputs its metadata describes: {_ort_message(error)}"
+                f"{self.path}: the graph does not run on the inputs its metadata describes: {ort_message(error)}"
             ) from None
         self._check_output(output, 1)
         if not self._uint8_output:
@@ -209,42 +209,6 @@ class Sampler:
                 raise UserError(
                     f"{self.path}: the graph's images range from {low:.3g} to {high:.3g}, but its metadata's value_range is [0, 1]"
                 )
-
-    @staticmethod
-    def _open(
-        path: Path, device: str, graph_batch: int | None = None, prefer_nhwc: bool = False
-    ) -> ort.InferenceSession:
-        want_cuda = device == "cuda" or (
-            device == "auto" and "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_device_present()
-        )
-        cuda_options = {"enable_cuda_graph": "1"} if graph_batch else {}
-        if prefer_nhwc:
-            cuda_options["prefer_nhwc"] = "1"
-        providers = (
-            [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
-            if want_cuda
-            else ["CPUExecutionProvider"]
-        )
-        options = ort.SessionOptions()
-        if graph_batch:
-            # A graph is recorded for one shape: fixing the batch lets ONNX Runtime fold away every
-            # shape computation, so all nodes run on the GPU (a CUDA graph cannot hold CPU nodes).
-            options.add_free_dimension_override_by_name("batch", graph_batch)
-        if want_cuda and hasattr(ort, "preload_dlls"):
-            try:
-                ort.preload_dlls()  # CUDA libraries from the nvidia-* wheels, without importing torch
-            except Exception:
-                pass
-        try:
-            session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as error:  # onnxruntime raises several types for unreadable files
-            raise UserError(f"{path} is not a loadable ONNX model: {_ort_message(error)}") from None
-        if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
-            raise UserError(
-                "device='cuda' was asked for, but ONNX Runtime cannot use CUDA on this machine "
-                "(no GPU, or CUDA 13 / cuDNN 9 libraries missing); use device='cpu' or 'auto'"
-            )
-        return session
 
     # -- conditions ---------------------------------------------------------------------------
 
@@ -356,58 +320,8 @@ class Sampler:
             }
             if self._temperature_input:
                 feed["temperature"] = np.array([temperature], np.float32)
-            if self._fixed_batch:
-                output = self._run_fixed(feed)
-            elif self.io_binding:
-                output = self._run_bound(feed)
-            else:
-                output = self.session.run(["images"], feed)[0]
+            output = self._run(feed)
             yield self._check_output(output, len(feed["attributes"]))
-
-    def _run_fixed(self, feed: dict) -> np.ndarray:
-        # The CUDA graph replays kernels on fixed device addresses: allocate the inputs and the
-        # output once, then only copy new values into them (update_inplace) and replay. A short
-        # batch is padded with zeros to batch_size and the padding's images are dropped.
-        rows = len(feed["attributes"])
-        padded = {}
-        for name, array in feed.items():
-            if name != "temperature" and rows < self.batch_size:
-                array = np.concatenate([array, np.zeros((self.batch_size - rows, *array.shape[1:]), array.dtype)])
-            padded[name] = array
-        with self._fixed_lock:
-            if self._fixed is None:
-                binding = self.session.io_binding()
-                # Own copies: on the CPU an OrtValue wraps the numpy buffer, which later updates overwrite.
-                values = {
-                    name: ort.OrtValue.ortvalue_from_numpy(array.copy(), self._device, 0)
-                    for name, array in padded.items()
-                }
-                for name, value in values.items():
-                    binding.bind_ortvalue_input(name, value)
-                height, width = self.image_size
-                shape = (
-                    [self.batch_size, height, width, 3] if self._uint8_output else [self.batch_size, 3, height, width]
-                )
-                dtype = np.uint8 if self._uint8_output else np.float32
-                output = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self._device, 0)
-                binding.bind_ortvalue_output("images", output)
-                self._fixed = (binding, values, output)
-            else:
-                binding, values, _ = self._fixed
-                for name, array in padded.items():
-                    values[name].update_inplace(array)
-            self.session.run_with_iobinding(binding)
-            return binding.copy_outputs_to_cpu()[0][:rows]
-
-    def _run_bound(self, feed: dict) -> np.ndarray:
-        # A binding per call: bindings are not shared between threads. Inputs go to the device
-        # once; the output is allocated by ONNX Runtime on the device and copied to the host once.
-        binding = self.session.io_binding()
-        for name, array in feed.items():
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, self._device, 0))
-        binding.bind_output("images", self._device, 0)
-        self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
 
     def sample(
         self, attributes, n: int = 1, seed: int | None = None, temperature: float = 1.0, base=None
@@ -447,7 +361,8 @@ class Sampler:
                     f"editing needs the encoder beside {self.path} ({path.name}), which is not there: export it with "
                     f"`cvae-tk export --onnx RUN --out {self.path} --encoder`, or pass encoder=PATH"
                 )
-            session = self._open(path, "cuda" if self._device == "cuda" else "cpu")
+            device = "cuda" if self._device == "cuda" else "cpu"
+            session = open_session(path, device, session_plan(path, device))
             meta = session.get_modelmeta().custom_metadata_map
             contract = read_encoder_contract(
                 path, meta, _declared(session.get_inputs()), _declared(session.get_outputs())
@@ -464,7 +379,7 @@ class Sampler:
                 )
             except Exception as error:
                 raise UserError(
-                    f"{path}: the encoder does not run on the inputs its metadata describes: {_ort_message(error)}"
+                    f"{path}: the encoder does not run on the inputs its metadata describes: {ort_message(error)}"
                 ) from None
             for name, output in zip(contract.outputs, outputs):
                 if (

@@ -1,0 +1,118 @@
+"""toolkit.sessions: the file's metadata read before any session, the one session opened with the
+options that metadata calls for, and the runners' agreement (test_sampler checks their images)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from toolkit import sessions
+from toolkit.sampler import Sampler
+from toolkit.sessions import CPU, CUDA, BoundRun, GraphRun, PlainRun, file_metadata, session_plan
+
+
+def _onnx_metadata(path: Path) -> dict[str, str]:
+    return {entry.key: entry.value for entry in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+@pytest.fixture(scope="module")
+def variants(trained_run, exported, tmp_path_factory) -> dict[str, Path]:
+    from toolkit.export import export_onnx
+
+    folder = tmp_path_factory.mktemp("variants")
+    fp16, _ = export_onnx(trained_run, folder / "digits-fp16.onnx", fp16=True)
+    uint8, _ = export_onnx(trained_run, folder / "digits-uint8.onnx", uint8=True)
+    export_onnx(trained_run, folder / "digits.onnx", encoder=True)
+    return {"fp32": exported, "fp16": fp16, "uint8": uint8, "encoder": folder / "digits-encoder.onnx"}
+
+
+def test_file_metadata_is_what_onnx_reads(variants):
+    for name, path in variants.items():
+        expected = _onnx_metadata(path)
+        assert expected and file_metadata(path) == expected, name
+    assert file_metadata(variants["fp16"])["precision"] == "fp16"
+    assert file_metadata(variants["fp32"])["precision"] == "fp32"
+
+
+def test_file_metadata_of_what_is_not_an_onnx_file_is_empty(exported, tmp_path):
+    data = exported.read_bytes()
+    cases = {
+        "empty": b"",
+        "text": b"hello, this is not protobuf\n",
+        "truncated": data[: len(data) // 2],
+        "one byte short": data[:-1],
+        "long varint": b"\xff" * 20,
+    }
+    for name, content in cases.items():
+        path = tmp_path / f"{name}.onnx"
+        path.write_bytes(content)
+        assert file_metadata(path) == {}, name
+    assert file_metadata(tmp_path / "missing.onnx") == {}
+    assert file_metadata(tmp_path) == {}  # a folder
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_file_metadata_never_raises_on_any_bytes(tmp_path_factory, content):
+    path = tmp_path_factory.mktemp("bytes") / "x.onnx"
+    path.write_bytes(content)
+    result = file_metadata(path)
+    assert isinstance(result, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in result.items())
+
+
+def test_the_plan_follows_the_device_and_the_files_precision(variants, monkeypatch):
+    assert session_plan(variants["fp16"], "cpu").providers == [CPU]
+    monkeypatch.setattr(sessions, "wants_cuda", lambda device: True)
+    assert session_plan(variants["fp32"], "cuda").providers == [(CUDA, {}), CPU]
+    assert session_plan(variants["fp16"], "cuda").providers == [(CUDA, {"prefer_nhwc": "1"}), CPU]
+    graph = session_plan(variants["fp16"], "cuda", graph_batch=8)
+    assert graph.providers == [(CUDA, {"enable_cuda_graph": "1", "prefer_nhwc": "1"}), CPU]
+    assert graph.graph_batch == 8 and graph.cuda
+
+
+def test_a_sampler_opens_one_session_with_the_planned_options(variants, monkeypatch):
+    # As on a GPU machine (CUDA wanted), but each session really opened on the CPU: what was asked
+    # for is recorded. An fp16 file must get its channels-last option in its one and only session.
+    opened = []
+    real = ort.InferenceSession
+
+    def recording(path, options=None, providers=None):
+        opened.append((Path(path).name, providers))
+        return real(path, options, providers=[CPU])
+
+    monkeypatch.setattr(sessions, "wants_cuda", lambda device: True)
+    monkeypatch.setattr(sessions.ort, "InferenceSession", recording)
+    Sampler(variants["fp16"], device="auto")
+    assert opened == [("digits-fp16.onnx", [(CUDA, {"prefer_nhwc": "1"}), CPU])]
+    opened.clear()
+    Sampler(variants["fp32"], device="auto")
+    assert opened == [(variants["fp32"].name, [(CUDA, {}), CPU])]
+
+
+def test_the_three_runners_give_the_same_output(exported):
+    rows = 10
+    session = ort.InferenceSession(str(exported), providers=[CPU])
+    meta = session.get_modelmeta().custom_metadata_map
+    width, latent = len(json.loads(meta["attributes"])), int(meta["latent_dim"])
+    image_dims = (3, *json.loads(meta["image_size"]))
+    rng = np.random.default_rng(0)
+    feed = {
+        "attributes": (rng.random((rows, width)) > 0.5).astype(np.float32),
+        "noise": rng.standard_normal((rows, latent), dtype=np.float32),
+    }
+    if "temperature" in [i.name for i in session.get_inputs()]:
+        feed["temperature"] = np.ones(1, np.float32)
+    plain = PlainRun(session)(feed)
+    assert plain.shape == (rows, *image_dims)
+    np.testing.assert_array_equal(BoundRun(session, "cpu")(feed), plain)
+    graph = GraphRun(session, "cpu", 16, image_dims, "float32")
+    np.testing.assert_array_equal(graph(feed), plain)  # padded from 10 to 16 rows, the padding dropped
+    short = {name: array if name == "temperature" else array[:3] for name, array in feed.items()}
+    np.testing.assert_array_equal(graph(short), plain[:3])  # the same buffers, refilled

@@ -1,0 +1,246 @@
+"""ONNX Runtime plumbing for `toolkit.sampler`: open one session per file, with its provider and
+options chosen before it opens, and run it one of three ways behind one call. numpy and
+onnxruntime only (no torch, no onnx).
+
+    plan = session_plan(path, device)             # providers and options, from the file's metadata
+    session = open_session(path, device, plan)    # the file's one session
+    run = BoundRun(session, "cuda")               # run(feed) -> the "images" output
+
+The three runners (what `Sampler(io_binding=..., cuda_graph=...)` chooses, once):
+- `PlainRun`: `session.run`; the CPU's way.
+- `BoundRun`: IO binding, a binding per call: inputs copied to the device once, the output left
+  there by ONNX Runtime and copied to the host once. CUDA's default.
+- `GraphRun`: the buffers a CUDA graph replays on: allocated once for a fixed batch, refilled in
+  place each call (a short batch padded, the padding's rows dropped), calls taking turns.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from toolkit.errors import UserError, one_line
+
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+
+
+def cuda_device_present() -> bool:
+    # Asking ONNX Runtime for CUDA on a machine without a GPU prints loud errors; the driver's
+    # device nodes (Linux) are a cheap, quiet first check.
+    return os.name == "nt" or Path("/dev/nvidiactl").exists()
+
+
+def wants_cuda(device: str) -> bool:
+    """Whether a session for `device` ("auto" | "cpu" | "cuda") asks ONNX Runtime for CUDA."""
+    return device == "cuda" or (device == "auto" and CUDA in ort.get_available_providers() and cuda_device_present())
+
+
+def ort_message(error: Exception) -> str:
+    """ONNX Runtime's message without its status code, file path and C++ function signature."""
+    text = one_line(error) or type(error).__name__
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Load model from .*? failed:)?", "", text).strip()
+    return re.sub(r"^/\S+:\d+ .*?\) (?=[A-Z])", "", text)
+
+
+# --- the file's metadata, before any session ------------------------------------------------------
+
+METADATA_FIELD = 14  # ModelProto.metadata_props: repeated StringStringEntryProto {key = 1, value = 2}
+MAX_METADATA_ENTRY = 64 << 20  # far beyond any real entry (512 attribute names are a few KB)
+
+
+def _varint(read) -> int:
+    value = shift = 0
+    while shift < 64:
+        byte = read(1)
+        if not byte:
+            raise EOFError
+        value |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return value
+        shift += 7
+    raise ValueError("varint longer than 10 bytes")
+
+
+def _entry(data: bytes) -> tuple[str, str]:
+    position, fields = 0, {1: "", 2: ""}
+
+    def read(count: int) -> bytes:
+        nonlocal position
+        chunk = data[position : position + count]
+        position += len(chunk)
+        return chunk
+
+    while position < len(data):
+        tag = _varint(read)
+        if tag & 7 != 2:  # key and value are strings; nothing else belongs here
+            raise ValueError(f"wire type {tag & 7} in a metadata entry")
+        length = _varint(read)
+        if position + length > len(data):
+            raise EOFError
+        fields[tag >> 3] = read(length).decode("utf-8")
+    return fields[1], fields[2]
+
+
+def file_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """An ONNX file's metadata_props, read from its protobuf bytes without onnx and without
+    reading the graph (one length-prefixed field, skipped by seeking: the weights are in it), so
+    that the session's options can follow them (`precision`). {} for a file that does not parse:
+    opening the session then says what is wrong with it, and the contract checks the metadata."""
+    entries: dict[str, str] = {}
+    try:
+        with open(path, "rb") as stream:
+            size = os.fstat(stream.fileno()).st_size
+            while stream.tell() < size:
+                tag = _varint(stream.read)
+                wire = tag & 7
+                if wire == 0:
+                    _varint(stream.read)
+                    continue
+                length = {1: 8, 5: 4}.get(wire) if wire != 2 else _varint(stream.read)
+                if length is None or stream.tell() + length > size:
+                    return {}
+                if tag >> 3 == METADATA_FIELD and length <= MAX_METADATA_ENTRY:
+                    key, value = _entry(stream.read(length))
+                    entries[key] = value
+                else:
+                    stream.seek(length, os.SEEK_CUR)
+    except (OSError, ValueError, EOFError):  # UnicodeDecodeError is a ValueError
+        return {}
+    return entries
+
+
+# --- one session ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SessionPlan:
+    """What a session is opened with: the providers in order (CUDA's with its options) and the
+    batch fixed for a CUDA graph (None: dynamic)."""
+
+    providers: list = field(default_factory=lambda: [CPU])
+    graph_batch: int | None = None
+
+    @property
+    def cuda(self) -> bool:
+        return self.providers[0] != CPU
+
+
+def session_plan(path, device: str, graph_batch: int | None = None) -> SessionPlan:
+    """The providers and options for `path` on `device`, from the file's own metadata, so that one
+    session is opened with them (not a first one to read the metadata, then the real one)."""
+    if not wants_cuda(device):
+        return SessionPlan([CPU], graph_batch)
+    options = {"enable_cuda_graph": "1"} if graph_batch else {}
+    if file_metadata(path).get("precision") == "fp16":
+        # fp16 convolutions run on tensor cores in channels-last layout: on an H200 this made the
+        # paper decoder 1.7x faster at batch 1,024 (bench/RESULTS.md); fp32 gained nothing.
+        options["prefer_nhwc"] = "1"
+    return SessionPlan([(CUDA, options), CPU], graph_batch)
+
+
+def open_session(path: Path, device: str, plan: SessionPlan) -> ort.InferenceSession:
+    """The session of `path` as `plan` says; a UserError for a file ONNX Runtime cannot load, or
+    device="cuda" where ONNX Runtime cannot run CUDA."""
+    options = ort.SessionOptions()
+    if plan.graph_batch:
+        # A graph is recorded for one shape: fixing the batch lets ONNX Runtime fold away every
+        # shape computation, so all nodes run on the GPU (a CUDA graph cannot hold CPU nodes).
+        options.add_free_dimension_override_by_name("batch", plan.graph_batch)
+    if plan.cuda and hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()  # CUDA libraries from the nvidia-* wheels, without importing torch
+        except Exception:
+            pass
+    try:
+        session = ort.InferenceSession(str(path), options, providers=plan.providers)
+    except Exception as error:  # onnxruntime raises several types for unreadable files
+        raise UserError(f"{path} is not a loadable ONNX model: {ort_message(error)}") from None
+    if device == "cuda" and session.get_providers()[0] != CUDA:
+        raise UserError(
+            "device='cuda' was asked for, but ONNX Runtime cannot use CUDA on this machine "
+            "(no GPU, or CUDA 13 / cuDNN 9 libraries missing); use device='cpu' or 'auto'"
+        )
+    return session
+
+
+# --- three ways of running it -----------------------------------------------------------------------
+
+
+class PlainRun:
+    """`session.run`: ONNX Runtime copies the inputs in and the output out itself."""
+
+    def __init__(self, session: ort.InferenceSession):
+        self.session = session
+
+    def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(["images"], feed)[0]
+
+
+class BoundRun:
+    """IO binding, a binding per call (bindings are not shared between threads): the inputs go to
+    the device once; the output is allocated there by ONNX Runtime and copied to the host once."""
+
+    def __init__(self, session: ort.InferenceSession, device: str):
+        self.session, self.device = session, device
+
+    def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        binding = self.session.io_binding()
+        for name, array in feed.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, self.device, 0))
+        binding.bind_output("images", self.device, 0)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+
+class GraphRun:
+    """A CUDA graph replays kernels on fixed device addresses: the inputs and the output are
+    allocated once for `batch` rows, then only new values are copied into them (update_inplace)
+    and the graph replayed. A short batch is padded with zeros and its padding's images dropped.
+    Calls take turns (one set of buffers). Runs on the CPU provider too (the tests' way to check
+    the buffer handling without a GPU)."""
+
+    def __init__(self, session: ort.InferenceSession, device: str, batch: int, image_dims: tuple, dtype: str):
+        self.session, self.device, self.batch = session, device, batch
+        self.output_shape, self.dtype = [batch, *image_dims], np.dtype(dtype)
+        self.lock = threading.Lock()
+        self.buffers: tuple | None = None  # (binding, input OrtValues) once allocated
+
+    def _padded(self, feed: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+        if rows == self.batch:
+            return feed
+        padding = self.batch - rows
+        return {
+            name: array
+            if name == "temperature"
+            else np.concatenate([array, np.zeros((padding, *array.shape[1:]), array.dtype)])
+            for name, array in feed.items()
+        }
+
+    def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        rows = len(feed["attributes"])
+        padded = self._padded(feed, rows)
+        with self.lock:
+            if self.buffers is None:
+                binding = self.session.io_binding()
+                # Own copies: on the CPU an OrtValue wraps the numpy buffer, which later updates overwrite.
+                values = {
+                    name: ort.OrtValue.ortvalue_from_numpy(array.copy(), self.device, 0)
+                    for name, array in padded.items()
+                }
+                for name, value in values.items():
+                    binding.bind_ortvalue_input(name, value)
+                output = ort.OrtValue.ortvalue_from_shape_and_type(self.output_shape, self.dtype, self.device, 0)
+                binding.bind_ortvalue_output("images", output)
+                self.buffers = (binding, values, output)
+            else:
+                binding, values, _ = self.buffers
+                for name, array in padded.items():
+                    values[name].update_inplace(array)
+            self.session.run_with_iobinding(binding)
+            return binding.copy_outputs_to_cpu()[0][:rows]
