@@ -18,6 +18,17 @@
   finishes an interrupted build.
 - Mistakes are refused before any image is encoded: an --out that cannot be written or holds
   other things than shards, sizes that would not fit in memory, file extensions no reader takes.
+
+One image on its way, and why each form is there:
+1. `Record` (the reader's: key, path, attributes, box), kept in `_Records`' arrays while the
+   workers run (forked workers reading Python objects would copy them: memory) and read back as a
+   Record by the worker that encodes it.
+2. `encode_record`: decoded, cropped, resized, re-encoded (a `Sample`: the image file's bytes and
+   the attributes, what any producer gives `write_split`), then laid out as its tar members (an
+   `EncodedSample`: the worker does the serializing, the writer only appends bytes).
+3. `Chunk`: a task's samples packed as one bytes object to cross back from the worker (one buffer
+   pickles far cheaper than a list of objects), unpacked as EncodedSamples (or `Skipped`) for
+   `write_split`.
 """
 
 from __future__ import annotations
@@ -246,9 +257,28 @@ def _exit_with(parent: int) -> None:
     os._exit(1)
 
 
-def _encode_chunk(task: tuple[str, int, int]) -> tuple[bytes, list]:
-    """Encode records [start, stop) of a split. Returned packed (one bytes object plus a small
-    index), which crosses the process boundary far cheaper than a list of objects."""
+@dataclass
+class Chunk:
+    """One task's results as they cross from a worker to the writer: the tar members of all its
+    samples in one bytes object, and per record (key, length, (H, W)) or (key, -1, reason) when it
+    was skipped."""
+
+    data: bytes
+    index: list[tuple]
+
+    def results(self) -> list[EncodedSample | Skipped]:
+        results, offset = [], 0
+        for key, length, info in self.index:
+            if length < 0:
+                results.append(Skipped(key, info))
+            else:
+                results.append(EncodedSample(key, self.data[offset : offset + length], info))
+                offset += length
+        return results
+
+
+def _encode_chunk(task: tuple[str, int, int]) -> Chunk:
+    """Encode records [start, stop) of a split (in a worker, or in-process with one worker)."""
     split, start, stop = task
     records, spec, num_attributes = _WORKER["splits"][split], _WORKER["spec"], _WORKER["num_attributes"]
     blobs, index = [], []
@@ -259,19 +289,7 @@ def _encode_chunk(task: tuple[str, int, int]) -> tuple[bytes, list]:
         else:
             blobs.append(result.data)
             index.append((result.key, len(result.data), result.size))
-    return b"".join(blobs), index
-
-
-def _unpack(packed: tuple[bytes, list]) -> list[EncodedSample | Skipped]:
-    blob, index = packed
-    results, offset = [], 0
-    for key, length, info in index:
-        if length < 0:
-            results.append(Skipped(key, info))
-        else:
-            results.append(EncodedSample(key, blob[offset : offset + length], info))
-            offset += length
-    return results
+    return Chunk(b"".join(blobs), index)
 
 
 def _chunks(
@@ -287,15 +305,15 @@ def _chunks(
         for i in range(0, len(records), chunk)
     )
     if executor is None:
-        yield from map(_unpack, map(_encode_chunk, tasks))
+        yield from (_encode_chunk(task).results() for task in tasks)
         return
     window = deque(executor.submit(_encode_chunk, task) for _, task in zip(range(_window(workers)), tasks))
     while window:
-        packed = window.popleft().result()
+        done = window.popleft().result()
         task = next(tasks, None)
         if task is not None:
             window.append(executor.submit(_encode_chunk, task))
-        yield _unpack(packed)
+        yield done.results()
 
 
 def _split_samples(
