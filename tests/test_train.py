@@ -385,3 +385,42 @@ def test_more_loader_workers_than_shards_is_refused(digits_shards, tmp_path):
         UserError, match="data.num_workers=3, but .* has 2 train shard\\(s\\) for 1 rank\\(s\\): at most 2"
     ):
         train(quick(digits_shards, tmp_path / "run", "max_steps=1", "data.num_workers=3"))
+
+
+@pytest.mark.parametrize("sampling", ["epochs", "resampled"])
+def test_each_manifest_is_read_once_before_step_one(digits_shards, tmp_path, monkeypatch, sampling):
+    # Set-up (split checks, fingerprint, batch stream, first segment, grids) shares one read of each
+    # split's manifest: a `pipe:` or http URL costs a command or a request per read.
+    import toolkit.data.stream as stream
+    import toolkit.train as train_module
+
+    reads, steps = [], []
+    real_check, real_step = stream.check_manifest, train_module.Trainer.step
+
+    def counting(manifest, location, split):
+        reads.append((split, len(steps)))
+        return real_check(manifest, location, split)
+
+    def stepping(self, *args, **kwargs):
+        steps.append(1)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(stream, "check_manifest", counting)
+    monkeypatch.setattr(train_module.Trainer, "step", stepping)
+    train(quick(digits_shards, tmp_path / "run", "max_steps=2", f"data.sampling={sampling}"))
+    assert steps
+    assert sorted(split for split, before in reads if before == 0) == ["test", "train"]
+
+
+def test_derived_seeds_are_the_released_formulas():
+    # Resuming a checkpoint reads the batches an uninterrupted run would have read only while these
+    # stay as runs have always computed them (the demo's weights pin them too).
+    from toolkit.data.stream import derive_seed, worker_part
+
+    assert derive_seed(3, 5) == 3 * 1_000_003 + 5
+    assert derive_seed(3, 5, radix=7919) == 3 * 7919 + 5
+    assert derive_seed(2, worker_part(1, 4)) == 2 * 1_000_003 + 1 * 1_009 + 4
+    seeds = {
+        derive_seed(seed, worker_part(rank, worker)) for seed in range(3) for rank in range(8) for worker in range(16)
+    }
+    assert len(seeds) == 3 * 8 * 16

@@ -62,15 +62,15 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
 FINGERPRINT_BYTES = 1 << 16  # of each end of a tar: its first samples' names and bytes, and its last ones'
 
 
-def shards_fingerprint(shards: str) -> dict:
+def shards_fingerprint(shards: str, manifests: dict[str, dict] | None = None) -> dict:
     """What identifies the shards a run trains on, per split: the sha256 of its manifest (as parsed,
     so formatting does not count) and, for a local folder, per tar its size and the sha256 of its
     first and last 64 KB (two builds with the same names and counts but other images differ there;
     reading whole tars would cost minutes on large sets). Shards rebuilt byte-identical give the same
-    fingerprint, wherever they lie."""
+    fingerprint, wherever they lie. `manifests`: {split: manifest} where the caller has read them."""
     result = {}
     for split in ("train", "test"):
-        manifest = read_manifest(shards, split)
+        manifest = (manifests or {}).get(split) or read_manifest(shards, split)
         digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
         tars = None
         if "://" not in str(shards) and not str(shards).startswith("pipe:"):

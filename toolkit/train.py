@@ -49,6 +49,7 @@ from toolkit.config import DataConfig, TrainConfig, load_config, to_yaml
 from toolkit.data.stream import (
     Skips,
     batches_per_rank,
+    derive_seed,
     epoch_batches,
     eval_batches,
     read_manifest,
@@ -86,18 +87,23 @@ class TrainingStopped(UserError):
 
 
 def grid_conditions(
-    shards: str, num_attributes: int, max_skipped_fraction: float = DataConfig.max_skipped_fraction
+    shards: str,
+    num_attributes: int,
+    max_skipped_fraction: float = DataConfig.max_skipped_fraction,
+    manifest: dict | None = None,
 ) -> torch.Tensor:
     """Rows of the sample grids: with few attributes (digits' classes) each one alone; one-hot data
     with many classes (CUB's species) the first GRID_ROWS classes of the test split, each alone;
     else (CelebA, CUB's attributes) the attribute vectors of the first test images, which are real
-    combinations."""
+    combinations. `manifest`: the test split's, if read already."""
     if num_attributes <= GRID_ROWS_ONE_HOT:
         return torch.eye(num_attributes)
-    classes = split_classes(shards, num_attributes, GRID_ROWS, max_skipped_fraction=max_skipped_fraction)
+    classes = split_classes(
+        shards, num_attributes, GRID_ROWS, max_skipped_fraction=max_skipped_fraction, manifest=manifest
+    )
     if classes is not None:
         return torch.eye(num_attributes)[classes]
-    _, attributes = next(iter(eval_batches(shards, "test", GRID_ROWS, max_skipped_fraction)))
+    _, attributes = next(iter(eval_batches(shards, "test", GRID_ROWS, max_skipped_fraction, manifest=manifest)))
     return attributes
 
 
@@ -154,10 +160,11 @@ class BatchStream:
 
     SEGMENT = 1000
 
-    def __init__(self, config: TrainConfig, rank: int, world: int):
+    def __init__(self, config: TrainConfig, rank: int, world: int, manifest: dict | None = None):
         self.config, self.rank, self.world = config, rank, world
         self.data = config.data
-        manifest = read_manifest(self.data.shards, "train")
+        # the train split's manifest, read once for every segment (given by the trainer, which has read it)
+        self.manifest = manifest = manifest or read_manifest(self.data.shards, "train")
         self.counts = dict(manifest["shards"])
         self.train_count = manifest["count"]
         # unreadable samples of all segments; checked by the loop, summed over the ranks (`skipped`)
@@ -193,11 +200,12 @@ class BatchStream:
             loader = train_batches(
                 data.shards,
                 config.batch_size,
-                config.seed * 1_000_003 + segment,
+                derive_seed(config.seed, segment),
                 data.num_workers,
                 data.shuffle_buffer,
                 data.record_keys,
                 skips=self.skips,
+                manifest=self.manifest,
             )
             return islice(loader, self.SEGMENT)
         return epoch_batches(
@@ -212,6 +220,7 @@ class BatchStream:
             shuffle_buffer=data.shuffle_buffer,
             with_keys=data.record_keys,
             skips=self.skips,
+            manifest=self.manifest,
         )
 
     def batches(self, start: int):
@@ -506,9 +515,10 @@ def _check_precision(config: TrainConfig, accelerator: Accelerator) -> None:
         )
 
 
-def _check_splits(shards: str) -> dict:
-    """The train manifest, once its images have one size and the test split matches it (the test
-    split feeds grids and metrics: fail now, not after training)."""
+def _check_splits(shards: str) -> dict[str, dict]:
+    """{"train": manifest, "test": manifest}, once the train images have one size and the test
+    split matches it (the test split feeds grids and metrics: fail now, not after training). Read
+    once: the rest of the set-up takes them from here."""
     manifest = read_manifest(shards, "train")
     if not manifest.get("image_size") or 0 in manifest["image_size"]:
         raise UserError(f"{shards}: the images have varied sizes; rebuild the shards with --size N or HxW")
@@ -524,7 +534,7 @@ def _check_splits(shards: str) -> dict:
                 f"{shards}: the test split's {what} ({show(test.get(key))}) differ from the train split's ({show(manifest[key])}); "
                 "rebuild both splits in one `cvae-tk shards` run"
             )
-    return manifest
+    return {"train": manifest, "test": test}
 
 
 class Trainer:
@@ -540,7 +550,8 @@ class Trainer:
     def setup(self) -> None:
         config, accelerator, run_dir = self.config, self.accelerator, self.run_dir
         set_seed(config.seed)
-        manifest = _check_splits(config.data.shards)
+        self.manifests = _check_splits(config.data.shards)
+        manifest = self.manifests["train"]
         self.spec = spec = ModelSpec(
             attributes=manifest["attributes"],
             image_size=tuple(manifest["image_size"]),
@@ -551,7 +562,7 @@ class Trainer:
         )
         self.resume_from = find_checkpoint(run_dir, config.resume)
         self.data_order = _data_order(config, accelerator.num_processes)
-        self.fingerprint = shards_fingerprint(config.data.shards)
+        self.fingerprint = shards_fingerprint(config.data.shards, self.manifests)
         if self.resume_from is not None:  # on every rank: a refusal must stop them all
             _check_resume(
                 self.resume_from,
@@ -562,7 +573,9 @@ class Trainer:
                 where=config.data.shards,
             )
         _on_main(accelerator, lambda: claim_run_dir(config, run_dir, self.resume_from))
-        self.stream = BatchStream(config, accelerator.process_index, accelerator.num_processes)
+        self.stream = BatchStream(
+            config, accelerator.process_index, accelerator.num_processes, self.manifests["train"]
+        )
         check_memory(config, spec, accelerator.device)
         self._setup_model()
         self._setup_grids()
@@ -608,7 +621,7 @@ class Trainer:
         """Fixed conditions, noise and test images for every grid, so grids are comparable across steps."""
         config, device = self.config, self.accelerator.device
         self.grid_attributes = grid_conditions(
-            config.data.shards, self.spec.num_attributes, config.data.max_skipped_fraction
+            config.data.shards, self.spec.num_attributes, config.data.max_skipped_fraction, self.manifests["test"]
         ).to(device)
         self.grid_noise = torch.randn(
             len(self.grid_attributes) * GRID_COLUMNS,
@@ -618,7 +631,15 @@ class Trainer:
         self.fixed_images, self.fixed_attributes = (
             t[:GRID_COLUMNS].to(device)
             for t in next(
-                iter(eval_batches(config.data.shards, "test", GRID_COLUMNS, config.data.max_skipped_fraction))
+                iter(
+                    eval_batches(
+                        config.data.shards,
+                        "test",
+                        GRID_COLUMNS,
+                        config.data.max_skipped_fraction,
+                        manifest=self.manifests["test"],
+                    )
+                )
             )
         )
 

@@ -53,6 +53,23 @@ _SHARD_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\.tar")
 # with the sample's own fields.
 
 
+# --- seeds: every random choice of a pass follows from the run's seed ---------------------------------
+
+SEED_RADIX = 1_000_003  # a prime above any epoch, segment, or rank and worker's `worker_part`
+
+
+def derive_seed(seed: int, part: int, radix: int = SEED_RADIX) -> int:
+    """The seed of one part of a run (an epoch, a segment, a rank's worker) from the run's seed:
+    distinct (seed, part) give distinct seeds while 0 <= part < radix. These are the formulas runs
+    have always used, so a checkpoint resumed by a newer cvae-tk reads the same batches."""
+    return seed * radix + part
+
+
+def worker_part(rank: int, worker: int) -> int:
+    """One number per (rank, DataLoader worker), distinct for workers < 1,009 (and ranks < 991)."""
+    return rank * 1_009 + worker
+
+
 def _is_url(shards: str | Path) -> bool:
     text = str(shards)
     return "://" in text or text.startswith("pipe:")
@@ -348,7 +365,7 @@ def _shuffle(source, bufsize: int, initial: int, rng: random.Random):
 def _worker_shuffle(source, bufsize: int, seed: int):
     """Buffer shuffle whose seed differs per rank and worker (copies of one RNG would repeat each other)."""
     rank, _, worker, _ = wds.utils.pytorch_worker_info()
-    rng = random.Random(seed * 1_000_003 + rank * 1_009 + worker)
+    rng = random.Random(derive_seed(seed, worker_part(rank, worker)))
     yield from _shuffle(source, bufsize, min(bufsize, 100), rng)
 
 
@@ -365,10 +382,12 @@ def train_batches(
     with_keys: bool = False,
     max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
     skips: Skips | None = None,
+    manifest: dict | None = None,
 ) -> Batches:
     """Endless shuffled batches from the train split (see the module docstring). `skips`: a counter to
-    add to (one per run), else a new one checking `max_skipped_fraction`."""
-    manifest = read_manifest(shards, "train")
+    add to (one per run), else a new one checking `max_skipped_fraction`. `manifest`: the split's, if
+    the caller has read it already (`read_manifest`)."""
+    manifest = manifest or read_manifest(shards, "train")
     counts = {_join(shards, "train", name): count for name, count in manifest["shards"].items()}
     pipeline = wds.DataPipeline(
         wds.ResampledShards(list(counts), seed=seed, deterministic=True),
@@ -386,7 +405,7 @@ def deal_shards(
 ) -> list[str]:
     """The shards one worker of one rank reads in `epoch`: a seeded shuffle, dealt round-robin."""
     order = list(names)
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    random.Random(derive_seed(seed, epoch)).shuffle(order)
     return order[rank::world][worker::workers]
 
 
@@ -429,10 +448,12 @@ def epoch_batches(
     with_keys: bool = False,
     max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
     skips: Skips | None = None,
+    manifest: dict | None = None,
 ) -> Batches:
     """One epoch of shuffled batches for `rank` of `world` (see the module docstring); has len().
-    `skips`: a counter to add to (one per run), else a new one checking `max_skipped_fraction`."""
-    manifest = read_manifest(shards, split)
+    `skips`: a counter to add to (one per run), else a new one checking `max_skipped_fraction`.
+    `manifest`: the split's, if the caller has read it already (`read_manifest`)."""
+    manifest = manifest or read_manifest(shards, split)
     urls = [_join(shards, split, name) for name in manifest["shards"]]
     workers = max(num_workers, 1)
     counts = dict(zip(urls, manifest["shards"].values()))
@@ -450,7 +471,8 @@ def epoch_batches(
             batch_size,
             False,
             with_keys,
-            partial(_worker_shuffle, bufsize=shuffle_buffer, seed=seed * 7919 + epoch),
+            # a radix of its own since the first release (distinct for epochs < 7,919): the same batches on resume
+            partial(_worker_shuffle, bufsize=shuffle_buffer, seed=derive_seed(seed, epoch, radix=7919)),
         ),
     )
     return Batches(
@@ -500,10 +522,12 @@ def eval_batches(
     split: str = "test",
     batch_size: int = 256,
     max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
+    manifest: dict | None = None,
 ) -> Batches:
     """One ordered pass over `split`: every readable sample exactly once, in shard order. Unreadable
-    ones are skipped and counted in `.skips` (a UserError past `max_skipped_fraction` of the split)."""
-    manifest = read_manifest(shards, split)
+    ones are skipped and counted in `.skips` (a UserError past `max_skipped_fraction` of the split).
+    `manifest`: the split's, if the caller has read it already (`read_manifest`)."""
+    manifest = manifest or read_manifest(shards, split)
     counts = {_join(shards, split, name): count for name, count in manifest["shards"].items()}
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(list(counts)),
