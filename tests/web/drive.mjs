@@ -1,4 +1,4 @@
-// Drives the system Chromium through playwright-core for tests/test_web.py: one browser for many
+// Drives the system Chromium through playwright-core for tests/web/test_web.py: one browser for many
 // commands, one JSON object a line on stdin, one JSON answer a line on stdout ({ok, value} or
 // {ok: false, error}). Every request a page makes is logged; any not to 127.0.0.1 is refused.
 //

@@ -31,7 +31,7 @@ from toolkit.inspection import load_checked
 
 PAGE_FILES = ("index.html", "app.js", "style.css")
 # What the page loads from onnxruntime-web's dist/ (checked by loading the page: the request log of
-# tests/test_web.py): the WebGPU build, which also runs the plain wasm backend, and its one module.
+# tests/web/test_web.py): the WebGPU build, which also runs the plain wasm backend, and its one module.
 ORT_FILES = ("ort.webgpu.min.mjs", "ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm")
 ORT_PACKAGE = Path("node_modules") / "onnxruntime-web" / "dist"
 MANIFEST = "model.json"

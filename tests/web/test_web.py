@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from PIL import Image
 
 from toolkit.errors import UserError
@@ -29,7 +30,6 @@ from toolkit.sampler import Sampler, to_uint8
 from toolkit.web import build as web_build
 from toolkit.web import build_page, serve, url
 
-ROOT = Path(__file__).resolve().parent.parent
 DRIVER = ROOT / "tests" / "web" / "drive.mjs"
 CHROMIUM = os.environ.get("CHROMIUM") or (
     "/usr/bin/chromium" if Path("/usr/bin/chromium").is_file() else shutil.which("chromium") or "/usr/bin/chromium"
