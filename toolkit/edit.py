@@ -39,7 +39,7 @@ from toolkit.classifier import check_image_size, columns_for, load_classifier
 from toolkit.devices import resolve_device
 from toolkit.errors import UserError, check_seed
 from toolkit.evaluate import find_classifier
-from toolkit.images import ImageError, open_image
+from toolkit.images import ImageError, open_image, to_uint8
 from toolkit.memory import check_fits
 from toolkit.model import load_model
 
@@ -133,8 +133,7 @@ def _to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
 
 def _to_images(batch: torch.Tensor) -> list[Image.Image]:
     """[B, 3, H, W] in [0, 1] -> B PIL RGB images."""
-    array = (batch.detach().float().clamp(0, 1).cpu().permute(0, 2, 3, 1).numpy() * 255.0).round().astype(np.uint8)
-    return [Image.fromarray(item) for item in array]
+    return [Image.fromarray(item) for item in to_uint8(batch.detach().float().cpu().numpy())]
 
 
 def _device(model) -> torch.device:

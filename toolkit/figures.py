@@ -23,6 +23,7 @@ import torch
 
 from toolkit.atomic import atomic_path
 from toolkit.formats import LOGS
+from toolkit.images import to_uint8
 
 PAD = 2
 BACKGROUND = (255, 255, 255)
@@ -50,8 +51,8 @@ def _font(size: int):
 
 
 def _to_uint8(images: torch.Tensor):
-    """[N, 3, H, W] in [0, 1] -> numpy uint8 [N, H, W, 3]."""
-    return (images.detach().float().clamp(0, 1).cpu() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    """[N, 3, H, W] in [0, 1] -> numpy uint8 [N, H, W, 3], the sampler's grey levels."""
+    return to_uint8(images.detach().float().cpu().numpy())
 
 
 def labelled_grid(rows: list[torch.Tensor], labels: list[str], scale: int = 1):

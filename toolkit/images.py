@@ -267,3 +267,10 @@ def original_bytes(path: str | Path, quality: int = 95) -> tuple[bytes, str, tup
     else:
         viewed.save(buffer, format="PNG")
     return buffer.getvalue(), "jpg" if fmt == "JPEG" else "png", (viewed.height, viewed.width)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """float [B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3]: round(clip(x, 0, 1) * 255), half to even,
+    the product in float32 -- what a --uint8 graph computes, and what every grey level of cvae-tk is
+    (the sampler's, the grids', the edits'). Torch tensors: `to_uint8(t.detach().float().cpu().numpy())`."""
+    return np.round(np.clip(images, 0.0, 1.0) * np.float32(255)).astype(np.uint8).transpose(0, 2, 3, 1)

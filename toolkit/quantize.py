@@ -55,8 +55,8 @@ from toolkit.data.stream import attribute_vectors, read_manifest
 from toolkit.errors import UserError, one_line
 from toolkit.evaluate import CONTROL_CONDITIONS, attribute_control, run_shards, split_attributes
 from toolkit.export import check_out
+from toolkit.images import to_uint8
 from toolkit.inspection import check_contract, load_checked
-from toolkit.sampler import to_uint8
 
 CALIBRATION_SAMPLES = 512
 CALIBRATION_BATCH = 64

@@ -1,5 +1,5 @@
-"""Generate and edit images with an exported cvae-tk ONNX file. Imports numpy and onnxruntime (and
-PIL to prepare photos), never torch.
+"""Generate and edit images with an exported cvae-tk ONNX file. Imports numpy, onnxruntime and
+PIL (toolkit.images: 20 ms), never torch.
 
     from toolkit.sampler import Sampler
     sampler = Sampler("export/digits.onnx")                 # device="auto" | "cpu" | "cuda"
@@ -52,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from PIL import Image
 
 from toolkit.contract import (  # noqa: F401 (FORMAT, MAX_SIDE, MAX_WIDTH, Tensor: re-exported)
     FORMAT,
@@ -65,6 +66,7 @@ from toolkit.contract import (  # noqa: F401 (FORMAT, MAX_SIDE, MAX_WIDTH, Tenso
     read_encoder_contract,
 )
 from toolkit.errors import UserError
+from toolkit.images import ImageError, as_viewed, centre_crop, to_uint8
 from toolkit.memory import check_fits, gib
 from toolkit.sessions import (  # noqa: F401 (cuda_device_present: the tests' GPU check)
     CUDA,
@@ -404,10 +406,6 @@ class Sampler:
         """Photos -> float32 [N, 3, H, W] in [0, 1], prepared as the encoder's `preprocessing` says
         (see the module doc). images: a PIL image or uint8 [H0, W0, 3], a list of them (any sizes),
         or uint8 [N, H0, W0, 3]."""
-        from PIL import Image
-
-        from toolkit.images import ImageError, as_viewed, centre_crop
-
         self._encoder()
         crop = self.encoder_contract.preprocessing.crop
         height, width = self.image_size
@@ -518,12 +516,6 @@ class Sampler:
         if not self._uint8_output:
             output = to_uint8(output)
         return output[0]
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """float [B, 3, H, W] in [0, 1] -> uint8 [B, H, W, 3]: round(clip(x, 0, 1) * 255), half to even,
-    the product in float32 -- what a --uint8 graph computes, and what every grey level of cvae-tk is."""
-    return np.round(np.clip(images, 0.0, 1.0) * np.float32(255)).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 def _temperature(value) -> float:
