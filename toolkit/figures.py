@@ -20,8 +20,11 @@ from itertools import islice
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 from toolkit.atomic import atomic_path
+from toolkit.data.stream import eval_batches
+from toolkit.errors import UserError
 from toolkit.formats import LOGS
 from toolkit.images import to_uint8
 
@@ -42,8 +45,6 @@ def scale_for(image_size) -> int:
 
 
 def _font(size: int):
-    from PIL import ImageFont
-
     try:
         return ImageFont.load_default(size=size)  # Pillow >= 10.1 (FreeType): scalable
     except TypeError:  # older Pillow: the fixed bitmap font
@@ -57,8 +58,6 @@ def _to_uint8(images: torch.Tensor):
 
 def labelled_grid(rows: list[torch.Tensor], labels: list[str], scale: int = 1):
     """Rows of images ([N_r, 3, H, W] each, N_r may differ) with a text label left of each row -> (PIL image, layout)."""
-    from PIL import Image, ImageDraw
-
     if not rows or len(rows) != len(labels):
         raise ValueError("labelled_grid needs one label per row and at least one row")
     height, width = rows[0].shape[-2:]
@@ -110,8 +109,6 @@ def split_classes(shards, num_attributes: int, limit: int, split: str = "test", 
     `limit`; None when the vectors are not one-hot. With few classes (the digits) every class; with
     many (CUB's 200 species, of which a sample may hold 8) the ones the split really has, read until
     `limit` are found, so a grid shows different birds rather than the first test images' species."""
-    from toolkit.data.stream import eval_batches
-
     if num_attributes <= ONE_HOT_LIMIT:
         batches = islice(eval_batches(shards, split, batch_size=COLUMNS, **stream), 1)
     else:
@@ -134,8 +131,6 @@ def sample_conditions(shards, attributes: list[str]) -> tuple[torch.Tensor, list
     """Figure 3's columns: each class alone for one-hot data (every class when there are few, such as
     the digits; else the first ONE_HOT_LIMIT classes the test split holds), else the attribute
     vectors of the first COLUMNS test images (real combinations)."""
-    from toolkit.data.stream import eval_batches
-
     classes = split_classes(shards, len(attributes), ONE_HOT_LIMIT)
     if classes is not None:
         return torch.eye(len(attributes))[classes], [attributes[i] for i in classes]
@@ -158,8 +153,6 @@ def samples_figure(models: dict, shards, seed: int = NOISE_SEED):
 @torch.no_grad()
 def reconstruction_figure(models: dict, shards, count: int = COLUMNS):
     """Figure 4: the first `count` test images, then one row of reconstructions (posterior mean) per model."""
-    from toolkit.data.stream import eval_batches
-
     model = _first(models)
     images, attributes = next(iter(eval_batches(shards, "test", batch_size=count)))
     rows = [images.float()]
@@ -190,8 +183,6 @@ def attribute_rows(
     if only:
         unknown = [name for name in only if name not in names]
         if unknown:
-            from toolkit.errors import UserError
-
             raise UserError(
                 f"Figure 5: unknown attribute(s) {', '.join(unknown)}; the model has {', '.join(names[:8])}{'...' if len(names) > 8 else ''}"
             )
@@ -234,8 +225,6 @@ def attribute_rows(
 def attribute_figure(model, shards, columns: int = COLUMNS, seed: int = NOISE_SEED, only: list[str] | None = None):
     """Figure 5: the first test image's attribute vector, then rows with one attribute changed, every
     row decoded from the same `columns` noise vectors."""
-    from toolkit.data.stream import eval_batches
-
     names = list(model.spec.attributes)
     frequencies, classes = None, None
     if len(names) > EDIT_LIMIT:

@@ -27,11 +27,14 @@ from typing import Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from toolkit.atomic import save_state_dict, write_text
 from toolkit.errors import UserError, one_line
 from toolkit.formats import ARCH_OPTIONS, ARCHS, CONFIG, PRIORS, RECIPE, WEIGHTS, check_choice  # noqa: F401 (ARCH_OPTIONS, PRIORS, ...: re-exported)
+from toolkit.memory import check_fits
 
 
 @dataclass
@@ -468,8 +471,6 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]] | None:
 
 def check_model_fits(spec: ModelSpec, where, shapes: dict | None = None) -> None:
     """Refuse a spec whose weights (twice: the file's tensors and the model's) exceed the memory available."""
-    from toolkit.memory import check_fits
-
     shapes = expected_shapes(spec) if shapes is None else shapes
     count = 2**63 if shapes is None else sum(math.prod(shape) for shape in shapes.values())
     check_fits(
@@ -484,8 +485,6 @@ def load_model(folder: str | Path) -> CVAE:
     """Rebuild a model from a run folder (config.json + model.safetensors), on the CPU, in eval mode.
     The file's tensor names and shapes are checked from its header against the config before
     anything is allocated; then the memory the model needs; then every tensor's values."""
-    from safetensors import safe_open
-
     spec = read_spec(folder)
     weights = Path(folder) / WEIGHTS
     if not weights.is_file():
@@ -509,8 +508,6 @@ def load_model(folder: str | Path) -> CVAE:
     check_model_fits(spec, Path(folder) / CONFIG, expected)
     model = CVAE(spec)
     try:
-        from safetensors.torch import load_file
-
         state = load_file(str(weights))
     except Exception as error:
         raise UserError(f"{weights} is not a readable safetensors file: {one_line(error)}") from None

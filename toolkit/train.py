@@ -38,7 +38,7 @@ from itertools import islice
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, set_seed
 from torchvision.utils import make_grid
 from torchvision.utils import save_image as _save_png
 from tqdm.auto import tqdm
@@ -57,9 +57,11 @@ from toolkit.data.stream import (
     worker_died,
 )
 from toolkit.errors import UserError, one_line
+from toolkit.evaluate import reconstruction_metrics
 from toolkit.figures import split_classes
 from toolkit.formats import CONFIG, LOGS, RECIPE, SAMPLES, SAMPLES_GRID, SEEN, WEIGHTS
 from toolkit.loss import cvae_loss
+from toolkit.memory import available_bytes
 from toolkit.model import CVAE, ModelSpec, arch_options, save_model
 from toolkit.run_folder import (  # noqa: F401  (CHECKPOINTS, LOCK, ...: the names tests and callers import from here)
     CHECKPOINTS,
@@ -138,8 +140,6 @@ def heldout_metrics(
     max_skipped_fraction: float = DataConfig.max_skipped_fraction,
 ) -> dict[str, float]:
     """Reconstruction MSE (summed per image, and per pixel) and KL per image on a split, from the posterior mean."""
-    from toolkit.evaluate import reconstruction_metrics
-
     result = reconstruction_metrics(
         model, shards, split, device, sampled=False, max_skipped_fraction=max_skipped_fraction
     )
@@ -405,8 +405,6 @@ def available_memory(device: torch.device) -> int | None:
     the machine's, capped by a container's limit); None where it cannot be told."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    from toolkit.memory import available_bytes
-
     return available_bytes()
 
 
@@ -437,8 +435,6 @@ def _on_main(accelerator: Accelerator, action) -> None:
         except UserError as error:
             message = one_line(error)
     if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
         message = broadcast_object_list([message])[0]
     if message is not None:
         raise UserError(message)

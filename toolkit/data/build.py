@@ -53,6 +53,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from toolkit import images
 from toolkit.atomic import check_output as check_writable
 from toolkit.atomic import describe_os_error
 from toolkit.data.shards import EncodedSample, Sample, prepare_output, serialize, write_split
@@ -132,8 +133,6 @@ def _decode(path: Path, spec: ImageSpec, bbox) -> tuple[Image.Image, tuple[float
     """Open (at reduced size where possible) and return the image as a viewer shows it (EXIF
     orientation, colour profile, transparency on white, 16-bit: toolkit.images) with the region to
     keep, in its pixels. Boxes and crops are in the pixels as shown (after the orientation)."""
-    from toolkit import images
-
     image = images.open_file(path)
     full_w, full_h = images.shown_size(image)
     # Region of the original image that ends up in the output, in original pixels (even when the
@@ -358,8 +357,6 @@ def _options(table: SourceTable, spec: ImageSpec, shard_size: int | None) -> dic
 
 def _shown(path: Path) -> str:
     """'WxH' of an image as a viewer shows it (header only), or '' when it does not open."""
-    from toolkit import images
-
     try:
         with images.open_file(path) as image:
             width, height = images.shown_size(image)
