@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -204,8 +205,6 @@ def load_config(args: list[str], default_recipe: str | None = None) -> TrainConf
 
 def _read_recipe(path: Path) -> DictConfig:
     """The recipe file as a mapping of keys; an empty file, a list or a scalar is a UserError."""
-    import yaml
-
     try:
         text = path.read_text(encoding="utf-8")
         shape = yaml.safe_load(text)  # only to tell what the top level is; OmegaConf reads the values

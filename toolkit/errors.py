@@ -2,6 +2,8 @@
 
 Standard library only: `cvae-tk sample` imports it without torch."""
 
+import numbers
+
 
 class UserError(Exception):
     """Bad input from the user (a path, a recipe key, an attribute name...).
@@ -20,8 +22,6 @@ MAX_SEED = 2**63 - 1  # what torch's and numpy's generators both take as they ar
 
 def check_seed(seed, option: str = "seed") -> int:
     """An integer in [0, 2**63): torch wraps a negative seed silently and overflows on a huge one."""
-    import numbers
-
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
         raise UserError(f"{option} must be an integer in [0, 2**63), got {seed!r}")
     return int(seed)

@@ -7,6 +7,8 @@ Import the name, never retype the string: a renamed file then changes everywhere
 
 from __future__ import annotations
 
+from toolkit.errors import UserError
+
 # --- a run folder (runs/NAME/), written by toolkit/train.py --------------------------------------
 WEIGHTS = "model.safetensors"  # the final fp32 weights
 CONFIG = "config.json"  # the ModelSpec that rebuilds the network (toolkit.model.load_model)
@@ -42,7 +44,5 @@ ARCHS = tuple(ARCH_OPTIONS)
 
 def check_choice(value: str, choices, key: str) -> None:
     """Refuse a value that is not one of `choices` (ARCHS, PRIORS), naming the recipe key."""
-    from toolkit.errors import UserError
-
     if value not in choices:
         raise UserError(f"unknown {key} '{value}': expected {' | '.join(choices)}")
