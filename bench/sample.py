@@ -17,6 +17,9 @@ and on a GPU (--device cuda, the default where torch sees one) also
   ort_graph / ort_fp16_graph   the same, recorded once as a CUDA graph and replayed (fixed batch,
                        as `Sampler(..., cuda_graph=True)` runs it)
   *_nhwc_graph         the same with the CUDA provider's prefer_nhwc (channels-last convolutions)
+  ort_trt_fp16         ONNX Runtime's TensorRT provider, fp16, one engine per batch size, IO binding
+                       (as `Sampler(..., device="tensorrt")`; reported unavailable without the
+                       TensorRT 10 libraries: pip install 'cvae-tk[tensorrt]')
 and the memory-traffic floor: the bytes each layer must read and write per image (activations in
 and out, plus the weights shared by the batch), divided by the measured copy bandwidth (on a GPU:
 a device-to-device copy). `floor16` is the same for 16-bit activations and weights, the floor of
@@ -30,8 +33,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -125,6 +130,40 @@ def copy_bandwidth(device: str) -> float:
     target = np.empty_like(source)
     seconds = timed(lambda: np.copyto(target, source), 1.0)
     return 2 * source.nbytes / seconds
+
+
+def tensorrt_session(onnx_bytes: bytes, batch: int, attributes: np.ndarray, noise: np.ndarray, cache: Path):
+    """A TensorRT fp16 session for one batch size (its engine built before timing) and its bound
+    buffers: returns the call to time. Raises where ONNX Runtime cannot run TensorRT."""
+    from toolkit.sessions import _preload_tensorrt
+
+    _preload_tensorrt()
+    cache.mkdir(parents=True, exist_ok=True)
+    options = {
+        "trt_fp16_enable": "1",
+        "trt_engine_cache_enable": "1",
+        "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": "1",
+        "trt_timing_cache_path": str(cache),
+    }
+    session = ort.InferenceSession(
+        onnx_bytes, providers=[("TensorrtExecutionProvider", options), "CUDAExecutionProvider"]
+    )
+    if session.get_providers()[0] != "TensorrtExecutionProvider":
+        raise RuntimeError(f"TensorRT did not load (providers {session.get_providers()})")
+    binding = session.io_binding()
+    binding.bind_ortvalue_input("attributes", ort.OrtValue.ortvalue_from_numpy(attributes, "cuda", 0))
+    binding.bind_ortvalue_input("noise", ort.OrtValue.ortvalue_from_numpy(noise, "cuda", 0))
+    binding.bind_output("images", "cuda", 0)
+
+    def call():
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+
+    started = time.perf_counter()
+    call()  # builds the engine for this shape
+    print(f"  (TensorRT engine for batch {batch}: {time.perf_counter() - started:.1f} s)")
+    return call
 
 
 def graph_session(onnx_bytes: bytes, batch: int, attributes: np.ndarray, noise: np.ndarray, **cuda_options):
@@ -252,6 +291,11 @@ def main() -> None:
                             ways[f"{label}{suffix}"] = graph_session(exports[label], batch, attributes, noise, **extra)
                         except Exception as error:  # report and go on: the other ways still count
                             print(f"{label}{suffix} unavailable: {str(error).splitlines()[0][:300]}")
+                try:
+                    cache = Path(tempfile.gettempdir()) / f"cvae-bench-trt-{os.getpid()}" / f"{name}-{batch}"
+                    ways["ort_trt_fp16"] = tensorrt_session(exports["ort"], batch, attributes, noise, cache)
+                except Exception as error:
+                    print(f"ort_trt_fp16 unavailable: {' '.join(str(error).split())[:300]}")
             times = {}
             for label, call in ways.items():
                 started = time.perf_counter()

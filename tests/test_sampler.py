@@ -434,3 +434,30 @@ def test_fp16_and_uint8_exports_on_cuda_with_and_without_the_graph(trained_run, 
         got = half.sample(attributes, n=2, seed=3)
         assert got.shape == expected.shape and got.dtype == np.uint8
         assert np.abs(got.astype(int) - expected).max() <= 3  # fp16 arithmetic: a few grey levels
+
+
+def _tensorrt_usable(path: Path) -> bool:
+    try:
+        Sampler(path, device="tensorrt", batch_size=8)
+    except UserError:
+        return False
+    return True
+
+
+@pytest.mark.skipif("not __import__('toolkit.sessions').sessions.cuda_device_present()", reason="needs a GPU")
+def test_tensorrt_gives_the_cpu_images_within_fp16_rounding_and_reuses_its_engines(exported, sampler, tmp_path):
+    import shutil
+
+    path = tmp_path / "digits.onnx"
+    shutil.copy(exported, path)
+    if not _tensorrt_usable(path):
+        pytest.skip("ONNX Runtime cannot use TensorRT here (pip install 'cvae-tk[tensorrt]')")
+    attributes = np.eye(10, dtype=np.float32)
+    expected = sampler.sample(attributes, n=3, seed=4)  # fp32 on the CPU
+    trt = Sampler(path, device="tensorrt", batch_size=8)  # engines built by _tensorrt_usable: read from the cache
+    assert trt.provider == "TensorrtExecutionProvider" and trt.io_binding
+    got = trt.sample(attributes, n=3, seed=4)  # 30 rows: batches of 8 and a short one, one engine
+    difference = np.abs(got.astype(int) - expected)
+    assert difference.mean() <= 1 and difference.max() <= 8  # fp16 arithmetic: a few grey levels
+    assert any((tmp_path / "digits.trt").rglob("*.engine"))
+    assert np.array_equal(Sampler(path, device="tensorrt", batch_size=8).sample(attributes, n=3, seed=4), got)

@@ -15,7 +15,17 @@ from hypothesis import strategies as st
 
 from toolkit import sessions
 from toolkit.sampler import Sampler
-from toolkit.sessions import CPU, CUDA, BoundRun, GraphRun, PlainRun, file_metadata, session_plan
+from toolkit.sessions import (
+    CPU,
+    CUDA,
+    TENSORRT,
+    BoundRun,
+    GraphRun,
+    PlainRun,
+    engine_cache,
+    file_metadata,
+    session_plan,
+)
 
 
 def _onnx_metadata(path: Path) -> dict[str, str]:
@@ -116,3 +126,59 @@ def test_the_three_runners_give_the_same_output(exported):
     np.testing.assert_array_equal(graph(feed), plain)  # padded from 10 to 16 rows, the padding dropped
     short = {name: array if name == "temperature" else array[:3] for name, array in feed.items()}
     np.testing.assert_array_equal(graph(short), plain[:3])  # the same buffers, refilled
+
+
+# -- TensorRT: what can be checked without a GPU (the engine itself: tests/test_sampler.py, GPU only) --
+
+
+def test_the_tensorrt_plan_caches_engines_beside_the_file_per_weights(variants):
+    path = variants["fp16"]
+    meta = file_metadata(path)
+    plan = session_plan(path, "tensorrt", max_batch=64)
+    (first, trt_options), (second, cuda_options), third = plan.providers
+    assert (first, second, third) == (TENSORRT, CUDA, CPU)  # what TensorRT cannot take runs on CUDA
+    assert cuda_options == {"prefer_nhwc": "1"}
+    cache = path.parent / "digits-fp16.trt" / meta["weights_sha256"][:16]
+    assert plan.engine_cache == cache and engine_cache(path, meta) == cache
+    assert trt_options["trt_fp16_enable"] == "1" and trt_options["trt_engine_cache_path"] == str(cache)
+    width, latent = len(json.loads(meta["attributes"])), int(meta["latent_dim"])
+    assert trt_options["trt_profile_min_shapes"] == f"attributes:1x{width},noise:1x{latent}"
+    assert trt_options["trt_profile_max_shapes"] == f"attributes:64x{width},noise:64x{latent}"
+    assert not cache.exists()  # a plan makes nothing
+    # other weights, other engines: an export replaced under the same name never reuses old ones
+    assert engine_cache(path, {**meta, "weights_sha256": "0" * 64}) != cache
+
+
+def test_tensorrt_without_a_gpu_or_its_libraries_is_one_error_and_leaves_nothing(exported, tmp_path, monkeypatch):
+    import shutil
+
+    from toolkit.errors import UserError
+
+    path = tmp_path / "digits.onnx"
+    shutil.copy(exported, path)
+    with pytest.raises(UserError, match="device='tensorrt' needs an NVIDIA GPU"):
+        Sampler(path, device="tensorrt")
+    with pytest.raises(UserError, match="cuda_graph=True needs device='cuda'.*TensorRT runs its own"):
+        Sampler(path, device="tensorrt", cuda_graph=True)
+    # A GPU machine without TensorRT's libraries: ONNX Runtime falls back to another provider, which
+    # is refused (a user who asked for TensorRT must not silently get something else), and the
+    # engine cache folder made for the attempt is removed again.
+    monkeypatch.setattr(sessions, "cuda_device_present", lambda: True)
+    with pytest.raises(UserError, match="cannot use TensorRT on this machine.*cvae-tk\\[tensorrt\\]"):
+        Sampler(path, device="tensorrt", batch_size=8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits.onnx"]
+
+
+def test_an_unknown_device_names_the_four(exported):
+    from toolkit.errors import UserError
+
+    with pytest.raises(UserError, match="device must be auto, cpu, cuda or tensorrt, got 'gpu'"):
+        Sampler(exported, device="gpu")
+
+
+def test_cvae_tk_sample_device_tensorrt_without_a_gpu_is_one_line(exported, tmp_path):
+    from tests.test_cli import assert_user_error, run_cli
+
+    result = run_cli(["sample", exported, "--device", "tensorrt", "--grid", "g.png"], tmp_path)
+    assert_user_error(result, "device='tensorrt' needs an NVIDIA GPU")
+    assert not (tmp_path / "g.png").exists()

@@ -321,7 +321,9 @@ def sample(
         help="Write one grid image, one row per condition (the format from the extension: .png, .jpg, .webp...).",
     ),
     out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Write one PNG per image."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    device: str = typer.Option(
+        "auto", "--device", help="auto | cpu | cuda | tensorrt (fp16 engines cached beside the model)"
+    ),
 ) -> None:
     """Generate images with chosen attributes through ONNX Runtime (no torch needed)."""
     import numpy as np

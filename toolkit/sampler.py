@@ -2,7 +2,7 @@
 PIL (toolkit.images: 20 ms), never torch.
 
     from toolkit.sampler import Sampler
-    sampler = Sampler("export/digits.onnx")                 # device="auto" | "cpu" | "cuda"
+    sampler = Sampler("export/digits.onnx")                 # device="auto" | "cpu" | "cuda" | "tensorrt"
     images = sampler.sample({"digit_3": 1}, n=8, seed=0)     # uint8 [8, H, W, 3]
     print(sampler.provider)                                  # which ONNX Runtime provider really runs
     z = sampler.encode(photo, {"digit_3": 1})                # with export/digits-encoder.onnx beside it: [1, Z]
@@ -27,7 +27,11 @@ of such mappings, or an array [M, A] in the order of `sampler.attributes`; each 
 images, so the result has M * n images, condition by condition. The same seed gives the same images
 on the same provider. `temperature` scales the prior's spread (0: the prior mean).
 
-On CUDA the inputs and outputs go through IO binding: inputs copied to the device once, the output
+device="tensorrt" runs the graph through ONNX Runtime's TensorRT provider in fp16 (needs an NVIDIA
+GPU and `pip install 'cvae-tk[tensorrt]'`): one engine for batches 1..batch_size, built on first
+use (seconds to minutes) and cached beside the file, in OUT.trt/<weights>/ (toolkit.sessions).
+
+On CUDA (and TensorRT) the inputs and outputs go through IO binding: inputs copied to the device once, the output
 allocated there and copied to the host once per batch. With `cuda_graph=True` ONNX Runtime records
 the whole decoder as one CUDA graph for a fixed batch of `batch_size` and replays it: every call
 fills the same device buffers (a short last batch is padded, the padding dropped), so launches cost
@@ -70,6 +74,8 @@ from toolkit.images import ImageError, as_viewed, centre_crop, to_uint8
 from toolkit.memory import check_fits, gib
 from toolkit.sessions import (  # noqa: F401 (cuda_device_present: the tests' GPU check)
     CUDA,
+    DEVICES,
+    TENSORRT,
     BoundRun,
     GraphRun,
     PlainRun,
@@ -104,19 +110,23 @@ class Sampler:
         cuda_graph: bool = False,
         encoder: str | os.PathLike | None = None,
     ):
-        if device not in ("auto", "cpu", "cuda"):
-            raise UserError(f"device must be auto, cpu or cuda, got {device!r}")
+        if device not in DEVICES:
+            raise UserError(f"device must be {', '.join(DEVICES[:-1])} or {DEVICES[-1]}, got {device!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise UserError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if cuda_graph and device == "cpu":
-            raise UserError("cuda_graph=True needs device='cuda' (or 'auto' on a machine with a GPU)")
+        if cuda_graph and device in ("cpu", "tensorrt"):
+            raise UserError(
+                "cuda_graph=True needs device='cuda' (or 'auto' on a machine with a GPU)"
+                + ("; TensorRT runs its own fused engine" if device == "tensorrt" else "")
+            )
         path = Path(path)
         if not path.is_file():
             raise UserError(f"model file not found: {path}")
         self.path, self.batch_size = path, int(batch_size)
         # The provider and its options (fp16: channels-last; a CUDA graph: a fixed batch) are
         # chosen from the file before its one session opens.
-        self.session = open_session(path, device, session_plan(path, device, self.batch_size if cuda_graph else None))
+        plan = session_plan(path, device, self.batch_size if cuda_graph else None, max_batch=self.batch_size)
+        self.session = open_session(path, device, plan)
         self.provider = self.session.get_providers()[0]
         meta = self.session.get_modelmeta().custom_metadata_map
         self.contract = contract = read_contract(
@@ -130,7 +140,7 @@ class Sampler:
         self._temperature_input = contract.temperature_input
         self._uint8_output = contract.uint8
         self._check_batch_size()
-        self._device = "cuda" if self.provider == CUDA else "cpu"
+        self._device = "cuda" if self.provider in (CUDA, TENSORRT) else "cpu"
         if cuda_graph and self._device != "cuda":
             raise UserError(f"cuda_graph=True needs the CUDA provider, but ONNX Runtime runs {self.provider} here")
         self.cuda_graph = cuda_graph

@@ -6,6 +6,10 @@ onnxruntime only (no torch, no onnx).
     session = open_session(path, device, plan)    # the file's one session
     run = BoundRun(session, "cuda")               # run(feed) -> the "images" output
 
+Devices: "cpu"; "cuda" (the CUDA provider); "tensorrt" (ONNX Runtime's TensorRT provider, fp16,
+nodes it cannot take left to CUDA, its engines cached beside the export: `engine_cache`); "auto"
+(CUDA where a GPU and the CUDA provider are there, else the CPU).
+
 The three runners (what `Sampler(io_binding=..., cuda_graph=...)` chooses, once):
 - `PlainRun`: `session.run`; the CPU's way.
 - `BoundRun`: IO binding, a binding per call: inputs copied to the device once, the output left
@@ -16,6 +20,9 @@ The three runners (what `Sampler(io_binding=..., cuda_graph=...)` chooses, once)
 
 from __future__ import annotations
 
+import ctypes
+import importlib.util
+import json
 import os
 import re
 import threading
@@ -27,7 +34,12 @@ import onnxruntime as ort
 
 from toolkit.errors import UserError, one_line
 
-CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+CUDA, CPU, TENSORRT = "CUDAExecutionProvider", "CPUExecutionProvider", "TensorrtExecutionProvider"
+DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+# onnxruntime-gpu 1.31's TensorRT provider links TensorRT 10 (libnvinfer.so.10): the `tensorrt`
+# extra installs its pip libraries (tensorrt-cu13-libs 10.x, CUDA 13 like the rest).
+TENSORRT_LIBRARIES = ("libnvinfer.so.10", "libnvinfer_plugin.so.10", "libnvonnxparser.so.10")
+TENSORRT_INSTALL = "pip install 'cvae-tk[tensorrt]' (tensorrt-cu13-libs 10.x)"
 
 
 def cuda_device_present() -> bool:
@@ -120,33 +132,95 @@ def file_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class SessionPlan:
-    """What a session is opened with: the providers in order (CUDA's with its options) and the
-    batch fixed for a CUDA graph (None: dynamic)."""
+    """What a session is opened with: the providers in order (each GPU one with its options), the
+    batch fixed for a CUDA graph (None: dynamic), and TensorRT's engine cache folder (None: none)."""
 
     providers: list = field(default_factory=lambda: [CPU])
     graph_batch: int | None = None
+    engine_cache: Path | None = None
 
     @property
     def cuda(self) -> bool:
         return self.providers[0] != CPU
 
 
-def session_plan(path, device: str, graph_batch: int | None = None) -> SessionPlan:
+def engine_cache(path: Path, metadata: dict[str, str]) -> Path:
+    """Where TensorRT keeps the engines it builds for `path`: a folder beside it, one subfolder per
+    weights (an engine holds the weights, and ONNX Runtime's cache key does not: a file exported again
+    under the same name must not reuse the old engines). digits.onnx -> digits.trt/<weights sha256[:16]>/."""
+    weights = re.sub(r"[^0-9a-f]", "", metadata.get("weights_sha256", "").lower())[:16] or "unknown"
+    return path.with_name(f"{path.stem}.trt") / weights
+
+
+def _tensorrt_options(metadata: dict[str, str], max_batch: int, cache: Path) -> dict:
+    options = {
+        "trt_fp16_enable": "1",
+        "trt_engine_cache_enable": "1",
+        "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": "1",
+        "trt_timing_cache_path": str(cache),
+    }
+    try:  # one engine for every batch from 1 to max_batch (else TensorRT builds one per new shape)
+        width, latent = len(json.loads(metadata["attributes"])), int(metadata["latent_dim"])
+    except (KeyError, ValueError, TypeError):
+        return options  # the contract check after opening names what is wrong with the metadata
+    shapes = {rows: f"attributes:{rows}x{width},noise:{rows}x{latent}" for rows in (1, max_batch)}
+    options.update(
+        trt_profile_min_shapes=shapes[1],
+        trt_profile_opt_shapes=shapes[max_batch],
+        trt_profile_max_shapes=shapes[max_batch],
+    )
+    return options
+
+
+def session_plan(path, device: str, graph_batch: int | None = None, max_batch: int = 256) -> SessionPlan:
     """The providers and options for `path` on `device`, from the file's own metadata, so that one
-    session is opened with them (not a first one to read the metadata, then the real one)."""
-    if not wants_cuda(device):
+    session is opened with them (not a first one to read the metadata, then the real one).
+    max_batch: the largest batch a TensorRT engine is built for."""
+    path = Path(path)
+    if device != "tensorrt" and not wants_cuda(device):
         return SessionPlan([CPU], graph_batch)
+    metadata = file_metadata(path)
     options = {"enable_cuda_graph": "1"} if graph_batch else {}
-    if file_metadata(path).get("precision") == "fp16":
+    if metadata.get("precision") == "fp16":
         # fp16 convolutions run on tensor cores in channels-last layout: on an H200 this made the
         # paper decoder 1.7x faster at batch 1,024 (bench/RESULTS.md); fp32 gained nothing.
         options["prefer_nhwc"] = "1"
-    return SessionPlan([(CUDA, options), CPU], graph_batch)
+    if device != "tensorrt":
+        return SessionPlan([(CUDA, options), CPU], graph_batch)
+    cache = engine_cache(path, metadata)
+    return SessionPlan(
+        [(TENSORRT, _tensorrt_options(metadata, max_batch, cache)), (CUDA, options), CPU], graph_batch, cache
+    )
+
+
+def _preload_tensorrt() -> None:
+    """The TensorRT provider opens libnvinfer.so.10 and libnvonnxparser.so.10 by name, but pip puts
+    them in site-packages/tensorrt_libs, on no library path: load them first (as onnxruntime's
+    preload_dlls does for CUDA's pip libraries). Nothing to do where they are installed system-wide."""
+    spec = importlib.util.find_spec("tensorrt_libs")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    for folder in spec.submodule_search_locations:
+        for name in TENSORRT_LIBRARIES:
+            library = Path(folder) / name
+            if library.is_file():
+                ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+
+
+def _remove_empty(folder: Path) -> None:
+    for each in (folder, folder.parent):
+        try:
+            each.rmdir()  # only an empty folder
+        except OSError:
+            return
 
 
 def open_session(path: Path, device: str, plan: SessionPlan) -> ort.InferenceSession:
-    """The session of `path` as `plan` says; a UserError for a file ONNX Runtime cannot load, or
-    device="cuda" where ONNX Runtime cannot run CUDA."""
+    """The session of `path` as `plan` says; a UserError for a file ONNX Runtime cannot load, or a
+    device ("cuda", "tensorrt") that ONNX Runtime cannot run here."""
+    if device == "tensorrt" and not cuda_device_present():
+        raise UserError("device='tensorrt' needs an NVIDIA GPU, and this machine has none; use device='cpu' or 'auto'")
     options = ort.SessionOptions()
     if plan.graph_batch:
         # A graph is recorded for one shape: fixing the batch lets ONNX Runtime fold away every
@@ -157,15 +231,41 @@ def open_session(path: Path, device: str, plan: SessionPlan) -> ort.InferenceSes
             ort.preload_dlls()  # CUDA libraries from the nvidia-* wheels, without importing torch
         except Exception:
             pass
+    made_cache = False
+    if plan.engine_cache is not None:
+        try:
+            _preload_tensorrt()
+        except OSError as error:
+            raise UserError(
+                f"the TensorRT libraries do not load ({one_line(error)}); reinstall: {TENSORRT_INSTALL}"
+            ) from None
+        made_cache = not plan.engine_cache.exists()
+        try:
+            plan.engine_cache.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(
+                f"TensorRT keeps its engines beside the export, in {plan.engine_cache}, which cannot be made "
+                f"({error.strerror or error}): put the export in a folder you can write"
+            ) from None
     try:
-        session = ort.InferenceSession(str(path), options, providers=plan.providers)
-    except Exception as error:  # onnxruntime raises several types for unreadable files
-        raise UserError(f"{path} is not a loadable ONNX model: {ort_message(error)}") from None
-    if device == "cuda" and session.get_providers()[0] != CUDA:
-        raise UserError(
-            "device='cuda' was asked for, but ONNX Runtime cannot use CUDA on this machine "
-            "(no GPU, or CUDA 13 / cuDNN 9 libraries missing); use device='cpu' or 'auto'"
-        )
+        try:
+            session = ort.InferenceSession(str(path), options, providers=plan.providers)
+        except Exception as error:  # onnxruntime raises several types for unreadable files
+            raise UserError(f"{path} is not a loadable ONNX model: {ort_message(error)}") from None
+        if device == "cuda" and session.get_providers()[0] != CUDA:
+            raise UserError(
+                "device='cuda' was asked for, but ONNX Runtime cannot use CUDA on this machine "
+                "(no GPU, or CUDA 13 / cuDNN 9 libraries missing); use device='cpu' or 'auto'"
+            )
+        if device == "tensorrt" and session.get_providers()[0] != TENSORRT:
+            raise UserError(
+                "device='tensorrt' was asked for, but ONNX Runtime cannot use TensorRT on this machine "
+                f"(the TensorRT 10 libraries missing? {TENSORRT_INSTALL}); use device='cuda'"
+            )
+    except UserError:
+        if made_cache:  # an empty cache folder left beside the export would only puzzle its owner
+            _remove_empty(plan.engine_cache)
+        raise
     return session
 
 
