@@ -62,7 +62,8 @@ class Sample:
 
 
 @lru_cache(maxsize=16)
-def _npy_header(length: int) -> bytes:
+def npy_header(length: int) -> bytes:
+    """The bytes np.save writes before a uint8 vector of `length` values (128 of them)."""
     buffer = io.BytesIO()
     np.save(buffer, np.zeros(length, dtype=np.uint8), allow_pickle=False)
     return buffer.getvalue()[: -length or None]
@@ -71,7 +72,7 @@ def _npy_header(length: int) -> bytes:
 def encode_attributes(attributes: np.ndarray) -> bytes:
     """The .npy bytes of a uint8 vector (what np.save writes; the header is cached: this runs per sample)."""
     vector = np.ascontiguousarray(attributes, dtype=np.uint8)
-    return _npy_header(len(vector)) + vector.tobytes()
+    return npy_header(len(vector)) + vector.tobytes()
 
 
 def _check(sample: Sample, num_attributes: int) -> None:

@@ -1,0 +1,122 @@
+"""toolkit.data.stream's sample decoding: the JPEG fast path (torchvision's libjpeg-turbo call) gives
+PIL's pixels, refuses what PIL refuses, and checks sizes before decoding; `.attr.npy` members read in
+place are np.load's vectors."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from toolkit.data import stream
+from toolkit.data.shards import encode_attributes
+from toolkit.data.stream import WrongSize, _decode_image, _jpeg_frame, attribute_vector, decode
+
+
+def _pil_pixels(data: bytes) -> np.ndarray:
+    """What the stream decoded before the fast path: PIL, converted to RGB, as [3, H, W]."""
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).transpose(2, 0, 1)
+
+
+def _jpeg(size=(64, 64), mode="RGB", seed=0, **save) -> bytes:
+    rng = np.random.default_rng(seed)
+    height, width = size
+    # smooth gradients plus noise: every block has detail, and chroma that subsampling must interpolate
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / max(width - 1, 1), y * 255 / max(height - 1, 1), (x + y) % 256], axis=-1)
+    pixels = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGB").convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", **save)
+    return buffer.getvalue()
+
+
+JPEGS = {
+    "64x64 q95 (the shard builder's)": dict(quality=95),
+    "4:4:4": dict(quality=90, subsampling=0),
+    "4:2:2": dict(quality=90, subsampling=1),
+    "4:2:0 q5": dict(quality=5, subsampling=2),
+    "q100": dict(quality=100),
+    "progressive": dict(quality=80, progressive=True),
+    "optimized Huffman": dict(quality=80, optimize=True),
+    "grey": dict(mode="L", quality=90),
+    "odd 17x9": dict(size=(17, 9), quality=90),
+    "1x1": dict(size=(1, 1)),
+    "218x178": dict(size=(218, 178), quality=90),
+}
+
+
+@pytest.mark.parametrize("name", list(JPEGS))
+def test_the_jpeg_fast_path_gives_pils_pixels(name, monkeypatch):
+    options = dict(JPEGS[name])
+    size, mode = options.pop("size", (64, 64)), options.pop("mode", "RGB")
+    data = _jpeg(size, mode, **options)
+    assert _jpeg_frame(data) == size  # so the fast path is the one taken
+    calls = []
+    real = stream.decode_jpeg
+    monkeypatch.setattr(stream, "decode_jpeg", lambda *a, **k: calls.append(1) or real(*a, **k))
+    pixels = _decode_image(data, size)
+    assert calls and pixels.dtype == torch.uint8 and pixels.shape == (3, *size)
+    np.testing.assert_array_equal(pixels.numpy(), _pil_pixels(data))
+
+
+def test_what_the_fast_path_does_not_take_goes_through_pil():
+    data = _jpeg()
+    cmyk = io.BytesIO()
+    Image.open(io.BytesIO(data)).convert("CMYK").save(cmyk, format="JPEG", quality=90)
+    png = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(png, format="PNG")
+    for other in (cmyk.getvalue(), png.getvalue(), data + b"trailing bytes after the end marker"):
+        if other.startswith(b"\xff\xd8") and not other.endswith(b"\xff\xd9"):
+            assert _jpeg_frame(other) == (64, 64)  # a JPEG, but without its end marker last
+        np.testing.assert_array_equal(_decode_image(other, (64, 64)).numpy(), _pil_pixels(other))
+    assert _jpeg_frame(cmyk.getvalue()) is None  # 4 components
+    for junk in (b"", b"\xff", b"\xff\xd8", b"\xff\xd8\xff", b"\xff\xd8\x00\x00", png.getvalue()):
+        assert _jpeg_frame(junk) is None
+
+
+def test_a_truncated_jpeg_is_refused_as_pil_refuses_it():
+    data = _jpeg(quality=95)
+    cut = data[: len(data) * 2 // 3]
+    with pytest.raises(OSError, match="truncated"):
+        _decode_image(cut, (64, 64))
+    sample = {"__key__": "k", "jpg": cut, "attr.npy": encode_attributes(np.zeros(3, np.uint8))}
+    with pytest.raises(OSError):
+        decode(sample, expected_size=(64, 64))
+
+
+def test_a_declared_size_other_than_the_splits_is_refused_before_decoding(monkeypatch):
+    data = bytearray(_jpeg())
+    start = data.index(b"\xff\xc0")
+    data[start + 5 : start + 9] = (60000).to_bytes(2, "big") + (50000).to_bytes(2, "big")  # a hostile header
+    monkeypatch.setattr(stream, "decode_jpeg", lambda *a, **k: pytest.fail("decoded a wrongly sized image"))
+    with pytest.raises(WrongSize, match="is 60000x50000, not the split's 64x64"):
+        _decode_image(bytes(data), (64, 64))
+    png = io.BytesIO()
+    Image.new("RGB", (9, 7)).save(png, format="PNG")
+    with pytest.raises(WrongSize, match="is 7x9, not the split's 64x64"):
+        _decode_image(png.getvalue(), (64, 64))
+
+
+def test_attribute_vectors_read_in_place_are_np_loads(monkeypatch):
+    rng = np.random.default_rng(0)
+    vectors = [(rng.random(length) > 0.5).astype(np.uint8) for length in (1, 2, 40, 312, 4000)]
+    expected = [np.load(io.BytesIO(encode_attributes(vector))) for vector in vectors]
+    with monkeypatch.context() as patch:  # the writer's vectors never reach np.load
+        patch.setattr(stream.np, "load", lambda *a, **k: pytest.fail("np.load was called"))
+        got = [attribute_vector(encode_attributes(vector)) for vector in vectors]
+    for fast, slow in zip(got, expected):
+        assert fast.dtype == np.uint8
+        np.testing.assert_array_equal(fast, slow)
+    # other .npy contents: np.load's answer, whatever it is
+    for other in (np.ones(5, np.float32), np.array([True, False]), np.zeros((2, 3), np.uint8)):
+        buffer = io.BytesIO()
+        np.save(buffer, other)
+        got = attribute_vector(buffer.getvalue())
+        assert got.dtype == other.dtype and got.shape == other.shape
+        np.testing.assert_array_equal(got, other)
+    with pytest.raises(ValueError):
+        attribute_vector(b"not an npy file at all, but long enough" * 4)
