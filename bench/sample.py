@@ -135,17 +135,11 @@ def copy_bandwidth(device: str) -> float:
 def tensorrt_session(onnx_bytes: bytes, batch: int, attributes: np.ndarray, noise: np.ndarray, cache: Path):
     """A TensorRT fp16 session for one batch size (its engine built before timing) and its bound
     buffers: returns the call to time. Raises where ONNX Runtime cannot run TensorRT."""
-    from toolkit.sessions import _preload_tensorrt
+    from toolkit.sessions import preload_tensorrt, tensorrt_options
 
-    _preload_tensorrt()
+    preload_tensorrt()
     cache.mkdir(parents=True, exist_ok=True)
-    options = {
-        "trt_fp16_enable": "1",
-        "trt_engine_cache_enable": "1",
-        "trt_engine_cache_path": str(cache),
-        "trt_timing_cache_enable": "1",
-        "trt_timing_cache_path": str(cache),
-    }
+    options = tensorrt_options({}, batch, cache)  # what Sampler(device="tensorrt") asks for; one batch size here
     session = ort.InferenceSession(
         onnx_bytes, providers=[("TensorrtExecutionProvider", options), "CUDAExecutionProvider"]
     )

@@ -152,7 +152,9 @@ def engine_cache(path: Path, metadata: dict[str, str]) -> Path:
     return path.with_name(f"{path.stem}.trt") / weights
 
 
-def _tensorrt_options(metadata: dict[str, str], max_batch: int, cache: Path) -> dict:
+def tensorrt_options(metadata: dict[str, str], max_batch: int, cache: Path) -> dict:
+    """The TensorRT provider's options: fp16, engines and timing cache in `cache`, and (from the
+    file's attributes and latent_dim) one optimization profile for batches 1..max_batch."""
     options = {
         "trt_fp16_enable": "1",
         "trt_engine_cache_enable": "1",
@@ -190,11 +192,11 @@ def session_plan(path, device: str, graph_batch: int | None = None, max_batch: i
         return SessionPlan([(CUDA, options), CPU], graph_batch)
     cache = engine_cache(path, metadata)
     return SessionPlan(
-        [(TENSORRT, _tensorrt_options(metadata, max_batch, cache)), (CUDA, options), CPU], graph_batch, cache
+        [(TENSORRT, tensorrt_options(metadata, max_batch, cache)), (CUDA, options), CPU], graph_batch, cache
     )
 
 
-def _preload_tensorrt() -> None:
+def preload_tensorrt() -> None:
     """The TensorRT provider opens libnvinfer.so.10 and libnvonnxparser.so.10 by name, but pip puts
     them in site-packages/tensorrt_libs, on no library path: load them first (as onnxruntime's
     preload_dlls does for CUDA's pip libraries). Nothing to do where they are installed system-wide."""
@@ -234,7 +236,7 @@ def open_session(path: Path, device: str, plan: SessionPlan) -> ort.InferenceSes
     made_cache = False
     if plan.engine_cache is not None:
         try:
-            _preload_tensorrt()
+            preload_tensorrt()
         except OSError as error:
             raise UserError(
                 f"the TensorRT libraries do not load ({one_line(error)}); reinstall: {TENSORRT_INSTALL}"
