@@ -93,9 +93,9 @@ def test_a_sampler_opens_one_session_with_the_planned_options(variants, monkeypa
     opened = []
     real = ort.InferenceSession
 
-    def recording(path, options=None, providers=None):
+    def recording(path, options=None, providers=None, **kwargs):
         opened.append((Path(path).name, providers))
-        return real(path, options, providers=[CPU])
+        return real(path, options, providers=[CPU], **kwargs)
 
     monkeypatch.setattr(sessions, "wants_cuda", lambda device: True)
     monkeypatch.setattr(sessions.ort, "InferenceSession", recording)
@@ -138,15 +138,19 @@ def test_the_tensorrt_plan_caches_engines_beside_the_file_per_weights(variants):
     (first, trt_options), (second, cuda_options), third = plan.providers
     assert (first, second, third) == (TENSORRT, CUDA, CPU)  # what TensorRT cannot take runs on CUDA
     assert cuda_options == {"prefer_nhwc": "1"}
-    cache = path.parent / "digits-fp16.trt" / meta["weights_sha256"][:16]
-    assert plan.engine_cache == cache and engine_cache(path, meta) == cache
+    cache = path.parent / "digits-fp16.trt" / f"{meta['weights_sha256'][:16]}-b64"
+    assert plan.engine_cache == cache and engine_cache(path, meta, 64) == cache
     assert trt_options["trt_fp16_enable"] == "1" and trt_options["trt_engine_cache_path"] == str(cache)
     width, latent = len(json.loads(meta["attributes"])), int(meta["latent_dim"])
     assert trt_options["trt_profile_min_shapes"] == f"attributes:1x{width},noise:1x{latent}"
     assert trt_options["trt_profile_max_shapes"] == f"attributes:64x{width},noise:64x{latent}"
     assert not cache.exists()  # a plan makes nothing
-    # other weights, other engines: an export replaced under the same name never reuses old ones
-    assert engine_cache(path, {**meta, "weights_sha256": "0" * 64}) != cache
+    # other weights or a larger batch, other engines: an export replaced under the same name, or opened
+    # for larger batches, never reuses old ones; a file without weights_sha256 is told by size and time
+    assert engine_cache(path, {**meta, "weights_sha256": "0" * 64}, 64) != cache
+    assert engine_cache(path, meta, 256) != cache
+    unnamed = engine_cache(path, {}, 64)
+    assert unnamed.parent == cache.parent and unnamed.name.startswith(f"file-{path.stat().st_size}-")
 
 
 def test_tensorrt_without_a_gpu_or_its_libraries_is_one_error_and_leaves_nothing(exported, tmp_path, monkeypatch):
@@ -182,3 +186,65 @@ def test_cvae_tk_sample_device_tensorrt_without_a_gpu_is_one_line(exported, tmp_
     result = run_cli(["sample", exported, "--device", "tensorrt", "--grid", "g.png"], tmp_path)
     assert_user_error(result, "device='tensorrt' needs an NVIDIA GPU")
     assert not (tmp_path / "g.png").exists()
+
+
+def test_file_metadata_passes_over_a_field_14_of_another_wire_type(tmp_path):
+    # protobuf's own parser treats these as unknown fields: ONNX Runtime never sees them as metadata
+    for content in (b"\x71" + b"\x0a\x01A\x12\x03fp1", b"\x75\x0a\x00\x12\x00"):
+        path = tmp_path / "wire.onnx"
+        path.write_bytes(content)
+        assert file_metadata(path) == {}
+
+
+_REAL_SESSION = ort.InferenceSession
+
+
+class _AsIfTensorRT:
+    """A CPU session that says it runs on TensorRT: the Sampler's checks after opening, without a GPU."""
+
+    def __init__(self, path, options=None, providers=None, **kwargs):
+        self._session = _REAL_SESSION(path, options, providers=[CPU])
+
+    def get_providers(self):
+        return [TENSORRT, CPU]
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+
+def test_the_engine_cache_stays_for_a_file_that_serves_and_goes_for_one_refused(exported, tmp_path, monkeypatch):
+    import shutil
+
+    from toolkit.errors import UserError
+
+    monkeypatch.setattr(sessions, "cuda_device_present", lambda: True)
+    monkeypatch.setattr(sessions, "preload_tensorrt", lambda: None)
+    monkeypatch.setattr(sessions.ort, "InferenceSession", _AsIfTensorRT)
+    good = tmp_path / "good" / "digits.onnx"
+    good.parent.mkdir()
+    shutil.copy(exported, good)
+    sampler = Sampler(good, device="tensorrt", batch_size=8)
+    assert sampler.provider == TENSORRT and sampler.io_binding
+    assert [p.name for p in (good.parent / "digits.trt").iterdir()] == [
+        f"{file_metadata(good)['weights_sha256'][:16]}-b8"
+    ]
+    # refused after opening (its metadata disagrees with its graph): nothing of it stays
+    model = onnx.load(str(exported))
+    for entry in model.metadata_props:
+        if entry.key == "latent_dim":
+            entry.value = "17"
+    bad = tmp_path / "bad" / "digits.onnx"
+    bad.parent.mkdir()
+    onnx.save(model, str(bad))
+    with pytest.raises(UserError, match="input 'noise' has shape"):
+        Sampler(bad, device="tensorrt", batch_size=8)
+    assert sorted(p.name for p in bad.parent.iterdir()) == ["digits.onnx"]
+
+    # stopped while the engine builds (Ctrl-C): nothing half-built stays either
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sessions.ort, "InferenceSession", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Sampler(bad, device="tensorrt", batch_size=8)
+    assert sorted(p.name for p in bad.parent.iterdir()) == ["digits.onnx"]

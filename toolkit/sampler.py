@@ -80,6 +80,7 @@ from toolkit.sessions import (  # noqa: F401 (cuda_device_present: the tests' GP
     GraphRun,
     PlainRun,
     cuda_device_present,
+    engine_cache_made,
     open_session,
     ort_message,
     session_plan,
@@ -126,11 +127,27 @@ class Sampler:
         # The provider and its options (fp16: channels-last; a CUDA graph: a fixed batch) are
         # chosen from the file before its one session opens.
         plan = session_plan(path, device, self.batch_size if cuda_graph else None, max_batch=self.batch_size)
-        self.session = open_session(path, device, plan)
+        with engine_cache_made(plan):  # TensorRT's engines: removed again if the file is refused here
+            self.session = open_session(path, device, plan)
+            self._check_session(cuda_graph, io_binding)
+        self._encoder_lock = threading.Lock()
+        self._encoder_session: ort.InferenceSession | None = None
+        self.encoder_contract: EncoderContract | None = None
+        if encoder is not None:  # given: checked now; found beside the decoder: opened on first use
+            self.encoder_path = Path(encoder)
+            if not self.encoder_path.is_file():
+                raise UserError(f"encoder file not found: {self.encoder_path}")
+            self._encoder()
+        else:
+            self.encoder_path = encoder_beside(path)
+
+    def _check_session(self, cuda_graph: bool, io_binding: bool | None) -> None:
+        """The file's contract read from the open session and checked (one run on one condition),
+        and the way each batch will run chosen."""
         self.provider = self.session.get_providers()[0]
         meta = self.session.get_modelmeta().custom_metadata_map
         self.contract = contract = read_contract(
-            path, meta, _declared(self.session.get_inputs()), _declared(self.session.get_outputs())
+            self.path, meta, _declared(self.session.get_inputs()), _declared(self.session.get_outputs())
         )
         self.attributes: list[str] = list(contract.attributes)
         self.latent_dim = contract.latent_dim
@@ -157,16 +174,6 @@ class Sampler:
             self._run = PlainRun(self.session)
         if not cuda_graph:  # a graph session runs only its fixed batch; its output buffer has the promised shape
             self._probe()
-        self._encoder_lock = threading.Lock()
-        self._encoder_session: ort.InferenceSession | None = None
-        self.encoder_contract: EncoderContract | None = None
-        if encoder is not None:  # given: checked now; found beside the decoder: opened on first use
-            self.encoder_path = Path(encoder)
-            if not self.encoder_path.is_file():
-                raise UserError(f"encoder file not found: {self.encoder_path}")
-            self._encoder()
-        else:
-            self.encoder_path = encoder_beside(path)
 
     def _check_batch_size(self) -> None:
         height, width = self.image_size

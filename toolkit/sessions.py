@@ -25,7 +25,9 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,7 +105,9 @@ def file_metadata(path: str | os.PathLike) -> dict[str, str]:
     """An ONNX file's metadata_props, read from its protobuf bytes without onnx and without
     reading the graph (one length-prefixed field, skipped by seeking: the weights are in it), so
     that the session's options can follow them (`precision`). {} for a file that does not parse:
-    opening the session then says what is wrong with it, and the contract checks the metadata."""
+    opening the session then says what is wrong with it, and the contract checks the metadata.
+    As protobuf's parser does, a field 14 of another wire type is passed over; so is an entry over
+    MAX_METADATA_ENTRY (only tuning options follow from these entries, never a check)."""
     entries: dict[str, str] = {}
     try:
         with open(path, "rb") as stream:
@@ -117,7 +121,7 @@ def file_metadata(path: str | os.PathLike) -> dict[str, str]:
                 length = {1: 8, 5: 4}.get(wire) if wire != 2 else _varint(stream.read)
                 if length is None or stream.tell() + length > size:
                     return {}
-                if tag >> 3 == METADATA_FIELD and length <= MAX_METADATA_ENTRY:
+                if tag >> 3 == METADATA_FIELD and wire == 2 and length <= MAX_METADATA_ENTRY:
                     key, value = _entry(stream.read(length))
                     entries[key] = value
                 else:
@@ -144,12 +148,17 @@ class SessionPlan:
         return self.providers[0] != CPU
 
 
-def engine_cache(path: Path, metadata: dict[str, str]) -> Path:
+def engine_cache(path: Path, metadata: dict[str, str], max_batch: int) -> Path:
     """Where TensorRT keeps the engines it builds for `path`: a folder beside it, one subfolder per
-    weights (an engine holds the weights, and ONNX Runtime's cache key does not: a file exported again
-    under the same name must not reuse the old engines). digits.onnx -> digits.trt/<weights sha256[:16]>/."""
-    weights = re.sub(r"[^0-9a-f]", "", metadata.get("weights_sha256", "").lower())[:16] or "unknown"
-    return path.with_name(f"{path.stem}.trt") / weights
+    weights and largest batch (an engine holds the weights and its batch range, and ONNX Runtime's
+    cache key holds neither: a file exported again under the same name, or opened for larger batches,
+    must not reuse the old engines). digits.onnx -> digits.trt/<weights sha256[:16]>-b<max_batch>/;
+    a file without weights_sha256 is told by its size and modification time instead."""
+    weights = re.sub(r"[^0-9a-f]", "", metadata.get("weights_sha256", "").lower())[:16]
+    if not weights:
+        stat = path.stat()
+        weights = f"file-{stat.st_size}-{stat.st_mtime_ns}"
+    return path.with_name(f"{path.stem}.trt") / f"{weights}-b{max_batch}"
 
 
 def tensorrt_options(metadata: dict[str, str], max_batch: int, cache: Path) -> dict:
@@ -190,7 +199,7 @@ def session_plan(path, device: str, graph_batch: int | None = None, max_batch: i
         options["prefer_nhwc"] = "1"
     if device != "tensorrt":
         return SessionPlan([(CUDA, options), CPU], graph_batch)
-    cache = engine_cache(path, metadata)
+    cache = engine_cache(path, metadata, max_batch)
     return SessionPlan(
         [(TENSORRT, tensorrt_options(metadata, max_batch, cache)), (CUDA, options), CPU], graph_batch, cache
     )
@@ -210,19 +219,51 @@ def preload_tensorrt() -> None:
                 ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
 
 
-def _remove_empty(folder: Path) -> None:
-    for each in (folder, folder.parent):
-        try:
-            each.rmdir()  # only an empty folder
-        except OSError:
-            return
+@contextmanager
+def engine_cache_made(plan: SessionPlan):
+    """Make the plan's engine cache folder for the block that opens and checks the session, and
+    remove what it made if the block fails (a file refused, an engine build stopped with Ctrl-C):
+    nothing half-built is left beside the export."""
+    if plan.engine_cache is None:
+        yield
+        return
+    made = next((folder for folder in (plan.engine_cache.parent, plan.engine_cache) if not folder.exists()), None)
+    try:
+        plan.engine_cache.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(
+            f"TensorRT keeps its engines beside the export, in {plan.engine_cache}, which cannot be made "
+            f"({error.strerror or error}): put the export in a folder you can write"
+        ) from None
+    try:
+        yield
+    except BaseException:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
 
 
 def open_session(path: Path, device: str, plan: SessionPlan) -> ort.InferenceSession:
     """The session of `path` as `plan` says; a UserError for a file ONNX Runtime cannot load, or a
-    device ("cuda", "tensorrt") that ONNX Runtime cannot run here."""
-    if device == "tensorrt" and not cuda_device_present():
-        raise UserError("device='tensorrt' needs an NVIDIA GPU, and this machine has none; use device='cpu' or 'auto'")
+    device ("cuda", "tensorrt") that ONNX Runtime cannot run here. ONNX Runtime's own fallback (a
+    provider that fails is replaced by the next one, with a message on stdout) is off: the provider
+    that runs is the one asked for, or there is an error that says why."""
+    if device == "tensorrt":
+        if not cuda_device_present():
+            raise UserError(
+                "device='tensorrt' needs an NVIDIA GPU, and this machine has none; use device='cpu' or 'auto'"
+            )
+        if TENSORRT not in ort.get_available_providers():
+            raise UserError(
+                "device='tensorrt' needs onnxruntime-gpu (this onnxruntime has no TensorRT provider): "
+                "pip install onnxruntime-gpu, without the CPU-only onnxruntime beside it"
+            )
+        try:
+            preload_tensorrt()
+        except OSError as error:
+            raise UserError(
+                f"the TensorRT libraries do not load ({one_line(error)}); reinstall: {TENSORRT_INSTALL}"
+            ) from None
     options = ort.SessionOptions()
     if plan.graph_batch:
         # A graph is recorded for one shape: fixing the batch lets ONNX Runtime fold away every
@@ -233,41 +274,26 @@ def open_session(path: Path, device: str, plan: SessionPlan) -> ort.InferenceSes
             ort.preload_dlls()  # CUDA libraries from the nvidia-* wheels, without importing torch
         except Exception:
             pass
-    made_cache = False
-    if plan.engine_cache is not None:
-        try:
-            preload_tensorrt()
-        except OSError as error:
-            raise UserError(
-                f"the TensorRT libraries do not load ({one_line(error)}); reinstall: {TENSORRT_INSTALL}"
-            ) from None
-        made_cache = not plan.engine_cache.exists()
-        try:
-            plan.engine_cache.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise UserError(
-                f"TensorRT keeps its engines beside the export, in {plan.engine_cache}, which cannot be made "
-                f"({error.strerror or error}): put the export in a folder you can write"
-            ) from None
     try:
-        try:
-            session = ort.InferenceSession(str(path), options, providers=plan.providers)
-        except Exception as error:  # onnxruntime raises several types for unreadable files
-            raise UserError(f"{path} is not a loadable ONNX model: {ort_message(error)}") from None
-        if device == "cuda" and session.get_providers()[0] != CUDA:
+        session = ort.InferenceSession(str(path), options, providers=plan.providers, enable_fallback=0)
+    except Exception as error:  # onnxruntime raises several types for unreadable files
+        if device == "tensorrt" and path.is_file() and file_metadata(path):
             raise UserError(
-                "device='cuda' was asked for, but ONNX Runtime cannot use CUDA on this machine "
-                "(no GPU, or CUDA 13 / cuDNN 9 libraries missing); use device='cpu' or 'auto'"
-            )
-        if device == "tensorrt" and session.get_providers()[0] != TENSORRT:
-            raise UserError(
-                "device='tensorrt' was asked for, but ONNX Runtime cannot use TensorRT on this machine "
-                f"(the TensorRT 10 libraries missing? {TENSORRT_INSTALL}); use device='cuda'"
-            )
-    except UserError:
-        if made_cache:  # an empty cache folder left beside the export would only puzzle its owner
-            _remove_empty(plan.engine_cache)
-        raise
+                f"device='tensorrt' was asked for, but ONNX Runtime cannot use TensorRT on this machine "
+                f"({ort_message(error)}); {TENSORRT_INSTALL}, or use device='cuda'"
+            ) from None
+        raise UserError(f"{path} is not a loadable ONNX model: {ort_message(error)}") from None
+    session.disable_fallback()  # also at run time: a failing provider is an error, not a silent switch
+    if device == "cuda" and session.get_providers()[0] != CUDA:
+        raise UserError(
+            "device='cuda' was asked for, but ONNX Runtime cannot use CUDA on this machine "
+            "(no GPU, or CUDA 13 / cuDNN 9 libraries missing); use device='cpu' or 'auto'"
+        )
+    if device == "tensorrt" and session.get_providers()[0] != TENSORRT:
+        raise UserError(
+            "device='tensorrt' was asked for, but ONNX Runtime cannot use TensorRT on this machine "
+            f"(the TensorRT 10 libraries missing? {TENSORRT_INSTALL}); use device='cuda'"
+        )
     return session
 
 

@@ -120,3 +120,11 @@ def test_attribute_vectors_read_in_place_are_np_loads(monkeypatch):
         np.testing.assert_array_equal(got, other)
     with pytest.raises(ValueError):
         attribute_vector(b"not an npy file at all, but long enough" * 4)
+
+
+def test_a_huge_declared_jpeg_in_a_split_of_varied_sizes_meets_pils_bomb_check(monkeypatch):
+    # --size original shards have no split size to compare with: the pixel count is the bound
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(stream, "decode_jpeg", lambda *a, **k: pytest.fail("decoded past the pixel limit"))
+    with pytest.raises(Image.DecompressionBombError):
+        _decode_image(_jpeg(), None)

@@ -212,7 +212,9 @@ def _decode_image(data: bytes, expected_size) -> torch.Tensor:
     if frame is not None and data.endswith(b"\xff\xd9"):
         height, width = frame
         _check_size(height, width, expected_size)
-        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        limit = Image.MAX_IMAGE_PIXELS  # beyond it (a split of varied sizes): PIL's decompression-bomb check
+        if limit is None or height * width <= limit:
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     image = Image.open(io.BytesIO(data))
     _check_size(image.height, image.width, expected_size)
     if image.mode != "RGB":
