@@ -30,6 +30,8 @@ if [ "$stage" = train ]; then
     timeout 100 python3 bench/train.py --arch $1 --precision $2 --batch-size $3 --steps $4 --images 12000 --workers 12 --work $work 2>&1 | grep -v Warning | tail -6
     cp bench/results/train.json "$OUT/train-$1-$2-$3.json" 2>/dev/null; echo "[$SECONDS s]"
   done
+  # the shard reader's cost per image, now against before (bench/feed.py: PIL + np.load), on this host's cores
+  timeout 90 python3 bench/feed.py --work $work --repeats 2 2>&1 | tail -3
   # the feeds alone, by worker count: does the shard reader scale on this host? (not yet measured)
   for workers in ${LOADER_WORKERS:-}; do
     timeout 60 python3 bench/train.py --loader-only --workers $workers --images 12000 --work $work 2>&1 | tail -1
