@@ -72,14 +72,13 @@ from toolkit.contract import (  # noqa: F401 (FORMAT, MAX_SIDE, MAX_WIDTH, Tenso
 from toolkit.errors import UserError
 from toolkit.images import ImageError, as_viewed, centre_crop, to_uint8
 from toolkit.memory import check_fits, gib
-from toolkit.sessions import (  # noqa: F401 (cuda_device_present: the tests' GPU check)
+from toolkit.sessions import (
     CUDA,
     DEVICES,
     TENSORRT,
     BoundRun,
     GraphRun,
     PlainRun,
-    cuda_device_present,
     engine_cache_made,
     open_session,
     ort_message,

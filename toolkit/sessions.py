@@ -337,7 +337,7 @@ class GraphRun:
         self.session, self.device, self.batch = session, device, batch
         self.output_shape, self.dtype = [batch, *image_dims], np.dtype(dtype)
         self.lock = threading.Lock()
-        self.buffers: tuple | None = None  # (binding, input OrtValues) once allocated
+        self.buffers: tuple | None = None  # (binding, input OrtValues, output OrtValue) once allocated
 
     def _padded(self, feed: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
         if rows == self.batch:
