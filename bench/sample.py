@@ -17,6 +17,9 @@ and on a GPU (--device cuda, the default where torch sees one) also
   ort_graph / ort_fp16_graph   the same, recorded once as a CUDA graph and replayed (fixed batch,
                        as `Sampler(..., cuda_graph=True)` runs it)
   *_nhwc_graph         the same with the CUDA provider's prefer_nhwc (channels-last convolutions)
+  ort_fused / ort_fp16_fused (and their _graph, _nhwc_graph)   the same exports with each GroupNorm
+                       (+ SiLU) as ONNX Runtime's one CUDA kernel (toolkit.fusion), as the Sampler
+                       opens them on CUDA; only for decoders that have GroupNorms (celeba64)
   ort_trt_fp16         ONNX Runtime's TensorRT provider, fp16, one engine per batch size, IO binding
                        (as `Sampler(..., device="tensorrt")`; reported unavailable without the
                        TensorRT 10 libraries: pip install 'cvae-tk[tensorrt]')
@@ -41,6 +44,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 
@@ -48,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from toolkit import quantize  # noqa: E402
 from toolkit.export import to_onnx  # noqa: E402
+from toolkit.fusion import fuse_group_norm  # noqa: E402
 from toolkit.model import CVAE, ModelSpec, arch_options  # noqa: E402
 
 MODELS = {
@@ -234,7 +239,16 @@ def main() -> None:
             )
         if cuda:
             exports["ort_fp16"] = to_onnx(model, fp16=True)
-            sessions["ort_fp16"] = ort.InferenceSession(exports["ort_fp16"], providers=[provider])
+            for label in ("ort", "ort_fp16"):  # GroupNorm (+ SiLU) as one kernel, as the Sampler opens it on CUDA
+                proto = onnx.load_from_string(exports[label])
+                if fuse_group_norm(proto):
+                    exports[f"{label}_fused"] = proto.SerializeToString()
+            for label in list(exports):
+                try:
+                    sessions.setdefault(label, ort.InferenceSession(exports[label], providers=[provider]))
+                except Exception as error:  # report and go on: the other ways still count
+                    print(f"{label} unavailable: {' '.join(str(error).split())[:300]}")
+                    del exports[label]
             assert all(s.get_providers()[0] == provider for s in sessions.values()), "ONNX Runtime fell back from CUDA"
         model = model.to(device)
         compiled = torch.compile(model.generate) if cuda else None

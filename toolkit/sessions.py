@@ -1,6 +1,6 @@
 """ONNX Runtime plumbing for `toolkit.sampler`: open one session per file, with its provider and
 options chosen before it opens, and run it one of three ways behind one call. numpy and
-onnxruntime only (no torch, no onnx).
+onnxruntime only (no torch; onnx only to open a graph on CUDA with its GroupNorms fused).
 
     plan = session_plan(path, device)             # providers and options, from the file's metadata
     session = open_session(path, device, plan)    # the file's one session
@@ -8,7 +8,9 @@ onnxruntime only (no torch, no onnx).
 
 Devices: "cpu"; "cuda" (the CUDA provider); "tensorrt" (ONNX Runtime's TensorRT provider, fp16,
 nodes it cannot take left to CUDA, its engines cached beside the export: `engine_cache`); "auto"
-(CUDA where a GPU and the CUDA provider are there, else the CPU).
+(CUDA where a GPU and the CUDA provider are there, else the CPU). On CUDA the graph is opened with
+its GroupNorm (+ SiLU) subgraphs as ONNX Runtime's one-kernel GroupNorm (toolkit.fusion); the file
+is not changed.
 
 The three runners (what `Sampler(io_binding=..., cuda_graph=...)` chooses, once):
 - `PlainRun`: `session.run`; the CPU's way.
@@ -27,6 +29,7 @@ import os
 import re
 import shutil
 import threading
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,11 +140,13 @@ def file_metadata(path: str | os.PathLike) -> dict[str, str]:
 @dataclass(frozen=True)
 class SessionPlan:
     """What a session is opened with: the providers in order (each GPU one with its options), the
-    batch fixed for a CUDA graph (None: dynamic), and TensorRT's engine cache folder (None: none)."""
+    batch fixed for a CUDA graph (None: dynamic), TensorRT's engine cache folder (None: none), and
+    whether the graph's GroupNorms are fused first (toolkit.fusion: CUDA's kernel, CUDA only)."""
 
     providers: list = field(default_factory=lambda: [CPU])
     graph_batch: int | None = None
     engine_cache: Path | None = None
+    fuse_group_norm: bool = False
 
     @property
     def cuda(self) -> bool:
@@ -198,7 +203,9 @@ def session_plan(path, device: str, graph_batch: int | None = None, max_batch: i
         # paper decoder 1.7x faster at batch 1,024 (bench/RESULTS.md); fp32 gained nothing.
         options["prefer_nhwc"] = "1"
     if device != "tensorrt":
-        return SessionPlan([(CUDA, options), CPU], graph_batch)
+        return SessionPlan([(CUDA, options), CPU], graph_batch, fuse_group_norm=True)
+    # TensorRT takes the file as it is: it fuses normalizations itself, and a contrib op it does not
+    # know would split its one engine in two
     cache = engine_cache(path, metadata, max_batch)
     return SessionPlan(
         [(TENSORRT, tensorrt_options(metadata, max_batch, cache)), (CUDA, options), CPU], graph_batch, cache
@@ -275,7 +282,7 @@ def open_session(path: Path, device: str, plan: SessionPlan) -> ort.InferenceSes
         except Exception:
             pass
     try:
-        session = ort.InferenceSession(str(path), options, providers=plan.providers, enable_fallback=0)
+        session = _session(path, options, plan)
     except Exception as error:  # onnxruntime raises several types for unreadable files
         if device == "tensorrt" and path.is_file() and file_metadata(path):
             raise UserError(
@@ -295,6 +302,26 @@ def open_session(path: Path, device: str, plan: SessionPlan) -> ort.InferenceSes
             f"(the TensorRT 10 libraries missing? {TENSORRT_INSTALL}); use device='cuda'"
         )
     return session
+
+
+def _session(path: Path, options: ort.SessionOptions, plan: SessionPlan) -> ort.InferenceSession:
+    """The session, from the fused graph where the plan says so and there is something to fuse."""
+    if plan.fuse_group_norm:
+        from toolkit.fusion import fused_model  # onnx: only on this path (the sampler's CPU path never needs it)
+
+        fused = fused_model(path)
+        if fused is not None:
+            try:
+                return ort.InferenceSession(fused, options, providers=plan.providers, enable_fallback=0)
+            except Exception as error:
+                # the rewrite is ours, not the user's file: serve the file as it is, slower, and say why
+                warnings.warn(
+                    f"{path}: the GroupNorm fusion for CUDA did not load ({ort_message(error)}); "
+                    "running the unfused graph",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+    return ort.InferenceSession(str(path), options, providers=plan.providers, enable_fallback=0)
 
 
 # --- three ways of running it -----------------------------------------------------------------------
