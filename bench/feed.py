@@ -1,15 +1,19 @@
-"""Benchmark: the shard reader's cost per image, the way `toolkit.data.stream` decodes a sample now
-(JPEGs through torchvision's libjpeg-turbo call, `.attr.npy` read in place) against the way it did
-before (PIL for every image, np.load for every vector), on the same shards in one run.
+"""Benchmark: the shard reader's cost, now against before, on the same shards in one run.
 
-  decode     `stream.decode` alone over the split's samples, already read from the tars
+  decode     a sample's decode alone (the split's samples, already read from the tars): now JPEGs
+             through torchvision's libjpeg-turbo call and `.attr.npy` read in place, before PIL for
+             every image and np.load for every vector
   epoch      one epoch of `epoch_batches` (tar reading, shuffle, decode, batching), num_workers 0,
              with the new and then the old decode patched in: what one loader worker does
+  crossing   one epoch with --workers loader workers: the main process's CPU time per batch (what
+             a trainer's process spends receiving a batch) with the images crossing from the workers
+             as uint8 (now, for batches bound for a GPU: converted where they land) against float32
+             (for the CPU; before, for every device: converted image by image in the workers)
 
-Both ways give the same tensors (checked here on every sample, and in tests/data/test_stream.py).
-The data: generated CelebA-format JPEGs made into 64x64 shards (centre crop 148), as bench/train.py.
+Both ways give the same tensors (checked here on every sample, and in tests/data/test_stream.py). The data: generated CelebA-format JPEGs made into 64x64 shards
+(centre crop 148), as bench/train.py.
 
-    .venv/bin/python bench/feed.py [--images 4000] [--work DIR] [--repeats 3]
+    .venv/bin/python bench/feed.py [--images 4000] [--work DIR] [--repeats 3] [--workers 2]
 """
 
 from __future__ import annotations
@@ -36,13 +40,14 @@ from toolkit.data.celeba import read_celeba  # noqa: E402
 
 
 def decode_before(sample: dict, with_keys: bool = False, expected_size=None) -> tuple:
-    """stream.decode as it was: PIL for the image, np.load for the vector."""
+    """A sample's decode as it was (uint8 pixels, as the loader hands them over now): PIL for the
+    image, np.load for the vector."""
     ext = "png" if "png" in sample else "jpg"
     image = Image.open(io.BytesIO(sample[ext]))
     if expected_size and 0 not in expected_size and image.size != (expected_size[1], expected_size[0]):
         raise stream.WrongSize("wrong size")
     image = image.convert("RGB")
-    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div_(255)
+    pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
     attributes = np.load(io.BytesIO(sample["attr.npy"]), allow_pickle=False)
     decoded = (pixels, torch.from_numpy(attributes.astype(np.float32)))
     return (*decoded, sample["__key__"]) if with_keys else decoded
@@ -67,11 +72,30 @@ def best_of(repeats: int, work) -> float:
     return min(times)
 
 
+def crossing(shards: Path, workers: int, repeats: int, device) -> tuple[float, float]:
+    """One epoch with `workers` loader workers, the batches bound for `device`: None, the CPU (the
+    images cross as float32, converted in the workers) or "meta" (they cross as uint8, as for a
+    GPU, and the conversion goes where the batches land: on a GPU it is not the main process's CPU
+    time; on "meta" it costs nothing). Returns (the main process's CPU ms per batch, images/s),
+    the best of `repeats`."""
+    best = (float("inf"), 0.0)
+    for _ in range(repeats):
+        loader = iter(stream.epoch_batches(shards, "train", 64, num_workers=workers, device=device))
+        next(loader)  # the workers started and running
+        start, cpu, count = time.perf_counter(), time.process_time(), 0
+        for _ in loader:
+            count += 1
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        best = min(best, (cpu / count * 1e3, count * 64 / wall))
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--work", type=Path, help="keep the generated folder and shards here")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2, help="loader workers for the crossing measurement")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="cvae-bench-feed-"))
     root, shards = work / "celeba", work / "shards64"
@@ -83,19 +107,19 @@ def main() -> None:
     loaded = samples(shards)
     for sample in loaded:  # the same tensors both ways
         for new, old in zip(
-            stream.decode(sample, expected_size=(64, 64)), decode_before(sample, expected_size=(64, 64))
+            stream._decode_sample(sample, expected_size=(64, 64)), decode_before(sample, expected_size=(64, 64))
         ):
             assert torch.equal(new, old), sample["__key__"]
     count = len(loaded)
     per_image = {}
-    for label, decode in (("now", stream.decode), ("before", decode_before)):
+    for label, decode in (("now", stream._decode_sample), ("before", decode_before)):
         seconds = best_of(args.repeats, lambda: [decode(sample, False, (64, 64)) for sample in loaded])
         per_image[label] = seconds / count * 1e6
-    real = stream.decode
+    real = stream._decode_sample
     epoch = {}
     try:
         for label, decode in (("now", real), ("before", decode_before)):
-            stream.decode = decode
+            stream._decode_sample = decode
 
             def one_epoch():
                 for _ in stream.epoch_batches(shards, "train", 64, num_workers=0):
@@ -103,7 +127,11 @@ def main() -> None:
 
             epoch[label] = count / best_of(args.repeats, one_epoch)
     finally:
-        stream.decode = real
+        stream._decode_sample = real
+    crossed = {
+        label: crossing(shards, args.workers, args.repeats, device)
+        for label, device in (("now", "meta"), ("before", None))
+    }
     print(f"{count} train images, 64x64 JPEG shards; best of {args.repeats}")
     print(
         f"decode per image: now {per_image['now']:.0f} us, before {per_image['before']:.0f} us, "
@@ -112,6 +140,12 @@ def main() -> None:
     print(
         f"one epoch, one process: now {epoch['now']:.0f} images/s, before {epoch['before']:.0f} images/s, "
         f"{epoch['now'] / epoch['before']:.2f}x"
+    )
+    (now_ms, now_rate), (before_ms, before_rate) = crossed["now"], crossed["before"]
+    print(
+        f"crossing from {args.workers} workers, main process CPU per batch of 64: uint8 (bound for a GPU) "
+        f"{now_ms:.3f} ms, float32 (bound for the CPU, as before for every device) {before_ms:.3f} ms, "
+        f"{before_ms / now_ms:.2f}x less; images/s {now_rate:.0f} vs {before_rate:.0f}"
     )
 
 

@@ -48,7 +48,7 @@ python3 -c "
 import torch, onnxruntime as o
 print('onnxruntime', o.__version__, o.__file__, o.get_available_providers())
 " || exit 5
-timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/test_sampler.py tests/test_fusion.py -k "cuda or graph or io_binding or threads" 2>&1 | tail -8
+timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/test_sampler.py tests/test_fusion.py tests/data/test_stream.py -k "cuda or graph or io_binding or threads" 2>&1 | tail -8
 [ "${2:-}" = tests ] && exit 0  # the CUDA tests only
 timeout 420 python3 bench/sample.py --seconds 1 2>&1 | grep -v -i warn | tee "$OUT/sample.log"
 cp bench/results/sample.json "$OUT/" 2>/dev/null

@@ -1,7 +1,11 @@
-"""Benchmark: how fast training is fed. The same model, precision and optimiser, three ways of feeding it:
+"""Benchmark: how fast training is fed. The same model, precision and optimiser, four ways of feeding it:
 
   memory     the same batches held in device memory (the ceiling: no data loading at all)
-  shards     cvae-tk's pipeline: WebDataset shards -> `epoch_batches` (what the trainer reads)
+  shards     cvae-tk's pipeline: WebDataset shards -> `epoch_batches(device=...)` (what the trainer
+             reads: on the way to a GPU the images cross from the workers as uint8, pinned, copied
+             without waiting for the GPU, converted there)
+  shards_cpu the same pipeline read for the CPU, then copied (what the trainer did until 2026-12-05:
+             float32 batches in pageable memory; on a GPU only, where the two differ)
   folder     the usual way: a folder of JPEGs through an ImageFolder-style Dataset
              (per-sample PIL decode, centre crop, resize, to-tensor) and a DataLoader
 
@@ -117,7 +121,12 @@ def main() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def from_shards():
-        return iter(epoch_batches(shards, "train", args.batch_size, num_workers=args.workers, shuffle_buffer=1000))
+        # as the trainer reads them: bound for the device (uint8 and pinned on their way to a GPU)
+        return iter(
+            epoch_batches(
+                shards, "train", args.batch_size, num_workers=args.workers, shuffle_buffer=1000, device=device
+            )
+        )
 
     def from_folder():
         dataset = JpegFolder(table.splits["train"], 64, 148)
@@ -132,18 +141,27 @@ def main() -> None:
         )
         return iter(loader)
 
+    def from_shards_cpu():
+        return iter(epoch_batches(shards, "train", args.batch_size, num_workers=args.workers, shuffle_buffer=1000))
+
+    feeds = {"shards": from_shards, "folder": from_folder}
+    if device.type == "cuda":
+        feeds["shards_cpu"] = from_shards_cpu
     if args.loader_only:  # the feeds' own rates: one epoch each, twice, interleaved
         rates = {}
         for _ in range(2):
-            for name, make in (("shards", from_shards), ("folder", from_folder)):
+            for name, make in feeds.items():
                 start, count = time.perf_counter(), 0
                 for images, _ in make():
                     count += len(images)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
                 rates.setdefault(name, []).append(count / (time.perf_counter() - start))
         rate = {name: sum(v) / len(v) for name, v in rates.items()}
         print(
             f"loader only, {args.workers} workers, batch {args.batch_size}: shards {rate['shards']:.0f} images/s, "
             f"JPEG folder {rate['folder']:.0f} images/s, shards / folder {rate['shards'] / rate['folder']:.2f}x"
+            + (f"; shards read for the CPU {rate['shards_cpu']:.0f} images/s" if "shards_cpu" in rate else "")
         )
         return
 
@@ -153,8 +171,7 @@ def main() -> None:
     for _ in range(2):
         for name, batches in (
             ("memory", endless(lambda: iter(held))),
-            ("shards", endless(from_shards)),
-            ("folder", endless(from_folder)),
+            *((name, endless(make)) for name, make in feeds.items()),
         ):
             rates.setdefault(name, []).append(
                 images_per_second(model, optimizer, batches, args.steps, device, args.precision)
@@ -163,11 +180,16 @@ def main() -> None:
 
     label = f"{args.arch} 64x64, batch {args.batch_size}, precision {args.precision}, {args.workers} loader workers, {device}"
     print(f"\ntraining images/s ({label})")
-    for name in ("memory", "shards", "folder"):
-        print(f"  {name:8} {rate[name]:10.1f}")
+    for name in rate:
+        print(f"  {name:10} {rate[name]:10.1f}")
     print(
         f"pipeline efficiency (shards / memory): {rate['shards'] / rate['memory']:.2f}; "
         f"shards / JPEG folder: {rate['shards'] / rate['folder']:.2f}x"
+        + (
+            f"; shards / shards read for the CPU: {rate['shards'] / rate['shards_cpu']:.2f}x"
+            if "shards_cpu" in rate
+            else ""
+        )
     )
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)

@@ -155,13 +155,21 @@ class BatchStream:
     sampling=epochs: segment k is epoch k (`epoch_batches`: disjoint across ranks, the same length
     on every rank). sampling=resampled: segment k is SEGMENT batches of `train_batches` seeded
     with (seed, k). Starting at any micro-batch index opens its segment and skips to it, so a
-    resumed run sees exactly the batches an uninterrupted run would have seen.
+    resumed run sees exactly the batches an uninterrupted run would have seen. `device`: where the
+    batches land (the readers copy and convert them there).
     """
 
     SEGMENT = 1000
 
-    def __init__(self, config: TrainConfig, rank: int, world: int, manifest: dict | None = None):
-        self.config, self.rank, self.world = config, rank, world
+    def __init__(
+        self,
+        config: TrainConfig,
+        rank: int,
+        world: int,
+        manifest: dict | None = None,
+        device: torch.device | None = None,
+    ):
+        self.config, self.rank, self.world, self.device = config, rank, world, device
         self.data = config.data
         # the train split's manifest, read once for every segment (given by the trainer, which has read it)
         self.manifest = manifest = manifest or read_manifest(self.data.shards, "train")
@@ -206,6 +214,7 @@ class BatchStream:
                 data.record_keys,
                 skips=self.skips,
                 manifest=self.manifest,
+                device=self.device,
             )
             return islice(loader, self.SEGMENT)
         return epoch_batches(
@@ -221,6 +230,7 @@ class BatchStream:
             with_keys=data.record_keys,
             skips=self.skips,
             manifest=self.manifest,
+            device=self.device,
         )
 
     def batches(self, start: int):
@@ -570,7 +580,7 @@ class Trainer:
             )
         _on_main(accelerator, lambda: claim_run_dir(config, run_dir, self.resume_from))
         self.stream = BatchStream(
-            config, accelerator.process_index, accelerator.num_processes, self.manifests["train"]
+            config, accelerator.process_index, accelerator.num_processes, self.manifests["train"], accelerator.device
         )
         check_memory(config, spec, accelerator.device)
         self._setup_model()
@@ -707,8 +717,7 @@ class Trainer:
             while self.step_done < config.max_steps:
                 _, segment_end, batch = next(batches)
                 epoch_ended = epoch_ended or segment_end  # remembered until the optimizer step it belongs to
-                images = batch[0].to(accelerator.device, non_blocking=True)
-                attributes = batch[1].to(accelerator.device, non_blocking=True)
+                images, attributes = batch[0], batch[1]  # on accelerator.device already (BatchStream)
                 if self.seen_file is not None:
                     self.seen_file.write("\n".join(batch[2]) + "\n")
                 terms, skipped, read = self.step(images, attributes)

@@ -5,6 +5,7 @@ place are np.load's vectors."""
 from __future__ import annotations
 
 import io
+from itertools import islice
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 
 from toolkit.data import stream
+from toolkit.data.batches import to_unit_float
 from toolkit.data.shards import encode_attributes
 from toolkit.data.stream import WrongSize, _decode_image, _jpeg_frame, attribute_vector, decode
 
@@ -128,3 +130,79 @@ def test_a_huge_declared_jpeg_in_a_split_of_varied_sizes_meets_pils_bomb_check(m
     monkeypatch.setattr(stream, "decode_jpeg", lambda *a, **k: pytest.fail("decoded past the pixel limit"))
     with pytest.raises(Image.DecompressionBombError):
         _decode_image(_jpeg(), None)
+
+
+# --- what crosses from the loader workers, and where batches land ----------------------------------
+
+CUDA = "not __import__('toolkit.sessions').sessions.cuda_device_present()"
+
+
+def _shard_images(shards, split: str) -> torch.Tensor:
+    """Every image of `split` in shard order, each through the public `decode` (float, per image)."""
+    manifest = stream.read_manifest(shards, split)
+    images = []
+    for name in manifest["shards"]:
+        with open(shards / split / name, "rb") as file:
+            images += [decode(sample)[0] for sample in stream._tar_samples(file, name)]
+    return torch.stack(images)
+
+
+def _crossed(batches, limit: int | None = None) -> list:
+    """The batches as they come out of the DataLoader workers, before `Batches` hands them over
+    (the first `limit` items: train_batches is endless)."""
+    return [batch for batch, report, _ in islice(batches.loader, limit) if report is None]
+
+
+def test_bound_for_the_cpu_the_workers_convert_and_the_floats_are_the_decoded_ones(digits_shards):
+    batches = stream.epoch_batches(digits_shards, "train", batch_size=50, num_workers=2)
+    crossed = _crossed(batches)
+    assert crossed and all(batch[0].dtype == torch.float32 for batch in crossed)  # converted in the workers
+    landed = list(batches)
+    assert len(landed) == len(crossed) == len(batches)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(crossed, landed))
+    # an ordered pass: exactly the per-image floats of the public decode
+    ordered = torch.cat([images for images, _ in stream.eval_batches(digits_shards, "test", batch_size=64)])
+    assert torch.equal(ordered, _shard_images(digits_shards, "test"))
+
+
+@pytest.mark.parametrize("reader", ["epoch", "train"])
+def test_bound_for_another_device_uint8_crosses_and_converts_to_the_cpus_values(digits_shards, reader):
+    def make(device):
+        if reader == "epoch":
+            return stream.epoch_batches(digits_shards, "train", 50, num_workers=2, device=device)
+        return stream.train_batches(digits_shards, 50, num_workers=2, device=device)
+
+    # "meta" stands for a GPU here: not the CPU, so the images cross as uint8 (a quarter of the bytes)
+    crossed, for_cpu = _crossed(make("meta"), 20), _crossed(make(None), 20)
+    assert crossed and all(batch[0].dtype == torch.uint8 for batch in crossed)
+    assert len(crossed) == len(for_cpu)
+    for raw, want in zip(crossed, for_cpu):  # the same seed: the same batches in the same order
+        assert torch.equal(to_unit_float(raw[0]), want[0]) and torch.equal(raw[1], want[1])
+
+
+@pytest.mark.parametrize("reader", ["epoch", "train", "eval"])
+def test_batches_are_converted_on_the_device_they_are_wanted_on(digits_shards, reader):
+    def make(device):
+        if reader == "epoch":
+            return stream.epoch_batches(digits_shards, "train", 64, num_workers=1, device=device)
+        if reader == "train":
+            return stream.train_batches(digits_shards, 64, num_workers=1, device=device)
+        return stream.eval_batches(digits_shards, "test", 64, device=device)
+
+    on_cpu, default = next(iter(make("cpu"))), next(iter(make(None)))
+    assert all(torch.equal(a, b) for a, b in zip(on_cpu, default))
+    # the meta device holds no values: what lands there was copied (as uint8), then converted there
+    images, attributes = next(iter(make("meta")))
+    assert images.device.type == attributes.device.type == "meta" and images.dtype == torch.float32
+    # pinned (an asynchronous copy) only on a GPU's way
+    assert make("cuda").loader.pin_memory and not make("cpu").loader.pin_memory and not make(None).loader.pin_memory
+
+
+@pytest.mark.skipif(CUDA, reason="needs a GPU")
+def test_on_cuda_batches_land_pinned_and_within_an_ulp_of_the_cpus(digits_shards):
+    on_gpu = stream.epoch_batches(digits_shards, "train", 50, num_workers=2, device="cuda")
+    on_cpu = stream.epoch_batches(digits_shards, "train", 50, num_workers=2)
+    for (images, attributes), (want_images, want_attributes) in zip(on_gpu, on_cpu, strict=True):
+        assert images.device.type == "cuda" and images.dtype == torch.float32
+        assert torch.allclose(images.cpu(), want_images, rtol=2**-23, atol=0)  # CUDA: times the reciprocal of 255
+        assert torch.equal(attributes.cpu(), want_attributes)

@@ -8,11 +8,20 @@ from __future__ import annotations
 import sys
 from typing import NamedTuple
 
+import torch
+
 from toolkit.config import DataConfig
 from toolkit.errors import UserError
 
 DEFAULT_MAX_SKIPPED_FRACTION = DataConfig.max_skipped_fraction  # data.max_skipped_fraction
 MAX_WARNINGS = 20  # distinct (shard, reason) warnings printed per counter; later ones are only counted
+
+
+def to_unit_float(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels as float32 in [0, 1]: the one conversion, x.float() / 255 as the workers did it
+    (on the CPU the same values as before; CUDA divides by a scalar as a multiplication by its
+    reciprocal, within one ulp of that)."""
+    return pixels.float().div_(255)
 
 
 class Skip(NamedTuple):
@@ -134,14 +143,26 @@ class Skips:
 
 class Batches:
     """What the readers return: iterating gives the batches ([images, attributes] or with keys
-    [images, attributes, keys]); `skips` counts what could not be read. With `length`, every pass
+    [images, attributes, keys]; images float32 in [0, 1], on `device`, None: the CPU); a loader
+    bound for another device than the CPU gives uint8 images, converted here, after the copy to
+    the device (`to_unit_float`).
+    `skips` counts what could not be read. With `length`, every pass
     gives exactly that many batches: a pass left short by skipped samples reads the same shards
     again for the rest (webdataset's with_epoch did the same), so an epoch's length stays what
     the manifest says and exact resume holds. Only the first pass's losses are counted: it read
     the shards to the end, so a pass that reads them again meets the same ones."""
 
-    def __init__(self, loader, skips: Skips, length: int | None = None):
-        self.loader, self.skips, self.length = loader, skips, length
+    def __init__(self, loader, skips: Skips, length: int | None = None, device: torch.device | str | None = None):
+        self.loader, self.skips, self.length, self.device = loader, skips, length, device
+
+    def _landed(self, batch: list) -> list:
+        images, attributes, *keys = batch
+        if self.device is not None:  # pinned on a GPU's way (the loader): both copies are asynchronous
+            images, attributes = (
+                images.to(self.device, non_blocking=True),
+                attributes.to(self.device, non_blocking=True),
+            )
+        return [to_unit_float(images) if images.dtype == torch.uint8 else images, attributes, *keys]
 
     def __len__(self) -> int:
         if self.length is None:
@@ -160,7 +181,7 @@ class Batches:
                 if report is not None:
                     continue
                 self.skips.deliver(len(batch[1]))
-                yield batch
+                yield self._landed(batch)
                 delivered += 1
                 if delivered == self.length:
                     return

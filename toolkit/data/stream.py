@@ -1,6 +1,9 @@
 """The WebDataset pipeline that feeds training and evaluation.
 
-Batches are (images float32 [B, 3, H, W] in [0, 1], attributes float32 [B, A]).
+Batches are (images float32 [B, 3, H, W] in [0, 1], attributes float32 [B, A]), on the device the
+caller names (`device=`; the CPU by default). Bound for a GPU, the images cross from the DataLoader
+workers as uint8, pinned, and become float only there: a quarter of the bytes to move between
+processes, pin and copy, and a copy that does not wait for the GPU (see `_stages`).
 
 - `train_batches`: an endless stream. Shards are *resampled* (drawn with replacement, seeded by
   seed, rank and worker), so every rank always has a next batch and step-based training never
@@ -41,7 +44,13 @@ from PIL import Image
 from torch.utils.data import default_collate
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from toolkit.data.batches import DEFAULT_MAX_SKIPPED_FRACTION, Batches, Skip, Skips  # noqa: F401 (Skips: re-exported)
+from toolkit.data.batches import (  # noqa: F401 (Skips: re-exported)
+    DEFAULT_MAX_SKIPPED_FRACTION,
+    Batches,
+    Skip,
+    Skips,
+    to_unit_float,
+)
 from toolkit.data.shards import npy_header
 from toolkit.errors import UserError, one_line
 from toolkit.formats import FIELDS, MANIFEST
@@ -183,6 +192,13 @@ class WrongSize(ValueError):
 def decode(sample: dict, with_keys: bool = False, expected_size=None) -> tuple:
     """(image float [3, H, W] in [0, 1], attributes float [A]) and, with_keys, the sample's key.
     expected_size (H, W): refuse an image of another size before decoding its pixels."""
+    pixels, *rest = _decode_sample(sample, with_keys, expected_size)
+    return (to_unit_float(pixels), *rest)
+
+
+def _decode_sample(sample: dict, with_keys: bool = False, expected_size=None) -> tuple:
+    """`decode` with the pixels left uint8 [3, H, W]: what crosses from the loader workers (a quarter
+    of float32's bytes to move, pin and copy to the GPU; `Batches` converts them where they land)."""
     ext = "png" if "png" in sample else "jpg"
     if ext not in sample or "attr.npy" not in sample:
         raise UserError(
@@ -190,7 +206,7 @@ def decode(sample: dict, with_keys: bool = False, expected_size=None) -> tuple:
             f"{'.attr.npy' if ext in sample else 'image (.png or .jpg)'} member; the shard was not written by "
             "`cvae-tk shards`, or it is damaged"
         )
-    pixels = _decode_image(sample[ext], expected_size).float().div_(255)
+    pixels = _decode_image(sample[ext], expected_size)
     attributes = attribute_vector(sample["attr.npy"])
     decoded = (pixels, torch.from_numpy(attributes.astype(np.float32)))
     return (*decoded, sample["__key__"]) if with_keys else decoded
@@ -339,12 +355,19 @@ def _check_sample(decoded: tuple, image_size, num_attributes: int | None) -> str
 
 
 def _decode_batches(
-    source, batch_size: int, partial: bool, with_keys: bool, count: ReadCount, image_size=None, num_attributes=None
+    source,
+    batch_size: int,
+    partial: bool,
+    with_keys: bool,
+    count: ReadCount,
+    image_size=None,
+    num_attributes=None,
+    unit_float: bool = True,
 ):
     """Decode and batch (what wds.map(decode) + wds.batched did). Yields (batch, None, read) and, at
     once for every skip report or undecodable sample, (None, Skip, read); read: the samples the
     reader has yielded since the previous item (the shuffle buffer reads ahead of the batches, so
-    both losses and reads are counted when read)."""
+    both losses and reads are counted when read). Images float in [0, 1], or uint8 unless `unit_float`."""
     batch, counted = [], 0
 
     def read() -> int:
@@ -357,8 +380,10 @@ def _decode_batches(
             yield None, sample, read()
             continue
         try:
-            decoded = decode(sample, with_keys, image_size)
+            decoded = _decode_sample(sample, with_keys, image_size)
             problem = _check_sample(decoded, image_size, num_attributes)
+            if unit_float:
+                decoded = (to_unit_float(decoded[0]), *decoded[1:])
         except UserError as error:  # decode's own message (a missing member) names the sample
             problem = one_line(error)
         except WrongSize as error:
@@ -377,20 +402,42 @@ def _decode_batches(
         yield default_collate(batch), None, read()
 
 
-def _loader(pipeline, num_workers: int, seed: int):
+def _for_cpu(device) -> bool:
+    return device is None or torch.device(device).type == "cpu"
+
+
+def _loader(pipeline, num_workers: int, seed: int, device=None):
     # Its own generator: creating a loader iterator must not draw from the global RNG (exact resume).
+    # Batches bound for a GPU are pinned (a thread of the loader's), so that their copy to the device
+    # is asynchronous: from pageable memory CUDA waits for the stream first, and the next step's
+    # kernels could not be queued while this one runs.
     return torch.utils.data.DataLoader(
-        pipeline, batch_size=None, num_workers=num_workers, generator=torch.Generator().manual_seed(seed)
+        pipeline,
+        batch_size=None,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+        pin_memory=not _for_cpu(device) and torch.device(device).type == "cuda",
     )
 
 
 def _stages(
-    counts: dict[str, int], manifest: dict, batch_size: int, partial_batches: bool, with_keys: bool, shuffle=None
+    counts: dict[str, int],
+    manifest: dict,
+    batch_size: int,
+    partial_batches: bool,
+    with_keys: bool,
+    shuffle=None,
+    device=None,
 ) -> list:
     """The pipeline after the shard list. At this point items are {"url": ...}; `_read_shards`
     turns them into samples (dicts of tar members) with a `Skip` where a shard fails; the shuffle
     (training only) mixes samples, passing Skips straight on; `_decode_batches` yields (batch,
-    None, read) or (None, Skip, read). The first and last stage share the count of samples read."""
+    None, read) or (None, Skip, read). The first and last stage share the count of samples read.
+
+    Where the images become float follows `device`: for the CPU, in the workers, image by image
+    (each worker is one thread; in the main process the conversion's threads would compete with
+    the workers for the cores: 10x its CPU time with 2 workers on 2 cores, bench/feed.py); for
+    another device, after the copy there (`Batches`), so uint8 crosses from the workers."""
     count = ReadCount()
     return [
         partial(_read_shards, counts=counts, count=count),
@@ -403,6 +450,7 @@ def _stages(
             count=count,
             image_size=manifest.get("image_size"),
             num_attributes=len(manifest.get("attributes", [])) or None,
+            unit_float=_for_cpu(device),
         ),
     ]
 
@@ -451,20 +499,30 @@ def train_batches(
     max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
     skips: Skips | None = None,
     manifest: dict | None = None,
+    device: torch.device | str | None = None,
 ) -> Batches:
     """Endless shuffled batches from the train split (see the module docstring). `skips`: a counter to
     add to (one per run), else a new one checking `max_skipped_fraction`. `manifest`: the split's, if
-    the caller has read it already (`read_manifest`)."""
+    the caller has read it already (`read_manifest`). `device`: where the batches are wanted (they
+    cross from the workers as uint8 and become float there); None: the CPU."""
     manifest = manifest or read_manifest(shards, "train")
     counts = {_join(shards, "train", name): count for name, count in manifest["shards"].items()}
     pipeline = wds.DataPipeline(
         wds.ResampledShards(list(counts), seed=seed, deterministic=True),
         *_stages(
-            counts, manifest, batch_size, False, with_keys, partial(_worker_shuffle, bufsize=shuffle_buffer, seed=seed)
+            counts,
+            manifest,
+            batch_size,
+            False,
+            with_keys,
+            partial(_worker_shuffle, bufsize=shuffle_buffer, seed=seed),
+            device,
         ),
     )
     return Batches(
-        _loader(pipeline, num_workers, seed), _skips(skips, "train", shards, manifest, max_skipped_fraction)
+        _loader(pipeline, num_workers, seed, device),
+        _skips(skips, "train", shards, manifest, max_skipped_fraction),
+        device=device,
     )
 
 
@@ -517,10 +575,12 @@ def epoch_batches(
     max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
     skips: Skips | None = None,
     manifest: dict | None = None,
+    device: torch.device | str | None = None,
 ) -> Batches:
     """One epoch of shuffled batches for `rank` of `world` (see the module docstring); has len().
     `skips`: a counter to add to (one per run), else a new one checking `max_skipped_fraction`.
-    `manifest`: the split's, if the caller has read it already (`read_manifest`)."""
+    `manifest`: the split's, if the caller has read it already (`read_manifest`). `device`: where the
+    batches are wanted (see `train_batches`)."""
     manifest = manifest or read_manifest(shards, split)
     urls = [_join(shards, split, name) for name in manifest["shards"]]
     workers = max(num_workers, 1)
@@ -541,12 +601,14 @@ def epoch_batches(
             with_keys,
             # a radix of its own since the first release (distinct for epochs < 7,919): the same batches on resume
             partial(_worker_shuffle, bufsize=shuffle_buffer, seed=derive_seed(seed, epoch, radix=7919)),
+            device,
         ),
     )
     return Batches(
-        _loader(pipeline, num_workers, seed),
+        _loader(pipeline, num_workers, seed, device),
         _skips(skips, split, shards, manifest, max_skipped_fraction),
         length=count,
+        device=device,
     )
 
 
@@ -591,14 +653,18 @@ def eval_batches(
     batch_size: int = 256,
     max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
     manifest: dict | None = None,
+    device: torch.device | str | None = None,
 ) -> Batches:
     """One ordered pass over `split`: every readable sample exactly once, in shard order. Unreadable
     ones are skipped and counted in `.skips` (a UserError past `max_skipped_fraction` of the split).
-    `manifest`: the split's, if the caller has read it already (`read_manifest`)."""
+    `manifest`: the split's, if the caller has read it already (`read_manifest`). `device`: where
+    the batches are wanted (see `train_batches`)."""
     manifest = manifest or read_manifest(shards, split)
     counts = {_join(shards, split, name): count for name, count in manifest["shards"].items()}
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(list(counts)),
-        *_stages(counts, manifest, batch_size, True, False),
+        *_stages(counts, manifest, batch_size, True, False, device=device),
     )
-    return Batches(_loader(pipeline, 0, 0), Skips(split, shards, manifest["count"], max_skipped_fraction))
+    return Batches(
+        _loader(pipeline, 0, 0, device), Skips(split, shards, manifest["count"], max_skipped_fraction), device=device
+    )
