@@ -5,11 +5,11 @@
 # training feed; `sample` joins the parts, runs the CUDA sampler tests and the sampling benchmark.
 #   OUT=/tmp/out [TRAIN_CONFIGS="paper:no:64:120 ..."] [LOADER_WORKERS="1 4 8 16"] bash bench/gpu.sh train
 #   OUT=/tmp/out bash bench/gpu.sh sample [tests]
-# Made beforehand, git-ignored (.git/info/exclude): .gpuw/ = wheels of webdataset, braceexpand and
-# omegaconf (pip download --python-version 3.12 ...); .gpu1/xpart.00 + .gpu2/xpart.01 = the
-# onnxruntime-gpu 1.31.1 cp312 wheel unzipped, its CUDA provider pruned to sm_90
-# (bench/prune_fatbin.py), `tar cf - . | xz -6`, split -b 35000000. Each stage's call carries
-# .gpuw, the code and one part; the second call must reach the machine while it is still warm.
+# Made beforehand by `bash bench/gpu_prepare.sh` (git-ignored): .gpuw/ = wheels of webdataset,
+# braceexpand and omegaconf; .gpu1/xpart.00 + .gpu2/xpart.01 = the onnxruntime-gpu 1.31.1 cp312
+# wheel unzipped, its CUDA provider pruned to sm_90 (bench/prune_fatbin.py), xz'd and split in two.
+# Each stage's call carries .gpuw, the code and one part; the second call must reach the machine
+# while it is still warm.
 set -u
 stage=${1:?train or sample}
 OUT=${OUT:-/tmp/cvae-gpu-out}
