@@ -258,6 +258,24 @@ def test_too_few_shards_for_the_ranks_names_the_cause(digits_shards, tmp_path):
     assert BatchStream(config, rank=2, world=3).length(0) == BatchStream.SEGMENT
 
 
+@pytest.mark.parametrize("sampling", ["epochs", "resampled"])
+def test_the_trainers_batches_land_on_its_device(digits_shards, tmp_path, monkeypatch, sampling):
+    from toolkit import train as train_module
+
+    config = quick(digits_shards, tmp_path / "run", "max_steps=1", f"data.sampling={sampling}")
+    # the stream converts where it is told: "meta" stands for a GPU (uint8 crosses, float lands there)
+    _, _, (images, attributes) = next(train_module.BatchStream(config, 0, 1, device="meta").batches(0))
+    assert images.device.type == attributes.device.type == "meta" and images.dtype == torch.float32
+    # and the trainer tells it its accelerator's device
+    devices = []
+    real = train_module.BatchStream
+    monkeypatch.setattr(
+        train_module, "BatchStream", lambda *args: devices.append(args[4]) or real(*args)
+    )  # fmt: skip
+    train(config)
+    assert devices == [torch.device("cpu")]
+
+
 def test_resuming_with_another_data_order_warns_once_and_goes_on(digits_shards, tmp_path, capfd):
     common = ["checkpoint_every=4"]
     train(quick(digits_shards, tmp_path / "run", "max_steps=4", *common))

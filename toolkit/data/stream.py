@@ -416,7 +416,7 @@ def _loader(pipeline, num_workers: int, seed: int, device=None):
         batch_size=None,
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
-        pin_memory=not _for_cpu(device) and torch.device(device).type == "cuda",
+        pin_memory=device is not None and torch.device(device).type == "cuda",
     )
 
 
