@@ -1,27 +1,34 @@
-"""Benchmark: how fast training is fed. The same model, precision and optimiser, four ways of feeding it:
+"""Benchmark: how fast training is fed. The same model, precision and optimiser, several ways of feeding it:
 
-  memory     the same batches held in device memory (the ceiling: no data loading at all)
-  shards     cvae-tk's pipeline: WebDataset shards -> `epoch_batches(device=...)` (what the trainer
-             reads: on the way to a GPU the images cross from the workers as uint8, pinned, copied
-             without waiting for the GPU, converted there)
-  shards_cpu the same pipeline read for the CPU, then copied (what the trainer did until 2026-12-05:
-             float32 batches in pageable memory; on a GPU only, where the two differ)
-  folder     the usual way: a folder of JPEGs through an ImageFolder-style Dataset
-             (per-sample PIL decode, centre crop, resize, to-tensor) and a DataLoader
+  memory       the same batches held in device memory (the ceiling: no data loading at all)
+  shards       cvae-tk's pipeline as the trainer reads it: WebDataset shards -> one `EpochStream`
+               whose loader workers live from epoch to epoch, bound for the device (on the way to a
+               GPU the images cross from the workers as uint8, pinned, copied without waiting for
+               the GPU, converted there)
+  shards_fresh the same, but `epoch_batches` per epoch: new loader workers every epoch (what the
+               trainer did until 2026-12-06)
+  shards_cpu   `epoch_batches` per epoch read for the CPU, then copied (what the trainer did until
+               2026-12-05: float32 batches in pageable memory; on a GPU only, where it differs)
+  folder       the usual way: a folder of JPEGs through an ImageFolder-style Dataset (per-sample PIL
+               decode, centre crop, resize, to-tensor) and one DataLoader with persistent workers
 
 Reports images/s for each and the ratios shards/memory ("pipeline efficiency") and shards/folder;
 writes bench/results/train.json. The data: a generated CelebA-format folder of 178x218 JPEGs,
-made into 64x64 shards with the celeba64 crop (centre 148).
+made into 64x64 shards with the celeba64 crop (centre 148). With --loader-only, each feed's own
+rate over --epochs epochs (no model), which includes each epoch's start.
 
     .venv/bin/python bench/train.py [--arch resnet|paper] [--steps 20] [--batch-size 64]
-        [--precision no|bf16|fp16] [--workers N] [--images 4000] [--device cuda|cpu] [--loader-only]
+        [--precision no|bf16|fp16] [--workers N] [--images 4000] [--device cuda|cpu]
+        [--loader-only [--epochs 3]]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -37,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shards import make_folder  # noqa: E402  (bench/shards.py)
 from toolkit.data.build import ImageSpec, build_shards  # noqa: E402
 from toolkit.data.celeba import read_celeba  # noqa: E402
-from toolkit.data.stream import epoch_batches  # noqa: E402
+from toolkit.data.stream import EpochStream, epoch_batches  # noqa: E402
 from toolkit.loss import cvae_loss  # noqa: E402
 from toolkit.model import CVAE, ModelSpec, arch_options  # noqa: E402
 
@@ -87,9 +94,18 @@ def images_per_second(model, optimizer, batches, steps: int, device, precision: 
     return count / (time.perf_counter() - start)
 
 
-def endless(make):
-    while True:
-        yield from make()
+def epoch_starts(epoch, epochs: int) -> float:
+    """The median ms from asking for epoch k's batches to holding the first, k = 1..epochs (epoch 0,
+    read first in full, starts the workers either way)."""
+    waits = []
+    for k in range(epochs + 1):
+        start = time.perf_counter()
+        batches = iter(epoch(k))
+        next(batches)
+        waits.append((time.perf_counter() - start) * 1e3)
+        for _ in batches:
+            pass
+    return statistics.median(waits[1:])
 
 
 def main() -> None:
@@ -102,7 +118,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--work", type=Path, help="keep the generated folder and shards here")
-    parser.add_argument("--loader-only", action="store_true", help="time one epoch of each loader without a model")
+    parser.add_argument("--loader-only", action="store_true", help="time each loader without a model")
+    parser.add_argument("--epochs", type=int, default=3, help="--loader-only: epochs per feed and run")
     args = parser.parse_args()
     device = torch.device(args.device)
 
@@ -121,12 +138,16 @@ def main() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def from_shards():
-        # as the trainer reads them: bound for the device (uint8 and pinned on their way to a GPU)
-        return iter(
-            epoch_batches(
-                shards, "train", args.batch_size, num_workers=args.workers, shuffle_buffer=1000, device=device
+        # as the trainer reads them: one stream for every epoch, bound for the device
+        epochs = EpochStream(shards, "train", args.batch_size, num_workers=args.workers, device=device)
+        for epoch in itertools.count():
+            yield from epochs.epoch(epoch)
+
+    def each_epoch(**device_if_any):  # a loader, and so its workers, made anew for every epoch
+        for epoch in itertools.count():
+            yield from epoch_batches(
+                shards, "train", args.batch_size, epoch=epoch, num_workers=args.workers, **device_if_any
             )
-        )
 
     def from_folder():
         dataset = JpegFolder(table.splits["train"], 64, 148)
@@ -137,51 +158,71 @@ def main() -> None:
             num_workers=args.workers,
             drop_last=True,
             pin_memory=device.type == "cuda",
-            persistent_workers=False,
+            persistent_workers=args.workers > 0,
         )
-        return iter(loader)
+        while True:
+            yield from loader
 
-    def from_shards_cpu():
-        return iter(epoch_batches(shards, "train", args.batch_size, num_workers=args.workers, shuffle_buffer=1000))
-
-    feeds = {"shards": from_shards, "folder": from_folder}
+    feeds = {
+        "shards": from_shards,
+        "shards_fresh": lambda: each_epoch(device=device),
+        "folder": from_folder,
+    }
     if device.type == "cuda":
-        feeds["shards_cpu"] = from_shards_cpu
-    if args.loader_only:  # the feeds' own rates: one epoch each, twice, interleaved
+        feeds["shards_cpu"] = each_epoch
+    if args.loader_only:  # the feeds' own rates over --epochs epochs each (their starts included), twice, interleaved
+        per_epoch = len(table.splits["train"]) // args.batch_size
         rates = {}
         for _ in range(2):
             for name, make in feeds.items():
-                start, count = time.perf_counter(), 0
-                for images, _ in make():
+                batches, start, count = make(), time.perf_counter(), 0
+                for images, _ in itertools.islice(batches, per_epoch * args.epochs):
                     count += len(images)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 rates.setdefault(name, []).append(count / (time.perf_counter() - start))
+                batches.close()  # its workers stop before the next feed's start
         rate = {name: sum(v) / len(v) for name, v in rates.items()}
         print(
-            f"loader only, {args.workers} workers, batch {args.batch_size}: shards {rate['shards']:.0f} images/s, "
-            f"JPEG folder {rate['folder']:.0f} images/s, shards / folder {rate['shards'] / rate['folder']:.2f}x"
-            + (f"; shards read for the CPU {rate['shards_cpu']:.0f} images/s" if "shards_cpu" in rate else "")
+            f"loader only, {args.workers} workers, batch {args.batch_size}, {args.epochs} epochs: "
+            + ", ".join(f"{name} {value:.0f}" for name, value in rate.items())
+            + f" images/s; shards / folder {rate['shards'] / rate['folder']:.2f}x, "
+            f"shards / shards_fresh {rate['shards'] / rate['shards_fresh']:.2f}x"
+        )
+        # what a consumer waits for at each epoch's start: the first batch, workers kept or started anew
+        epochs = EpochStream(shards, "train", args.batch_size, num_workers=args.workers, device=device)
+        kept = epoch_starts(epochs.epoch, args.epochs)
+        del epochs
+        fresh = epoch_starts(
+            lambda epoch: epoch_batches(
+                shards, "train", args.batch_size, epoch=epoch, num_workers=args.workers, device=device
+            ),
+            args.epochs,
+        )
+        print(
+            f"first batch of an epoch (median of epochs 1..{args.epochs}): workers kept {kept:.1f} ms, started anew {fresh:.1f} ms"
         )
         return
 
-    held = [tuple(t.to(device) for t in batch) for _, batch in zip(range(8), from_shards())]
+    first = from_shards()
+    held = [tuple(t.to(device) for t in batch) for _, batch in zip(range(8), first)]
+    first.close()
+    feeds = {"memory": lambda: itertools.cycle(held), **feeds}
     rates = {}
     # interleaved twice, the median (of 2: the mean) counts, so a noisy moment hits every way alike
     for _ in range(2):
-        for name, batches in (
-            ("memory", endless(lambda: iter(held))),
-            *((name, endless(make)) for name, make in feeds.items()),
-        ):
+        for name, make in feeds.items():
+            batches = make()
             rates.setdefault(name, []).append(
                 images_per_second(model, optimizer, batches, args.steps, device, args.precision)
             )
+            getattr(batches, "close", lambda: None)()  # its workers stop before the next feed's start
     rate = {name: sum(values) / len(values) for name, values in rates.items()}
 
     label = f"{args.arch} 64x64, batch {args.batch_size}, precision {args.precision}, {args.workers} loader workers, {device}"
     print(f"\ntraining images/s ({label})")
     for name in rate:
-        print(f"  {name:10} {rate[name]:10.1f}")
+        print(f"  {name:12} {rate[name]:10.1f}")
     print(
         f"pipeline efficiency (shards / memory): {rate['shards'] / rate['memory']:.2f}; "
         f"shards / JPEG folder: {rate['shards'] / rate['folder']:.2f}x"

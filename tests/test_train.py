@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+from itertools import islice
 
 import pytest
 import torch
@@ -274,6 +275,24 @@ def test_the_trainers_batches_land_on_its_device(digits_shards, tmp_path, monkey
     )  # fmt: skip
     train(config)
     assert devices == [torch.device("cpu")]
+
+
+def test_the_trainers_batches_from_any_index_are_an_uninterrupted_runs_across_epochs(digits_shards, tmp_path):
+    from toolkit.train import BatchStream
+
+    # 2 train shards (1000 + 618), 2 workers, batch 16: epochs of 62 + 38 = 100 batches, read by one
+    # loader whose workers live through every epoch; a resumed run opens it at its index
+    config = quick(digits_shards, tmp_path / "run", "data.num_workers=2", "data.record_keys=true")
+
+    def keys(start: int, count: int) -> list[tuple[int, bool, list[str]]]:
+        stream = BatchStream(config, 0, 1)
+        return [(segment, last, batch[2]) for segment, last, batch in islice(stream.batches(start), count)]
+
+    straight = keys(0, 210)
+    assert [segment for segment, _, _ in straight] == [0] * 100 + [1] * 100 + [2] * 10
+    assert [index for index, (_, last, _) in enumerate(straight) if last] == [99, 199]
+    assert keys(95, 10) == straight[95:105] and keys(150, 60) == straight[150:]
+    assert [k for _, _, k in straight[:100]] != [k for _, _, k in straight[100:200]]  # each epoch shuffled anew
 
 
 def test_resuming_with_another_data_order_warns_once_and_goes_on(digits_shards, tmp_path, capfd):

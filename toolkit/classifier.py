@@ -28,7 +28,7 @@ from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
 from toolkit.atomic import save_state_dict, write_text
-from toolkit.data.stream import epoch_batches, eval_batches, read_manifest, worker_died
+from toolkit.data.stream import EpochStream, eval_batches, read_manifest, worker_died
 from toolkit.errors import UserError, one_line
 from toolkit.formats import CLASSIFIER_CONFIG as CONFIG
 from toolkit.formats import CLASSIFIER_WEIGHTS as WEIGHTS
@@ -213,7 +213,7 @@ def train_classifier(
     blur: float = 0.0,
     log=None,
 ) -> Path:
-    """Train on the train split (`epoch_batches`, epoch after epoch, until `steps` Adam steps), measure
+    """Train on the train split (`EpochStream`, epoch after epoch, until `steps` Adam steps), measure
     the accuracy on the real test images, write OUT/classifier.safetensors + classifier.json; returns
     the path of the weights. Deterministic on the CPU for a given seed. `log(str)` gets progress lines.
 
@@ -244,11 +244,11 @@ def train_classifier(
     flips = torch.Generator().manual_seed(seed + 1)
     pos_weight = positive_weights(shards).to(device) if balanced else None
     step, epoch, start, loss = 0, 0, time.perf_counter(), torch.tensor(float("nan"))
+    # one loader for every epoch: its workers are started once
+    epochs = EpochStream(shards, "train", batch_size, seed=seed, num_workers=num_workers, manifest=manifest)
     try:
         while step < steps:
-            for images, attributes in epoch_batches(
-                shards, "train", batch_size, epoch=epoch, seed=seed, num_workers=num_workers
-            ):
+            for images, attributes in epochs.epoch(epoch):
                 if hflip:
                     mirror = torch.rand(len(images), generator=flips) < 0.5
                     images = torch.where(mirror[:, None, None, None], images.flip(-1), images)

@@ -47,10 +47,10 @@ import toolkit
 from toolkit.atomic import atomic_path, write_text
 from toolkit.config import DataConfig, TrainConfig, load_config, to_yaml
 from toolkit.data.stream import (
+    EpochStream,
     Skips,
     batches_per_rank,
     derive_seed,
-    epoch_batches,
     eval_batches,
     read_manifest,
     train_batches,
@@ -152,7 +152,7 @@ def heldout_metrics(
 class BatchStream:
     """This rank's micro-batches as a sequence of segments, each rebuilt from the seed alone.
 
-    sampling=epochs: segment k is epoch k (`epoch_batches`: disjoint across ranks, the same length
+    sampling=epochs: segment k is epoch k (`EpochStream`: disjoint across ranks, the same length
     on every rank). sampling=resampled: segment k is SEGMENT batches of `train_batches` seeded
     with (seed, k). Starting at any micro-batch index opens its segment and skips to it, so a
     resumed run sees exactly the batches an uninterrupted run would have seen. `device`: where the
@@ -170,6 +170,7 @@ class BatchStream:
         device: torch.device | None = None,
     ):
         self.config, self.rank, self.world, self.device = config, rank, world, device
+        self.epochs: EpochStream | None = None  # sampling=epochs: made at the first epoch read
         self.data = config.data
         # the train split's manifest, read once for every segment (given by the trainer, which has read it)
         self.manifest = manifest = manifest or read_manifest(self.data.shards, "train")
@@ -217,21 +218,22 @@ class BatchStream:
                 device=self.device,
             )
             return islice(loader, self.SEGMENT)
-        return epoch_batches(
-            data.shards,
-            "train",
-            config.batch_size,
-            epoch=segment,
-            seed=config.seed,
-            rank=self.rank,
-            world=self.world,
-            num_workers=data.num_workers,
-            shuffle_buffer=data.shuffle_buffer,
-            with_keys=data.record_keys,
-            skips=self.skips,
-            manifest=self.manifest,
-            device=self.device,
-        )
+        if self.epochs is None:  # one loader for every epoch: its workers are started once
+            self.epochs = EpochStream(
+                data.shards,
+                "train",
+                config.batch_size,
+                seed=config.seed,
+                rank=self.rank,
+                world=self.world,
+                num_workers=data.num_workers,
+                shuffle_buffer=data.shuffle_buffer,
+                with_keys=data.record_keys,
+                skips=self.skips,
+                manifest=self.manifest,
+                device=self.device,
+            )
+        return self.epochs.epoch(segment)
 
     def batches(self, start: int):
         """Yield (segment, last of its segment, batch) from micro-batch index `start` on, forever."""

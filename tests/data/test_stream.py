@@ -5,6 +5,7 @@ place are np.load's vectors."""
 from __future__ import annotations
 
 import io
+import multiprocessing
 from itertools import islice
 
 import numpy as np
@@ -206,3 +207,48 @@ def test_on_cuda_batches_land_pinned_and_within_an_ulp_of_the_cpus(digits_shards
         assert images.device.type == "cuda" and images.dtype == torch.float32
         assert torch.allclose(images.cpu(), want_images, rtol=2**-23, atol=0)  # CUDA: times the reciprocal of 255
         assert torch.equal(attributes.cpu(), want_attributes)
+
+
+# --- one loader for every epoch: workers started once, the same batches as a loader per epoch ----
+
+
+def _keys(batches, limit: int | None = None) -> list[str]:
+    return [key for _, _, keys in islice(batches, limit) for key in keys]
+
+
+def test_an_epoch_stream_starts_its_workers_once_and_gives_every_epochs_own_batches(digits_shards):
+    def fresh(epoch: int) -> list[str]:  # a loader, and its workers, made for this epoch alone
+        return _keys(
+            stream.epoch_batches(digits_shards, "train", 50, epoch=epoch, seed=5, num_workers=2, with_keys=True)
+        )
+
+    want = {epoch: fresh(epoch) for epoch in range(3)}
+    assert want[0] != want[1] and sorted(want[0]) != sorted(want[1])  # shuffled anew each epoch
+    assert not multiprocessing.active_children()  # those loaders' workers are gone
+
+    epochs = stream.EpochStream(digits_shards, "train", 50, seed=5, num_workers=2, with_keys=True)
+    assert len(epochs.epoch(0)) == len(want[0]) // 50 and _keys(epochs.epoch(0)) == want[0]
+    workers = {child.pid for child in multiprocessing.active_children()}
+    assert len(workers) == 2  # they outlive the epoch
+    assert _keys(epochs.epoch(0), 2) == want[0][:100]  # an epoch left after two batches...
+    assert _keys(epochs.epoch(1)) == want[1]  # ...does not leak into the next
+    assert _keys(epochs.epoch(2)) == want[2]
+    assert {child.pid for child in multiprocessing.active_children()} == workers  # the same two, all along
+    del epochs
+    assert not multiprocessing.active_children()  # and they stop with their stream
+
+
+def test_an_epoch_stream_bound_for_another_device_is_the_cpus_epoch_after_epoch(digits_shards):
+    # "meta" stands for a GPU: uint8 crosses, so the workers run a pipeline of their own; nothing to
+    # compare but the batch shapes and the order of the samples, which must follow the epoch
+    keys = {
+        device: [
+            _keys(epochs.epoch(epoch))
+            for epochs in [
+                stream.EpochStream(digits_shards, "train", 50, seed=1, num_workers=2, with_keys=True, device=device)
+            ]
+            for epoch in (0, 1)
+        ]
+        for device in (None, "meta")
+    }
+    assert keys[None] == keys["meta"] and keys[None][0] != keys[None][1]

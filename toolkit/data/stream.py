@@ -13,6 +13,8 @@ processes, pin and copy, and a copy that does not wait for the GPU (see `_stages
   to ranks, then to workers; each sample is seen at most once per epoch across all ranks (disjoint),
   and every rank gets exactly the same number of batches (the smallest any rank can fill), because
   an unequal count hangs DDP. The samples that do not fill those batches wait for another epoch.
+  `EpochStream` gives the same epochs one after another from one DataLoader whose workers are
+  started once (the trainer's and the classifier's way), not once per epoch.
 - `eval_batches`: one ordered pass over a split, every sample exactly once (for metrics, grids).
 
 The loaders are already rank- and worker-aware: do not hand them to `accelerator.prepare`.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import random
 import re
 import tarfile
@@ -406,17 +409,18 @@ def _for_cpu(device) -> bool:
     return device is None or torch.device(device).type == "cpu"
 
 
-def _loader(pipeline, num_workers: int, seed: int, device=None):
+def _loader(pipeline, num_workers: int, seed: int, device=None, persistent: bool = False):
     # Its own generator: creating a loader iterator must not draw from the global RNG (exact resume).
     # Batches bound for a GPU are pinned (a thread of the loader's), so that their copy to the device
     # is asynchronous: from pageable memory CUDA waits for the stream first, and the next step's
-    # kernels could not be queued while this one runs.
+    # kernels could not be queued while this one runs. `persistent`: the workers outlive a pass.
     return torch.utils.data.DataLoader(
         pipeline,
         batch_size=None,
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
         pin_memory=device is not None and torch.device(device).type == "cuda",
+        persistent_workers=persistent and num_workers > 0,
     )
 
 
@@ -535,16 +539,38 @@ def deal_shards(
     return order[rank::world][worker::workers]
 
 
+class SharedEpoch:
+    """The epoch a pass reads, set in the main process and read by the loader workers when the pass
+    starts (a shared-memory integer, as open_clip's SharedEpoch: workers that outlive an epoch keep
+    their copy of the dataset, so a plain attribute set later would never reach them)."""
+
+    def __init__(self, epoch: int = 0):
+        self.shared = multiprocessing.Value("q", epoch, lock=False)
+
+    @property
+    def value(self) -> int:
+        return int(self.shared.value)
+
+    @value.setter
+    def value(self, epoch: int) -> None:
+        self.shared.value = epoch
+
+
 class _EpochShards(torch.utils.data.IterableDataset):
-    def __init__(self, urls: list[str], epoch: int, seed: int, rank: int, world: int):
+    def __init__(self, urls: list[str], epoch: SharedEpoch, seed: int, rank: int, world: int):
         super().__init__()
         self.urls, self.epoch, self.seed, self.rank, self.world = urls, epoch, seed, rank, world
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for url in deal_shards(self.urls, self.epoch, self.seed, self.rank, self.world, worker, workers):
+        for url in deal_shards(self.urls, self.epoch.value, self.seed, self.rank, self.world, worker, workers):
             yield {"url": url}
+
+
+def _epoch_shuffle(source, bufsize: int, seed: int, epoch: SharedEpoch):
+    # a radix of its own since the first release (distinct for epochs < 7,919): the same batches on resume
+    yield from _worker_shuffle(source, bufsize, derive_seed(seed, epoch.value, radix=7919))
 
 
 def batches_per_rank(counts: dict[str, int], batch_size: int, epoch: int, seed: int, world: int, workers: int) -> int:
@@ -561,55 +587,79 @@ def batches_per_rank(counts: dict[str, int], batch_size: int, epoch: int, seed: 
     return min(per_rank)
 
 
-def epoch_batches(
-    shards: str | Path,
-    split: str = "train",
-    batch_size: int = 64,
-    epoch: int = 0,
-    seed: int = 0,
-    rank: int = 0,
-    world: int = 1,
-    num_workers: int = 0,
-    shuffle_buffer: int = 1000,
-    with_keys: bool = False,
-    max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
-    skips: Skips | None = None,
-    manifest: dict | None = None,
-    device: torch.device | str | None = None,
-) -> Batches:
-    """One epoch of shuffled batches for `rank` of `world` (see the module docstring); has len().
+class EpochStream:
+    """The epochs of one rank of N, one after another, from one DataLoader whose workers live from
+    the first epoch to the last: `.epoch(k)` gives the same `Batches` as `epoch_batches(epoch=k)`.
+    Starting every epoch's workers afresh (fork, open shards, fill the shuffle buffers) stalls the
+    consumer for a few batches' time per worker, which a short epoch (CUB's 93 batches; a small
+    benchmark's) feels in its rate. One epoch at a time: a new `.epoch()` ends the previous one.
     `skips`: a counter to add to (one per run), else a new one checking `max_skipped_fraction`.
-    `manifest`: the split's, if the caller has read it already (`read_manifest`). `device`: where the
-    batches are wanted (see `train_batches`)."""
-    manifest = manifest or read_manifest(shards, split)
-    urls = [_join(shards, split, name) for name in manifest["shards"]]
-    workers = max(num_workers, 1)
-    counts = dict(zip(urls, manifest["shards"].values()))
-    count = batches_per_rank(counts, batch_size, epoch, seed, world, workers)
-    if count == 0:
-        raise UserError(
-            f"{split} split of {shards} cannot give {world} rank(s) x {workers} worker(s) a batch of {batch_size} each: "
-            f"{len(urls)} shard(s), {manifest['count']} samples; use a smaller batch_size or rebuild with a smaller --shard-size"
+    `manifest`: the split's, if the caller has read it already (`read_manifest`). `device`: where
+    the batches are wanted (see `train_batches`). `persistent=False`: workers for one pass only."""
+
+    def __init__(
+        self,
+        shards: str | Path,
+        split: str = "train",
+        batch_size: int = 64,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        num_workers: int = 0,
+        shuffle_buffer: int = 1000,
+        with_keys: bool = False,
+        max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
+        skips: Skips | None = None,
+        manifest: dict | None = None,
+        device: torch.device | str | None = None,
+        persistent: bool = True,
+    ):
+        manifest = manifest or read_manifest(shards, split)
+        urls = [_join(shards, split, name) for name in manifest["shards"]]
+        self.shards, self.split, self.batch_size, self.seed = shards, split, batch_size, seed
+        self.rank, self.world, self.workers, self.device = rank, world, max(num_workers, 1), device
+        self.counts = dict(zip(urls, manifest["shards"].values()))
+        self.skips = _skips(skips, split, shards, manifest, max_skipped_fraction)
+        self.current = SharedEpoch()
+        pipeline = wds.DataPipeline(
+            _EpochShards(urls, self.current, seed, rank, world),
+            *_stages(
+                self.counts,
+                manifest,
+                batch_size,
+                False,
+                with_keys,
+                partial(_epoch_shuffle, bufsize=shuffle_buffer, seed=seed, epoch=self.current),
+                device,
+            ),
         )
-    pipeline = wds.DataPipeline(
-        _EpochShards(urls, epoch, seed, rank, world),
-        *_stages(
-            counts,
-            manifest,
-            batch_size,
-            False,
-            with_keys,
-            # a radix of its own since the first release (distinct for epochs < 7,919): the same batches on resume
-            partial(_worker_shuffle, bufsize=shuffle_buffer, seed=derive_seed(seed, epoch, radix=7919)),
-            device,
-        ),
-    )
-    return Batches(
-        _loader(pipeline, num_workers, seed, device),
-        _skips(skips, split, shards, manifest, max_skipped_fraction),
-        length=count,
-        device=device,
-    )
+        self.loader = _loader(pipeline, num_workers, seed, device, persistent)
+        self.count = manifest["count"]
+
+    def length(self, epoch: int) -> int:
+        """The batches every rank gets in `epoch`."""
+        return batches_per_rank(self.counts, self.batch_size, epoch, self.seed, self.world, self.workers)
+
+    def epoch(self, epoch: int) -> Batches:
+        count = self.length(epoch)
+        if count == 0:
+            raise UserError(
+                f"{self.split} split of {self.shards} cannot give {self.world} rank(s) x {self.workers} worker(s) a batch "
+                f"of {self.batch_size} each: {len(self.counts)} shard(s), {self.count} samples; use a smaller batch_size "
+                "or rebuild with a smaller --shard-size"
+            )
+        self.current.value = epoch  # read by the workers when the pass starts: after this, in `iter(loader)`
+        return Batches(self.loader, self.skips, length=count, device=self.device)
+
+
+def epoch_batches(
+    shards: str | Path, split: str = "train", batch_size: int = 64, epoch: int = 0, **options
+) -> Batches:
+    """One epoch of shuffled batches for one rank (see the module docstring); has len(). `options`:
+    `EpochStream`'s (seed, rank, world, num_workers, shuffle_buffer, with_keys, max_skipped_fraction,
+    skips, manifest, device). Its loader and workers serve this epoch only: for epoch after epoch,
+    keep one `EpochStream`."""
+    return EpochStream(shards, split, batch_size, persistent=False, **options).epoch(epoch)
 
 
 def attribute_vectors(shards: str | Path, split: str) -> np.ndarray:
