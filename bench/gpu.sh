@@ -3,7 +3,7 @@
 # pins do not apply there). Two stages, because onnxruntime-gpu (70 MB even with only the sm_90
 # kernels kept) travels in two parts of under 64 MiB: `train` stashes part 1 and measures the
 # training feed; `sample` joins the parts, runs the CUDA sampler tests and the sampling benchmark.
-#   OUT=/tmp/out [TRAIN_CONFIGS="paper:no:64:120 ..."] [LOADER_WORKERS="1 4 8 16"] bash bench/gpu.sh train
+#   OUT=/tmp/out [TRAIN_CONFIGS="paper:no:64:120 ..."] [LOADER_WORKERS="1 4 12 16"] bash bench/gpu.sh train
 #   OUT=/tmp/out bash bench/gpu.sh sample [tests]
 # Made beforehand by `bash bench/gpu_prepare.sh` (git-ignored): .gpuw/ = wheels of webdataset,
 # braceexpand and omegaconf; .gpu1/xpart.00 + .gpu2/xpart.01 = the onnxruntime-gpu 1.31.1 cp312
@@ -32,9 +32,10 @@ if [ "$stage" = train ]; then
   done
   # the shard reader's cost per image, now against before (bench/feed.py: PIL + np.load), on this host's cores
   timeout 90 python3 bench/feed.py --work $work --repeats 2 2>&1 | tail -3
-  # the feeds alone, by worker count: does the shard reader scale on this host? (not yet measured)
-  for workers in ${LOADER_WORKERS:-}; do
-    timeout 60 python3 bench/train.py --loader-only --workers $workers --images 12000 --work $work 2>&1 | tail -1
+  # the feeds alone, by worker count (12 unless LOADER_WORKERS says; "" for none): does the shard
+  # reader scale on this host, and what does an epoch's start cost with workers kept or started anew?
+  for workers in ${LOADER_WORKERS-12}; do
+    timeout 150 python3 bench/train.py --loader-only --epochs 2 --workers $workers --images 12000 --work $work 2>&1 | tail -2
   done
   exit 0
 fi
