@@ -277,12 +277,19 @@ def test_the_trainers_batches_land_on_its_device(digits_shards, tmp_path, monkey
     assert devices == [torch.device("cpu")]
 
 
-def test_the_trainers_batches_from_any_index_are_an_uninterrupted_runs_across_epochs(digits_shards, tmp_path):
+@pytest.mark.parametrize("sampling", ["epochs", "resampled"])
+def test_the_trainers_batches_from_any_index_are_an_uninterrupted_runs_across_segments(
+    digits_shards, tmp_path, monkeypatch, sampling
+):
     from toolkit.train import BatchStream
 
-    # 2 train shards (1000 + 618), 2 workers, batch 16: epochs of 62 + 38 = 100 batches, read by one
-    # loader whose workers live through every epoch; a resumed run opens it at its index
-    config = quick(digits_shards, tmp_path / "run", "data.num_workers=2", "data.record_keys=true")
+    # epochs: 2 train shards (1000 + 618), 2 workers, batch 16: epochs of 62 + 38 = 100 batches;
+    # resampled: segments of 100 batches here (1,000 in a run). Either is read by one loader whose
+    # workers live through every segment; a resumed run opens it at its index
+    monkeypatch.setattr(BatchStream, "SEGMENT", 100)
+    config = quick(
+        digits_shards, tmp_path / "run", "data.num_workers=2", "data.record_keys=true", f"data.sampling={sampling}"
+    )
 
     def keys(start: int, count: int) -> list[tuple[int, bool, list[str]]]:
         stream = BatchStream(config, 0, 1)
@@ -292,7 +299,7 @@ def test_the_trainers_batches_from_any_index_are_an_uninterrupted_runs_across_ep
     assert [segment for segment, _, _ in straight] == [0] * 100 + [1] * 100 + [2] * 10
     assert [index for index, (_, last, _) in enumerate(straight) if last] == [99, 199]
     assert keys(95, 10) == straight[95:105] and keys(150, 60) == straight[150:]
-    assert [k for _, _, k in straight[:100]] != [k for _, _, k in straight[100:200]]  # each epoch shuffled anew
+    assert [k for _, _, k in straight[:100]] != [k for _, _, k in straight[100:200]]  # each segment its own order
 
 
 def test_resuming_with_another_data_order_warns_once_and_goes_on(digits_shards, tmp_path, capfd):

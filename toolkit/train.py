@@ -48,12 +48,12 @@ from toolkit.atomic import atomic_path, write_text
 from toolkit.config import DataConfig, TrainConfig, load_config, to_yaml
 from toolkit.data.stream import (
     EpochStream,
+    ResampledStream,
     Skips,
     batches_per_rank,
     derive_seed,
     eval_batches,
     read_manifest,
-    train_batches,
     worker_died,
 )
 from toolkit.errors import UserError, one_line
@@ -153,8 +153,9 @@ class BatchStream:
     """This rank's micro-batches as a sequence of segments, each rebuilt from the seed alone.
 
     sampling=epochs: segment k is epoch k (`EpochStream`: disjoint across ranks, the same length
-    on every rank). sampling=resampled: segment k is SEGMENT batches of `train_batches` seeded
-    with (seed, k). Starting at any micro-batch index opens its segment and skips to it, so a
+    on every rank). sampling=resampled: segment k is SEGMENT batches of the stream seeded with
+    (seed, k) (`ResampledStream`). Either reader starts its loader workers once, for all segments.
+    Starting at any micro-batch index opens its segment and skips to it, so a
     resumed run sees exactly the batches an uninterrupted run would have seen. `device`: where the
     batches land (the readers copy and convert them there).
     """
@@ -170,7 +171,9 @@ class BatchStream:
         device: torch.device | None = None,
     ):
         self.config, self.rank, self.world, self.device = config, rank, world, device
-        self.epochs: EpochStream | None = None  # sampling=epochs: made at the first epoch read
+        # one of them, made when the first segment is read
+        self.epochs: EpochStream | None = None  # sampling=epochs
+        self.resampled: ResampledStream | None = None  # sampling=resampled
         self.data = config.data
         # the train split's manifest, read once for every segment (given by the trainer, which has read it)
         self.manifest = manifest = manifest or read_manifest(self.data.shards, "train")
@@ -206,18 +209,19 @@ class BatchStream:
     def _segment(self, segment: int):
         config, data = self.config, self.data
         if data.sampling == "resampled":
-            loader = train_batches(
-                data.shards,
-                config.batch_size,
-                derive_seed(config.seed, segment),
-                data.num_workers,
-                data.shuffle_buffer,
-                data.record_keys,
-                skips=self.skips,
-                manifest=self.manifest,
-                device=self.device,
-            )
-            return islice(loader, self.SEGMENT)
+            if self.resampled is None:  # one loader for every segment: its workers are started once
+                self.resampled = ResampledStream(
+                    data.shards,
+                    config.batch_size,
+                    data.num_workers,
+                    data.shuffle_buffer,
+                    data.record_keys,
+                    skips=self.skips,
+                    manifest=self.manifest,
+                    device=self.device,
+                    seed=config.seed,
+                )
+            return islice(self.resampled.batches(derive_seed(config.seed, segment)), self.SEGMENT)
         if self.epochs is None:  # one loader for every epoch: its workers are started once
             self.epochs = EpochStream(
                 data.shards,

@@ -252,3 +252,22 @@ def test_an_epoch_stream_bound_for_another_device_is_the_cpus_epoch_after_epoch(
         for device in (None, "meta")
     }
     assert keys[None] == keys["meta"] and keys[None][0] != keys[None][1]
+
+
+def test_a_resampled_stream_starts_its_workers_once_and_gives_every_seeds_own_batches(digits_shards):
+    def fresh(seed: int) -> list[str]:  # a loader, and its workers, made for this seed alone
+        return _keys(stream.train_batches(digits_shards, 50, seed=seed, num_workers=2, with_keys=True), 12)
+
+    want = {seed: fresh(seed) for seed in (3, 4)}
+    assert want[3] != want[4]
+    assert not multiprocessing.active_children()
+
+    streams = stream.ResampledStream(digits_shards, 50, num_workers=2, with_keys=True)
+    assert _keys(streams.batches(3), 12) == want[3]  # endless: left after 12 batches...
+    workers = {child.pid for child in multiprocessing.active_children()}
+    assert len(workers) == 2
+    assert _keys(streams.batches(4), 12) == want[4]  # ...without leaking into the next seed's
+    assert _keys(streams.batches(3), 12) == want[3]
+    assert {child.pid for child in multiprocessing.active_children()} == workers
+    del streams
+    assert not multiprocessing.active_children()

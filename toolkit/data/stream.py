@@ -493,41 +493,93 @@ def _skips(skips: Skips | None, split: str, shards, manifest: dict, max_skipped_
     return skips if skips is not None else Skips(split, shards, manifest["count"], max_skipped_fraction)
 
 
-def train_batches(
-    shards: str | Path,
-    batch_size: int,
-    seed: int = 0,
-    num_workers: int = 1,
-    shuffle_buffer: int = 1000,
-    with_keys: bool = False,
-    max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
-    skips: Skips | None = None,
-    manifest: dict | None = None,
-    device: torch.device | str | None = None,
-) -> Batches:
-    """Endless shuffled batches from the train split (see the module docstring). `skips`: a counter to
-    add to (one per run), else a new one checking `max_skipped_fraction`. `manifest`: the split's, if
-    the caller has read it already (`read_manifest`). `device`: where the batches are wanted (they
-    cross from the workers as uint8 and become float there); None: the CPU."""
-    manifest = manifest or read_manifest(shards, "train")
-    counts = {_join(shards, "train", name): count for name, count in manifest["shards"].items()}
-    pipeline = wds.DataPipeline(
-        wds.ResampledShards(list(counts), seed=seed, deterministic=True),
-        *_stages(
-            counts,
-            manifest,
-            batch_size,
-            False,
-            with_keys,
-            partial(_worker_shuffle, bufsize=shuffle_buffer, seed=seed),
-            device,
-        ),
-    )
-    return Batches(
-        _loader(pipeline, num_workers, seed, device),
-        _skips(skips, "train", shards, manifest, max_skipped_fraction),
-        device=device,
-    )
+class SharedNumber:
+    """A number a pass reads when it starts (an epoch, a stream's seed), set in the main process and
+    read by the loader workers: a shared-memory integer, as open_clip's SharedEpoch (workers that
+    outlive a pass keep their copy of the dataset, so a plain attribute set later never reaches them)."""
+
+    def __init__(self, value: int = 0):
+        self.shared = multiprocessing.Value("q", value, lock=False)
+
+    @property
+    def value(self) -> int:
+        return int(self.shared.value)
+
+    @value.setter
+    def value(self, value: int) -> None:
+        self.shared.value = value
+
+
+class ResampledStream:
+    """Endless shuffled batches from the train split (see the module docstring), one stream per seed,
+    all from one DataLoader whose workers are started once: `.batches(seed)` gives the same batches
+    as `train_batches(seed=seed)` (the trainer reads a new seed every 1,000 batches). One stream at
+    a time: a new `.batches()` ends the previous one. `skips`: a counter to add to (one per run),
+    else a new one checking `max_skipped_fraction`. `manifest`: the split's, if the caller has read
+    it already (`read_manifest`). `device`: where the batches are wanted (they cross from the
+    workers as uint8 and become float there); None: the CPU. `persistent=False`: workers for one
+    stream only."""
+
+    def __init__(
+        self,
+        shards: str | Path,
+        batch_size: int,
+        num_workers: int = 1,
+        shuffle_buffer: int = 1000,
+        with_keys: bool = False,
+        max_skipped_fraction: float = DEFAULT_MAX_SKIPPED_FRACTION,
+        skips: Skips | None = None,
+        manifest: dict | None = None,
+        device: torch.device | str | None = None,
+        persistent: bool = True,
+        seed: int = 0,
+    ):
+        manifest = manifest or read_manifest(shards, "train")
+        counts = {_join(shards, "train", name): count for name, count in manifest["shards"].items()}
+        self.device, self.skips = device, _skips(skips, "train", shards, manifest, max_skipped_fraction)
+        self.seed = SharedNumber(seed)
+        pipeline = wds.DataPipeline(
+            _ResampledShards(list(counts), self.seed),
+            *_stages(
+                counts,
+                manifest,
+                batch_size,
+                False,
+                with_keys,
+                partial(_shared_shuffle, bufsize=shuffle_buffer, seed=self.seed),
+                device,
+            ),
+        )
+        self.loader = _loader(pipeline, num_workers, seed, device, persistent)
+
+    def batches(self, seed: int) -> Batches:
+        self.seed.value = seed  # read by the workers when the stream starts: after this, in `iter(loader)`
+        return Batches(self.loader, self.skips, device=self.device)
+
+
+def train_batches(shards: str | Path, batch_size: int, seed: int = 0, num_workers: int = 1, **options) -> Batches:
+    """Endless shuffled batches from the train split, for one seed (see the module docstring).
+    `options`: `ResampledStream`'s (shuffle_buffer, with_keys, max_skipped_fraction, skips,
+    manifest, device). Its loader and workers serve this stream only: for one stream after
+    another, keep one `ResampledStream`."""
+    return ResampledStream(shards, batch_size, num_workers, persistent=False, seed=seed, **options).batches(seed)
+
+
+class _ResampledShards(wds.ResampledShards):
+    """webdataset's resampled shard list (the same draws from the same seed), its seed read from
+    `seed` when a pass starts, and every pass its first (the draws a new loader's workers make)."""
+
+    def __init__(self, urls: list[str], seed: SharedNumber):
+        super().__init__(urls, deterministic=True)
+        self.shared_seed = seed
+
+    def __iter__(self):
+        self.seed, self.epoch = self.shared_seed.value, -1
+        yield from super().__iter__()
+
+
+def _shared_shuffle(source, bufsize: int, seed: SharedNumber):
+    yield from _worker_shuffle(source, bufsize, seed.value)
 
 
 def deal_shards(
@@ -539,25 +591,8 @@ def deal_shards(
     return order[rank::world][worker::workers]
 
 
-class SharedEpoch:
-    """The epoch a pass reads, set in the main process and read by the loader workers when the pass
-    starts (a shared-memory integer, as open_clip's SharedEpoch: workers that outlive an epoch keep
-    their copy of the dataset, so a plain attribute set later would never reach them)."""
-
-    def __init__(self, epoch: int = 0):
-        self.shared = multiprocessing.Value("q", epoch, lock=False)
-
-    @property
-    def value(self) -> int:
-        return int(self.shared.value)
-
-    @value.setter
-    def value(self, epoch: int) -> None:
-        self.shared.value = epoch
-
-
 class _EpochShards(torch.utils.data.IterableDataset):
-    def __init__(self, urls: list[str], epoch: SharedEpoch, seed: int, rank: int, world: int):
+    def __init__(self, urls: list[str], epoch: SharedNumber, seed: int, rank: int, world: int):
         super().__init__()
         self.urls, self.epoch, self.seed, self.rank, self.world = urls, epoch, seed, rank, world
 
@@ -568,7 +603,7 @@ class _EpochShards(torch.utils.data.IterableDataset):
             yield {"url": url}
 
 
-def _epoch_shuffle(source, bufsize: int, seed: int, epoch: SharedEpoch):
+def _epoch_shuffle(source, bufsize: int, seed: int, epoch: SharedNumber):
     # a radix of its own since the first release (distinct for epochs < 7,919): the same batches on resume
     yield from _worker_shuffle(source, bufsize, derive_seed(seed, epoch.value, radix=7919))
 
@@ -620,7 +655,7 @@ class EpochStream:
         self.rank, self.world, self.workers, self.device = rank, world, max(num_workers, 1), device
         self.counts = dict(zip(urls, manifest["shards"].values()))
         self.skips = _skips(skips, split, shards, manifest, max_skipped_fraction)
-        self.current = SharedEpoch()
+        self.current = SharedNumber()
         pipeline = wds.DataPipeline(
             _EpochShards(urls, self.current, seed, rank, world),
             *_stages(
