@@ -456,6 +456,25 @@ def test_each_manifest_is_read_once_before_step_one(digits_shards, tmp_path, mon
     assert sorted(split for split, before in reads if before == 0) == ["test", "train"]
 
 
+def test_the_batch_order_is_the_released_one(digits_shards):
+    # What a checkpoint resumed by a newer cvae-tk reads must be what its run would have read: the
+    # first keys of each sampling with 2 workers, as the release before the persistent workers read
+    # them (the demo's weights pin the order with no workers)
+    from toolkit.data.stream import EpochStream, ResampledStream
+
+    def keys(batches) -> list[str]:
+        return [key for _, _, batch_keys in islice(batches, 2) for key in batch_keys]
+
+    resampled = ResampledStream(digits_shards, 3, num_workers=2, with_keys=True)
+    assert keys(resampled.batches(7)) == [
+        "digits_001132", "digits_001212", "digits_001225", "digits_000024", "digits_000098", "digits_000031",
+    ]  # fmt: skip
+    epochs = EpochStream(digits_shards, "train", 3, seed=3, num_workers=2, with_keys=True)
+    assert keys(epochs.epoch(1)) == [
+        "digits_000081", "digits_000038", "digits_000026", "digits_001152", "digits_001222", "digits_001154",
+    ]  # fmt: skip
+
+
 def test_derived_seeds_are_the_released_formulas():
     # Resuming a checkpoint reads the batches an uninterrupted run would have read only while these
     # stay as runs have always computed them (the demo's weights pin them too).
