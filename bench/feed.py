@@ -9,6 +9,10 @@
              a trainer's process spends receiving a batch) with the images crossing from the workers
              as uint8 (now, for batches bound for a GPU: converted where they land) against float32
              (for the CPU; before, for every device: converted image by image in the workers)
+  raw        one epoch as `epoch` (num_workers 0) from a copy of the shards whose images are stored
+             uncompressed (planar RGB bytes under the same member names, read by a decode patched
+             in): what storing small images uncompressed would give a worker, at what size. Not a
+             format cvae-tk writes: this measures whether it should
 
 Both ways give the same tensors (checked here on every sample, and in tests/data/test_stream.py). The data: generated CelebA-format JPEGs made into 64x64 shards
 (centre crop 148), as bench/train.py.
@@ -63,6 +67,29 @@ def samples(shards: Path) -> list[dict]:
     return list(found.values())
 
 
+def write_raw_copy(shards: Path, out: Path) -> int:
+    """The train split of `shards` with every image stored as planar RGB bytes [3, H, W] under its
+    member name (the reader's field filter takes the same names); returns the tars' bytes."""
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    (out / "train" / "manifest.json").write_bytes((shards / "train" / "manifest.json").read_bytes())
+    for path in sorted((shards / "train").glob("*.tar")):
+        with tarfile.open(path) as source, tarfile.open(out / "train" / path.name, "w") as target:
+            for member in source.getmembers():
+                data = source.extractfile(member).read()
+                if member.name.endswith((".jpg", ".png")):
+                    pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+                    data = np.ascontiguousarray(pixels.transpose(2, 0, 1)).tobytes()
+                    member.size = len(data)
+                target.addfile(member, io.BytesIO(data))
+    return sum(f.stat().st_size for f in (out / "train").glob("*.tar"))
+
+
+def raw_pixels(data: bytes, expected_size) -> torch.Tensor:
+    """What reading an uncompressed image would cost: its bytes viewed as uint8 [3, H, W]."""
+    height, width = expected_size
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(3, height, width)
+
+
 def best_of(repeats: int, work) -> float:
     times = []
     for _ in range(repeats):
@@ -115,7 +142,7 @@ def main() -> None:
     for label, decode in (("now", stream._decode_sample), ("before", decode_before)):
         seconds = best_of(args.repeats, lambda: [decode(sample, False, (64, 64)) for sample in loaded])
         per_image[label] = seconds / count * 1e6
-    real = stream._decode_sample
+    real, real_image = stream._decode_sample, stream._decode_image
     epoch = {}
     try:
         for label, decode in (("now", real), ("before", decode_before)):
@@ -128,6 +155,24 @@ def main() -> None:
             epoch[label] = count / best_of(args.repeats, one_epoch)
     finally:
         stream._decode_sample = real
+    raw = work / "shards64-raw"
+    raw_bytes, jpeg_bytes = write_raw_copy(shards, raw), sum(f.stat().st_size for f in shards.glob("train/*.tar"))
+    stored = {"jpeg": shards, "raw": raw}
+    first = {}
+    try:
+        for label in ("jpeg", "raw"):
+            if label == "raw":
+                stream._decode_image = raw_pixels
+
+            def one_raw_epoch():
+                for _ in stream.epoch_batches(stored[label], "train", 64, num_workers=0):
+                    pass
+
+            epoch[label] = count / best_of(args.repeats, one_raw_epoch)
+            first[label] = next(iter(stream.epoch_batches(stored[label], "train", 64, num_workers=0)))
+    finally:
+        stream._decode_image = real_image
+    assert all(torch.equal(a, b) for a, b in zip(first["jpeg"], first["raw"]))  # the same batches both ways
     crossed = {
         label: crossing(shards, args.workers, args.repeats, device)
         for label, device in (("now", "meta"), ("before", None))
@@ -140,6 +185,11 @@ def main() -> None:
     print(
         f"one epoch, one process: now {epoch['now']:.0f} images/s, before {epoch['before']:.0f} images/s, "
         f"{epoch['now'] / epoch['before']:.2f}x"
+    )
+    print(
+        f"stored uncompressed, one epoch, one process: {epoch['raw']:.0f} images/s against JPEG {epoch['jpeg']:.0f}, "
+        f"{epoch['raw'] / epoch['jpeg']:.2f}x; train tars {raw_bytes / 2**20:.1f} MB against {jpeg_bytes / 2**20:.1f} MB, "
+        f"{raw_bytes / jpeg_bytes:.1f}x the bytes"
     )
     (now_ms, now_rate), (before_ms, before_rate) = crossed["now"], crossed["before"]
     print(
