@@ -219,7 +219,11 @@ def main() -> None:
             getattr(batches, "close", lambda: None)()  # its workers stop before the next feed's start
     rate = {name: sum(values) / len(values) for name, values in rates.items()}
 
-    label = f"{args.arch} 64x64, batch {args.batch_size}, precision {args.precision}, {args.workers} loader workers, {device}"
+    epochs = args.steps * args.batch_size / len(table.splits["train"])  # shards vs shards_fresh differ at epoch starts
+    label = (
+        f"{args.arch} 64x64, batch {args.batch_size}, precision {args.precision}, {args.workers} loader workers, "
+        f"{device}; windows of {args.steps} steps = {epochs:.1f} epochs"
+    )
     print(f"\ntraining images/s ({label})")
     for name in rate:
         print(f"  {name:12} {rate[name]:10.1f}")
