@@ -171,12 +171,15 @@ def main() -> None:
     if device.type == "cuda":
         feeds["shards_cpu"] = each_epoch
     if args.loader_only:  # the feeds' own rates over --epochs epochs each (their starts included), twice, interleaved
-        per_epoch = len(table.splits["train"]) // args.batch_size
+        # as many batches for every feed: --epochs epochs of the shard reader (each worker's partial
+        # batch dropped, so an epoch is a little under train images / batch size)
+        lengths = EpochStream(shards, "train", args.batch_size, num_workers=args.workers)
+        window = sum(lengths.length(epoch) for epoch in range(args.epochs))
         rates = {}
         for _ in range(2):
             for name, make in feeds.items():
                 batches, start, count = make(), time.perf_counter(), 0
-                for images, _ in itertools.islice(batches, per_epoch * args.epochs):
+                for images, _ in itertools.islice(batches, window):
                     count += len(images)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -219,10 +222,11 @@ def main() -> None:
             getattr(batches, "close", lambda: None)()  # its workers stop before the next feed's start
     rate = {name: sum(values) / len(values) for name, values in rates.items()}
 
-    epochs = args.steps * args.batch_size / len(table.splits["train"])  # shards vs shards_fresh differ at epoch starts
+    # shards and shards_fresh differ at epoch starts: how many the window crosses
+    epochs = (args.steps + 3) / EpochStream(shards, "train", args.batch_size, num_workers=args.workers).length(0)
     label = (
         f"{args.arch} 64x64, batch {args.batch_size}, precision {args.precision}, {args.workers} loader workers, "
-        f"{device}; windows of {args.steps} steps = {epochs:.1f} epochs"
+        f"{device}; windows of 3 warm-up + {args.steps} steps = {epochs:.1f} epochs"
     )
     print(f"\ntraining images/s ({label})")
     for name in rate:

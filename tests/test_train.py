@@ -456,6 +456,31 @@ def test_each_manifest_is_read_once_before_step_one(digits_shards, tmp_path, mon
     assert sorted(split for split, before in reads if before == 0) == ["test", "train"]
 
 
+@pytest.mark.parametrize("sampling", ["epochs", "resampled"])
+def test_the_loader_workers_live_through_the_loop_and_stop_before_the_final_steps(
+    digits_shards, tmp_path, monkeypatch, sampling
+):
+    import multiprocessing
+
+    from toolkit import train as train_module
+
+    during, after = [], []
+    real_step, real_finish = train_module.Trainer.step, train_module.Trainer.finish
+
+    def stepping(self, *args, **kwargs):
+        during.append(len(multiprocessing.active_children()))
+        return real_step(self, *args, **kwargs)
+
+    def finishing(self):  # final metrics, weights, grid: a worker killed now would stop them unguarded
+        after.append(len(multiprocessing.active_children()))
+        return real_finish(self)
+
+    monkeypatch.setattr(train_module.Trainer, "step", stepping)
+    monkeypatch.setattr(train_module.Trainer, "finish", finishing)
+    train(quick(digits_shards, tmp_path / "run", "max_steps=3", "data.num_workers=2", f"data.sampling={sampling}"))
+    assert during == [2, 2, 2] and after == [0]
+
+
 def test_the_batch_order_is_the_released_one(digits_shards):
     # What a checkpoint resumed by a newer cvae-tk reads must be what its run would have read: the
     # first keys of each sampling with 2 workers, as the release before the persistent workers read

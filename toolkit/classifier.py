@@ -272,6 +272,8 @@ def train_classifier(
             f"a data loader worker died at classifier step {step + 1} ({one_line(error).rstrip('. ')}; the kernel's out-of-memory "
             "killer does this when memory runs out: lower data.num_workers or batch_size); nothing was written"
         ) from None
+    finally:
+        epochs.close()  # the workers stop before the test pass and the save, not at exit
     classifier.eval()
     accuracy = classifier_accuracy(classifier, shards, "test", device=str(device))
     meta = {

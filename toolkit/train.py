@@ -239,6 +239,12 @@ class BatchStream:
             )
         return self.epochs.epoch(segment)
 
+    def close(self) -> None:
+        """Stop the loader workers now (they outlive each segment; a later read starts new ones)."""
+        for reader in (self.epochs, self.resampled):
+            if reader is not None:
+                reader.close()
+
     def batches(self, start: int):
         """Yield (segment, last of its segment, batch) from micro-batch index `start` on, forever."""
         segment, offset = 0, start
@@ -777,7 +783,8 @@ class Trainer:
             ) from None
         finally:
             progress.close()
-            batches.close()  # stops the loader workers (and any pipe: readers) now, not at exit
+            batches.close()
+            self.stream.close()  # stops the loader workers (and any pipe: readers) now, not at exit
             if self.seen_file is not None:
                 self.seen_file.close()
 

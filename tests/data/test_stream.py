@@ -234,6 +234,9 @@ def test_an_epoch_stream_starts_its_workers_once_and_gives_every_epochs_own_batc
     assert _keys(epochs.epoch(1)) == want[1]  # ...does not leak into the next
     assert _keys(epochs.epoch(2)) == want[2]
     assert {child.pid for child in multiprocessing.active_children()} == workers  # the same two, all along
+    epochs.close()
+    assert not multiprocessing.active_children()  # stopped when asked...
+    assert _keys(epochs.epoch(1)) == want[1]  # ...and started again by a later epoch
     del epochs
     assert not multiprocessing.active_children()  # and they stop with their stream
 
@@ -269,5 +272,8 @@ def test_a_resampled_stream_starts_its_workers_once_and_gives_every_seeds_own_ba
     assert _keys(streams.batches(4), 12) == want[4]  # ...without leaking into the next seed's
     assert _keys(streams.batches(3), 12) == want[3]
     assert {child.pid for child in multiprocessing.active_children()} == workers
+    streams.close()
+    assert not multiprocessing.active_children()
+    assert _keys(streams.batches(4), 12) == want[4]
     del streams
     assert not multiprocessing.active_children()

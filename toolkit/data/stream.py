@@ -510,11 +510,20 @@ class SharedNumber:
         self.shared.value = value
 
 
+def _stop_workers(loader) -> None:
+    """Stop a DataLoader's persistent workers now (else they live until the loader is collected):
+    what torch's own iterator does when it is deleted, and what Lightning calls for the same need."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None:
+        iterator._shutdown_workers()
+        loader._iterator = None
+
+
 class ResampledStream:
     """Endless shuffled batches from the train split (see the module docstring), one stream per seed,
     all from one DataLoader whose workers are started once: `.batches(seed)` gives the same batches
     as `train_batches(seed=seed)` (the trainer reads a new seed every 1,000 batches). One stream at
-    a time: a new `.batches()` ends the previous one. `skips`: a counter to add to (one per run),
+    a time: after a new `.batches()`, do not read an older one's. `skips`: a counter to add to (one per run),
     else a new one checking `max_skipped_fraction`. `manifest`: the split's, if the caller has read
     it already (`read_manifest`). `device`: where the batches are wanted (they cross from the
     workers as uint8 and become float there); None: the CPU. `persistent=False`: workers for one
@@ -555,6 +564,10 @@ class ResampledStream:
     def batches(self, seed: int) -> Batches:
         self.seed.value = seed  # read by the workers when the stream starts: after this, in `iter(loader)`
         return Batches(self.loader, self.skips, device=self.device)
+
+    def close(self) -> None:
+        """Stop the workers (and any `pipe:` readers) now; a later `.batches()` starts new ones."""
+        _stop_workers(self.loader)
 
 
 def train_batches(shards: str | Path, batch_size: int, seed: int = 0, num_workers: int = 1, **options) -> Batches:
@@ -627,7 +640,7 @@ class EpochStream:
     the first epoch to the last: `.epoch(k)` gives the same `Batches` as `epoch_batches(epoch=k)`.
     Starting every epoch's workers afresh (fork, open shards, fill the shuffle buffers) stalls the
     consumer for a few batches' time per worker, which a short epoch (CUB's 93 batches; a small
-    benchmark's) feels in its rate. One epoch at a time: a new `.epoch()` ends the previous one.
+    benchmark's) feels in its rate. One epoch at a time: after a new `.epoch()`, do not read an older one's `Batches`.
     `skips`: a counter to add to (one per run), else a new one checking `max_skipped_fraction`.
     `manifest`: the split's, if the caller has read it already (`read_manifest`). `device`: where
     the batches are wanted (see `train_batches`). `persistent=False`: workers for one pass only."""
@@ -685,6 +698,10 @@ class EpochStream:
             )
         self.current.value = epoch  # read by the workers when the pass starts: after this, in `iter(loader)`
         return Batches(self.loader, self.skips, length=count, device=self.device)
+
+    def close(self) -> None:
+        """Stop the workers (and any `pipe:` readers) now; a later `.epoch()` starts new ones."""
+        _stop_workers(self.loader)
 
 
 def epoch_batches(
