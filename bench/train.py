@@ -163,6 +163,7 @@ def main() -> None:
         while True:
             yield from loader
 
+    batches_per_epoch = EpochStream(shards, "train", args.batch_size, num_workers=args.workers).length
     feeds = {
         "shards": from_shards,
         "shards_fresh": lambda: each_epoch(device=device),
@@ -173,8 +174,7 @@ def main() -> None:
     if args.loader_only:  # the feeds' own rates over --epochs epochs each (their starts included), twice, interleaved
         # as many batches for every feed: --epochs epochs of the shard reader (each worker's partial
         # batch dropped, so an epoch is a little under train images / batch size)
-        lengths = EpochStream(shards, "train", args.batch_size, num_workers=args.workers)
-        window = sum(lengths.length(epoch) for epoch in range(args.epochs))
+        window = sum(batches_per_epoch(epoch) for epoch in range(args.epochs))
         rates = {}
         for _ in range(2):
             for name, make in feeds.items():
@@ -223,7 +223,7 @@ def main() -> None:
     rate = {name: sum(values) / len(values) for name, values in rates.items()}
 
     # shards and shards_fresh differ at epoch starts: how many the window crosses
-    epochs = (args.steps + 3) / EpochStream(shards, "train", args.batch_size, num_workers=args.workers).length(0)
+    epochs = (args.steps + 3) / batches_per_epoch(0)
     label = (
         f"{args.arch} 64x64, batch {args.batch_size}, precision {args.precision}, {args.workers} loader workers, "
         f"{device}; windows of 3 warm-up + {args.steps} steps = {epochs:.1f} epochs"

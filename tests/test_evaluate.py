@@ -460,3 +460,30 @@ def test_classifier_blur_blurs_a_seeded_half_and_keeps_the_rest():
     assert torch.equal(blur_some(images, 2.0, torch.Generator().manual_seed(0)), out)
     with pytest.raises(UserError, match="blur"):
         train_classifier("unused", "unused", blur=-1.0)
+
+
+def test_the_classifiers_loader_workers_live_through_its_epochs_and_stop_before_the_test_pass(
+    digits_shards, tmp_path, monkeypatch
+):
+    import multiprocessing
+
+    import toolkit.classifier as classifier_module
+
+    during, at_test = [], []
+    forward, accuracy = AttributeClassifier.forward, classifier_module.classifier_accuracy
+    monkeypatch.setattr(
+        AttributeClassifier,
+        "forward",
+        lambda self, images: (
+            (during.append(len(multiprocessing.active_children())) if self.training else None) or forward(self, images)
+        ),
+    )
+    monkeypatch.setattr(
+        classifier_module,
+        "classifier_accuracy",
+        lambda *args, **kwargs: at_test.append(len(multiprocessing.active_children())) or accuracy(*args, **kwargs),
+    )
+    # 2 train shards (1000 + 618), 2 workers, batch 16: epochs of 100 batches; 110 steps cross into the second
+    train_classifier(digits_shards, tmp_path / "c", steps=110, batch_size=16, seed=0, width=4, depth=1, num_workers=2)
+    assert len(during) == 110 and set(during) == {2}  # two workers through both epochs
+    assert at_test == [0]

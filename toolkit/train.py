@@ -50,7 +50,6 @@ from toolkit.data.stream import (
     EpochStream,
     ResampledStream,
     Skips,
-    batches_per_rank,
     derive_seed,
     eval_batches,
     read_manifest,
@@ -171,16 +170,42 @@ class BatchStream:
         device: torch.device | None = None,
     ):
         self.config, self.rank, self.world, self.device = config, rank, world, device
-        # one of them, made when the first segment is read
-        self.epochs: EpochStream | None = None  # sampling=epochs
-        self.resampled: ResampledStream | None = None  # sampling=resampled
-        self.data = config.data
+        self.data = data = config.data
         # the train split's manifest, read once for every segment (given by the trainer, which has read it)
         self.manifest = manifest = manifest or read_manifest(self.data.shards, "train")
         self.counts = dict(manifest["shards"])
         self.train_count = manifest["count"]
         # unreadable samples of all segments; checked by the loop, summed over the ranks (`skipped`)
         self.skips = Skips("train", self.data.shards, self.train_count, self.data.max_skipped_fraction, check=False)
+        # one reader for every segment: its loader workers are started once (at the first read)
+        self.reader = (
+            ResampledStream(
+                data.shards,
+                config.batch_size,
+                data.num_workers,
+                data.shuffle_buffer,
+                data.record_keys,
+                skips=self.skips,
+                manifest=manifest,
+                device=device,
+                seed=config.seed,
+            )
+            if data.sampling == "resampled"
+            else EpochStream(
+                data.shards,
+                "train",
+                config.batch_size,
+                seed=config.seed,
+                rank=rank,
+                world=world,
+                num_workers=data.num_workers,
+                shuffle_buffer=data.shuffle_buffer,
+                with_keys=data.record_keys,
+                skips=self.skips,
+                manifest=manifest,
+                device=device,
+            )
+        )
         if self.data.sampling == "epochs" and self.data.num_workers > max(len(self.counts) // world, 1):
             # shards are dealt to ranks, then workers: the extra ones would start, read nothing and hold memory
             raise UserError(
@@ -201,49 +226,16 @@ class BatchStream:
             )
 
     def length(self, segment: int) -> int:
-        if self.data.sampling == "resampled":
-            return self.SEGMENT
-        workers = max(self.data.num_workers, 1)
-        return batches_per_rank(self.counts, self.config.batch_size, segment, self.config.seed, self.world, workers)
+        return self.SEGMENT if self.data.sampling == "resampled" else self.reader.length(segment)
 
     def _segment(self, segment: int):
-        config, data = self.config, self.data
-        if data.sampling == "resampled":
-            if self.resampled is None:  # one loader for every segment: its workers are started once
-                self.resampled = ResampledStream(
-                    data.shards,
-                    config.batch_size,
-                    data.num_workers,
-                    data.shuffle_buffer,
-                    data.record_keys,
-                    skips=self.skips,
-                    manifest=self.manifest,
-                    device=self.device,
-                    seed=config.seed,
-                )
-            return islice(self.resampled.batches(derive_seed(config.seed, segment)), self.SEGMENT)
-        if self.epochs is None:  # one loader for every epoch: its workers are started once
-            self.epochs = EpochStream(
-                data.shards,
-                "train",
-                config.batch_size,
-                seed=config.seed,
-                rank=self.rank,
-                world=self.world,
-                num_workers=data.num_workers,
-                shuffle_buffer=data.shuffle_buffer,
-                with_keys=data.record_keys,
-                skips=self.skips,
-                manifest=self.manifest,
-                device=self.device,
-            )
-        return self.epochs.epoch(segment)
+        if self.data.sampling == "resampled":
+            return islice(self.reader.batches(derive_seed(self.config.seed, segment)), self.SEGMENT)
+        return self.reader.epoch(segment)
 
     def close(self) -> None:
         """Stop the loader workers now (they outlive each segment; a later read starts new ones)."""
-        for reader in (self.epochs, self.resampled):
-            if reader is not None:
-                reader.close()
+        self.reader.close()
 
     def batches(self, start: int):
         """Yield (segment, last of its segment, batch) from micro-batch index `start` on, forever."""

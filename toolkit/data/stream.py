@@ -510,16 +510,28 @@ class SharedNumber:
         self.shared.value = value
 
 
-def _stop_workers(loader) -> None:
-    """Stop a DataLoader's persistent workers now (else they live until the loader is collected):
-    what torch's own iterator does when it is deleted, and what Lightning calls for the same need."""
-    iterator = getattr(loader, "_iterator", None)
-    if iterator is not None:
-        iterator._shutdown_workers()
-        loader._iterator = None
+class _Reader:
+    """What both multi-pass readers share: the pipeline after the shard source (`_stages`), one
+    DataLoader for every pass (its workers persistent unless `persistent=False`), the run's skip
+    counter, and `close()`."""
+
+    def __init__(
+        self, source, counts, manifest, batch_size, with_keys, shuffle, num_workers, seed, device, persistent, skips
+    ):
+        pipeline = wds.DataPipeline(source, *_stages(counts, manifest, batch_size, False, with_keys, shuffle, device))
+        self.loader = _loader(pipeline, num_workers, seed, device, persistent)
+        self.skips, self.device = skips, device
+
+    def close(self) -> None:
+        """Stop the workers (and any `pipe:` readers) now, not when the loader is collected; a later
+        pass starts new ones. What torch's iterator does when deleted (Lightning calls it too)."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None:
+            iterator._shutdown_workers()
+            self.loader._iterator = None
 
 
-class ResampledStream:
+class ResampledStream(_Reader):
     """Endless shuffled batches from the train split (see the module docstring), one stream per seed,
     all from one DataLoader whose workers are started once: `.batches(seed)` gives the same batches
     as `train_batches(seed=seed)` (the trainer reads a new seed every 1,000 batches). One stream at
@@ -545,29 +557,24 @@ class ResampledStream:
     ):
         manifest = manifest or read_manifest(shards, "train")
         counts = {_join(shards, "train", name): count for name, count in manifest["shards"].items()}
-        self.device, self.skips = device, _skips(skips, "train", shards, manifest, max_skipped_fraction)
         self.seed = SharedNumber(seed)
-        pipeline = wds.DataPipeline(
+        super().__init__(
             _ResampledShards(list(counts), self.seed),
-            *_stages(
-                counts,
-                manifest,
-                batch_size,
-                False,
-                with_keys,
-                partial(_shared_shuffle, bufsize=shuffle_buffer, seed=self.seed),
-                device,
-            ),
+            counts,
+            manifest,
+            batch_size,
+            with_keys,
+            partial(_shared_shuffle, bufsize=shuffle_buffer, seed=self.seed),
+            num_workers,
+            seed,
+            device,
+            persistent,
+            _skips(skips, "train", shards, manifest, max_skipped_fraction),
         )
-        self.loader = _loader(pipeline, num_workers, seed, device, persistent)
 
     def batches(self, seed: int) -> Batches:
         self.seed.value = seed  # read by the workers when the stream starts: after this, in `iter(loader)`
         return Batches(self.loader, self.skips, device=self.device)
-
-    def close(self) -> None:
-        """Stop the workers (and any `pipe:` readers) now; a later `.batches()` starts new ones."""
-        _stop_workers(self.loader)
 
 
 def train_batches(shards: str | Path, batch_size: int, seed: int = 0, num_workers: int = 1, **options) -> Batches:
@@ -635,7 +642,7 @@ def batches_per_rank(counts: dict[str, int], batch_size: int, epoch: int, seed: 
     return min(per_rank)
 
 
-class EpochStream:
+class EpochStream(_Reader):
     """The epochs of one rank of N, one after another, from one DataLoader whose workers live from
     the first epoch to the last: `.epoch(k)` gives the same `Batches` as `epoch_batches(epoch=k)`.
     Starting every epoch's workers afresh (fork, open shards, fill the shuffle buffers) stalls the
@@ -665,24 +672,22 @@ class EpochStream:
         manifest = manifest or read_manifest(shards, split)
         urls = [_join(shards, split, name) for name in manifest["shards"]]
         self.shards, self.split, self.batch_size, self.seed = shards, split, batch_size, seed
-        self.rank, self.world, self.workers, self.device = rank, world, max(num_workers, 1), device
-        self.counts = dict(zip(urls, manifest["shards"].values()))
-        self.skips = _skips(skips, split, shards, manifest, max_skipped_fraction)
+        self.rank, self.world, self.workers = rank, world, max(num_workers, 1)
+        self.counts, self.count = dict(zip(urls, manifest["shards"].values())), manifest["count"]
         self.current = SharedNumber()
-        pipeline = wds.DataPipeline(
+        super().__init__(
             _EpochShards(urls, self.current, seed, rank, world),
-            *_stages(
-                self.counts,
-                manifest,
-                batch_size,
-                False,
-                with_keys,
-                partial(_epoch_shuffle, bufsize=shuffle_buffer, seed=seed, epoch=self.current),
-                device,
-            ),
+            self.counts,
+            manifest,
+            batch_size,
+            with_keys,
+            partial(_epoch_shuffle, bufsize=shuffle_buffer, seed=seed, epoch=self.current),
+            num_workers,
+            seed,
+            device,
+            persistent,
+            _skips(skips, split, shards, manifest, max_skipped_fraction),
         )
-        self.loader = _loader(pipeline, num_workers, seed, device, persistent)
-        self.count = manifest["count"]
 
     def length(self, epoch: int) -> int:
         """The batches every rank gets in `epoch`."""
@@ -698,10 +703,6 @@ class EpochStream:
             )
         self.current.value = epoch  # read by the workers when the pass starts: after this, in `iter(loader)`
         return Batches(self.loader, self.skips, length=count, device=self.device)
-
-    def close(self) -> None:
-        """Stop the workers (and any `pipe:` readers) now; a later `.epoch()` starts new ones."""
-        _stop_workers(self.loader)
 
 
 def epoch_batches(
