@@ -1,7 +1,7 @@
 """Benchmark: the shard reader's cost, now against before, on the same shards in one run.
 
   decode     a sample's decode alone (the split's samples, already read from the tars): now JPEGs
-             through torchvision's libjpeg-turbo call and `.attr.npy` read in place, before PIL for
+             through torchcodec's libjpeg-turbo call and `.attr.npy` read in place, before PIL for
              every image and np.load for every vector
   epoch      one epoch of `epoch_batches` (tar reading, shuffle, decode, batching), num_workers 0,
              with the new and then the old decode patched in: what one loader worker does
@@ -13,6 +13,10 @@
              uncompressed (planar RGB bytes under the same member names, read by a decode patched
              in): what storing small images uncompressed would give a worker, at what size. Not a
              format cvae-tk writes: this measures whether it should
+  gpu        (CUDA only) the split's JPEGs decoded on the GPU by nvJPEG, in batches of --gpu-batch
+             per call (torchcodec's decode_jpeg, the call the shard reader makes on the CPU): images/s
+             against one CPU core's `decode`, and the largest difference from the CPU's pixels. Not a
+             way cvae-tk reads: this measures whether it should (the issue's "decode on the GPU")
 
 Both ways give the same tensors (checked here on every sample, and in tests/data/test_stream.py). The data: generated CelebA-format JPEGs made into 64x64 shards
 (centre crop 148), as bench/train.py.
@@ -33,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchcodec.decoders import decode_jpeg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -117,12 +122,34 @@ def crossing(shards: Path, workers: int, repeats: int, device) -> tuple[float, f
     return best
 
 
+def gpu_decode(loaded: list[dict], batch: int, repeats: int, device: str = "cuda") -> tuple[float, int]:
+    """(images/s, largest grey-level difference from the CPU decoder's pixels) of the samples' JPEGs
+    decoded on `device` in batches of `batch`, one decode_jpeg call per batch (nvJPEG's batched
+    decode: the way its documentation says is fast). The encoded bytes stay in CPU memory, as a
+    loader worker would hand them over."""
+    encoded = [torch.frombuffer(bytearray(sample["jpg"]), dtype=torch.uint8) for sample in loaded]
+    groups = [encoded[start : start + batch] for start in range(0, len(encoded) - batch + 1, batch)]
+
+    def decode_all():
+        for group in groups:
+            torch.stack(decode_jpeg(group, mode="RGB", device=device))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    decode_all()  # warm-up: nvJPEG's handles and buffers are made on first use
+    seconds = best_of(repeats, decode_all)
+    on_device = torch.stack(decode_jpeg(groups[0], mode="RGB", device=device)).cpu()
+    on_cpu = torch.stack([stream._decode_image(sample["jpg"], None) for sample in loaded[:batch]])
+    return len(groups) * batch / seconds, int((on_device.int() - on_cpu.int()).abs().max())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=4000)
     parser.add_argument("--work", type=Path, help="keep the generated folder and shards here")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="loader workers for the crossing measurement")
+    parser.add_argument("--gpu-batch", type=int, default=256, help="JPEGs per nvJPEG call (the gpu way)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="cvae-bench-feed-"))
     root, shards = work / "celeba", work / "shards64"
@@ -177,6 +204,7 @@ def main() -> None:
         label: crossing(shards, args.workers, args.repeats, device)
         for label, device in (("now", "meta"), ("before", None))
     }
+    on_gpu = gpu_decode(loaded, args.gpu_batch, args.repeats) if torch.cuda.is_available() else None
     print(f"{count} train images, 64x64 JPEG shards; best of {args.repeats}")
     print(
         f"decode per image: now {per_image['now']:.0f} us, before {per_image['before']:.0f} us, "
@@ -197,6 +225,15 @@ def main() -> None:
         f"{now_ms:.3f} ms, float32 (bound for the CPU, as before for every device) {before_ms:.3f} ms, "
         f"{before_ms / now_ms:.2f}x less; images/s {now_rate:.0f} vs {before_rate:.0f}"
     )
+    if on_gpu is None:
+        print("decoded on the GPU: no CUDA device here")
+    else:
+        rate, difference = on_gpu
+        one_core = 1e6 / per_image["now"]
+        print(
+            f"decoded on the GPU (nvJPEG, {args.gpu_batch} per call): {rate:.0f} images/s, {rate / one_core:.1f}x "
+            f"one CPU core's decode ({one_core:.0f}/s); largest difference from the CPU's pixels {difference} grey levels"
+        )
 
 
 if __name__ == "__main__":

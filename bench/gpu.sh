@@ -6,7 +6,7 @@
 #   OUT=/tmp/out [TRAIN_CONFIGS="paper:no:64:120 ..."] [LOADER_WORKERS="1 4 12 16"] bash bench/gpu.sh train
 #   OUT=/tmp/out bash bench/gpu.sh sample [tests]
 # Made beforehand by `bash bench/gpu_prepare.sh` (git-ignored): .gpuw/ = wheels of webdataset,
-# braceexpand and omegaconf; .gpu1/xpart.00 + .gpu2/xpart.01 = the onnxruntime-gpu 1.31.1 cp312
+# braceexpand, omegaconf and torchcodec; .gpu1/xpart.00 + .gpu2/xpart.01 = the onnxruntime-gpu 1.31.1 cp312
 # wheel unzipped, its CUDA provider pruned to sm_90 (bench/prune_fatbin.py), xz'd and split in two.
 # Each stage's call carries .gpuw, the code and one part; the second call must reach the machine
 # while it is still warm.
@@ -18,6 +18,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpuw/*.whl 2>&1 | tail -2
 date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, onnxruntime as o; print('torch', torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), '| onnxruntime', o.__version__, o.get_available_providers())"
+# the shard reader decodes with torchcodec: without it nothing below runs, so stop here and say so
+python3 -c "import torchcodec.decoders as d, torchcodec; print('torchcodec', torchcodec.__version__)" || exit 6
 
 if [ "$stage" = train ]; then
   cp .gpu1/xpart.00 /tmp/ortparts/ && echo "part 1 stashed"

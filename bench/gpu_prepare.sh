@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes, on this machine, the git-ignored folders that bench/gpu.sh's two calls carry to a lent GPU
 # machine (whose python3 3.12 has torch, accelerate, onnx and a CPU-only onnxruntime, but not these):
-#   .gpuw/              wheels of webdataset, braceexpand and omegaconf, the versions of .venv if made
+#   .gpuw/              wheels of webdataset, braceexpand, omegaconf and torchcodec (the shard reader's
+#                       JPEG decoder, built for torch >= 2.11: the machine's 2.11 too), the versions of .venv if made
 #   .gpu1/xpart.00      onnxruntime-gpu's cp312 wheel unzipped, its CUDA provider's kernels kept for
 #   .gpu2/xpart.01      one SM only (bench/prune_fatbin.py), `tar | xz -6`, split in two parts of
 #                       under 35 MB: each call's working tree stays under the device tool's 64 MiB
@@ -30,11 +31,11 @@ download() {  # NAME==VERSION... as cp312 x86-64 binaries (or pure-Python wheels
 
 rm -rf .gpuw .gpu1 .gpu2 && mkdir -p .gpuw .gpu1 .gpu2
 pinned=()
-for name in webdataset braceexpand omegaconf; do  # the versions the tests here ran with, where known
+for name in webdataset braceexpand omegaconf torchcodec; do  # the versions the tests here ran with, where known
   version=$("$PY" -m pip show "$name" 2>/dev/null | sed -n 's/^Version: //p')
   pinned+=("$name${version:+==$version}")
 done
-download -d .gpuw "${pinned[@]}"  # omegaconf 2.4 no longer needs antlr4: these three are all
+download -d .gpuw "${pinned[@]}"  # omegaconf 2.4 no longer needs antlr4: these four are all
 ls .gpuw
 
 work=$(mktemp -d)

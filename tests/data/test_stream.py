@@ -1,11 +1,12 @@
-"""toolkit.data.stream's sample decoding: the JPEG fast path (torchvision's libjpeg-turbo call) gives
-PIL's pixels, refuses what PIL refuses, and checks sizes before decoding; `.attr.npy` members read in
-place are np.load's vectors."""
+"""toolkit.data.stream's sample decoding: the JPEG fast path (torchcodec's libjpeg-turbo call) gives
+PIL's pixels, refuses what PIL refuses, checks sizes before decoding and uses no deprecated decoder;
+`.attr.npy` members read in place are np.load's vectors."""
 
 from __future__ import annotations
 
 import io
 import multiprocessing
+import warnings
 from itertools import islice
 
 import numpy as np
@@ -64,6 +65,17 @@ def test_the_jpeg_fast_path_gives_pils_pixels(name, monkeypatch):
     pixels = _decode_image(data, size)
     assert calls and pixels.dtype == torch.uint8 and pixels.shape == (3, *size)
     np.testing.assert_array_equal(pixels.numpy(), _pil_pixels(data))
+
+
+def test_decoding_calls_no_deprecated_decoder():
+    # torchvision 0.29 deprecated its image decoders (to be removed) for torchcodec's: a reader
+    # still on them would warn here first, and one day stop importing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name, options in JPEGS.items():
+            options = dict(options)
+            size, mode = options.pop("size", (64, 64)), options.pop("mode", "RGB")
+            assert _decode_image(_jpeg(size, mode, **options), size).shape == (3, *size), name
 
 
 def test_what_the_fast_path_does_not_take_goes_through_pil():

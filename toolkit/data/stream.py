@@ -45,7 +45,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import default_collate
-from torchvision.io import ImageReadMode, decode_jpeg
+from torchcodec.decoders import decode_jpeg
 
 from toolkit.data.batches import (  # noqa: F401 (Skips: re-exported)
     DEFAULT_MAX_SKIPPED_FRACTION,
@@ -223,8 +223,9 @@ def _check_size(height: int, width: int, expected_size) -> None:
 
 def _decode_image(data: bytes, expected_size) -> torch.Tensor:
     """An image member's pixels, uint8 [3, H, W] RGB. A whole baseline or progressive JPEG (what
-    `cvae-tk shards` writes) is decoded by torchvision's libjpeg-turbo call, 3x faster than through
-    PIL for a 64x64 image (most of PIL's time is its Python header parsing) and the same pixels
+    `cvae-tk shards` writes) is decoded by torchcodec's libjpeg-turbo call (torchvision's, which it
+    replaces, is deprecated since 0.29), 3x faster than through PIL for a 64x64 image (most of PIL's
+    time is its Python header parsing) and the same pixels
     (tests/data/test_stream.py); anything else (PNG, other JPEG kinds, a JPEG without its end
     marker, which libjpeg would pad where PIL refuses it as truncated) goes through PIL."""
     frame = _jpeg_frame(data)
@@ -233,7 +234,7 @@ def _decode_image(data: bytes, expected_size) -> torch.Tensor:
         _check_size(height, width, expected_size)
         limit = Image.MAX_IMAGE_PIXELS  # beyond it (a split of varied sizes): PIL's decompression-bomb check
         if limit is None or height * width <= limit:
-            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode="RGB")
     image = Image.open(io.BytesIO(data))
     _check_size(image.height, image.width, expected_size)
     if image.mode != "RGB":
@@ -241,7 +242,7 @@ def _decode_image(data: bytes, expected_size) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
 
-# Frame markers of the JPEGs torchvision takes here: baseline, extended and progressive Huffman.
+# Frame markers of the JPEGs torchcodec takes here: baseline, extended and progressive Huffman.
 _JPEG_FRAMES = (0xC0, 0xC1, 0xC2)
 
 
