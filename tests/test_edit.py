@@ -237,9 +237,11 @@ def test_cli_edit_with_the_runs_classifier(trained_run, three, tmp_path, monkeyp
     assert code == 0, err
     assert "attributes: digit_3 (p=0.98) (predicted by the classifier in" in out
     assert "changes: digit_8 0 -> 1" in out
-    assert Image.open(tmp_path / "pair.png").size == (2 * SIZE[0], SIZE[1])
+    with Image.open(tmp_path / "pair.png") as pair:
+        assert pair.size == (2 * SIZE[0], SIZE[1])
+        shown = np.asarray(pair)
     expected = edit_image(load_model(run), load_image(three), {"digit_3": 1}, {"digit_8": 1})
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "pair.png"))[:, SIZE[0] :], np.asarray(expected))
+    assert np.array_equal(shown[:, SIZE[0] :], np.asarray(expected))
 
 
 def test_cli_interpolate(trained_run, three, one, tmp_path, monkeypatch, capsys):

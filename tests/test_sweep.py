@@ -125,7 +125,8 @@ def test_the_figures_have_one_row_per_beta_at_the_image_size(swept):
     cell = 32 * scale_for((32, 32)) + PAD
 
     def check(name, rows, columns):
-        width, height = Image.open(out / f"{name}.png").size
+        with Image.open(out / f"{name}.png") as figure:
+            width, height = figure.size
         layout = layouts[name]
         assert (layout["rows"], layout["columns"]) == (rows, columns)
         assert height == rows * cell + PAD
@@ -142,7 +143,8 @@ def test_the_figures_have_one_row_per_beta_at_the_image_size(swept):
     assert set(curves) == {"beta=0.9", "beta=0.5"}
     # steps 5 and 10
     assert all(points == {"train/loss": 2, "train/mse": 2, "train/kl": 2} for points in curves.values())
-    assert Image.open(out / "loss_curves.png").size[0] > 600
+    with Image.open(out / "loss_curves.png") as curves_png:
+        assert curves_png.size[0] > 600
 
 
 def test_a_second_sweep_reuses_the_finished_runs(swept, digits_shards, monkeypatch):

@@ -26,7 +26,8 @@ def test_run_folder_holds_everything_export_needs(trained_run):
     assert config["extra"]["step"] == 60 and config["extra"]["recipe"] == "digits"
     assert "max_steps: 60" in (trained_run / "recipe.yaml").read_text()
     # the grid: one row per attribute, 8 samples per row, 32x32 cells with 2-pixel padding
-    assert Image.open(trained_run / "samples.png").size == (8 * 34 + 2, 10 * 34 + 2)
+    with Image.open(trained_run / "samples.png") as grid:
+        assert grid.size == (8 * 34 + 2, 10 * 34 + 2)
     assert sorted(p.name for p in (trained_run / "samples").iterdir()) == [
         "reconstructions-000030.png",
         "reconstructions-000060.png",

@@ -8,10 +8,12 @@ independently with numpy. Shards re-encode as JPEG (lossy): they are compared by
 of each quadrant's interior; lossless paths pixel by pixel.
 """
 
+import gc
 import io
 import os
 import struct
 import tarfile
+import warnings
 import zlib
 
 import numpy as np
@@ -26,6 +28,19 @@ from toolkit.errors import UserError
 from toolkit.images import original_bytes
 
 RED, GREEN, BLUE, YELLOW = (200, 40, 40), (40, 200, 40), (40, 40, 200), (220, 200, 40)
+
+
+@pytest.fixture(autouse=True)
+def every_file_is_closed():
+    """Every image file the toolkit opens here it also closes, on every way out: a multi-frame file
+    keeps its handle after decoding, a damaged one raises with it open. Left to the garbage
+    collector, a handle shows as a ResourceWarning (on another interpreter it may stay open)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        yield
+        gc.collect()
+    leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not leaks, leaks
 
 
 def scene(size=32) -> np.ndarray:

@@ -133,23 +133,25 @@ def _decode(path: Path, spec: ImageSpec, bbox) -> tuple[Image.Image, tuple[float
     """Open (at reduced size where possible) and return the image as a viewer shows it (EXIF
     orientation, colour profile, transparency on white, 16-bit: toolkit.images) with the region to
     keep, in its pixels. Boxes and crops are in the pixels as shown (after the orientation)."""
-    image = images.open_file(path)
-    full_w, full_h = images.shown_size(image)
-    # Region of the original image that ends up in the output, in original pixels (even when the
-    # decode below is reduced: the box is scaled to the decoded pixels at the end).
-    if bbox is not None:
-        box = tuple(float(v) for v in bbox_region(bbox, full_w, full_h))
-    else:
-        box = (0.0, 0.0, float(full_w), float(full_h))
-    if spec.crop is not None:
-        box = images.centre_crop(box, spec.crop)
-    if image.format == "JPEG" and spec.size is not None:
-        # Ask the decoder for the smallest scale (1/2, 1/4, 1/8) that keeps the region >= the target
-        # (a ratio: the same for the stored pixels, which an EXIF orientation may turn).
-        out_h, out_w = spec.size
-        scale = max(out_w / max(box[2] - box[0], 1), out_h / max(box[3] - box[1], 1))
-        image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
-    image = images.as_viewed(image)  # decodes (the file is closed after it), always RGB
+    # closed on every way out: a multi-frame file (GIF, TIFF, animated PNG) keeps its handle after
+    # decoding, and a damaged one raises with it open (ImageFile's exit closes only the file)
+    with images.open_file(path) as opened:
+        full_w, full_h = images.shown_size(opened)
+        # Region of the original image that ends up in the output, in original pixels (even when the
+        # decode below is reduced: the box is scaled to the decoded pixels at the end).
+        if bbox is not None:
+            box = tuple(float(v) for v in bbox_region(bbox, full_w, full_h))
+        else:
+            box = (0.0, 0.0, float(full_w), float(full_h))
+        if spec.crop is not None:
+            box = images.centre_crop(box, spec.crop)
+        if opened.format == "JPEG" and spec.size is not None:
+            # Ask the decoder for the smallest scale (1/2, 1/4, 1/8) that keeps the region >= the target
+            # (a ratio: the same for the stored pixels, which an EXIF orientation may turn).
+            out_h, out_w = spec.size
+            scale = max(out_w / max(box[2] - box[0], 1), out_h / max(box[3] - box[1], 1))
+            opened.draft("RGB", (math.ceil(opened.width * scale), math.ceil(opened.height * scale)))
+        image = images.as_viewed(opened)  # decodes, always RGB
     # The reduced decode rounds each side up, so the two axes scale slightly differently.
     fx, fy = image.size[0] / full_w, image.size[1] / full_h
     return image, (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
