@@ -33,8 +33,9 @@ if [ "$stage" = train ]; then
     timeout 100 python3 bench/train.py --arch $1 --precision $2 --batch-size $3 --steps $4 --images 12000 --workers 12 --work $work 2>&1 | grep -v Warning | tail -6
     cp bench/results/train.json "$OUT/train-$1-$2-$3.json" 2>/dev/null; echo "[$SECONDS s]"
   done
-  # the shard reader's cost per image, now against before (bench/feed.py: PIL + np.load), on this host's cores
-  timeout 90 python3 bench/feed.py --work $work --repeats 2 2>&1 | tail -3
+  # the shard reader's cost per image, now against before (bench/feed.py: PIL + np.load), on this host's cores,
+  # and decoding on the GPU (nvJPEG batches): its last line
+  timeout 90 python3 bench/feed.py --work $work --repeats 2 2>&1 | tee "$OUT/feed.log" | tail -8
   # the feeds alone, by worker count (12 unless LOADER_WORKERS says; "" for none): does the shard
   # reader scale on this host, and what does an epoch's start cost with workers kept or started anew?
   for workers in ${LOADER_WORKERS-12}; do
