@@ -140,8 +140,11 @@ def main() -> None:
     def from_shards():
         # as the trainer reads them: one stream for every epoch, bound for the device
         epochs = EpochStream(shards, "train", args.batch_size, num_workers=args.workers, device=device)
-        for epoch in itertools.count():
-            yield from epochs.epoch(epoch)
+        try:
+            for epoch in itertools.count():
+                yield from epochs.epoch(epoch)
+        finally:  # closing this generator stops the workers, which outlive each epoch
+            epochs.close()
 
     def each_epoch(**device_if_any):  # a loader, and so its workers, made anew for every epoch
         for epoch in itertools.count():
@@ -195,7 +198,7 @@ def main() -> None:
         # what a consumer waits for at each epoch's start: the first batch, workers kept or started anew
         epochs = EpochStream(shards, "train", args.batch_size, num_workers=args.workers, device=device)
         kept = epoch_starts(epochs.epoch, args.epochs)
-        del epochs
+        epochs.close()
         fresh = epoch_starts(
             lambda epoch: epoch_batches(
                 shards, "train", args.batch_size, epoch=epoch, num_workers=args.workers, device=device

@@ -172,11 +172,17 @@ class BatchStream:
         self.config, self.rank, self.world, self.device = config, rank, world, device
         self.data = data = config.data
         # the train split's manifest, read once for every segment (given by the trainer, which has read it)
-        self.manifest = manifest = manifest or read_manifest(self.data.shards, "train")
-        self.counts = dict(manifest["shards"])
-        self.train_count = manifest["count"]
+        manifest = manifest or read_manifest(data.shards, "train")
+        shards, self.train_count = len(manifest["shards"]), manifest["count"]
+        if data.sampling == "epochs" and data.num_workers > max(shards // world, 1):
+            # shards are dealt to ranks, then workers: the extra ones would start, read nothing and hold memory
+            raise UserError(
+                f"data.num_workers={data.num_workers}, but {data.shards} has {shards} train shard(s) for "
+                f"{world} rank(s): at most {max(shards // world, 1)} worker(s) per rank get a shard to read; "
+                "lower data.num_workers, rebuild with a smaller --shard-size, or use data.sampling=resampled"
+            )
         # unreadable samples of all segments; checked by the loop, summed over the ranks (`skipped`)
-        self.skips = Skips("train", self.data.shards, self.train_count, self.data.max_skipped_fraction, check=False)
+        self.skips = Skips("train", data.shards, self.train_count, data.max_skipped_fraction, check=False)
         # one reader for every segment: its loader workers are started once (at the first read)
         self.reader = (
             ResampledStream(
@@ -206,22 +212,15 @@ class BatchStream:
                 device=device,
             )
         )
-        if self.data.sampling == "epochs" and self.data.num_workers > max(len(self.counts) // world, 1):
-            # shards are dealt to ranks, then workers: the extra ones would start, read nothing and hold memory
-            raise UserError(
-                f"data.num_workers={self.data.num_workers}, but {self.data.shards} has {len(self.counts)} train shard(s) for "
-                f"{world} rank(s): at most {max(len(self.counts) // world, 1)} worker(s) per rank get a shard to read; "
-                "lower data.num_workers, rebuild with a smaller --shard-size, or use data.sampling=resampled"
-            )
         if self.length(0) == 0:  # say it now, before any step
-            workers = max(self.data.num_workers, 1)
-            if self.data.sampling == "epochs" and len(self.counts) < world * workers:
+            workers = max(data.num_workers, 1)
+            if data.sampling == "epochs" and shards < world * workers:
                 raise UserError(
-                    f"{self.data.shards} has {len(self.counts)} train shard(s) for {world} rank(s) x {workers} worker(s): "
+                    f"{data.shards} has {shards} train shard(s) for {world} rank(s) x {workers} worker(s): "
                     "rebuild with a smaller --shard-size, or use data.sampling=resampled"
                 )
             raise UserError(
-                f"{self.data.shards} train split ({self.train_count} samples) cannot fill one batch of "
+                f"{data.shards} train split ({self.train_count} samples) cannot fill one batch of "
                 f"{config.batch_size} per rank for {world} rank(s) x {workers} worker(s)"
             )
 

@@ -673,7 +673,7 @@ class EpochStream(_Reader):
         manifest = manifest or read_manifest(shards, split)
         urls = [_join(shards, split, name) for name in manifest["shards"]]
         self.shards, self.split, self.batch_size, self.seed = shards, split, batch_size, seed
-        self.rank, self.world, self.workers = rank, world, max(num_workers, 1)
+        self.world, self.workers = world, max(num_workers, 1)
         self.counts, self.count = dict(zip(urls, manifest["shards"].values())), manifest["count"]
         self.current = SharedNumber()
         super().__init__(
