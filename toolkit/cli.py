@@ -30,7 +30,8 @@ app = typer.Typer(
     rich_markup_mode=None,  # help texts show [brackets] literally
 )
 shards_app = typer.Typer(
-    help="Build WebDataset shards (+ manifest.json per split) from a raw data set.", no_args_is_help=True
+    help="Build WebDataset shards (+ manifest.json per split) from a raw data set, or verify built ones.",
+    no_args_is_help=True,
 )
 app.add_typer(shards_app, name="shards")
 
@@ -188,6 +189,43 @@ def shards_folder(
 
     table = read_folder(root, attributes, split_column=split_column, test_fraction=test_fraction, seed=seed)
     _build(table, out, size, crop, workers, shard_size, strict, overwrite)
+
+
+@shards_app.command("verify")
+def shards_verify(
+    shards: str = typer.Argument(..., help="A folder written by `cvae-tk shards` (or a pipe:/http URL of one)."),
+    splits: Optional[List[str]] = typer.Option(
+        None, "--split", help="A split to check (repeatable; default: every split folder, train and test for a URL)."
+    ),
+) -> None:
+    """Read every tar whole and compare its size and sha256 with what its build recorded in the manifest
+    (bit rot, a copy cut short or a replaced file; exit 1 if any tar differs)."""
+    from tqdm import tqdm
+
+    from toolkit.data.verify import verify_shards
+
+    def bar(total: int) -> tqdm:
+        return tqdm(
+            total=total, desc="verify", unit="B", unit_scale=True, unit_divisor=1024, mininterval=1, leave=False
+        )
+
+    reports = verify_shards(shards, splits, bar)
+    for report in reports:
+        state = f"{len(report.damaged)} damaged" if report.damaged else "every tar as built"
+        typer.echo(
+            f"{report.split}: {report.shards} shard(s), {report.samples:,} samples, {report.bytes:,} bytes: {state}"
+        )
+        for damage in report.damaged:
+            typer.echo(f"  {damage.name}: {damage.problem}")
+    damaged = sum(len(report.damaged) for report in reports)
+    if damaged:
+        total = sum(report.shards for report in reports)
+        typer.echo(
+            f"error: {damaged} of {total} tars in {shards} are not what their build wrote; run the `cvae-tk shards` "
+            "command that made them again (it rebuilds the same bytes), or copy them again",
+            err=True,
+        )
+        raise typer.Exit(1)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

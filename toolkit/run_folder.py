@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from toolkit.config import TrainConfig
-from toolkit.data.stream import read_manifest
+from toolkit.data.stream import is_url, read_manifest
 from toolkit.errors import UserError
 from toolkit.formats import CHECKPOINTS, LOCK, RECIPE, RUN_FILES  # noqa: F401 (CHECKPOINTS, RUN_FILES: re-exported)
 
@@ -73,7 +73,7 @@ def shards_fingerprint(shards: str, manifests: dict[str, dict] | None = None) ->
         manifest = (manifests or {}).get(split) or read_manifest(shards, split)
         digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
         tars = None
-        if "://" not in str(shards) and not str(shards).startswith("pipe:"):
+        if not is_url(shards):
             tars = {name: _tar_fingerprint(Path(shards) / split / name) for name in manifest["shards"]}
         result[split] = {"manifest_sha256": digest, "tars": tars}
     return result

@@ -24,6 +24,7 @@ older build beside the new ones.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -118,25 +119,32 @@ def serialize(sample: Sample, num_attributes: int) -> EncodedSample:
 
 
 class _ShardFile:
-    """One tar written under `<name>.tmp`, renamed to `<name>` by `commit()`."""
+    """One tar written under `<name>.tmp`, renamed to `<name>` by `commit()`, which returns its
+    manifest entry {"bytes", "sha256"} (hashed as written: the file is never read back)."""
 
     def __init__(self, path: Path):
         self.path, self.tmp = path, path.with_name(path.name + ".tmp")
         self.stream = open(self.tmp, "wb", buffering=1 << 20)
         self.count = self.size = 0
+        self.digest = hashlib.sha256()
+
+    def _write(self, data: bytes) -> None:
+        self.stream.write(data)
+        self.digest.update(data)
+        self.size += len(data)
 
     def append(self, sample: EncodedSample) -> None:
-        self.stream.write(sample.data)
+        self._write(sample.data)
         self.count += 1
-        self.size += len(sample.data)
 
-    def commit(self) -> None:
+    def commit(self) -> dict:
         # End of archive as tarfile writes it: two zero blocks, then zeros up to a whole record.
         end = 2 * tarfile.BLOCKSIZE
         end += -(self.size + end) % tarfile.RECORDSIZE
-        self.stream.write(bytes(end))
+        self._write(bytes(end))
         self.stream.close()
         os.replace(self.tmp, self.path)
+        return {"bytes": self.size, "sha256": self.digest.hexdigest()}
 
     def abort(self) -> None:
         try:
@@ -172,6 +180,7 @@ def write_split(
     for partial in folder.glob(f"{split}-*.tar.tmp"):  # left by a build that was killed
         partial.unlink()
     counts: dict[str, int] = {}
+    files: dict[str, dict] = {}  # name -> {"bytes", "sha256"}: what `cvae-tk shards verify` checks
     shard: _ShardFile | None = None
     seen: set[str] = set()
     try:
@@ -185,10 +194,10 @@ def write_split(
                 shard = _ShardFile(folder / f"{split}-{len(counts):06d}.tar")
             shard.append(sample)
             if shard.count == shard_size:
-                shard.commit()
+                files[shard.path.name] = shard.commit()
                 counts[shard.path.name], shard = shard.count, None
         if shard is not None:
-            shard.commit()
+            files[shard.path.name] = shard.commit()
             counts[shard.path.name], shard = shard.count, None
     finally:
         if shard is not None:
@@ -204,6 +213,7 @@ def write_split(
         "source": source,
         "split": split,
         "fields": {"image": "png|jpg", "attributes": "attr.npy (uint8 0/1)"},
+        "files": files,
         **(extra or {}),
     }
     write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")

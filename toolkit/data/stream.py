@@ -85,7 +85,8 @@ def worker_part(rank: int, worker: int) -> int:
     return rank * 1_009 + worker
 
 
-def _is_url(shards: str | Path) -> bool:
+def is_url(shards: str | Path) -> bool:
+    """Whether `shards` is read through webdataset's gopen (a command or a remote URL), not a local folder."""
     text = str(shards)
     return "://" in text or text.startswith("pipe:")
 
@@ -93,8 +94,8 @@ def _is_url(shards: str | Path) -> bool:
 def read_manifest(shards: str | Path, split: str) -> dict:
     """The split's manifest.json, from a folder or from beside shards at a URL (`pipe:...`, `http://...`),
     checked for the shape `cvae-tk shards` writes (a UserError naming the manifest otherwise)."""
-    location = _join(shards, split, MANIFEST)
-    if _is_url(shards):
+    location = split_file(shards, split, MANIFEST)
+    if is_url(shards):
         try:
             with wds.gopen(location, "rb") as stream:
                 text = stream.read()
@@ -171,15 +172,16 @@ def worker_died(error: BaseException) -> bool:
 
 def shard_urls(shards: str | Path, split: str) -> list[str]:
     manifest = read_manifest(shards, split)
-    return [_join(shards, split, name) for name in manifest["shards"]]
+    return [split_file(shards, split, name) for name in manifest["shards"]]
 
 
-def _join(shards: str | Path, split: str, name: str) -> str:
-    # A URL (pipe:..., http://...) is joined as text, a local folder as a path.
+def split_file(shards: str | Path, split: str, name: str) -> str:
+    """Where the file `name` (a tar, the manifest) of `split` lies: a URL (pipe:..., http://...) is
+    joined as text, a local folder as a path."""
     text = str(shards)
     if "{}" in text:  # a command with the path in the middle: pipe:aws s3 cp s3://bucket/celeba64/{} -
         return text.replace("{}", f"{split}/{name}")
-    return f"{text.rstrip('/')}/{split}/{name}" if _is_url(shards) else str(Path(shards) / split / name)
+    return f"{text.rstrip('/')}/{split}/{name}" if is_url(shards) else str(Path(shards) / split / name)
 
 
 def _is_field(name: str) -> bool:
@@ -557,7 +559,7 @@ class ResampledStream(_Reader):
         seed: int = 0,
     ):
         manifest = manifest or read_manifest(shards, "train")
-        counts = {_join(shards, "train", name): count for name, count in manifest["shards"].items()}
+        counts = {split_file(shards, "train", name): count for name, count in manifest["shards"].items()}
         self.seed = SharedNumber(seed)
         super().__init__(
             _ResampledShards(list(counts), self.seed),
@@ -671,7 +673,7 @@ class EpochStream(_Reader):
         persistent: bool = True,
     ):
         manifest = manifest or read_manifest(shards, split)
-        urls = [_join(shards, split, name) for name in manifest["shards"]]
+        urls = [split_file(shards, split, name) for name in manifest["shards"]]
         self.shards, self.split, self.batch_size, self.seed = shards, split, batch_size, seed
         self.world, self.workers = world, max(num_workers, 1)
         self.counts, self.count = dict(zip(urls, manifest["shards"].values())), manifest["count"]
@@ -764,7 +766,7 @@ def eval_batches(
     `manifest`: the split's, if the caller has read it already (`read_manifest`). `device`: where
     the batches are wanted (see `train_batches`)."""
     manifest = manifest or read_manifest(shards, split)
-    counts = {_join(shards, split, name): count for name, count in manifest["shards"].items()}
+    counts = {split_file(shards, split, name): count for name, count in manifest["shards"].items()}
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(list(counts)),
         *_stages(counts, manifest, batch_size, True, False, device=device),
