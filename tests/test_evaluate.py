@@ -4,7 +4,10 @@ classifier, attribute accuracy of generated images against the shuffled floor, `
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -270,6 +273,12 @@ def test_cli_eval_and_classifier_errors_are_one_line(trained_run, tmp_path):
     assert_user_error(
         run_cli(["classifier", "train", "recipe=digits", f"data.shards={tmp_path / 'noshards'}"], tmp_path), "noshards"
     )
+    # recipe keys the classifier does not read were accepted and ignored (lr=0.5 trained at 1e-3)
+    for arg, hint in [("lr=0.5", "use --lr"), ("max_steps=7", "use --steps"), ("beta=0.1", "it takes recipe")]:
+        assert_user_error(
+            run_cli(["classifier", "train", "recipe=digits", arg], tmp_path),
+            f"classifier train does not read the recipe key '{arg.split('=')[0]}' ({arg}): {hint}",
+        )
     assert not (tmp_path / "runs").exists() and not (run / "metrics.json").exists()
 
 
@@ -487,3 +496,21 @@ def test_the_classifiers_loader_workers_live_through_its_epochs_and_stop_before_
     train_classifier(digits_shards, tmp_path / "c", steps=110, batch_size=16, seed=0, width=4, depth=1, num_workers=2)
     assert len(during) == 110 and set(during) == {2}  # two workers through both epochs
     assert at_test == [0]
+
+
+def test_a_second_classifier_training_into_one_folder_is_refused(digits_shards, tmp_path):
+    """Two at once used to leave one's weights beside the other's classifier.json."""
+    out = tmp_path / "judge"
+    out.mkdir()
+    lock = out / ".lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}) + "\n")
+    with pytest.raises(UserError) as error:
+        train_classifier(digits_shards, out, steps=1)
+    assert str(error.value) == (
+        f"another classifier training (pid {os.getpid()} on this machine) is writing --out {out}: wait for it to end, "
+        "or choose another --out (two at once in one folder would mix their classifier.safetensors and classifier.json)"
+    )
+    assert [p.name for p in out.iterdir()] == [".lock"]
+    lock.unlink()
+    train_classifier(digits_shards, out, steps=1)
+    assert sorted(p.name for p in out.iterdir()) == ["classifier.json", "classifier.safetensors"]  # lock released

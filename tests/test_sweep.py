@@ -64,7 +64,7 @@ def read_csv(path: Path) -> list[dict]:
 
 def test_a_sweep_writes_the_table_the_figures_and_sweep_json(swept):
     out, result = swept
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS + ["beta-0.5", "beta-0.9"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS + [sweep.OWNER, "beta-0.5", "beta-0.9"])
     assert not list(out.glob(".*.tmp"))
     for beta in ("0.5", "0.9"):
         run = out / f"beta-{beta}"
@@ -287,3 +287,23 @@ def test_many_class_one_hot_data_shows_the_classes_the_test_split_holds(tmp_path
     vectors, labels, mode = attribute_rows(torch.eye(40)[7], names, classes=[7, 3, 31, 12])
     assert mode == "switch class" and labels == ["base: species_7", "-> species_3", "-> species_31", "-> species_12"]
     assert vectors.sum(dim=1).tolist() == [1.0] * 4  # never two species at once
+
+
+def test_a_folder_holding_the_users_own_table_is_refused_before_anything_trains(digits_shards, tmp_path, monkeypatch):
+    """`--out notes` holding the user's table1.md used to be overwritten after hours of training."""
+    monkeypatch.setattr(sweep, "stream_process", lambda *a, **k: pytest.fail("training started"))
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "table1.md").write_text("my table")
+    with pytest.raises(UserError, match="--out .*notes holds files that cvae-tk did not write there \\(table1.md\\)"):
+        run_sweep(sweep_args(digits_shards), out=notes, log=lambda _: None)
+    assert [p.name for p in notes.iterdir()] == ["table1.md"]
+
+
+def test_an_earlier_sweep_is_written_again_also_one_from_before_the_owner_file(swept, digits_shards, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(swept[0], out)
+    assert (out / sweep.OWNER).is_file()
+    (out / sweep.OWNER).unlink()  # written before the mark existed: its sweep.json tells
+    run_sweep(sweep_args(digits_shards), out=out, device="cpu", log=lambda _: None)
+    assert (out / sweep.OWNER).is_file()

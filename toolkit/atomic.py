@@ -2,18 +2,18 @@
 
 Everything the toolkit hands to a user or to a later stage (weights, configs, manifests, exports,
 metrics, tables, figures, images) goes through `atomic_path` (or `write_text`, `save_image`, which
-use it). `check_output` and `image_format` are the checks made before any work, so that an output
+use it). `check_output`, `image_format` and `check_writable_size` are the checks made before any work, so that an output
 that cannot be written is refused in one line instead of after minutes of computing.
 """
 
 from __future__ import annotations
 
 import errno
-import io
 import os
+import re
 import tempfile
 from contextlib import contextmanager
-from functools import lru_cache
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -44,54 +44,192 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+# A Rust io::Error as safetensors shows it: "... I/O error: No space left on device (os error 28)".
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+# torch.save's zip writer (PyTorchStreamWriter) when a write fell short: it reports no errno.
+_TORCH_WRITE_FAILED = ("unexpected pos", "PytorchStreamWriter failed writing", "file write failed")
+_NO_ROOM = 1 << 20  # bytes: a disk with less than this left after a failed write is full
+
+
+def os_error_from(error: BaseException, path: str | Path | None = None) -> OSError | None:
+    """The OSError (with its errno) behind a write failure that a library reports as its own
+    exception, or None when the file system is not the cause: safetensors' SafetensorError carries the
+    system's "(os error N)"; torch.save's "unexpected pos A vs B" carries nothing, so the file system
+    holding `path` is asked: no room left there means ENOSPC. An OSError is returned as it is."""
+    if isinstance(error, OSError):
+        return error
+    text = str(error)
+    found = _RUST_OS_ERROR.search(text)
+    if found is not None:
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code), None if path is None else str(path))
+    if isinstance(error, RuntimeError) and path is not None and any(words in text for words in _TORCH_WRITE_FAILED):
+        try:
+            full = _free_bytes(_nearest_existing(Path(path))) < _NO_ROOM
+        except OSError:
+            return None
+        if full:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return None
+
+
+@contextmanager
+def os_errors(path: str | Path | None = None) -> Iterator[None]:
+    """Around a library's write of `path` (safetensors' save_file, torch.save, Accelerate's save_state):
+    a failure the file system caused is raised as an OSError with its errno, so that the toolkit's
+    one-line OSError handling applies (a full disk: ENOSPC); any other exception passes unchanged (a bug)."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as error:
+        translated = os_error_from(error, path)
+        if translated is None:
+            raise
+        raise translated from error
+
+
 def save_state_dict(module, path: str | Path) -> None:
     """A module's weights as fp32 safetensors (never pickle)."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, os_errors(tmp):  # translated before atomic_path removes the temporary
         save_file(state, str(tmp), metadata={"format": "pt"})
 
 
 # --- images -----------------------------------------------------------------------------------------
 
+_INT_MAX = 2**31 - 1  # Pillow's sizes are C ints
+_FOUR_GIB = 2**32 - 1  # a 32-bit file size (BMP) or strip length (TIFF)
 
-@lru_cache(maxsize=None)
-def _writable_format(suffix: str) -> str | None:
-    """The PIL format that writes RGB images under `suffix`, or None. Decided by writing a 1x1 RGB
-    image in memory: PIL registers extensions it can only read (.psd) or that cannot hold RGB (.xbm)."""
+
+@dataclass(frozen=True)
+class ImageFormat:
+    """A format the toolkit writes images in at their exact size, RGB kept RGB; lossless ones keep
+    every pixel. The limits were measured with Pillow 13 (tests/faults/test_outputs.py tries them)."""
+
+    name: str  # PIL's format name
+    label: str  # as the user reads it
+    max_side: int = _INT_MAX  # pixels per side (libwebp: 16,383; libjpeg: 65,500)
+    max_bytes: int | None = None  # the largest file (BMP) or pixel strip (TIFF) its 32-bit fields hold
+    modes: tuple[str, ...] | None = None  # modes written as they are, others converted to RGB; None: any
+    lossless: bool = True
+
+
+_PNG = ImageFormat("PNG", "PNG")
+_JPEG = ImageFormat("JPEG", "JPEG", max_side=65_500, modes=("RGB", "L", "CMYK"), lossless=False)
+_TIFF = ImageFormat("TIFF", "TIFF", max_bytes=_FOUR_GIB)
+
+# The one table of what the toolkit writes: every other extension is refused before any work. Not
+# here because they are not faithful: .gif (256 colours), .ico (resized to an icon of at most 256
+# pixels), .icns (stretched to 1024x1024), .pgm/.pbm/.pfm (Pillow writes colour PPM data under them),
+# and whatever else Pillow registers (.psd and .xbm it cannot write RGB in at all).
+IMAGE_FORMATS: dict[str, ImageFormat] = {
+    ".png": _PNG,
+    ".jpg": _JPEG,
+    ".jpeg": _JPEG,
+    ".webp": ImageFormat("WEBP", "WebP", max_side=16_383, modes=("RGB", "RGBA"), lossless=False),
+    ".bmp": ImageFormat("BMP", "BMP", max_bytes=_FOUR_GIB, modes=("1", "L", "P", "RGB", "RGBA")),
+    ".tif": _TIFF,
+    ".tiff": _TIFF,
+    ".ppm": ImageFormat("PPM", "PPM", modes=("1", "L", "I", "RGB")),
+}
+_ACCEPTED = ", ".join(list(IMAGE_FORMATS)[:-1]) + f" or {list(IMAGE_FORMATS)[-1]}"
+_REFUSED_BECAUSE = {
+    ".gif": "GIF holds 256 colours",
+    ".ico": "ICO resizes it to an icon of at most 256 pixels",
+    ".icns": "ICNS stretches it to a 1024x1024 icon",
+    ".pgm": "Pillow writes colour PPM data under it",
+    ".pbm": "Pillow writes colour PPM data under it",
+    ".pfm": "Pillow writes colour PPM data under it",
+}
+
+
+def _format_spec(path: str | Path) -> ImageFormat:
+    """The ImageFormat of the final name's extension (the temporary name ends in .tmp); any other
+    extension is a UserError naming the accepted ones."""
+    suffix = Path(path).suffix.lower()
+    spec = IMAGE_FORMATS.get(suffix)
+    if spec is not None:
+        return spec
     from PIL import Image
 
     Image.init()  # every plugin, not only the few PIL loads at first
-    name = Image.registered_extensions().get(suffix)
-    if name is None or name not in Image.SAVE:
-        return None
-    try:
-        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=name)
-    except Exception:  # plugins raise OSError, ValueError, KeyError... for what they cannot write
-        return None
-    return name
+    if not suffix:
+        shown = "no image extension"
+    elif suffix in _REFUSED_BECAUSE:
+        shown = f"the toolkit does not write the image extension '{suffix}': {_REFUSED_BECAUSE[suffix]}"
+    elif suffix in Image.registered_extensions():
+        shown = f"the toolkit does not write the image extension '{suffix}'"
+    else:
+        shown = f"unknown image extension '{suffix}'"
+    raise UserError(f"cannot write {path}: {shown} (use {_ACCEPTED})")
 
 
 def image_format(path: str | Path) -> str:
-    """The PIL format the final name's extension asks for (the temporary name ends in .tmp); an
-    extension PIL cannot write an RGB image in is a UserError."""
-    suffix = Path(path).suffix.lower()
-    name = _writable_format(suffix)
-    if name is None:
-        shown = f"unknown image extension '{suffix}'" if suffix else "no image extension"
-        raise UserError(f"cannot write {path}: {shown} (use .png or .jpg)")
-    return name
+    """The PIL format the final name's extension asks for; an extension the toolkit does not write
+    (IMAGE_FORMATS) is a UserError."""
+    return _format_spec(path).name
+
+
+def _pillow_max_width(bits: int) -> int:
+    """The widest image Pillow's encoders take: a row of `bits`-bit pixels must fit a C int of bits
+    (measured: RGB 89,478,478 pixels; one more is a MemoryError from every writer)."""
+    return _INT_MAX // bits - 7
+
+
+def _file_bytes(spec: ImageFormat, width: int, height: int, bits: int) -> int:
+    """What a 32-bit field of `spec` must hold: the BMP file (rows padded to 4 bytes, 54 bytes of header,
+    a palette for 8 bits or fewer) or the TIFF strip (Pillow writes one strip, the whole image)."""
+    if spec.name == "BMP":
+        palette = 4 * 2**bits if bits <= 8 else 0
+        return 54 + palette + (width * bits + 31) // 32 * 4 * height
+    return (width * bits + 7) // 8 * height
+
+
+def _size_problem(spec: ImageFormat, width: int, height: int, bits: int = 24) -> str | None:
+    """Why `spec` cannot hold a width x height image of `bits`-bit pixels, or None."""
+    if max(width, height) > spec.max_side:
+        return f"{spec.label} holds at most {spec.max_side:,} pixels per side"
+    if spec.max_bytes is not None and _file_bytes(spec, width, height, bits) > spec.max_bytes:
+        needed = _file_bytes(spec, width, height, bits)
+        return f"a {spec.label} file holds at most {spec.max_bytes:,} bytes (4 GiB), this one needs {needed:,}"
+    if width > _pillow_max_width(bits):
+        return f"Pillow writes images at most {_pillow_max_width(bits):,} pixels wide"
+    return None
+
+
+def check_writable_size(
+    path: str | Path, width: int, height: int, what: str, smaller: str, option: str | None = None, bits: int = 24
+) -> None:
+    """A UserError, before any work, unless `path`'s format can hold a width x height image (RGB
+    unless `bits` says otherwise): `what` names the image ('a grid of 1 row(s) x 500 images'),
+    `smaller` the way to a smaller one ('fewer images (-n)'), `option` the command-line option of `path`.
+    An extension the toolkit does not write is refused as image_format refuses it."""
+    spec = _format_spec(path)
+    problem = _size_problem(spec, int(width), int(height), bits)
+    if problem is None:
+        return
+    where = f"{option} {path}" if option else f"cannot write {path}"
+    instead = ".png or " if _size_problem(_PNG, int(width), int(height), bits) is None else ""
+    raise UserError(f"{where}: {what} is {width:,} x {height:,} pixels; {problem}: use {instead}{smaller}")
+
+
+_MODE_BITS = {"1": 1, "L": 8, "P": 8, "LA": 16, "I;16": 16, "RGB": 24}
 
 
 def save_image(image, path: str | Path, **params) -> Path:
-    """Save a PIL image through a temporary name + rename, in the format of `path`'s extension."""
+    """Save a PIL image through a temporary name + rename, in the format of `path`'s extension
+    (IMAGE_FORMATS); an image the format cannot hold is a UserError before anything is written."""
     path = Path(path)
-    name = image_format(path)
-    if name == "JPEG" and image.mode not in ("RGB", "L", "CMYK"):
-        image = image.convert("RGB")  # JPEG holds no alpha
+    spec = _format_spec(path)
+    mode = image.mode if spec.modes is None or image.mode in spec.modes else "RGB"  # JPEG, PPM hold no alpha
+    check_writable_size(path, image.width, image.height, "the image", "a smaller image", bits=_MODE_BITS.get(mode, 32))
+    if mode != image.mode:
+        image = image.convert(mode)
     with atomic_path(path) as tmp:
-        image.save(tmp, format=name, **params)
+        image.save(tmp, format=spec.name, **params)
     return path
 
 
@@ -121,12 +259,25 @@ def describe_os_error(error: OSError) -> str:
     return f"{text} ({name})" if name else text
 
 
-def check_output(path: str | Path, folder: bool = False, needed_bytes: int = 1) -> Path:
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): not the same file
+        return False
+
+
+def check_output(path: str | Path, folder: bool = False, needed_bytes: int = 1, inputs=()) -> Path:
     """Refuse, before any work, an output that cannot be written: a file name that is a folder (or,
     with folder=True, a folder that is a file), a parent that is a file, a folder that is read-only
-    or not ours, a disk with less than `needed_bytes` free. Nothing is created: the first existing
-    folder on the way is probed with a temporary file. Returns `path`."""
+    or not ours, a disk with less than `needed_bytes` free, one of the command's `inputs` (the same
+    file, also through a link: it would be replaced by what was made of it). Nothing is created: the
+    first existing folder on the way is probed with a temporary file. Returns `path`."""
     path = Path(path)
+    for source in inputs:
+        if source is not None and _same_file(path, Path(source)):
+            raise UserError(
+                f"cannot write {path}: it is {source}, which this command reads; write the result to another file"
+            )
     if folder and path.exists() and not path.is_dir():
         raise UserError(f"cannot write into {path}: it is a file, expected a folder")
     if not folder and path.is_dir():

@@ -32,6 +32,7 @@ from toolkit.data.stream import EpochStream, eval_batches, read_manifest, worker
 from toolkit.errors import UserError, one_line
 from toolkit.formats import CLASSIFIER_CONFIG as CONFIG
 from toolkit.formats import CLASSIFIER_WEIGHTS as WEIGHTS
+from toolkit.ownership import FolderLock
 
 FORMAT = "cvae-tk-classifier"
 DEFAULTS = {"steps": 2000, "lr": 1e-3, "width": 32, "depth": 4}
@@ -235,66 +236,67 @@ def train_classifier(
         raise UserError(f"classifier blur must be a sigma in [0, 16] pixels (0: off), got {blur}")
     manifest = read_manifest(shards, "train")
     read_manifest(shards, "test")  # the ceiling is measured there: fail before training, not after
-    device = torch.device(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        classifier = AttributeClassifier(manifest["attributes"], manifest["image_size"], width, depth)
-    classifier.to(device).train()
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=lr)
-    flips = torch.Generator().manual_seed(seed + 1)
-    pos_weight = positive_weights(shards).to(device) if balanced else None
-    step, epoch, start, loss = 0, 0, time.perf_counter(), torch.tensor(float("nan"))
-    # one loader for every epoch: its workers are started once
-    epochs = EpochStream(shards, "train", batch_size, seed=seed, num_workers=num_workers, manifest=manifest)
-    try:
-        while step < steps:
-            for images, attributes in epochs.epoch(epoch):
-                if hflip:
-                    mirror = torch.rand(len(images), generator=flips) < 0.5
-                    images = torch.where(mirror[:, None, None, None], images.flip(-1), images)
-                if blur > 0:
-                    images = blur_some(images, blur, flips)
-                logits = classifier(images.to(device))
-                loss = F.binary_cross_entropy_with_logits(logits, attributes.to(device), pos_weight=pos_weight)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                if log is not None and (step % 200 == 0 or step == steps):
-                    log(f"step {step}/{steps}: loss {loss.item():.4f}")
-                if step >= steps:
-                    break
-            epoch += 1
-    except RuntimeError as error:
-        if not worker_died(error):
-            raise
-        raise UserError(
-            f"a data loader worker died at classifier step {step + 1} ({one_line(error).rstrip('. ')}; the kernel's out-of-memory "
-            "killer does this when memory runs out: lower data.num_workers or batch_size); nothing was written"
-        ) from None
-    finally:
-        epochs.close()  # the workers stop before the test pass and the save, not at exit
-    classifier.eval()
-    accuracy = classifier_accuracy(classifier, shards, "test", device=str(device))
-    meta = {
-        "format": FORMAT,
-        **classifier.config(),
-        "training": {
-            "shards": str(shards),
-            "split": "train",
-            "steps": steps,
-            "batch_size": batch_size,
-            "lr": lr,
-            "seed": seed,
-            "hflip": hflip,
-            "balanced": balanced,
-            "blur": blur,
-            "final_loss": float(loss.item()),
-            "seconds": round(time.perf_counter() - start, 2),
-        },
-        "test_accuracy": {"split": "test", **accuracy},
-    }
-    return save_classifier(classifier, out_dir, meta)
+    with FolderLock(Path(out_dir), "classifier training", "--out", f"{WEIGHTS} and {CONFIG}"):
+        device = torch.device(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            classifier = AttributeClassifier(manifest["attributes"], manifest["image_size"], width, depth)
+        classifier.to(device).train()
+        optimizer = torch.optim.Adam(classifier.parameters(), lr=lr)
+        flips = torch.Generator().manual_seed(seed + 1)
+        pos_weight = positive_weights(shards).to(device) if balanced else None
+        step, epoch, start, loss = 0, 0, time.perf_counter(), torch.tensor(float("nan"))
+        # one loader for every epoch: its workers are started once
+        epochs = EpochStream(shards, "train", batch_size, seed=seed, num_workers=num_workers, manifest=manifest)
+        try:
+            while step < steps:
+                for images, attributes in epochs.epoch(epoch):
+                    if hflip:
+                        mirror = torch.rand(len(images), generator=flips) < 0.5
+                        images = torch.where(mirror[:, None, None, None], images.flip(-1), images)
+                    if blur > 0:
+                        images = blur_some(images, blur, flips)
+                    logits = classifier(images.to(device))
+                    loss = F.binary_cross_entropy_with_logits(logits, attributes.to(device), pos_weight=pos_weight)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    step += 1
+                    if log is not None and (step % 200 == 0 or step == steps):
+                        log(f"step {step}/{steps}: loss {loss.item():.4f}")
+                    if step >= steps:
+                        break
+                epoch += 1
+        except RuntimeError as error:
+            if not worker_died(error):
+                raise
+            raise UserError(
+                f"a data loader worker died at classifier step {step + 1} ({one_line(error).rstrip('. ')}; the kernel's out-of-memory "
+                "killer does this when memory runs out: lower data.num_workers or batch_size); nothing was written"
+            ) from None
+        finally:
+            epochs.close()  # the workers stop before the test pass and the save, not at exit
+        classifier.eval()
+        accuracy = classifier_accuracy(classifier, shards, "test", device=str(device))
+        meta = {
+            "format": FORMAT,
+            **classifier.config(),
+            "training": {
+                "shards": str(shards),
+                "split": "train",
+                "steps": steps,
+                "batch_size": batch_size,
+                "lr": lr,
+                "seed": seed,
+                "hflip": hflip,
+                "balanced": balanced,
+                "blur": blur,
+                "final_loss": float(loss.item()),
+                "seconds": round(time.perf_counter() - start, 2),
+            },
+            "test_accuracy": {"split": "test", **accuracy},
+        }
+        return save_classifier(classifier, out_dir, meta)
 
 
 def blur_some(images: torch.Tensor, max_sigma: float, generator: torch.Generator) -> torch.Tensor:
@@ -323,9 +325,13 @@ def save_classifier(classifier: AttributeClassifier, out_dir: str | Path, meta: 
     """Write classifier.safetensors and classifier.json into `out_dir`, each through a temporary name."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_state_dict(classifier, out_dir / WEIGHTS)
+    save_state_dict(classifier, out_dir / WEIGHTS)  # a full disk: OSError(ENOSPC), as atomic.os_errors makes it
     meta = {"format": FORMAT, **(meta or {}), **classifier.config()}
-    write_text(out_dir / CONFIG, json.dumps(meta, indent=2) + "\n")
+    try:
+        write_text(out_dir / CONFIG, json.dumps(meta, indent=2) + "\n")
+    except BaseException:
+        (out_dir / WEIGHTS).unlink(missing_ok=True)  # never new weights beside no (or an older) classifier.json
+        raise
     return out_dir / WEIGHTS
 
 

@@ -97,9 +97,10 @@ def _build(
     strict: bool,
     overwrite: bool,
 ) -> None:
-    from toolkit.data.build import ImageSpec, build_shards
+    from toolkit.data.build import ImageSpec, build_shards, require_train_and_test
 
     spec = ImageSpec.parse(size, crop)
+    require_train_and_test(table)
     for split, manifest in build_shards(table, out, spec, workers, shard_size, strict, overwrite).items():
         skipped = manifest.get("skipped", {}).get("count", 0)
         note = f", {skipped} skipped (listed in the manifest)" if skipped else ""
@@ -339,8 +340,28 @@ def _parse_attr(items: List[str]) -> dict:
         name, sep, value = item.partition("=")
         if not sep or value.strip() not in ("0", "1"):
             raise UserError(f"--attr expects NAME=0 or NAME=1, got '{item}'")
+        if mapping.get(name.strip(), int(value)) != int(value):  # which one was meant cannot be told
+            raise UserError(
+                f"--attr sets {name.strip()} twice, to {mapping[name.strip()]} and to {int(value)}: give it once"
+            )
         mapping[name.strip()] = int(value)
     return mapping
+
+
+def _check_no_earlier_images(out_dir: Path) -> None:
+    """`--out-dir` writes 00000.png, 00001.png, ...: a folder already holding such images (an earlier
+    sample's, or the user's) is refused, so that no image is replaced and no two runs' images mix."""
+    import re
+
+    if not out_dir.is_dir():
+        return
+    with os.scandir(out_dir) as entries:
+        numbered = sorted(entry.name for entry in entries if re.fullmatch(r"\d{5,}\.png", entry.name))
+    if numbered:
+        raise UserError(
+            f"--out-dir {out_dir} already holds {len(numbered)} numbered image(s) ({numbered[0]} ...), an earlier sample's: "
+            "these would replace or mix with them; choose an empty or new folder, or remove them"
+        )
 
 
 @app.command()
@@ -367,7 +388,7 @@ def sample(
     import numpy as np
     from PIL import Image
 
-    from toolkit.atomic import image_format, save_image
+    from toolkit.atomic import check_writable_size, image_format, save_image
     from toolkit.memory import check_fits
     from toolkit.sampler import Sampler, image_grid
 
@@ -378,6 +399,7 @@ def sample(
         check_output(grid)
     if out_dir is not None:
         check_output(out_dir, folder=True)
+        _check_no_earlier_images(out_dir)
     if isinstance(n, bool) or n < 1:
         raise UserError(f"-n must be an integer >= 1, got {n}")
     sampler = Sampler(model, device=device)
@@ -394,10 +416,19 @@ def sample(
             f"a grid of {len(conditions)} row(s) x {n} images of {width}x{height}",
             "ask for fewer images (-n)",
         )
+        padding = 2  # image_grid's: one row per condition, n columns, 2 pixels around each image
+        check_writable_size(  # the format must hold it (WebP: 16,383 pixels per side, JPEG: 65,500)
+            grid,
+            n * (width + padding) + padding,
+            len(conditions) * (height + padding) + padding,
+            f"a grid of {len(conditions)} row(s) x {n} images of {width}x{height}",
+            "fewer images (-n)",
+            option="--grid",
+        )
     images = sampler.sample(conditions, n=n, seed=seed, temperature=temperature)
     if grid is not None:
         grid.parent.mkdir(parents=True, exist_ok=True)
-        save_image(Image.fromarray(image_grid(images, columns=n)), grid)
+        save_image(Image.fromarray(image_grid(images, columns=n, padding=padding)), grid)
         typer.echo(f"wrote {grid} ({len(conditions)} row(s) x {n}, {sampler.provider})")
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -473,6 +504,24 @@ classifier_app = typer.Typer(help="The attribute classifier that judges generate
 app.add_typer(classifier_app, name="classifier")
 
 
+# The recipe keys `classifier train` reads; the options it has of its own for what else it could mean.
+CLASSIFIER_KEYS = ("recipe", "data.shards", "seed", "batch_size", "data.num_workers")
+CLASSIFIER_OPTIONS = {"lr": "--lr", "max_steps": "--steps", "model.width": "--width"}
+
+
+def _refuse_unread_keys(args: List[str]) -> None:
+    """A `key=value` the classifier does not read (lr=0.5 used to be accepted, and 1e-3 used) is refused."""
+    for arg in args:
+        key = arg.partition("=")[0].strip()
+        if "=" in arg and key not in CLASSIFIER_KEYS:
+            option = CLASSIFIER_OPTIONS.get(key)
+            raise UserError(
+                f"classifier train does not read the recipe key '{key}' ({arg}): "
+                + (f"use {option}; " if option else "")
+                + f"it takes {', '.join(CLASSIFIER_KEYS)} from the recipe, the rest from its options (see --help)"
+            )
+
+
 @classifier_app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def classifier_train(
     ctx: typer.Context,
@@ -510,6 +559,7 @@ def classifier_train(
     from toolkit.config import load_config
     from toolkit.devices import resolve_device
 
+    _refuse_unread_keys(list(ctx.args))
     config = load_config(list(ctx.args))
     if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise UserError(f"--lr must be a finite number > 0, got {lr}")
@@ -568,34 +618,33 @@ def edit_command(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
 ) -> None:
     """Edit a real image: encode it with its attributes, decode with --set applied, write original | edit."""
-    from PIL import Image
-
     from toolkit.edit import (
         ImageAttributes,
         attribute_vector,
         check_output,
+        check_pair,
         describe_changes,
         edit_image,
         load_image,
         load_run_model,
         parse_assignments,
         save_image,
+        side_by_side,
     )
 
     changes, given = parse_assignments(set_, "--set"), parse_assignments(attr, "--attr")
     if not changes:
         raise UserError("say what to change: --set NAME=0|1 (repeat for several)")
     out = out or Path(f"{image.stem}-edit.png")
-    check_output(out)
+    check_output(out, inputs=[image])  # --out photo.png would replace the photo with the pair
     original = load_image(image)
+    check_pair(out, original)  # the pair is 2 W x H: a format that cannot hold it is refused before the model loads
     model = load_run_model(run_dir, device)
     names = list(model.spec.attributes)
     attribute_vector(names, given, changes)  # unknown names and values fail before any classifier is looked for
     attributes, where = ImageAttributes(run_dir, model, classifier)(original, given)
     edited = edit_image(model, original, attributes, changes)
-    pair = Image.new("RGB", (2 * original.width, original.height))
-    pair.paste(original, (0, 0))
-    pair.paste(edited, (original.width, 0))
+    pair = side_by_side(original, edited)
     save_image(pair, out)
     typer.echo(f"attributes: {where}")
     typer.echo(f"changes: {describe_changes(names, attributes, changes)}")
@@ -629,6 +678,7 @@ def interpolate_command(
         attribute_vector,
         check_output,
         check_steps,
+        check_strip,
         describe,
         interpolate_attributes,
         interpolate_images,
@@ -640,7 +690,7 @@ def interpolate_command(
 
     start, end = parse_assignments(from_attr, "--from-attr"), parse_assignments(to_attr, "--to-attr")
     check_steps(steps)
-    check_output(out)
+    check_output(out, inputs=[from_image, to_image])
     if from_image is not None or to_image is not None:
         if from_image is None or to_image is None:
             raise UserError("interpolating images needs both --from-image and --to-image")
@@ -653,6 +703,7 @@ def interpolate_command(
         images = None
     model = load_run_model(run_dir, device)
     check_steps(steps, model.spec.image_size)  # the frames must fit in memory
+    check_strip(out, steps, model.spec.image_size)  # the strip's format must hold it (WebP: 16,383 pixels wide)
     names = list(model.spec.attributes)
     attribute_vector(names, start), attribute_vector(names, end)  # unknown names fail first
     if images is not None:

@@ -103,6 +103,17 @@ class EncoderContract:
     weights_sha256: str | None
 
 
+def check_model_file(path: Path, what: str = "model") -> None:
+    """A UserError unless `path` is a regular file: missing, a folder and a device or pipe (which
+    would read as nothing, or block) each said as such."""
+    if path.is_file():
+        return
+    if not path.exists():
+        raise UserError(f"{what} file not found: {path}")
+    kind = "a folder" if path.is_dir() else "not a regular file (a device, a pipe or a socket)"
+    raise UserError(f"{path} is {kind}: expected an ONNX file written by `cvae-tk export`")
+
+
 def _json(meta: Mapping[str, str], key: str, path):
     try:
         return json.loads(meta[key])

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from toolkit.atomic import check_output as check_writable
-from toolkit.atomic import image_format
+from toolkit.atomic import check_writable_size, image_format
 from toolkit.atomic import save_image as save_atomically
 from toolkit.classifier import check_image_size, columns_for, load_classifier
 from toolkit.devices import resolve_device
@@ -63,6 +63,10 @@ def parse_assignments(items: Sequence[str], option: str) -> dict[str, int]:
         name, sep, value = item.partition("=")
         if not sep or not name.strip() or value.strip() not in ("0", "1"):
             raise UserError(f"{option} expects NAME=0 or NAME=1, got '{item}'")
+        if mapping.get(name.strip(), int(value)) != int(value):  # which one was meant cannot be told
+            raise UserError(
+                f"{option} sets {name.strip()} twice, to {mapping[name.strip()]} and to {int(value)}: give it once"
+            )
         mapping[name.strip()] = int(value)
     return mapping
 
@@ -140,6 +144,40 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def strip_size(steps: int, image_size: Sequence[int]) -> tuple[int, int]:
+    """(width, height) of the strip save_strip makes of `steps` frames of the model's (H, W)."""
+    height, width = image_size
+    return int(steps) * int(width), int(height)
+
+
+def check_strip(path: str | Path, steps: int, image_size: Sequence[int], option: str = "--out") -> None:
+    """A UserError, before any frame is decoded, unless `path`'s format holds the strip of `steps`
+    frames of (H, W) (WebP: 16,383 pixels per side, JPEG: 65,500)."""
+    width, height = strip_size(steps, image_size)
+    frame = f"{int(image_size[1])}x{int(image_size[0])}"
+    check_writable_size(path, width, height, f"a strip of {steps} frames of {frame}", "fewer --steps", option=option)
+
+
+def side_by_side(original: Image.Image, edited: Image.Image) -> Image.Image:
+    """original | edited (edit_image gives the original's size): (2 W) x H, RGB."""
+    pair = Image.new("RGB", (2 * original.width, original.height))
+    pair.paste(original.convert("RGB"), (0, 0))
+    pair.paste(edited.convert("RGB"), (original.width, 0))
+    return pair
+
+
+def check_pair(path: str | Path, image: Image.Image, option: str = "--out") -> None:
+    """A UserError, before the model is loaded, unless `path`'s format holds side_by_side's pair for `image`."""
+    check_writable_size(
+        path,
+        2 * image.width,
+        image.height,
+        f"the original | edit pair ({image.width}x{image.height} each)",
+        "a smaller image",
+        option=option,
+    )
+
+
 def save_strip(images: Sequence[Image.Image], path: str | Path) -> Path:
     """Paste images left to right (no padding) and save; the strip is sum(widths) x max(heights)."""
     strip = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)))
@@ -158,11 +196,12 @@ def save_image(image: Image.Image, path: str | Path) -> Path:
     return save_atomically(image, path)
 
 
-def check_output(path: str | Path) -> None:
-    """A UserError unless `path` can take an image: an extension PIL writes, not a folder, in a
-    folder that exists or can be made and is writable (checked before any work is done)."""
+def check_output(path: str | Path, inputs=()) -> None:
+    """A UserError unless `path` can take an image: an extension the toolkit writes (IMAGE_FORMATS),
+    not a folder, in a folder that exists or can be made and is writable, none of the command's
+    `inputs` (checked before any work is done)."""
     image_format(path)
-    check_writable(path)
+    check_writable(path, inputs=inputs)
 
 
 # --- attributes from a classifier -------------------------------------------------------------------

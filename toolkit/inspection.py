@@ -10,7 +10,15 @@ import json
 import os
 from pathlib import Path
 
-from toolkit.contract import ENCODER_FORMAT, Contract, EncoderContract, Tensor, read_contract, read_encoder_contract
+from toolkit.contract import (
+    ENCODER_FORMAT,
+    Contract,
+    EncoderContract,
+    Tensor,
+    check_model_file,
+    read_contract,
+    read_encoder_contract,
+)
 from toolkit.errors import UserError, one_line
 
 SHOWN_ATTRIBUTES = 5  # names listed after the attributes count
@@ -102,8 +110,7 @@ def load_checked(path: Path):
     UserError. External data is not followed."""
     import onnx
 
-    if not path.is_file():
-        raise UserError(f"model file not found: {path}")
+    check_model_file(path)
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as error:  # protobuf's DecodeError and friends

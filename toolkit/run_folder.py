@@ -16,9 +16,7 @@ import json
 import os
 import re
 import shutil
-import socket
 import sys
-import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -27,6 +25,7 @@ from toolkit.config import TrainConfig
 from toolkit.data.stream import is_url, read_manifest
 from toolkit.errors import UserError
 from toolkit.formats import CHECKPOINTS, LOCK, RECIPE, RUN_FILES  # noqa: F401 (CHECKPOINTS, RUN_FILES: re-exported)
+from toolkit.ownership import FolderLock
 
 TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its presence marks it complete
 
@@ -94,77 +93,11 @@ def _tar_fingerprint(path: Path) -> str | None:
 # --- the run folder belongs to one run ------------------------------------------------------
 
 
-def _pid_alive(pid: int, started: float | None) -> bool:
-    import psutil
-
-    try:
-        process = psutil.Process(pid)
-        # a pid reused by another process since: that one started later than the lock was taken
-        return started is None or process.create_time() <= started + 1
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError, OverflowError):
-        return isinstance(pid, int) and pid > 0 and psutil.pid_exists(pid)
-
-
-class RunLock:
-    """RUN/.lock, created with O_EXCL, holding the pid and host of the training writing RUN: a second
-    training into the same folder is refused while the first runs. A lock left by a killed run (its
-    pid gone, on this host) is taken over with a warning; one from another host is only reported,
-    since its pid cannot be checked from here."""
+class RunLock(FolderLock):
+    """RUN/.lock: a second training into the same folder is refused while the first runs (see FolderLock)."""
 
     def __init__(self, run_dir: Path):
-        self.path, self.held = run_dir / LOCK, False
-
-    def acquire(self) -> None:
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                self._check_holder()  # raises unless the holder is gone; then try again
-                continue
-            except OSError as error:
-                raise UserError(f"cannot write in run_dir={self.path.parent}: {error.strerror or error}") from None
-            with os.fdopen(fd, "w") as stream:
-                stream.write(json.dumps(me) + "\n")
-            self.held = True
-            return
-        raise UserError(f"could not take the lock {self.path}: another process keeps creating it")
-
-    def _check_holder(self) -> None:
-        try:
-            holder = json.loads(self.path.read_text())
-            pid, host = int(holder["pid"]), str(holder["host"])
-            started = float(holder["started"]) if "started" in holder else None
-        except FileNotFoundError:
-            return  # released meanwhile
-        except (OSError, ValueError, KeyError, TypeError):
-            holder = None
-            try:  # empty for a moment while its taker writes it: only an old one is stale
-                if time.time() - self.path.stat().st_mtime < 10:
-                    raise UserError(
-                        f"another training is starting in run_dir={self.path.parent} ({self.path} was just created): "
-                        "wait for it to end, or choose another run_dir"
-                    )
-            except FileNotFoundError:
-                return
-        if holder is not None and host != socket.gethostname():
-            raise UserError(
-                f"run_dir={self.path.parent} is locked by a training on {host} (pid {pid}): wait for it to end, or choose another run_dir; "
-                f"if no training runs there any more, delete {self.path}"
-            )
-        if holder is not None and _pid_alive(pid, started):
-            raise UserError(
-                f"another training (pid {pid} on this machine) is writing run_dir={self.path.parent}: wait for it to end, or choose another "
-                f"run_dir (two runs in one folder would mix their checkpoints)"
-            )
-        what = f"pid {pid} is gone" if holder is not None else "it is unreadable"
-        tqdm.write(f"warning: taking over the stale lock {self.path} ({what}: a run that was killed)", file=sys.stderr)
-        self.path.unlink(missing_ok=True)
-
-    def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        super().__init__(run_dir, "training", "run_dir", "checkpoints")
 
 
 def _own_file(name: str) -> bool:

@@ -64,6 +64,7 @@ from toolkit.contract import (  # noqa: F401 (FORMAT, MAX_SIDE, MAX_WIDTH, Tenso
     MAX_WIDTH,
     EncoderContract,
     Tensor,
+    check_model_file,
     check_pair,
     encoder_beside,
     read_contract,
@@ -120,8 +121,7 @@ class Sampler:
                 + ("; TensorRT runs its own fused engine" if device == "tensorrt" else "")
             )
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"model file not found: {path}")
+        check_model_file(path)
         self.path, self.batch_size = path, int(batch_size)
         # The provider and its options (fp16: channels-last; a CUDA graph: a fixed batch) are
         # chosen from the file before its one session opens.
@@ -134,8 +134,7 @@ class Sampler:
         self.encoder_contract: EncoderContract | None = None
         if encoder is not None:  # given: checked now; found beside the decoder: opened on first use
             self.encoder_path = Path(encoder)
-            if not self.encoder_path.is_file():
-                raise UserError(f"encoder file not found: {self.encoder_path}")
+            check_model_file(self.encoder_path, "encoder")
             self._encoder()
         else:
             self.encoder_path = encoder_beside(path)

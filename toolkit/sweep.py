@@ -48,6 +48,7 @@ from toolkit.errors import UserError, one_line
 from toolkit.evaluate import CONTROL_CONDITIONS, DIVERSITY_CONDITIONS, DIVERSITY_SAMPLES, evaluate_run, find_classifier
 from toolkit.formats import CLASSIFIER_WEIGHTS, CONFIG, METRICS, RECIPE, WEIGHTS
 from toolkit.model import load_model, read_spec
+from toolkit.ownership import claim_folder
 from toolkit.run_folder import checkpoint_step, find_checkpoint
 
 PAPER_BETAS = (0.25, 0.5, 0.75, 0.9)
@@ -73,6 +74,7 @@ IGNORED_KEYS = {
     "overwrite",
 }
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
+OWNER = ".cvae-tk-sweep"  # marks OUT as a sweep's: its OUTPUTS may be replaced (toolkit.ownership.claim_folder)
 OUTPUTS = ("table1.md", "table1.csv", "figure3.png", "figure4.png", "figure5.png", "loss_curves.png", "sweep.json")
 TABLE_COLUMNS = [  # (csv name, markdown header, format)
     ("beta", "beta", "{:g}"),
@@ -216,6 +218,15 @@ def decide(run_dir: Path, config) -> tuple[str, str]:
         return "resume", f"continued from step {step} ({changed})"
     changed = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in list(differ.items())[:4])
     raise UserError(f"{run_dir} holds a run with other settings ({changed}); delete it or sweep into another --out")
+
+
+def _earlier_sweep(out: Path) -> bool:
+    """A sweep's folder written before the OWNER mark existed: its sweep.json tells."""
+    try:
+        found = json.loads((out / "sweep.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(found, dict) and {"recipe", "betas", "runs"} <= set(found)
 
 
 def plan(args: list[str], out: str | Path | None = None) -> tuple[list[Run], Path, list[str]]:
@@ -509,7 +520,7 @@ def run_sweep(
         f"({sum(r.action != 'reuse' for r in runs)} to train, {sum(r.action == 'reuse' for r in runs)} finished); "
         f"classifier: {classifier or 'none'}"
     )
-    out.mkdir(parents=True, exist_ok=True)
+    claim_folder(out, OUTPUTS, OWNER, earlier=_earlier_sweep)  # a user's own table1.md is never replaced
 
     train_runs(runs, launcher, log)
     reports = evaluate_runs(runs, classifier, device, log)

@@ -44,7 +44,7 @@ from torchvision.utils import save_image as _save_png
 from tqdm.auto import tqdm
 
 import toolkit
-from toolkit.atomic import atomic_path, write_text
+from toolkit.atomic import atomic_path, describe_os_error, os_errors, write_text
 from toolkit.config import DataConfig, TrainConfig, load_config, to_yaml
 from toolkit.data.stream import (
     EpochStream,
@@ -283,7 +283,8 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
     try:
-        accelerator.save_state(str(partial))
+        with os_errors(partial):  # safetensors and torch.save report a full disk in their own exceptions
+            accelerator.save_state(str(partial))
     except OSError as error:  # e.g. a full disk: say so in one line, and which checkpoint is still good
         raise _save_failed(run_dir, partial, error) from error
     accelerator.wait_for_everyone()
@@ -831,6 +832,22 @@ class Trainer:
 
     # --- the end -----------------------------------------------------------------------------------
 
+    def _final_save_failed(self, error: OSError) -> TrainingStopped:
+        """The final weights + config.json could not be written: no half of the pair is left (new
+        weights without their config.json are removed), and the checkpoint of the last step writes them."""
+        weights = self.run_dir / WEIGHTS
+        if error.filename != str(weights):  # the weights were written, their config.json was not
+            weights.unlink(missing_ok=True)
+        last = find_checkpoint(self.run_dir, "latest")
+        return TrainingStopped(
+            f"could not write the final model {error.filename or weights}: {describe_os_error(error)}; "
+            + (
+                f"the last complete checkpoint is {last}: free some space and run again with resume=latest, which writes them"
+                if last
+                else "there is no complete checkpoint: free some space and run again"
+            )
+        )
+
     def finish(self) -> Path:
         """Final test metrics, weights + config.json and the sample grid (main process)."""
         config, accelerator, run_dir, step = self.config, self.accelerator, self.run_dir, self.step_done
@@ -857,7 +874,10 @@ class Trainer:
                 "toolkit_version": toolkit.__version__,
                 **{k.replace("test/", "test_"): round(v, 4) for k, v in metrics.items()},
             }
-            save_model(final, run_dir)
+            try:
+                save_model(final, run_dir)
+            except OSError as error:  # e.g. a full disk: one line, and the checkpoint that writes them later
+                raise self._final_save_failed(error) from error
             save_grid(sample_grid(final, self.grid_attributes, self.grid_noise), run_dir / SAMPLES_GRID)
             if metrics:
                 print(
@@ -875,6 +895,10 @@ def main(argv: list[str] | None = None) -> None:
         train(load_config(args))
     except UserError as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as error:  # as `cvae-tk train` says it: a file system's refusal is one line, not a traceback
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {one_line(where + describe_os_error(error))}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

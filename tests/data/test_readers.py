@@ -1,11 +1,16 @@
 """The raw-format readers (CelebA, CUB-200-2011, folder + CSV) on tiny fixtures in the official layouts."""
 
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from fixtures import delete_line, make_celeba, make_cub, make_folder, replace_line, write_jpeg
 
+from toolkit.data.build import require_train_and_test
 from toolkit.data.celeba import read_celeba
 from toolkit.data.cub import read_cub
 from toolkit.data.folder import read_folder
@@ -295,6 +300,47 @@ def test_folder_random_split_is_seeded_and_keeps_table_order(tmp_path):
     assert "a__img_000" in records  # subfolder in the key
     # at least one test row for a small table, never all of them
     assert len(read_folder(fixture["root"], fixture["table"], test_fraction=0.01).splits["test"]) == 1
+
+
+def test_a_folder_table_that_leaves_no_train_or_test_images_is_refused_before_the_build(tmp_path):
+    """It used to build a train split alone, which `train` then refused as an unfinished build."""
+    fixture = make_folder(tmp_path / "random", n=4)
+    with pytest.raises(UserError, match="folder:photos: no test images \\(4 train\\); training and evaluation need"):
+        require_train_and_test(read_folder(fixture["root"], fixture["table"], test_fraction=0.0))
+    one = make_folder(tmp_path / "one", n=1)
+    with pytest.raises(UserError, match="no test images \\(1 train\\)"):
+        require_train_and_test(read_folder(one["root"], one["table"]))
+    marked = make_folder(tmp_path / "marked", n=6, split_column=True)
+    lines = marked["table"].read_text().splitlines()
+    marked["table"].write_text("\n".join([lines[0]] + [line.rsplit(",", 1)[0] + ",test" for line in lines[1:]]) + "\n")
+    with pytest.raises(UserError, match="no train images \\(6 test\\)"):
+        require_train_and_test(read_folder(marked["root"], marked["table"], split_column="split"))
+    done = subprocess.run(  # the command refuses it before anything is written
+        [sys.executable, "-m", "toolkit.cli", "shards", "folder", "--root", fixture["root"], "--attributes",
+         fixture["table"], "--out", tmp_path / "out", "--test-fraction", "0", "--size", "8"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )  # fmt: skip
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: folder:photos: no test images (4 train); training and evaluation need a train and a test split "
+        "(shards folder: --test-fraction above 0, or rows of both in --split-column)"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_link_loop_in_the_image_folder_is_ignored_unless_listed_and_then_named(tmp_path):
+    """One looping link used to refuse the whole folder ('cannot list the folder: Too many levels of symbolic links')."""
+    fixture = make_folder(tmp_path, n=6)
+    images = fixture["root"] / "a"
+    (images / "loop1.jpg").symlink_to("loop2.jpg")
+    (images / "loop2.jpg").symlink_to("loop1.jpg")
+    (images / "nowhere.jpg").symlink_to("gone.jpg")
+    table = read_folder(fixture["root"], fixture["table"], test_fraction=0.2)
+    assert sum(map(len, table.splits.values())) == 6
+    with fixture["table"].open("a") as stream:
+        stream.write("a/loop1.jpg,1,0\n")
+    with pytest.raises(UserError, match="a/loop1.jpg"):
+        read_folder(fixture["root"], fixture["table"], test_fraction=0.2)
 
 
 def test_folder_split_column(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import builtins
 import errno
+import io
 import os
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ import pytest
 from PIL import Image
 
 from tests.test_cli import ROOT, assert_user_error, snapshot
-from toolkit.atomic import check_output, save_image, write_text
+from toolkit.atomic import IMAGE_FORMATS, check_output, check_writable_size, save_image, write_text
 from toolkit.errors import UserError
 
 ENV = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -125,11 +126,75 @@ def test_the_format_comes_from_the_final_name_not_the_temporary_one(tmp_path, na
     assert [p.name for p in tmp_path.iterdir()] == [name]
 
 
-@pytest.mark.parametrize("name", ["a.xyz", "a", "a.psd", "a.xbm", "a.png.tmp"])
-def test_an_extension_pil_cannot_write_rgb_in_is_refused_before_anything_is_written(tmp_path, name):
-    with pytest.raises(UserError, match="image extension"):
-        save_image(Image.new("RGB", (2, 2)), tmp_path / name)
+def _refused_extensions() -> list[str]:
+    """Every extension Pillow registers that is not in the toolkit's table (.ico, .icns, .pgm, .pbm,
+    .pfm, .gif, .psd, .xbm, .apng...), and a few it does not know."""
+    Image.init()
+    return sorted(set(Image.registered_extensions()) - set(IMAGE_FORMATS)) + [".xyz", "", ".png.tmp"]
+
+
+@pytest.mark.parametrize("suffix", _refused_extensions())
+def test_an_extension_the_toolkit_does_not_write_faithfully_is_refused_before_anything_is_written(tmp_path, suffix):
+    """.ico used to write a 32x16 icon for a 70x36 grid, .icns a stretched 1024x1024, .pgm/.pbm/.pfm
+    colour PPM data: only the table's formats are written, the rest refused in one line listing them."""
+    with pytest.raises(UserError, match="image extension") as refused:
+        save_image(Image.new("RGB", (70, 36)), tmp_path / f"a{suffix}")
+    message = str(refused.value)
+    assert "\n" not in message and f"a{suffix}" in message
+    assert "(use .png, .jpg, .jpeg, .webp, .bmp, .tif, .tiff or .ppm)" in message
     assert list(tmp_path.iterdir()) == []
+
+
+def _noise(width: int, height: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(1).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("suffix", sorted(IMAGE_FORMATS))
+def test_each_accepted_format_writes_an_rgb_file_of_the_exact_size(tmp_path, suffix):
+    spec = IMAGE_FORMATS[suffix]
+    image = _noise(37, 23)  # odd sizes: BMP pads rows, JPEG and WebP subsample chroma
+    save_image(image, tmp_path / f"a{suffix.upper()}")  # the extension's case does not matter
+    with Image.open(tmp_path / f"a{suffix.upper()}") as written:
+        assert (written.format, written.mode, written.size) == (spec.name, "RGB", (37, 23))
+        if spec.lossless:
+            assert np.array_equal(np.asarray(written), np.asarray(image))
+    assert [p.name for p in tmp_path.iterdir()] == [f"a{suffix.upper()}"]
+
+
+# The limits, tried with Pillow 13: libwebp 16,383 and libjpeg 65,500 pixels per side (one more is a
+# ValueError / "broken data stream"); Pillow's encoders a row of at most 2**31 bits (RGB: 89,478,478
+# pixels; one more is a MemoryError); BMP's 32-bit file size and TIFF's 32-bit strip length: a
+# 100000 x 14316 RGB image writes and reopens in both (4,294,800,054 bytes), 100000 x 14400 fails.
+@pytest.mark.parametrize("suffix, limit", [(".webp", 16_383), (".jpg", 65_500)])
+def test_an_image_over_the_formats_limit_is_refused_before_anything_is_written(tmp_path, suffix, limit):
+    spec = IMAGE_FORMATS[suffix]
+    for size in ((limit, 1), (1, limit)):  # the largest it holds, either way round, is written
+        save_image(Image.new("RGB", size, (10, 200, 30)), tmp_path / f"ok{suffix}")
+        with Image.open(tmp_path / f"ok{suffix}") as written:
+            assert written.size == size and written.mode == "RGB"
+    for size in ((limit + 1, 1), (1, limit + 1)):
+        with pytest.raises((ValueError, OSError)):  # the limit is the library's own, not a guess
+            Image.new("RGB", size).save(tmp_path / "raw.bin", format=spec.name)
+        (tmp_path / "raw.bin").unlink(missing_ok=True)
+        with pytest.raises(UserError) as refused:
+            save_image(Image.new("RGB", size), tmp_path / f"big{suffix}")
+        assert f"holds at most {limit:,} pixels per side: use .png or a smaller image" in str(refused.value)
+    assert [p.name for p in tmp_path.iterdir()] == [f"ok{suffix}"]  # no file, no temporary
+
+
+def test_the_limits_of_pillow_bmp_and_tiff_are_checked_without_writing():
+    widest = 89_478_478
+    check_writable_size("a.png", widest, 1, "x", "y")
+    with pytest.raises(MemoryError):  # Pillow's own limit, before writing a byte
+        Image.new("RGB", (widest + 1, 1)).save(io.BytesIO(), format="PNG")
+    with pytest.raises(UserError, match="Pillow writes images at most 89,478,478 pixels wide: use fewer"):
+        check_writable_size("a.png", widest + 1, 1, "the grid", "fewer images (-n)", option="--grid")
+    for suffix in (".bmp", ".tif"):
+        check_writable_size(f"a{suffix}", 100_000, 14_316, "x", "y")
+        with pytest.raises(
+            UserError, match=r"holds at most 4,294,967,295 bytes \(4 GiB\), this one needs 4,32.*: use .png"
+        ):
+            check_writable_size(f"a{suffix}", 100_000, 14_400, "the grid", "fewer images (-n)")
 
 
 def test_check_output_refuses_folders_files_in_the_way_and_creates_nothing(tmp_path):
@@ -237,14 +302,102 @@ def test_a_full_disk_is_refused_before_sampling(tiny_onnx, tmp_path):
     assert set(result.listing) == {"fill"}
 
 
-def test_an_unknown_extension_is_refused_before_the_model_is_even_opened(tmp_path):
+@pytest.mark.parametrize(
+    "command, suffix",
+    [("sample", suffix) for suffix in (".xyz", ".ico", ".icns", ".pgm", ".pbm", ".pfm", ".gif")]
+    + [(command, suffix) for command in ("interpolate", "edit") for suffix in (".ico", ".pgm")],
+)
+def test_an_unknown_extension_is_refused_before_the_model_is_even_opened(tmp_path, command, suffix):
+    """Neither the model, the run nor the photo exists: the extension is refused first, in one line."""
+    out = f"out{suffix}"
+    args = {
+        "sample": ["sample", "missing.onnx", "--attr", "a=1", "-n", 2, "--grid", out],
+        "interpolate": ["interpolate", "RUN", "--from-attr", "a=1", "--to-attr", "b=1", "--out", out],
+        "edit": ["edit", "RUN", "photo.png", "--attr", "a=1", "--set", "b=1", "--out", out],
+    }[command]
     result = subprocess.run(
-        [*CLI, "sample", "missing.onnx", "--attr", "a=1", "--grid", "out.xyz"],
+        [*CLI, *map(str, args)], capture_output=True, text=True, timeout=120, env=ENV, cwd=tmp_path
+    )
+    words = "unknown image extension '.xyz'" if suffix == ".xyz" else f"does not write the image extension '{suffix}'"
+    assert_user_error(result, out, words, ".png, .jpg, .jpeg, .webp, .bmp, .tif, .tiff or .ppm")
+    assert snapshot(tmp_path) == []
+
+
+# `cvae-tk` with the work made impossible: a refusal must come before it (the tiny model's images are 8x8)
+NO_WORK = """
+import sys
+
+def no_work(*args, **kwargs):
+    raise AssertionError("the work started before the output was checked")
+
+if sys.argv[1] == "sample":
+    import toolkit.sampler
+    toolkit.sampler.Sampler.sample = toolkit.sampler.Sampler.run = no_work
+else:  # torch is imported only here: the sample cases stay fast
+    import toolkit.edit
+    toolkit.edit._decode_frames = toolkit.edit.encode = no_work
+    if sys.argv[1] == "edit":
+        toolkit.edit.load_run_model = no_work
+from toolkit.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["grid-webp", "grid-jpeg", "rows-webp", "strip-webp", "strip-jpeg", "pair-webp"],
+)
+def test_an_output_over_its_formats_limit_is_refused_before_sampling(tiny_onnx, tmp_path, case):
+    """`-n 500 --grid big.webp` used to sample, then fail with a WebP traceback; `.jpg` with libjpeg's
+    'broken data stream': now one line before the work, naming the size and the format's limit."""
+    run_dir = tiny_onnx.parent / "run"
+    Image.new("RGB", (8192, 3), (200, 10, 10)).save(tmp_path / "wide.png")  # its pair is 16,384 wide
+    interpolate = ["interpolate", run_dir, "--from-attr", "a=1", "--to-attr", "b=1", "--steps"]
+    args, words = {
+        "grid-webp": (["sample", tiny_onnx, "-n", 1639, "--grid", "big.webp"], ["--grid big.webp", "16,392 x 12"]),
+        "grid-jpeg": (["sample", tiny_onnx, "-n", 6550, "--grid", "big.jpg"], ["--grid big.jpg", "65,502 x 12"]),
+        "rows-webp": (
+            ["sample", tiny_onnx, "--each-attribute", "-n", 1639, "--grid", "big.webp"],
+            ["5 row(s) x 1639 images", "16,392 x 52"],
+        ),
+        "strip-webp": ([*interpolate, 2048, "--out", "big.webp"], ["--out big.webp", "2048 frames", "16,384 x 8"]),
+        "strip-jpeg": ([*interpolate, 8188, "--out", "big.jpg"], ["--out big.jpg", "65,504 x 8"]),
+        "pair-webp": (
+            ["edit", run_dir, "wide.png", "--attr", "a=1", "--set", "b=1", "--out", "big.webp"],
+            ["--out big.webp", "16,384 x 3"],
+        ),
+    }[case]
+    limit = "WebP holds at most 16,383 pixels per side" if case.endswith("webp") else "JPEG holds at most 65,500"
+    result = subprocess.run(
+        [sys.executable, "-c", NO_WORK, *map(str, args)],
         capture_output=True,
         text=True,
         timeout=120,
         env=ENV,
         cwd=tmp_path,
     )
-    assert_user_error(result, "out.xyz", "unknown image extension '.xyz'")
-    assert snapshot(tmp_path) == []
+    assert_user_error(
+        result, *words, limit, ": use .png or fewer" if "pair" not in case else ": use .png or a smaller"
+    )
+    assert snapshot(tmp_path) == ["wide.png"]  # no file, no temporary
+
+
+@pytest.mark.parametrize("suffix", [".webp", ".ppm"])
+def test_the_grid_checked_is_the_grid_written(tiny_onnx, tmp_path, suffix):
+    """The check's geometry is image_grid's: the largest WebP grid is written, at the size computed."""
+    n = 1638 if suffix == ".webp" else 3  # 1638 x 10 + 2 = 16,382 pixels: WebP holds it
+    result = subprocess.run(
+        [*CLI, "sample", str(tiny_onnx), "--each-attribute", "-n", str(n), "--grid", f"g{suffix}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / f"g{suffix}") as written:
+        assert (written.mode, written.size) == ("RGB", (n * 10 + 2, 5 * 10 + 2))
+        if suffix == ".ppm":  # the padding: white around every 8x8 image
+            pixels = np.asarray(written)
+            assert (pixels[:2] == 255).all() and (pixels[:, -2:] == 255).all() and (pixels[10:12] == 255).all()
+    assert snapshot(tmp_path) == [f"g{suffix}"]

@@ -146,7 +146,7 @@ def test_two_trainings_into_one_folder_the_second_is_refused_and_a_stale_lock_is
         assert second.returncode == 2 and "Traceback" not in second.stderr
         assert second.stderr.strip().splitlines()[-1] == (
             f"error: another training (pid {first.pid} on this machine) is writing run_dir={run_dir}: wait for it to end, "
-            "or choose another run_dir (two runs in one folder would mix their checkpoints)"
+            "or choose another run_dir (two at once in one folder would mix their checkpoints)"
         )
         os.kill(first.pid, signal.SIGKILL)  # leaves its lock behind
         first.communicate(timeout=60)
@@ -168,7 +168,7 @@ def test_two_trainings_into_one_folder_the_second_is_refused_and_a_stale_lock_is
     )
     assert third.returncode == 0, third.stderr[-3000:]
     assert (
-        f"warning: taking over the stale lock {run_dir / LOCK} (pid {first.pid} is gone: a run that was killed)"
+        f"warning: taking over the stale lock {run_dir / LOCK} (pid {first.pid} is gone: a training that was killed)"
         in third.stderr
     )
     assert not (run_dir / LOCK).exists()  # released at the end

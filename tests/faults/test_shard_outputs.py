@@ -231,3 +231,55 @@ def test_the_folder_reader_refuses_unknown_image_extensions_before_any_image_is_
         for word in words:
             assert word in str(refused.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_second_build_into_the_same_out_is_refused_while_the_first_writes(tmp_path):
+    """Two builds at once used to write the same `.tar.tmp` names: the loser failed, the winner
+    finished with a manifest of one build over tars of both."""
+    args = [sys.executable, "-m", "toolkit.cli", "shards", "digits", "--out", "out", "--shard-size", "10"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen([*args, "--size", "128"], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = tmp_path / "out" / ".lock"
+        while first.poll() is None and not (lock.exists() and lock.read_text().endswith("\n")):
+            pass  # created, then written: wait for the whole holder
+        assert json.loads(lock.read_text())["pid"] == first.pid
+        second = cli("digits", "--out", "out", "--shard-size", "10", "--size", "16", cwd=tmp_path)
+        assert one_error_line(second) == (
+            f"error: another shard build (pid {first.pid} on this machine) is writing --out out: wait for it to end, "
+            "or choose another --out (two at once in one folder would mix their shards)"
+        )
+        assert first.wait(timeout=120) == 0, first.stderr.read()
+    finally:
+        first.kill()
+        first.communicate()
+    assert not lock.exists()  # released
+    done = cli("verify", "out", cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.count("every tar as built") == 2
+    assert json.loads((tmp_path / "out" / "train" / "manifest.json").read_text())["image_size"] == [128, 128]
+
+
+def test_a_lock_left_by_a_killed_build_is_taken_over_and_a_refused_build_releases_it(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / ".lock").write_text(json.dumps({"pid": int(dead.stdout), "host": os.uname().nodename, "started": 0}))
+    done = cli("digits", "--out", "out", "--size", "8", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (
+        f"warning: taking over the stale lock {Path('out') / '.lock'} (pid {int(dead.stdout)} is gone" in done.stderr
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["test", "train"]
+
+    (tmp_path / "held").mkdir()  # a holder on another host cannot be checked from here: reported
+    (tmp_path / "held" / ".lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": 0}))
+    done = cli("digits", "--out", "held", "--size", "8", cwd=tmp_path)
+    assert one_error_line(done).startswith("error: --out held is locked by a shard build on elsewhere (pid 1)")
+    assert [p.name for p in (tmp_path / "held").iterdir()] == [".lock"]
+
+    mine = tmp_path / "mine"  # refused for the user's files: the lock is released, the files untouched
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match="holds files that are not shards"):
+        write_digits(mine, size=8)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]

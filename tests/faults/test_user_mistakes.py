@@ -31,6 +31,9 @@ def place(tmp_path):
     (tmp_path / "adir").mkdir()
     (tmp_path / "folder.png").mkdir()  # a folder with an image's name
     (tmp_path / "notimg.png").write_text("not an image")
+    (tmp_path / "earlier").mkdir()
+    for index in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / "earlier" / f"{index:05d}.png")
     Image.new("RGB", (8, 8), (0, 120, 200)).save(tmp_path / "photo.png")
     return tmp_path
 
@@ -51,11 +54,25 @@ MISTAKES = {
     "grid-is-a-folder": (sample("MODEL", "--grid", "folder.png"), ["folder.png", "it is a folder"]),
     "grid-parent-is-a-file": (sample("MODEL", "--grid", "afile/x.png"), ["afile", "is a file, not a folder"]),
     "out-dir-is-a-file": (sample("MODEL", "--out-dir", "afile"), ["afile", "it is a file, expected a folder"]),
+    # an earlier sample's images: they were replaced in part and mixed with the new ones
+    "out-dir-holds-earlier-images": (
+        sample("MODEL", "-n", "2", "--out-dir", "earlier"),
+        ["--out-dir earlier already holds 3 numbered image(s) (00000.png ...)", "choose an empty or new folder"],
+    ),
     "export-out-is-a-folder": (["export", "RUN", "--out", "adir"], ["adir", "it is a folder"]),
     "interpolate-out-is-a-folder": (interpolate("RUN", "--out", "folder.png"), ["folder.png", "it is a folder"]),
     "edit-out-unknown-extension": (
         ["edit", "RUN", "photo.png", "--attr", "a=1", "--set", "b=1", "--out", "e.xyz"],
         ["e.xyz", "extension"],
+    ),
+    # the output is an input: the photo would be replaced by the pair (each rerun doubled its width)
+    "edit-out-is-the-photo": (
+        ["edit", "RUN", "photo.png", "--attr", "a=1", "--set", "b=1", "--out", "photo.png"],
+        ["cannot write photo.png: it is photo.png, which this command reads"],
+    ),
+    "interpolate-out-is-an-image": (
+        interpolate("RUN", "--from-image", "photo.png", "--to-image", "photo.png", "--out", "./photo.png"),
+        ["it is photo.png, which this command reads"],
     ),
     "interpolate-out-parent-is-a-file": (interpolate("RUN", "--out", "afile/strip.png"), ["afile", "not a folder"]),
     "shards-out-is-a-file": (["shards", "digits", "--out", "afile"], ["afile", "expected a folder"]),
@@ -63,6 +80,15 @@ MISTAKES = {
         ["classifier", "train", "recipe=digits", "data.shards=SHARDS", "--steps", "1", "--out", "afile"],
         ["afile", "expected a folder"],
     ),
+    # an attribute set twice to different values (the last one won, silently)
+    "attr-twice": (sample("MODEL", "--attr", "a=0", "--grid", "g.png"), ["--attr sets a twice, to 1 and to 0"]),
+    "edit-set-twice": (
+        ["edit", "RUN", "photo.png", "--set", "b=1", "--set", "b=0", "--out", "e.png"],
+        ["--set sets b twice, to 1 and to 0"],
+    ),
+    # a model that is not a file (both said "model file not found")
+    "inspect-a-folder": (["inspect", "adir"], ["adir is a folder", "expected an ONNX file"]),
+    "sample-a-device": (sample("/dev/null", "--grid", "g.png"), ["/dev/null is not a regular file"]),
     # sizes: below the minimum, or beyond the memory of any machine
     "n-zero": (sample("MODEL", "-n", "0", "--grid", "g.png"), ["-n", ">= 1", "0"]),
     "n-negative": (sample("MODEL", "-n", "-1", "--grid", "g.png"), ["-n", ">= 1"]),

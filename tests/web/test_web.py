@@ -234,6 +234,7 @@ def test_page_holds_the_export_its_metadata_and_only_the_ort_files_it_loads(digi
             "model.json",
             "digits.onnx",
             "digits-encoder.onnx",
+            web_build.OWNER,
             *(f"ort/{name}" for name in web_build.ORT_FILES),
         ]
     )
@@ -567,3 +568,47 @@ def test_a_stale_encoder_beside_the_export_is_refused(digits_export, tmp_path):
     with pytest.raises(UserError, match="is not the encoder of"):
         build_page(tmp_path / "digits.onnx", tmp_path / "page")
     assert not (tmp_path / "page").exists()
+
+
+def fake_dist(folder: Path) -> Path:
+    """A dist/ with the files the page copies (their bytes do not matter to the build)."""
+    folder.mkdir(parents=True)
+    for name in web_build.ORT_FILES:
+        (folder / name).write_text("// stand-in\n")
+    return folder
+
+
+def test_a_folder_of_the_users_own_files_is_never_overwritten(digits_export, tmp_path):
+    """`--out site` holding the user's index.html used to be replaced silently, style.css, app.js too."""
+    dist = fake_dist(tmp_path / "dist")
+    site = tmp_path / "site"
+    (site / "ort").mkdir(parents=True)
+    (site / "index.html").write_text("<h1>my homepage</h1>")
+    (site / "ort" / "ort.webgpu.min.mjs").write_text("mine")
+    with pytest.raises(
+        UserError, match="--out .*site holds files that cvae-tk did not write there \\(index.html, ort/"
+    ):
+        build_page(digits_export, site, ort_dist=dist)
+    assert sorted(p.relative_to(site).as_posix() for p in site.rglob("*")) == [
+        "index.html",
+        "ort",
+        "ort/ort.webgpu.min.mjs",
+    ]
+    assert (site / "index.html").read_text() == "<h1>my homepage</h1>"
+
+    notes = tmp_path / "notes"  # other files of the user's, under names the page does not use, stay beside it
+    notes.mkdir()
+    (notes / "README.txt").write_text("mine")
+    build_page(digits_export, notes, ort_dist=dist)
+    assert (notes / "README.txt").read_text() == "mine" and (notes / "model.json").is_file()
+
+
+def test_an_earlier_page_is_rebuilt_also_one_killed_halfway_or_built_before_the_owner_file(digits_export, tmp_path):
+    dist = fake_dist(tmp_path / "dist")
+    out = build_page(digits_export, tmp_path / "page", ort_dist=dist)
+    assert (out / web_build.OWNER).is_file()
+    (out / "model.json").unlink()  # a rebuild killed halfway: model.json goes first, comes back last
+    build_page(digits_export, out, ort_dist=dist)
+    (out / web_build.OWNER).unlink()  # a page written before the owner file: its model.json tells
+    build_page(digits_export, out, ort_dist=dist)
+    assert json.loads((out / "model.json").read_text())["format"] == web_build.FORMAT

@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 from toolkit import images
 from toolkit.atomic import check_output as check_writable
 from toolkit.atomic import describe_os_error
-from toolkit.data.shards import EncodedSample, Sample, prepare_output, serialize, write_split
+from toolkit.data.shards import EncodedSample, Sample, output_lock, prepare_output, serialize, write_split
 from toolkit.data.sources import Record, SourceTable, first_few
 from toolkit.errors import UserError
 from toolkit.images import original_bytes
@@ -367,6 +367,19 @@ def _shown(path: Path) -> str:
     return f"{width}x{height}"
 
 
+def require_train_and_test(table: SourceTable) -> None:
+    """`cvae-tk shards` builds what training reads: a train and a test split. A table without one
+    (`--test-fraction 0`, a one-image table, a split column without test rows) is refused before any
+    work; built, its train split alone would be refused by `train` as an unfinished build."""
+    for needed in ("train", "test"):
+        if not table.splits.get(needed):
+            counts = ", ".join(f"{len(records)} {split}" for split, records in table.splits.items() if records)
+            raise UserError(
+                f"{table.source}: no {needed} images ({counts or 'no images at all'}); training and evaluation need "
+                "a train and a test split (shards folder: --test-fraction above 0, or rows of both in --split-column)"
+            )
+
+
 def check_inputs(table: SourceTable, spec: ImageSpec, workers: int) -> None:
     """What can be told before any image is encoded, refused in one line: file extensions no
     reader takes, a --crop larger than the images, a build that would not fit in memory."""
@@ -470,45 +483,48 @@ def build_shards(
     # frozen (the workers fork at the first task), the parent's objects are never visited by a
     # worker's garbage collector (which would write to, and so copy, their pages)
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    total = sum(len(records) for records in table.splits.values())
-    executor, split = None, next(iter(table.splits), "")
-    gc.freeze()
-    try:
-        prepare_output(out, table.splits, options, overwrite)
-        if workers > 1:
-            executor = ProcessPoolExecutor(
-                workers, mp_context=context, initializer=_start_worker, initargs=(*state, os.getpid())
-            )
-        with tqdm(total=total, desc=f"shards {table.source}", unit="img", disable=not progress, mininterval=1) as bar:
-            chunks = _chunks(table, chunk, executor, workers)
-            for split, records in table.splits.items():
-                skipped = [{"key": s.split(":", 1)[0], "reason": s} for s in table.skipped.get(split, [])]
-                extra: dict = {"build": options}
-                samples = _split_samples(
-                    chunks, -(-len(records) // chunk), f"{table.source} {split}", strict, skipped, extra, bar
+    with output_lock(out):  # one build at a time writes `out`
+        total = sum(len(records) for records in table.splits.values())
+        executor, split = None, next(iter(table.splits), "")
+        gc.freeze()
+        try:
+            prepare_output(out, table.splits, options, overwrite)
+            if workers > 1:
+                executor = ProcessPoolExecutor(
+                    workers, mp_context=context, initializer=_start_worker, initargs=(*state, os.getpid())
                 )
-                size = spec.size or (0, 0)  # original: filled in from the images themselves
-                manifests[split] = write_split(
-                    samples,
-                    out,
-                    split,
-                    table.attributes,
-                    size,
-                    table.source,
-                    shard_size or auto_shard_size(len(records)),
-                    extra=extra,
-                )
-    except BrokenProcessPool:
-        raise UserError(_worker_death(executor, out, split)) from None
-    except OSError as error:  # the main process only writes: a full disk, a folder made read-only meanwhile
-        where = f" ({error.filename})" if error.filename else ""
-        raise UserError(
-            f"could not write the shards in {out}{where}: {describe_os_error(error)}; the {split} split "
-            f"has no manifest (unfinished): free some space or fix the folder, then run the same command again"
-        ) from None
-    finally:
-        gc.unfreeze()
-        _WORKER.clear()
-        if executor is not None:
-            _stop(executor)
-    return manifests
+            with tqdm(
+                total=total, desc=f"shards {table.source}", unit="img", disable=not progress, mininterval=1
+            ) as bar:
+                chunks = _chunks(table, chunk, executor, workers)
+                for split, records in table.splits.items():
+                    skipped = [{"key": s.split(":", 1)[0], "reason": s} for s in table.skipped.get(split, [])]
+                    extra: dict = {"build": options}
+                    samples = _split_samples(
+                        chunks, -(-len(records) // chunk), f"{table.source} {split}", strict, skipped, extra, bar
+                    )
+                    size = spec.size or (0, 0)  # original: filled in from the images themselves
+                    manifests[split] = write_split(
+                        samples,
+                        out,
+                        split,
+                        table.attributes,
+                        size,
+                        table.source,
+                        shard_size or auto_shard_size(len(records)),
+                        extra=extra,
+                    )
+        except BrokenProcessPool:
+            raise UserError(_worker_death(executor, out, split)) from None
+        except OSError as error:  # the main process only writes: a full disk, a folder made read-only meanwhile
+            where = f" ({error.filename})" if error.filename else ""
+            raise UserError(
+                f"could not write the shards in {out}{where}: {describe_os_error(error)}; the {split} split "
+                f"has no manifest (unfinished): free some space or fix the folder, then run the same command again"
+            ) from None
+        finally:
+            gc.unfreeze()
+            _WORKER.clear()
+            if executor is not None:
+                _stop(executor)
+        return manifests

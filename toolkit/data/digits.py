@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from toolkit.data.shards import Sample, prepare_output, write_split
+from toolkit.data.shards import Sample, output_lock, prepare_output, write_split
 
 ATTRIBUTES = [f"digit_{i}" for i in range(10)]
 SPLITS = ("train", "test")
@@ -49,17 +49,18 @@ def write_digits(out: str | Path, size: int = 32, shard_size: int = 100, overwri
     holding anything but shards, or shards of another build (unless overwrite), is refused, and no
     older split or shard is left beside the new ones. Returns {split: manifest}."""
     build = {"source": SOURCE, "size": size, "shard_size": shard_size}
-    prepare_output(out, SPLITS, build, overwrite)
-    return {
-        split: write_split(
-            digit_samples(split, size),
-            out,
-            split,
-            ATTRIBUTES,
-            (size, size),
-            SOURCE,
-            shard_size,
-            extra={"build": build},
-        )
-        for split in SPLITS
-    }
+    with output_lock(out):
+        prepare_output(out, SPLITS, build, overwrite)
+        return {
+            split: write_split(
+                digit_samples(split, size),
+                out,
+                split,
+                ATTRIBUTES,
+                (size, size),
+                SOURCE,
+                shard_size,
+                extra={"build": build},
+            )
+            for split in SPLITS
+        }

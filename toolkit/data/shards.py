@@ -39,7 +39,8 @@ import numpy as np
 
 from toolkit.atomic import write_text
 from toolkit.errors import UserError
-from toolkit.formats import MANIFEST  # noqa: F401 (re-exported)
+from toolkit.formats import LOCK, MANIFEST  # noqa: F401 (MANIFEST: re-exported)
+from toolkit.ownership import FolderLock
 
 # Fixed member time (2000-01-01) so rebuilds are byte-identical. An int: a float mtime makes
 # tarfile add a PAX header to every member, doubling the header work.
@@ -241,6 +242,8 @@ def _split_folders(out: Path) -> dict[str, list[str]]:
     foreign: list[str] = []
     with os.scandir(out) as entries:
         for entry in sorted(entries, key=lambda e: e.name):
+            if entry.name == LOCK and entry.is_file(follow_symlinks=False):
+                continue  # the build's own lock (`output_lock`)
             if not (entry.is_dir(follow_symlinks=False) and _SPLIT.fullmatch(entry.name)):
                 foreign.append(entry.name)
                 continue
@@ -258,6 +261,12 @@ def _split_folders(out: Path) -> dict[str, list[str]]:
             f"(--overwrite replaces only shards, never other files)"
         )
     return splits
+
+
+def output_lock(out: str | Path) -> FolderLock:
+    """`with output_lock(out):` around a whole build: OUT/.lock keeps a second build out of the
+    folder while this one writes it (both would write the same `.tar.tmp` names and mix their tars)."""
+    return FolderLock(Path(out), "shard build", "--out", "shards")
 
 
 def prepare_output(out: str | Path, splits: Iterable[str], build: dict, overwrite: bool = False) -> None:

@@ -59,7 +59,16 @@ def text_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
 def file_names(folder: Path, keep: Callable[[str], bool] | None = None) -> set[str]:
     """Names of the regular files directly inside `folder` (one os.scandir), those `keep` accepts if given."""
     with os.scandir(folder) as entries:
-        return {entry.name for entry in entries if (keep is None or keep(entry.name)) and entry.is_file()}
+        return {entry.name for entry in entries if (keep is None or keep(entry.name)) and _is_file(entry)}
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    """A regular file, or a link to one; a link that loops (ELOOP) or cannot be followed is not one
+    (listed in a table, it is then reported as that one missing file; unlisted, it is ignored)."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
 
 
 def missing_files(root: Path, relative_paths: Sequence[str]) -> list[int]:

@@ -9,6 +9,8 @@ DIR gets everything the page needs and nothing it must fetch from elsewhere (it 
     ort/                            onnxruntime-web's WebGPU build (ort.webgpu.min.mjs) and the one
                                     wasm module it loads; the same module runs the wasm (CPU)
                                     backend where the browser has no WebGPU
+    .cvae-tk-web                    says the folder holds a page: a rebuild replaces the files above,
+                                    and a folder holding them without it (the user's own site) is refused
 
 Any static file host serves DIR; `serve` (cvae-tk web --serve) is a quick look on 127.0.0.1.
 """
@@ -28,6 +30,7 @@ from toolkit.atomic import atomic_path, check_output, write_text
 from toolkit.contract import Contract, EncoderContract, check_pair, encoder_beside
 from toolkit.errors import UserError
 from toolkit.inspection import load_checked
+from toolkit.ownership import claim_folder
 
 PAGE_FILES = ("index.html", "app.js", "style.css")
 # What the page loads from onnxruntime-web's dist/ (checked by loading the page: the request log of
@@ -36,6 +39,9 @@ ORT_FILES = ("ort.webgpu.min.mjs", "ort-wasm-simd-threaded.asyncify.mjs", "ort-w
 ORT_PACKAGE = Path("node_modules") / "onnxruntime-web" / "dist"
 MANIFEST = "model.json"
 FORMAT = "web/1"
+# Written into --out before anything else and kept by every rebuild: the folder holds a cvae-tk page,
+# whose files a rebuild may replace (a page built before it is told by its model.json).
+OWNER = ".cvae-tk-web"
 
 MIME_TYPES = {
     ".wasm": "application/wasm",  # WebAssembly.instantiateStreaming refuses anything else
@@ -138,7 +144,9 @@ def build_page(export: str | Path, out: str | Path, ort_dist: str | Path | None 
         )
     dist = find_ort_dist(ort_dist)
     manifest = model_manifest(export, _ort_version(dist))
-    out.mkdir(parents=True, exist_ok=True)
+    models = [export] + ([encoder_beside(export)] if manifest["encoder"] else [])
+    names = [*PAGE_FILES, MANIFEST, *(f"ort/{name}" for name in ORT_FILES), *(model.name for model in models)]
+    claim_folder(out, names, OWNER, earlier=_earlier_page)  # never the user's own site's index.html
     previous = _previous_models(out)
     # No model.json while the files change: a page half rebuilt (a full disk) fails to load instead
     # of pairing a new model with an old one. It is written last.
@@ -150,7 +158,6 @@ def build_page(export: str | Path, out: str | Path, ort_dist: str | Path | None 
     (out / "ort").mkdir(exist_ok=True)
     for name in ORT_FILES:
         _copy(dist / name, out / "ort" / name)
-    models = [export] + ([encoder_beside(export)] if manifest["encoder"] else [])
     for model in models:
         _copy(model, out / model.name)
     # last: the page waits for it
@@ -158,6 +165,13 @@ def build_page(export: str | Path, out: str | Path, ort_dist: str | Path | None 
     for name in previous - {model.name for model in models}:  # an earlier page's model, now unreferenced
         (out / name).unlink(missing_ok=True)
     return out
+
+
+def _earlier_page(out: Path) -> bool:
+    try:
+        return json.loads((out / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _previous_models(out: Path) -> set[str]:
