@@ -390,7 +390,7 @@ def sample(
 
     from toolkit.atomic import check_writable_size, image_format, save_image
     from toolkit.memory import check_fits
-    from toolkit.sampler import Sampler, image_grid
+    from toolkit.sampler import Sampler, grid_size, image_grid
 
     if grid is None and out_dir is None:
         raise UserError("say where the images go: --grid out.png or --out-dir DIR")
@@ -416,11 +416,9 @@ def sample(
             f"a grid of {len(conditions)} row(s) x {n} images of {width}x{height}",
             "ask for fewer images (-n)",
         )
-        padding = 2  # image_grid's: one row per condition, n columns, 2 pixels around each image
         check_writable_size(  # the format must hold it (WebP: 16,383 pixels per side, JPEG: 65,500)
             grid,
-            n * (width + padding) + padding,
-            len(conditions) * (height + padding) + padding,
+            *grid_size(len(conditions) * n, n, height, width),  # one row per condition, n columns
             f"a grid of {len(conditions)} row(s) x {n} images of {width}x{height}",
             "fewer images (-n)",
             option="--grid",
@@ -428,7 +426,7 @@ def sample(
     images = sampler.sample(conditions, n=n, seed=seed, temperature=temperature)
     if grid is not None:
         grid.parent.mkdir(parents=True, exist_ok=True)
-        save_image(Image.fromarray(image_grid(images, columns=n, padding=padding)), grid)
+        save_image(Image.fromarray(image_grid(images, columns=n)), grid)
         typer.echo(f"wrote {grid} ({len(conditions)} row(s) x {n}, {sampler.provider})")
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -543,13 +543,20 @@ def _temperature(value) -> float:
     return float(value)
 
 
-def image_grid(images: np.ndarray, columns: int, padding: int = 2, fill: int = 255) -> np.ndarray:
+GRID_PADDING = 2  # pixels around each image of a grid
+
+
+def grid_size(count: int, columns: int, height: int, width: int, padding: int = GRID_PADDING) -> tuple[int, int]:
+    """(width, height) in pixels of `image_grid`'s picture of `count` images of height x width."""
+    rows = -(-count // columns)
+    return columns * (width + padding) + padding, rows * (height + padding) + padding
+
+
+def image_grid(images: np.ndarray, columns: int, padding: int = GRID_PADDING, fill: int = 255) -> np.ndarray:
     """Tile uint8 images [N, H, W, 3] into one uint8 picture, `columns` per row."""
     count, height, width, channels = images.shape
-    rows = -(-count // columns)
-    grid = np.full(
-        (rows * (height + padding) + padding, columns * (width + padding) + padding, channels), fill, np.uint8
-    )
+    grid_width, grid_height = grid_size(count, columns, height, width, padding)
+    grid = np.full((grid_height, grid_width, channels), fill, np.uint8)
     for index, image in enumerate(images):
         top = padding + (index // columns) * (height + padding)
         left = padding + (index % columns) * (width + padding)
