@@ -186,7 +186,8 @@ def test_every_onnx_tool_takes_both_files(pair, tmp_path):
         assert not [value.name for value in proto.graph.value_info if value.name in initializers]
         onnx.checker.check_model(proto, full_check=True)
         quantized = tmp_path / f"{path.stem}-dynamic.onnx"
-        quantize_dynamic(str(path), str(quantized))
+        # 7-bit weights, as toolkit.quantize makes them: 8-bit ones overflow the kernels of CPUs without VNNI
+        quantize_dynamic(str(path), str(quantized), reduce_range=True)
         int8 = ort.InferenceSession(str(quantized), providers=["CPUExecutionProvider"])
         fp32 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         for got, want in zip(int8.run(None, feed), fp32.run(None, feed)):

@@ -266,6 +266,7 @@ def test_the_cuda_session_is_given_the_fused_graph(model, tmp_path, monkeypatch)
 
     monkeypatch.setattr(sessions.ort, "InferenceSession", Recording)
     monkeypatch.setattr(sessions, "wants_cuda", lambda device: True)
+    monkeypatch.setattr(sessions, "cuda_device_present", lambda: True)
     open_session(path, "cuda", session_plan(path, "cuda"))
     ((what, providers),) = given
     assert isinstance(what, bytes) and providers[0][0] == CUDA

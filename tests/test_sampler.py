@@ -461,3 +461,17 @@ def test_tensorrt_gives_the_cpu_images_within_fp16_rounding_and_reuses_its_engin
     assert difference.mean() <= 1 and difference.max() <= 8  # fp16 arithmetic: a few grey levels
     assert any((tmp_path / "digits.trt").rglob("*.engine"))
     assert np.array_equal(Sampler(path, device="tensorrt", batch_size=8).sample(attributes, n=3, seed=4), got)
+
+
+def test_inputs_beyond_float32_and_a_graph_returning_nan_are_errors_not_nan_images(sampler):
+    from toolkit.errors import UserError
+
+    attributes, noise = np.zeros((1, 10), np.float32), np.zeros((1, 16), np.float32)
+    # finite as float64, infinite as the float32 the graph takes (used to give all-NaN images)
+    with pytest.raises(UserError, match="attributes holds NaN or infinite values \\(as float32"):
+        sampler.run(np.full((1, 10), 1e300), noise)
+    with pytest.raises(UserError, match="noise holds NaN or infinite values \\(as float32"):
+        sampler.run(attributes, np.full((1, 16), 1e300))
+    # finite float32 inputs the graph still turns into NaN
+    with pytest.raises(UserError, match="the graph returned NaN or infinite pixels"):
+        sampler.run(np.full((1, 10), 3e38, np.float32), noise)

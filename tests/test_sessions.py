@@ -153,6 +153,7 @@ def test_the_tensorrt_plan_caches_engines_beside_the_file_per_weights(variants):
     assert unnamed.parent == cache.parent and unnamed.name.startswith(f"file-{path.stat().st_size}-")
 
 
+@pytest.mark.skipif("__import__('toolkit.sessions').sessions.cuda_device_present()", reason="this machine has a GPU")
 def test_tensorrt_without_a_gpu_or_its_libraries_is_one_error_and_leaves_nothing(exported, tmp_path, monkeypatch):
     import shutil
 
@@ -180,12 +181,24 @@ def test_an_unknown_device_names_the_four(exported):
         Sampler(exported, device="gpu")
 
 
-def test_cvae_tk_sample_device_tensorrt_without_a_gpu_is_one_line(exported, tmp_path):
+@pytest.mark.skipif("__import__('toolkit.sessions').sessions.cuda_device_present()", reason="this machine has a GPU")
+@pytest.mark.parametrize("device", ["cuda", "tensorrt"])
+def test_cvae_tk_sample_on_a_gpu_device_without_a_gpu_is_one_line(exported, tmp_path, device):
     from tests.test_cli import assert_user_error, run_cli
 
-    result = run_cli(["sample", exported, "--device", "tensorrt", "--grid", "g.png"], tmp_path)
-    assert_user_error(result, "device='tensorrt' needs an NVIDIA GPU")
+    # one line: ONNX Runtime is not asked (it would print its own failed library loads first)
+    result = run_cli(["sample", exported, "--device", device, "--grid", "g.png"], tmp_path)
+    assert_user_error(result, f"device='{device}' needs an NVIDIA GPU, and this machine has none")
     assert not (tmp_path / "g.png").exists()
+
+
+def test_cuda_from_an_onnxruntime_without_its_provider_is_one_error(exported, monkeypatch):
+    from toolkit.errors import UserError
+
+    monkeypatch.setattr(sessions, "cuda_device_present", lambda: True)
+    monkeypatch.setattr(sessions.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(UserError, match="device='cuda' needs onnxruntime-gpu"):
+        Sampler(exported, device="cuda")
 
 
 def test_file_metadata_passes_over_a_field_14_of_another_wire_type(tmp_path):

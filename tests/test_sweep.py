@@ -14,6 +14,7 @@ from PIL import Image
 
 from tests.test_cli import assert_user_error, run_cli
 from toolkit import sweep
+from toolkit.config import load_config
 from toolkit.errors import UserError
 from toolkit.figures import PAD, scale_for
 from toolkit.sweep import parse_betas, run_sweep
@@ -197,6 +198,9 @@ def test_betas_parse_as_a_yaml_list():
     assert parse_betas("[0.25,0.5,0.75,0.9]") == [0.25, 0.5, 0.75, 0.9]
     assert parse_betas("[0, 1]") == [0.0, 1.0]
     assert parse_betas("0.5") == [0.5] and parse_betas("0.25,0.5") == [0.25, 0.5]
+    # exponents without a dot, which YAML 1.1 reads as text (and `beta=1e-3` is a number to OmegaConf)
+    assert parse_betas("[1e-3,5E-1]") == [0.001, 0.5] and parse_betas("1e-320") == [1e-320]
+    assert load_config(["recipe=digits", "beta=1e-3"]).beta == 0.001
     assert sweep.split_arguments(["recipe=digits"])[0] == [0.25, 0.5, 0.75, 0.9]  # the paper's, by default
 
 

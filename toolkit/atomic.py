@@ -12,7 +12,7 @@ import errno
 import os
 import re
 import tempfile
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -20,14 +20,25 @@ from typing import Iterator
 from toolkit.errors import UserError
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # read by setting it: once, at import, before any thread writes files
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a hidden temporary path beside `path`; rename it to `path` if the block succeeds,
     delete it if the block fails."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = hidden_beside(path, f".{os.getpid()}.tmp")
     try:
         yield tmp
+        if tmp.is_file():  # safetensors creates its files 0600: give every output the mode open() gives
+            os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except OSError as error:
         tmp.unlink(missing_ok=True)
@@ -37,6 +48,31 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_paths(*paths: str | Path) -> Iterator[list[Path]]:
+    """atomic_path for files that belong together (weights and their config): nothing is renamed
+    unless the block wrote them all, and the first path is renamed last, so that a reader who takes
+    it as the mark of a finished set never finds it beside an older or missing partner."""
+    with ExitStack() as stack:
+        yield [stack.enter_context(atomic_path(path)) for path in paths]
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name (in bytes) the file system holding `folder` takes."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # not a folder (yet), or no pathconf (Windows)
+        return 255
+
+
+def hidden_beside(path: Path, suffix: str) -> Path:
+    """`.<name><suffix>` beside `path` (a temporary, or a file kept aside), with <name> cut where the
+    whole would not fit the file system: a final name of 250 bytes is legal, `.<it>.<pid>.tmp` not."""
+    room = _name_max(_nearest_existing(path.parent)) - 1 - len(os.fsencode(suffix))
+    name = os.fsdecode(os.fsencode(path.name)[:room])
+    return path.with_name(f".{name}{suffix}")
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -55,7 +91,8 @@ def os_error_from(error: BaseException, path: str | Path | None = None) -> OSErr
     """The OSError (with its errno) behind a write failure that a library reports as its own
     exception, or None when the file system is not the cause: safetensors' SafetensorError carries the
     system's "(os error N)"; torch.save's "unexpected pos A vs B" carries nothing, so the file system
-    holding `path` is asked: no room left there means ENOSPC. An OSError is returned as it is."""
+    holding `path` is asked: no room left there means ENOSPC, else EIO saying so. An OSError is
+    returned as it is."""
     if isinstance(error, OSError):
         return error
     text = str(error)
@@ -67,9 +104,16 @@ def os_error_from(error: BaseException, path: str | Path | None = None) -> OSErr
         try:
             full = _free_bytes(_nearest_existing(Path(path))) < _NO_ROOM
         except OSError:
-            return None
+            full = False
         if full:
             return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        # room left, and still the file system refused bytes: a quota (EDQUOT), a file size limit
+        # (EFBIG) or a failing device; the writer does not say which
+        return OSError(
+            errno.EIO,
+            "the write fell short though the disk has room (a disk quota or file size limit reached?)",
+            str(path),
+        )
     return None
 
 
@@ -89,13 +133,19 @@ def os_errors(path: str | Path | None = None) -> Iterator[None]:
         raise translated from error
 
 
-def save_state_dict(module, path: str | Path) -> None:
-    """A module's weights as fp32 safetensors (never pickle)."""
+def write_state_dict(module, path: str | Path) -> None:
+    """A module's weights as fp32 safetensors (never pickle), written to `path` as it is (a temporary
+    name from atomic_path/atomic_paths); a failure the file system caused is an OSError."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
-    with atomic_path(path) as tmp, os_errors(tmp):  # translated before atomic_path removes the temporary
-        save_file(state, str(tmp), metadata={"format": "pt"})
+    with os_errors(path):  # translated before atomic_path removes the temporary
+        save_file(state, str(path), metadata={"format": "pt"})
+
+
+def save_state_dict(module, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        write_state_dict(module, tmp)
 
 
 # --- images -----------------------------------------------------------------------------------------
@@ -237,9 +287,26 @@ def save_image(image, path: str | Path, **params) -> Path:
 
 
 def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
+    while path != path.parent:
+        try:
+            if path.exists():
+                break
+        except OSError:  # a name too long (Python < 3.12 raises it from exists): not there either
+            pass
         path = path.parent
     return path
+
+
+def _check_name_lengths(path: Path) -> None:
+    """Every name `path` would create (folders on the way, the file) fits its file system."""
+    existing = _nearest_existing(path)
+    longest = _name_max(existing)
+    for part in path.relative_to(existing).parts:
+        if len(os.fsencode(part)) > longest:
+            raise UserError(
+                f"cannot write {path}: the name '{part[:40]}...' is {len(os.fsencode(part))} bytes long, "
+                f"the file system holding {existing} takes at most {longest}; choose a shorter name"
+            )
 
 
 def _free_bytes(folder: Path) -> int:
@@ -278,6 +345,7 @@ def check_output(path: str | Path, folder: bool = False, needed_bytes: int = 1, 
             raise UserError(
                 f"cannot write {path}: it is {source}, which this command reads; write the result to another file"
             )
+    _check_name_lengths(path)
     if folder and path.exists() and not path.is_dir():
         raise UserError(f"cannot write into {path}: it is a file, expected a folder")
     if not folder and path.is_dir():

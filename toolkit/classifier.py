@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
-from toolkit.atomic import save_state_dict, write_text
+from toolkit.atomic import atomic_paths, write_state_dict
 from toolkit.data.stream import EpochStream, eval_batches, read_manifest, worker_died
 from toolkit.errors import UserError, one_line
 from toolkit.formats import CLASSIFIER_CONFIG as CONFIG
@@ -322,16 +322,14 @@ def positive_weights(shards: str | Path) -> torch.Tensor:
 
 
 def save_classifier(classifier: AttributeClassifier, out_dir: str | Path, meta: dict | None = None) -> Path:
-    """Write classifier.safetensors and classifier.json into `out_dir`, each through a temporary name."""
+    """Write classifier.safetensors and classifier.json into `out_dir` as one set (see model.save_model):
+    a failure (a full disk: OSError(ENOSPC), as atomic.os_errors makes it) leaves the folder as it was."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_state_dict(classifier, out_dir / WEIGHTS)  # a full disk: OSError(ENOSPC), as atomic.os_errors makes it
     meta = {"format": FORMAT, **(meta or {}), **classifier.config()}
-    try:
-        write_text(out_dir / CONFIG, json.dumps(meta, indent=2) + "\n")
-    except BaseException:
-        (out_dir / WEIGHTS).unlink(missing_ok=True)  # never new weights beside no (or an older) classifier.json
-        raise
+    with atomic_paths(out_dir / WEIGHTS, out_dir / CONFIG) as (weights, config):
+        write_state_dict(classifier, weights)
+        config.write_text(json.dumps(meta, indent=2) + "\n")
     return out_dir / WEIGHTS
 
 

@@ -62,7 +62,7 @@ import torch
 from safetensors.torch import save
 
 import toolkit
-from toolkit.atomic import atomic_path, check_output, describe_os_error
+from toolkit.atomic import atomic_path, check_output, describe_os_error, hidden_beside
 from toolkit.contract import (
     ENCODER_FORMAT,
     ENCODER_INPUTS,
@@ -567,7 +567,7 @@ def _write(out: Path, onnx_bytes: bytes, encoder_out: Path | None, encoder_bytes
         with atomic_path(out) as tmp:
             tmp.write_bytes(onnx_bytes)
         return
-    previous = encoder_out.with_name(f".{encoder_out.name}.previous")
+    previous = hidden_beside(encoder_out, ".previous")
     kept = placed = False
     try:
         with atomic_path(out) as tmp:

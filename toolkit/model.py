@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from toolkit.atomic import save_state_dict, write_text
+from toolkit.atomic import atomic_paths, write_state_dict
 from toolkit.errors import UserError, one_line
 from toolkit.formats import ARCH_OPTIONS, ARCHS, CONFIG, PRIORS, RECIPE, WEIGHTS, check_choice  # noqa: F401 (ARCH_OPTIONS, PRIORS, ...: re-exported)
 from toolkit.memory import check_fits
@@ -368,13 +368,15 @@ def init_weights(module: nn.Module) -> None:
 
 
 def save_model(model: CVAE, folder: str | Path) -> None:
-    """Write fp32 weights and config.json into `folder`, each through a temporary name."""
+    """Write fp32 weights and config.json into `folder` as one set: both through temporary names,
+    renamed only once both are written (weights last), so a failure leaves the folder as it was."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_state_dict(model, folder / WEIGHTS)
     spec = asdict(model.spec)
     spec["image_size"] = list(spec["image_size"])
-    write_text(folder / CONFIG, json.dumps(spec, indent=2) + "\n")
+    with atomic_paths(folder / WEIGHTS, folder / CONFIG) as (weights, config):
+        write_state_dict(model, weights)
+        config.write_text(json.dumps(spec, indent=2) + "\n")
 
 
 def _no_final_model(folder: Path, missing: Path) -> UserError:

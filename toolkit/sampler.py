@@ -198,6 +198,10 @@ class Sampler:
                 f"{self.path}: the graph returned images of {got}, but its metadata promises "
                 f"{self.contract.output_dtype} {list(expected)} (output={self.contract.output}, image_size={list(self.image_size)})"
             )
+        if output.dtype != np.uint8 and not np.isfinite(output).all():  # never an image: say so, not a NaN picture
+            raise UserError(
+                f"{self.path}: the graph returned NaN or infinite pixels (inputs far outside the prior's range?)"
+            )
         return output
 
     def _probe(self) -> None:
@@ -304,8 +308,10 @@ class Sampler:
             ):
                 what = f"{array.dtype} {list(array.shape)}" if isinstance(array, np.ndarray) else type(array).__name__
                 raise UserError(f"{name} must be a numeric array [B, {width}], got {what}")
+            with np.errstate(over="ignore"):  # the graph takes float32: 1e300 is infinite there
+                array = array.astype(np.float32, copy=False)
             if not np.isfinite(array).all():
-                raise UserError(f"{name} holds NaN or infinite values")
+                raise UserError(f"{name} holds NaN or infinite values (as float32, which ends at 3.4e38)")
             arrays[name] = array
         if len(attributes) != len(noise) or len(attributes) == 0:
             raise UserError(

@@ -109,6 +109,11 @@ def parse_betas(value: str) -> list[float]:
         raise UserError("bad value for betas: expected at least one beta, e.g. betas=[0.25,0.5,0.75,0.9]")
     betas = []
     for item in values:
+        if isinstance(item, str):  # YAML 1.1 reads 1e-3 (no dot) as text; OmegaConf and Python take it as a number
+            try:
+                item = float(item)
+            except ValueError:
+                pass
         if isinstance(item, bool) or not isinstance(item, (int, float)) or not 0.0 <= float(item) <= 1.0:
             raise UserError(f"bad value for betas: {item!r} is not a number in [0, 1] (got betas={value})")
         betas.append(float(f"{float(item):g}"))  # 6 significant digits: the folder name beta-<b> holds the exact value

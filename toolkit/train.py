@@ -286,7 +286,7 @@ def save_checkpoint(
         with os_errors(partial):  # safetensors and torch.save report a full disk in their own exceptions
             accelerator.save_state(str(partial))
     except OSError as error:  # e.g. a full disk: say so in one line, and which checkpoint is still good
-        raise _save_failed(run_dir, partial, error) from error
+        raise _save_failed(run_dir, partial, error, accelerator.is_main_process) from error
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {
@@ -299,7 +299,7 @@ def save_checkpoint(
         try:
             (partial / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
         except OSError as error:
-            raise _save_failed(run_dir, partial, error) from error
+            raise _save_failed(run_dir, partial, error, True) from error
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         complete = sorted((s, p) for p in folder.glob("checkpoint-*") if (s := checkpoint_step(p)) is not None)
@@ -309,7 +309,9 @@ def save_checkpoint(
     return final
 
 
-def _save_failed(run_dir: Path, partial: Path, error: OSError) -> TrainingStopped:
+def _save_failed(run_dir: Path, partial: Path, error: OSError, remove: bool) -> TrainingStopped:
+    if remove:  # the part written would only hold the space a full disk lacks
+        shutil.rmtree(partial, ignore_errors=True)
     last = find_checkpoint(run_dir, "latest")
     code = errno.errorcode.get(error.errno, "") if error.errno else ""
     return TrainingStopped(
@@ -348,6 +350,8 @@ def _check_resume(
         differs = None
         if then.get("manifest_sha256") != now["manifest_sha256"]:
             differs = f"its manifest differs (sha256 {str(then.get('manifest_sha256'))[:12]}... then, {now['manifest_sha256'][:12]}... now)"
+        elif then.get("files_sha256") and now.get("files_sha256") and then["files_sha256"] != now["files_sha256"]:
+            differs = "the tars' recorded sha256 checksums differ"
         elif then.get("tars") and now["tars"]:  # both local folders
             changed = [name for name in now["tars"] if then["tars"].get(name) != now["tars"][name]]
             if changed:

@@ -202,8 +202,12 @@ def test_shards_and_manifest_can_be_read_through_a_pipe_url(tmp_path):
     images = [x for batch in eval_batches(url, "test", batch_size=2) for x in batch[0]]
     assert len(images) == 5
     assert np.array_equal(np.round(images[4].permute(1, 2, 0).numpy() * 255).astype(np.uint8), pixels[4])
-    with pytest.raises(UserError, match="could not read"):
+    with pytest.raises(UserError) as failed:
         read_manifest(f"pipe:cat {tmp_path / 'nowhere'}", "test")
+    command = f"cat {tmp_path / 'nowhere'}/test/manifest.json"
+    assert str(failed.value) == f"could not read pipe:{command}: the command `{command}` failed (exit status 1)"
+    with pytest.raises(UserError, match="the command `kill -9 .*` was killed by signal 9$"):
+        read_manifest("pipe:kill -9 $$ #", "test")
     # the path may also sit inside the command: {} stands for <split>/<file>
     placeholder = f"pipe:cat {tmp_path}/{{}} -"
     assert read_manifest(placeholder, "test")["count"] == 5

@@ -219,3 +219,27 @@ def test_resume_refuses_other_shards_and_accepts_a_byte_identical_rebuild(digits
         train(config(fewer, run_dir, "max_steps=3", "resume=latest"))
     # byte-identical elsewhere: resumes
     train(config(build(tmp_path / "rebuilt"), run_dir, "max_steps=3", "resume=latest"))
+
+
+def test_resume_accepts_a_checkpoint_from_before_manifests_held_checksums(digits_shards, tmp_path):
+    # a checkpoint written when manifests had no `files`, resumed on the same shards rebuilt with them
+    old = tmp_path / "old"
+    shutil.copytree(digits_shards, old)
+    for split in SPLITS:
+        manifest = json.loads((old / split / "manifest.json").read_text())
+        del manifest["files"]
+        (old / split / "manifest.json").write_text(json.dumps(manifest))
+    run_dir = tmp_path / "run"
+    train(config(old, run_dir))
+    train(config(digits_shards, run_dir, "max_steps=3", "resume=latest"))
+    # the same tars under a manifest whose recorded checksums are other: refused, naming them
+    altered = tmp_path / "altered"
+    shutil.copytree(digits_shards, altered)
+    manifest = json.loads((altered / "train" / "manifest.json").read_text())
+    first = next(iter(manifest["files"]))
+    manifest["files"][first]["sha256"] = "0" * 64
+    (altered / "train" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        UserError, match="is not the one it was trained on \\(the tars' recorded sha256 checksums differ"
+    ):
+        train(config(altered, run_dir, "max_steps=4", "resume=latest"))

@@ -31,6 +31,7 @@ see `Skips` for how the fraction is taken.
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import multiprocessing
@@ -100,7 +101,7 @@ def read_manifest(shards: str | Path, split: str) -> dict:
             with wds.gopen(location, "rb") as stream:
                 text = stream.read()
         except Exception as error:
-            raise UserError(f"could not read {location}: {' '.join(str(error).split())}") from None
+            raise UserError(f"could not read {location}: {describe_pipe_failure(error) or one_line(error)}") from None
     else:
         path = Path(location)
         if not path.is_file():
@@ -291,7 +292,29 @@ def attribute_vector(data: bytes) -> np.ndarray:
 # --- unreadable data: skipped, reported down the pipeline, counted in the main process -------------
 
 
-def _describe(error: BaseException) -> str:
+# webdataset's words for a `pipe:` command that failed: "(('<command>',), {'shell': True, ...}): exit 1 (read) {}"
+_PIPE_FAILED = re.compile(r"^(?P<call>\(\(.*\)): exit (?P<status>-?\d+) \((?:read|write)\)")
+
+
+def describe_pipe_failure(error: BaseException) -> str | None:
+    """'the command `cat /x/train-000000.tar` failed (exit status 1)' for webdataset's error of a
+    failing `pipe:` command (its text is the Popen arguments' repr), else None."""
+    found = _PIPE_FAILED.match(str(error))
+    if found is None:
+        return None
+    try:
+        (command, *_), _ = ast.literal_eval(found["call"])
+    except (ValueError, SyntaxError, TypeError):
+        return None
+    status = int(found["status"])
+    how = f"was killed by signal {-status}" if status < 0 else f"failed (exit status {status})"
+    return f"the command `{command}` {how}"
+
+
+def describe_read_error(error: BaseException) -> str:
+    """One line for why a shard or manifest could not be read (file, URL or command)."""
+    if (pipe := describe_pipe_failure(error)) is not None:
+        return pipe
     text = re.sub(r" object at 0x[0-9a-fA-F]+", "", one_line(error))  # PIL names the BytesIO: same text every time
     text = re.sub(r" @ <[^>]*>$", "", text)  # webdataset appends the stream it read
     text = text if len(text) <= 160 else text[:157] + "..."
@@ -344,9 +367,9 @@ def _read_shards(source, counts: dict[str, int], count: ReadCount):
             reason = f"it ended after {read} of {expected} samples (a cut-off tar?)"
         else:
             reason = (
-                f"broke off after {read} of {expected} samples: {_describe(error)}"
+                f"broke off after {read} of {expected} samples: {describe_read_error(error)}"
                 if read
-                else f"unreadable: {_describe(error)}"
+                else f"unreadable: {describe_read_error(error)}"
             )
         yield Skip(url, reason, lost)
 
@@ -395,7 +418,7 @@ def _decode_batches(
         except WrongSize as error:
             problem = str(error)
         except Exception as error:
-            problem = f"could not be decoded: {_describe(error)}"
+            problem = f"could not be decoded: {describe_read_error(error)}"
         if problem:
             reason = problem if problem.startswith("sample ") else f"sample {sample.get('__key__')} {problem}"
             yield None, Skip(sample.get("__url__", "?"), reason, 1, undecodable=True), read()

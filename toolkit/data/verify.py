@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 
 import webdataset as wds
 
-from toolkit.data.stream import is_url, read_manifest, split_file
+from toolkit.data.stream import describe_pipe_failure, is_url, read_manifest, split_file
 from toolkit.errors import UserError, one_line
 from toolkit.formats import MANIFEST
 
@@ -117,7 +117,7 @@ def _check_tar(shards: str | Path, split: str, name: str, recorded: dict, progre
     try:
         size, digest = _hash(location, progress)
     except Exception as error:  # OSError for a file; a pipe's command failing; an HTTP error
-        return f"unreadable: {one_line(error)}"
+        return f"unreadable: {describe_pipe_failure(error) or one_line(error)}"
     if problem := _size_problem(size, recorded["bytes"]):
         return problem
     if digest != recorded["sha256"]:
