@@ -475,3 +475,14 @@ def test_inputs_beyond_float32_and_a_graph_returning_nan_are_errors_not_nan_imag
     # finite float32 inputs the graph still turns into NaN
     with pytest.raises(UserError, match="the graph returned NaN or infinite pixels"):
         sampler.run(np.full((1, 10), 3e38, np.float32), noise)
+    # every batch, not only the load-time probe: out of [0, 1] and NaN are one error each
+    height, width = sampler.image_size
+    with pytest.raises(UserError, match="the graph's images range from 0 to 1.5, but its metadata's value_range is"):
+        sampler._check_output(
+            np.concatenate(
+                [np.zeros((1, 3, height, width), np.float32)] + [np.full((1, 3, height, width), 1.5, np.float32)]
+            ),
+            2,
+        )
+    with pytest.raises(UserError, match="the graph returned NaN or infinite pixels"):
+        sampler._check_output(np.full((1, 3, height, width), np.nan, np.float32), 1)

@@ -198,10 +198,16 @@ class Sampler:
                 f"{self.path}: the graph returned images of {got}, but its metadata promises "
                 f"{self.contract.output_dtype} {list(expected)} (output={self.contract.output}, image_size={list(self.image_size)})"
             )
-        if output.dtype != np.uint8 and not np.isfinite(output).all():  # never an image: say so, not a NaN picture
-            raise UserError(
-                f"{self.path}: the graph returned NaN or infinite pixels (inputs far outside the prior's range?)"
-            )
+        if not self._uint8_output:  # min and max: one pass finds NaN (it propagates) and values out of range
+            low, high = float(np.min(output)), float(np.max(output))
+            if not (np.isfinite(low) and np.isfinite(high)):
+                raise UserError(
+                    f"{self.path}: the graph returned NaN or infinite pixels (broken weights, or inputs far outside the prior's range?)"
+                )
+            if low < -1e-3 or high > 1 + 1e-3:
+                raise UserError(
+                    f"{self.path}: the graph's images range from {low:.3g} to {high:.3g}, but its metadata's value_range is [0, 1]"
+                )
         return output
 
     def _probe(self) -> None:
@@ -222,14 +228,6 @@ class Sampler:
                 f"{self.path}: the graph does not run on the inputs its metadata describes: {ort_message(error)}"
             ) from None
         self._check_output(output, 1)
-        if not self._uint8_output:
-            low, high = float(np.min(output)), float(np.max(output))
-            if not (np.isfinite(low) and np.isfinite(high)):
-                raise UserError(f"{self.path}: the graph's images hold NaN or infinite values (broken weights?)")
-            if low < -1e-3 or high > 1 + 1e-3:
-                raise UserError(
-                    f"{self.path}: the graph's images range from {low:.3g} to {high:.3g}, but its metadata's value_range is [0, 1]"
-                )
 
     # -- conditions ---------------------------------------------------------------------------
 

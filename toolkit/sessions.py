@@ -255,21 +255,17 @@ def open_session(path: Path, device: str, plan: SessionPlan) -> ort.InferenceSes
     device ("cuda", "tensorrt") that ONNX Runtime cannot run here. ONNX Runtime's own fallback (a
     provider that fails is replaced by the next one, with a message on stdout) is off: the provider
     that runs is the one asked for, or there is an error that says why."""
-    if device in ("cuda", "tensorrt") and not cuda_device_present():  # before ONNX Runtime prints its own errors
+    provider = {"cuda": CUDA, "tensorrt": TENSORRT}.get(device)
+    if provider is not None and not cuda_device_present():  # before ONNX Runtime prints its own errors
         raise UserError(
             f"device='{device}' needs an NVIDIA GPU, and this machine has none; use device='cpu' or 'auto'"
         )
-    if device == "cuda" and CUDA not in ort.get_available_providers():
+    if provider is not None and provider not in ort.get_available_providers():
         raise UserError(
-            "device='cuda' needs onnxruntime-gpu (this onnxruntime has no CUDA provider): "
+            f"device='{device}' needs onnxruntime-gpu (this onnxruntime has no {provider}): "
             "pip install onnxruntime-gpu, without the CPU-only onnxruntime beside it"
         )
     if device == "tensorrt":
-        if TENSORRT not in ort.get_available_providers():
-            raise UserError(
-                "device='tensorrt' needs onnxruntime-gpu (this onnxruntime has no TensorRT provider): "
-                "pip install onnxruntime-gpu, without the CPU-only onnxruntime beside it"
-            )
         try:
             preload_tensorrt()
         except OSError as error:
