@@ -186,6 +186,22 @@ def test_api_errors(model, tmp_path):
         load_run_model(tmp_path / "nothing")
 
 
+def test_image_paths_as_python_file_apis_take_them(tmp_path):
+    import os
+
+    from toolkit.edit import save_strip
+
+    frames = [Image.new("RGB", (4, 6), (255, 0, 0)), Image.new("RGB", (4, 6), (0, 0, 255))]
+    assert save_strip(frames, os.fsencode(tmp_path / "strip.png")) == tmp_path / "strip.png"
+    assert load_image(os.fsencode(tmp_path / "strip.png")).size == (8, 6)
+    with pytest.raises(TypeError, match=r"^load_image\(path\): expected the image file as .*, got NoneType$"):
+        load_image(None)
+    with pytest.raises(TypeError, match=r"^load_image\(path\): .*, got int$"):
+        load_image(3)  # os.path.exists would take it for a file descriptor
+    with pytest.raises(TypeError, match=r"^save_strip\(images, path\): .*, got NoneType$"):
+        save_strip(frames, None)
+
+
 def test_encode_uses_the_posterior_mean(model, test_digits):
     images, labels = test_digits
     x = torch.from_numpy(as_float(images[0])).permute(2, 0, 1)[None]

@@ -551,3 +551,33 @@ def test_encode_and_edit_work_where_torch_cannot_be_imported(pair):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "edited (1, 16) (32, 32, 3)" in result.stdout
+
+
+def test_a_given_encoder_goes_with_a_pickled_copy_and_close_releases_it(tmp_path):
+    import os
+    import pickle
+    import weakref
+
+    from toolkit.export import export_onnx
+    from toolkit.sampler import Sampler
+
+    exported = export_onnx(
+        tiny_run(tmp_path / "run"), tmp_path / "tiny.onnx", encoder=True, shards=tiny_shards(tmp_path / "shards")
+    )
+    given = tmp_path / "elsewhere" / "its-encoder.onnx"  # not beside the decoder: only the argument finds it
+    given.parent.mkdir()
+    os.replace(exported.encoder, given)
+    sampler = Sampler(exported[0], device="cpu", encoder=os.fsencode(given))
+    photo = np.random.default_rng(1).integers(0, 256, (TINY_SIZE, TINY_SIZE, 3), dtype=np.uint8)
+    before, change = {"a0": 1, "a2": 1}, {"a0": 0, "a4": 1}
+    copy = pickle.loads(pickle.dumps(sampler))
+    assert copy.encoder_path == given
+    assert np.array_equal(copy.encode(photo, before), sampler.encode(photo, before))
+    assert np.array_equal(copy.edit(photo, before, change), sampler.edit(photo, before, change))
+
+    encoder = weakref.ref(sampler._encoder_session)
+    sampler.close()
+    assert encoder() is None
+    for call in (lambda: sampler.encode(photo, before), lambda: sampler.edit(photo, before, change)):
+        with pytest.raises(UserError, match="this Sampler was closed"):
+            call()

@@ -477,3 +477,17 @@ def test_readme_embedding_example_with_a_uint8_temperature_export(variant, tmp_p
     exec(compile(code, "README.md", "exec"), {})
     with Image.open(tmp_path / "sevens.png") as picture:
         assert picture.size == (8 * PAPER_SIZE[1], PAPER_SIZE[0])
+
+
+def test_paths_as_python_file_apis_take_them(tmp_path):
+    import os
+
+    from toolkit.export import export_onnx
+
+    with pytest.raises(TypeError, match=r"^export_onnx\(run_dir\): expected the run folder as .*, got NoneType$"):
+        export_onnx(None)
+    with pytest.raises(TypeError, match=r"^export_onnx\(out=\): .*, got int$"):
+        export_onnx(tmp_path, out=3)
+    # bytes pass the door and reach the run folder's own check
+    with pytest.raises(UserError, match=f"{tmp_path / 'run'} is not a trained run"):
+        export_onnx(os.fsencode(tmp_path / "run"), out=os.fsencode(tmp_path / "run.onnx"))

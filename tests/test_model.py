@@ -90,6 +90,19 @@ def test_save_and_load_round_trip(tmp_path):
     assert torch.equal(loaded.generate(attributes, noise), model.generate(attributes, noise))
 
 
+def test_run_folders_as_python_file_apis_take_them(tmp_path):
+    import os
+
+    model = make(32, 32, attributes=10, latent=16).eval()
+    save_model(model, os.fsencode(tmp_path / "run"))  # bytes, as open() takes them
+    assert load_model(os.fsencode(tmp_path / "run")).spec == model.spec
+    for call, name in ((lambda: load_model(None), "load_model"), (lambda: save_model(model, 3), "save_model")):
+        with pytest.raises(
+            TypeError, match=rf"^{name}\(.*\): expected the run folder as a str, os.PathLike or bytes, got"
+        ):
+            call()
+
+
 def test_too_small_images_are_refused():
     with pytest.raises(UserError, match="too small"):
         make(3, 32)

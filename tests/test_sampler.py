@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -486,3 +487,103 @@ def test_inputs_beyond_float32_and_a_graph_returning_nan_are_errors_not_nan_imag
         )
     with pytest.raises(UserError, match="the graph returned NaN or infinite pixels"):
         sampler._check_output(np.full((1, 3, height, width), np.nan, np.float32), 1)
+
+
+# -- as a library meets it: paths of any kind, pickling, close() -----------------------------------
+
+
+class _BytesPathLike:
+    def __init__(self, path: bytes):
+        self.path = path
+
+    def __fspath__(self) -> bytes:
+        return self.path
+
+
+def test_paths_are_taken_as_python_file_apis_take_them(tiny_onnx):
+    for given in (str(tiny_onnx), tiny_onnx, os.fsencode(tiny_onnx), _BytesPathLike(os.fsencode(tiny_onnx))):
+        assert Sampler(given, device="cpu").path == tiny_onnx
+    for wrong, name in ((None, "NoneType"), (3, "int"), (bytearray(b"x.onnx"), "bytearray")):
+        with pytest.raises(TypeError, match=rf"^Sampler\(path\): expected the \.onnx file .*, got {name}$"):
+            Sampler(wrong)
+    with pytest.raises(TypeError, match=r"^Sampler\(encoder=\): .*, got int$"):
+        Sampler(tiny_onnx, device="cpu", encoder=3)
+
+
+def _inputs(sampler: Sampler, rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    attributes = (rng.random((rows, len(sampler.attributes))) > 0.5).astype(np.float32)
+    return attributes, rng.standard_normal((rows, sampler.latent_dim), dtype=np.float32)
+
+
+def test_a_pickled_sampler_reopens_its_file_and_computes_the_same_images(tiny_onnx, tmp_path, monkeypatch):
+    import pickle
+
+    monkeypatch.chdir(tiny_onnx.parent)
+    original = Sampler(tiny_onnx.name, device="cpu", batch_size=3)  # a relative path ...
+    data = pickle.dumps(original)
+    monkeypatch.chdir(tmp_path)  # ... still found from another working folder (a worker's)
+    copy = pickle.loads(data)
+    assert copy.session is not original.session and copy.path == tiny_onnx
+    assert (copy.batch_size, copy.provider, copy.attributes) == (
+        original.batch_size,
+        original.provider,
+        original.attributes,
+    )
+    attributes, noise = _inputs(original, 7, seed=0)  # 7 rows: batches of 3, 3 and 1
+    assert np.array_equal(copy.run(attributes, noise), original.run(attributes, noise))
+    assert np.array_equal(copy.sample({"a": 1}, n=5, seed=2), original.sample({"a": 1}, n=5, seed=2))
+
+
+def test_a_pickled_sampler_refuses_a_file_that_changed_meanwhile(tiny_onnx, tmp_path):
+    import pickle
+
+    served = tmp_path / "served.onnx"
+    shutil.copy(tiny_onnx, served)
+    data = pickle.dumps(Sampler(served, device="cpu"))
+    os.replace(_with_metadata(tiny_onnx, tmp_path, step="12345"), served)  # exported again, same name
+    with pytest.raises(UserError, match="changed since this Sampler was pickled"):
+        pickle.loads(data)
+
+
+def test_a_sampler_serves_a_spawned_process_pool(tiny_onnx):
+    import multiprocessing
+
+    sampler = Sampler(tiny_onnx, device="cpu")
+    calls = [_inputs(sampler, rows, seed) for rows, seed in ((1, 0), (4, 1), (9, 2), (2, 3))]
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        results = pool.starmap(sampler.run, calls)  # the bound method pickles the sampler with it
+    for (attributes, noise), got in zip(calls, results):
+        assert np.array_equal(got, sampler.run(attributes, noise))
+
+
+@pytest.mark.parametrize("io_binding", [False, True])
+def test_close_releases_the_session_and_later_calls_are_refused(tiny_onnx, io_binding):
+    import pickle
+    import weakref
+
+    sampler = Sampler(tiny_onnx, device="cpu", io_binding=io_binding)
+    sampler.sample({"a": 1}, n=2)
+    session, runner = weakref.ref(sampler.session), weakref.ref(sampler._run)
+    sampler.close()
+    assert sampler.closed and session() is None and runner() is None  # nothing else holds them
+    sampler.close()  # idempotent
+    attributes, noise = _inputs(sampler, 2, seed=0)
+    for call in (
+        lambda: sampler.sample({"a": 1}),
+        lambda: sampler.run(attributes, noise),
+        lambda: sampler.encode(np.zeros((8, 8, 3), np.uint8), {"a": 1}),
+        lambda: pickle.dumps(sampler),
+    ):
+        with pytest.raises(UserError, match="this Sampler was closed"):
+            call()
+
+
+def test_a_with_block_closes_the_sampler_also_on_an_error(tiny_onnx):
+    with Sampler(tiny_onnx, device="cpu") as sampler:
+        assert sampler.sample({"b": 1}, n=2, seed=0).shape == (2, 8, 8, 3)
+    assert sampler.closed
+    with pytest.raises(KeyError):
+        with Sampler(tiny_onnx, device="cpu") as failing:
+            raise KeyError("the caller's own error passes through")
+    assert failing.closed

@@ -37,7 +37,7 @@ from toolkit.atomic import check_writable_size, image_format
 from toolkit.atomic import save_image as save_atomically
 from toolkit.classifier import check_image_size, columns_for, load_classifier
 from toolkit.devices import resolve_device
-from toolkit.errors import UserError, check_seed
+from toolkit.errors import UserError, as_path, check_seed
 from toolkit.evaluate import find_classifier
 from toolkit.images import ImageError, open_image, to_uint8
 from toolkit.memory import check_fits
@@ -119,6 +119,7 @@ def describe(names: Sequence[str], vector) -> str:
 def load_image(path: str | Path) -> Image.Image:
     """An image file as RGB, as an image viewer shows it (toolkit.images: EXIF orientation, colour
     profile, transparency on white, 16-bit); a missing or unreadable file is a UserError."""
+    path = as_path(path, "load_image(path): expected the image file")
     try:
         return open_image(path)
     except ImageError as error:
@@ -180,6 +181,7 @@ def check_pair(path: str | Path, image: Image.Image, option: str = "--out") -> N
 
 def save_strip(images: Sequence[Image.Image], path: str | Path) -> Path:
     """Paste images left to right (no padding) and save; the strip is sum(widths) x max(heights)."""
+    path = as_path(path, "save_strip(images, path): expected the image file to write")
     strip = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)))
     left = 0
     for image in images:
@@ -190,7 +192,7 @@ def save_strip(images: Sequence[Image.Image], path: str | Path) -> Path:
 
 def save_image(image: Image.Image, path: str | Path) -> Path:
     """Save through a temporary name + rename (toolkit.atomic), the format from `path`'s extension."""
-    path = Path(path)
+    path = as_path(path, "save_image(image, path): expected the image file to write")
     check_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_atomically(image, path)

@@ -74,7 +74,7 @@ from toolkit.contract import (
     preprocessing_dict,
 )
 from toolkit.data.stream import read_manifest
-from toolkit.errors import UserError, one_line
+from toolkit.errors import UserError, as_path, one_line
 from toolkit.evaluate import run_shards
 from toolkit.images import to_uint8
 from toolkit.inspection import check_contract
@@ -518,7 +518,12 @@ def export_onnx(
     """Export `run_dir` to `out` (default `default_path`); returns (path written, parity error, in
     the units of `parity_limit`), with `encoder` also the encoder (`encoder_beside(out)`; see Exported).
     `shards`: where the encoder's preprocessing is read (default the run's data.shards)."""
-    out = Path(out) if out else default_path(run_dir, fp16, uint8, temperature_input)
+    run_dir = as_path(run_dir, "export_onnx(run_dir): expected the run folder")
+    out = (
+        as_path(out, "export_onnx(out=): expected the .onnx file to write")
+        if out
+        else default_path(run_dir, fp16, uint8, temperature_input)
+    )
     check_opset(opset)  # user mistakes first, before the minutes a large model takes
     check_out(out)
     encoder_out = encoder_beside(out) if encoder else None

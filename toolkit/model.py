@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from toolkit.atomic import atomic_paths, write_state_dict
-from toolkit.errors import UserError, one_line
+from toolkit.errors import UserError, as_path, one_line
 from toolkit.formats import ARCH_OPTIONS, ARCHS, CONFIG, PRIORS, RECIPE, WEIGHTS, check_choice  # noqa: F401 (ARCH_OPTIONS, PRIORS, ...: re-exported)
 from toolkit.memory import check_fits
 
@@ -370,7 +370,7 @@ def init_weights(module: nn.Module) -> None:
 def save_model(model: CVAE, folder: str | Path) -> None:
     """Write fp32 weights and config.json into `folder` as one set: both through temporary names,
     renamed only once both are written (weights last), so a failure leaves the folder as it was."""
-    folder = Path(folder)
+    folder = as_path(folder, "save_model(model, folder): expected the run folder")
     folder.mkdir(parents=True, exist_ok=True)
     spec = asdict(model.spec)
     spec["image_size"] = list(spec["image_size"])
@@ -487,6 +487,7 @@ def load_model(folder: str | Path) -> CVAE:
     """Rebuild a model from a run folder (config.json + model.safetensors), on the CPU, in eval mode.
     The file's tensor names and shapes are checked from its header against the config before
     anything is allocated; then the memory the model needs; then every tensor's values."""
+    folder = as_path(folder, "load_model(folder): expected the run folder")
     spec = read_spec(folder)
     weights = Path(folder) / WEIGHTS
     if not weights.is_file():

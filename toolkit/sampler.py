@@ -44,6 +44,11 @@ and types, that the graph's declared inputs and output agree with the metadata a
 size, and then, running the graph once on one condition, that what it really returns is what the
 metadata says (dtype, layout, size, finite values in [0, 1]). A call whose images would not fit in
 the memory available is refused before anything is allocated.
+
+`close()` (or `with Sampler(path) as sampler:`) releases the sessions and device buffers; later
+calls are refused. ONNX Runtime sessions cannot be pickled, so a Sampler pickles as its
+constructor's arguments (paths made absolute): the copy, in a pool's or a DataLoader's worker or in
+Ray, opens the file again, checks it as above, and refuses it if its metadata changed meanwhile.
 """
 
 from __future__ import annotations
@@ -52,7 +57,6 @@ import difflib
 import os
 import threading
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -70,7 +74,7 @@ from toolkit.contract import (  # noqa: F401 (FORMAT, MAX_SIDE, MAX_WIDTH, Tenso
     read_contract,
     read_encoder_contract,
 )
-from toolkit.errors import UserError
+from toolkit.errors import UserError, as_path
 from toolkit.images import ImageError, as_viewed, centre_crop, to_uint8
 from toolkit.memory import check_fits, gib
 from toolkit.sessions import (
@@ -89,6 +93,7 @@ from toolkit.sessions import (
 MAX_BATCH_BYTES = 16 * 2**30  # one batch of output images
 MAX_RESULT_BYTES = 64 * 2**30  # the images one sample() or run() call returns (and less than the memory available)
 MAX_TEMPERATURE = 1e3  # scales the noise: beyond this a sample is noise
+CLOSED = "this Sampler was closed (close(), or the end of its `with` block): make a new Sampler(path)"
 
 
 def _declared(values) -> list[Tensor]:
@@ -104,13 +109,16 @@ def _declared(values) -> list[Tensor]:
 class Sampler:
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: str | os.PathLike | bytes,
         device: str = "auto",
         batch_size: int = 256,
         io_binding: bool | None = None,
         cuda_graph: bool = False,
-        encoder: str | os.PathLike | None = None,
+        encoder: str | os.PathLike | bytes | None = None,
     ):
+        path = as_path(path, "Sampler(path): expected the .onnx file written by `cvae-tk export`")
+        if encoder is not None:
+            encoder = as_path(encoder, "Sampler(encoder=): expected the encoder's .onnx file")
         if device not in DEVICES:
             raise UserError(f"device must be {', '.join(DEVICES[:-1])} or {DEVICES[-1]}, got {device!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -120,9 +128,18 @@ class Sampler:
                 "cuda_graph=True needs device='cuda' (or 'auto' on a machine with a GPU)"
                 + ("; TensorRT runs its own fused engine" if device == "tensorrt" else "")
             )
-        path = Path(path)
         check_model_file(path)
         self.path, self.batch_size = path, int(batch_size)
+        # What a pickled copy is made from (a session cannot be pickled): absolute paths, as another
+        # process may run in another folder (Ray's workers do).
+        self._arguments = dict(
+            path=path.absolute(),
+            device=device,
+            batch_size=self.batch_size,
+            io_binding=io_binding,
+            cuda_graph=cuda_graph,
+            encoder=None if encoder is None else encoder.absolute(),
+        )
         # The provider and its options (fp16: channels-last; a CUDA graph: a fixed batch) are
         # chosen from the file before its one session opens.
         plan = session_plan(path, device, self.batch_size if cuda_graph else None, max_batch=self.batch_size)
@@ -133,11 +150,52 @@ class Sampler:
         self._encoder_session: ort.InferenceSession | None = None
         self.encoder_contract: EncoderContract | None = None
         if encoder is not None:  # given: checked now; found beside the decoder: opened on first use
-            self.encoder_path = Path(encoder)
+            self.encoder_path = encoder
             check_model_file(self.encoder_path, "encoder")
             self._encoder()
         else:
             self.encoder_path = encoder_beside(path)
+
+    # -- lifetime: close, `with`, pickling ---------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """Whether close() was called."""
+        return self.session is None
+
+    def close(self) -> None:
+        """Release the ONNX Runtime sessions (decoder and encoder) and the device buffers their runs
+        hold (IO binding, a CUDA graph's); idempotent. Any later call raises UserError."""
+        with self._encoder_lock:  # not while another thread is opening the encoder
+            self.session = self._encoder_session = None
+            # the runner holds the session and its buffers; a call in flight in another thread
+            # fails at its next batch, clearly
+            self._run = _closed_run
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise UserError(CLOSED)
+
+    def __enter__(self) -> Sampler:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        # ONNX Runtime sessions cannot be pickled: the constructor's arguments are, and the copy
+        # opens its own session (a pool's worker, a DataLoader worker, a Ray actor)
+        self._check_open()
+        return {"arguments": self._arguments, "metadata": self.metadata}
+
+    def __setstate__(self, state: dict) -> None:
+        Sampler.__init__(self, **state["arguments"])
+        if self.metadata != state["metadata"]:  # a copy must compute what the original computes
+            self.close()
+            raise UserError(
+                f"{self.path} changed since this Sampler was pickled (its metadata differ: exported again?): "
+                "pickle a Sampler of the file as it is now"
+            )
 
     def _check_session(self, cuda_graph: bool, io_binding: bool | None) -> None:
         """The file's contract read from the open session and checked (one run on one condition),
@@ -292,6 +350,7 @@ class Sampler:
     def run(self, attributes: np.ndarray, noise: np.ndarray, temperature: float = 1.0) -> np.ndarray:
         """The raw graph, in batches of `batch_size`: float32 [B, A] and [B, Z] -> the model's output
         (float32 [B, 3, H, W] in [0, 1], or uint8 [B, H, W, 3] for a --uint8 export)."""
+        self._check_open()
         temperature = _temperature(temperature)
         arrays = {}
         for name, array, width in (
@@ -348,6 +407,7 @@ class Sampler:
         self, attributes, n: int = 1, seed: int | None = None, temperature: float = 1.0, base=None
     ) -> np.ndarray:
         """`n` images per condition as uint8 [M * n, H, W, 3]."""
+        self._check_open()
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
             raise UserError(f"n must be an integer >= 1, got {n!r}")
         n = int(n)  # a numpy integer would wrap around in the size check below
@@ -374,6 +434,7 @@ class Sampler:
         """The encoder's session, opened and checked once: its contract, that it belongs to this
         decoder (same attributes, sizes, prior and weights), and one run on one image."""
         with self._encoder_lock:
+            self._check_open()
             if self._encoder_session is not None:
                 return self._encoder_session
             path = self.encoder_path
@@ -535,6 +596,10 @@ class Sampler:
         if not self._uint8_output:
             output = to_uint8(output)
         return output[0]
+
+
+def _closed_run(feed) -> None:
+    raise UserError(CLOSED)
 
 
 def _temperature(value) -> float:
