@@ -88,3 +88,39 @@ def test_every_output_gets_the_mode_a_plain_open_gives(tmp_path):
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
     assert expected == 0o666 & ~os.umask(os.umask(0o022))
+
+
+def test_an_output_name_that_is_a_link_is_written_through_and_the_link_kept(tmp_path):
+    """The class: every atomic write (atomic_path) onto a link, and check_output of it."""
+    target = tmp_path / "real" / "model.onnx"
+    target.parent.mkdir()
+    target.write_text("old")
+    link = tmp_path / "model.onnx"
+    link.symlink_to(target)
+    assert check_output(link) == link  # checked as its target, reported as the user named it
+    write_text(link, "new")
+    assert link.is_symlink() and target.read_text() == "new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model.onnx"]  # no temporary left beside it
+
+
+def test_a_link_to_nothing_on_the_way_is_refused_before_any_work(tmp_path):
+    """A link to a missing folder would make mkdir fail (EEXIST) after the work; a link to a missing file
+    as the output name would create a file somewhere the user did not name."""
+    (tmp_path / "runs").symlink_to(tmp_path / "gone")
+    for path, folder in ((tmp_path / "runs" / "a" / "x.png", False), (tmp_path / "runs", True)):
+        with pytest.raises(UserError, match=r"runs is a link to .*gone, which does not exist"):
+            check_output(path, folder=folder)
+    (tmp_path / "x.png").symlink_to(tmp_path / "missing.png")
+    with pytest.raises(UserError, match=r"x.png is a link to .*missing.png, which does not exist"):
+        check_output(tmp_path / "x.png")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(UserError, match="loop is a loop of links"):
+        check_output(tmp_path / "loop" / "x.png")
+    assert not (tmp_path / "gone").exists() and not (tmp_path / "missing.png").exists()
+
+
+@pytest.mark.parametrize("empty", ["", "  "])
+def test_an_empty_output_name_is_refused_not_taken_as_the_current_folder(empty):
+    for folder in (False, True):
+        with pytest.raises(UserError, match="got an empty value"):
+            check_output(empty, folder=folder)

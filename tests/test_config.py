@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from toolkit.config import TrainConfig, load_config
@@ -161,3 +163,21 @@ def test_a_saved_recipe_yaml_loads_again_and_arch_keys_match_the_model(tmp_path)
     saved = tmp_path / "recipe.yaml"  # lists every key, the resnet options at their defaults too
     saved.write_text(to_yaml(load_config(["recipe=digits"])))
     assert load_config([f"recipe={saved}"]).model.arch == "paper"
+
+
+@pytest.mark.parametrize("override", ["run_dir=", "data.shards=", "max_steps=", "mixed_precision= "])
+def test_an_empty_override_is_refused_not_taken_as_a_default(override):
+    """`run_dir=$UNSET` would otherwise resume or overwrite runs/<recipe>; `data.shards=` read the current folder."""
+    with pytest.raises(UserError, match=f"bad override '{override}': the value is empty"):
+        load_config(["recipe=digits", override])
+
+
+def test_an_empty_resume_means_start_afresh():
+    assert load_config(["recipe=digits", "resume="]).resume == ""
+
+
+@pytest.mark.parametrize("key", ["run_dir", "data.shards", "resume"])
+def test_a_path_that_is_not_utf8_text_is_refused_before_the_run_records_it(key):
+    value = os.fsdecode(b"runs/caf\xe9")  # Latin-1 bytes in a Linux file name
+    with pytest.raises(UserError, match=rf"config key '{key}': expected UTF-8 text, got b'runs/caf\\xe9'"):
+        load_config(["recipe=digits", f"{key}={value}"])

@@ -581,3 +581,18 @@ def test_a_given_encoder_goes_with_a_pickled_copy_and_close_releases_it(tmp_path
     for call in (lambda: sampler.encode(photo, before), lambda: sampler.edit(photo, before, change)):
         with pytest.raises(UserError, match="this Sampler was closed"):
             call()
+
+
+def test_an_export_onto_links_replaces_their_targets_and_keeps_the_links(tmp_path):
+    from toolkit.export import export_onnx
+
+    run, shards, real = tiny_run(tmp_path / "run"), tiny_shards(tmp_path / "shards"), tmp_path / "real"
+    real.mkdir()
+    for name in ("tiny.onnx", "tiny-encoder.onnx"):
+        (real / name).write_bytes(b"old")
+        (tmp_path / name).symlink_to(real / name)
+    exported = export_onnx(run, tmp_path / "tiny.onnx", encoder=True, shards=shards)
+    for name in ("tiny.onnx", "tiny-encoder.onnx"):
+        assert (tmp_path / name).is_symlink() and (real / name).read_bytes().startswith(b"\x08")  # ONNX, not b"old"
+    assert sorted(p.name for p in real.iterdir()) == ["tiny-encoder.onnx", "tiny.onnx"]  # nothing set aside is left
+    assert exported.encoder == tmp_path / "tiny-encoder.onnx"

@@ -32,8 +32,9 @@ _UMASK = _umask()
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a hidden temporary path beside `path`; rename it to `path` if the block succeeds,
-    delete it if the block fails."""
-    path = Path(path)
+    delete it if the block fails. A `path` that is a link is written through: its target is replaced
+    and the link kept, as the shell's `>` does."""
+    path = through_link(Path(path))
     tmp = hidden_beside(path, f".{os.getpid()}.tmp")
     try:
         yield tmp
@@ -57,6 +58,19 @@ def atomic_paths(*paths: str | Path) -> Iterator[list[Path]]:
     it as the mark of a finished set never finds it beside an older or missing partner."""
     with ExitStack() as stack:
         yield [stack.enter_context(atomic_path(path)) for path in paths]
+
+
+def through_link(path: Path) -> Path:
+    """The file that writing `path` should replace: the target of a link (followed to its end), else
+    `path`. Renaming a new file onto the link itself would turn a user's link into a plain file."""
+    return Path(os.path.realpath(path)) if _is_link(path) else path
+
+
+def _is_link(path: Path) -> bool:
+    try:
+        return path.is_symlink()
+    except OSError:  # a name too long (Python < 3.12 raises it): no link there
+        return False
 
 
 def _name_max(folder: Path) -> int:
@@ -287,14 +301,30 @@ def save_image(image, path: str | Path, **params) -> Path:
 
 
 def _nearest_existing(path: Path) -> Path:
+    """The longest part of `path` that is there; a link to nothing counts as there (it blocks
+    mkdir as a file would), so that check_output finds it before the work, not after."""
     while path != path.parent:
         try:
-            if path.exists():
+            if os.path.lexists(path):
                 break
-        except OSError:  # a name too long (Python < 3.12 raises it from exists): not there either
+        except OSError:  # a name too long (Python < 3.12 raises it): not there either
             pass
         path = path.parent
     return path
+
+
+def _dangling_link(path: Path) -> str | None:
+    """Why `path` (there, by lexists) cannot be written through: a link to nothing or a loop of links."""
+    if not _is_link(path) or path.exists():
+        return None
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13
+        return f"{path} is a loop of links"
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return f"{path} is a loop of links"
+    return f"{path} is a link to {os.readlink(path)}, which does not exist; create it or remove the link"
 
 
 def _check_name_lengths(path: Path) -> None:
@@ -338,8 +368,14 @@ def check_output(path: str | Path, folder: bool = False, needed_bytes: int = 1, 
     with folder=True, a folder that is a file), a parent that is a file, a folder that is read-only
     or not ours, a disk with less than `needed_bytes` free, one of the command's `inputs` (the same
     file, also through a link: it would be replaced by what was made of it). Nothing is created: the
-    first existing folder on the way is probed with a temporary file. Returns `path`."""
-    path = Path(path)
+    first existing folder on the way is probed with a temporary file. An empty name, or a link to
+    nothing on the way, is refused; a file name that is a link is checked as its target (atomic_path
+    writes through it). Returns `path`."""
+    if str(path) == "" or str(path).isspace():  # Path("") is ".": an unset shell variable would mean here
+        raise UserError(f"expected {'a folder' if folder else 'a file name'} to write, got an empty value")
+    given = path = Path(path)
+    if not folder and _is_link(path) and path.exists():
+        path = through_link(path)
     for source in inputs:
         if source is not None and _same_file(path, Path(source)):
             raise UserError(
@@ -351,6 +387,11 @@ def check_output(path: str | Path, folder: bool = False, needed_bytes: int = 1, 
     if not folder and path.is_dir():
         raise UserError(f"cannot write {path}: it is a folder, expected a file name")
     existing = _nearest_existing(path if folder else path.parent)
+    dangling = _dangling_link(existing)
+    if dangling is None and not folder:
+        dangling = _dangling_link(path)
+    if dangling is not None:
+        raise UserError(f"cannot write {path}: {dangling}")
     if not existing.is_dir():
         raise UserError(f"cannot write {path}: {existing} is a file, not a folder")
     try:
@@ -366,4 +407,4 @@ def check_output(path: str | Path, folder: bool = False, needed_bytes: int = 1, 
         raise UserError(
             f"cannot write {path}: the disk holding {existing} is full ({free} bytes free); free some space or write elsewhere"
         )
-    return path
+    return given

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import yaml
@@ -176,6 +176,11 @@ def load_config(args: list[str], default_recipe: str | None = None) -> TrainConf
     given = {f"in recipe {path}": _all_keys(from_file)}  # the keys set explicitly, and where
     for item in dotlist:
         key, _, value = item.partition("=")
+        if not value.strip() and key != "resume":  # `resume=` is "start afresh"; elsewhere "" falls to a default
+            raise UserError(
+                f"bad override '{item}': the value is empty (an unset shell variable?); "
+                "give a value, or leave the key out for its default"
+            )
         try:
             if isinstance(OmegaConf.select(schema, key, default=None), str):
                 # a text key takes the text as typed: YAML would read `no` (mixed_precision=no) as false
@@ -290,6 +295,27 @@ def validate(config: TrainConfig) -> None:
     check(config.model.width > 0, "model.width", "a positive integer")
     check(config.model.levels > 0, "model.levels", "a positive integer")
     check(config.model.embed_dim > 0, "model.embed_dim", "a positive integer")
+    for key, value in _text_values(config):
+        # recipe.yaml records the run as UTF-8 text; bytes that are not (a Linux file name may hold them) cannot be
+        check(_is_utf8(value), key, f"UTF-8 text, got {value.encode('utf-8', 'surrogateescape')!r}: rename it")
+
+
+def _text_values(config, prefix: str = ""):
+    """(key, value) of every text field of `config` and its sections."""
+    for item in fields(config):
+        value = getattr(config, item.name)
+        if isinstance(value, str):
+            yield prefix + item.name, value
+        elif is_dataclass(value):
+            yield from _text_values(value, f"{prefix}{item.name}.")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # surrogate escapes: os.fsdecode of bytes that are not UTF-8
+        return False
+    return True
 
 
 def to_yaml(config: TrainConfig) -> str:

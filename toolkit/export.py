@@ -62,7 +62,7 @@ import torch
 from safetensors.torch import save
 
 import toolkit
-from toolkit.atomic import atomic_path, check_output, describe_os_error, hidden_beside
+from toolkit.atomic import atomic_path, check_output, describe_os_error, hidden_beside, through_link
 from toolkit.contract import (
     ENCODER_FORMAT,
     ENCODER_INPUTS,
@@ -567,11 +567,13 @@ def export_onnx(
 def _write(out: Path, onnx_bytes: bytes, encoder_out: Path | None, encoder_bytes: bytes | None) -> None:
     """Both files under temporary names first; then the encoder is renamed, then the decoder. Should
     that last rename fail, the new encoder is removed and the old one (kept aside meanwhile) put back:
-    a decoder is never left beside an encoder of other weights, nor loses the encoder it had."""
+    a decoder is never left beside an encoder of other weights, nor loses the encoder it had. Names
+    that are links are written through (their targets replaced, the links kept)."""
     if encoder_out is None:
         with atomic_path(out) as tmp:
             tmp.write_bytes(onnx_bytes)
         return
+    encoder_out = through_link(encoder_out)  # what is kept aside and put back is the file, not the link
     previous = hidden_beside(encoder_out, ".previous")
     kept = placed = False
     try:
