@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -491,3 +493,71 @@ def test_paths_as_python_file_apis_take_them(tmp_path):
     # bytes pass the door and reach the run folder's own check
     with pytest.raises(UserError, match=f"{tmp_path / 'run'} is not a trained run"):
         export_onnx(os.fsencode(tmp_path / "run"), out=os.fsencode(tmp_path / "run.onnx"))
+
+
+def test_a_folder_whose_name_is_not_utf8_holds_weights_and_exports_that_every_reader_opens(tmp_path):
+    """safetensors' and ONNX Runtime's readers take UTF-8 paths only, and Linux names may hold other
+    bytes (Python's surrogate escapes): files are read with Python and given to them as bytes, or,
+    where a library must have the name, refused in one line that shows the bytes."""
+    import onnx
+    import torch
+
+    from toolkit.classifier import AttributeClassifier, load_classifier, save_classifier
+    from toolkit.export import export_onnx
+    from toolkit.model import CVAE, ModelSpec, load_model, save_model
+    from toolkit.safe_load import verify_checkpoint
+    from toolkit.sampler import Sampler
+    from toolkit.sessions import session_plan
+    from toolkit.web import build as web_build
+
+    folder = tmp_path / os.fsdecode(b"m\xffodel")
+    try:
+        folder.mkdir()
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    shown = r"m\xffodel"  # how the refusals print the folder
+
+    torch.manual_seed(0)
+    model = CVAE(ModelSpec(attributes=["a", "b", "c"], image_size=(8, 8), latent_dim=4))
+    save_model(model, folder / "run")
+    loaded = load_model(folder / "run")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    path, _ = export_onnx(folder / "run", folder / "tiny.onnx")  # reads the weights, writes beside them
+
+    plain = tmp_path / "plain"  # the same file at a UTF-8 path: the same images
+    plain.mkdir()
+    shutil.copy(path, plain / "tiny.onnx")
+    wanted = Sampler(plain / "tiny.onnx", device="cpu").sample({"a": 1}, n=3, seed=7)
+    assert np.array_equal(Sampler(path, device="cpu").sample({"a": 1}, n=3, seed=7), wanted)
+
+    save_classifier(AttributeClassifier(["a", "b"], (8, 8), width=4, depth=2), folder / "classifier")
+    assert load_classifier(folder / "classifier").meta["attributes"] == ["a", "b"]
+
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    for name in web_build.ORT_FILES:
+        (dist / name).write_text("// stand-in\n")
+    page = web_build.build_page(path, folder / "page", ort_dist=dist)
+    assert json.loads((page / "model.json").read_text())["decoder"]["file"] == "tiny.onnx"
+
+    # Where a library must have the name: one line each, nothing half done.
+    named = plain / os.fsdecode(b"n\xff.onnx")
+    shutil.copy(path, named)
+    with pytest.raises(UserError, match=r"n\\xff\.onnx: the file name is not valid UTF-8, and the page asks"):
+        web_build.build_page(named, tmp_path / "page", ort_dist=dist)
+    assert not (tmp_path / "page").exists()
+    with pytest.raises(UserError, match=rf"{re.escape(shown)}/tiny.onnx: the path is not valid UTF-8, .*TensorRT"):
+        session_plan(path, "tensorrt")
+    shutil.copy(folder / "run" / "model.safetensors", folder / "checkpoint.safetensors")
+    with pytest.raises(UserError, match=r"not valid UTF-8, and Accelerate's checkpoint loader \(safetensors\)"):
+        verify_checkpoint(folder)  # Accelerate's load_state opens it by name
+
+    # Weights in a file beside the model: ONNX Runtime finds them by the model's path only.
+    external = dict(save_as_external_data=True, location="external.onnx.data")  # tensors over 1 KB
+    onnx.save(onnx.load(str(path)), str(plain / "external.onnx"), **external)
+    assert (plain / "external.onnx.data").stat().st_size > 1000
+    for name in ("external.onnx", "external.onnx.data"):
+        shutil.copy(plain / name, folder / name)  # (onnx's own writer of such files takes UTF-8 only too)
+    assert np.array_equal(Sampler(plain / "external.onnx", device="cpu").sample({"a": 1}, n=3, seed=7), wanted)
+    with pytest.raises(UserError, match=r"its weights are in files beside it, which bytes cannot point to"):
+        Sampler(folder / "external.onnx", device="cpu")

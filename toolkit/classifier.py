@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
@@ -33,6 +32,7 @@ from toolkit.errors import UserError, one_line
 from toolkit.formats import CLASSIFIER_CONFIG as CONFIG
 from toolkit.formats import CLASSIFIER_WEIGHTS as WEIGHTS
 from toolkit.ownership import FolderLock
+from toolkit.safe_load import read_safetensors
 
 FORMAT = "cvae-tk-classifier"
 DEFAULTS = {"steps": 2000, "lr": 1e-3, "width": 32, "depth": 4}
@@ -350,7 +350,7 @@ def load_classifier(folder: str | Path) -> AttributeClassifier:
     except (ValueError, KeyError, TypeError) as error:
         raise UserError(f"{config} is not a cvae-tk classifier config: {one_line(error)}") from None
     try:
-        state = load_file(str(weights))
+        state = read_safetensors(weights)
         classifier.load_state_dict(state)
     except Exception as error:
         raise UserError(f"{weights} does not hold the weights {config} describes: {one_line(error)}") from None

@@ -55,7 +55,7 @@ from toolkit.classifier import (
     reliable_attributes,
 )
 from toolkit.config import DataConfig
-from toolkit.data.stream import eval_batches, read_manifest
+from toolkit.data.stream import eval_batches, is_url, read_manifest
 from toolkit.devices import resolve_device
 from toolkit.errors import UserError, one_line
 from toolkit.formats import CLASSIFIER_CONFIG, METRICS, RECIPE
@@ -330,7 +330,7 @@ def run_shards(run_dir: str | Path) -> str:
     if not shards:
         raise UserError(f"{path} names no data.shards; pass --shards")
     shards = str(shards)
-    if "://" not in shards and not shards.startswith("pipe:") and not Path(shards).is_dir():
+    if not is_url(shards) and not Path(shards).is_dir():
         raise UserError(
             f"the shards {run_dir} was trained on (data.shards={shards} in {path}) are not there"
             f"{' (a relative path is taken from the current folder)' if not Path(shards).is_absolute() else ''}; pass --shards"

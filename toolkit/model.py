@@ -27,14 +27,13 @@ from typing import Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 from toolkit.atomic import atomic_paths, write_state_dict
 from toolkit.errors import UserError, as_path, one_line
 from toolkit.formats import ARCH_OPTIONS, ARCHS, CONFIG, PRIORS, RECIPE, WEIGHTS, check_choice  # noqa: F401 (ARCH_OPTIONS, PRIORS, ...: re-exported)
 from toolkit.memory import check_fits
+from toolkit.safe_load import read_safetensors, safetensors_shapes
 
 
 @dataclass
@@ -497,8 +496,7 @@ def load_model(folder: str | Path) -> CVAE:
     except UserError as error:  # an arch, prior, option or size the model cannot be built with
         raise UserError(f"{Path(folder) / CONFIG}: {error}") from None
     try:
-        with safe_open(str(weights), framework="pt") as handle:
-            found = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+        found = safetensors_shapes(weights)
     except Exception as error:
         raise UserError(f"{weights} is not a readable safetensors file: {one_line(error)}") from None
     if expected is not None and found != expected:
@@ -511,7 +509,7 @@ def load_model(folder: str | Path) -> CVAE:
     check_model_fits(spec, Path(folder) / CONFIG, expected)
     model = CVAE(spec)
     try:
-        state = load_file(str(weights))
+        state = read_safetensors(weights)
     except Exception as error:
         raise UserError(f"{weights} is not a readable safetensors file: {one_line(error)}") from None
     for name, tensor in state.items():

@@ -1,7 +1,9 @@
 """Files that may come from someone else are read as data, never unpickled.
 
 Weights (`model.safetensors`, `classifier.safetensors`) are safetensors: a JSON header and raw
-tensor bytes, parsed and never executed (`toolkit.model.load_model`, `toolkit.classifier`).
+tensor bytes, parsed and never executed (`toolkit.model.load_model`, `toolkit.classifier`). They are
+read with Python and parsed from the bytes (`read_safetensors`): safetensors' own file reader takes
+UTF-8 paths only (toolkit.paths).
 
 An Accelerate checkpoint (`checkpoint-<step>/`) also holds torch pickles: `optimizer.bin`,
 `random_states_<rank>.pkl` and `custom_checkpoint_0.pkl` (the LR scheduler, registered with
@@ -17,14 +19,18 @@ has not passed this check. The folder is assumed not to change between the check
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import warnings
 from pathlib import Path
 
 from toolkit.errors import UserError, one_line
+from toolkit.paths import library_name
 
 PICKLE_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")  # every file accelerate torch.loads ends in one of these
 SAFETENSORS_SUFFIX = ".safetensors"
+SAFETENSORS_HEADER_LIMIT = 100_000_000  # bytes: safetensors' own bound on a file's JSON header
 
 
 def _allowed_globals() -> list:
@@ -67,12 +73,41 @@ def load_weights_only(path: str | Path, what: str = "checkpoint file"):
         raise UserError(f"{path} is not a readable {what}: {one_line(first)}") from None
 
 
+def safetensors_shapes(path: str | Path) -> dict[str, tuple]:
+    """{tensor name: shape} from a safetensors file's header, read with Python, no tensor read. A
+    ValueError (or KeyError, TypeError) for a header that is not one, or that does not account for
+    the file's length exactly: `read_safetensors` after it reads only the tensors listed here."""
+    with open(path, "rb") as stream:
+        size = os.fstat(stream.fileno()).st_size
+        length = int.from_bytes(stream.read(8), "little")
+        if not 2 <= length <= min(size - 8, SAFETENSORS_HEADER_LIMIT):
+            raise ValueError(f"not a safetensors header: {length:,} bytes said, in a file of {size:,}")
+        header = json.loads(stream.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("not a safetensors header: not a JSON object")
+    header.pop("__metadata__", None)
+    shapes = {name: tuple(entry["shape"]) for name, entry in header.items()}
+    end = 8 + length + max((entry["data_offsets"][1] for entry in header.values()), default=0)
+    if end != size:
+        raise ValueError(f"its header describes {end:,} bytes, the file holds {size:,}")
+    return shapes
+
+
+def read_safetensors(path: str | Path) -> dict:
+    """Every tensor of a safetensors file, on the CPU: read with Python, parsed from the bytes."""
+    from safetensors.torch import load
+
+    return load(Path(path).read_bytes())
+
+
 def check_safetensors(path: str | Path, what: str = "weights file") -> None:
-    """Parse a safetensors header (no tensor is read); a UserError naming the file if it is not one."""
+    """Parse a safetensors header (no tensor is read) as Accelerate's loader will, by name; a
+    UserError naming the file if it is not one, or if its path cannot be given by name."""
     from safetensors import safe_open
 
+    name = library_name(path, "Accelerate's checkpoint loader (safetensors)")
     try:
-        with safe_open(str(path), framework="pt") as handle:
+        with safe_open(name, framework="pt") as handle:
             handle.keys()
     except Exception as error:
         raise UserError(f"{path} is not a readable safetensors {what}: {one_line(error)}") from None

@@ -38,6 +38,7 @@ import numpy as np
 import onnxruntime as ort
 
 from toolkit.errors import UserError, one_line
+from toolkit.paths import is_utf8, library_name, shown
 
 CUDA, CPU, TENSORRT = "CUDAExecutionProvider", "CPUExecutionProvider", "TensorrtExecutionProvider"
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
@@ -206,6 +207,7 @@ def session_plan(path, device: str, graph_batch: int | None = None, max_batch: i
         return SessionPlan([(CUDA, options), CPU], graph_batch, fuse_group_norm=True)
     # TensorRT takes the file as it is: it fuses normalizations itself, and a contrib op it does not
     # know would split its one engine in two
+    library_name(path, "ONNX Runtime's TensorRT provider (its engines are kept beside the file)")
     cache = engine_cache(path, metadata, max_batch)
     return SessionPlan(
         [(TENSORRT, tensorrt_options(metadata, max_batch, cache)), (CUDA, options), CPU], graph_batch, cache
@@ -284,6 +286,8 @@ def open_session(path: Path, device: str, plan: SessionPlan) -> ort.InferenceSes
             pass
     try:
         session = _session(path, options, plan)
+    except UserError:
+        raise
     except Exception as error:  # onnxruntime raises several types for unreadable files
         if device == "tensorrt" and path.is_file() and file_metadata(path):
             raise UserError(
@@ -322,7 +326,30 @@ def _session(path: Path, options: ort.SessionOptions, plan: SessionPlan) -> ort.
                     RuntimeWarning,
                     stacklevel=3,
                 )
-    return ort.InferenceSession(str(path), options, providers=plan.providers, enable_fallback=0)
+    return ort.InferenceSession(_model(path), options, providers=plan.providers, enable_fallback=0)
+
+
+def _model(path: Path) -> str | bytes:
+    """What ONNX Runtime opens: the path, where it is UTF-8 (ONNX Runtime takes no other); else the
+    file's bytes, read with Python (toolkit.paths). Weights kept in files beside the model cannot
+    come with the bytes (ONNX Runtime would look for them in the current folder): refused."""
+    if is_utf8(path):
+        return str(path)
+    data = path.read_bytes()
+    import onnx  # only here: the sampler's usual path needs no onnx
+    from onnx.external_data_helper import uses_external_data
+
+    try:
+        initializers = onnx.load_from_string(data).graph.initializer
+    except Exception:  # not a model: ONNX Runtime says what is wrong with it
+        return data
+    if any(uses_external_data(tensor) for tensor in initializers):
+        raise UserError(
+            f"{shown(path)}: the path is not valid UTF-8, and ONNX Runtime takes paths as UTF-8 only; "
+            "the model is read as bytes, but its weights are in files beside it, which bytes cannot "
+            "point to: rename or move it to a UTF-8 path"
+        )
+    return data
 
 
 # --- three ways of running it -----------------------------------------------------------------------

@@ -16,9 +16,10 @@ import pytest
 
 from toolkit.data.digits import ATTRIBUTES, digit_samples
 from toolkit.data.shards import write_split
-from toolkit.data.stream import eval_batches
+from toolkit.data.stream import attribute_vectors, epoch_batches, eval_batches, is_url, read_manifest
 from toolkit.data.verify import verify_shards
 from toolkit.errors import UserError
+from toolkit.run_folder import shards_fingerprint
 
 SIZE = 8
 
@@ -193,3 +194,31 @@ def test_the_command_says_each_split_and_each_damaged_tar_and_exits_1(shards):
     done = cli(shards)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.splitlines()[-1].startswith("error: no test split in ")
+
+
+@pytest.mark.parametrize("given", ["set:v2", "set:v2/sub"])
+def test_a_local_folder_whose_name_holds_a_colon_is_read_as_a_folder_not_a_url(clean, tmp_path, monkeypatch, given):
+    """webdataset's gopen takes `set:v2/train/x.tar` for a URL of the scheme `set` and refuses it:
+    every reader opens local files itself, and only a real URL or command counts as one."""
+    shutil.copytree(clean, tmp_path / given)
+    monkeypatch.chdir(tmp_path)  # a relative path: the colon is in its first component
+    assert not is_url(given) and not is_url("data/a:b") and not is_url(tmp_path / given)
+    assert all(map(is_url, ["pipe:cat x", "http://host/x", "https://host/x", "s3://bucket/x", "gs://bucket/x"]))
+
+    assert read_manifest(given, "train")["count"] == 300
+    batches = eval_batches(given, "train", batch_size=100)
+    assert sum(len(images) for images, _ in batches) == 300 and batches.skips.skipped == 0
+    batches = epoch_batches(given, "train", batch_size=100, num_workers=1)
+    assert [len(images) for images, _ in batches] == [100] * 3 and batches.skips.skipped == 0
+    assert attribute_vectors(given, "test").shape == (50, len(ATTRIBUTES))
+    assert all(shards_fingerprint(given)[split]["tars"] for split in ("train", "test"))
+    reports = verify_shards(given)
+    assert [(r.split, r.shards, r.damaged) for r in reports] == [("test", 1, ()), ("train", 3, ())]
+
+    done = subprocess.run(
+        [sys.executable, "-m", "toolkit.cli", "shards", "verify", given],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and done.stdout.count("every tar as built") == 2, done.stderr

@@ -86,10 +86,21 @@ def worker_part(rank: int, worker: int) -> int:
     return rank * 1_009 + worker
 
 
+# What webdataset's gopen is for: a `pipe:` command or a URL whose scheme starts it (http://, gs://...).
+_URL = re.compile(r"pipe:|[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def is_url(shards: str | Path) -> bool:
-    """Whether `shards` is read through webdataset's gopen (a command or a remote URL), not a local folder."""
-    text = str(shards)
-    return "://" in text or text.startswith("pipe:")
+    """Whether `shards` is read through webdataset's gopen (a command or a remote URL), not a local
+    path. A local path may hold ':' (a folder `set:v2`): it is still one, though gopen would take
+    `set` for a URL scheme."""
+    return _URL.match(str(shards)) is not None
+
+
+def open_shard(url: str):
+    """A tar or manifest opened for reading: a URL or command through gopen, a local file with open()
+    (gopen parses `set:v2/train/x.tar` as the scheme `set` and refuses a good file)."""
+    return wds.gopen(url, "rb") if is_url(url) else open(url, "rb")
 
 
 def read_manifest(shards: str | Path, split: str) -> dict:
@@ -98,7 +109,7 @@ def read_manifest(shards: str | Path, split: str) -> dict:
     location = split_file(shards, split, MANIFEST)
     if is_url(shards):
         try:
-            with wds.gopen(location, "rb") as stream:
+            with open_shard(location) as stream:
                 text = stream.read()
         except Exception as error:
             raise UserError(f"could not read {location}: {describe_pipe_failure(error) or one_line(error)}") from None
@@ -180,7 +191,8 @@ def split_file(shards: str | Path, split: str, name: str) -> str:
     """Where the file `name` (a tar, the manifest) of `split` lies: a URL (pipe:..., http://...) is
     joined as text, a local folder as a path."""
     text = str(shards)
-    if "{}" in text:  # a command with the path in the middle: pipe:aws s3 cp s3://bucket/celeba64/{} -
+    # a command with the path in the middle: pipe:aws s3 cp s3://bucket/celeba64/{} - (not a folder `a{}`)
+    if "{}" in text and is_url(shards):
         return text.replace("{}", f"{split}/{name}")
     return f"{text.rstrip('/')}/{split}/{name}" if is_url(shards) else str(Path(shards) / split / name)
 
@@ -346,7 +358,7 @@ def _read_shards(source, counts: dict[str, int], count: ReadCount):
         url = item["url"]
         expected, read, error, stream = counts.get(url, 0), 0, None, None
         try:
-            stream = wds.gopen(url, "rb")
+            stream = open_shard(url)
             for sample in _tar_samples(stream, url):
                 read += 1
                 count.total += 1
@@ -749,7 +761,7 @@ def attribute_vectors(shards: str | Path, split: str) -> np.ndarray:
     width, vectors = len(manifest["attributes"]), []
     for url in shard_urls(shards, split):
         try:
-            stream = wds.gopen(url, "rb")
+            stream = open_shard(url)
         except Exception:
             continue
         try:

@@ -15,9 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-import webdataset as wds
-
-from toolkit.data.stream import describe_pipe_failure, is_url, read_manifest, split_file
+from toolkit.data.stream import describe_pipe_failure, is_url, open_shard, read_manifest, split_file
 from toolkit.errors import UserError, one_line
 from toolkit.formats import MANIFEST
 
@@ -90,7 +88,7 @@ def recorded_files(manifest: dict, location: str) -> dict[str, dict]:
 def _hash(location: str, progress: Callable[[int], None]) -> tuple[int, str]:
     """(bytes read, sha256) of a local file or a URL, read in 1 MiB pieces."""
     digest, size = hashlib.sha256(), 0
-    with wds.gopen(location, "rb") as stream:  # a plain open() for a path
+    with open_shard(location) as stream:
         while chunk := stream.read(CHUNK):
             digest.update(chunk)
             size += len(chunk)

@@ -31,6 +31,7 @@ from toolkit.contract import Contract, EncoderContract, check_pair, encoder_besi
 from toolkit.errors import UserError
 from toolkit.inspection import load_checked
 from toolkit.ownership import claim_folder
+from toolkit.paths import is_utf8, shown
 
 PAGE_FILES = ("index.html", "app.js", "style.css")
 # What the page loads from onnxruntime-web's dist/ (checked by loading the page: the request log of
@@ -136,6 +137,11 @@ def _copy(source: Path, target: Path) -> None:
 def build_page(export: str | Path, out: str | Path, ort_dist: str | Path | None = None) -> Path:
     """Write the page for `export` into `out` (see the module's doc); returns `out` (`serve` serves it)."""
     export, out = Path(export), Path(out)
+    if not is_utf8(export.name):  # model.json names the file and the page asks for it by URL: UTF-8 text
+        raise UserError(
+            f"{shown(export)}: the file name is not valid UTF-8, and the page asks for the model by its name "
+            "(in model.json, as a URL); rename it"
+        )
     check_output(out, folder=True)  # user mistakes first, before anything is copied
     if out.resolve() == export.resolve().parent:
         raise UserError(
