@@ -179,5 +179,5 @@ def test_an_empty_resume_means_start_afresh():
 @pytest.mark.parametrize("key", ["run_dir", "data.shards", "resume"])
 def test_a_path_that_is_not_utf8_text_is_refused_before_the_run_records_it(key):
     value = os.fsdecode(b"runs/caf\xe9")  # Latin-1 bytes in a Linux file name
-    with pytest.raises(UserError, match=rf"config key '{key}': expected UTF-8 text, got b'runs/caf\\xe9'"):
+    with pytest.raises(UserError, match=rf"config key '{key}': expected UTF-8 text, got 'runs/caf\\xe9'"):
         load_config(["recipe=digits", f"{key}={value}"])

@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from toolkit.errors import UserError, one_line
 from toolkit.formats import ARCH_OPTIONS, ARCHS, PRIORS
+from toolkit.paths import is_utf8, shown
 
 # Recipes ship beside the package (repo root / recipes); a recipe in the current folder wins.
 PACKAGED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -297,7 +298,7 @@ def validate(config: TrainConfig) -> None:
     check(config.model.embed_dim > 0, "model.embed_dim", "a positive integer")
     for key, value in _text_values(config):
         # recipe.yaml records the run as UTF-8 text; bytes that are not (a Linux file name may hold them) cannot be
-        check(_is_utf8(value), key, f"UTF-8 text, got {value.encode('utf-8', 'surrogateescape')!r}: rename it")
+        check(is_utf8(value), key, f"UTF-8 text, got '{shown(value)}': rename it")
 
 
 def _text_values(config, prefix: str = ""):
@@ -308,14 +309,6 @@ def _text_values(config, prefix: str = ""):
             yield prefix + item.name, value
         elif is_dataclass(value):
             yield from _text_values(value, f"{prefix}{item.name}.")
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # surrogate escapes: os.fsdecode of bytes that are not UTF-8
-        return False
-    return True
 
 
 def to_yaml(config: TrainConfig) -> str:

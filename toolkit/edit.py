@@ -37,11 +37,12 @@ from toolkit.atomic import check_writable_size, image_format
 from toolkit.atomic import save_image as save_atomically
 from toolkit.classifier import check_image_size, columns_for, load_classifier
 from toolkit.devices import resolve_device
-from toolkit.errors import UserError, as_path, check_seed
+from toolkit.errors import UserError, check_seed
 from toolkit.evaluate import find_classifier
 from toolkit.images import ImageError, open_image, to_uint8
 from toolkit.memory import check_fits
 from toolkit.model import load_model
+from toolkit.paths import as_path
 
 AttributeLike = Mapping[str, int] | Sequence[float] | np.ndarray | torch.Tensor
 

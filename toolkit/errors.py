@@ -1,11 +1,9 @@
 """The one exception type for user mistakes: the CLI prints its message on one line, no traceback;
-and the argument checks several modules share (seeds, paths).
+and the seed check several modules share.
 
 Standard library only: `cvae-tk sample` imports it without torch."""
 
 import numbers
-import os
-from pathlib import Path
 
 
 class UserError(Exception):
@@ -28,13 +26,3 @@ def check_seed(seed, option: str = "seed") -> int:
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
         raise UserError(f"{option} must be an integer in [0, 2**63), got {seed!r}")
     return int(seed)
-
-
-def as_path(value, expected: str) -> Path:
-    """`value` as a Path, taking what Python's file APIs take (str, os.PathLike, bytes: os.fsdecode);
-    anything else a TypeError here, naming the argument (`expected`: "f(path): expected the run
-    folder"), rather than pathlib's deep inside."""
-    try:
-        return Path(os.fsdecode(value))
-    except TypeError:
-        raise TypeError(f"{expected} as a str, os.PathLike or bytes, got {type(value).__name__}") from None

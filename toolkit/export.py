@@ -74,11 +74,12 @@ from toolkit.contract import (
     preprocessing_dict,
 )
 from toolkit.data.stream import read_manifest
-from toolkit.errors import UserError, as_path, one_line
+from toolkit.errors import UserError, one_line
 from toolkit.evaluate import run_shards
 from toolkit.images import to_uint8
 from toolkit.inspection import check_contract
 from toolkit.model import CVAE, WEIGHTS, PaperEncoder, load_model
+from toolkit.paths import as_path
 
 OPSET = 18
 MIN_OPSET = 18  # torch's exporter writes opset 18+; its down-conversion breaks graphs (e.g. Split)

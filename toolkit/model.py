@@ -30,9 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolkit.atomic import atomic_paths, write_state_dict
-from toolkit.errors import UserError, as_path, one_line
+from toolkit.errors import UserError, one_line
 from toolkit.formats import ARCH_OPTIONS, ARCHS, CONFIG, PRIORS, RECIPE, WEIGHTS, check_choice  # noqa: F401 (ARCH_OPTIONS, PRIORS, ...: re-exported)
 from toolkit.memory import check_fits
+from toolkit.paths import as_path
 from toolkit.safe_load import read_safetensors, safetensors_shapes
 
 

@@ -6,12 +6,13 @@ Linux allows any bytes in a file name; Python gives the ones that are not UTF-8 
 valid UTF-8", ONNX Runtime "incompatible constructor arguments". So readers open a file with Python
 and hand the library its bytes (our weights and models are MBs). Where a library must have the name
 itself (it finds other files beside it, or keeps files there), `library_name` refuses such a path in
-one line instead. Standard library only: the sampler imports it without torch.
+one line instead. And `as_path`: what the library's functions take as a path. Standard library only: the sampler imports it without torch.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from toolkit.errors import UserError
 
@@ -38,3 +39,13 @@ def library_name(path: str | os.PathLike, library: str) -> str:
             "rename or move it to a UTF-8 path"
         )
     return os.fspath(path)
+
+
+def as_path(value, expected: str) -> Path:
+    """`value` as a Path, taking what Python's file APIs take (str, os.PathLike, bytes: os.fsdecode);
+    anything else a TypeError here, naming the argument (`expected`: "f(path): expected the run
+    folder"), rather than pathlib's deep inside."""
+    try:
+        return Path(os.fsdecode(value))
+    except TypeError:
+        raise TypeError(f"{expected} as a str, os.PathLike or bytes, got {type(value).__name__}") from None

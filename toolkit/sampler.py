@@ -74,9 +74,10 @@ from toolkit.contract import (  # noqa: F401 (FORMAT, MAX_SIDE, MAX_WIDTH, Tenso
     read_contract,
     read_encoder_contract,
 )
-from toolkit.errors import UserError, as_path
+from toolkit.errors import UserError
 from toolkit.images import ImageError, as_viewed, centre_crop, to_uint8
 from toolkit.memory import check_fits, gib
+from toolkit.paths import as_path
 from toolkit.sessions import (
     CUDA,
     DEVICES,
