@@ -20,6 +20,7 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import typer  # noqa: E402
 
 from toolkit.atomic import check_output  # noqa: E402
+from toolkit.entry import begin  # noqa: E402
 from toolkit.errors import UserError, check_seed, one_line  # noqa: E402
 
 app = typer.Typer(
@@ -817,7 +818,9 @@ def web_command(
 
 def main() -> None:
     """The entry point: user mistakes, the file system's refusals and a lack of memory end in one line
-    `error: ...` (exit 2; 1 for memory), never a traceback; anything else is a bug and keeps its traceback."""
+    `error: ...` (exit 2; 1 for memory), never a traceback; anything else is a bug and keeps its traceback.
+    A reader of stdout that goes away ends no command (toolkit.entry)."""
+    begin()
     clicks = sys.modules[typer.BadParameter.__module__]  # click's exceptions, or the copy newer typer carries
     no_args_is_help = getattr(clicks, "NoArgsIsHelpError", ())  # click >= 8.2
 

@@ -21,10 +21,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __name__ == "__main__" and not __package__:
-    # `python toolkit/train.py` puts toolkit/ first on sys.path, where its modules would shadow
-    # libraries of the same names; put the project root there instead.
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+if __name__ == "__main__":
+    if not __package__:
+        # `python toolkit/train.py` puts toolkit/ first on sys.path, where its modules would shadow
+        # libraries of the same names; put the project root there instead.
+        sys.path[0] = str(Path(__file__).resolve().parent.parent)
+    from toolkit.entry import begin
+
+    begin()  # before torch's import, which a deleted current folder kills (`accelerate launch` runs this)
 
 import dataclasses
 import errno
@@ -38,7 +42,13 @@ from itertools import islice
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import (
+    DynamoBackend,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    broadcast_object_list,
+    set_seed,
+)
 from torchvision.utils import make_grid
 from torchvision.utils import save_image as _save_png
 from tqdm.auto import tqdm
@@ -55,6 +65,7 @@ from toolkit.data.stream import (
     read_manifest,
     worker_died,
 )
+from toolkit.entry import begin, when_stdout_closes
 from toolkit.errors import UserError, one_line
 from toolkit.evaluate import reconstruction_metrics
 from toolkit.figures import split_classes
@@ -473,8 +484,67 @@ def _schedule(config: TrainConfig):
 # --- the loop ----------------------------------------------------------------------------------
 
 
+def _integer(least: int):
+    def test(value: str) -> bool:
+        try:
+            return int(value) >= least
+        except ValueError:
+            return False
+
+    return test
+
+
+def _torch_device(value: str) -> bool:
+    try:
+        torch.device(value)
+    except RuntimeError:
+        return False
+    return True
+
+
+TRUTH_VALUES = ("1", "0", "true", "false", "yes", "no", "on", "off", "t", "f", "y", "n")  # accelerate's str_to_bool
+_TRUTH = ("a truth value: 1/0, true/false, yes/no, on/off", lambda value: value.lower() in TRUTH_VALUES)
+
+# The environment variables the Accelerator reads as it is made (`accelerate launch` and torchrun set
+# them; a shell may too): name -> (the form expected, its test). A malformed one failed deep inside
+# Accelerate with a bare "invalid truth value abc" or "invalid literal for int()" that was blamed on
+# the recipe's mixed_precision, raised a traceback, or was taken silently (ACCELERATE_MIXED_PRECISION=xyz
+# trained fp32 labelled "precision xyz"; a rank of -5 asked for a distributed launch).
+ACCELERATE_ENV = {
+    "ACCELERATE_USE_CPU": _TRUTH,
+    "ACCELERATE_DEBUG_MODE": _TRUTH,
+    "ACCELERATE_CPU_AFFINITY": _TRUTH,
+    "FORK_LAUNCHED": _TRUTH,
+    "ACCELERATE_DYNAMO_USE_FULLGRAPH": _TRUTH,
+    "ACCELERATE_DYNAMO_USE_DYNAMIC": _TRUTH,
+    "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": _TRUTH,
+    "ACCELERATE_DYNAMO_BACKEND": (
+        "one of " + ", ".join(backend.value.lower() for backend in DynamoBackend),
+        lambda value: value.upper() in DynamoBackend.__members__,
+    ),
+    # taken as written: FP16 trained fp32 labelled "precision FP16"
+    "ACCELERATE_MIXED_PRECISION": ("no, fp16, bf16 or fp8", lambda value: value in ("no", "fp16", "bf16", "fp8")),
+    "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": ("an integer >= 1", _integer(1)),
+    "ACCELERATE_TORCH_DEVICE": ("a torch device: cpu, cuda or cuda:N", _torch_device),
+    "LOCAL_RANK": ("an integer >= 0 (this process's rank on its machine)", _integer(0)),
+    "RANK": ("an integer >= 0 (this process's rank)", _integer(0)),
+    "WORLD_SIZE": ("an integer >= 1 (the number of processes)", _integer(1)),
+    "LOCAL_WORLD_SIZE": ("an integer >= 1 (the number of processes on this machine)", _integer(1)),
+}
+
+
+def check_accelerate_env(environ=os.environ) -> None:
+    """Refuse a malformed ACCELERATE_ENV variable by its name, before the Accelerator reads it."""
+    for name, (expected, test) in ACCELERATE_ENV.items():
+        value = environ.get(name)
+        if value is not None and not test(value):
+            raise UserError(f"environment variable {name}={value!r}: expected {expected}; correct or unset it")
+
+
 def train(config: TrainConfig) -> Path:
     run_dir = Path(config.run_dir)
+    when_stdout_closes(f"training goes on: TensorBoard logs in {run_dir / LOGS}, the results in {run_dir}")
+    check_accelerate_env()
     try:
         accelerator = Accelerator(
             mixed_precision=None if config.mixed_precision == "auto" else config.mixed_precision,
@@ -484,8 +554,10 @@ def train(config: TrainConfig) -> Path:
             # a collective that waits longer than this (a rank frozen or its machine gone) fails instead of hanging
             kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=config.dist_timeout_s))],
         )
-    except ValueError as error:  # e.g. bf16 on a GPU without it
-        raise UserError(f"mixed_precision={config.mixed_precision}: {one_line(error)}") from None
+    except ValueError as error:  # e.g. bf16 on a GPU without it, or fp8 without its library
+        # with auto, the precision (and whatever failed) comes from `accelerate launch` or its config
+        where = f"mixed_precision={config.mixed_precision}" if config.mixed_precision != "auto" else "Accelerate"
+        raise UserError(f"{where}: {one_line(error)}") from None
     _check_precision(config, accelerator)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"run_dir={run_dir} is a file, expected a folder (or a path that does not exist yet)")
@@ -894,6 +966,7 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> None:
+    begin()  # for callers that import this module and call main
     args = sys.argv[1:] if argv is None else argv
     try:
         train(load_config(args))

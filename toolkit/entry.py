@@ -1,0 +1,78 @@
+"""What every entry point (`cvae-tk`, toolkit/train.py) does first, before torch is imported: keep
+the process going when the reader of its output goes away, and check that its current folder still
+exists.
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+
+CWD_GONE = "the current folder no longer exists (deleted?); cd to an existing folder and run again"
+
+# Said on stderr, once, when stdout's reader goes away, by a command whose work outlives its log
+# (train); the others (sample, inspect, ...) end quietly, as `yes | head` does.
+_going_on: str | None = None
+
+
+def when_stdout_closes(what_goes_on: str) -> None:
+    """Say `what_goes_on` if stdout's reader goes away (`cvae-tk train ... | head -1`)."""
+    global _going_on
+    _going_on = what_goes_on
+
+
+def begin() -> None:
+    """Guard stdout and stderr, then check the current folder: a deleted one is one line, exit 2."""
+    guard_output()
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        # importing torch there dies with oneMKL's "FATAL ERROR: Cannot load libtorch_cpu.so"
+        print(f"error: {CWD_GONE}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+class _Output(io.FileIO):
+    """The descriptor of stdout or stderr, written as usual until its reader goes away (EPIPE)."""
+
+    def write(self, data) -> int:
+        try:
+            return super().write(data)
+        except BrokenPipeError:
+            # The Python docs' recipe: /dev/null onto the descriptor, so the work goes on and later
+            # writes (the flush at exit too) succeed instead of ending the process or printing noise.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.fileno())
+            os.close(devnull)
+            if self.fileno() == 1 and _going_on:
+                print(f"cvae-tk: stdout was closed (broken pipe); {_going_on}", file=sys.stderr, flush=True)
+            return memoryview(data).nbytes
+
+
+def guard_output() -> None:
+    """sys.stdout and sys.stderr through _Output, line by line (a log piped to tee or head is read as
+    it is written). Only the process's own streams: ones a caller replaced (pytest's capture) stay."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None or stream is not getattr(sys, f"__{name}__"):
+            continue  # closed at start (Python then prints nothing), or already replaced
+        try:
+            descriptor = stream.fileno()
+            stream.flush()
+        except (OSError, ValueError):
+            continue  # not a real file
+        raw = _Output(descriptor, "w", closefd=False)
+        setattr(
+            sys,
+            name,
+            io.TextIOWrapper(
+                io.BufferedWriter(raw),
+                encoding=stream.encoding,
+                errors=stream.errors,
+                line_buffering=True,
+                write_through=stream.write_through,
+            ),
+        )
