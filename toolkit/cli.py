@@ -816,6 +816,15 @@ def web_command(
         serve_forever(out, port)
 
 
+def _refuse_empty_arguments(args: list[str]) -> None:
+    """No option or argument takes an empty value, and typer reads `--out ""` as `.` (Path("")): an
+    unset shell variable (`--out "$DIR"`) would write into the current folder."""
+    for before, arg in zip(["", *args], args):
+        if not arg.strip():
+            where = f" after {before}" if before.startswith("-") else ""
+            raise UserError(f"an empty argument{where}: expected a value (an unset shell variable?)")
+
+
 def main() -> None:
     """The entry point: user mistakes, the file system's refusals and a lack of memory end in one line
     `error: ...` (exit 2; 1 for memory), never a traceback; anything else is a bug and keeps its traceback.
@@ -825,6 +834,7 @@ def main() -> None:
     no_args_is_help = getattr(clicks, "NoArgsIsHelpError", ())  # click >= 8.2
 
     try:
+        _refuse_empty_arguments(sys.argv[1:])
         code = app(standalone_mode=False)
     except no_args_is_help as error:
         error.show()  # the help text, as `cvae-tk` alone has always printed

@@ -42,13 +42,7 @@ from itertools import islice
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import (
-    DynamoBackend,
-    InitProcessGroupKwargs,
-    ProjectConfiguration,
-    broadcast_object_list,
-    set_seed,
-)
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, set_seed
 from torchvision.utils import make_grid
 from torchvision.utils import save_image as _save_png
 from tqdm.auto import tqdm
@@ -65,6 +59,7 @@ from toolkit.data.stream import (
     read_manifest,
     worker_died,
 )
+from toolkit.devices import check_accelerate_env
 from toolkit.entry import begin, when_stdout_closes
 from toolkit.errors import UserError, one_line
 from toolkit.evaluate import reconstruction_metrics
@@ -484,67 +479,10 @@ def _schedule(config: TrainConfig):
 # --- the loop ----------------------------------------------------------------------------------
 
 
-def _integer(least: int):
-    def test(value: str) -> bool:
-        try:
-            return int(value) >= least
-        except ValueError:
-            return False
-
-    return test
-
-
-def _torch_device(value: str) -> bool:
-    try:
-        torch.device(value)
-    except RuntimeError:
-        return False
-    return True
-
-
-TRUTH_VALUES = ("1", "0", "true", "false", "yes", "no", "on", "off", "t", "f", "y", "n")  # accelerate's str_to_bool
-_TRUTH = ("a truth value: 1/0, true/false, yes/no, on/off", lambda value: value.lower() in TRUTH_VALUES)
-
-# The environment variables the Accelerator reads as it is made (`accelerate launch` and torchrun set
-# them; a shell may too): name -> (the form expected, its test). A malformed one failed deep inside
-# Accelerate with a bare "invalid truth value abc" or "invalid literal for int()" that was blamed on
-# the recipe's mixed_precision, raised a traceback, or was taken silently (ACCELERATE_MIXED_PRECISION=xyz
-# trained fp32 labelled "precision xyz"; a rank of -5 asked for a distributed launch).
-ACCELERATE_ENV = {
-    "ACCELERATE_USE_CPU": _TRUTH,
-    "ACCELERATE_DEBUG_MODE": _TRUTH,
-    "ACCELERATE_CPU_AFFINITY": _TRUTH,
-    "FORK_LAUNCHED": _TRUTH,
-    "ACCELERATE_DYNAMO_USE_FULLGRAPH": _TRUTH,
-    "ACCELERATE_DYNAMO_USE_DYNAMIC": _TRUTH,
-    "ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION": _TRUTH,
-    "ACCELERATE_DYNAMO_BACKEND": (
-        "one of " + ", ".join(backend.value.lower() for backend in DynamoBackend),
-        lambda value: value.upper() in DynamoBackend.__members__,
-    ),
-    # taken as written: FP16 trained fp32 labelled "precision FP16"
-    "ACCELERATE_MIXED_PRECISION": ("no, fp16, bf16 or fp8", lambda value: value in ("no", "fp16", "bf16", "fp8")),
-    "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": ("an integer >= 1", _integer(1)),
-    "ACCELERATE_TORCH_DEVICE": ("a torch device: cpu, cuda or cuda:N", _torch_device),
-    "LOCAL_RANK": ("an integer >= 0 (this process's rank on its machine)", _integer(0)),
-    "RANK": ("an integer >= 0 (this process's rank)", _integer(0)),
-    "WORLD_SIZE": ("an integer >= 1 (the number of processes)", _integer(1)),
-    "LOCAL_WORLD_SIZE": ("an integer >= 1 (the number of processes on this machine)", _integer(1)),
-}
-
-
-def check_accelerate_env(environ=os.environ) -> None:
-    """Refuse a malformed ACCELERATE_ENV variable by its name, before the Accelerator reads it."""
-    for name, (expected, test) in ACCELERATE_ENV.items():
-        value = environ.get(name)
-        if value is not None and not test(value):
-            raise UserError(f"environment variable {name}={value!r}: expected {expected}; correct or unset it")
-
-
 def train(config: TrainConfig) -> Path:
     run_dir = Path(config.run_dir)
     when_stdout_closes(f"training goes on: TensorBoard logs in {run_dir / LOGS}, the results in {run_dir}")
-    check_accelerate_env()
+    check_accelerate_env(config.grad_accum)
     try:
         accelerator = Accelerator(
             mixed_precision=None if config.mixed_precision == "auto" else config.mixed_precision,

@@ -5,6 +5,7 @@ without its reader; the others are one line `error: ...`, exit 2, no traceback."
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,10 @@ from accelerate.utils.environment import str_to_bool
 
 from tests.faults.test_user_mistakes import assert_one_line
 from tests.test_edit import cli  # `cvae-tk ARGS` in this process: (exit code, stdout, stderr)
+from toolkit.devices import ACCELERATE_ENV, check_accelerate_env
 from toolkit.entry import CWD_GONE
-from toolkit.train import ACCELERATE_ENV, CHECKPOINTS, check_accelerate_env
+from toolkit.errors import UserError
+from toolkit.train import CHECKPOINTS
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -133,8 +136,8 @@ BAD_ENV = {
     # (variable, value): what the line says is expected
     ("ACCELERATE_USE_CPU", "abc"): "expected a truth value",  # was "mixed_precision=auto: invalid truth value abc"
     ("ACCELERATE_DEBUG_MODE", ""): "expected a truth value",
-    ("LOCAL_RANK", "abc"): "expected an integer >= 0",  # was "mixed_precision=auto: invalid literal for int()"
-    ("LOCAL_RANK", "-5"): "expected an integer >= 0",  # asked for a distributed launch, then failed on RANK
+    ("LOCAL_RANK", "abc"): "expected an integer >= -1",  # was "mixed_precision=auto: invalid literal for int()"
+    ("LOCAL_RANK", "-5"): "expected an integer >= -1",  # asked for a distributed launch, then failed on RANK
     ("WORLD_SIZE", "0"): "expected an integer >= 1",
     ("RANK", "one"): "expected an integer >= 0",
     ("ACCELERATE_MIXED_PRECISION", "xyz"): "expected no, fp16, bf16 or fp8",  # trained fp32, "precision xyz"
@@ -170,13 +173,24 @@ def test_the_table_reads_each_variable_as_accelerate_does():
                 except ValueError:
                     parses = False
             elif expected.startswith("an integer"):
-                least = int(expected.split(">= ")[1][0])
+                least = int(re.search(r">= (-?\d+)", expected).group(1))
                 parses = value.strip().lstrip("-").isdigit() and int(value) >= least
             else:
                 continue
             assert test(value) == parses, (name, value)
     for value in PrecisionType:
-        check_accelerate_env({"ACCELERATE_MIXED_PRECISION": value.value})
+        check_accelerate_env(1, {"ACCELERATE_MIXED_PRECISION": value.value})
     check_accelerate_env(
-        {"ACCELERATE_TORCH_DEVICE": "cpu", "ACCELERATE_DYNAMO_BACKEND": "inductor", "WORLD_SIZE": "2"}
+        1, {"ACCELERATE_TORCH_DEVICE": "cpu", "ACCELERATE_DYNAMO_BACKEND": "inductor", "WORLD_SIZE": "2"}
     )
+    check_accelerate_env(1, {"LOCAL_RANK": "-1"})  # Accelerate's "not distributed"
+
+
+def test_a_gradient_accumulation_variable_that_would_override_the_recipe_is_refused():
+    """Accelerate takes ACCELERATE_GRADIENT_ACCUMULATION_STEPS over the Accelerator's argument: the
+    recipe's grad_accum would be ignored silently."""
+    check_accelerate_env(4, {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"})
+    with pytest.raises(
+        UserError, match=r"ACCELERATE_GRADIENT_ACCUMULATION_STEPS=2 would override the recipe's grad_accum=1"
+    ):
+        check_accelerate_env(1, {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2"})

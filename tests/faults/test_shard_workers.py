@@ -59,6 +59,9 @@ def start_paused(tmp_path, build):
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # Ctrl-C as a terminal's foreground job gets it: a test suite started in the background
+        # (`pytest &`, nohup) hands its children SIGINT ignored, and Python then never raises KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     line = process.stdout.readline()
     while line and not line.startswith("PAUSED"):

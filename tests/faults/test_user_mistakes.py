@@ -203,3 +203,21 @@ def test_help_and_success_still_exit_0(tiny_onnx, tmp_path, monkeypatch, capsys)
     with Image.open(tmp_path / "g.png") as grid:
         assert grid.format == "PNG"
     assert snapshot(tmp_path) == ["g.png"]
+
+
+@pytest.mark.parametrize(
+    "args, after",
+    [
+        (["sample", "model.onnx", "--grid", ""], " after --grid"),
+        (["sample", "model.onnx", "--out-dir", " "], " after --out-dir"),
+        (["shards", "digits", "--out", ""], " after --out"),
+        (["export", "--onnx", ""], " after --onnx"),
+        (["inspect", ""], ""),
+    ],
+    ids=["grid", "out-dir", "shards-out", "export-run", "inspect-model"],
+)
+def test_an_empty_argument_is_refused_not_read_as_the_current_folder(args, after, monkeypatch, capsys, tmp_path):
+    """typer reads `--out ""` as Path(".") (an unset `$DIR`): images, shards or exports would land in
+    the current folder, or a folder be taken for the input."""
+    assert_one_line(cli(args, monkeypatch, capsys, tmp_path), f"an empty argument{after}: expected a value")
+    assert list(tmp_path.iterdir()) == []
