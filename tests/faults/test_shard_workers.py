@@ -128,3 +128,26 @@ def test_ctrl_c_stops_the_build_and_its_workers_without_a_traceback(tmp_path):
     assert not alive(workers), "pool workers outlived the build"
     assert not (tmp_path / "out" / "train" / "manifest.json").exists()
     assert not list((tmp_path / "out").rglob("*.tar.tmp"))  # the open shard was removed
+
+
+def test_stopping_workers_mid_result_does_not_hang_the_build():
+    """A worker terminated while sending a result (a chunk of images is MBs, more than a pipe holds)
+    leaves half a message in the result pipe; the executor's manager thread waited for the rest for
+    ever, and `_stop` (after a full disk or Ctrl-C) with it. The half message is written here as a
+    dying worker leaves it: a length, then fewer bytes."""
+    import multiprocessing
+    import struct
+    import threading
+    from concurrent.futures import ProcessPoolExecutor
+
+    from toolkit.data.build import _stop
+
+    executor = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork"))
+    assert executor.submit(abs, -1).result() == 1  # the workers and the manager thread are up
+    workers = list(executor._processes.values())
+    os.write(executor._result_queue._writer.fileno(), struct.pack("!i", 1 << 20) + b"half a chunk")
+    stopper = threading.Thread(target=_stop, args=(executor,), daemon=True)
+    stopper.start()
+    stopper.join(timeout=30)
+    assert not stopper.is_alive(), "_stop hung on a half-sent result"
+    assert not any(worker.is_alive() for worker in workers)

@@ -452,8 +452,22 @@ def _worker_death(executor: ProcessPoolExecutor, out: Path, split: str) -> str:
 def _stop(executor: ProcessPoolExecutor) -> None:
     """End the workers now, also mid-task (shutdown alone waits for the running tasks;
     Python 3.14 has executor.terminate_workers() for this)."""
-    for process in list((getattr(executor, "_processes", None) or {}).values()):
+    processes = list((getattr(executor, "_processes", None) or {}).values())
+    for process in processes:
         process.terminate()
+    for process in processes:
+        process.join(timeout=5)
+        if process.is_alive():  # SIGTERM handled or ignored by something the worker imported
+            process.kill()
+            process.join()
+    # A worker stopped while it was sending a result (a chunk of images is MBs) leaves half a message
+    # in the result pipe, and the executor's manager thread, reading it, would wait for the rest for
+    # ever (shutdown joins that thread: the build hung after a full disk or Ctrl-C). With every
+    # worker gone, closing our own copy of the pipe's write end turns that wait into an end of file,
+    # which the executor handles as a broken pool.
+    results = getattr(executor, "_result_queue", None)
+    if results is not None:
+        results._writer.close()
     executor.shutdown(wait=True, cancel_futures=True)
 
 
