@@ -136,7 +136,7 @@ MISTAKES = {
     ),
     "sweep-launcher-blank": (
         ["sweep", "recipe=digits", "data.shards=SHARDS", "--launcher", "   "],
-        ["--launcher is empty"],
+        ["an empty argument after --launcher"],  # every option alike (the API's run_sweep says "--launcher is empty")
     ),
     "sweep-launcher-no-program": (
         ["sweep", "recipe=digits", "data.shards=SHARDS", "--launcher", "no-such-launcher --x"],
