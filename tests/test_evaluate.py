@@ -514,3 +514,50 @@ def test_a_second_classifier_training_into_one_folder_is_refused(digits_shards, 
     lock.unlink()
     train_classifier(digits_shards, out, steps=1)
     assert sorted(p.name for p in out.iterdir()) == ["classifier.json", "classifier.safetensors"]  # lock released
+
+
+def test_a_classifier_that_does_not_fit_is_refused_before_measuring_and_one_found_is_left_out(
+    trained_run, tmp_path, monkeypatch, capsys
+):
+    """A --classifier of other attributes was refused only after the whole test split was measured
+    (minutes on CelebA); one found beside the run (another data set's) refused `eval` with no way out."""
+    import toolkit.evaluate as evaluate
+    from toolkit.classifier import save_classifier
+
+    run = copy_run(trained_run, tmp_path / "runs" / "digits")
+    stranger = save_classifier(AttributeClassifier(["smiling", "digit_1"], (32, 32), width=4, depth=1), tmp_path / "s")
+    monkeypatch.setattr(evaluate, "reconstruction_metrics", lambda *a, **k: pytest.fail("measured first"))
+    with pytest.raises(UserError, match=f"classifier {stranger.parent}: the classifier does not know attribute"):
+        evaluate_run(run, classifier=stranger.parent, device="cpu", write=False)
+    monkeypatch.undo()
+
+    shutil.copytree(stranger.parent, tmp_path / "runs" / "classifier")  # RUN/../classifier: found, not asked for
+    report = evaluate_run(run, device="cpu", write=False)
+    assert report["classifier"] is None and report["metrics"]["attr_acc"] is None and report["metrics"]["count"] == 179
+    assert (
+        f"warning: not judging with {tmp_path / 'runs' / 'classifier'}, found beside the run"
+        in capsys.readouterr().err
+    )
+
+
+def test_a_classifier_out_holding_another_commands_files_is_refused(trained_run, digits_shards, tmp_path):
+    """`classifier train --out RUN` wrote the classifier into a run folder (or a sweep's, or over a
+    classifier.json that was not one) after the training."""
+    run = copy_run(trained_run, tmp_path / "run")
+    with pytest.raises(UserError) as error:
+        train_classifier(digits_shards, run, steps=1)
+    assert str(error.value) == (
+        f"--out {run} holds files that are not a classifier's (config.json, model.safetensors, recipe.yaml): a classifier's "
+        "folder holds only classifier.safetensors and classifier.json; choose another --out, such as runs/<recipe>-classifier beside the runs"
+    )
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "model.safetensors", "recipe.yaml"]
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "classifier.json").write_text('{"mine": 1}')
+    with pytest.raises(UserError, match="holds a classifier.json that is not a cvae-tk classifier's"):
+        train_classifier(digits_shards, notes, steps=1)
+    assert (notes / "classifier.json").read_text() == '{"mine": 1}'
+    judge = tmp_path / "judge"
+    train_classifier(digits_shards, judge, steps=1, width=4, depth=1)
+    train_classifier(digits_shards, judge, steps=1, width=4, depth=1)  # an earlier classifier is replaced
+    assert sorted(p.name for p in judge.iterdir()) == ["classifier.json", "classifier.safetensors"]

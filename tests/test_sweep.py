@@ -16,6 +16,7 @@ from tests.test_cli import assert_user_error, run_cli
 from toolkit import sweep
 from toolkit.config import load_config
 from toolkit.errors import UserError
+from toolkit.evaluate import evaluate_run
 from toolkit.figures import PAD, scale_for
 from toolkit.sweep import parse_betas, run_sweep
 
@@ -311,3 +312,230 @@ def test_an_earlier_sweep_is_written_again_also_one_from_before_the_owner_file(s
     (out / sweep.OWNER).unlink()  # written before the mark existed: its sweep.json tells
     run_sweep(sweep_args(digits_shards), out=out, device="cpu", log=lambda _: None)
     assert (out / sweep.OWNER).is_file()
+
+
+def copy_sweep(swept_out: Path, to: Path, shards: Path) -> Path:
+    """A copy of the swept folder whose runs name `shards` (a copy of the digits) as their data.shards."""
+    shutil.copytree(swept_out, to)
+    for recipe in to.glob("beta-*/recipe.yaml"):
+        text = recipe.read_text()
+        start = text.index("shards: ") + len("shards: ")
+        recipe.write_text(text[:start] + str(shards) + text[text.index("\n", start) :])
+    return to
+
+
+def write_digits(out: Path, size: int = 32, shard_size: int = 1000) -> Path:
+    from toolkit.data.digits import ATTRIBUTES, SPLITS, digit_samples
+    from toolkit.data.shards import write_split
+
+    shutil.rmtree(out, ignore_errors=True)
+    for split in SPLITS:
+        write_split(
+            digit_samples(split, size), out, split, ATTRIBUTES, (size, size), "scikit-learn digits", shard_size
+        )
+    return out
+
+
+def test_a_run_is_never_reused_or_measured_on_shards_rebuilt_since_it_was_trained(
+    swept, digits_shards, tmp_path, monkeypatch
+):
+    """The shards at data.shards rebuilt (other shard sizes: the same attribute names and image size)
+    after the runs were trained: the sweep reused the runs and their metrics.json (a table of other data),
+    `cvae-tk eval` measured on them silently; rebuilt at 16x16, the figures were a traceback after the table."""
+    shards = write_digits(tmp_path / "shards")
+    out = copy_sweep(swept[0], tmp_path / "sweep", shards)
+    monkeypatch.setattr(sweep, "stream_process", lambda *a, **k: pytest.fail("training started"))
+    assert [run.action for run in sweep.plan(sweep_args(shards), out)[0]] == [
+        "reuse",
+        "reuse",
+    ]  # a byte-identical rebuild
+
+    write_digits(shards, shard_size=50)
+    with pytest.raises(UserError) as error:
+        run_sweep(sweep_args(shards), out=out, device="cpu", log=lambda _: None)
+    assert str(error.value).startswith(
+        f"{out / 'beta-0.5'} was trained on other shards than data.shards={shards} holds now (the train split: its manifest differs"
+    )
+    with pytest.raises(
+        UserError, match=f"no longer holds the shards {out / 'beta-0.5'} was trained on .*pass --shards"
+    ):
+        evaluate_run(out / "beta-0.5", device="cpu", write=False)
+    measured = evaluate_run(out / "beta-0.5", device="cpu", shards=shards, write=False)  # asked for: measured
+    assert measured["metrics"]["count"] == 179
+
+    # no checkpoint left to tell: the model's own image size and attribute names still do
+    for folder in out.glob("beta-*/checkpoints"):
+        shutil.rmtree(folder)
+    write_digits(shards, size=16)
+    with pytest.raises(UserError, match=r"beta-0.5 was trained on other shards .*\(16x16 images, the model 32x32\)"):
+        run_sweep(sweep_args(shards), out=out, device="cpu", log=lambda _: None)
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_a_metrics_json_measured_on_other_shards_is_measured_again(
+    swept, digits_shards, untrained_classifier, tmp_path, monkeypatch
+):
+    """`cvae-tk eval RUN --shards OTHER` writes RUN/metrics.json; the sweep then took it for its table."""
+    out = tmp_path / "sweep"
+    shutil.copytree(swept[0], out)
+    other = write_digits(tmp_path / "other", shard_size=50)
+    evaluate_run(out / "beta-0.5", classifier=untrained_classifier, device="cpu", shards=other)
+    measured = []
+
+    def evaluate(run_dir, **options):
+        measured.append(Path(run_dir).name)
+        return sweep_evaluate(run_dir, **options)
+
+    sweep_evaluate = sweep.evaluate_run
+    monkeypatch.setattr(sweep, "evaluate_run", evaluate)
+    monkeypatch.setattr(sweep, "stream_process", lambda *a, **k: pytest.fail("a finished run was retrained"))
+    run_sweep(sweep_args(digits_shards), out=out, classifier=untrained_classifier, device="cpu", log=lambda _: None)
+    assert "beta-0.5" in measured
+    assert all(
+        json.loads((out / f"beta-{b}" / "metrics.json").read_text())["shards"] == str(digits_shards)
+        for b in ("0.5", "0.9")
+    )
+
+
+def test_a_sweep_that_fails_while_drawing_leaves_the_earlier_files_whole(
+    swept, untrained_classifier, digits_shards, tmp_path, monkeypatch
+):
+    """table1.md used to be replaced before the figures were drawn: a failure there left a new table
+    beside the older sweep's figures and sweep.json."""
+    out = tmp_path / "sweep"
+    shutil.copytree(swept[0], out)
+    before = {name: (out / name).read_bytes() for name in OUTPUTS}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("drawing failed")
+
+    monkeypatch.setattr(sweep.figures, "attribute_figure", broken)
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        run_sweep(
+            sweep_args(digits_shards, betas="[0.9]"),
+            out=out,
+            classifier=untrained_classifier,
+            device="cpu",
+            log=lambda _: None,
+        )
+    assert {name: (out / name).read_bytes() for name in OUTPUTS} == before
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [sweep.OWNER]  # no temporaries, no lock
+
+
+def test_an_out_holding_a_sweep_of_other_settings_is_refused_and_machine_settings_reuse(
+    swept, digits_shards, monkeypatch
+):
+    """Another beta list with another lr into the same --out trained beside the first sweep's runs
+    and replaced its table and figures; a changed loader worker count refused the finished runs."""
+    out = swept[0]
+    monkeypatch.setattr(sweep, "stream_process", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(UserError) as error:
+        run_sweep(sweep_args(digits_shards, "lr=0.01", betas="[0.25]"), out=out, log=lambda _: None)
+    assert str(error.value) == (
+        f"--out {out} holds the runs of a sweep with other settings (beta-0.5: lr: 0.001 there, 0.01 now): "
+        "its table and figures would be replaced by this one's; choose another --out"
+    )
+    assert not (out / "beta-0.25").exists()
+    runs, _, _ = sweep.plan(sweep_args(digits_shards, "data.num_workers=1", "log_every=2"), out)
+    assert [run.action for run in runs] == ["reuse", "reuse"]
+    assert runs[0].reason.startswith("finished, same settings apart from data.num_workers: 0 -> 1")
+    assert [run.action for run in sweep.plan(sweep_args(digits_shards, betas="[0.25,0.5]"), out)[0]] == [
+        "train",
+        "reuse",
+    ]
+
+
+def test_a_second_sweep_into_one_out_is_refused_while_the_first_writes(swept, digits_shards, monkeypatch):
+    import os
+    import socket
+
+    out = swept[0]
+    monkeypatch.setattr(sweep, "stream_process", lambda *a, **k: pytest.fail("training started"))
+    lock = out / ".lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}) + "\n")
+    try:
+        with pytest.raises(
+            UserError, match=f"another sweep \\(pid {os.getpid()} on this machine\\) is writing --out {out}"
+        ):
+            run_sweep(sweep_args(digits_shards, betas="[0.25]"), out=out, log=lambda _: None)
+    finally:
+        lock.unlink()
+    assert not (out / "beta-0.25").exists()
+
+
+def test_a_betas_list_cut_by_the_shell_or_rounded_together_is_said_so():
+    with pytest.raises(UserError, match=r"'\[0.5,' is not a list .*the shell cut the list at a space"):
+        sweep.split_arguments(["recipe=digits", "betas=[0.5,", "0.9]"])
+    with pytest.raises(UserError, match=r"betas=0.5 is followed by '0.9'; the shell cut the list at a space"):
+        sweep.split_arguments(["recipe=digits", "betas=0.5", "0.9"])
+    with pytest.raises(
+        UserError, match=r"0.1234567 and 0.1234568 are the same beta at 6 significant digits \(0.123457\)"
+    ):
+        parse_betas("[0.1234567,0.1234568]")
+    with pytest.raises(UserError, match=r"0.1 is given more than once"):
+        parse_betas("[0.1,0.10]")
+
+
+def test_attribute_names_in_table1_md_read_as_they_are_spelled():
+    """The control caption lists attribute names: `|` split a line of the table's text, `*em*` and
+    `<b>` were set as emphasis and HTML, a newline broke the caption."""
+    names = ["a|b", "*em*", "<b>", "new\nline", "x_y", "é"]
+    report = {
+        "settings": {"control_conditions": 8},
+        "control": {"reliable": names, "per_attribute": {name: {"real_balanced": 0.9} for name in names}},
+    }
+    caption = sweep.control_caption(report)
+    assert "\n" not in caption
+    assert r"a\|b (0.90), \*em\* (0.90), \<b\> (0.90), new\\nline (0.90), x\_y (0.90), é (0.90)" in caption
+
+
+def test_figure_labels_are_one_line_of_characters_the_font_draws():
+    """An attribute named with a newline was a ValueError from PIL after the training (Figure 5's
+    labels); é was drawn as a box by PIL's default font; a 300-letter name made the label column as wide."""
+    import torch
+
+    from toolkit.figures import LABEL_CHARS, label_text, labelled_grid
+
+    labels = ["+ new\nline", "+ é", "+ 日本", "+ " + "L" * 300, '- a|b "q" `t`', "+ zero\u200bwidth"]
+    image, layout = labelled_grid([torch.rand(2, 3, 8, 8) for _ in labels], labels, scale=8)
+    assert layout["labels"] == labels  # sweep.json keeps the names as they are
+    assert [label_text(label) for label in labels] == [
+        "+ new\\nline",
+        "+ é",
+        "+ \\u65e5\\u672c",
+        "+ " + "L" * (LABEL_CHARS - 5) + "...",
+        '- a|b "q" `t`',
+        "+ zero\\u200bwidth",
+    ]
+    assert layout["label_width"] < 400 and image.size[0] == layout["size"][0]
+
+
+def test_an_interrupted_sweep_lets_its_training_process_stop_by_itself(tmp_path):
+    """Ctrl-C reaches the sweep and its training process alike; the sweep killed the child at once,
+    before it could release its run folder's lock (the next sweep took over a 'stale' lock)."""
+    import os
+    import signal
+    import sys
+
+    child = (
+        "import os, time\n"
+        "print('ready', os.getpid(), flush=True)\n"
+        "try:\n"
+        "    time.sleep(60)\n"
+        "except KeyboardInterrupt:\n"
+        f"    time.sleep(0.5); open({str(tmp_path / 'released')!r}, 'w').close()\n"
+    )
+
+    seen = []
+
+    def terminal(text):  # what a Ctrl-C does: SIGINT to the child, KeyboardInterrupt in the sweep
+        seen.append(text)
+        words = "".join(seen).split()
+        if len(words) == 2 and "".join(seen).endswith("\n"):
+            os.kill(int(words[1]), signal.SIGINT)
+            raise KeyboardInterrupt
+
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        sweep.stream_process([sys.executable, "-c", child], write=terminal)
+    assert (tmp_path / "released").is_file() and time.perf_counter() - start < sweep.STOP_GRACE_S

@@ -234,6 +234,7 @@ def train_classifier(
         )
     if not 0.0 <= blur <= 16.0:
         raise UserError(f"classifier blur must be a sigma in [0, 16] pixels (0: off), got {blur}")
+    check_classifier_folder(Path(out_dir))
     manifest = read_manifest(shards, "train")
     read_manifest(shards, "test")  # the ceiling is measured there: fail before training, not after
     with FolderLock(Path(out_dir), "classifier training", "--out", f"{WEIGHTS} and {CONFIG}"):
@@ -297,6 +298,34 @@ def train_classifier(
             "test_accuracy": {"split": "test", **accuracy},
         }
         return save_classifier(classifier, out_dir, meta)
+
+
+def check_classifier_folder(out_dir: Path) -> None:
+    """--out is a classifier's own: new, empty or holding a classifier. Another command's folder (a
+    run's model and checkpoints, shards, a sweep's tables) or the user's files would get a classifier
+    mixed in, and a classifier.json that is not ours would be replaced. Hidden files are left alone."""
+    if not out_dir.is_dir():
+        return
+    others = sorted(
+        p.name for p in out_dir.iterdir() if not p.name.startswith(".") and p.name not in (WEIGHTS, CONFIG)
+    )
+    if others:
+        shown = ", ".join(others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else "")
+        raise UserError(
+            f"--out {out_dir} holds files that are not a classifier's ({shown}): a classifier's folder holds only "
+            f"{WEIGHTS} and {CONFIG}; choose another --out, such as runs/<recipe>-classifier beside the runs"
+        )
+    try:
+        written = json.loads((out_dir / CONFIG).read_text()).get("format") == FORMAT
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, AttributeError):
+        written = False
+    if not written:
+        raise UserError(
+            f"--out {out_dir} holds a {CONFIG} that is not a cvae-tk classifier's: it would be replaced; "
+            "move it away or choose another --out"
+        )
 
 
 def blur_some(images: torch.Tensor, max_sigma: float, generator: torch.Generator) -> torch.Tensor:

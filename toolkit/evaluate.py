@@ -38,6 +38,7 @@ Reductions (the same as the training loss, `toolkit/loss.py`):
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -61,6 +62,7 @@ from toolkit.errors import UserError, one_line
 from toolkit.formats import CLASSIFIER_CONFIG, METRICS, RECIPE
 from toolkit.loss import kl_gaussians, kl_standard_normal
 from toolkit.model import load_model
+from toolkit.run_folder import trained_shards_difference
 
 METRICS_FILE = METRICS  # RUN/metrics.json (toolkit.formats)
 DIVERSITY_CONDITIONS = 32  # test attribute vectors diversity is averaged over
@@ -383,7 +385,16 @@ def evaluate_run(
     model = load_model(run_dir)
     device = resolve_device(device)
     model.to(device).eval()
-    shards = str(shards) if shards else run_shards(run_dir)
+    if shards:
+        shards = str(shards)
+    else:  # the run's own: measuring on shards rebuilt since would report on other data under its name
+        shards = run_shards(run_dir)
+        differs = trained_shards_difference(run_dir, shards)
+        if differs:
+            raise UserError(
+                f"data.shards={shards} no longer holds the shards {run_dir} was trained on ({differs}); "
+                f"point --shards at those, or pass --shards {shards} to measure on these anyway"
+            )
     manifest = read_manifest(shards, split)
     if list(manifest["attributes"]) != list(model.spec.attributes):
         raise UserError(
@@ -394,23 +405,13 @@ def evaluate_run(
             f"{shards} ({split}) has {tuple(manifest['image_size'])} images, the model {tuple(model.spec.image_size)}"
         )
     extra = model.spec.extra or {}
+    # the classifier is checked before the measuring, which takes minutes on large test splits
+    classifier, classifier_dir = _judge(classifier, find, run_dir, model)
 
     metrics: dict = dict(reconstruction_metrics(model, shards, split, device, batch_size, seed=seed))
     vectors = split_attributes(shards, split)
     metrics["diversity"] = diversity(model, vectors[:diversity_conditions], diversity_samples, seed, device)
 
-    classifier_dir = None
-    if classifier is None and find:
-        classifier = find_classifier(run_dir, extra.get("recipe"))
-    if classifier is not None and not isinstance(classifier, AttributeClassifier):
-        classifier_dir = Path(classifier)
-        classifier = load_classifier(classifier_dir)
-    if classifier is not None:
-        try:
-            columns_for(classifier, list(model.spec.attributes), f"the model of {run_dir}")
-            check_image_size(classifier, model.spec.image_size, f"the model of {run_dir}")
-        except UserError as error:
-            raise UserError(f"classifier {classifier_dir or ''}: {error}") from None
     per_attribute, control = None, None
     metrics.update({key: None for key in CLASSIFIER_METRICS})
     if classifier is not None:
@@ -463,6 +464,29 @@ def evaluate_run(
     if write:
         write_json_atomic(run_dir / METRICS_FILE, report)
     return report
+
+
+def _judge(classifier, find: bool, run_dir: Path, model) -> tuple[AttributeClassifier | None, Path | None]:
+    """(the classifier, its folder) for evaluate_run. One given that does not fit the model is
+    refused; one only found beside the run (another data set's, say) is left out with a warning."""
+    found = classifier is None and find
+    if found:
+        classifier = find_classifier(run_dir, (model.spec.extra or {}).get("recipe"))
+    if classifier is None:
+        return None, None
+    folder = None
+    try:
+        if not isinstance(classifier, AttributeClassifier):
+            folder = Path(classifier)
+            classifier = load_classifier(folder)
+        columns_for(classifier, list(model.spec.attributes), f"the model of {run_dir}")
+        check_image_size(classifier, model.spec.image_size, f"the model of {run_dir}")
+    except UserError as error:
+        if not found:
+            raise UserError(f"classifier {folder or ''}: {error}") from None
+        print(f"warning: not judging with {folder}, found beside the run: {one_line(error)}", file=sys.stderr)
+        return None, None
+    return classifier, folder
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

@@ -15,6 +15,7 @@ default font), PAD pixels between cells, and images scaled up by an integer fact
 
 from __future__ import annotations
 
+import functools
 import math
 from itertools import islice
 from pathlib import Path
@@ -37,6 +38,7 @@ NOISE_SEED = 0
 ONE_HOT_LIMIT = 16  # at most this many attributes and one-hot data: conditions are the classes themselves
 EDIT_LIMIT = 16  # Figure 5 changes at most this many attributes unless told which
 FREQUENCY_BATCHES = 4  # test batches of 256 whose attribute frequencies choose them
+LABEL_CHARS = 40  # a longer row label (an attribute's name) is cut, so the label column stays narrow
 
 
 def scale_for(image_size) -> int:
@@ -44,7 +46,24 @@ def scale_for(image_size) -> int:
     return max(1, math.ceil(MIN_CELL / max(1, min(image_size))))
 
 
+@functools.cache
+def _font_file() -> tuple[str | None, frozenset[int]]:
+    """(DejaVu Sans, which matplotlib ships, and the characters it draws: accented Latin, Greek,
+    Cyrillic, symbols); without it (None, printable ASCII): PIL's default font draws a box for é."""
+    import matplotlib
+    from fontTools.ttLib import TTFont  # a dependency of matplotlib
+
+    path = Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
+    try:
+        return str(path), frozenset(TTFont(path).getBestCmap())
+    except Exception:  # moved or unreadable: the default font
+        return None, frozenset(range(32, 127))
+
+
 def _font(size: int):
+    path, _ = _font_file()
+    if path is not None:
+        return ImageFont.truetype(path, size)
     try:
         return ImageFont.load_default(size=size)  # Pillow >= 10.1 (FreeType): scalable
     except TypeError:  # older Pillow: the fixed bitmap font
@@ -56,6 +75,18 @@ def _to_uint8(images: torch.Tensor):
     return to_uint8(images.detach().float().cpu().numpy())
 
 
+def label_text(label) -> str:
+    """A row label as one line of at most LABEL_CHARS characters, whatever the attribute's name holds:
+    characters that do not print (a newline: PIL refuses to measure multiline text) or that the font
+    has no glyph for (it would draw a box) escaped as \\n, \\u65e5; a long name cut with '...'
+    (the layout keeps the whole)."""
+    _, drawn = _font_file()
+    text = "".join(
+        c if c.isprintable() and ord(c) in drawn else c.encode("unicode_escape").decode("ascii") for c in str(label)
+    )
+    return text if len(text) <= LABEL_CHARS else text[: LABEL_CHARS - 3] + "..."
+
+
 def labelled_grid(rows: list[torch.Tensor], labels: list[str], scale: int = 1):
     """Rows of images ([N_r, 3, H, W] each, N_r may differ) with a text label left of each row -> (PIL image, layout)."""
     if not rows or len(rows) != len(labels):
@@ -64,13 +95,14 @@ def labelled_grid(rows: list[torch.Tensor], labels: list[str], scale: int = 1):
     cell_h, cell_w = height * scale, width * scale
     font = _font(max(10, min(18, cell_h // 3)))
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_w = max(int(math.ceil(measure.textlength(label, font=font))) for label in labels)
+    shown = [label_text(label) for label in labels]
+    text_w = max(int(math.ceil(measure.textlength(label, font=font))) for label in shown)
     label_w = text_w + 4 * PAD if text_w else 0
     columns = max(len(row) for row in rows)
     size = (label_w + columns * (cell_w + PAD) + PAD, len(rows) * (cell_h + PAD) + PAD)
     canvas = Image.new("RGB", size, BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    for r, (row, label) in enumerate(zip(rows, labels)):
+    for r, (row, label) in enumerate(zip(rows, shown)):
         top = PAD + r * (cell_h + PAD)
         if label:
             box = draw.textbbox((0, 0), label, font=font)

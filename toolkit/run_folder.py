@@ -82,6 +82,44 @@ def shards_fingerprint(shards: str, manifests: dict[str, dict] | None = None) ->
     return result
 
 
+def fingerprint_difference(then: dict, now: dict) -> tuple[str, str] | None:
+    """(split, how it differs) for the first split whose shards_fingerprint `now` is not `then` (a
+    checkpoint's record), or None. What `then` does not record (an older toolkit) is not compared."""
+    for split, current in now.items():
+        recorded = (then or {}).get(split)
+        if not recorded:
+            continue
+        if recorded.get("manifest_sha256") != current["manifest_sha256"]:
+            return split, (
+                f"its manifest differs (sha256 {str(recorded.get('manifest_sha256'))[:12]}... then, "
+                f"{current['manifest_sha256'][:12]}... now)"
+            )
+        if recorded.get("files_sha256") and current.get("files_sha256"):
+            if recorded["files_sha256"] != current["files_sha256"]:
+                return split, "the tars' recorded sha256 checksums differ"
+        if recorded.get("tars") and current["tars"]:  # both local folders
+            changed = [name for name in current["tars"] if recorded["tars"].get(name) != current["tars"][name]]
+            if changed:
+                more = f" and {len(changed) - 1} more shard(s)" if len(changed) > 1 else ""
+                return split, f"{changed[0]} holds other bytes{more}"
+    return None
+
+
+def trained_shards_difference(run_dir: Path, shards: str) -> str | None:
+    """How the shards now at `shards` differ from the ones the newest checkpoint of RUN was trained
+    on ("the test split: its manifest differs ..."), or None: the same, or nothing recorded to
+    compare with (no checkpoint left, or one of an older toolkit)."""
+    latest = find_checkpoint(Path(run_dir), "latest")
+    try:
+        recorded = json.loads((latest / TRAINER_STATE).read_text()).get("shards") if latest else None
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if not recorded:
+        return None
+    found = fingerprint_difference(recorded, shards_fingerprint(shards))
+    return None if found is None else f"the {found[0]} split: {found[1]}"
+
+
 def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 

@@ -6,17 +6,20 @@
 Every beta trains with the same recipe and overrides into OUT/beta-<b>, each in its own process
 (`python toolkit/train.py ...`, or `<launcher> toolkit/train.py ...` such as `accelerate launch
 --multi_gpu`), because Accelerate fixes devices and precision once per process. A run whose
-model.safetensors exists and whose recipe.yaml equals what the sweep would train is reused; any
-other is (re)started with resume=latest, so an interrupted sweep continues where it stopped. A run
-folder holding a run with other settings is refused (before anything trains) rather than mixed in.
+model.safetensors exists and whose recipe.yaml equals what the sweep would train (logging and
+loader workers aside) is reused; any other is (re)started with resume=latest, so an interrupted
+sweep continues where it stopped. Refused before anything trains rather than mixed in: a run folder
+holding a run with other settings, a run trained on other shards than data.shards holds now (its
+newest checkpoint's fingerprint), and an OUT holding the runs of a sweep with other settings. OUT
+is locked (OUT/.lock) while a sweep writes it.
 
 OUT then holds table1.md / table1.csv (Table 1: MSE per image and per pixel, KL per image, plus
 attribute accuracy, its shuffled floor and diversity; one row per beta, highest first), figure3.png
 (prior samples, one row per beta, same conditions and noise), figure4.png (test images, then their
 reconstructions per beta), figure5.png (one model: a base attribute set, then one change per row),
 loss_curves.png (train/loss, train/mse, train/kl per beta from the TensorBoard logs) and
-sweep.json (everything: settings, per-run status, metrics, figure layouts). Every file is written
-through a temporary name and renamed.
+sweep.json (everything: settings, per-run status, metrics, figure layouts). The files are one set:
+written under temporary names and renamed only once all are written (sweep.json last).
 """
 
 from __future__ import annotations
@@ -39,22 +42,27 @@ import yaml
 from omegaconf import OmegaConf
 
 from toolkit import figures
-from toolkit.atomic import check_output, write_text
+from toolkit.atomic import atomic_paths, check_output
 from toolkit.classifier import RELIABLE_BALANCED, check_image_size, columns_for, load_classifier
 from toolkit.config import TrainConfig, load_config, parse_overrides
-from toolkit.data.stream import read_manifest
+from toolkit.data.stream import is_url, read_manifest
 from toolkit.devices import resolve_device
 from toolkit.errors import UserError, one_line
 from toolkit.evaluate import CONTROL_CONDITIONS, DIVERSITY_CONDITIONS, DIVERSITY_SAMPLES, evaluate_run, find_classifier
-from toolkit.formats import CLASSIFIER_WEIGHTS, CONFIG, METRICS, RECIPE, WEIGHTS
+from toolkit.formats import CLASSIFIER_WEIGHTS, CONFIG, MANIFEST, METRICS, RECIPE, WEIGHTS
 from toolkit.model import load_model, read_spec
-from toolkit.ownership import claim_folder
-from toolkit.run_folder import checkpoint_step, find_checkpoint
+from toolkit.ownership import FolderLock, claim_folder
+from toolkit.run_folder import checkpoint_step, find_checkpoint, trained_shards_difference
 
 PAPER_BETAS = (0.25, 0.5, 0.75, 0.9)
+SHELL_CUT = (
+    "the shell cut the list at a space: write it without spaces (betas=[0.5,0.9]) or quote it ('betas=[0.5, 0.9]')"
+)
+EVAL_BATCH_SIZE = 256  # of the sweep's evaluation: a metrics.json measured with another is measured again
 SET_BY_SWEEP = ("beta", "run_dir", "resume")  # the sweep sets these per run
-# Keys that do not change what the first N steps compute: a finished or interrupted run that differs
-# only in these is continued (resume=latest) rather than refused, e.g. a sweep asked for more steps.
+# Keys that do not change the experiment (what the first N steps compute, or only the order the data
+# is read in): a run that differs only in these is reused when finished with the same max_steps, else
+# continued (resume=latest) rather than refused, e.g. a sweep asked for more steps.
 # how long a collective may wait: changes nothing a step computes
 RESUMABLE_KEYS = {
     "max_steps",
@@ -66,6 +74,9 @@ RESUMABLE_KEYS = {
     "max_bad_steps",
     "data.max_skipped_fraction",  # a bound that stops a run; the steps it let through are the same
     "dist_timeout_s",
+    # how the data is read, not which: resume warns of the other order (`cvae-tk train` does too)
+    "data.num_workers",
+    "data.record_keys",
 }
 # the same folder by construction; resume and overwrite are how, not what
 IGNORED_KEYS = {
@@ -74,6 +85,7 @@ IGNORED_KEYS = {
     "overwrite",
 }
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
+STOP_GRACE_S = 10  # an interrupted sweep waits this long for its training process to stop before killing it
 OWNER = ".cvae-tk-sweep"  # marks OUT as a sweep's: its OUTPUTS may be replaced (toolkit.ownership.claim_folder)
 OUTPUTS = ("table1.md", "table1.csv", "figure3.png", "figure4.png", "figure5.png", "loss_curves.png", "sweep.json")
 TABLE_COLUMNS = [  # (csv name, markdown header, format)
@@ -103,11 +115,15 @@ def parse_betas(value: str) -> list[float]:
         if isinstance(parsed, str) and "," in parsed:
             parsed = yaml.safe_load(f"[{parsed}]")
     except yaml.YAMLError:
-        raise UserError(f"bad value for betas: '{value}' is not a list such as betas=[0.25,0.5,0.75,0.9]") from None
+        cut = text.startswith("[") and "]" not in text  # `betas=[0.5, 0.9]` unquoted: the shell splits it
+        raise UserError(
+            f"bad value for betas: '{value}' is not a list such as betas=[0.25,0.5,0.75,0.9]"
+            + (f"; {SHELL_CUT}" if cut else "")
+        ) from None
     values = parsed if isinstance(parsed, list) else [parsed]
     if not values or parsed is None:
         raise UserError("bad value for betas: expected at least one beta, e.g. betas=[0.25,0.5,0.75,0.9]")
-    betas = []
+    betas, given = [], {}
     for item in values:
         if isinstance(item, str):  # YAML 1.1 reads 1e-3 (no dot) as text; OmegaConf and Python take it as a number
             try:
@@ -116,12 +132,16 @@ def parse_betas(value: str) -> list[float]:
                 pass
         if isinstance(item, bool) or not isinstance(item, (int, float)) or not 0.0 <= float(item) <= 1.0:
             raise UserError(f"bad value for betas: {item!r} is not a number in [0, 1] (got betas={value})")
-        betas.append(float(f"{float(item):g}"))  # 6 significant digits: the folder name beta-<b> holds the exact value
-    repeated = sorted({b for b in betas if betas.count(b) > 1})
-    if repeated:
-        raise UserError(
-            f"bad value for betas: {', '.join(f'{b:g}' for b in repeated)} given more than once (got betas={value})"
-        )
+        beta = float(f"{float(item):g}")  # 6 significant digits: the folder name beta-<b> holds the exact value
+        if beta in given:
+            why = (
+                f"{beta:g} is given more than once"
+                if float(item) == given[beta]
+                else f"{given[beta]!r} and {item!r} are the same beta at 6 significant digits ({beta:g})"
+            )
+            raise UserError(f"bad value for betas: {why} (got betas={value})")
+        given[beta] = float(item)
+        betas.append(beta)
     return betas
 
 
@@ -129,9 +149,11 @@ def split_arguments(args: list[str]) -> tuple[list[float], list[str]]:
     """Pop `betas=...` from the key=value arguments (default: the paper's four); the rest go to load_config.
     `beta`, `run_dir` and `resume` are set by the sweep and refused here."""
     betas, rest = None, []
-    for arg in args:
+    for previous, arg in zip([None, *args], args):
         key, sep, value = arg.partition("=")
         key = key.strip()
+        if not sep and previous is not None and previous.partition("=")[0].strip() == "betas":
+            raise UserError(f"bad value for betas: {previous} is followed by '{arg}'; {SHELL_CUT}")
         if sep and key == "betas":
             if betas is not None:
                 raise UserError("betas given twice: pass one list, e.g. betas=[0.25,0.5,0.75,0.9]")
@@ -203,26 +225,50 @@ def config_differences(run_dir: Path, config) -> dict[str, tuple]:
 
 
 def decide(run_dir: Path, config) -> tuple[str, str]:
-    """(action, why) for one run folder: reuse a finished identical run, resume an interrupted one (or
-    one that only asks for more steps), train a new one; refuse a folder holding another experiment."""
+    """(action, why) for one run folder: reuse a finished run of the same settings, resume an
+    interrupted one (or one that only asks for more steps), train a new one; refuse a folder holding
+    another experiment, or a run trained on other shards than data.shards holds now."""
     if not (run_dir / RECIPE).is_file():
         return "train", "new run"
     differ = config_differences(run_dir, config)
-    finished = (run_dir / WEIGHTS).is_file()
+    if not set(differ) <= RESUMABLE_KEYS:
+        changed = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in list(differ.items())[:4])
+        raise UserError(
+            f"{run_dir} holds a run with other settings ({changed}); delete it or sweep into another --out"
+        )
+    check_trained_shards(run_dir, config.data.shards)
+    changed = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in differ.items())
+    if (run_dir / WEIGHTS).is_file() and "max_steps" not in differ:  # logging or workers change no step taken
+        return "reuse", "finished, same settings" + (
+            f" apart from {changed}, which do not retrain it" if differ else ""
+        )
     if not differ:
-        return ("reuse", "finished, same settings") if finished else ("resume", "interrupted")
-    if set(differ) <= RESUMABLE_KEYS:
-        latest = find_checkpoint(run_dir, "latest")
-        step = checkpoint_step(latest) if latest else 0
-        if step > config.max_steps:
-            raise UserError(
-                f"{run_dir} already has a checkpoint at step {step}, beyond max_steps={config.max_steps}; "
-                f"delete the folder or sweep into another --out"
-            )
-        changed = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in differ.items())
-        return "resume", f"continued from step {step} ({changed})"
-    changed = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in list(differ.items())[:4])
-    raise UserError(f"{run_dir} holds a run with other settings ({changed}); delete it or sweep into another --out")
+        return "resume", "interrupted"
+    latest = find_checkpoint(run_dir, "latest")
+    step = checkpoint_step(latest) if latest else 0
+    if step > config.max_steps:
+        raise UserError(
+            f"{run_dir} already has a checkpoint at step {step}, beyond max_steps={config.max_steps}; "
+            f"delete the folder or sweep into another --out"
+        )
+    return "resume", f"continued from step {step} ({changed})"
+
+
+def check_trained_shards(run_dir: Path, shards: str) -> None:
+    """A run trained on other shards than those at `shards` now (rebuilt with other images, sizes or
+    attributes) is neither reused nor resumed: its results would be of other data."""
+    differs = trained_shards_difference(run_dir, shards)
+    if differs is None and (run_dir / WEIGHTS).is_file():  # no checkpoint left to tell: the model's own shape
+        spec, manifest = read_spec(run_dir), read_manifest(shards, "train")
+        if list(spec.attributes) != list(manifest["attributes"]):
+            differs = "other attribute names"
+        elif tuple(spec.image_size) != tuple(manifest["image_size"]):
+            differs = f"{manifest['image_size'][0]}x{manifest['image_size'][1]} images, the model {spec.image_size[0]}x{spec.image_size[1]}"
+    if differs:
+        raise UserError(
+            f"{run_dir} was trained on other shards than data.shards={shards} holds now ({differs}); "
+            f"point data.shards at the shards it was trained on, delete {run_dir} to train it again, or sweep into another --out"
+        )
 
 
 def _earlier_sweep(out: Path) -> bool:
@@ -251,7 +297,24 @@ def plan(args: list[str], out: str | Path | None = None) -> tuple[list[Run], Pat
         config = load_config(run_args)
         action, reason = decide(run_dir, config)
         runs.append(Run(beta, run_dir, config, run_args, action, reason))
+    check_one_experiment(out, runs)
     return runs, out, overrides
+
+
+def check_one_experiment(out: Path, runs: list[Run]) -> None:
+    """OUT holds one sweep: the runs of other betas there must have these settings too, or this
+    sweep's table and figures would replace those of another experiment (and mix its runs in)."""
+    ours = {run.run_dir.name for run in runs}
+    for other in sorted(out.glob("beta-*")) if out.is_dir() else []:
+        if other.name in ours or not (other / RECIPE).is_file():
+            continue
+        differ = {k: v for k, v in config_differences(other, runs[0].config).items() if k != "beta"}
+        if not set(differ) <= RESUMABLE_KEYS:
+            changed = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in list(differ.items())[:4])
+            raise UserError(
+                f"--out {out} holds the runs of a sweep with other settings ({other.name}: {changed}): "
+                "its table and figures would be replaced by this one's; choose another --out"
+            )
 
 
 # --- training in child processes ------------------------------------------------------------------
@@ -303,9 +366,12 @@ def stream_process(command: list[str], write=None) -> tuple[int, str]:
             tail = (tail + text)[-8000:]
         return process.wait(), tail
     finally:
-        if process.poll() is None:  # interrupted: a killed child keeps its last complete checkpoint
-            process.kill()
-            process.wait()
+        if process.poll() is None:  # interrupted
+            try:  # Ctrl-C reached the child too: let it stop by itself, releasing its run folder's lock
+                process.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:  # a killed child keeps its last complete checkpoint
+                process.kill()
+                process.wait()
         process.stdout.close()
 
 
@@ -337,14 +403,20 @@ def train_runs(runs: list[Run], launcher: str | None, log) -> None:
 # --- evaluation and the table ---------------------------------------------------------------------
 
 
-def evaluation_matches(report: dict, run_dir: Path, classifier: Path | None, step) -> bool:
+def evaluation_matches(report: dict, run_dir: Path, classifier: Path | None, step, shards: str) -> bool:
+    """Whether RUN/metrics.json is what evaluate_runs would measure now: the same model, classifier,
+    shards (`cvae-tk eval --shards` writes one of other shards; a test split rebuilt since) and settings."""
     path = run_dir / METRICS
-    judged_after = (
-        classifier is None or path.stat().st_mtime >= (Path(classifier) / CLASSIFIER_WEIGHTS).stat().st_mtime
-    )
+    written = path.stat().st_mtime
+    judged_after = classifier is None or written >= (Path(classifier) / CLASSIFIER_WEIGHTS).stat().st_mtime
+    test_manifest = Path(shards) / "test" / MANIFEST
+    measured_after = is_url(shards) or not test_manifest.is_file() or written >= test_manifest.stat().st_mtime
     return (
-        path.stat().st_mtime >= (run_dir / WEIGHTS).stat().st_mtime
+        written >= (run_dir / WEIGHTS).stat().st_mtime
         and judged_after  # a classifier retrained in the same folder (e.g. with --hflip) judges again
+        and measured_after
+        and report.get("shards") == str(shards)
+        and report.get("settings", {}).get("batch_size") == EVAL_BATCH_SIZE  # it draws the posterior noise
         and report.get("split") == "test"
         and report.get("seed") == 0
         and report.get("step") == step
@@ -368,13 +440,15 @@ def evaluate_runs(runs: list[Run], classifier: Path | None, device: str, log) ->
         if run.action == "reuse" and path.is_file():
             try:
                 report = json.loads(path.read_text())
-                if not evaluation_matches(report, run.run_dir, classifier, step):
+                if not evaluation_matches(report, run.run_dir, classifier, step, run.config.data.shards):
                     report = None
             except (ValueError, OSError):
                 report = None
         if report is None:
             log(f"sweep: beta={run.beta:g}: evaluating {run.run_dir} on the test split")
-            report = evaluate_run(run.run_dir, classifier=classifier, device=device, find=False)
+            report = evaluate_run(
+                run.run_dir, classifier=classifier, device=device, batch_size=EVAL_BATCH_SIZE, find=False
+            )
         else:
             log(f"sweep: beta={run.beta:g}: reusing {path}")
         reports[run.beta] = report
@@ -459,11 +533,18 @@ def control_caption(report: dict) -> str:
             text
             + "averaged over the attributes the classifier recognises reliably on real test images: none here, so the column is empty."
         )
-    shown = ", ".join(f"{name} ({per[name]['real_balanced']:.2f})" for name in reliable)
+    shown = ", ".join(f"{markdown_text(name)} ({per[name]['real_balanced']:.2f})" for name in reliable)
     return text + (
         f"averaged over the {len(reliable)} attribute(s) the classifier recognises reliably on the real test images "
         f"(balanced accuracy >= {RELIABLE_BALANCED} there, shown in brackets): {shown}. Per attribute: `sweep.json` and each run's metrics.json."
     )
+
+
+def markdown_text(text: str) -> str:
+    """An attribute's name in table1.md as it is spelled: on one line, with the characters Markdown
+    acts on escaped (`|` would end a table cell, `*` and `_` emphasise, `<b>` is HTML)."""
+    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+    return re.sub(r"([\\`*_\[\]<>|#])", r"\\\1", line)
 
 
 # --- writing --------------------------------------------------------------------------------------
@@ -520,69 +601,73 @@ def run_sweep(
         unknown = [name for name in figure5_attributes if name not in manifest["attributes"]]
         if unknown:
             raise UserError(f"--figure5-attributes: unknown attribute(s) {', '.join(unknown)} in {config.data.shards}")
-    log(
-        f"sweep: {config.recipe}, betas {', '.join(f'{b:g}' for b in betas)} -> {out} "
-        f"({sum(r.action != 'reuse' for r in runs)} to train, {sum(r.action == 'reuse' for r in runs)} finished); "
-        f"classifier: {classifier or 'none'}"
-    )
-    claim_folder(out, OUTPUTS, OWNER, earlier=_earlier_sweep)  # a user's own table1.md is never replaced
-
-    train_runs(runs, launcher, log)
-    reports = evaluate_runs(runs, classifier, device, log)
-    rows = table_rows(reports)
-    write_text(out / "table1.csv", table_csv(rows))
-    write_text(out / "table1.md", table_markdown(rows, table_caption(runs, reports, classifier)))
-
-    figures = draw_figures(runs, out, config.data.shards, device, edit_beta, figure5_attributes, log)
-    result = {
-        "recipe": config.recipe,
-        "args": list(args),
-        "overrides": overrides,
-        "betas": betas,
-        "out": str(out),
-        "launcher": launcher,
-        "classifier": str(classifier) if classifier else None,
-        "device": device,
-        "runs": [
-            {
-                "beta": r.beta,
-                "run_dir": str(r.run_dir),
-                "action": r.action,
-                "reason": r.reason,
-                "train_seconds": r.seconds,
-                "command": shlex.join(training_command(r, launcher)) if r.action != "reuse" else None,
-                "step": reports[r.beta].get("step"),
-                "metrics": reports[r.beta]["metrics"],
-                "control": reports[r.beta].get("control"),
+    with FolderLock(out, "sweep", "--out", "runs, tables and figures"):
+        log(
+            f"sweep: {config.recipe}, betas {', '.join(f'{b:g}' for b in betas)} -> {out} "
+            f"({sum(r.action != 'reuse' for r in runs)} to train, {sum(r.action == 'reuse' for r in runs)} finished); "
+            f"classifier: {classifier or 'none'}"
+        )
+        claim_folder(out, OUTPUTS, OWNER, earlier=_earlier_sweep)  # a user's own table1.md is never replaced
+        train_runs(runs, launcher, log)
+        reports = evaluate_runs(runs, classifier, device, log)
+        rows = table_rows(reports)
+        # One set: nothing is renamed until every file is written (sweep.json last), so a failure
+        # leaves the earlier sweep's files whole, never a new table beside older figures.
+        names = ("sweep.json", *(name for name in OUTPUTS if name != "sweep.json"))
+        with atomic_paths(*(out / name for name in names)) as temporaries:
+            paths = dict(zip(names, temporaries))
+            paths["table1.csv"].write_text(table_csv(rows))
+            paths["table1.md"].write_text(table_markdown(rows, table_caption(runs, reports, classifier)))
+            figures = draw_figures(runs, paths, config.data.shards, device, edit_beta, figure5_attributes)
+            result = {
+                "recipe": config.recipe,
+                "args": list(args),
+                "overrides": overrides,
+                "betas": betas,
+                "out": str(out),
+                "launcher": launcher,
+                "classifier": str(classifier) if classifier else None,
+                "device": device,
+                "runs": [
+                    {
+                        "beta": r.beta,
+                        "run_dir": str(r.run_dir),
+                        "action": r.action,
+                        "reason": r.reason,
+                        "train_seconds": r.seconds,
+                        "command": shlex.join(training_command(r, launcher)) if r.action != "reuse" else None,
+                        "step": reports[r.beta].get("step"),
+                        "metrics": reports[r.beta]["metrics"],
+                        "control": reports[r.beta].get("control"),
+                    }
+                    for r in runs
+                ],
+                "table": rows,
+                "figures": figures,
+                "seconds": round(time.perf_counter() - started, 1),
             }
-            for r in runs
-        ],
-        "table": rows,
-        "figures": figures,
-        "seconds": round(time.perf_counter() - started, 1),
-    }
-    write_text(out / "sweep.json", json.dumps(result, indent=2) + "\n")
+            paths["sweep.json"].write_text(json.dumps(result, indent=2) + "\n")
     log(table_markdown(rows).rstrip())
     log(f"sweep: wrote {', '.join(str(out / name) for name in OUTPUTS)} in {result['seconds']:.0f} s")
     return result
 
 
-def draw_figures(runs: list[Run], out: Path, shards: str, device: str, edit_beta: float, edit_attributes, log) -> dict:
+def draw_figures(runs: list[Run], paths: dict, shards: str, device: str, edit_beta: float, edit_attributes) -> dict:
+    """Figures 3-5 and the loss curves, written to paths["figure3.png"] ... (the sweep's temporaries)."""
     ordered = sorted(runs, key=lambda r: r.beta, reverse=True)
     models = {f"beta={r.beta:g}": load_model(r.run_dir).to(device).eval() for r in ordered}
     layouts = {}
     image, layouts["figure3"] = figures.samples_figure(models, shards)
-    figures.save_png(image, out / "figure3.png")
+    image.save(paths["figure3.png"], format="PNG")
     image, layouts["figure4"] = figures.reconstruction_figure(models, shards)
-    figures.save_png(image, out / "figure4.png")
+    image.save(paths["figure4.png"], format="PNG")
     image, layouts["figure5"] = figures.attribute_figure(models[f"beta={edit_beta:g}"], shards, only=edit_attributes)
     layouts["figure5"]["beta"] = edit_beta
-    figures.save_png(image, out / "figure5.png")
+    image.save(paths["figure5.png"], format="PNG")
     points = figures.loss_curves(
         {f"beta={r.beta:g}": r.run_dir for r in ordered},
-        out / "loss_curves.png",
+        paths["loss_curves.png"],
         title=f"{runs[0].config.recipe}: training loss per beta",
     )
     layouts["loss_curves"] = {"points": points}
-    log(f"sweep: figures {', '.join(str(out / name) for name in OUTPUTS[2:6])}")
     return layouts

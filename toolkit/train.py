@@ -77,6 +77,7 @@ from toolkit.run_folder import (  # noqa: F401  (CHECKPOINTS, LOCK, ...: the nam
     checkpoint_step,
     claim_run_dir,
     find_checkpoint,
+    fingerprint_difference,
     shards_fingerprint,
 )
 from toolkit.safe_load import verify_checkpoint
@@ -349,24 +350,12 @@ def _check_resume(
             raise UserError(
                 f"cannot resume from {path}: its model has {key}={saved[key]!r}, the recipe and shards give {now!r}"
             )
-    for split, now in (shards or {}).items():  # checkpoints of older toolkits carry no fingerprint
-        then = state.get("shards", {}).get(split)
-        if not then:
-            continue
-        differs = None
-        if then.get("manifest_sha256") != now["manifest_sha256"]:
-            differs = f"its manifest differs (sha256 {str(then.get('manifest_sha256'))[:12]}... then, {now['manifest_sha256'][:12]}... now)"
-        elif then.get("files_sha256") and now.get("files_sha256") and then["files_sha256"] != now["files_sha256"]:
-            differs = "the tars' recorded sha256 checksums differ"
-        elif then.get("tars") and now["tars"]:  # both local folders
-            changed = [name for name in now["tars"] if then["tars"].get(name) != now["tars"][name]]
-            if changed:
-                differs = f"{changed[0]} holds other bytes{f' and {len(changed) - 1} more shard(s)' if len(changed) > 1 else ''}"
-        if differs:
-            raise UserError(
-                f"cannot resume from {path}: the {split} split of data.shards={where} is not the one it was trained on ({differs}); "
-                "point data.shards at those shards (a rebuild with the same input and options gives them again), or start a new run"
-            )
+    found = fingerprint_difference(state.get("shards", {}), shards or {})  # older checkpoints record none
+    if found:
+        raise UserError(
+            f"cannot resume from {path}: the {found[0]} split of data.shards={where} is not the one it was trained on ({found[1]}); "
+            "point data.shards at those shards (a rebuild with the same input and options gives them again), or start a new run"
+        )
     # Another batch size, seed or process count is a legitimate choice (a bigger machine), but the
     # run then no longer continues as the interrupted one would have: say so, once.
     changed = [
