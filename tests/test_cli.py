@@ -182,6 +182,35 @@ def test_inspect_an_onnx_file_that_is_not_a_cvae_export(tmp_path):
     assert_user_error(run_cli(["inspect", "identity.onnx"], tmp_path), "identity.onnx", "cvae-tk")
 
 
+def test_inspect_prints_a_files_own_text_as_one_plain_line_each(tmp_path, tiny_onnx):
+    """Metadata is the file's text, not ours: a newline in a value forged a line of the listing (here
+    a second `precision:`), a terminal escape went to the terminal, a 1 MB value was printed whole.
+    Each is shown escaped on its one line, long values cut; a file named .json is read as ONNX (onnx
+    took the name for its JSON text format)."""
+    import onnx
+
+    proto = onnx.load(str(tiny_onnx))
+    proto.metadata_props.add(key="note\x1b[2J", value="a\nprecision: int8\r\x1b[31mred")
+    proto.metadata_props.add(key="description", value="A" * 1_000_000)
+    onnx.save(proto, str(tmp_path / "hostile.json"), format="protobuf")
+    result = run_cli(["inspect", "hostile.json"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert r"note\x1b[2J: a\nprecision: int8\r\x1b[31mred" in lines
+    assert [line for line in lines if line.startswith("precision:")] == ["precision: fp32"]
+    assert "\x1b" not in result.stdout and "\r" not in result.stdout
+    assert f"description: {'A' * 300}... (1,000,000 characters)" in lines
+    assert len(result.stdout) < 10_000
+
+
+def test_inspect_refuses_a_file_beyond_protobufs_limit_before_reading_it(tmp_path):
+    """A 3 GB file was read whole into memory (30 s, 3 GB) to be refused: no ONNX file exceeds 2 GiB."""
+    with open(tmp_path / "big.onnx", "wb") as file:
+        file.truncate(3 * 2**30)  # sparse: no disk used
+    line = assert_user_error(run_cli(["inspect", "big.onnx"], tmp_path), "big.onnx is not an ONNX model", "2 GiB")
+    assert "3221225472 bytes (3.0 GiB)" in line
+
+
 def test_inspect_a_missing_file(tmp_path):
     assert_user_error(run_cli(["inspect", "nope.onnx"], tmp_path), "nope.onnx")
 

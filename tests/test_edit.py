@@ -327,7 +327,7 @@ def test_cli_error_as_a_user_sees_it(trained_run, three, tmp_path):
         (["edit", "{run}", "{image}", "--set", "digit_8=1"], "`cvae-tk classifier train recipe=digits`"),
         (["edit", "{empty}", "{image}", "--attr", "digit_3=1", "--set", "digit_8=1"], "is not a trained run"),
         (
-            ["edit", "{run}", "{image}", "--attr", "digit_3=1", "--set", "digit_8=1", "--classifier", "{empty}/nope"],
+            ["edit", "{run}", "{image}", "--set", "digit_8=1", "--classifier", "{empty}/nope"],
             "classifier folder not found",
         ),
         (
@@ -337,13 +337,187 @@ def test_cli_error_as_a_user_sees_it(trained_run, three, tmp_path):
         (["interpolate", "{run}", "--from-attr", "digit_1=1", "--to-attr", "dgit_7=1"], "did you mean digit_7"),
         (["interpolate", "{run}", "--from-image", "{image}"], "needs both --from-image and --to-image"),
         (["interpolate", "{run}", "--from-attr", "digit_1=1"], "say what to interpolate"),
-        (["interpolate", "{run}", "--from-image", "{image}", "--to-image", "{image}"], "--from-attr / --to-attr"),
+        (["interpolate", "{run}", "--from-image", "{image}", "--to-image", "{other}"], "--from-attr / --to-attr"),
     ],
 )
-def test_cli_errors(args, fragment, trained_run, three, tmp_path, monkeypatch, capsys):
+def test_cli_errors(args, fragment, trained_run, three, one, tmp_path, monkeypatch, capsys):
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "empty").mkdir()
-    values = {"run": trained_run, "image": three, "notes": tmp_path / "notes.txt", "empty": tmp_path / "empty"}
+    values = {
+        "run": trained_run,
+        "image": three,
+        "other": one,
+        "notes": tmp_path / "notes.txt",
+        "empty": tmp_path / "empty",
+    }
     code, out, err = cli([a.format(**values) for a in args], monkeypatch, capsys, tmp_path)
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error:") and fragment in err, (code, out, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "notes.txt"]
+
+
+# --- geometry, sizes and settings that do nothing ---------------------------------------------------
+
+
+def test_edit_and_interpolate_see_the_crop_the_shards_were_built_with(tmp_path, monkeypatch, capsys):
+    """A run whose shards were built with --crop center:20: the photo used to be squashed whole into
+    the model's size, which the model never saw in training (and the ONNX encoder and the web page
+    crop it). Now the centre 20x20 is encoded, as the Sampler prepares it, the edit is laid over that
+    square and the rest of the photo kept; a photo smaller than the crop is one line before the
+    model loads; shards that are gone leave the photo whole, with a warning."""
+    from tests.test_encoder import tiny_run, tiny_shards
+    from toolkit.export import export_onnx
+    from toolkit.sampler import Sampler
+
+    shards = tiny_shards(tmp_path / "shards", build={"source": "x", "image": {"size": [8, 8], "crop": 20}})
+    run = tiny_run(tmp_path / "run")
+    (run / "recipe.yaml").write_text(f"data:\n  shards: {shards}\n")
+    sampler = Sampler(export_onnx(run, tmp_path / "tiny.onnx", encoder=True, shards=shards)[0], device="cpu")
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (24, 30, 3), dtype=np.uint8))
+    photo.save(tmp_path / "photo.png")
+    Image.fromarray(rng.integers(0, 256, (24, 30, 3), dtype=np.uint8)).save(tmp_path / "other.png")
+
+    code, out, err = cli(
+        ["edit", run, "photo.png", "--attr", "a0=1", "--set", "a1=1", "--out", "pair.png"],
+        monkeypatch,
+        capsys,
+        tmp_path,
+    )
+    assert code == 0 and err == "", err
+    edited = np.asarray(Image.open(tmp_path / "pair.png"))[:, 30:].astype(np.int16)
+    original = np.asarray(photo).astype(np.int16)
+    left, top = 5, 2  # the centre 20x20 of 30x24
+    inside = (slice(top, top + 20), slice(left, left + 20))
+    outside = np.ones((24, 30), bool)
+    outside[inside] = False
+    assert np.array_equal(edited[outside], original[outside])
+    onnx_edit = Image.fromarray(sampler.edit(photo, {"a0": 1}, {"a1": 1})).resize((20, 20), Image.BICUBIC)
+    assert np.abs(edited[inside] - np.asarray(onnx_edit).astype(np.int16)).max() <= 3
+
+    code, out, err = cli(
+        ["interpolate", run, "--from-image", "photo.png", "--to-image", "other.png"]
+        + ["--from-attr", "a0=1", "--to-attr", "a2=1", "--steps", "2", "--out", "strip.png"],
+        monkeypatch,
+        capsys,
+        tmp_path,
+    )
+    assert code == 0, err
+    first = np.asarray(Image.open(tmp_path / "strip.png"))[:, :8].astype(np.int16)
+    assert np.abs(first - sampler.edit(photo, {"a0": 1}).astype(np.int16)).max() <= 1
+
+    Image.new("RGB", (40, 16)).save(tmp_path / "small.png")
+    monkeypatch.setattr("toolkit.edit.load_run_model", lambda *a: pytest.fail("the model was loaded"))
+    code, out, err = cli(
+        ["edit", run, "small.png", "--attr", "a0=1", "--set", "a1=1", "--out", "e.png"], monkeypatch, capsys, tmp_path
+    )
+    assert code == 2 and err.count("\n") == 1 and "the image is 40x16, smaller than the centre crop of 20" in err
+    assert not (tmp_path / "e.png").exists()
+    monkeypatch.undo()
+
+    shutil.rmtree(shards)
+    code, out, err = cli(
+        ["edit", run, "photo.png", "--attr", "a0=1", "--set", "a1=1", "--out", "whole.png"],
+        monkeypatch,
+        capsys,
+        tmp_path,
+    )
+    assert code == 0 and "warning: cannot tell how the training images were cropped" in err
+    assert "the image is resized whole" in err
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        # settings that do nothing
+        (["edit", "{run}", "{image}", "--attr", "digit_3=1", "--set", "digit_3=1"], "--set digit_3=1 changes nothing"),
+        (["edit", "{run}", "{image}", "--attr", "digit_3=1", "--set", "digit_5=0"], "--set digit_5=0 changes nothing"),
+        (
+            ["edit", "{run}", "{image}", "--attr", "digit_3=1", "--set", "digit_8=1", "--classifier", "{empty}"],
+            "--classifier does nothing when --attr gives",
+        ),
+        (
+            ["interpolate", "{run}", "--from-image", "{image}", "--to-image", "{other}", "--seed", "3"],
+            "--seed does nothing between two images",
+        ),
+        (
+            ["interpolate", "{run}", "--from-attr", "digit_1=1", "--to-attr", "digit_7=1", "--classifier", "{empty}"],
+            "--classifier does nothing between two attribute sets",
+        ),
+        (
+            ["interpolate", "{run}", "--from-image", "{image}", "--to-image", "{other}"]
+            + ["--from-attr", "digit_3=1", "--to-attr", "digit_1=1", "--classifier", "{empty}"],
+            "--classifier does nothing when --from-attr and --to-attr give both",
+        ),
+        (
+            ["interpolate", "{run}", "--from-attr", "digit_1=1", "--to-attr", "digit_1=1"],
+            "--from-attr and --to-attr give the same attribute set (digit_1): every frame would be the same image",
+        ),
+        (["interpolate", "{run}", "--from-image", "{image}", "--to-image", "{copy}"], "are the same image"),
+        # names and sizes from config.json, before any image or weights are read
+        (["edit", "{run}", "{empty}/missing.png", "--attr", "digt_3=1", "--set", "digit_8=1"], "did you mean digit_3"),
+        (
+            ["interpolate", "{run}", "--from-image", "{empty}/a.png", "--to-image", "{empty}/b.png"]
+            + ["--from-attr", "digt_3=1", "--to-attr", "digit_1=1"],
+            "did you mean digit_3",
+        ),
+        (
+            ["interpolate", "{run}", "--from-image", "{empty}/a.png", "--to-image", "{empty}/b.png"]
+            + ["--steps", str(10**9)],
+            "use fewer --steps",
+        ),
+        (
+            ["edit", "{image}", "{image}", "--attr", "digit_3=1", "--set", "digit_8=1"],
+            "is not a folder: expected a run folder",
+        ),
+    ],
+)
+def test_mistakes_and_settings_that_do_nothing_are_refused_before_the_model_loads(
+    args, fragment, trained_run, three, one, tmp_path, monkeypatch, capsys
+):
+    (tmp_path / "empty").mkdir()
+    shutil.copyfile(three, tmp_path / "copy.png")  # the same pixels under another name
+    values = {
+        "run": trained_run,
+        "image": three,
+        "other": one,
+        "copy": tmp_path / "copy.png",
+        "empty": tmp_path / "empty",
+    }
+    monkeypatch.setattr("toolkit.edit.load_run_model", lambda *a: pytest.fail("the model was loaded"))
+    code, out, err = cli([a.format(**values) for a in args], monkeypatch, capsys, tmp_path)
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error:") and fragment in err, (code, out, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.png", "empty"]
+
+
+def test_an_edit_beyond_the_memory_available_is_refused_before_the_model_loads(
+    trained_run, three, tmp_path, monkeypatch, capsys
+):
+    """A photo near Pillow's limit (~178 million pixels) needs GBs for the edit and its pair (measured:
+    3 GB for 12000x12000): on a small machine the kernel killed it without a word."""
+    monkeypatch.setattr("toolkit.memory.available_bytes", lambda: 10_000)  # the pair alone is 12,000 bytes
+    monkeypatch.setattr("toolkit.edit.load_run_model", lambda *a: pytest.fail("the model was loaded"))
+    code, out, err = cli(
+        ["edit", trained_run, three, "--attr", "digit_3=1", "--set", "digit_8=1"], monkeypatch, capsys, tmp_path
+    )
+    assert code == 2 and "editing a 50x40 image needs" in err and "give a smaller image" in err, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_names_that_are_not_utf8_are_printed_as_their_bytes(trained_run, three, tmp_path):
+    """Under a UTF-8 locale Python's stdout is strict: `wrote <name>` of a photo named b'caf\\xe9.png'
+    was a UnicodeEncodeError traceback after the pair was written. The name's bytes are printed, as ls does."""
+    import os
+    import subprocess
+
+    photo = os.fsdecode(bytes(tmp_path) + b"/caf\xe9.png")
+    shutil.copyfile(three, photo)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), PYTHONIOENCODING="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "toolkit.cli", "edit", trained_run, photo, "--attr", "digit_3=1", "--set", "digit_8=1"],
+        cwd=tmp_path,
+        capture_output=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr
+    assert b"wrote caf\xe9-edit.png (100x40: original | edit)" in result.stdout

@@ -622,11 +622,14 @@ def edit_command(
         attribute_vector,
         check_output,
         check_pair,
+        crop_box,
         describe_changes,
         edit_image,
         load_image,
         load_run_model,
         parse_assignments,
+        read_run_spec,
+        run_crop,
         save_image,
         side_by_side,
     )
@@ -634,15 +637,28 @@ def edit_command(
     changes, given = parse_assignments(set_, "--set"), parse_assignments(attr, "--attr")
     if not changes:
         raise UserError("say what to change: --set NAME=0|1 (repeat for several)")
+    if given and classifier is not None:
+        raise UserError("--classifier does nothing when --attr gives the image's attributes: leave one of them out")
     out = out or Path(f"{image.stem}-edit.png")
     check_output(out, inputs=[image])  # --out photo.png would replace the photo with the pair
-    original = load_image(image)
-    check_pair(out, original)  # the pair is 2 W x H: a format that cannot hold it is refused before the model loads
-    model = load_run_model(run_dir, device)
-    names = list(model.spec.attributes)
+    spec = read_run_spec(run_dir)  # names are checked before any image or weights are read
+    names = list(spec.attributes)
     attribute_vector(names, given, changes)  # unknown names and values fail before any classifier is looked for
-    attributes, where = ImageAttributes(run_dir, model, classifier)(original, given)
-    edited = edit_image(model, original, attributes, changes)
+    if given:
+        same = [f"{name}={value}" for name, value in changes.items() if given.get(name, 0) == value]
+        if same:
+            raise UserError(
+                f"--set {' '.join(same)} changes nothing: the image's attributes (--attr; unnamed are 0) already "
+                f"have {' '.join(same)}; set only what should change"
+            )
+    original = load_image(image)
+    # the pair is 2 W x H: a format (or a memory) that cannot hold it is refused before the model loads
+    check_pair(out, original)
+    crop = run_crop(run_dir, spec.image_size)
+    crop_box(original, crop)  # a photo smaller than the crop the model was trained on
+    model = load_run_model(run_dir, device)
+    attributes, where = ImageAttributes(run_dir, model, classifier, crop=crop)(original, given)
+    edited = edit_image(model, original, attributes, changes, crop)
     pair = side_by_side(original, edited)
     save_image(pair, out)
     typer.echo(f"attributes: {where}")
@@ -665,7 +681,9 @@ def interpolate_command(
     ),
     classifier: Optional[Path] = EDIT_CLASSIFIER,
     steps: int = typer.Option(8, "--steps", help="Frames, both ends included (>= 2)."),
-    seed: int = typer.Option(0, "--seed", callback=_seed, help="Seed of the prior noise (attribute interpolation)."),
+    seed: Optional[int] = typer.Option(
+        None, "--seed", callback=_seed, help="Seed of the prior noise (attribute interpolation).  [default: 0]"
+    ),
     out: Path = typer.Option(
         Path("interpolation.png"), "--out", help="Output image: one horizontal strip of the frames."
     ),
@@ -678,46 +696,66 @@ def interpolate_command(
         check_output,
         check_steps,
         check_strip,
+        crop_box,
         describe,
         interpolate_attributes,
         interpolate_images,
         load_image,
         load_run_model,
         parse_assignments,
+        read_run_spec,
+        run_crop,
         save_strip,
     )
 
     start, end = parse_assignments(from_attr, "--from-attr"), parse_assignments(to_attr, "--to-attr")
     check_steps(steps)
-    check_output(out, inputs=[from_image, to_image])
-    if from_image is not None or to_image is not None:
+    with_images = from_image is not None or to_image is not None
+    if with_images:
         if from_image is None or to_image is None:
             raise UserError("interpolating images needs both --from-image and --to-image")
-        images = load_image(from_image), load_image(to_image)
+        if seed is not None:
+            raise UserError("--seed does nothing between two images (their z are the encoder's means): leave it out")
+        if classifier is not None and start and end:
+            raise UserError(
+                "--classifier does nothing when --from-attr and --to-attr give both images' attributes: leave one out"
+            )
     elif not start or not end:
         raise UserError(
             "say what to interpolate: --from-image A --to-image B, or --from-attr NAME=1 ... --to-attr NAME=1 ..."
         )
-    else:
-        images = None
+    elif classifier is not None:
+        raise UserError("--classifier does nothing between two attribute sets (no image to predict them for)")
+    check_output(out, inputs=[from_image, to_image])
+    spec = read_run_spec(run_dir)  # names and sizes are checked before any image or weights are read
+    names = list(spec.attributes)
+    ya, yb = attribute_vector(names, start), attribute_vector(names, end)  # unknown names fail first
+    check_steps(steps, spec.image_size)  # the frames must fit in memory
+    check_strip(out, steps, spec.image_size)  # the strip's format must hold it (WebP: 16,383 pixels wide)
+    same_ends = "every frame would be the same image; change one end"
+    if not with_images and bool((ya == yb).all()):
+        raise UserError(f"--from-attr and --to-attr give the same attribute set ({describe(names, ya)}): {same_ends}")
+    if with_images:
+        images = load_image(from_image), load_image(to_image)
+        # the same pixels with the same attributes (given alike, or both predicted alike) give one frame
+        if start == end and images[0].size == images[1].size and images[0].tobytes() == images[1].tobytes():
+            raise UserError(f"--from-image and --to-image are the same image, with the same attributes: {same_ends}")
+        crop = run_crop(run_dir, spec.image_size)
+        for photo in images:
+            crop_box(photo, crop)
     model = load_run_model(run_dir, device)
-    check_steps(steps, model.spec.image_size)  # the frames must fit in memory
-    check_strip(out, steps, model.spec.image_size)  # the strip's format must hold it (WebP: 16,383 pixels wide)
-    names = list(model.spec.attributes)
-    attribute_vector(names, start), attribute_vector(names, end)  # unknown names fail first
-    if images is not None:
-        source = ImageAttributes(run_dir, model, classifier, "--from-attr / --to-attr")
+    if with_images:
+        source = ImageAttributes(run_dir, model, classifier, "--from-attr / --to-attr", crop)
         (ya, where_a), (yb, where_b) = source(images[0], start), source(images[1], end)
-        frames = interpolate_images(model, images[0], ya, images[1], yb, steps)
+        frames = interpolate_images(model, images[0], ya, images[1], yb, steps, crop)
         typer.echo(f"from {from_image}: {where_a}")
         typer.echo(f"to {to_image}: {where_b}")
     else:
+        seed = 0 if seed is None else seed
         frames = interpolate_attributes(model, start, end, steps, seed)
-        typer.echo(
-            f"from: {describe(names, attribute_vector(names, start))}  to: {describe(names, attribute_vector(names, end))}  (seed {seed})"
-        )
+        typer.echo(f"from: {describe(names, ya)}  to: {describe(names, yb)}  (seed {seed})")
     save_strip(frames, out)
-    height, width = model.spec.image_size
+    height, width = spec.image_size
     typer.echo(f"wrote {out} ({steps} frames of {width}x{height}: {steps * width}x{height})")
 
 
@@ -801,19 +839,27 @@ def web_command(
         help="onnxruntime-web's dist/ folder (default: node_modules/onnxruntime-web/dist, installed by scripts/setup-js.sh).",
     ),
     serve: bool = typer.Option(False, "--serve", help="Then serve the page on 127.0.0.1 until Ctrl-C."),
-    port: int = typer.Option(8000, "--port", min=0, max=65535, help="With --serve: the port (0: any free one)."),
+    port: Optional[int] = typer.Option(
+        None, "--port", min=0, max=65535, help="With --serve: the port (0: any free one).  [default: 8000]"
+    ),
 ) -> None:
     """A static in-browser studio for an export (onnxruntime-web: WebGPU or wasm; works offline)."""
-    from toolkit.web import build_page
+    from toolkit.web.build import bind, build_page, serve_forever
 
-    build_page(model, out, ort_dist=ort_dist)
-    typer.echo(
-        f"wrote {out / 'index.html'} (open it through a web server: cvae-tk web ... --serve, or any static host)"
-    )
-    if serve:
-        from toolkit.web.build import serve_forever
-
-        serve_forever(out, port)
+    if port is not None and not serve:
+        raise UserError(f"--port {port} does nothing without --serve: add --serve, or leave --port out")
+    # the port first: one in use (or below 1024 without root) is refused before the page is built
+    server = bind(out, 8000 if port is None else port) if serve else None
+    try:
+        build_page(model, out, ort_dist=ort_dist)
+        typer.echo(
+            f"wrote {out / 'index.html'} (open it through a web server: cvae-tk web ... --serve, or any static host)"
+        )
+        if server is not None:
+            serve_forever(out, server)
+    finally:
+        if server is not None:
+            server.server_close()
 
 
 def _refuse_empty_arguments(args: list[str]) -> None:

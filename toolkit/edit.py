@@ -6,9 +6,12 @@
     frames = interpolate_attributes(model, {"digit_1": 1}, {"digit_7": 1}, steps=8, seed=0)  # list of PIL images
     save_strip(frames, "strip.png")
 
-How an edit works: the image is converted to RGB and resized (bicubic) to the model's H x W, then
-encoded with its attributes y to the posterior mean z = mu(x, y); z is decoded with y' (y with the
-changes applied) and the result is resized back to the input's size. y is the image's full
+How an edit works: the image is prepared as the shard builder prepared the training images (and
+as the ONNX Sampler and the web page prepare a photo): the centre crop the shards were built with
+(`--crop center:N`; `run_crop` reads it from the run's shards), resized (bilinear) to the model's
+H x W; it is encoded with its attributes y to the posterior mean z = mu(x, y); z is decoded with y'
+(y with the changes applied) and the result is resized back to the crop and laid over it, so the
+edit has the input's size (outside the crop it is the input). y is the image's full
 attribute vector: given (a mapping: unnamed attributes are 0) or predicted by an attribute
 classifier (`predict_attributes`: logit > 0, or the arg-max for a classifier trained on one-hot
 vectors such as the digits). How well z separates "style" from the attributes is the model's
@@ -25,6 +28,7 @@ Frames have the model's size.
 from __future__ import annotations
 
 import difflib
+import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -39,9 +43,10 @@ from toolkit.classifier import check_image_size, columns_for, load_classifier
 from toolkit.devices import resolve_device
 from toolkit.errors import UserError, check_seed
 from toolkit.evaluate import find_classifier
-from toolkit.images import ImageError, open_image, to_uint8
+from toolkit.formats import RECIPE
+from toolkit.images import ImageError, centre_crop, open_image, to_uint8
 from toolkit.memory import check_fits
-from toolkit.model import load_model
+from toolkit.model import ModelSpec, load_model, read_spec
 from toolkit.paths import as_path
 
 AttributeLike = Mapping[str, int] | Sequence[float] | np.ndarray | torch.Tensor
@@ -127,12 +132,29 @@ def load_image(path: str | Path) -> Image.Image:
         raise UserError(str(error)) from None
 
 
-def _to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
-    """PIL image -> [1, 3, H, W] in [0, 1] at size (H, W) (bicubic)."""
-    image = image.convert("RGB")
+def crop_box(image: Image.Image, crop: int | None) -> tuple[float, float, float, float]:
+    """The region of `image` the model sees: the centre square of side `crop`, or all of it (None).
+    An image smaller than the crop is a UserError (the Sampler's rule: no silent smaller crop)."""
+    box = (0.0, 0.0, float(image.width), float(image.height))
+    if crop is None:
+        return box
+    if crop > min(image.size):
+        raise UserError(
+            f"the image is {image.width}x{image.height}, smaller than the centre crop of {crop} the model's shards "
+            f"were made with: give a photo framed as the data set's (at least {crop}x{crop})"
+        )
+    return centre_crop(box, crop)
+
+
+def _to_tensor(image: Image.Image, size: tuple[int, int], crop: int | None = None) -> torch.Tensor:
+    """PIL image -> [1, 3, H, W] in [0, 1] at size (H, W): the crop resized in one step (PIL's
+    bilinear, the box in sub-pixel precision), as the shard builder does."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
     height, width = size
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.BICUBIC)
+    box = crop_box(image, crop)
+    if image.size != (width, height) or crop is not None:
+        image = image.resize((width, height), Image.BILINEAR, box=box)
     array = np.asarray(image, dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()
 
@@ -163,20 +185,25 @@ def check_strip(path: str | Path, steps: int, image_size: Sequence[int], option:
 def side_by_side(original: Image.Image, edited: Image.Image) -> Image.Image:
     """original | edited (edit_image gives the original's size): (2 W) x H, RGB."""
     pair = Image.new("RGB", (2 * original.width, original.height))
-    pair.paste(original.convert("RGB"), (0, 0))
-    pair.paste(edited.convert("RGB"), (original.width, 0))
+    pair.paste(original if original.mode == "RGB" else original.convert("RGB"), (0, 0))
+    pair.paste(edited if edited.mode == "RGB" else edited.convert("RGB"), (original.width, 0))
     return pair
 
 
+# Copies of an RGB image of the input's size alive at once while `cvae-tk edit` works (measured: the
+# original, the edit, the pair of two, and what the PNG encoder holds: 5 for 12000x12000, 3 GB)
+EDIT_COPIES = 6
+
+
 def check_pair(path: str | Path, image: Image.Image, option: str = "--out") -> None:
-    """A UserError, before the model is loaded, unless `path`'s format holds side_by_side's pair for `image`."""
-    check_writable_size(
-        path,
-        2 * image.width,
-        image.height,
-        f"the original | edit pair ({image.width}x{image.height} each)",
-        "a smaller image",
-        option=option,
+    """A UserError, before the model is loaded, unless `path`'s format holds side_by_side's pair for
+    `image` and the memory available holds the edit's images."""
+    what = f"the original | edit pair ({image.width}x{image.height} each)"
+    check_writable_size(path, 2 * image.width, image.height, what, "a smaller image", option=option)
+    check_fits(
+        EDIT_COPIES * 3 * image.width * image.height,
+        f"editing a {image.width}x{image.height} image",
+        "give a smaller image",
     )
 
 
@@ -211,24 +238,26 @@ def check_output(path: str | Path, inputs=()) -> None:
 
 
 @torch.no_grad()
-def attribute_probabilities(classifier, model, image: Image.Image) -> dict[str, float]:
-    """The classifier's probability of each of the model's attributes for `image` (resized to the model's size)."""
+def attribute_probabilities(classifier, model, image: Image.Image, crop: int | None = None) -> dict[str, float]:
+    """The classifier's probability of each of the model's attributes for `image` (prepared as for the model: `crop`)."""
     names = list(model.spec.attributes)
     columns = columns_for(classifier, names, "the model")
     check_image_size(classifier, model.spec.image_size, "the model")
     device = next(classifier.parameters()).device
-    logits = classifier.eval()(_to_tensor(image, model.spec.image_size).to(device))[0, columns.to(device)]
+    logits = classifier.eval()(_to_tensor(image, model.spec.image_size, crop).to(device))[0, columns.to(device)]
     return dict(zip(names, torch.sigmoid(logits.float()).cpu().tolist()))
 
 
-def predict_attributes(classifier, model, image: Image.Image, one_hot: bool | None = None) -> dict[str, int]:
+def predict_attributes(
+    classifier, model, image: Image.Image, one_hot: bool | None = None, crop: int | None = None
+) -> dict[str, int]:
     """The image's attribute set as the classifier sees it: {name: 0 | 1} for every model attribute.
 
     Present = probability > 0.5; with `one_hot` exactly the most probable attribute is 1. one_hot=None
     takes it from the classifier's record: trained on one-hot vectors (classifier.json has a top-1
     test accuracy, e.g. the digits) -> True.
     """
-    probabilities = attribute_probabilities(classifier, model, image)
+    probabilities = attribute_probabilities(classifier, model, image, crop)
     if one_hot is None:
         one_hot = (getattr(classifier, "meta", None) or {}).get("test_accuracy", {}).get("top1") is not None
     if one_hot:
@@ -241,30 +270,41 @@ def predict_attributes(classifier, model, image: Image.Image, one_hot: bool | No
 
 
 @torch.no_grad()
-def encode(model, image: Image.Image, attributes: AttributeLike) -> torch.Tensor:
-    """The posterior mean z = mu(x, y) [Z] of `image` (resized to the model's size) with attributes y."""
+def encode(model, image: Image.Image, attributes: AttributeLike, crop: int | None = None) -> torch.Tensor:
+    """The posterior mean z = mu(x, y) [Z] of `image` (its centre `crop`, resized to the model's size) with attributes y."""
     vector = attribute_vector(model.spec.attributes, attributes)
     device = _device(model)
-    mu, _ = model.eval().encoder(_to_tensor(image, model.spec.image_size).to(device), vector[None].to(device))
+    mu, _ = model.eval().encoder(_to_tensor(image, model.spec.image_size, crop).to(device), vector[None].to(device))
     return mu[0].float()
 
 
 @torch.no_grad()
 def edit_image(
-    model, image: Image.Image, attributes: AttributeLike, changes: Mapping[str, int] | None = None
+    model,
+    image: Image.Image,
+    attributes: AttributeLike,
+    changes: Mapping[str, int] | None = None,
+    crop: int | None = None,
 ) -> Image.Image:
     """`image` re-drawn with `changes` applied to its `attributes`, at the input's size.
 
     attributes: the image's full set, a mapping (unnamed 0) or a 0/1 vector [A]; changes: {name: 0 | 1}.
+    crop: the side of the centre crop the model's shards were built with (`run_crop`), None for the
+    whole image; the edit of the crop is laid over it, the rest of the image is kept.
     No changes gives the model's reconstruction. The model stays on its device.
     """
     names = list(model.spec.attributes)
     before = attribute_vector(names, attributes)
     after = attribute_vector(names, before, changes)
-    z = encode(model, image, before)
+    box = crop_box(image, crop)
+    z = encode(model, image, before, crop)
     device = _device(model)
     decoded = _to_images(model.decoder(z[None].to(device), after[None].to(device)))[0]
-    return decoded if decoded.size == image.size else decoded.resize(image.size, Image.BICUBIC)
+    if crop is None:
+        return decoded if decoded.size == image.size else decoded.resize(image.size, Image.BICUBIC)
+    edited = image.convert("RGB") if image.mode != "RGB" else image.copy()
+    edited.paste(decoded.resize((crop, crop), Image.BICUBIC), (round(box[0]), round(box[1])))
+    return edited
 
 
 DECODE_BATCH = 64  # frames decoded at once: the decoder's activations stay bounded for any --steps
@@ -306,13 +346,14 @@ def interpolate_images(
     image_b: Image.Image,
     attributes_b: AttributeLike,
     steps: int = 8,
+    crop: int | None = None,
 ) -> list[Image.Image]:
-    """`steps` frames from image a to image b: z and the attribute vector both interpolated linearly.
-    Frame 0 is the reconstruction of a, the last that of b (the model's size)."""
+    """`steps` frames from image a to image b (their centre `crop`: see edit_image): z and the attribute
+    vector both interpolated linearly. Frame 0 is the reconstruction of a, the last that of b (the model's size)."""
     check_steps(steps, model.spec.image_size)
     names = list(model.spec.attributes)
     ya, yb = attribute_vector(names, attributes_a), attribute_vector(names, attributes_b)
-    za, zb = encode(model, image_a, ya).cpu(), encode(model, image_b, yb).cpu()
+    za, zb = encode(model, image_a, ya, crop).cpu(), encode(model, image_b, yb, crop).cpu()
     t = torch.linspace(0, 1, steps)[:, None]
     return _decode_frames(model, (1 - t) * za + t * zb, (1 - t) * ya + t * yb)
 
@@ -335,13 +376,47 @@ def interpolate_attributes(
 # --- what the commands share ------------------------------------------------------------------------
 
 
-def load_run_model(run_dir: str | Path, device: str = "auto"):
-    """load_model with a clear message for a missing folder; moved to the resolved device, eval mode."""
+def read_run_spec(run_dir: str | Path) -> ModelSpec:
+    """The run's config.json (attribute names, image size): what the commands check before the
+    model's weights are loaded. A path that is not a run folder is one UserError."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
+        if run_dir.exists():
+            raise UserError(
+                f"{run_dir} is not a folder: expected a run folder written by `cvae-tk train` (an ONNX export "
+                "edits photos through toolkit.sampler.Sampler.edit or `cvae-tk web`)"
+            )
         raise UserError(f"run folder not found: {run_dir}")
+    return read_spec(run_dir)
+
+
+def load_run_model(run_dir: str | Path, device: str = "auto"):
+    """load_model with a clear message for a path that is not a run folder; moved to the resolved device, eval mode."""
+    read_run_spec(run_dir)
     model = load_model(run_dir)
     return model.to(resolve_device(device)).eval()
+
+
+def run_crop(run_dir: str | Path, image_size: Sequence[int]) -> int | None:
+    """The side of the centre crop the run's shards were built with (`--crop center:N`; from the
+    train manifest of data.shards in RUN/recipe.yaml), None when they were not cropped, or when
+    the images come with their own boxes (CUB's --bbox-crop: give the photo cropped). A run
+    without recipe.yaml (a model saved by hand) has no shards: None. Shards that cannot be read
+    give a warning and None (the photo is then resized whole)."""
+    from toolkit.evaluate import run_shards
+    from toolkit.export import shards_preprocessing
+
+    if not (Path(run_dir) / RECIPE).is_file():
+        return None
+    try:
+        crop = shards_preprocessing(run_shards(run_dir), image_size)["crop"]
+    except UserError as error:
+        print(
+            f"warning: cannot tell how the training images were cropped ({error}); the image is resized whole",
+            file=sys.stderr,
+        )
+        return None
+    return crop["side"] if isinstance(crop, dict) else None
 
 
 def find_run_classifier(run_dir: str | Path, model, folder: str | Path | None = None, attr_option: str = "--attr"):
@@ -375,13 +450,19 @@ class ImageAttributes:
     the classifier's prediction (`find_run_classifier`, loaded on first need and kept)."""
 
     def __init__(
-        self, run_dir: str | Path, model, classifier_folder: str | Path | None = None, attr_option: str = "--attr"
+        self,
+        run_dir: str | Path,
+        model,
+        classifier_folder: str | Path | None = None,
+        attr_option: str = "--attr",
+        crop: int | None = None,
     ):
-        self.run_dir, self.model, self.classifier_folder, self.attr_option = (
+        self.run_dir, self.model, self.classifier_folder, self.attr_option, self.crop = (
             run_dir,
             model,
             classifier_folder,
             attr_option,
+            crop,
         )
         if classifier_folder is not None and not Path(classifier_folder).is_dir():
             raise UserError(f"classifier folder not found: {classifier_folder}")
@@ -397,8 +478,8 @@ class ImageAttributes:
             self.classifier, self.classifier_folder = find_run_classifier(
                 self.run_dir, self.model, self.classifier_folder, self.attr_option
             )
-        probabilities = attribute_probabilities(self.classifier, self.model, image)
-        predicted = predict_attributes(self.classifier, self.model, image)
+        probabilities = attribute_probabilities(self.classifier, self.model, image, self.crop)
+        predicted = predict_attributes(self.classifier, self.model, image, crop=self.crop)
         present = [f"{name} (p={probabilities[name]:.2f})" for name in names if predicted[name]]
         return predicted, f"{', '.join(present) or 'none'} (predicted by the classifier in {self.classifier_folder})"
 

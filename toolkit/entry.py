@@ -65,13 +65,17 @@ def guard_output() -> None:
         except (OSError, ValueError):
             continue  # not a real file
         raw = _Output(descriptor, "w", closefd=False)
+        # A file name that is not UTF-8 (Python holds its bytes as surrogate escapes) is printed as
+        # its bytes, as `ls` prints it: under a UTF-8 locale stdout is strict, and `wrote <name>`
+        # failed with a UnicodeEncodeError after the work was done.
+        errors = "surrogateescape" if stream.errors == "strict" else stream.errors
         setattr(
             sys,
             name,
             io.TextIOWrapper(
                 io.BufferedWriter(raw),
                 encoding=stream.encoding,
-                errors=stream.errors,
+                errors=errors,
                 line_buffering=True,
                 write_through=stream.write_through,
             ),

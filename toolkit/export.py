@@ -443,13 +443,18 @@ def run_preprocessing(run_dir: str | Path, image_size, shards: str | Path | None
     Shards written without build options (the test fixtures' write_split) were neither cropped nor
     resized: crop null."""
     try:
-        shards = str(shards) if shards is not None else run_shards(run_dir)
-        manifest = read_manifest(shards, "train")
+        return shards_preprocessing(str(shards) if shards is not None else run_shards(run_dir), image_size)
     except UserError as error:
         raise UserError(
             f"cannot state how the encoder's images are prepared (the crop and size the shards were built with): "
             f"{error}; nothing was written"
         ) from None
+
+
+def shards_preprocessing(shards: str, image_size) -> dict:
+    """preprocessing_dict of the images in `shards` (the build options of its train manifest); a
+    manifest that cannot be read, or holds images of another size than `image_size`, is a UserError."""
+    manifest = read_manifest(shards, "train")
     build = manifest.get("build") if isinstance(manifest.get("build"), dict) else {}
     image = build.get("image") if isinstance(build.get("image"), dict) else {}
     crop = (
@@ -459,8 +464,8 @@ def run_preprocessing(run_dir: str | Path, image_size, shards: str | Path | None
         crop = "bbox"  # a box per image from the data set's own files: the client must crop the photo
     if manifest.get("image_size") not in (None, list(image_size)):
         raise UserError(
-            f"the run's shards ({shards}) hold {manifest['image_size']} images, the model {list(image_size)}: "
-            f"they are not the shards it was trained on; nothing was written"
+            f"the shards {shards} hold {manifest['image_size']} images, the model {list(image_size)}: "
+            f"they are not the shards it was trained on"
         )
     return preprocessing_dict(crop, image_size)
 

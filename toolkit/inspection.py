@@ -20,8 +20,11 @@ from toolkit.contract import (
     read_encoder_contract,
 )
 from toolkit.errors import UserError, one_line
+from toolkit.paths import shown
 
 SHOWN_ATTRIBUTES = 5  # names listed after the attributes count
+MAX_PROTOBUF = 2**31 - 1  # bytes: the most a protobuf message, so an ONNX file, can hold
+SHOWN_CHARACTERS = 300  # of a metadata value: a file may carry megabytes of text in one
 
 
 def _size(size: int) -> str:
@@ -71,6 +74,17 @@ def _tensor(value_info) -> Tensor:
     return Tensor(value_info.name, _dtype(tensor.elem_type), dims)
 
 
+def _cut(text: str) -> str:
+    return f"{text[:SHOWN_CHARACTERS]}... ({len(text):,} characters)" if len(text) > SHOWN_CHARACTERS else text
+
+
+def _printable(text: str) -> str:
+    """`text` as one line of plain characters: a file's text is not ours, and a newline or a terminal
+    escape sequence in it would forge lines of the listing (or restyle the terminal): those are
+    shown as Python escapes (\\n, \\x1b)."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
 def _attributes(text: str) -> str:
     try:
         names = json.loads(text)
@@ -111,8 +125,15 @@ def load_checked(path: Path):
     import onnx
 
     check_model_file(path)
+    size = path.stat().st_size
+    if size > MAX_PROTOBUF:  # said before the whole file is read into memory (it took 30 s and 3 GB for 3 GB)
+        raise UserError(
+            f"{path} is not an ONNX model: it is {_size(size)}, and an ONNX file holds at most 2 GiB "
+            "(protobuf's limit: larger models keep their weights in external data files)"
+        )
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        # by its content: onnx.load would take a file named .json or .txt for its text formats
+        proto = onnx.load(str(path), format="protobuf", load_external_data=False)
     except Exception as error:  # protobuf's DecodeError and friends
         raise UserError(f"{path} is not an ONNX model: {one_line(error) or type(error).__name__}") from None
     if not proto.HasField("graph") or not proto.ir_version:
@@ -134,16 +155,16 @@ def inspect_onnx(path: str | os.PathLike) -> list[str]:
     opsets = {entry.domain or "ai.onnx": entry.version for entry in proto.opset_import}
     others = "".join(f", {domain} {version}" for domain, version in sorted(opsets.items()) if domain != "ai.onnx")
     lines = [
-        f"file: {path}",
+        f"file: {shown(path)}",
         f"file size: {_size(path.stat().st_size)}",
         f"graph opset: {opsets.get('ai.onnx', '?')}{others}",
         f"producer: {' '.join(filter(None, (proto.producer_name, proto.producer_version))) or '?'}",
         f"model_version: {proto.model_version}",
     ]
     for key, value in meta.items():
-        lines.append(f"{key}: {_attributes(value) if key == 'attributes' else value}")
+        lines.append(f"{_cut(key)}: {_cut(_attributes(value) if key == 'attributes' else value)}")
     for value in inputs:
         lines.append(f"input {value.name}: {_value(value)}")
     for value in proto.graph.output:
         lines.append(f"output {value.name}: {_value(value)}")
-    return lines
+    return [_printable(line) for line in lines]

@@ -17,6 +17,7 @@ import selectors
 import shutil
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -612,3 +613,148 @@ def test_an_earlier_page_is_rebuilt_also_one_killed_halfway_or_built_before_the_
     (out / web_build.OWNER).unlink()  # a page written before the owner file: its model.json tells
     build_page(digits_export, out, ort_dist=dist)
     assert json.loads((out / "model.json").read_text())["format"] == web_build.FORMAT
+
+
+# --- serving: only the page, on a port checked first ----------------------------------------------
+
+
+def _status(server, path: str, method: str = "GET") -> int:
+    request = urllib.request.Request(url(server).rstrip("/") + path, method=method)
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_the_server_answers_only_the_pages_own_files(tiny_onnx, tmp_path, capfd):
+    """`--serve` was SimpleHTTPRequestHandler over the whole folder: the user's other files beside the
+    page, folder listings, and links inside it leading anywhere (a home folder) were all served. Now
+    only the page's files (index.html, app.js, style.css, model.json, ort/..., the models model.json
+    names), and not through a link that leads out of the folder; `..` and its encodings never left it."""
+    outside = tmp_path / "private"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("secret")
+    out = build_page(tiny_onnx, tmp_path / "page", ort_dist=fake_dist(tmp_path / "dist"))
+    (out / "notes.txt").write_text("mine")
+    shutil.copyfile(tiny_onnx, out / "other.onnx")  # an .onnx file model.json does not name
+    (out / "home").symlink_to(outside)
+    (out / "ort" / "secret.txt").symlink_to(outside / "secret.txt")
+    (out / "style.css").unlink()
+    (out / "style.css").symlink_to(outside / "secret.txt")  # a page file that leads out
+    server = serve(out, 0)
+    try:
+        for path in (
+            "/",
+            "/index.html",
+            "/index.html?v=2",
+            "/app.js",
+            "/model.json",
+            "/tiny.onnx",
+            "/ort/ort.webgpu.min.mjs",
+        ):
+            assert _status(server, path) == 200, path
+            assert _status(server, path, "HEAD") == 200, path
+        for path in (
+            "/notes.txt",
+            "/other.onnx",
+            "/home/secret.txt",
+            "/home/",
+            "/ort/",
+            "/ort/secret.txt",
+            "/style.css",
+            "/.cvae-tk-web",
+            "/../private/secret.txt",
+            "/%2e%2e/private/secret.txt",
+            "/%2E%2E%2Fprivate%2Fsecret.txt",
+            "/index.html/",
+        ):
+            assert _status(server, path) == 404, path
+            assert _status(server, path, "HEAD") == 404, path
+        assert _status(server, "/", "OPTIONS") == 501 and _status(server, "/index.html", "POST") == 501
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "warning: not serving style.css: it leads out of the page's folder" in capfd.readouterr().err
+
+
+def test_serve_takes_its_port_before_the_page_is_built_and_stops_cleanly_on_ctrl_c(tiny_onnx, tmp_path):
+    """A port in use (or below 1024 without root) was found after the page was built; --port without
+    --serve did nothing, silently. Both are one line before anything is written. Ctrl-C stops a
+    serving `cvae-tk web` with exit 0 and no traceback."""
+    import signal
+    import socket
+
+    dist = fake_dist(tmp_path / "dist")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    command = [sys.executable, "-m", "toolkit.cli", "web", str(tiny_onnx), "--ort-dist", str(dist), "--out"]
+    run = lambda *args: subprocess.run(
+        [*command, *map(str, args)], capture_output=True, text=True, env=env, timeout=120
+    )  # noqa: E731
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = run(tmp_path / "page", "--serve", "--port", taken.getsockname()[1])
+    assert busy.returncode == 2 and busy.stderr.count("\n") == 1, busy.stderr
+    assert "Address already in use; choose another --port" in busy.stderr and not (tmp_path / "page").exists()
+    idle = run(tmp_path / "page", "--port", 9000)
+    assert idle.returncode == 2 and "--port 9000 does nothing without --serve" in idle.stderr
+    assert not (tmp_path / "page").exists()
+
+    serving = subprocess.Popen(
+        [*command, str(tmp_path / "page"), "--serve", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal starts it
+    )
+    try:
+        lines = [serving.stdout.readline(), serving.stdout.readline()]
+        assert lines[1].startswith(f"serving {tmp_path / 'page'} at http://127.0.0.1:"), lines
+        with urllib.request.urlopen(lines[1].split(" at ")[1].split(" ")[0] + "model.json") as response:
+            assert json.loads(response.read())["name"] == "tiny"
+        serving.send_signal(signal.SIGINT)
+        out, err = serving.communicate(timeout=30)
+    finally:
+        serving.kill()
+    assert serving.returncode == 0 and err == "", err
+
+
+def test_a_privileged_port_is_named_as_such(tmp_path, monkeypatch):
+    """As a user who is not root (this runs as root: the refusal is the kernel's, injected here)."""
+    import errno
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(web_build, "ThreadingHTTPServer", refused)
+    with pytest.raises(
+        UserError, match=r"cannot serve on 127.0.0.1:80: Permission denied \(ports below 1024 need root\)"
+    ):
+        web_build.bind(tmp_path, 80)
+
+
+def test_an_export_whose_name_is_a_page_file_is_refused(tiny_onnx, tmp_path):
+    """The export is copied into the page under its own name: one named index.html replaced the page
+    with the model (exit 0); model.json, app.js, ort alike. Only NAME.onnx is taken."""
+    dist = fake_dist(tmp_path / "dist")
+    for name in ("index.html", "app.js", "ort", "tiny", ".onnx"):
+        shutil.copyfile(tiny_onnx, tmp_path / name)
+        with pytest.raises(UserError, match=r"expected an export whose name ends in .onnx"):
+            build_page(tmp_path / name, tmp_path / "page", ort_dist=dist)
+    assert not (tmp_path / "page").exists()
+
+
+def test_a_second_build_into_one_folder_is_refused_while_the_first_writes(tiny_onnx, tmp_path):
+    """Two builds at once could leave model.json naming a model the other removed, or pair one's
+    decoder with the other's encoder: the second is refused, as a second shard build is."""
+    from toolkit.ownership import FolderLock
+
+    dist = fake_dist(tmp_path / "dist")
+    out = build_page(tiny_onnx, tmp_path / "page", ort_dist=dist)
+    with FolderLock(out, "page build", "--out", "model files"):  # the first build, still writing
+        with pytest.raises(UserError, match=r"another page build \(pid \d+ on this machine\) is writing --out"):
+            build_page(tiny_onnx, out, ort_dist=dist)
+    build_page(tiny_onnx, out, ort_dist=dist)
+    assert not (out / ".lock").exists()

@@ -17,20 +17,24 @@ Any static file host serves DIR; `serve` (cvae-tk web --serve) is a quick look o
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import sys
 import threading
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import toolkit
 from toolkit.atomic import atomic_path, check_output, write_text
-from toolkit.contract import Contract, EncoderContract, check_pair, encoder_beside
+from toolkit.contract import Contract, EncoderContract, check_model_file, check_pair, encoder_beside
 from toolkit.errors import UserError
 from toolkit.inspection import load_checked
-from toolkit.ownership import claim_folder
+from toolkit.ownership import FolderLock, claim_folder
 from toolkit.paths import is_utf8, shown
 
 PAGE_FILES = ("index.html", "app.js", "style.css")
@@ -137,6 +141,12 @@ def _copy(source: Path, target: Path) -> None:
 def build_page(export: str | Path, out: str | Path, ort_dist: str | Path | None = None) -> Path:
     """Write the page for `export` into `out` (see the module's doc); returns `out` (`serve` serves it)."""
     export, out = Path(export), Path(out)
+    check_model_file(export)
+    if export.suffix != ".onnx":  # copied into the page under its own name: `index.html` would replace the page
+        raise UserError(
+            f"{shown(export)}: expected an export whose name ends in .onnx (the page copies it under its own name "
+            "beside index.html and asks for it by that name); rename it"
+        )
     if not is_utf8(export.name):  # model.json names the file and the page asks for it by URL: UTF-8 text
         raise UserError(
             f"{shown(export)}: the file name is not valid UTF-8, and the page asks for the model by its name "
@@ -153,6 +163,13 @@ def build_page(export: str | Path, out: str | Path, ort_dist: str | Path | None 
     models = [export] + ([encoder_beside(export)] if manifest["encoder"] else [])
     names = [*PAGE_FILES, MANIFEST, *(f"ort/{name}" for name in ORT_FILES), *(model.name for model in models)]
     claim_folder(out, names, OWNER, earlier=_earlier_page)  # never the user's own site's index.html
+    # two builds at once would pair one's model.json with the other's models, or remove them
+    with FolderLock(out, "page build", "--out", "model files"):
+        _write_page(out, dist, models, manifest)
+    return out
+
+
+def _write_page(out: Path, dist: Path, models: list[Path], manifest: dict) -> None:
     previous = _previous_models(out)
     # No model.json while the files change: a page half rebuilt (a full disk) fails to load instead
     # of pairing a new model with an old one. It is written last.
@@ -170,7 +187,6 @@ def build_page(export: str | Path, out: str | Path, ort_dist: str | Path | None 
     write_text(out / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
     for name in previous - {model.name for model in models}:  # an earlier page's model, now unreferenced
         (out / name).unlink(missing_ok=True)
-    return out
 
 
 def _earlier_page(out: Path) -> bool:
@@ -190,8 +206,32 @@ def _previous_models(out: Path) -> set[str]:
     return {name for name in names if isinstance(name, str) and Path(name).name == name and name.endswith(".onnx")}
 
 
+def page_files(folder: Path) -> set[str]:
+    """The URL paths (relative, '/'-separated) of the files a page in `folder` consists of: what `serve`
+    answers, and nothing else (not the user's other files beside it, nor folder listings)."""
+    return {*PAGE_FILES, MANIFEST, *(f"ort/{name}" for name in ORT_FILES), *_previous_models(folder)}
+
+
 class _Handler(SimpleHTTPRequestHandler):
     extensions_map = {**SimpleHTTPRequestHandler.extensions_map, **MIME_TYPES}
+
+    def send_head(self):  # GET and HEAD
+        name = unquote(urlsplit(self.path).path).lstrip("/") or "index.html"
+        # Only the page's own files (not the user's others beside it, no folder listings), and only
+        # inside the folder: a link among them that leads out of it is not followed. The rest is 404.
+        if name not in page_files(Path(self.directory)):
+            self.send_error(404, "File not found")
+            return None
+        target = Path(self.directory, name).resolve()
+        if not target.is_relative_to(Path(self.directory).resolve()):
+            print(f"warning: not serving {name}: it leads out of the page's folder, to {target}", file=sys.stderr)
+            self.send_error(404, "File not found")
+            return None
+        return super().send_head()
+
+    def list_directory(self, path):  # `/` while index.html is missing (a rebuild): no listing either
+        self.send_error(404, "File not found")
+        return None
 
     def end_headers(self):
         # Cross-origin isolation lets onnxruntime-web use several threads (SharedArrayBuffer);
@@ -205,21 +245,29 @@ class _Handler(SimpleHTTPRequestHandler):
         pass
 
 
-def serve(folder: str | Path, port: int = 8000) -> ThreadingHTTPServer:
-    """Serve `folder` on 127.0.0.1:`port` (0: any free port) from a background thread; returns the
-    server (its URL: `url(server)`; stop it with server.shutdown())."""
-    folder = Path(folder)
-    if not (folder / "index.html").is_file():
-        raise UserError(f"{folder} holds no index.html: build the page first (cvae-tk web EXPORT.onnx --out {folder})")
+def bind(folder: str | Path, port: int = 8000) -> ThreadingHTTPServer:
+    """A server for `folder` bound to 127.0.0.1:`port` (0: any free port), not serving yet: a port in
+    use or not allowed is a UserError here, so `cvae-tk web --serve` says it before building the page."""
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise UserError(f"--port must be an integer from 0 to 65535, got {port!r}")
     try:
-        server = ThreadingHTTPServer(("127.0.0.1", port), partial(_Handler, directory=str(folder)))
+        server = ThreadingHTTPServer(("127.0.0.1", port), partial(_Handler, directory=os.fspath(folder)))
     except OSError as error:
+        hint = " (ports below 1024 need root)" if 0 < port < 1024 and error.errno == errno.EACCES else ""
         raise UserError(
-            f"cannot serve on 127.0.0.1:{port}: {error.strerror or error}; choose another --port (0: any free one)"
+            f"cannot serve on 127.0.0.1:{port}: {error.strerror or error}{hint}; choose another --port (0: any free one)"
         ) from None
     server.daemon_threads = True
+    return server
+
+
+def serve(folder: str | Path, port: int | ThreadingHTTPServer = 8000) -> ThreadingHTTPServer:
+    """Serve the page in `folder` on 127.0.0.1:`port` (0: any free port; or a server from `bind`) from
+    a background thread; returns the server (its URL: `url(server)`; stop it with server.shutdown())."""
+    folder = Path(folder)
+    if not (folder / "index.html").is_file():
+        raise UserError(f"{folder} holds no index.html: build the page first (cvae-tk web EXPORT.onnx --out {folder})")
+    server = port if isinstance(port, ThreadingHTTPServer) else bind(folder, port)
     threading.Thread(target=server.serve_forever, name="cvae-tk web", daemon=True).start()
     return server
 
@@ -228,7 +276,8 @@ def url(server: ThreadingHTTPServer) -> str:
     return f"http://127.0.0.1:{server.server_address[1]}/"
 
 
-def serve_forever(folder: Path, port: int = 8000) -> None:
+def serve_forever(folder: Path, port: int | ThreadingHTTPServer = 8000) -> None:
+    """Serve until Ctrl-C, then stop the server and return."""
     server = serve(folder, port)
     print(f"serving {folder} at {url(server)} (Ctrl-C stops)", flush=True)
     try:
