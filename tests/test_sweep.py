@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -539,3 +540,34 @@ def test_an_interrupted_sweep_lets_its_training_process_stop_by_itself(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         sweep.stream_process([sys.executable, "-c", child], write=terminal)
     assert (tmp_path / "released").is_file() and time.perf_counter() - start < sweep.STOP_GRACE_S
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
+def test_a_training_process_does_not_outlive_the_sweep_that_started_it(tmp_path, signal_name):
+    """A sweep killed outright (SIGKILL, a scheduler's SIGTERM: no `finally` runs) left its training
+    child running, holding the GPU and the run folder's lock."""
+    import os
+    import signal
+    import subprocess
+
+    import psutil
+
+    child = "import os, time; open('child.pid', 'w').write(str(os.getpid())); time.sleep(120)"
+    parent = f"from toolkit.sweep import stream_process; stream_process([{sys.executable!r}, '-c', {child!r}])"
+    root = Path(__file__).resolve().parents[1]
+    sweep_process = subprocess.Popen(
+        [sys.executable, "-c", parent], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root)}
+    )
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "child.pid").is_file() or not (tmp_path / "child.pid").read_text():
+        assert time.monotonic() < deadline and sweep_process.poll() is None, "the child did not start"
+        time.sleep(0.05)
+    training = psutil.Process(int((tmp_path / "child.pid").read_text()))
+    sweep_process.send_signal(getattr(signal, signal_name))
+    sweep_process.wait(timeout=30)
+    try:
+        training.wait(timeout=15)
+    except psutil.TimeoutExpired:
+        training.kill()
+        pytest.fail("the training process outlived the sweep")

@@ -32,6 +32,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -349,13 +350,38 @@ def training_command(run: Run, launcher: str | None) -> list[str]:
     return [*launcher_prefix(launcher), str(TRAIN_SCRIPT), *run.args, *resume]
 
 
+def _die_with_parent(parent: int):
+    """For Popen's preexec_fn: on Linux the child is sent SIGTERM when the sweep dies, also by SIGKILL
+    or a scheduler's SIGTERM (no `finally` runs then), so that no training outlives the sweep that
+    started it, holding its GPU and its run folder's lock. Elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork: the child only calls it
+
+    def arm() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the sweep died before the signal was armed
+            os._exit(1)
+
+    return arm
+
+
 def stream_process(command: list[str], write=None) -> tuple[int, str]:
     """Run `command`, copying its stdout and stderr to ours as they come (progress bars too);
     returns (exit code, the last few KB of its output)."""
     write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     try:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, bufsize=0)
+        process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            bufsize=0,
+            preexec_fn=_die_with_parent(os.getpid()),
+        )
     except OSError as error:
         raise UserError(f"cannot start {shlex.join(command[:3])}...: {one_line(error)}") from None
     decoder, tail = codecs.getincrementaldecoder("utf-8")("replace"), ""

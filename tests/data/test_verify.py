@@ -222,3 +222,14 @@ def test_a_local_folder_whose_name_holds_a_colon_is_read_as_a_folder_not_a_url(c
         timeout=120,
     )
     assert done.returncode == 0 and done.stdout.count("every tar as built") == 2, done.stderr
+
+
+@pytest.mark.parametrize("split", ["../other/test", "test/..", "/abs", "", "a b"])
+def test_a_split_name_that_is_not_one_is_refused_and_nothing_outside_the_shards_is_read(shards, tmp_path, split):
+    """`eval --split ../other/test`, `shards verify --splits ...`: every reader joins split names in
+    stream.split_file, which takes only what the writer names splits with."""
+    (tmp_path / "other").mkdir()
+    shutil.copytree(shards / "test", tmp_path / "other" / "test")  # a real split, outside the shards
+    for read in (read_manifest, attribute_vectors, lambda s, x: verify_shards(s, [x])):
+        with pytest.raises(UserError, match=r"split name .*: expected a split of the shards, such as train or test"):
+            read(shards, split)

@@ -50,8 +50,9 @@ IMAGE_EXTS = ("png", "jpg")
 # '.' (webdataset splits the field off at the first one), no '/' or '\\' (no folders, so nothing
 # can point outside the archive's root when extracted: `../x`, `/tmp/x`), no control characters.
 _KEY = re.compile(r"[^./\\\x00-\x1f\x7f]+")
-# A split name becomes the folder OUT/<split>/ and the shard names <split>-000000.tar.
-_SPLIT = re.compile(r"[A-Za-z0-9_-]+")
+# A split name becomes the folder OUT/<split>/ and the shard names <split>-000000.tar (readers
+# check it too: `eval --split ../other/test` must not read outside the shards).
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @dataclass
@@ -173,7 +174,7 @@ def write_split(
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    if not _SPLIT.fullmatch(split):  # it names a folder and files under `out`: nothing may point elsewhere
+    if not SPLIT_NAME.fullmatch(split):  # it names a folder and files under `out`: nothing may point elsewhere
         raise ValueError(f"split name {split!r}: expected letters, digits, '_' or '-'")
     folder = Path(out) / split
     folder.mkdir(parents=True, exist_ok=True)
@@ -244,7 +245,7 @@ def _split_folders(out: Path) -> dict[str, list[str]]:
         for entry in sorted(entries, key=lambda e: e.name):
             if entry.name == LOCK and entry.is_file(follow_symlinks=False):
                 continue  # the build's own lock (`output_lock`)
-            if not (entry.is_dir(follow_symlinks=False) and _SPLIT.fullmatch(entry.name)):
+            if not (entry.is_dir(follow_symlinks=False) and SPLIT_NAME.fullmatch(entry.name)):
                 foreign.append(entry.name)
                 continue
             with os.scandir(entry.path) as inner:

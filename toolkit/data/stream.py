@@ -55,7 +55,7 @@ from toolkit.data.batches import (  # noqa: F401 (Skips: re-exported)
     Skips,
     to_unit_float,
 )
-from toolkit.data.shards import npy_header
+from toolkit.data.shards import SPLIT_NAME, npy_header
 from toolkit.errors import UserError, one_line
 from toolkit.formats import FIELDS, MANIFEST
 
@@ -189,7 +189,12 @@ def shard_urls(shards: str | Path, split: str) -> list[str]:
 
 def split_file(shards: str | Path, split: str, name: str) -> str:
     """Where the file `name` (a tar, the manifest) of `split` lies: a URL (pipe:..., http://...) is
-    joined as text, a local folder as a path."""
+    joined as text, a local folder as a path. A split name that is not one (`../other/test`,
+    `test/x`) is a UserError: every file read lies inside the shards."""
+    if not SPLIT_NAME.fullmatch(split):
+        raise UserError(
+            f"split name {split!r}: expected a split of the shards, such as train or test (letters, digits, '_' or '-')"
+        )
     text = str(shards)
     # a command with the path in the middle: pipe:aws s3 cp s3://bucket/celeba64/{} - (not a folder `a{}`)
     if "{}" in text and is_url(shards):
