@@ -487,9 +487,10 @@ def oracle_cub(data: Path, texts: dict[str, bytes], bbox: bool, condition: str =
     require(unique(class_names + attribute_names))  # one name per position of the condition vector
     images = rows["images.txt"]
     require(images and all(len(r) == 2 for r in images))
-    image_ids, relpaths = [to_int(r[0]) for r in images], [r[1] for r in images]
+    # one spelling per image ('a/./b.jpg' is 'a/b.jpg', '\\' is '/'), inside images/
+    image_ids, relpaths = [to_int(r[0]) for r in images], [posixpath.normpath(r[1].replace("\\", "/")) for r in images]
+    require(all(not p.startswith("/") and p != ".." and not p.startswith("../") for p in relpaths))
     require(unique(image_ids) and unique(relpaths))
-    require(all(not p.startswith("/") and ".." not in p.split("/") for p in relpaths))
 
     def per_image(name, columns, parse):
         values = {}
@@ -518,6 +519,9 @@ def oracle_cub(data: Path, texts: dict[str, bytes], bbox: bool, condition: str =
         return (x, y, w, h)
 
     labels = per_image("image_class_labels.txt", 1, class_of) if species else [None] * len(image_ids)
+    if species:  # an image in a class's folder has that class
+        folders = [p.rpartition("/")[0] for p in relpaths]
+        require(all(f not in class_names or f == class_names[c] for f, c in zip(folders, labels)))
     train = per_image("train_test_split.txt", 1, split)
     boxes = per_image("bounding_boxes.txt", 4, box) if bbox else [None] * len(image_ids)
     present = np.zeros((len(image_ids), len(attribute_ids)), np.uint8)
@@ -528,6 +532,7 @@ def oracle_cub(data: Path, texts: dict[str, bytes], bbox: bool, condition: str =
         require(image in image_ids and attribute in attribute_ids and (image, attribute) not in seen)
         require(r[2] in ("0", "1"))
         certainty = to_int(r[3])
+        require(1 <= certainty <= 4)  # attributes/certainties.txt
         seen.add((image, attribute))
         present[image_ids.index(image), attribute_ids.index(attribute)] = r[2] == "1" and certainty >= 3
     require(len(seen) == len(image_ids) * len(attribute_ids))  # 0 == 0 when the attributes are not read
@@ -714,9 +719,11 @@ def oracle_folder(root: Path, blob: bytes, split_column: str | None):
         if not any(cell.strip() for cell in row):
             continue
         require(len(row) == len(header))
-        name = row[file_column].strip().replace("\\", "/")
+        name = row[file_column].strip()
         require(name != "")
-        name = posixpath.normpath(name)
+        if os.path.isabs(name):  # an absolute path inside the image folder: relative to it
+            name = os.path.relpath(name, root / "images")
+        name = posixpath.normpath(name.replace("\\", "/"))
         require(not name.startswith("/") and name != ".." and not name.startswith("../") and name not in seen)
         seen.add(name)
         values = [row[i].strip() for i in attribute_columns]

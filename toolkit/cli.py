@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import List, Optional
 
@@ -89,7 +90,7 @@ STRICT = typer.Option(False, "--strict", help="Fail on a corrupt image instead o
 
 
 def _build(
-    table,
+    read,
     out: Path,
     size: str,
     crop: Optional[str],
@@ -98,14 +99,19 @@ def _build(
     strict: bool,
     overwrite: bool,
 ) -> None:
-    from toolkit.data.build import ImageSpec, build_shards, require_train_and_test
+    """`read()` gives the reader's table: called once the options are checked (CUB's tables take seconds)."""
+    from toolkit.data.build import ImageSpec, build_shards, constant_attributes, require_train_and_test
 
     spec = ImageSpec.parse(size, crop)
+    table = read()
     require_train_and_test(table)
     for split, manifest in build_shards(table, out, spec, workers, shard_size, strict, overwrite).items():
         skipped = manifest.get("skipped", {}).get("count", 0)
         note = f", {skipped} skipped (listed in the manifest)" if skipped else ""
         typer.echo(f"{split}: {manifest['count']} images in {len(manifest['shards'])} shard(s) -> {out / split}{note}")
+    warning = constant_attributes(table)  # after the build: a refused build stays one line
+    if warning:
+        typer.echo(f"warning: {warning}", err=True)
 
 
 @shards_app.command("celeba")
@@ -126,7 +132,7 @@ def shards_celeba(
     """CelebA: 40 attributes (-1/1 -> 0/1), the official train / val / test partition."""
     from toolkit.data.celeba import read_celeba
 
-    _build(read_celeba(root), out, size, crop, workers, shard_size, strict, overwrite)
+    _build(partial(read_celeba, root), out, size, crop, workers, shard_size, strict, overwrite)
 
 
 @shards_app.command("cub")
@@ -156,7 +162,7 @@ def shards_cub(
     from toolkit.data.cub import read_cub
 
     _build(
-        read_cub(root, bbox_crop=bbox_crop, condition=condition),
+        partial(read_cub, root, bbox_crop=bbox_crop, condition=condition),
         out,
         size,
         crop,
@@ -175,10 +181,17 @@ def shards_folder(
     ),
     out: Path = typer.Option(..., "--out", callback=_output_folder),
     split_column: Optional[str] = typer.Option(None, "--split-column", help="Column with train/val/test per row."),
-    test_fraction: float = typer.Option(
-        0.1, "--test-fraction", min=0.0, max=0.9, help="Without --split-column: random test share."
+    test_fraction: Optional[float] = typer.Option(
+        None,
+        "--test-fraction",
+        min=0.0,
+        max=0.9,
+        show_default=False,
+        help="Without --split-column: random test share (default: 0.1).",
     ),
-    seed: int = typer.Option(0, "--seed", callback=_seed, help="Seed of the random split."),
+    seed: Optional[int] = typer.Option(
+        None, "--seed", callback=_seed, show_default=False, help="Seed of the random split (default: 0)."
+    ),
     size: str = SIZE,
     crop: Optional[str] = CROP,
     workers: int = WORKERS,
@@ -189,8 +202,13 @@ def shards_folder(
     """Your own images plus a CSV attribute table."""
     from toolkit.data.folder import read_folder
 
-    table = read_folder(root, attributes, split_column=split_column, test_fraction=test_fraction, seed=seed)
-    _build(table, out, size, crop, workers, shard_size, strict, overwrite)
+    if split_column is not None:  # the column gives every row's split: a random split's settings do nothing
+        for option, value in (("--test-fraction", test_fraction), ("--seed", seed)):
+            if value is not None:
+                raise UserError(f"{option} does nothing with --split-column: the column gives each row's split")
+    fraction = 0.1 if test_fraction is None else test_fraction
+    read = partial(read_folder, root, attributes, split_column=split_column, test_fraction=fraction, seed=seed or 0)
+    _build(read, out, size, crop, workers, shard_size, strict, overwrite)
 
 
 @shards_app.command("verify")

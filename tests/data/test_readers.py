@@ -212,6 +212,9 @@ def test_cub_missing_files(tmp_path, cub):
         ("attribute_labels", 6, "42 2 1 3 1.0", "image_attribute_labels.txt line 6: image id 42 is not in images.txt"),
         ("attribute_labels", 6, "2 2 5 3 1.0", "image_attribute_labels.txt line 6: is_present"),
         ("attribute_labels", 6, "2 2 1 x 1.0", "image_attribute_labels.txt line 6: certainty_id"),
+        # certainties.txt has 1 to 4: a 5 or a 0 was read as certain (>= 3) or not
+        ("attribute_labels", 6, "2 2 1 5 1.0", "line 6: certainty_id is '5', expected 1, 2, 3 or 4"),
+        ("attribute_labels", 6, "2 2 1 0 1.0", "line 6: certainty_id is '0', expected 1, 2, 3 or 4"),
         ("attribute_labels", 6, "2 2 1", "image_attribute_labels.txt line 6"),
         ("attributes", 2, "two has_bill_shape::dagger", "attributes.txt line 2"),
     ],
@@ -419,6 +422,11 @@ def test_folder_tables_separated_by_semicolons_or_tabs_read_as_the_comma_one(tmp
         ("file,Smiling\na/img_000.jpg,0.5\n", "column Smiling is '0.5', expected 0 or 1"),
         ("file,Smiling\na/img_000.jpg,\n", "column Smiling is '', expected 0 or 1"),
         ("file,Smiling\n,1\n", "line 2: empty file name"),
+        # a split column not named with --split-column: said so
+        (
+            "file,fold\na/img_000.jpg,train\n",
+            "column fold is 'train', expected 0 or 1 (a column of splits? pass --split-column fold)",
+        ),
     ],
 )
 def test_folder_malformed_tables_are_one_user_error(tmp_path, content, expected):
@@ -428,3 +436,109 @@ def test_folder_malformed_tables_are_one_user_error(tmp_path, content, expected)
     fixture["table"].write_bytes(b"\xff\xfe" + content.encode("utf-16-le"))  # UTF-16, as some editors save
     if content:
         raises(["labels.csv", "expected a UTF-8 CSV file"], read_folder, fixture["root"], fixture["table"])
+
+
+# ----------------------------------------------------------------------------------------------- every reader
+
+
+def test_cub_one_image_under_two_spellings_is_refused(cub):
+    """'a/./b.jpg', 'a//b.jpg', './a/b.jpg' and 'a\\b.jpg' name the image a/b.jpg: listed beside it, the
+    same image was two samples under two keys (maybe one in train, one in test); alone, it is read as it."""
+    first = cub["relpaths"][0]
+    folder, name = first.split("/")
+    second = (cub["data"] / "images.txt").read_text().splitlines()[1]
+    for spelling in (f"{folder}/./{name}", f"{folder}//{name}", f"./{folder}/{name}", f"{folder}\\{name}"):
+        replace_line(cub["files"]["images"], 2, f"2 {spelling}")
+        raises([f"images.txt line 2: {first} already listed on line 1"], read_cub, cub["root"])
+    replace_line(cub["files"]["images"], 2, second)
+    replace_line(cub["files"]["images"], 1, f"1 ./{folder}//{name}")
+    record = by_key(read_cub(cub["root"]))[safe_key(first)]
+    assert record.path == cub["data"] / "images" / first
+
+
+def test_cub_class_labels_numbered_otherwise_than_images_txt_are_refused(cub):
+    """Images 1-3 are in 001.Black_footed_Albatross/: a label of class 2 for image 3 means
+    image_class_labels.txt numbers the images otherwise (every label silently wrong)."""
+    replace_line(cub["files"]["labels"], 3, "3 2")
+    raises(
+        ["image_class_labels.txt: 1 image(s) labelled with another class", f"id 3 ({cub['relpaths'][2]})"],
+        read_cub,
+        cub["root"],
+    )
+    read_cub(cub["root"], condition="attributes")  # the labels are not read
+    # class names that are not the folders' names: nothing to compare, the labels are taken as written
+    classes = cub["files"]["classes"]
+    classes.write_text("".join(f"{c} Species_{c}\n" for c in (1, 2, 3)))
+    assert by_key(read_cub(cub["root"]))[safe_key(cub["relpaths"][2])].attributes[:3].tolist() == [0, 1, 0]
+
+
+def test_a_listed_file_found_only_in_another_case_is_named_as_such(tmp_path):
+    """'000001.jpg' listed, '000001.JPG' on disk: 'not found' alone sent the user to a file that `ls` shows."""
+    celeba = make_celeba(tmp_path / "celeba", n=6)
+    (celeba["images"] / "000001.jpg").rename(celeba["images"] / "000001.JPG")
+    raises(["1 listed image(s) not found", "000001.JPG for 000001.jpg", "case-sensitive"], read_celeba, celeba["root"])
+
+    cub = make_cub(tmp_path / "cub")
+    folder, name = cub["relpaths"][4].split("/")
+    (cub["data"] / "images" / folder / name).rename(cub["data"] / "images" / folder / name.lower())
+    raises([f"{folder}/{name.lower()} for {folder}/{name}", "case-sensitive"], read_cub, cub["root"])
+
+    mine = make_folder(tmp_path / "mine", n=4)
+    (mine["root"] / "b/img_001.jpg").rename(mine["root"] / "b/IMG_001.jpg")
+    (mine["root"] / "a/img_002.jpg").unlink()  # missing in any case: no note for it
+    message = raises(
+        [
+            "2 listed image(s) not found",
+            "1 of them found with other upper/lower case",
+            "b/IMG_001.jpg for b/img_001.jpg",
+        ],
+        read_folder,
+        mine["root"],
+        mine["table"],
+    )
+    assert "img_002" not in message.split("; ", 1)[1]
+
+
+def test_text_quoted_from_a_table_is_cut_in_the_message(tmp_path):
+    """A line or a field megabytes long (a wrong file given as the table) was quoted whole: a 5 MB 'line'."""
+    long = "x" * 100_000  # under the csv module's field limit
+    celeba = make_celeba(tmp_path / "celeba", n=4)
+    cub = make_cub(tmp_path / "cub")
+    mine = make_folder(tmp_path / "mine", n=4)
+    row = celeba["attr_file"].read_text().splitlines()[2]
+    cases = [
+        (celeba["attr_file"], 1, long, read_celeba, celeba["root"]),  # the count line
+        (celeba["attr_file"], 3, row.replace("-1", long, 1), read_celeba, celeba["root"]),  # a value
+        (celeba["partition_file"], 1, f"000001.jpg {long}", read_celeba, celeba["root"]),
+        (cub["files"]["images"], 1, f"1 {long}", read_cub, cub["root"]),  # a missing image
+        (cub["files"]["labels"], 1, f"1 {long} 3", read_cub, cub["root"]),  # a malformed row
+        (cub["files"]["attribute_labels"], 1, f"1 1 1 {long} 1.0", read_cub, cub["root"]),
+        (mine["table"], 1, f"file,{long},{long}", read_folder, mine["root"], mine["table"]),  # names repeated
+        (mine["table"], 2, f"a/img_000.jpg,{long},1", read_folder, mine["root"], mine["table"]),
+        (mine["table"], 2, f"a/{long}.jpg,1,1", read_folder, mine["root"], mine["table"]),
+    ]
+    for path, line, text, read, *args in cases:
+        original = path.read_bytes()
+        replace_line(path, line, text)
+        message = raises([path.name], read, *args)
+        assert len(message) < 1000 and "xxx..." in message, (path.name, line, len(message))
+        path.write_bytes(original)
+
+
+def test_folder_absolute_paths_inside_the_root_read_as_relative_ones(tmp_path):
+    """A table made with `find "$PWD"/photos` names every file by its absolute path: refused as 'not a
+    path inside the image folder' although each was; outside the root it still is refused."""
+    fixture = make_folder(tmp_path, n=4)
+    root = fixture["root"]
+    rows = fixture["table"].read_text().splitlines()
+    rows[1] = f"{root}/{rows[1]}"
+    rows[2] = f"{root}/./x/../{rows[2]}"
+    fixture["table"].write_text("\n".join(rows) + "\n")
+    records = by_key(read_folder(root, fixture["table"], test_fraction=0.25))
+    assert sorted(records) == sorted(safe_key(file) for file in fixture["files"])
+    assert records[safe_key(fixture["files"][0])].path == root / fixture["files"][0]
+    for outside in (f"{tmp_path}/labels.csv", f"{root}/../photos2/a.jpg", "/"):
+        replace_line(fixture["table"], 4, f"{outside},1,0")
+        raises(["labels.csv line 4", "is not a path inside the image folder"], read_folder, root, fixture["table"])
+    replace_line(fixture["table"], 4, f"{root}/{fixture['files'][0]},1,0")  # one image, two spellings
+    raises([f"line 4: {fixture['files'][0]} already listed on line 2"], read_folder, root, fixture["table"])

@@ -380,6 +380,24 @@ def require_train_and_test(table: SourceTable) -> None:
             )
 
 
+def constant_attributes(table: SourceTable) -> str | None:
+    """A warning for attributes with one value in every train image (a column of a table that is all 1,
+    species of a subset of CUB that has none of their birds): the model never sees the other value,
+    so it cannot learn what setting it changes. None when every attribute varies."""
+    train = table.splits.get("train")
+    if not train or not table.attributes:
+        return None
+    matrix = np.stack([record.attributes for record in train])
+    low, high = matrix.min(axis=0), matrix.max(axis=0)
+    constant = [f"{name} (always {low[i]})" for i, name in enumerate(table.attributes) if low[i] == high[i]]
+    if not constant:
+        return None
+    return (
+        f"{table.source}: {len(constant)} of {len(table.attributes)} attribute(s) have the same value in every "
+        f"train image (first: {first_few(constant)}): the model cannot learn to change them"
+    )
+
+
 def check_inputs(table: SourceTable, spec: ImageSpec, workers: int) -> None:
     """What can be told before any image is encoded, refused in one line: file extensions no
     reader takes, a --crop larger than the images, a build that would not fit in memory."""

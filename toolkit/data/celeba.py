@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.data.sources import Record, SourceTable, file_names, first_few, safe_key, text_rows
+from toolkit.data.sources import Record, SourceTable, case_hint, cut, file_names, first_few, safe_key, text_rows
 from toolkit.errors import UserError
 
 IMAGES = "img_align_celeba"
@@ -50,9 +50,10 @@ def read_celeba(root: str | Path) -> SourceTable:
     on_disk = file_names(images_dir, lambda name: name.lower().endswith(IMAGE_EXTS) and not name.startswith("."))
     absent = [(line, name) for name, line in zip(files, lines) if name not in on_disk]
     if absent:
+        names_absent = [name for _, name in absent]
         raise UserError(
             f"{attr_file} line {absent[0][0]}: {len(absent)} listed image(s) not found in {images_dir} "
-            f"(first: {first_few([name for _, name in absent])})"
+            f"(first: {first_few(names_absent)}){case_hint(images_dir, names_absent)}"
         )
     listed = set(files)
     unlisted = sorted(name for name in on_disk if name not in listed)
@@ -70,8 +71,8 @@ def read_celeba(root: str | Path) -> SourceTable:
         key = safe_key(name)
         if key in keys:  # e.g. '000001.jpg' and '000001.png': one sample key, so the shards would merge them
             raise UserError(
-                f"{attr_file} line {lines[index]}: {name} gives the key {key!r}, as {files[keys[key]]} on line "
-                f"{lines[keys[key]]} does; rename one of the images"
+                f"{attr_file} line {lines[index]}: {cut(name)} gives the key {cut(key)!r}, as "
+                f"{cut(files[keys[key]])} on line {lines[keys[key]]} does; rename one of the images"
             )
         keys[key] = index
         splits[split_of[name]].append(Record(key=key, path=images_dir / name, attributes=matrix[index]))
@@ -84,14 +85,14 @@ def _read_attributes(path: Path) -> tuple[list[str], list[str], list[int], np.nd
     number, fields = next(rows, (1, []))
     if len(fields) != 1 or not (fields[0].isascii() and fields[0].isdigit()):
         # not '²', which isdigit() takes and int() refuses
-        raise UserError(f"{path} line {number}: expected the image count alone, got {' '.join(fields)!r}")
+        raise UserError(f"{path} line {number}: expected the image count alone, got {cut(' '.join(fields))!r}")
     count, count_line = int(fields[0]), number
     number, names = next(rows, (count_line + 1, []))
     if not names:
         raise UserError(f"{path} line {number}: expected the attribute names")
     if len(set(names)) != len(names):
         repeated = sorted({name for name in names if names.count(name) > 1})
-        raise UserError(f"{path} line {number}: attribute name(s) repeated: {', '.join(repeated)}")
+        raise UserError(f"{path} line {number}: attribute name(s) repeated: {first_few(repeated)}")
 
     width = len(names) + 1
     files: list[str] = []
@@ -106,13 +107,13 @@ def _read_attributes(path: Path) -> tuple[list[str], list[str], list[int], np.nd
             )
         name = fields[0]
         if name in seen:
-            raise UserError(f"{path} line {number}: {name} already listed on line {seen[name]}")
+            raise UserError(f"{path} line {number}: {cut(name)} already listed on line {seen[name]}")
         try:
             values += bytes(map(_value, fields[1:]))
         except KeyError:
             column = next(i for i, value in enumerate(fields[1:]) if value not in _VALUE)
             raise UserError(
-                f"{path} line {number}: {names[column]} is {fields[column + 1]!r}, expected -1 or 1"
+                f"{path} line {number}: {cut(names[column])} is {cut(fields[column + 1])!r}, expected -1 or 1"
             ) from None
         seen[name] = number
         files.append(name)
@@ -134,12 +135,12 @@ def _read_partition(path: Path, listed: set[str]) -> dict[str, str]:
             raise UserError(f"{path} line {number}: expected '<file> 0|1|2', got {len(fields)} column(s)")
         name, value = fields
         if value not in SPLITS:
-            raise UserError(f"{path} line {number}: partition {value!r}, expected 0 (train), 1 (val) or 2 (test)")
+            raise UserError(f"{path} line {number}: partition {cut(value)!r}, expected 0 (train), 1 (val) or 2 (test)")
         if name in seen:
-            raise UserError(f"{path} line {number}: {name} already listed on line {seen[name]}")
+            raise UserError(f"{path} line {number}: {cut(name)} already listed on line {seen[name]}")
         if name not in listed:
             # a partition file from another copy of the data set: better to stop than guess
-            raise UserError(f"{path} line {number}: {name} has no row in {ATTRIBUTES}")
+            raise UserError(f"{path} line {number}: {cut(name)} has no row in {ATTRIBUTES}")
         seen[name] = number
         split_of[name] = SPLITS[value]
     return split_of

@@ -19,11 +19,14 @@ ROOT may also be the CUB_200_2011 folder itself. `condition` picks the vector:
   copies of CUB lack them);
 - "attributes": the attributes only; classes.txt and image_class_labels.txt are not read.
 
-An attribute is 1 only when is_present == 1 and certainty_id >= 3 (the paper's code). Counts come
-from the files, not constants. The table's source is "cub-200-2011" for "both", else
-"cub-200-2011:species" / "cub-200-2011:attributes" (the manifest's `source`, so builds with
-different conditions are not mixed in one --out). Only text is parsed and each class folder listed
-once; no image is decoded.
+An attribute is 1 only when is_present == 1 and certainty_id >= 3 (the paper's code; certainty_id
+is 1 to 4). Counts come from the files, not constants. Paths in images.txt are read as the folder
+reader reads its table's ('a/./b.jpg' is 'a/b.jpg', '\\' is '/'), so one image cannot be listed twice
+under two spellings. An image in the folder named after a class of classes.txt (the official
+layout) must carry that class in image_class_labels.txt: else the files number the images apart.
+The table's source is "cub-200-2011" for "both", else "cub-200-2011:species" /
+"cub-200-2011:attributes" (the manifest's `source`, so builds with different conditions are not
+mixed in one --out). Only text is parsed and each class folder listed once; no image is decoded.
 
 With bbox_crop each record carries its bounding box as annotated (x, y, w, h); the shard builder
 crops the square around it that StackGAN / AttnGAN use (see `toolkit.data.build.bbox_region`).
@@ -39,7 +42,17 @@ from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 
-from toolkit.data.sources import Record, SourceTable, first_few, missing_files, safe_key, text_rows
+from toolkit.data.sources import (
+    Record,
+    SourceTable,
+    case_hint,
+    cut,
+    first_few,
+    inside_path,
+    missing_files,
+    safe_key,
+    text_rows,
+)
 from toolkit.errors import UserError
 
 DATA = "CUB_200_2011"
@@ -87,6 +100,7 @@ def read_cub(root: str | Path, bbox_crop: bool = False, condition: str = "both")
         labels = _per_image(
             data / "image_class_labels.txt", image_index, ids, relpaths, "<image_id> <class_id>", class_of
         )
+        _check_class_folders(data / "image_class_labels.txt", ids, relpaths, labels, class_names)
         matrix[np.arange(len(ids)), labels] = 1
     train = _per_image(data / "train_test_split.txt", image_index, ids, relpaths, "<image_id> 1|0", is_train)
     if attributes:
@@ -107,7 +121,9 @@ def read_cub(root: str | Path, bbox_crop: bool = False, condition: str = "both")
     for index, relpath in enumerate(relpaths):
         key = safe_key(relpath)
         if key in keys:  # e.g. 'a.b/c.jpg' and 'a_b/c.jpg'
-            raise UserError(f"{data / 'images.txt'}: {relpath} and {keys[key]} give the same key {key!r}")
+            raise UserError(
+                f"{data / 'images.txt'}: {cut(relpath)} and {cut(keys[key])} give the same key {cut(key)!r}"
+            )
         keys[key] = relpath
         record = Record(
             key=key,
@@ -165,7 +181,7 @@ def _read_names(path: Path, what: str) -> tuple[list[str], dict[int, int]]:
     for number, fields in _rows(path):
         ident = _int(fields[0])
         if len(fields) != 2 or ident is None:
-            raise UserError(f"{path} line {number}: expected '<{what}_id> <name>', got {' '.join(fields)!r}")
+            raise UserError(f"{path} line {number}: expected '<{what}_id> <name>', got {cut(' '.join(fields))!r}")
         if ident in index:
             raise UserError(f"{path} line {number}: {what} id {ident} already used on line {lines[ident]}")
         index[ident], lines[ident] = len(names), number
@@ -185,17 +201,17 @@ def _read_images(path: Path) -> tuple[list[int], list[str], dict[int, int]]:
         ident = _int(fields[0])
         if len(fields) != 2 or ident is None:
             raise UserError(
-                f"{path} line {number}: expected '<image_id> <class_dir>/<file>', got {' '.join(fields)!r}"
+                f"{path} line {number}: expected '<image_id> <class_dir>/<file>', got {cut(' '.join(fields))!r}"
             )
-        relpath = fields[1]
-        if relpath.startswith("/") or ".." in relpath.split("/"):
-            raise UserError(f"{path} line {number}: {relpath!r} is not a path inside images/")
+        relpath = inside_path(fields[1])  # one spelling per image: 'a/./b.jpg' is 'a/b.jpg', listed twice
+        if relpath is None:
+            raise UserError(f"{path} line {number}: {cut(fields[1])!r} is not a path inside images/")
         if ident in index:
             raise UserError(
                 f"{path} line {number}: image id {ident} already used on line {seen[relpaths[index[ident]]]}"
             )
         if relpath in seen:
-            raise UserError(f"{path} line {number}: {relpath} already listed on line {seen[relpath]}")
+            raise UserError(f"{path} line {number}: {cut(relpath)} already listed on line {seen[relpath]}")
         index[ident], seen[relpath] = len(ids), number
         ids.append(ident)
         relpaths.append(relpath)
@@ -222,7 +238,7 @@ def _per_image(
     for number, fields in _rows(path):
         ident = _int(fields[0])
         if len(fields) != columns + 1 or ident is None:
-            raise UserError(f"{path} line {number}: expected '{form}', got {' '.join(fields)!r}")
+            raise UserError(f"{path} line {number}: expected '{form}', got {cut(' '.join(fields))!r}")
         if ident not in image_index:
             raise UserError(f"{path} line {number}: image id {ident} is not in images.txt")
         if ident in lines:
@@ -232,7 +248,7 @@ def _per_image(
         except ValueError as error:
             raise UserError(f"{path} line {number}: {error}") from None
         lines[ident] = number
-    missing = [f"id {ids[i]} ({relpaths[i]})" for i, value in enumerate(values) if value is None]
+    missing = [f"id {ids[i]} ({cut(relpaths[i])})" for i, value in enumerate(values) if value is None]
     if missing:
         raise UserError(f"{path}: no row for {len(missing)} image(s) of images.txt (first: {first_few(missing)})")
     return values  # type: ignore[return-value]  # no None left
@@ -242,9 +258,9 @@ def _box(*fields: str) -> tuple[float, float, float, float]:
     try:
         x, y, w, h = (float(field) for field in fields)
     except ValueError:
-        raise ValueError(f"expected four numbers x y w h, got {' '.join(fields)!r}") from None
+        raise ValueError(f"expected four numbers x y w h, got {cut(' '.join(fields))!r}") from None
     if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
-        raise ValueError(f"box {' '.join(fields)!r}: expected finite numbers and a positive width and height")
+        raise ValueError(f"box {cut(' '.join(fields))!r}: expected finite numbers and a positive width and height")
     return (x, y, w, h)
 
 
@@ -268,30 +284,33 @@ def _read_attribute_labels(
     form = "<image_id> <attribute_id> <is_present> <certainty_id> <time>"
     for number, fields in _rows(path):
         if len(fields) < 4:  # extra columns beyond the fourth are ignored: a few real rows have them
-            raise UserError(f"{path} line {number}: expected '{form}', got {' '.join(fields)!r}")
+            raise UserError(f"{path} line {number}: expected '{form}', got {cut(' '.join(fields))!r}")
         image = images.get(fields[0])
         if image is None:
             image = image_index.get(_int(fields[0]))  # type: ignore[arg-type]  # e.g. '007'
             if image is None:
-                raise UserError(f"{path} line {number}: image id {fields[0]} is not in images.txt")
+                raise UserError(f"{path} line {number}: image id {cut(fields[0])} is not in images.txt")
         attribute = attributes.get(fields[1])
         if attribute is None:
             attribute = attribute_index.get(_int(fields[1]))  # type: ignore[arg-type]
             if attribute is None:
-                raise UserError(f"{path} line {number}: attribute id {fields[1]} is not in attributes.txt")
+                raise UserError(f"{path} line {number}: attribute id {cut(fields[1])} is not in attributes.txt")
         present = _PRESENT.get(fields[2])
         if present is None:
-            raise UserError(f"{path} line {number}: is_present is {fields[2]!r}, expected 0 or 1")
+            raise UserError(f"{path} line {number}: is_present is {cut(fields[2])!r}, expected 0 or 1")
         certain = _CERTAIN.get(fields[3])
         if certain is None:
             certainty = _int(fields[3])
-            if certainty is None:
-                raise UserError(f"{path} line {number}: certainty_id is {fields[3]!r}, expected an integer")
+            if certainty not in range(1, 5):  # certainties.txt: 1 not visible ... 4 definitely
+                raise UserError(
+                    f"{path} line {number}: certainty_id is {cut(fields[3])!r}, expected 1, 2, 3 or 4 "
+                    "(attributes/certainties.txt)"
+                )
             certain = certainty >= 3
         position = image * n_attributes + attribute
         if seen[position]:
             raise UserError(
-                f"{path} line {number}: image id {ids[image]} and attribute id {fields[1]} already have a row"
+                f"{path} line {number}: image id {ids[image]} and attribute id {cut(fields[1])} already have a row"
             )
         seen[position] = 1
         counts[image] += 1
@@ -314,4 +333,24 @@ def _check_images(images_dir: Path, listing: Path, relpaths: list[str]) -> None:
     if missing:
         raise UserError(
             f"{listing}: {len(missing)} listed image(s) not found under {images_dir} (first: {first_few(missing)})"
+            + case_hint(images_dir, missing)
+        )
+
+
+def _check_class_folders(
+    path: Path, ids: list[int], relpaths: list[str], labels: list[int], class_names: list[str]
+) -> None:
+    """An image kept in the folder named after one class (images.txt's '001.Black_footed_Albatross/...')
+    must be labelled with that class: otherwise the two files number the images differently (one
+    renumbered or reordered), and every label would be silently wrong. Other folder names are not checked."""
+    folders = set(class_names)
+    astray = []
+    for i, relpath in enumerate(relpaths):
+        folder = relpath.rpartition("/")[0]
+        if folder in folders and folder != class_names[labels[i]]:
+            astray.append(f"id {ids[i]} ({cut(relpath)}) has class {cut(class_names[labels[i]])}")
+    if astray:
+        raise UserError(
+            f"{path}: {len(astray)} image(s) labelled with another class than the one whose folder holds them "
+            f"(first: {first_few(astray, 3)}); it does not number the images as images.txt does"
         )

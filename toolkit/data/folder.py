@@ -6,9 +6,10 @@
         a/0001.jpg,1,0[,train]
 
 The file column is the first of `file`, `filename`, `image`, `path` in the header (file names are
-relative to ROOT); the optional split column holds train / val / test; every other column is a 0/1
-attribute. Without a split column, a seeded random `test_fraction` of the rows is test and the rest
-train, each split in table order. Only the table is parsed and each folder listed once.
+relative to ROOT, or absolute paths inside ROOT); the optional split column holds train / val /
+test; every other column is a 0/1 attribute. Without a split column, a seeded random
+`test_fraction` of the rows is test and the rest train, each split in table order. Only the table
+is parsed and each folder listed once.
 Columns are separated by commas, or by semicolons or tabs where the header holds no comma (what
 spreadsheets in many locales save as "CSV").
 """
@@ -17,12 +18,11 @@ from __future__ import annotations
 
 import csv
 import os
-import posixpath
 from pathlib import Path
 
 import numpy as np
 
-from toolkit.data.sources import Record, SourceTable, first_few, missing_files, safe_key
+from toolkit.data.sources import Record, SourceTable, case_hint, cut, first_few, inside_path, missing_files, safe_key
 from toolkit.errors import UserError
 
 FILE_COLUMNS = ("file", "filename", "image", "path")
@@ -41,7 +41,7 @@ def read_folder(
     if not 0.0 <= test_fraction < 1.0:
         raise UserError(f"test_fraction is {test_fraction}, expected a number in [0, 1)")
 
-    names, files, lines, matrix, split_of = _read_table(table, split_column)
+    names, files, lines, matrix, split_of = _read_table(table, split_column, root)
     if not files:
         raise UserError(f"{table}: expected at least one image row after the header, found none")
     _check_images(root, table, files, lines)
@@ -53,7 +53,7 @@ def read_folder(
     for index, (name, line) in enumerate(zip(files, lines)):
         key = safe_key(name)
         if key in keys:  # e.g. 'a.b/c.jpg' and 'a_b/c.jpg'
-            raise UserError(f"{table} line {line}: {name} gives the key {key!r}, as line {keys[key]} does")
+            raise UserError(f"{table} line {line}: {cut(name)} gives the key {cut(key)!r}, as line {keys[key]} does")
         keys[key] = line
         splits[split_of[index]].append(Record(key=key, path=root / name, attributes=matrix[index]))
     # only the splits that have rows: a data set need not have a val split
@@ -62,7 +62,7 @@ def read_folder(
 
 
 def _read_table(
-    table: Path, split_column: str | None
+    table: Path, split_column: str | None, root: Path
 ) -> tuple[list[str], list[str], list[int], np.ndarray, list[str] | None]:
     """Attribute names, normalized file names, their line numbers, the uint8 matrix, and the splits if given."""
     try:
@@ -75,19 +75,19 @@ def _read_table(
                 raise UserError(f"{table} line 1: column {header.index('') + 1} has no name")
             if len(set(header)) != len(header):
                 repeated = sorted({cell for cell in header if header.count(cell) > 1})
-                raise UserError(f"{table} line 1: column name(s) repeated: {', '.join(repeated)}")
+                raise UserError(f"{table} line 1: column name(s) repeated: {first_few(repeated)}")
             lowered = [cell.lower() for cell in header]
             file_column = next((lowered.index(name) for name in FILE_COLUMNS if name in lowered), None)
             if file_column is None:
                 raise UserError(
                     f"{table} line 1: expected a file column named one of {', '.join(FILE_COLUMNS)}; "
-                    f"the header is {', '.join(header)}"
+                    f"the header is {cut(', '.join(header))}"
                 )
             split_index = None
             if split_column is not None:
                 if split_column not in header or header.index(split_column) == file_column:
                     raise UserError(
-                        f"{table} line 1: no split column {split_column!r}; the header is {', '.join(header)}"
+                        f"{table} line 1: no split column {split_column!r}; the header is {cut(', '.join(header))}"
                     )
                 split_index = header.index(split_column)
             attribute_columns = [i for i in range(len(header)) if i not in (file_column, split_index)]
@@ -106,22 +106,26 @@ def _read_table(
                     continue
                 if len(row) != len(header):
                     raise UserError(f"{table} line {number}: {len(row)} column(s), the header has {len(header)}")
-                name = _normalize(row[file_column], table, number)
+                name = _normalize(row[file_column], table, number, root)
                 if name in seen:
-                    raise UserError(f"{table} line {number}: {name} already listed on line {seen[name]}")
+                    raise UserError(f"{table} line {number}: {cut(name)} already listed on line {seen[name]}")
                 seen[name] = number
                 for column in attribute_columns:
                     value = _VALUE.get(row[column].strip())
                     if value is None:
+                        hint = ""
+                        if split_index is None and row[column].strip() in SPLITS:
+                            hint = f" (a column of splits? pass --split-column {header[column]})"
                         raise UserError(
-                            f"{table} line {number}: column {header[column]} is {row[column]!r}, expected 0 or 1"
+                            f"{table} line {number}: column {cut(header[column])} is {cut(row[column])!r}, "
+                            f"expected 0 or 1{hint}"
                         )
                     values.append(value)
                 if split_index is not None:
                     split = row[split_index].strip()
                     if split not in SPLITS:
                         raise UserError(
-                            f"{table} line {number}: column {header[split_index]} is {row[split_index]!r}, "
+                            f"{table} line {number}: column {cut(header[split_index])} is {cut(row[split_index])!r}, "
                             f"expected one of {', '.join(SPLITS)}"
                         )
                     splits.append(split)
@@ -147,23 +151,28 @@ def _delimiter(stream) -> str:
     return ","
 
 
-def _normalize(cell: str, table: Path, number: int) -> str:
-    """A file name relative to ROOT, with '/' separators (a table written on Windows may use '\\')."""
-    name = cell.strip().replace("\\", "/")
-    if not name:
+def _normalize(cell: str, table: Path, number: int, root: Path) -> str:
+    """A file name relative to ROOT, with '/' separators (a table written on Windows may use '\\'); an
+    absolute path inside ROOT (a table made with `find "$PWD"/...`) is made relative to it."""
+    text = cell.strip()
+    if not text:
         raise UserError(f"{table} line {number}: empty file name")
-    name = posixpath.normpath(name)
-    if name.startswith("/") or name == ".." or name.startswith("../"):
-        raise UserError(f"{table} line {number}: {cell.strip()!r} is not a path inside the image folder")
+    if os.path.isabs(text):
+        text = os.path.relpath(text, root)  # by the names alone: '../..' for a path outside ROOT
+    name = inside_path(text)
+    if name is None:
+        raise UserError(f"{table} line {number}: {cut(cell.strip())!r} is not a path inside the image folder")
     return name
 
 
 def _check_images(root: Path, table: Path, files: list[str], lines: list[int]) -> None:
     """Every row's image must exist: one directory listing per folder, no stat per image."""
-    missing = [f"{files[i]} (line {lines[i]})" for i in missing_files(root, files)]
-    if missing:
+    indices = missing_files(root, files)
+    if indices:
+        missing = [f"{cut(files[i])} (line {lines[i]})" for i in indices]
         raise UserError(
             f"{table}: {len(missing)} listed image(s) not found under {root} (first: {first_few(missing)})"
+            + case_hint(root, [files[i] for i in indices])
         )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -42,6 +43,22 @@ def safe_key(relative_path: str) -> str:
     stem = relative_path.rsplit(".", 1)[0] if "." in relative_path.rsplit("/", 1)[-1] else relative_path
     key = stem.replace("/", "__").replace(".", "_")
     return "".join("_" if char == "\\" or char < " " or char == "\x7f" else char for char in key) or "_"
+
+
+def inside_path(text: str) -> str | None:
+    """A file name from a table as a '/'-separated path relative to its folder ('./a//b.jpg' and
+    'a\\b.jpg' -> 'a/b.jpg', so one image has one spelling), or None for one that leaves the folder
+    (absolute, or '..' beyond its top)."""
+    name = posixpath.normpath(text.replace("\\", "/"))
+    if name.startswith("/") or name == ".." or name.startswith("../"):
+        return None
+    return name
+
+
+def cut(text: str, limit: int = 80) -> str:
+    """`text`, cut to `limit` characters ('...' after): text quoted from a table in a message, where a
+    line or a field may be megabytes long."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def text_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
@@ -91,7 +108,31 @@ def missing_files(root: Path, relative_paths: Sequence[str]) -> list[int]:
     return missing
 
 
+def case_hint(root: Path, missing: Sequence[str]) -> str:
+    """For listed files not found under `root`: a note naming those that are there with other upper/lower
+    case letters ('000001.JPG' for '000001.jpg', which a case-insensitive disk would have found), else ''.
+    Only on the way to an error: one more listing per folder."""
+    folders: dict[str, dict[str, str]] = {}
+    twins: list[tuple[str, str]] = []  # (on disk, listed)
+    for relpath in missing:
+        folder, _, name = relpath.rpartition("/")
+        if folder not in folders:
+            try:
+                folders[folder] = {other.lower(): other for other in file_names(root / folder)}
+            except (OSError, ValueError):
+                folders[folder] = {}
+        twin = folders[folder].get(name.lower())
+        if twin is not None:
+            twins.append((posixpath.join(folder, twin), relpath))
+    if not twins:
+        return ""
+    return (
+        f"; {len(twins)} of them found with other upper/lower case letters (first: {cut(twins[0][0])} for "
+        f"{cut(twins[0][1])}); names are case-sensitive here: correct the table or rename the files"
+    )
+
+
 def first_few(names: Sequence[str], shown: int = 5) -> str:
     """The first `shown` names, comma-separated, then 'and N more' for the rest: for error messages."""
     more = len(names) - shown
-    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+    return ", ".join(cut(name) for name in names[:shown]) + (f" and {more} more" if more > 0 else "")
