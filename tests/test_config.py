@@ -181,3 +181,80 @@ def test_a_path_that_is_not_utf8_text_is_refused_before_the_run_records_it(key):
     value = os.fsdecode(b"runs/caf\xe9")  # Latin-1 bytes in a Linux file name
     with pytest.raises(UserError, match=rf"config key '{key}': expected UTF-8 text, got 'runs/caf\\xe9'"):
         load_config(["recipe=digits", f"{key}={value}"])
+
+
+# --- odd recipe files and command lines (RELIABILITY.md section 5) ------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("max_steps: ${max_steps}\n", ["config key 'max_steps'", "Recursive interpolation"]),
+        ("max_steps: ${batch_size}\nbatch_size: ${max_steps}\n", ["Recursive interpolation"]),
+        ("max_steps: ${nope}\n", ["config key 'max_steps'", "'nope' not found"]),
+        ("run_dir: ${oc.env:CVAE_TK_NO_SUCH_VARIABLE}\n", ["config key 'run_dir'", "CVAE_TK_NO_SUCH_VARIABLE"]),
+        ("data:\n  shards: ${data.shards}\n", ["config key 'data.shards'", "Recursive"]),
+        (None, ["is a folder", "expected a YAML file"]),  # recipe=<a folder named like a recipe>
+    ],
+)
+def test_a_recipe_file_whose_values_cannot_be_read_is_one_line(tmp_path, text, words):
+    # interpolations were read while listing the recipe's keys, outside any check: a traceback
+    path = tmp_path / "odd.yaml"
+    path.mkdir() if text is None else path.write_text(text)
+    with pytest.raises(UserError) as caught:
+        load_config([f"recipe={path}"])
+    assert "\n" not in str(caught.value)
+    for word in words:
+        assert word in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "text, key, value",
+    [
+        ("mixed_precision: no\n", "mixed_precision", "no"),  # YAML: false (refused as not auto | no | ...)
+        ("run_dir: 2024_01\n", "run_dir", "2024_01"),  # YAML: the number 202401
+        ("data:\n  shards: 0x10\n", "data.shards", "0x10"),  # YAML: 16
+        ("resume: 1e3\n", "resume", "1e3"),  # OmegaConf: 1000.0
+        ("run_dir: 'quoted'\n", "run_dir", "quoted"),
+        ("<<: {run_dir: 007, max_steps: 5}\n", "run_dir", "007"),  # a merge key
+        ("<<: [{run_dir: 007}, {run_dir: 008}]\n", "run_dir", "007"),  # the first source wins
+        ("<<: {run_dir: 007}\nrun_dir: 009\n", "run_dir", "009"),  # the key written beside it wins
+        ("data: {shards: &s 0x10}\nrun_dir: *s\n", "run_dir", "0x10"),  # an alias
+    ],
+)
+def test_a_text_key_of_a_recipe_file_takes_the_text_as_written(tmp_path, text, key, value):
+    # as the command line does (test_text_keys_take_the_text_as_typed); values of other types stay YAML's
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    config = load_config([f"recipe={path}"])
+    section, _, name = key.rpartition(".")
+    assert getattr(getattr(config, section) if section else config, name) == value
+    assert load_config([f"recipe={path}", "max_steps=0x10"]).max_steps == 16  # an int key: YAML's reading
+
+
+def test_paths_starting_with_a_tilde_are_the_home_folders(tmp_path, monkeypatch):
+    # sh, zsh and bash --posix leave `run_dir=~/x` as it is: a folder named '~' was made in the current one
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = load_config(["recipe=digits", "run_dir=~/runs/a", "data.shards=~/shards", "resume=~/ck/checkpoint-2"])
+    assert (config.run_dir, config.data.shards, config.resume) == (
+        f"{tmp_path}/runs/a",
+        f"{tmp_path}/shards",
+        f"{tmp_path}/ck/checkpoint-2",
+    )
+    (tmp_path / "mine.yaml").write_text("run_dir: ~/r\ndata:\n  shards: pipe:cat ~/x.tar\n")
+    config = load_config(["recipe=~/mine.yaml"])
+    assert (config.run_dir, config.data.shards) == (f"{tmp_path}/r", "pipe:cat ~/x.tar")  # a command: as written
+
+
+def test_a_recipe_yaml_a_run_saved_keeps_the_recipes_name(tmp_path):
+    # `cvae-tk train recipe=RUN/recipe.yaml run_dir=RUN resume=latest` (what a run without its final model
+    # suggests) named the run's recipe 'recipe' in its config.json and every export's metadata
+    from toolkit.config import to_yaml
+
+    saved = tmp_path / "run" / "recipe.yaml"
+    saved.parent.mkdir()
+    saved.write_text(to_yaml(load_config(["recipe=digits", f"run_dir={saved.parent}"])))
+    assert load_config([f"recipe={saved}"]).recipe == "digits"
+    (tmp_path / "mine.yaml").write_text("max_steps: 3\n")  # a recipe that does not name itself: its file's name
+    config = load_config([f"recipe={tmp_path / 'mine.yaml'}"])
+    assert (config.recipe, config.run_dir) == ("mine", "runs/mine")

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -178,6 +179,108 @@ def test_resuming_with_other_shards_is_refused(digits_shards, tmp_path):
         write_split(samples, other, split, [f"digit_{i}" for i in range(9)], (32, 32), "digits minus nines")
     with pytest.raises(UserError, match="attributes"):
         train(quick(other, tmp_path / "run", "max_steps=4", "resume=latest"))
+
+
+@pytest.fixture(scope="module")
+def checkpointed(digits_shards, tmp_path_factory):
+    """A finished 4-step run with checkpoints at steps 2 and 4 (copy it before changing it)."""
+    run_dir = tmp_path_factory.mktemp("checkpointed") / "run"
+    return train(quick(digits_shards, run_dir, "max_steps=4", "checkpoint_every=2"))
+
+
+def _edit_state(folder, change):
+    path = folder / "trainer_state.json"
+    state = json.loads(path.read_text())
+    change(state)
+    path.write_text(json.dumps(state))
+
+
+EDITED_CHECKPOINTS = {  # checkpoint-2's trainer_state.json changed by hand -> what the one line says
+    "step negative": (lambda s: s.update(step=-5), "records step -5, but the folder is named checkpoint-2"),
+    "step text": (lambda s: s.update(step="2"), "records step '2'"),
+    "step a float": (lambda s: s.update(step=2.0), "records step 2.0"),
+    "step true": (lambda s: s.update(step=True), "records step True"),
+    "step of another folder": (lambda s: s.update(step=4), "records step 4, but the folder is named checkpoint-2"),
+    "model a string": (lambda s: s.update(model="x"), "its 'model' record is a str"),
+    "data_order a list": (lambda s: s.update(data_order=[1]), "its 'data_order' record is a list"),
+    "shards a string": (lambda s: s.update(shards="x"), "its 'shards' record is a str"),
+    "a split a string": (lambda s: s["shards"].update(train="x"), "its record of the 'train' split is not one"),
+    # an older checkpoint recorded no model: its weights of latent_dim 16 were loaded into one of 8 (a traceback)
+    "no model record, other latent_dim": (lambda s: s.pop("model"), "its weights are of another model"),
+}
+
+
+@pytest.mark.parametrize("case", EDITED_CHECKPOINTS, ids=str)
+def test_a_checkpoint_edited_by_hand_is_refused_before_any_step(checkpointed, digits_shards, tmp_path, case):
+    # each was resumed at the wrong step (negative: a longer run; "2": int("2")), silently, or a traceback
+    change, words = EDITED_CHECKPOINTS[case]
+    checkpoint = tmp_path / "kept" / "checkpoint-2"
+    shutil.copytree(checkpointed / "checkpoints" / "checkpoint-2", checkpoint)
+    _edit_state(checkpoint, change)
+    latent = ["model.latent_dim=8"] if "latent_dim" in case else []
+    with pytest.raises(UserError, match=re.escape(words)) as caught:
+        train(quick(digits_shards, tmp_path / "run", "max_steps=6", f"resume={checkpoint}", *latent))
+    assert str(checkpoint) in str(caught.value)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("damage", ["optimizer.bin cut short", "trainer_state.json edited"])
+def test_resume_latest_of_a_damaged_checkpoint_names_the_previous_one_that_passes(
+    checkpointed, digits_shards, tmp_path, damage
+):
+    run_dir = tmp_path / "run"
+    shutil.copytree(checkpointed, run_dir)
+    newest, previous = run_dir / "checkpoints" / "checkpoint-4", run_dir / "checkpoints" / "checkpoint-2"
+    if damage.startswith("optimizer"):
+        with open(newest / "optimizer.bin", "r+b") as stream:
+            stream.truncate(1000)
+    else:
+        _edit_state(newest, lambda s: s.update(step="4"))
+    with pytest.raises(UserError) as caught:
+        train(quick(digits_shards, run_dir, "max_steps=6", "resume=latest"))
+    assert str(newest) in str(caught.value)
+    assert f"the previous checkpoint {previous} passes these checks: continue from it with resume={previous}" in str(
+        caught.value
+    )
+    with pytest.raises(UserError) as caught:  # a checkpoint named by the user: only its own fault is said
+        train(quick(digits_shards, run_dir, "max_steps=6", f"resume={newest}"))
+    assert "previous checkpoint" not in str(caught.value)
+    resumed = train(quick(digits_shards, run_dir, "max_steps=6", f"resume={previous}"))  # the way out works
+    assert load_model(resumed).spec.extra["step"] == 6
+    assert find_checkpoint(run_dir, "latest").name == "checkpoint-6"
+
+
+def test_a_resume_never_silently_does_another_thing(checkpointed, digits_shards, tmp_path, capfd):
+    run_dir = tmp_path / "run"
+    shutil.copytree(checkpointed, run_dir)
+    weights = (run_dir / "model.safetensors").read_bytes()
+    # a checkpoint beyond max_steps: the loop ran no step and the 4-step model was saved as the result
+    with pytest.raises(UserError, match=r"checkpoint-4: it is at step 4, beyond max_steps=3; raise max_steps"):
+        train(quick(digits_shards, run_dir, "max_steps=3", "resume=latest"))
+    assert (run_dir / "model.safetensors").read_bytes() == weights
+    # nothing to resume (a mistyped run_dir): it starts at step 0, and says so
+    capfd.readouterr()
+    train(quick(digits_shards, tmp_path / "new", "max_steps=1", "resume=latest"))
+    assert f"resume=latest: no checkpoint in {tmp_path / 'new' / 'checkpoints'} yet, starting at step 0" in (
+        capfd.readouterr().out
+    )
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["max_steps=1000000000000000000000000000000"], "'max_steps': expected an integer below 2**63"),
+        (["data.shuffle_buffer=9223372036854775808"], "'data.shuffle_buffer': expected an integer below 2**63"),
+        (["model.latent_dim=4611686018427387904"], "beyond what a tensor can hold"),  # a traceback
+        (["model.arch=resnet", "model.width=4611686018427387904"], "beyond what a tensor can hold"),
+        (["model.arch=resnet", "model.levels=4611686018427387904"], "multiples of 2**4611686018427387904"),  # hung
+    ],
+)
+def test_numbers_beyond_what_the_machine_takes_are_one_line_before_any_work(digits_shards, tmp_path, extra, words):
+    with pytest.raises(UserError) as caught:
+        train(quick(digits_shards, tmp_path / "run", *extra))
+    assert words in str(caught.value)
+    assert not (tmp_path / "run").exists()
 
 
 def test_two_gloo_processes_step_together_on_disjoint_samples(tmp_path):

@@ -29,6 +29,8 @@ PRECISIONS = ("auto", "no", "fp16", "bf16")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 SAMPLINGS = ("epochs", "resampled")
+PATH_KEYS = ("run_dir", "data.shards", "resume")
+MERGE_TAG = "tag:yaml.org,2002:merge"  # YAML's `<<: *anchor`
 # The model.* options each arch reads (toolkit.formats). Setting another arch's option does nothing: refused.
 ARCH_KEYS = {arch: tuple(options) for arch, options in ARCH_OPTIONS.items()}
 
@@ -100,7 +102,9 @@ def available_recipes() -> list[str]:
 def find_recipe(name: str) -> Path:
     """`digits` -> recipes/digits.yaml (current folder first, then the packaged ones); a path is taken as is."""
     if name.endswith((".yaml", ".yml")) or "/" in name:
-        path = Path(name)
+        path = Path(os.path.expanduser(name))
+        if os.path.isdir(path):
+            raise UserError(f"recipe={name} is a folder: expected a YAML file such as recipes/digits.yaml")
         if not os.path.isfile(path):  # os.path: False (not OSError / ValueError) for too long names or NUL bytes
             raise UserError(f"recipe file not found: {path}")
         return path
@@ -113,11 +117,13 @@ def find_recipe(name: str) -> Path:
     )
 
 
-def _all_keys(node: DictConfig, prefix: str = "") -> list[str]:
+def _all_keys(node: DictConfig | dict, prefix: str = "") -> list[str]:
+    """Every leaf key ('data.shards'), its ${...} left unresolved: reading one may fail or loop."""
+    tree = OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) else node
     keys = []
-    for key, value in node.items():
+    for key, value in tree.items():
         full = f"{prefix}{key}"
-        keys += _all_keys(value, full + ".") if isinstance(value, DictConfig) else [full]
+        keys += _all_keys(value, full + ".") if isinstance(value, dict) else [full]
     return keys
 
 
@@ -172,7 +178,7 @@ def load_config(args: list[str], default_recipe: str | None = None) -> TrainConf
         raise UserError(f"no recipe given: pass recipe=NAME (available: {', '.join(available_recipes())})")
     schema = OmegaConf.structured(TrainConfig)
     path = find_recipe(recipe)
-    from_file = _read_recipe(path)
+    from_file = _read_recipe(path, schema)
     config = _merge(schema, from_file, f"recipe {path}", schema)
     given = {f"in recipe {path}": _all_keys(from_file)}  # the keys set explicitly, and where
     for item in dotlist:
@@ -195,26 +201,35 @@ def load_config(args: list[str], default_recipe: str | None = None) -> TrainConf
         config = _merge(config, single, "the command line", schema, key)
         given.setdefault("on the command line", []).append(key)
     try:  # reading a value resolves its ${...} interpolation, which may fail
-        config.recipe = path.stem
+        # a recipe.yaml that a run saved names its recipe: run again, it keeps that name (not "recipe")
+        config.recipe = config.recipe or path.stem
         if not config.run_dir:
-            config.run_dir = f"runs/{path.stem}"
+            config.run_dir = f"runs/{config.recipe}"
         result: TrainConfig = OmegaConf.to_object(config)
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None) or "?"
         raise UserError(
             f"config key '{key}': {one_line(str(error).splitlines()[0] if str(error) else type(error).__name__)}"
         ) from None
+    for key in PATH_KEYS:  # `run_dir=~/x` reaches us unexpanded from sh, zsh and recipe files
+        section, _, name = key.rpartition(".")
+        holder = getattr(result, section) if section else result
+        if getattr(holder, name).startswith("~"):
+            setattr(holder, name, os.path.expanduser(getattr(holder, name)))
     validate(result)
     _refuse_ignored_keys(result, given)
     return result
 
 
-def _read_recipe(path: Path) -> DictConfig:
+def _read_recipe(path: Path, schema: DictConfig) -> DictConfig:
     """The recipe file as a mapping of keys; an empty file, a list or a scalar is a UserError."""
     try:
         text = path.read_text(encoding="utf-8")
         shape = yaml.safe_load(text)  # only to tell what the top level is; OmegaConf reads the values
         loaded = OmegaConf.create(text) if isinstance(shape, dict) else None
+        if loaded is not None:
+            text_keys = {key for key in _all_keys(schema) if isinstance(OmegaConf.select(schema, key), str)}
+            _text_as_written(loaded, text, text_keys)
     except OSError as error:
         raise UserError(f"could not read recipe {path}: {error.strerror or error}") from None
     except Exception as error:  # YAML syntax errors come in many types; bytes that are not UTF-8
@@ -229,6 +244,35 @@ def _read_recipe(path: Path) -> DictConfig:
             "such as `max_steps: 1000` (see `cvae-tk recipes`)"
         )
     return loaded
+
+
+def _text_as_written(loaded: DictConfig, text: str, text_keys: set[str]) -> None:
+    """A text key of the recipe file takes its value as written, as on the command line: YAML reads
+    a bare `no` (mixed_precision: no) as false, `run_dir: 2024_01` as the number 202401."""
+    raw = OmegaConf.to_container(loaded, resolve=False)
+    for key, written in _plain_scalars(yaml.compose(text, Loader=yaml.SafeLoader)).items():
+        value = raw
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if key in text_keys and value is not None and not isinstance(value, str):
+            OmegaConf.update(loaded, key, written, merge=False)
+
+
+def _plain_scalars(node: yaml.Node, prefix: str = "") -> dict[str, str]:
+    """{key: the text written} of every unquoted value of a YAML mapping, as its keys resolve: merge
+    keys (`<<: *base`) first, the first of their sources winning, then the keys written beside them."""
+    found = {}
+    entries = node.value if isinstance(node, yaml.MappingNode) else []
+    for key_node, value_node in sorted(entries, key=lambda entry: entry[0].tag != MERGE_TAG):
+        if key_node.tag == MERGE_TAG:
+            sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            for source in reversed(sources):
+                found.update(_plain_scalars(source, prefix))
+        elif isinstance(value_node, yaml.MappingNode):
+            found.update(_plain_scalars(value_node, f"{prefix}{key_node.value}."))
+        elif isinstance(value_node, yaml.ScalarNode) and value_node.style is None:
+            found[f"{prefix}{key_node.value}"] = value_node.value
+    return found
 
 
 def _refuse_ignored_keys(config: TrainConfig, given: dict[str, list[str]]) -> None:
@@ -258,6 +302,10 @@ def validate(config: TrainConfig) -> None:
         if not ok:
             raise UserError(f"bad value for config key '{key}': expected {expected}")
 
+    for key, value in _leaves(config):
+        # torch and numpy take 64-bit integers: a larger one was a traceback (or a hang) mid-setup
+        if isinstance(value, int) and not isinstance(value, bool):
+            check(-(2**63) <= value < 2**63, key, f"an integer below 2**63, got {value}")
     check(0 <= config.seed < 2**32, "seed", "an integer in [0, 2**32)")  # what numpy's seeding takes
     check(config.max_steps > 0, "max_steps", "a positive integer")
     check(config.batch_size > 0, "batch_size", "a positive integer")
@@ -296,19 +344,20 @@ def validate(config: TrainConfig) -> None:
     check(config.model.width > 0, "model.width", "a positive integer")
     check(config.model.levels > 0, "model.levels", "a positive integer")
     check(config.model.embed_dim > 0, "model.embed_dim", "a positive integer")
-    for key, value in _text_values(config):
+    for key, value in _leaves(config):
         # recipe.yaml records the run as UTF-8 text; bytes that are not (a Linux file name may hold them) cannot be
-        check(is_utf8(value), key, f"UTF-8 text, got '{shown(value)}': rename it")
+        if isinstance(value, str):
+            check(is_utf8(value), key, f"UTF-8 text, got '{shown(value)}': rename it")
 
 
-def _text_values(config, prefix: str = ""):
-    """(key, value) of every text field of `config` and its sections."""
+def _leaves(config, prefix: str = ""):
+    """(key, value) of every field of `config` and its sections."""
     for item in fields(config):
         value = getattr(config, item.name)
-        if isinstance(value, str):
+        if is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{item.name}.")
+        else:
             yield prefix + item.name, value
-        elif is_dataclass(value):
-            yield from _text_values(value, f"{prefix}{item.name}.")
 
 
 def to_yaml(config: TrainConfig) -> str:

@@ -78,7 +78,7 @@ from toolkit.errors import UserError, one_line
 from toolkit.evaluate import run_shards
 from toolkit.images import to_uint8
 from toolkit.inspection import check_contract
-from toolkit.model import CVAE, WEIGHTS, PaperEncoder, load_model
+from toolkit.model import CONFIG, CVAE, WEIGHTS, PaperEncoder, load_model
 from toolkit.paths import as_path
 
 OPSET = 18
@@ -349,7 +349,9 @@ def check_out(out: Path) -> None:
     """Refuse, before any work, an output the export could not write (toolkit.atomic.check_output: a
     folder, a path under a file, a folder that is not writable) or that is not named .onnx."""
     check_output(out)
-    if out.suffix.lower() != ".onnx":
+    if out.name == ".onnx":
+        raise UserError(f"cannot write {out}: expected a name before .onnx (such as digits.onnx)")
+    if out.suffix != ".onnx":  # `.ONNX` too: `cvae-tk web` takes NAME.onnx only, and the encoder goes beside it
         raise UserError(
             f"cannot write {out}: expected a file name ending in .onnx, got {out.suffix or 'no extension'!r}"
         )
@@ -535,8 +537,11 @@ def export_onnx(
     encoder_out = encoder_beside(out) if encoder else None
     if encoder_out is not None:
         check_out(encoder_out)
-    weights_file = Path(run_dir) / WEIGHTS
-    weights = _sha256_of(weights_file) if weights_file.is_file() else None  # hashed before and after loading
+    # the files the model is built from, hashed before and after loading: a training that finishes
+    # meanwhile replaces both (the step and provenance in the metadata come from config.json)
+    read = [Path(run_dir) / WEIGHTS, Path(run_dir) / CONFIG]
+    hashes = [_sha256_of(path) if path.is_file() else None for path in read]
+    weights = hashes[0]
     model = load_model(run_dir)  # a missing or unreadable file is its UserError
     encoder_bytes = encoder_error = None
     if encoder:  # before the decoder, so that missing shards cost no export
@@ -557,10 +562,11 @@ def export_onnx(
             f"export of {run_dir} ({'fp16' if fp16 else 'fp32'}, {UINT8_OUTPUT if uint8 else FLOAT_OUTPUT}) failed its "
             f"parity check: {measure} = {error:.3g} (limit {limit:g}, batches {PARITY_BATCHES}{temperatures}); nothing was written"
         )
-    if _sha256_of(weights_file) != weights:
-        raise UserError(
-            f"{weights_file} changed while it was being exported (is a training run writing it?); nothing was written"
-        )
+    for path, before in zip(read, hashes):
+        if _sha256_of(path) != before:
+            raise UserError(
+                f"{path} changed while it was being exported (is a training run writing it?); nothing was written"
+            )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _write(out, onnx_bytes, encoder_out, encoder_bytes)

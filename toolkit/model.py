@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Mapping, NamedTuple
 
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import toolkit
 from toolkit.atomic import atomic_paths, write_state_dict
 from toolkit.errors import UserError, one_line
 from toolkit.formats import ARCH_OPTIONS, ARCHS, CONFIG, PRIORS, RECIPE, WEIGHTS, check_choice  # noqa: F401 (ARCH_OPTIONS, PRIORS, ...: re-exported)
@@ -308,11 +309,13 @@ class CVAE(nn.Module):
             self.encoder = PaperEncoder(*args)
             self.decoder = PaperDecoder(*args)
         else:
-            factor = 2 ** options["levels"]
-            if size[0] % factor or size[1] % factor:
+            levels = options["levels"]
+            # levels beyond the sides' bits suit no image (and 2**levels of a huge value would take for ever)
+            deep = levels >= min(size).bit_length()
+            if deep or size[0] % 2**levels or size[1] % 2**levels:
                 raise UserError(
-                    f"image size {size[0]}x{size[1]} does not suit model.arch=resnet with model.levels={options['levels']}: "
-                    f"both sides must be multiples of 2**{options['levels']} = {factor} (e.g. 64x64 with levels 4, "
+                    f"image size {size[0]}x{size[1]} does not suit model.arch=resnet with model.levels={levels}: "
+                    f"both sides must be multiples of 2**{levels}{f' = {2**levels}' if levels <= 64 else ''} (e.g. 64x64 with levels 4, "
                     f"128x128 with levels 4 or 5); rebuild the shards with such a --size or change model.levels"
                 )
             self.encoder = ResNetEncoder(*args, **options)
@@ -380,7 +383,19 @@ def save_model(model: CVAE, folder: str | Path) -> None:
 
 
 def _no_final_model(folder: Path, missing: Path) -> UserError:
-    """The error for a run folder without its final model, saying how to get one from a checkpoint."""
+    """The error for a run folder without its final model, saying how to get one from a checkpoint;
+    for a path that is no run folder at all, what it is."""
+    if not folder.exists():
+        return UserError(f"{folder} is not a trained run: it does not exist")
+    if not folder.is_dir():
+        return UserError(
+            f"{folder} is not a trained run: it is a file (expected the run folder `cvae-tk train` wrote)"
+        )
+    if (folder / "trainer_state.json").is_file():
+        return UserError(
+            f"{folder} is not a trained run but one of its checkpoints: give the run, {folder.parent.parent}, "
+            "whose final model is written when the training finishes"
+        )
     checkpoints = sorted(folder.glob("checkpoints/checkpoint-*/trainer_state.json"), key=lambda p: p.stat().st_mtime)
     if not checkpoints:
         return UserError(
@@ -424,6 +439,15 @@ def read_spec(folder: str | Path) -> ModelSpec:
     missing = [key for key in ("attributes", "image_size", "latent_dim") if key not in raw]
     if missing:
         raise UserError(f"{path} is not a cvae-tk model config: it has no {', '.join(missing)}")
+    # every key but `extra` rebuilds the model: one this toolkit does not know (a newer one wrote it)
+    # would be ignored, and the model built without it; provenance goes into `extra`
+    unknown = sorted(set(raw) - {item.name for item in fields(ModelSpec)})
+    if unknown:
+        version = raw.get("extra", {}).get("toolkit_version", "?") if isinstance(raw.get("extra"), dict) else "?"
+        raise UserError(
+            f"{path} has keys this cvae-tk ({toolkit.__version__}) does not know: {', '.join(map(repr, unknown[:5]))}; "
+            f"it was written by cvae-tk {version}: use that version, or upgrade cvae-tk"
+        )
     attributes, size, latent = raw["attributes"], raw["image_size"], raw["latent_dim"]
     if (
         not isinstance(attributes, list)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from toolkit.config import TrainConfig
 from toolkit.data.stream import is_url, read_manifest
-from toolkit.errors import UserError
+from toolkit.errors import UserError, one_line
 from toolkit.formats import CHECKPOINTS, LOCK, RECIPE, RUN_FILES  # noqa: F401 (CHECKPOINTS, RUN_FILES: re-exported)
 from toolkit.ownership import FolderLock
 
@@ -31,14 +31,40 @@ TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its pres
 
 
 def checkpoint_step(path: Path) -> int | None:
-    """The step of a complete checkpoint folder, or None (not a checkpoint, or an interrupted save)."""
-    state = path / TRAINER_STATE
-    if not path.name.startswith("checkpoint-") or not state.is_file():
+    """The step of a complete checkpoint folder, from its name `checkpoint-<step>` (complete: it holds
+    trainer_state.json, which the save writes last), or None (not a checkpoint, or an interrupted save)."""
+    match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+    if match is None or not (path / TRAINER_STATE).is_file():
         return None
+    return int(match.group(1))
+
+
+def read_trainer_state(path: Path) -> dict:
+    """The trainer_state.json of the checkpoint folder `path`, checked: a JSON object whose `step` is
+    the one in the folder's name, and whose records (model, data order, shards; an older checkpoint
+    lacks some) are JSON objects. Anything else is a UserError naming the file: a checkpoint renamed
+    or edited by hand is never resumed at a step it was not saved at, nor compared with a record
+    that is not one."""
+    file = path / TRAINER_STATE
     try:
-        return int(json.loads(state.read_text())["step"])
-    except (ValueError, KeyError, TypeError):
-        return None
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # UnicodeDecodeError is a ValueError
+        raise UserError(f"{file} is not readable: {one_line(error)}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{file} is not a checkpoint's record: expected a JSON object, got {type(state).__name__}")
+    step = state.get("step")
+    if type(step) is not int or step != checkpoint_step(path):
+        raise UserError(
+            f"{file} records step {step!r}, but the folder is named {path.name}: a checkpoint renamed or edited "
+            "by hand cannot tell which step it holds; resume another checkpoint, or restore its name"
+        )
+    for key in ("model", "data_order", "shards"):
+        if not isinstance(state.get(key, {}), dict):
+            raise UserError(f"{file}: its '{key}' record is a {type(state[key]).__name__}, expected a JSON object")
+    for split, record in state.get("shards", {}).items():
+        if not isinstance(record, dict) or not isinstance(record.get("tars") or {}, dict):
+            raise UserError(f"{file}: its record of the {split!r} split is not one that a save writes")
+    return state
 
 
 def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
@@ -47,15 +73,20 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
     if not resume:
         return None
     if resume == "latest":
-        found = [(checkpoint_step(p), p) for p in (run_dir / CHECKPOINTS).glob("checkpoint-*")]
-        found = [(step, p) for step, p in found if step is not None]
-        return max(found)[1] if found else None
+        found = complete_checkpoints(run_dir)
+        return found[-1] if found else None
     path = Path(resume)
     if checkpoint_step(path) is None:
         raise UserError(
             f"resume={resume} is not a complete checkpoint: expected a checkpoint-<step> folder holding {TRAINER_STATE}"
         )
     return path
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoints, oldest first."""
+    found = [(checkpoint_step(p), p) for p in (run_dir / CHECKPOINTS).glob("checkpoint-*")]
+    return [p for step, p in sorted((step, p) for step, p in found if step is not None)]
 
 
 FINGERPRINT_BYTES = 1 << 16  # of each end of a tar: its first samples' names and bytes, and its last ones'
@@ -111,8 +142,8 @@ def trained_shards_difference(run_dir: Path, shards: str) -> str | None:
     compare with (no checkpoint left, or one of an older toolkit)."""
     latest = find_checkpoint(Path(run_dir), "latest")
     try:
-        recorded = json.loads((latest / TRAINER_STATE).read_text()).get("shards") if latest else None
-    except (OSError, ValueError, AttributeError):
+        recorded = read_trainer_state(latest).get("shards") if latest else None
+    except UserError:  # a damaged record: training refuses that checkpoint, saying why
         recorded = None
     if not recorded:
         return None
@@ -181,15 +212,13 @@ def claim_run_dir(config: TrainConfig, run_dir: Path, resume_from: Path | None) 
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         tqdm.write(f"overwrite=true: removed the previous run's {_names(ours, 10)} from {run_dir}", file=sys.stderr)
         return
-    checkpoints = sorted(
-        (s, p) for p in (run_dir / CHECKPOINTS).glob("checkpoint-*") if (s := checkpoint_step(p)) is not None
-    )
+    checkpoints = complete_checkpoints(run_dir)
     finished = (run_dir / "model.safetensors").is_file()
     held = []
     if finished:
         held.append("a finished model (model.safetensors)")
     if checkpoints:
-        held.append(f"{len(checkpoints)} checkpoint(s), the newest {checkpoints[-1][1].name}")
+        held.append(f"{len(checkpoints)} checkpoint(s), the newest {checkpoints[-1].name}")
     if not held:
         differ = _differences(run_dir, config)
         if differ is None:

@@ -67,7 +67,7 @@ from toolkit.figures import split_classes
 from toolkit.formats import CONFIG, LOGS, RECIPE, SAMPLES, SAMPLES_GRID, SEEN, WEIGHTS
 from toolkit.loss import cvae_loss
 from toolkit.memory import available_bytes
-from toolkit.model import CVAE, ModelSpec, arch_options, save_model
+from toolkit.model import CVAE, ModelSpec, arch_options, expected_shapes, save_model
 from toolkit.run_folder import (  # noqa: F401  (CHECKPOINTS, LOCK, ...: the names tests and callers import from here)
     CHECKPOINTS,
     LOCK,
@@ -76,11 +76,13 @@ from toolkit.run_folder import (  # noqa: F401  (CHECKPOINTS, LOCK, ...: the nam
     RunLock,
     checkpoint_step,
     claim_run_dir,
+    complete_checkpoints,
     find_checkpoint,
     fingerprint_difference,
+    read_trainer_state,
     shards_fingerprint,
 )
-from toolkit.safe_load import verify_checkpoint
+from toolkit.safe_load import safetensors_shapes, verify_checkpoint
 
 GRID_COLUMNS = 8
 GRID_ROWS = 8  # test-set conditions shown when there are too many attributes for one row each
@@ -309,8 +311,7 @@ def save_checkpoint(
             raise _save_failed(run_dir, partial, error, True) from error
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
-        complete = sorted((s, p) for p in folder.glob("checkpoint-*") if (s := checkpoint_step(p)) is not None)
-        for _, old in complete[:-limit]:
+        for old in complete_checkpoints(run_dir)[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
@@ -343,13 +344,17 @@ def _identity(spec: ModelSpec) -> dict:
 def _check_resume(
     path: Path, spec: ModelSpec, data_order: dict, warn: bool = True, shards: dict | None = None, where: str = ""
 ) -> None:
-    state = json.loads((path / TRAINER_STATE).read_text())
+    """Refuse a checkpoint that cannot continue this run (another model or other shards, a record or
+    a file that is not what a save wrote) before anything is loaded; warn of another data order."""
+    state = read_trainer_state(path)
     saved = state.get("model", {})
     for key, now in _identity(spec).items():
         if key in saved and saved[key] != now:
             raise UserError(
                 f"cannot resume from {path}: its model has {key}={saved[key]!r}, the recipe and shards give {now!r}"
             )
+    _check_checkpoint_weights(path, spec)
+    verify_checkpoint(path)  # accelerate unpickles custom_checkpoint_*.pkl: only files that load as plain data
     found = fingerprint_difference(state.get("shards", {}), shards or {})  # older checkpoints record none
     if found:
         raise UserError(
@@ -358,10 +363,9 @@ def _check_resume(
         )
     # Another batch size, seed or process count is a legitimate choice (a bigger machine), but the
     # run then no longer continues as the interrupted one would have: say so, once.
+    recorded = state.get("data_order", {})
     changed = [
-        f"{key}={now!r} (was {state['data_order'][key]!r})"
-        for key, now in data_order.items()
-        if key in state.get("data_order", {}) and state["data_order"][key] != now
+        f"{key}={now!r} (was {recorded[key]!r})" for key, now in data_order.items() if recorded.get(key, now) != now
     ]
     if changed and warn:
         tqdm.write(
@@ -369,6 +373,43 @@ def _check_resume(
             "differs from the run that wrote the checkpoint, so it will not match an uninterrupted run",
             file=sys.stderr,
         )
+
+
+def _check_checkpoint_weights(path: Path, spec: ModelSpec) -> None:
+    """The checkpoint's weights have this model's tensors: a checkpoint without the `model` record
+    (older, or edited) of another latent size or attribute count was a size-mismatch traceback."""
+    weights = path / WEIGHTS  # what save_state writes for our one model
+    if not weights.is_file():
+        return  # Accelerate's load_state names what is missing
+    try:
+        found = safetensors_shapes(weights)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{weights} is not a readable safetensors weights file: {one_line(error)}") from None
+    expected = expected_shapes(spec)
+    if expected is not None and found != expected:
+        name = sorted(set(expected) ^ set(found) or {n for n in expected if expected[n] != found[n]})[0]
+        there, now = (list(shapes[name]) if name in shapes else "none" for shapes in (found, expected))
+        raise UserError(
+            f"cannot resume from {path}: its weights are of another model ({name}: {there} there, {now} now); "
+            "resume a checkpoint of this model (the same model.*, attributes and image size), or start a new run"
+        )
+
+
+def _older_checkpoint(run_dir: Path, refused: Path, check) -> str:
+    """'; <older checkpoint> passes these checks: ...' for the newest checkpoint older than `refused`
+    that `check` (a function of a path that raises UserError) accepts, or ''."""
+    for older in reversed(complete_checkpoints(run_dir)):
+        if checkpoint_step(older) >= checkpoint_step(refused):
+            continue
+        try:
+            check(older)
+        except UserError:
+            continue
+        return (
+            f"; the previous checkpoint {older} passes these checks: continue from it with resume={older} "
+            f"(the steps after it are trained again), or delete {refused.name}"
+        )
+    return ""
 
 
 # --- what the machine can do ---------------------------------------------------------------------
@@ -424,12 +465,19 @@ def available_memory(device: torch.device) -> int | None:
 def check_memory(config: TrainConfig, spec: ModelSpec, device: torch.device) -> None:
     """Refuse, before anything is allocated, a model or batch that cannot fit (latent_dim=10**9,
     model.width=10**5, a huge batch of large images): one line instead of an allocator's traceback."""
-    need = memory_estimate(spec, config.batch_size, config.gsnn_weight > 0)
+    keys = "model.latent_dim" + (", model.width, model.levels, model.embed_dim" if spec.arch == "resnet" else "")
+    try:
+        need = memory_estimate(spec, config.batch_size, config.gsnn_weight > 0)
+    except RuntimeError as error:  # "Storage size calculation overflowed": no machine holds it
+        if "overflow" not in str(error):
+            raise
+        raise UserError(
+            f"this model and batch are beyond what a tensor can hold ({one_line(error)}); lower {keys} or batch_size"
+        ) from None
     have = available_memory(device)
     total = need["weights"] + need["activations"]
     if have is None or total <= have:
         return
-    keys = "model.latent_dim" + (", model.width, model.levels, model.embed_dim" if spec.arch == "resnet" else "")
     raise UserError(
         f"this model and batch need about {_fmt_bytes(total)}, more than the {_fmt_bytes(have)} available on {device}: "
         f"{need['parameters']:,} parameters ({_fmt_bytes(need['weights'])} with gradients and Adam's state; the largest, "
@@ -577,14 +625,7 @@ class Trainer:
         self.data_order = _data_order(config, accelerator.num_processes)
         self.fingerprint = shards_fingerprint(config.data.shards, self.manifests)
         if self.resume_from is not None:  # on every rank: a refusal must stop them all
-            _check_resume(
-                self.resume_from,
-                spec,
-                self.data_order,
-                warn=accelerator.is_main_process,
-                shards=self.fingerprint,
-                where=config.data.shards,
-            )
+            self._check_resume(self.resume_from)
         _on_main(accelerator, lambda: claim_run_dir(config, run_dir, self.resume_from))
         self.stream = BatchStream(
             config, accelerator.process_index, accelerator.num_processes, self.manifests["train"], accelerator.device
@@ -607,11 +648,34 @@ class Trainer:
                 f"{spec.image_size[0]}x{spec.image_size[1]}, {spec.num_attributes} attributes) on {accelerator.device}, "
                 f"precision {accelerator.mixed_precision}, {accelerator.num_processes} process(es)"
                 + (f"; resuming from {self.resume_from} (step {self.start_step})" if self.resume_from else "")
-            )
+                # say it: a mistyped run_dir would otherwise start afresh without a word
+                + (f"; resume=latest: no checkpoint in {run_dir / CHECKPOINTS} yet, starting at step 0"
+                   if config.resume == "latest" and not self.resume_from else "")
+            )  # fmt: skip
         self.seen_file = None
         if config.data.record_keys:
             (run_dir / SEEN).mkdir(parents=True, exist_ok=True)
             self.seen_file = open(run_dir / SEEN / f"rank-{accelerator.process_index}.txt", "a")
+
+    def _check_resume(self, path: Path) -> None:
+        """_check_resume for this run; when resume=latest picked a checkpoint that fails, the line
+        also names an older one that passes (a checkpoint damaged since it was saved)."""
+        config, step = self.config, checkpoint_step(path)
+        if step > config.max_steps:  # it finished at once, writing a model of more steps than asked
+            raise UserError(
+                f"cannot resume from {path}: it is at step {step}, beyond max_steps={config.max_steps}; "
+                f"raise max_steps to {step} or more, or resume an earlier checkpoint"
+            )
+
+        def check(checkpoint: Path, warn: bool = False) -> None:
+            _check_resume(checkpoint, self.spec, self.data_order, warn, self.fingerprint, config.data.shards)
+
+        try:
+            check(path, warn=self.accelerator.is_main_process)
+        except UserError as error:
+            if config.resume != "latest":
+                raise
+            raise UserError(f"{error}{_older_checkpoint(self.run_dir, path, check)}") from None
 
     def _setup_model(self) -> None:
         """Model, optimizer and LR schedule, prepared by Accelerate; the checkpoint's state if resuming."""
@@ -624,9 +688,7 @@ class Trainer:
         # The scheduler is stepped once per optimizer step by this loop, and checkpointed with the rest.
         accelerator.register_for_checkpointing(self.scheduler)
         self.start_step = 0
-        if self.resume_from is not None:
-            # accelerate unpickles custom_checkpoint_*.pkl: only files that load as plain data
-            verify_checkpoint(self.resume_from)
+        if self.resume_from is not None:  # checked by _check_resume: its files are plain data, its model this one
             accelerator.load_state(str(self.resume_from))
             self.start_step = checkpoint_step(self.resume_from)
 

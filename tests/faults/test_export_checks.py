@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -264,6 +265,11 @@ CONFIG_CASES = {
     "image_size absurd": (lambda c: c.update(image_size=[100000, 100000]), "does not match"),
     "latent_dim absurd": (lambda c: c.update(latent_dim=10**9), "does not match"),
     "unknown arch": (lambda c: c.update(arch="unet"), "unknown model.arch 'unet'"),
+    # a key a newer cvae-tk rebuilds its model with: ignored, the model was exported without it
+    "a key from a newer cvae-tk": (
+        lambda c: c.update(norm="batch", extra={"toolkit_version": "9.0"}),
+        "has keys this cvae-tk (0.1.0) does not know: 'norm'; it was written by cvae-tk 9.0",
+    ),
 }
 
 
@@ -403,6 +409,55 @@ def test_a_run_without_its_final_model_says_how_to_get_it_and_that_works(trained
     assert path.stat().st_size > 0
 
 
+@pytest.mark.parametrize("replaced", ["config.json", "model.safetensors"])
+def test_a_run_whose_files_are_replaced_while_it_is_exported_is_not_written(tiny_run, tmp_path, monkeypatch, replaced):
+    """A training that finishes during the export replaces both files; the export read the old ones
+    (or half of each): its metadata (step, recipe) or weights would not be the run's."""
+    import toolkit.export
+    from toolkit.export import export_onnx
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    real = toolkit.export.to_onnx
+
+    def while_tracing(*args, **kwargs):
+        if replaced == "config.json":
+            config = json.loads((run / "config.json").read_text())
+            (run / "config.json").write_text(json.dumps({**config, "extra": {"step": 99}}))
+        else:
+            with open(run / "model.safetensors", "r+b") as stream:  # one weight's last byte
+                stream.seek(-1, os.SEEK_END)
+                last = stream.read(1)
+                stream.seek(-1, os.SEEK_END)
+                stream.write(bytes([last[0] ^ 1]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(toolkit.export, "to_onnx", while_tracing)
+    with pytest.raises(UserError, match=f"{run / replaced} changed while it was being exported"):
+        export_onnx(run, tmp_path / "out" / "x.onnx")
+    assert not (tmp_path / "out" / "x.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    "given, words",
+    [
+        ("missing", "is not a trained run: it does not exist"),
+        ("run/model.safetensors", "is not a trained run: it is a file"),
+        ("run/checkpoints/checkpoint-2", "is not a trained run but one of its checkpoints: give the run, "),
+    ],
+)
+def test_a_path_that_is_no_run_folder_is_said_to_be_what_it_is(tiny_run, tmp_path, given, words):
+    # each said `X is not a trained run: expected X/config.json`, of a file or a checkpoint too
+    from toolkit.export import export_onnx
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text('{"step": 2}')
+    with pytest.raises(UserError, match=re.escape(f"{tmp_path / given} {words}")):
+        export_onnx(tmp_path / given, tmp_path / "x.onnx")
+
+
 # --- the Sampler's arguments -----------------------------------------------------------------------
 
 
@@ -459,6 +514,9 @@ def test_run_checks_its_arrays(tiny_onnx):
         ("folder", 18, "it is a folder, expected a file name"),
         ("model.png", 18, "expected a file name ending in .onnx, got '.png'"),
         ("model", 18, "got 'no extension'"),
+        ("model.onnx.tmp", 18, "got '.tmp'"),
+        ("MODEL.ONNX", 18, "got '.ONNX'"),  # written, then refused by `cvae-tk web` (NAME.onnx only)
+        (".onnx", 18, "expected a name before .onnx"),
         ("a_file/x.onnx", 18, "a_file is a file, not a folder"),
         ("a_file/deeper/x.onnx", 18, "a_file is a file, not a folder"),
         ("x.onnx", 7, "ONNX opset 7 is not supported: use 18 to"),
