@@ -306,6 +306,9 @@ def validate(config: TrainConfig) -> None:
         # torch and numpy take 64-bit integers: a larger one was a traceback (or a hang) mid-setup
         if isinstance(value, int) and not isinstance(value, bool):
             check(-(2**63) <= value < 2**63, key, f"an integer below 2**63, got {value}")
+        # recipe.yaml records the run as UTF-8 text; bytes that are not (a Linux file name may hold them) cannot be
+        if isinstance(value, str):
+            check(is_utf8(value), key, f"UTF-8 text, got '{shown(value)}': rename it")
     check(0 <= config.seed < 2**32, "seed", "an integer in [0, 2**32)")  # what numpy's seeding takes
     check(config.max_steps > 0, "max_steps", "a positive integer")
     check(config.batch_size > 0, "batch_size", "a positive integer")
@@ -344,10 +347,6 @@ def validate(config: TrainConfig) -> None:
     check(config.model.width > 0, "model.width", "a positive integer")
     check(config.model.levels > 0, "model.levels", "a positive integer")
     check(config.model.embed_dim > 0, "model.embed_dim", "a positive integer")
-    for key, value in _leaves(config):
-        # recipe.yaml records the run as UTF-8 text; bytes that are not (a Linux file name may hold them) cannot be
-        if isinstance(value, str):
-            check(is_utf8(value), key, f"UTF-8 text, got '{shown(value)}': rename it")
 
 
 def _leaves(config, prefix: str = ""):

@@ -18,6 +18,19 @@ def one_line(message: object) -> str:
     return " ".join(str(message).split())
 
 
+def printable(text: str, keep=str.isprintable) -> str:
+    """`text` (a file's or a table's, not ours) as one line of characters that print, the others as
+    Python escapes (\\n, \\x1b, \\u65e5): a newline would forge a line, an escape sequence restyle the
+    terminal. `keep`: which characters stay as they are."""
+    return "".join(c if keep(c) else c.encode("unicode_escape", "backslashreplace").decode("ascii") for c in text)
+
+
+def cut(text: str, limit: int = 80) -> str:
+    """`text`, cut to `limit` characters ('...' after): text quoted in a message or a label, where a
+    line or a field may be megabytes long."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 MAX_SEED = 2**63 - 1  # what torch's and numpy's generators both take as they are
 
 

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from toolkit.atomic import atomic_path
 from toolkit.data.stream import eval_batches
-from toolkit.errors import UserError
+from toolkit.errors import UserError, cut, printable
 from toolkit.formats import LOGS
 from toolkit.images import to_uint8
 
@@ -81,10 +81,8 @@ def label_text(label) -> str:
     has no glyph for (it would draw a box) escaped as \\n, \\u65e5; a long name cut with '...'
     (the layout keeps the whole)."""
     _, drawn = _font_file()
-    text = "".join(
-        c if c.isprintable() and ord(c) in drawn else c.encode("unicode_escape").decode("ascii") for c in str(label)
-    )
-    return text if len(text) <= LABEL_CHARS else text[: LABEL_CHARS - 3] + "..."
+    text = printable(str(label), keep=lambda c: c.isprintable() and ord(c) in drawn)
+    return cut(text, LABEL_CHARS - 3) if len(text) > LABEL_CHARS else text
 
 
 def labelled_grid(rows: list[torch.Tensor], labels: list[str], scale: int = 1):

@@ -19,7 +19,7 @@ from toolkit.contract import (
     read_contract,
     read_encoder_contract,
 )
-from toolkit.errors import UserError, one_line
+from toolkit.errors import UserError, one_line, printable
 from toolkit.paths import shown
 
 SHOWN_ATTRIBUTES = 5  # names listed after the attributes count
@@ -76,13 +76,6 @@ def _tensor(value_info) -> Tensor:
 
 def _cut(text: str) -> str:
     return f"{text[:SHOWN_CHARACTERS]}... ({len(text):,} characters)" if len(text) > SHOWN_CHARACTERS else text
-
-
-def _printable(text: str) -> str:
-    """`text` as one line of plain characters: a file's text is not ours, and a newline or a terminal
-    escape sequence in it would forge lines of the listing (or restyle the terminal): those are
-    shown as Python escapes (\\n, \\x1b)."""
-    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 def _attributes(text: str) -> str:
@@ -167,4 +160,4 @@ def inspect_onnx(path: str | os.PathLike) -> list[str]:
         lines.append(f"input {value.name}: {_value(value)}")
     for value in proto.graph.output:
         lines.append(f"output {value.name}: {_value(value)}")
-    return [_printable(line) for line in lines]
+    return [printable(line) for line in lines]  # a file's own text: no forged lines, no terminal escapes

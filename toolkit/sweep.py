@@ -48,7 +48,7 @@ from toolkit.classifier import RELIABLE_BALANCED, check_image_size, columns_for,
 from toolkit.config import TrainConfig, load_config, parse_overrides
 from toolkit.data.stream import is_url, read_manifest
 from toolkit.devices import resolve_device
-from toolkit.errors import UserError, one_line
+from toolkit.errors import UserError, one_line, printable
 from toolkit.evaluate import CONTROL_CONDITIONS, DIVERSITY_CONDITIONS, DIVERSITY_SAMPLES, evaluate_run, find_classifier
 from toolkit.formats import CLASSIFIER_WEIGHTS, CONFIG, MANIFEST, METRICS, RECIPE, WEIGHTS
 from toolkit.model import load_model, read_spec
@@ -569,7 +569,7 @@ def control_caption(report: dict) -> str:
 def markdown_text(text: str) -> str:
     """An attribute's name in table1.md as it is spelled: on one line, with the characters Markdown
     acts on escaped (`|` would end a table cell, `*` and `_` emphasise, `<b>` is HTML)."""
-    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+    line = printable(str(text))
     return re.sub(r"([\\`*_\[\]<>|#])", r"\\\1", line)
 
 

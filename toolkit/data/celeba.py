@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.data.sources import Record, SourceTable, case_hint, cut, file_names, first_few, safe_key, text_rows
-from toolkit.errors import UserError
+from toolkit.data.sources import Record, SourceTable, case_hint, file_names, first_few, safe_key, text_rows
+from toolkit.errors import UserError, cut
 
 IMAGES = "img_align_celeba"
 ATTRIBUTES = "list_attr_celeba.txt"

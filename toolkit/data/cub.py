@@ -46,14 +46,13 @@ from toolkit.data.sources import (
     Record,
     SourceTable,
     case_hint,
-    cut,
     first_few,
     inside_path,
     missing_files,
     safe_key,
     text_rows,
 )
-from toolkit.errors import UserError
+from toolkit.errors import UserError, cut
 
 DATA = "CUB_200_2011"
 T = TypeVar("T")

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.data.sources import Record, SourceTable, case_hint, cut, first_few, inside_path, missing_files, safe_key
-from toolkit.errors import UserError
+from toolkit.data.sources import Record, SourceTable, case_hint, first_few, inside_path, missing_files, safe_key
+from toolkit.errors import UserError, cut
 
 FILE_COLUMNS = ("file", "filename", "image", "path")
 SPLITS = ("train", "val", "test")

@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from toolkit.errors import UserError
+from toolkit.errors import UserError, cut
 
 
 @dataclass
@@ -53,12 +53,6 @@ def inside_path(text: str) -> str | None:
     if name.startswith("/") or name == ".." or name.startswith("../"):
         return None
     return name
-
-
-def cut(text: str, limit: int = 80) -> str:
-    """`text`, cut to `limit` characters ('...' after): text quoted from a table in a message, where a
-    line or a field may be megabytes long."""
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def text_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
