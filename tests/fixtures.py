@@ -49,16 +49,19 @@ def delete_line(path: Path, number: int) -> None:
     Path(path).write_bytes(b"".join(lines))
 
 
-def make_celeba(root: Path, n: int = 12, crlf: bool = False, seed: int = 0) -> dict:
+def make_celeba(root: Path, n: int = 12, crlf: bool = False, seed: int = 0, kaggle: bool = False) -> dict:
     """ROOT/img_align_celeba/*.jpg (178 x 218), list_attr_celeba.txt, list_eval_partition.txt.
 
     As in the real files: line 1 the count, line 2 the names with a trailing space, each value
     right-aligned in 2 characters after a space (so two spaces before a 1); first 2/3 train, then
     val, then test, in file order. Returns the files, the expected vectors by stem and the splits.
+    `kaggle`: Kaggle's copy instead (jessicali9530/celeba-dataset): the images one folder deeper
+    (img_align_celeba/img_align_celeba/), list_attr_celeba.csv with the header
+    'image_id,<names>' and list_eval_partition.csv with 'image_id,partition'.
     """
     rng = np.random.default_rng(seed)
     root = Path(root)
-    images = root / "img_align_celeba"
+    images = root / "img_align_celeba" / "img_align_celeba" if kaggle else root / "img_align_celeba"
     names = [f"{index:06d}.jpg" for index in range(1, n + 1)]
     for name in names:
         write_jpeg(images / name, 178, 218, rng)
@@ -67,11 +70,18 @@ def make_celeba(root: Path, n: int = 12, crlf: bool = False, seed: int = 0) -> d
     partition = [0] * n_train + [1] * n_val + [2] * (n - n_train - n_val)
 
     newline = "\r\n" if crlf else "\n"
-    attr_lines = [str(n), " ".join(CELEBA_ATTRIBUTES) + " "]
-    attr_lines += [name + "".join(" 1".rjust(3) if v else " -1" for v in row) for name, row in zip(names, values)]
-    attr_file, partition_file = root / "list_attr_celeba.txt", root / "list_eval_partition.txt"
+    if kaggle:
+        attr_lines = [",".join(["image_id", *CELEBA_ATTRIBUTES])]
+        attr_lines += [",".join([name, *("1" if v else "-1" for v in row)]) for name, row in zip(names, values)]
+        partition_lines = ["image_id,partition", *(f"{name},{p}" for name, p in zip(names, partition))]
+        attr_file, partition_file = root / "list_attr_celeba.csv", root / "list_eval_partition.csv"
+    else:
+        attr_lines = [str(n), " ".join(CELEBA_ATTRIBUTES) + " "]
+        attr_lines += [name + "".join(" 1".rjust(3) if v else " -1" for v in row) for name, row in zip(names, values)]
+        partition_lines = [f"{name} {p}" for name, p in zip(names, partition)]
+        attr_file, partition_file = root / "list_attr_celeba.txt", root / "list_eval_partition.txt"
     attr_file.write_bytes((newline.join(attr_lines) + newline).encode())
-    partition_file.write_bytes("".join(f"{name} {p}{newline}" for name, p in zip(names, partition)).encode())
+    partition_file.write_bytes((newline.join(partition_lines) + newline).encode())
 
     stems = [name[:-4] for name in names]
     split_names = ("train", "val", "test")

@@ -117,7 +117,9 @@ def _build(
 @shards_app.command("celeba")
 def shards_celeba(
     root: Path = typer.Option(
-        ..., "--root", help="The CelebA folder: img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt."
+        ...,
+        "--root",
+        help="The CelebA folder: img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt (or Kaggle's .csv copies).",
     ),
     out: Path = typer.Option(Path("shards/celeba"), "--out", callback=_output_folder),
     size: str = typer.Option(

@@ -115,6 +115,100 @@ def test_celeba_duplicate_row(celeba):
     raises(["list_attr_celeba.txt line 4", "000001.jpg", "line 3"], read_celeba, celeba["root"])
 
 
+def table_contents(table):
+    """Everything a reader hands the builder, paths relative to the image folder."""
+    return table.attributes, {
+        split: [(r.key, r.path.name, r.attributes.tolist(), r.bbox) for r in records]
+        for split, records in table.splits.items()
+    }
+
+
+@pytest.mark.parametrize("crlf", [False, True])
+def test_celeba_kaggle_copy_reads_as_the_official_one(tmp_path, crlf):
+    official = read_celeba(make_celeba(tmp_path / "official", crlf=crlf)["root"])
+    kaggle = make_celeba(tmp_path / "kaggle", crlf=crlf, kaggle=True)
+    table = read_celeba(kaggle["root"])
+    assert table_contents(table) == table_contents(official)
+    assert all(r.path.parent == kaggle["images"] and r.path.is_file() for rs in table.splits.values() for r in rs)
+    assert kaggle["images"] == kaggle["root"] / "img_align_celeba" / "img_align_celeba"
+
+
+def test_celeba_official_tables_with_nested_image_folder(tmp_path, celeba):
+    # `unzip img_align_celeba.zip -d img_align_celeba`: the images one folder deeper, as in Kaggle's zip
+    nested = celeba["images"] / "img_align_celeba"
+    nested.mkdir()
+    for name in celeba["files"]:
+        (celeba["images"] / name).rename(nested / name)
+    table = read_celeba(celeba["root"])
+    assert {r.path.parent for rs in table.splits.values() for r in rs} == {nested}
+    # an image in the outer folder as well: the outer folder is the image folder, the others unlisted
+    write_jpeg(celeba["images"] / "000001.jpg", 178, 218, np.random.default_rng(1))
+    raises(["line 4", "11 listed image(s) not found", str(celeba["images"])], read_celeba, celeba["root"])
+
+
+def test_celeba_official_tables_are_read_before_kaggles(tmp_path, celeba):
+    (celeba["root"] / "list_attr_celeba.csv").write_text("not,a,table\n")
+    (celeba["root"] / "list_eval_partition.csv").write_text("x\n")
+    assert len(by_key(read_celeba(celeba["root"]))) == 12
+
+
+def test_celeba_kaggle_tables_one_by_one(tmp_path, celeba):
+    # each table is found as .txt or as Kaggle's .csv on its own
+    kaggle = make_celeba(tmp_path / "kaggle", kaggle=True)
+    shutil.copy(kaggle["partition_file"], celeba["root"])
+    celeba["partition_file"].unlink()
+    assert table_contents(read_celeba(celeba["root"]))[1]["test"][-1][0] == "000012"
+
+
+def test_celeba_missing_tables_name_both_spellings(celeba):
+    celeba["attr_file"].unlink()
+    raises([str(celeba["attr_file"]), "list_attr_celeba.csv"], read_celeba, celeba["root"])
+
+
+def test_celeba_torchvision_root_is_pointed_to_its_celeba_folder(tmp_path):
+    # torchvision.datasets.CelebA(root) keeps the data set in ROOT/celeba/
+    make_celeba(tmp_path / "celeba")
+    raises([str(tmp_path / "img_align_celeba"), f"--root {tmp_path / 'celeba'}"], read_celeba, tmp_path)
+
+
+@pytest.fixture
+def kaggle(tmp_path):
+    return make_celeba(tmp_path / "kaggle", kaggle=True)
+
+
+def test_celeba_kaggle_bad_rows_name_line_and_column(kaggle):
+    attr = kaggle["attr_file"]
+    row = attr.read_text().splitlines()[3].split(",")
+    replace_line(attr, 4, ",".join([row[0], "0", *row[2:]]))
+    raises(["list_attr_celeba.csv line 4", "5_o_Clock_Shadow", "'0'", "expected -1 or 1"], read_celeba, kaggle["root"])
+    replace_line(attr, 4, ",".join(row[:-1]))
+    raises(["list_attr_celeba.csv line 4", "40 values", "got 40 columns"], read_celeba, kaggle["root"])
+    replace_line(attr, 4, ",".join([row[0], *(f" {value} " for value in row[1:])]))  # spaces around values are fine
+    assert len(by_key(read_celeba(kaggle["root"]))) == 12
+    header = attr.read_text().splitlines()[0]
+    replace_line(attr, 1, header + ",")
+    raises(["list_attr_celeba.csv line 1", "expected the header"], read_celeba, kaggle["root"])
+    replace_line(attr, 1, "image_id")
+    raises(["list_attr_celeba.csv line 1", "expected the header"], read_celeba, kaggle["root"])
+    attr.write_bytes(b"image_id,Smiling\n000001.jpg,\xff1\n")
+    raises(["list_attr_celeba.csv", "expected a UTF-8 CSV file"], read_celeba, kaggle["root"])
+
+
+def test_celeba_kaggle_partition_header_is_optional(kaggle):
+    part = kaggle["partition_file"]
+    delete_line(part, 1)  # no header: the first row is an image's
+    assert table_contents(read_celeba(kaggle["root"]))[1]["train"][0][0] == "000001"
+    replace_line(part, 1, "000001.jpg,7")
+    raises(["list_eval_partition.csv line 1", "'7'"], read_celeba, kaggle["root"])
+    replace_line(part, 1, "000001.jpg,0")
+    replace_line(part, 3, "000003.jpg 0")
+    raises(["list_eval_partition.csv line 3", "'<file>,0|1|2'", "1 column"], read_celeba, kaggle["root"])
+    replace_line(part, 3, "999999.jpg,0")
+    raises(
+        ["list_eval_partition.csv line 3", "999999.jpg", "no row in list_attr_celeba.csv"], read_celeba, kaggle["root"]
+    )
+
+
 # ----------------------------------------------------------------------------------------------- CUB
 
 

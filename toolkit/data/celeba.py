@@ -1,27 +1,37 @@
-"""CelebA in its official layout -> a SourceTable (its binary attributes, the official train/val/test split).
+"""CelebA in its official layout, or Kaggle's copy of it -> a SourceTable (its binary attributes,
+the official train/val/test split).
 
     ROOT/img_align_celeba/000001.jpg ...
     ROOT/list_attr_celeba.txt      line 1: the image count; line 2: the attribute names; then
                                    `<file> v1 ... vA` with values -1 or 1, columns separated by one or more spaces
     ROOT/list_eval_partition.txt   `<file> 0|1|2` (train, val, test)
 
+Kaggle's copy (jessicali9530/celeba-dataset) holds the same tables as CSV files, read in their place
+when the .txt is absent: list_attr_celeba.csv (a header `image_id,<names>`, then `<file>,v1,...,vA`)
+and list_eval_partition.csv (`image_id,partition`, then `<file>,0|1|2`). Its zip, like unzipping the
+official img_align_celeba.zip into a folder of that name, nests the images one level deeper:
+img_align_celeba/img_align_celeba/ is taken when the outer folder holds no image.
+
 Only the text files are parsed and the image folder is listed once; no image is decoded.
-Keys are the file stems ("000001"); every split keeps the order of list_attr_celeba.txt.
+Keys are the file stems ("000001"); every split keeps the order of the attribute table.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
 import numpy as np
 
-from toolkit.data.sources import Record, SourceTable, case_hint, file_names, first_few, safe_key, text_rows
+from toolkit.data.sources import Record, SourceTable, case_hint, csv_rows, file_names, first_few, safe_key, text_rows
 from toolkit.errors import UserError, cut
 
 IMAGES = "img_align_celeba"
 ATTRIBUTES = "list_attr_celeba.txt"
 PARTITION = "list_eval_partition.txt"
+KAGGLE_ATTRIBUTES = "list_attr_celeba.csv"  # Kaggle's copy: the same tables as CSV
+KAGGLE_PARTITION = "list_eval_partition.csv"
 SPLITS = {"0": "train", "1": "val", "2": "test"}
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 _VALUE = {"-1": 0, "1": 1}
@@ -34,20 +44,22 @@ def read_celeba(root: str | Path) -> SourceTable:
         raise UserError(
             f"CelebA root {root} is not a folder (expected one holding {IMAGES}/, {ATTRIBUTES} and {PARTITION})"
         )
-    images_dir, attr_file, partition_file = root / IMAGES, root / ATTRIBUTES, root / PARTITION
+    images_dir = root / IMAGES
     if not images_dir.is_dir():
-        raise UserError(f"CelebA: expected the image folder {images_dir}")
-    for path in (attr_file, partition_file):
-        if not path.is_file():
-            raise UserError(f"CelebA: expected the file {path}")
+        raise UserError(f"CelebA: expected the image folder {images_dir}{_torchvision_hint(root)}")
+    attr_file = _table(root, ATTRIBUTES, KAGGLE_ATTRIBUTES)
+    partition_file = _table(root, PARTITION, KAGGLE_PARTITION)
 
     names, files, lines, matrix = _read_attributes(attr_file)
-    split_of = _read_partition(partition_file, set(files))
+    split_of = _read_partition(partition_file, set(files), attr_file.name)
 
     # Both directions: a row without its image would fail in the build, an image without a row
     # means the text files and the folder come from different copies.
     # One listing of the folder; "._x.jpg" macOS debris is skipped.
-    on_disk = file_names(images_dir, lambda name: name.lower().endswith(IMAGE_EXTS) and not name.startswith("."))
+    on_disk = file_names(images_dir, _is_image)
+    if not on_disk and (images_dir / IMAGES).is_dir():  # Kaggle's zip: img_align_celeba/img_align_celeba/
+        images_dir = images_dir / IMAGES
+        on_disk = file_names(images_dir, _is_image)
     absent = [(line, name) for name, line in zip(files, lines) if name not in on_disk]
     if absent:
         names_absent = [name for _, name in absent]
@@ -79,17 +91,44 @@ def read_celeba(root: str | Path) -> SourceTable:
     return SourceTable(source="celeba", attributes=names, splits=splits)
 
 
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTS) and not name.startswith(".")
+
+
+def _table(root: Path, official: str, kaggle: str) -> Path:
+    """ROOT/`official` (the .txt), else Kaggle's ROOT/`kaggle` (the .csv)."""
+    for path in (root / official, root / kaggle):
+        if path.is_file():
+            return path
+    raise UserError(f"CelebA: expected the file {root / official} (or Kaggle's {kaggle} beside it)")
+
+
+def _torchvision_hint(root: Path) -> str:
+    """torchvision's CelebA keeps the data set in ROOT/celeba/: say so when the folder given is that ROOT."""
+    inner = root / "celeba"
+    return f"; {inner} holds one: pass --root {inner}" if (inner / IMAGES).is_dir() else ""
+
+
 def _read_attributes(path: Path) -> tuple[list[str], list[str], list[int], np.ndarray]:
     """Attribute names, image file names and their line numbers, and the (images, attributes) uint8 matrix."""
-    rows = text_rows(path)
-    number, fields = next(rows, (1, []))
-    if len(fields) != 1 or not (fields[0].isascii() and fields[0].isdigit()):
-        # not '²', which isdigit() takes and int() refuses
-        raise UserError(f"{path} line {number}: expected the image count alone, got {cut(' '.join(fields))!r}")
-    count, count_line = int(fields[0]), number
-    number, names = next(rows, (count_line + 1, []))
-    if not names:
-        raise UserError(f"{path} line {number}: expected the attribute names")
+    count: int | None = None  # the .txt's line 1; Kaggle's CSV has none
+    if path.suffix == ".csv":
+        rows = csv_rows(path)
+        number, header = next(rows, (1, []))
+        names = header[1:]  # the first column names the file column (image_id)
+        count_line = number
+        if not names or "" in names:  # 'image_id,a,,b' or a trailing comma: a column without a name
+            raise UserError(f"{path} line {number}: expected the header 'image_id,<attribute names>'")
+    else:
+        rows = text_rows(path)
+        number, fields = next(rows, (1, []))
+        if len(fields) != 1 or not (fields[0].isascii() and fields[0].isdigit()):
+            # not '²', which isdigit() takes and int() refuses
+            raise UserError(f"{path} line {number}: expected the image count alone, got {cut(' '.join(fields))!r}")
+        count, count_line = int(fields[0]), number
+        number, names = next(rows, (count_line + 1, []))
+        if not names:
+            raise UserError(f"{path} line {number}: expected the attribute names")
     if len(set(names)) != len(names):
         repeated = sorted({name for name in names if names.count(name) > 1})
         raise UserError(f"{path} line {number}: attribute name(s) repeated: {first_few(repeated)}")
@@ -118,7 +157,7 @@ def _read_attributes(path: Path) -> tuple[list[str], list[str], list[int], np.nd
         seen[name] = number
         files.append(name)
         lines.append(number)
-    if count != len(files):
+    if count is not None and count != len(files):
         raise UserError(f"{path} line {count_line}: says {count} images, but the file has {len(files)} image rows")
     if not files:
         raise UserError(f"{path}: expected at least one image row after the attribute names, found none")
@@ -126,13 +165,20 @@ def _read_attributes(path: Path) -> tuple[list[str], list[str], list[int], np.nd
     return names, files, lines, matrix
 
 
-def _read_partition(path: Path, listed: set[str]) -> dict[str, str]:
+def _read_partition(path: Path, listed: set[str], attributes_name: str) -> dict[str, str]:
     """File name -> "train" / "val" / "test"."""
     split_of: dict[str, str] = {}
     seen: dict[str, int] = {}
-    for number, fields in text_rows(path):
+    comma = path.suffix == ".csv"
+    rows = csv_rows(path) if comma else text_rows(path)
+    if comma:  # Kaggle's header 'image_id,partition' is skipped; a CSV without one starts with an image
+        first = next(rows, None)
+        if first is not None and first[1][0] in listed:
+            rows = itertools.chain([first], rows)
+    for number, fields in rows:
         if len(fields) != 2:
-            raise UserError(f"{path} line {number}: expected '<file> 0|1|2', got {len(fields)} column(s)")
+            shape = "<file>,0|1|2" if comma else "<file> 0|1|2"
+            raise UserError(f"{path} line {number}: expected '{shape}', got {len(fields)} column(s)")
         name, value = fields
         if value not in SPLITS:
             raise UserError(f"{path} line {number}: partition {cut(value)!r}, expected 0 (train), 1 (val) or 2 (test)")
@@ -140,7 +186,7 @@ def _read_partition(path: Path, listed: set[str]) -> dict[str, str]:
             raise UserError(f"{path} line {number}: {cut(name)} already listed on line {seen[name]}")
         if name not in listed:
             # a partition file from another copy of the data set: better to stop than guess
-            raise UserError(f"{path} line {number}: {cut(name)} has no row in {ATTRIBUTES}")
+            raise UserError(f"{path} line {number}: {cut(name)} has no row in {attributes_name}")
         seen[name] = number
         split_of[name] = SPLITS[value]
     return split_of

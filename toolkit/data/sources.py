@@ -6,6 +6,7 @@ decodes, resizes and encodes the images in worker processes and writes the shard
 
 from __future__ import annotations
 
+import csv
 import errno
 import os
 import posixpath
@@ -65,6 +66,22 @@ def text_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
                     yield number, fields
     except UnicodeDecodeError as error:
         raise UserError(f"{path}: expected a text file ({error.reason})") from None
+
+
+def csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of every non-blank row of a comma-separated file, each field stripped of
+    surrounding spaces; a BOM and CRLF are fine."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as stream:
+            reader = csv.reader(stream)
+            for fields in reader:
+                fields = [field.strip() for field in fields]
+                if any(fields):
+                    yield reader.line_num, fields
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: expected a UTF-8 CSV file ({error.reason})") from None
+    except csv.Error as error:  # a NUL byte, a field beyond csv's size limit, ...
+        raise UserError(f"{path}: not a readable CSV file ({error})") from None
 
 
 def file_names(folder: Path, keep: Callable[[str], bool] | None = None) -> set[str]:
