@@ -188,6 +188,20 @@ def make_cub(root: Path, n_classes: int = 3, n_attributes: int = 4, images_per_c
     }
 
 
+def make_class_folders(root: Path, counts: dict[str, int], seed: int = 0) -> dict:
+    """ROOT/<class>/img_k.jpg (torchvision's ImageFolder layout), `counts[class]` images each; a
+    class of 5 or more keeps its fifth image and later in a sub-folder, ROOT/<class>/extra/."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    files = []
+    for name, count in counts.items():
+        for k in range(count):
+            file = f"{name}/{'extra/' if k >= 4 else ''}img_{k:03d}.jpg"
+            write_jpeg(root / file, int(rng.integers(8, 24)), int(rng.integers(8, 24)), rng)
+            files.append(file)
+    return {"root": root, "files": files}
+
+
 def make_folder(root: Path, n: int = 10, split_column: bool = False, seed: int = 0) -> dict:
     """ROOT/photos/{a,b}/img_k.jpg plus ROOT/labels.csv (`file,Smiling,Eyeglasses[,split]`).
 

@@ -109,9 +109,10 @@ def _build(
         skipped = manifest.get("skipped", {}).get("count", 0)
         note = f", {skipped} skipped (listed in the manifest)" if skipped else ""
         typer.echo(f"{split}: {manifest['count']} images in {len(manifest['shards'])} shard(s) -> {out / split}{note}")
-    warning = constant_attributes(table)  # after the build: a refused build stays one line
-    if warning:
-        typer.echo(f"warning: {warning}", err=True)
+    # after the build: a refused build stays one line
+    for warning in [*table.warnings, constant_attributes(table)]:
+        if warning:
+            typer.echo(f"warning: {warning}", err=True)
 
 
 @shards_app.command("celeba")
@@ -177,9 +178,16 @@ def shards_cub(
 
 @shards_app.command("folder")
 def shards_folder(
-    root: Path = typer.Option(..., "--root", help="Folder the table's file names are relative to."),
-    attributes: Path = typer.Option(
-        ..., "--attributes", help="CSV: a file column (file/filename/image/path) and one 0/1 column per attribute."
+    root: Path = typer.Option(
+        ...,
+        "--root",
+        help="Folder the table's file names are relative to; without --attributes, one folder per class.",
+    ),
+    attributes: Optional[Path] = typer.Option(
+        None,
+        "--attributes",
+        help="CSV: a file column (file/filename/image/path) and one 0/1 column per attribute. Without it, each "
+        "folder in --root is a class (ROOT/cat/*.jpg, or ROOT/train/cat/*.jpg and ROOT/test/cat/*.jpg).",
     ),
     out: Path = typer.Option(..., "--out", callback=_output_folder),
     split_column: Optional[str] = typer.Option(None, "--split-column", help="Column with train/val/test per row."),
@@ -189,7 +197,7 @@ def shards_folder(
         min=0.0,
         max=0.9,
         show_default=False,
-        help="Without --split-column: random test share (default: 0.1).",
+        help="Without --split-column: random test share (default: 0.1; of each class without --attributes).",
     ),
     seed: Optional[int] = typer.Option(
         None, "--seed", callback=_seed, show_default=False, help="Seed of the random split (default: 0)."
@@ -201,15 +209,22 @@ def shards_folder(
     strict: bool = STRICT,
     overwrite: bool = OVERWRITE,
 ) -> None:
-    """Your own images plus a CSV attribute table."""
-    from toolkit.data.folder import read_folder
+    """Your own images: plus a CSV attribute table, or one folder per class (torchvision's ImageFolder layout)."""
+    from toolkit.data.folder import read_class_folders, read_folder
 
     if split_column is not None:  # the column gives every row's split: a random split's settings do nothing
+        if attributes is None:
+            raise UserError("--split-column names a column of the --attributes table: give the table too")
         for option, value in (("--test-fraction", test_fraction), ("--seed", seed)):
             if value is not None:
                 raise UserError(f"{option} does nothing with --split-column: the column gives each row's split")
-    fraction = 0.1 if test_fraction is None else test_fraction
-    read = partial(read_folder, root, attributes, split_column=split_column, test_fraction=fraction, seed=seed or 0)
+    if attributes is None:
+        read = partial(read_class_folders, root, test_fraction=test_fraction, seed=seed)
+    else:
+        fraction = 0.1 if test_fraction is None else test_fraction
+        read = partial(
+            read_folder, root, attributes, split_column=split_column, test_fraction=fraction, seed=seed or 0
+        )
     _build(read, out, size, crop, workers, shard_size, strict, overwrite)
 
 

@@ -34,6 +34,7 @@ output (everything ends as 8-bit sRGB), formats Pillow has no plugin for (HEIC, 
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import stat
@@ -209,6 +210,13 @@ def centre_crop(region: tuple[float, float, float, float], side: int) -> tuple[f
     toolkit.sampler prepares a photo with, so that both see the same pixels."""
     cx, cy, half = (region[0] + region[2]) / 2, (region[1] + region[3]) / 2, side / 2
     return (cx - half, cy - half, cx + half, cy + half)
+
+
+@functools.cache
+def readable_extensions() -> frozenset[str]:
+    """The file extensions ('.jpg', '.webp', ...) of every format Pillow opens here, its plugins included."""
+    Image.init()  # every plugin, not only the few Pillow loads at first
+    return frozenset(ext for ext, name in Image.registered_extensions().items() if name in Image.OPEN)
 
 
 def open_image(path: str | Path) -> Image.Image:

@@ -8,7 +8,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from fixtures import make_celeba, make_cub, make_folder
+from fixtures import make_celeba, make_class_folders, make_cub, make_folder
 
 from toolkit.data.sources import safe_key
 
@@ -217,3 +217,21 @@ def test_an_attribute_with_one_value_in_every_train_image_is_warned_after_the_bu
     warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "1 of 2 attribute(s)" in warnings[0] and "Smiling (always 1)" in warnings[0]
     assert "Eyeglasses" not in warnings[0] and set(manifests(tmp_path / "out")) == {"train", "test"}
+
+
+def test_folder_without_a_table_builds_one_hot_classes_and_says_what_it_left_out(tmp_path):
+    made = make_class_folders(tmp_path / "pets", {"cat": 3, "dog": 4})
+    (made["root"] / "cat" / "notes.txt").write_text("x")
+    done = cli("folder", "--root", made["root"], "--out", "out", "--size", "8", "--workers", "1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    built = manifests(tmp_path / "out")
+    assert {split: m["count"] for split, m in built.items()} == {"train": 5, "test": 2}
+    assert built["train"]["attributes"] == ["cat", "dog"] and built["train"]["source"] == "classes:pets"
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "cat/notes.txt" in warnings[0]
+    # --split-column names a column of a table: without one it is refused, nothing written
+    done = cli("folder", "--root", made["root"], "--out", "o2", "--split-column", "split", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip() == (
+        "error: --split-column names a column of the --attributes table: give the table too"
+    )
+    assert not (tmp_path / "o2").exists()

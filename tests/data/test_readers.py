@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures import delete_line, make_celeba, make_cub, make_folder, replace_line, write_jpeg
+from fixtures import delete_line, make_celeba, make_class_folders, make_cub, make_folder, replace_line, write_jpeg
 
 from toolkit.data.build import require_train_and_test
 from toolkit.data.celeba import read_celeba
 from toolkit.data.cub import read_cub
-from toolkit.data.folder import read_folder
+from toolkit.data.folder import read_class_folders, read_folder
 from toolkit.data.sources import safe_key
 from toolkit.errors import UserError
 
@@ -420,7 +420,7 @@ def test_a_folder_table_that_leaves_no_train_or_test_images_is_refused_before_th
     )  # fmt: skip
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         "error: folder:photos: no test images (4 train); training and evaluation need a train and a test split "
-        "(shards folder: --test-fraction above 0, or rows of both in --split-column)"
+        "(shards folder: --test-fraction above 0, rows of both in --split-column, or a test/ folder beside train/)"
     ]
     assert not (tmp_path / "out").exists()
 
@@ -636,3 +636,110 @@ def test_folder_absolute_paths_inside_the_root_read_as_relative_ones(tmp_path):
         raises(["labels.csv line 4", "is not a path inside the image folder"], read_folder, root, fixture["table"])
     replace_line(fixture["table"], 4, f"{root}/{fixture['files'][0]},1,0")  # one image, two spellings
     raises([f"line 4: {fixture['files'][0]} already listed on line 2"], read_folder, root, fixture["table"])
+
+
+# ----------------------------------------------------------------------------------------------- class folders
+
+
+def one_hot_classes(table):
+    """split -> [(sample key, the class its one-hot vector names)]."""
+    result = {}
+    for split, records in table.splits.items():
+        for record in records:
+            assert record.attributes.dtype == np.uint8 and record.attributes.sum() == 1
+            name = table.attributes[int(record.attributes.argmax())]
+            result.setdefault(split, []).append((record.key, name))
+    return result
+
+
+def test_class_folders_are_one_hot_classes_split_within_each_class(tmp_path):
+    made = make_class_folders(tmp_path / "pets", {"dog": 5, "cat": 4, "bird": 1})
+    table = read_class_folders(made["root"], test_fraction=0.25, seed=3)
+    assert table.source == "classes:pets" and table.attributes == ["bird", "cat", "dog"]  # sorted, as ImageFolder
+    classes = one_hot_classes(table)
+    for split, pairs in classes.items():
+        for key, name in pairs:
+            assert key.startswith(name + "__")  # the image is in its class's folder
+    # each class split on its own: at least one train image each, one test image of every class of 2+
+    assert sorted({name for _, name in classes["train"]}) == ["bird", "cat", "dog"]
+    assert sorted(name for _, name in classes["test"]) == ["cat", "dog"]
+    assert sum(len(pairs) for pairs in classes.values()) == 10
+    assert table.warnings == []
+    # sub-folders of a class are the class; the split is seeded
+    assert "dog__extra__img_004" in {key for key, _ in classes["train"] + classes["test"]}
+    assert one_hot_classes(read_class_folders(made["root"], test_fraction=0.25, seed=3)) == classes
+    assert one_hot_classes(read_class_folders(made["root"], test_fraction=0.25, seed=4)) != classes
+    assert sum(len(r) for r in read_class_folders(made["root"]).splits.values()) == 10  # default fraction 0.1
+
+
+@pytest.mark.parametrize("names", [("train", "test"), ("Train", "valid", "Test"), ("train", "validation", "test")])
+def test_split_folders_give_each_images_split(tmp_path, names):
+    root = tmp_path / "data"
+    made = {name: make_class_folders(root / name, {"cat": 2, "dog": 3}, seed=k) for k, name in enumerate(names)}
+    table = read_class_folders(root)
+    expected = {"train": "train", "test": "test", "valid": "val", "validation": "val"}
+    assert set(table.splits) == {expected[name.lower()] for name in names}
+    assert table.attributes == ["cat", "dog"]
+    for name in names:
+        split = table.splits[expected[name.lower()]]
+        assert len(split) == 5 and all(r.path.is_relative_to(made[name]["root"]) for r in split)
+    raises(["test_fraction does nothing here", "give each image's split"], read_class_folders, root, test_fraction=0.2)
+    raises(["seed does nothing here"], read_class_folders, root, seed=1)
+
+
+def test_split_folders_must_hold_the_training_classes(tmp_path):
+    root = tmp_path / "data"
+    make_class_folders(root / "train", {"cat": 2})
+    make_class_folders(root / "test", {"cat": 1, "dog": 1})
+    raises([str(root / "test"), "dog", f"no folder in {root / 'train'}"], read_class_folders, root)
+    make_class_folders(root / "val", {"cat": 1})
+    make_class_folders(root / "valid", {"cat": 1})
+    raises(["both val/ and valid/ hold the val split"], read_class_folders, root)
+
+
+def test_class_folder_debris_is_passed_over_and_what_is_left_out_is_said(tmp_path):
+    made = make_class_folders(tmp_path / "pets", {"cat": 2, "dog": 2})
+    root = made["root"]
+    for debris in (".ipynb_checkpoints", "__MACOSX", ".git"):  # not classes
+        write_jpeg(root / debris / "x.jpg", 8, 8, np.random.default_rng(0))
+    (root / ".DS_Store").write_bytes(b"\0")
+    (root / "cat" / ".DS_Store").write_bytes(b"\0")
+    (root / "cat" / "._img_000.jpg").write_bytes(b"\0")  # macOS resource fork
+    (root / "cat" / "notes.txt").write_text("x")
+    (root / "dog" / "img.heic").write_bytes(b"\0")
+    write_jpeg(root / "stray.jpg", 8, 8, np.random.default_rng(0))
+    (root / "labels.csv").write_text("file,a\n")  # not an image: no warning of its own
+    table = read_class_folders(root)
+    assert table.attributes == ["cat", "dog"] and sum(len(r) for r in table.splits.values()) == 4
+    assert len(table.warnings) == 2
+    assert "1 image(s) lie beside the class folders" in table.warnings[0] and "pets/stray.jpg" in table.warnings[0]
+    assert (
+        "2 file(s)" in table.warnings[1]
+        and "cat/notes.txt" in table.warnings[1]
+        and "dog/img.heic" in table.warnings[1]
+    )
+
+
+def test_class_folder_mistakes_are_one_line(tmp_path):
+    raises(["nowhere", "is not a folder"], read_class_folders, tmp_path / "nowhere")
+    flat = tmp_path / "flat"
+    write_jpeg(flat / "a.jpg", 8, 8, np.random.default_rng(0))
+    raises(["expected one folder per class", "--attributes"], read_class_folders, flat)
+    made = make_class_folders(tmp_path / "pets", {"cat": 2})
+    (made["root"] / "dog").mkdir()
+    (made["root"] / "dog" / "readme.txt").write_text("x")
+    raises(["class folder(s) dog hold no image"], read_class_folders, made["root"])
+    (made["root"] / "dog" / "readme.txt").unlink()
+    write_jpeg(made["root"] / "dog" / "img_000.jpg", 8, 8, np.random.default_rng(0))
+    write_jpeg(made["root"] / "dog" / "img_000.png", 8, 8, np.random.default_rng(0))
+    raises(["dog/img_00", "gives the sample key 'dog__img_000'"], read_class_folders, made["root"])
+    raises(["test_fraction is 1.5"], read_class_folders, made["root"], test_fraction=1.5)
+
+
+def test_class_folders_follow_links_once(tmp_path):
+    elsewhere = make_class_folders(tmp_path / "elsewhere", {"cat": 2})
+    made = make_class_folders(tmp_path / "pets", {"dog": 2})
+    (made["root"] / "cat").symlink_to(elsewhere["root"] / "cat")  # data sets are put together with links
+    (made["root"] / "dog" / "loop").symlink_to(made["root"] / "dog")  # a link back up: read once, no hang
+    table = read_class_folders(made["root"], test_fraction=0.5)
+    assert table.attributes == ["cat", "dog"] and sum(len(r) for r in table.splits.values()) == 4

@@ -59,7 +59,7 @@ from toolkit.atomic import describe_os_error
 from toolkit.data.shards import EncodedSample, Sample, output_lock, prepare_output, serialize, write_split
 from toolkit.data.sources import Record, SourceTable, first_few
 from toolkit.errors import UserError
-from toolkit.images import original_bytes
+from toolkit.images import original_bytes, readable_extensions
 from toolkit.memory import check_fits, gib
 
 # The largest side libjpeg (so Pillow) writes: every re-encoded image is a JPEG.
@@ -376,7 +376,8 @@ def require_train_and_test(table: SourceTable) -> None:
             counts = ", ".join(f"{len(records)} {split}" for split, records in table.splits.items() if records)
             raise UserError(
                 f"{table.source}: no {needed} images ({counts or 'no images at all'}); training and evaluation need "
-                "a train and a test split (shards folder: --test-fraction above 0, or rows of both in --split-column)"
+                "a train and a test split (shards folder: --test-fraction above 0, rows of both in --split-column, or a "
+                "test/ folder beside train/)"
             )
 
 
@@ -401,8 +402,7 @@ def constant_attributes(table: SourceTable) -> str | None:
 def check_inputs(table: SourceTable, spec: ImageSpec, workers: int) -> None:
     """What can be told before any image is encoded, refused in one line: file extensions no
     reader takes, a --crop larger than the images, a build that would not fit in memory."""
-    Image.init()  # every plugin, not only the few Pillow loads at first
-    readable = {ext for ext, name in Image.registered_extensions().items() if name in Image.OPEN}
+    readable = readable_extensions()
     kept = {".jpg", ".jpeg", ".png"}  # --size original keeps the bytes: JPEG or PNG only
     bad = [
         Path(*r.path.parts[-2:]).as_posix()

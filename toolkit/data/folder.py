@@ -1,4 +1,4 @@
-"""A folder of images plus a CSV table -> a SourceTable (your own data set).
+"""Your own data set -> a SourceTable: a folder of images plus a CSV table, or one folder per class.
 
     ROOT/any/sub/folders/image.jpg ...
     TABLE (CSV with a header row):
@@ -12,6 +12,16 @@ test; every other column is a 0/1 attribute. Without a split column, a seeded ra
 is parsed and each folder listed once.
 Columns are separated by commas, or by semicolons or tabs where the header holds no comma (what
 spreadsheets in many locales save as "CSV").
+
+Without a table (`read_class_folders`), torchvision's ImageFolder layout: each folder in ROOT is a
+class, its name an attribute, and every image below it (sub-folders included) carries that one
+attribute (a one-hot condition, like CUB's species):
+
+    ROOT/cat/0001.jpg  ROOT/dog/x/0002.png ...             a seeded random test_fraction of each class is test
+    ROOT/train/cat/0001.jpg  ROOT/test/cat/0101.jpg ...    when ROOT's folders are train[/val]/test
+
+Hidden names (`.ipynb_checkpoints`, `.DS_Store`) and `__MACOSX` are passed over; other files that are
+not images Pillow opens are left out and said.
 """
 
 from __future__ import annotations
@@ -22,8 +32,18 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.data.sources import Record, SourceTable, case_hint, first_few, inside_path, missing_files, safe_key
+from toolkit.data.sources import (
+    Record,
+    SourceTable,
+    case_hint,
+    file_names,
+    first_few,
+    inside_path,
+    missing_files,
+    safe_key,
+)
 from toolkit.errors import UserError, cut
+from toolkit.images import readable_extensions
 
 FILE_COLUMNS = ("file", "filename", "image", "path")
 SPLITS = ("train", "val", "test")
@@ -46,7 +66,7 @@ def read_folder(
         raise UserError(f"{table}: expected at least one image row after the header, found none")
     _check_images(root, table, files, lines)
     if split_of is None:
-        split_of = _random_split(len(files), test_fraction, seed)
+        split_of = _random_split(len(files), test_fraction, np.random.default_rng(seed))
 
     splits: dict[str, list[Record]] = {split: [] for split in SPLITS}
     keys: dict[str, int] = {}
@@ -176,11 +196,154 @@ def _check_images(root: Path, table: Path, files: list[str], lines: list[int]) -
         )
 
 
-def _random_split(n: int, test_fraction: float, seed: int) -> list[str]:
+def _random_split(n: int, test_fraction: float, rng: np.random.Generator) -> list[str]:
     """round(test_fraction * n) rows test (at least 1 when n >= 2 and the fraction > 0; never all), the rest train."""
     n_test = round(test_fraction * n)
     if n >= 2 and test_fraction > 0:
         n_test = max(n_test, 1)
     n_test = min(n_test, max(n - 1, 0))  # keep at least one training row
-    test = set(np.random.default_rng(seed).permutation(n)[:n_test].tolist())
+    test = set(rng.permutation(n)[:n_test].tolist())
     return ["test" if index in test else "train" for index in range(n)]
+
+
+# Folder names that mean a split, not a class (Kaggle's copies often say valid or validation).
+SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+def read_class_folders(root: str | Path, test_fraction: float | None = None, seed: int | None = None) -> SourceTable:
+    """One folder per class under `root`, or under root/train and root/test (and root/val) -> a
+    one-hot table. `test_fraction` (default 0.1) and `seed` (default 0) split each class at random
+    when the folders give no split; where they do, setting either is refused (it would do nothing)."""
+    root = Path(os.path.abspath(root))
+    if not root.is_dir():
+        raise UserError(f"image folder {root} is not a folder")
+    if test_fraction is not None and not 0.0 <= test_fraction < 1.0:
+        raise UserError(f"test_fraction is {test_fraction}, expected a number in [0, 1)")
+    top = _folders(root)
+    split_of_folder = {name: SPLIT_FOLDERS.get(name.lower()) for name in top}
+    left_out: list[str] = []  # files that are not images Pillow opens, relative to root
+    if top and all(split_of_folder.values()) and "train" in split_of_folder.values():
+        given = [option for option, value in (("test_fraction", test_fraction), ("seed", seed)) if value is not None]
+        if given:
+            raise UserError(
+                f"{given[0]} does nothing here: the folders {', '.join(top)} in {root} give each image's split"
+            )
+        named: dict[str, str] = {}
+        for folder, split in split_of_folder.items():
+            if split in named:
+                raise UserError(f"{root}: both {named[split]}/ and {folder}/ hold the {split} split; expected one")
+            named[split] = folder
+        classes = _folders(root / named["train"])
+        found = {split: _folders(root / folder) for split, folder in named.items()}
+        for split, names in found.items():
+            strangers = [name for name in names if name not in classes]
+            if strangers:
+                raise UserError(
+                    f"{root / named[split]}: class folder(s) {first_few(strangers)} have no folder in "
+                    f"{root / named['train']}; expected the training classes only (a class never trained on cannot be drawn)"
+                )
+        by_split = {
+            split: {name: _images_below(root, f"{named[split]}/{name}", left_out) for name in found[split]}
+            for split in named
+        }
+        homes = [root / folder for folder in named.values()]
+        where = f"{root / named['train']}"
+    else:
+        classes = top
+        by_class = {name: _images_below(root, name, left_out) for name in classes}
+        by_split = _split_each_class(by_class, 0.1 if test_fraction is None else test_fraction, seed or 0)
+        homes, where = [root], f"{root}"
+    if not classes:
+        raise UserError(
+            f"{where}: expected one folder per class (cat/, dog/, ...), found none; "
+            "for images with 0/1 attributes, give their CSV table with --attributes"
+        )
+    empty = [name for name in classes if not by_split["train"].get(name)]
+    if empty:
+        raise UserError(
+            f"{where}: class folder(s) {first_few(empty)} hold no image Pillow opens; add images or remove them"
+        )
+
+    splits: dict[str, list[Record]] = {split: [] for split in SPLITS}
+    keys: dict[str, str] = {}
+    for split, by_class in by_split.items():
+        for index, name in enumerate(classes):
+            attributes = np.zeros(len(classes), dtype=np.uint8)
+            attributes[index] = 1
+            for relative in by_class.get(name, []):
+                key = safe_key(relative)
+                if key in keys:  # 'cat/x.jpg' and 'cat/x.png', 'a.b/x.jpg' and 'a_b/x.jpg'
+                    raise UserError(
+                        f"{root}: {cut(relative)} gives the sample key {cut(key)!r}, as {cut(keys[key])} does; rename one of them"
+                    )
+                keys[key] = relative
+                splits[split].append(Record(key=key, path=root / relative, attributes=attributes))
+    warnings = []
+    loose = [f"{home.name}/{name}" for home in homes for name in sorted(file_names(home)) if _is_image(name)]
+    if loose:
+        warnings.append(
+            f"{len(loose)} image(s) lie beside the class folders, in no class, and were left out (first: {first_few(loose)})"
+        )
+    if left_out:
+        warnings.append(
+            f"{len(left_out)} file(s) in the class folders are not images Pillow opens and were left out "
+            f"(first: {first_few(left_out)})"
+        )
+    splits = {split: records for split, records in splits.items() if records}
+    return SourceTable(source=f"classes:{root.name}", attributes=classes, splits=splits, warnings=warnings)
+
+
+def _hidden(name: str) -> bool:
+    """Names a file manager, a notebook or a zip leaves behind: .DS_Store, .ipynb_checkpoints, __MACOSX."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _is_image(name: str) -> bool:
+    return not _hidden(name) and os.path.splitext(name)[1].lower() in readable_extensions()
+
+
+def _folders(folder: Path) -> list[str]:
+    """The visible folders (or links to folders) directly in `folder`, sorted (as ImageFolder sorts its classes)."""
+    with os.scandir(folder) as entries:
+        return sorted(entry.name for entry in entries if not _hidden(entry.name) and _is_folder(entry))
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link that loops
+        return False
+
+
+def _images_below(root: Path, relative: str, left_out: list[str]) -> list[str]:
+    """The images anywhere below root/relative, as sorted '/'-separated paths relative to root; other
+    visible files are added to `left_out`. Links to folders are followed, each real folder once."""
+    found: list[str] = []
+    seen: set[str] = set()
+    for folder, subfolders, files in os.walk(root / relative, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = sorted(name for name in subfolders if not _hidden(name))
+        inside = Path(folder).relative_to(root).as_posix()
+        for name in sorted(files):
+            if _is_image(name):
+                found.append(f"{inside}/{name}")
+            elif not _hidden(name):
+                left_out.append(f"{inside}/{name}")
+    return found
+
+
+def _split_each_class(
+    by_class: dict[str, list[str]], test_fraction: float, seed: int
+) -> dict[str, dict[str, list[str]]]:
+    """split -> class -> images: each class split at random on its own, so every class is in train and,
+    with two images or more, in test."""
+    rng = np.random.default_rng(seed)
+    by_split: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}}
+    for name, images in by_class.items():
+        for image, split in zip(images, _random_split(len(images), test_fraction, rng)):
+            by_split[split].setdefault(name, []).append(image)
+    return by_split

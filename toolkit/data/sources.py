@@ -31,10 +31,11 @@ class Record:
 
 @dataclass
 class SourceTable:
-    source: str  # e.g. "celeba", "cub-200-2011", "folder:<root>"
+    source: str  # e.g. "celeba", "cub-200-2011", "folder:<root>", "classes:<root>"
     attributes: list[str]
     splits: dict[str, list[Record]]  # "train", "val", "test" -> records in a fixed order
     skipped: dict[str, list[str]] = field(default_factory=dict)  # split -> "name: reason" found while reading
+    warnings: list[str] = field(default_factory=list)  # what the reader passed over, said after the build
 
 
 def safe_key(relative_path: str) -> str:
