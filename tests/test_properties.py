@@ -643,6 +643,7 @@ def folder_data_sets(draw):
                 "pad": st.sampled_from(["", " ", "  "]),
                 "dot_slash": st.booleans(),
                 "backslash": st.booleans(),
+                "minus_one": st.booleans(),  # CelebA's -1/1 for 0/1
                 "blank_rows": st.booleans(),
                 "columns": st.permutations(range(len(names) + 1 + (split_column is not None))),
                 "quoting": st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL]),
@@ -670,7 +671,8 @@ def folder_text(d) -> bytes:
     writer.writerow([header[i] for i in s["columns"]])
     for index, relpath in enumerate(d["relpaths"]):
         cell = ("./" if s["dot_slash"] else "") + (relpath.replace("/", "\\") if s["backslash"] else relpath)
-        row = [s["pad"] + cell + s["pad"], *(s["pad"] + str(v) for v in d["values"][index])]
+        absent = "-1" if s["minus_one"] else "0"
+        row = [s["pad"] + cell + s["pad"], *(s["pad"] + ("1" if v else absent) for v in d["values"][index])]
         if d["split_column"]:
             row.append(d["splits"][index] + s["pad"])
         writer.writerow([row[i] for i in s["columns"]])
@@ -714,7 +716,7 @@ def oracle_folder(root: Path, blob: bytes, split_column: str | None):
         split_index = header.index(split_column)
     attribute_columns = [i for i in range(len(header)) if i not in (file_column, split_index)]
     require(bool(attribute_columns))
-    records, seen = [], set()
+    records, seen, absent = [], set(), set()
     for row in rows[1:]:
         if not any(cell.strip() for cell in row):
             continue
@@ -727,10 +729,12 @@ def oracle_folder(root: Path, blob: bytes, split_column: str | None):
         require(not name.startswith("/") and name != ".." and not name.startswith("../") and name not in seen)
         seen.add(name)
         values = [row[i].strip() for i in attribute_columns]
-        require(all(v in ("0", "1") for v in values))
+        require(all(v in ("0", "1", "-1") for v in values))
+        absent.update(v for v in values if v != "1")
+        require(len(absent) < 2)  # 0/1 or -1/1, not both in one table
         split = row[split_index].strip() if split_index is not None else None
         require(split_index is None or split in ("train", "val", "test"))
-        records.append((name, [int(v) for v in values], split))
+        records.append((name, [int(v == "1") for v in values], split))
     require(bool(records) and all(is_file(root / "images" / name) for name, _, _ in records))
     require(unique(safe_key(name) for name, _, _ in records))
     return [header[i] for i in attribute_columns], records

@@ -452,8 +452,8 @@ def test_folder_split_column(tmp_path):
 @pytest.mark.parametrize(
     "line, text, expected",
     [
-        (3, "b/img_001.jpg,1,2,val", "labels.csv line 3: column Eyeglasses is '2', expected 0 or 1"),
-        (3, "b/img_001.jpg,-1,0,val", "labels.csv line 3: column Smiling is '-1'"),
+        (3, "b/img_001.jpg,1,2,val", "labels.csv line 3: column Eyeglasses is '2', expected 0 or 1 (or -1 or 1)"),
+        (3, "b/img_001.jpg,-1,0,val", "expected 0/1 or -1/1 in every column, not both"),  # -1 and 0 in one row
         (4, "a/img_002.jpg,1,0,dev", "labels.csv line 4: column split is 'dev'"),
         (4, "a/img_002.jpg,1,0", "labels.csv line 4: 3 column(s)"),
         (5, "a/img_002.jpg,1,0,val", "labels.csv line 5: a/img_002.jpg already listed on line 4"),
@@ -461,7 +461,7 @@ def test_folder_split_column(tmp_path):
         (
             1,
             "name,Smiling,Eyeglasses,split",
-            "labels.csv line 1: expected a file column named one of file, filename, image, path; the header is name, Smiling, Eyeglasses, split",
+            "labels.csv line 1: expected a file column named one of file, filename, file_name, image, path, image_id; the header is name, Smiling, Eyeglasses, split",
         ),
     ],
 )
@@ -503,6 +503,16 @@ def test_folder_tables_separated_by_semicolons_or_tabs_read_as_the_comma_one(tmp
         np.testing.assert_array_equal(records[safe_key(file)].attributes, expected)
 
 
+def test_folder_table_of_minus_one_and_one_reads_as_zero_and_one(tmp_path):
+    fixture = make_folder(tmp_path, n=4)
+    fixture["table"].write_text(
+        "file,Smiling,Eyeglasses\na/img_000.jpg,-1,1\nb/img_001.jpg,1,-1\na/img_002.jpg,-1,-1\nb/img_003.jpg,1,1\n"
+    )
+    records = by_key(read_folder(fixture["root"], fixture["table"], test_fraction=0.25))
+    got = {key: records[key].attributes.tolist() for key in records}
+    assert got == {"a__img_000": [0, 1], "b__img_001": [1, 0], "a__img_002": [0, 0], "b__img_003": [1, 1]}
+
+
 @pytest.mark.parametrize(
     "content, expected",
     [
@@ -510,16 +520,24 @@ def test_folder_tables_separated_by_semicolons_or_tabs_read_as_the_comma_one(tmp
         ("\n\n", "line 1: expected a header row"),
         ("file,Smiling\n", "expected at least one image row after the header"),
         ("file\na/img_000.jpg\n", "expected at least one 0/1 attribute column"),
-        ("name,Smiling\na/img_000.jpg,1\n", "expected a file column named one of file, filename, image, path"),
+        (
+            "name,Smiling\na/img_000.jpg,1\n",
+            "expected a file column named one of file, filename, file_name, image, path, image_id",
+        ),
         ("file;Smiling\na/img_000.jpg,1\n", "line 2: 1 column(s), the header has 2"),  # separators mixed
-        ("file,Smiling\na/img_000.jpg,yes\n", "column Smiling is 'yes', expected 0 or 1"),
-        ("file,Smiling\na/img_000.jpg,0.5\n", "column Smiling is '0.5', expected 0 or 1"),
-        ("file,Smiling\na/img_000.jpg,\n", "column Smiling is '', expected 0 or 1"),
+        ("file,Smiling\na/img_000.jpg,yes\n", "column Smiling is 'yes', expected 0 or 1 (or -1 or 1)"),
+        ("file,Smiling\na/img_000.jpg,0.5\n", "column Smiling is '0.5', expected 0 or 1 (or -1 or 1)"),
+        ("file,Smiling\na/img_000.jpg,\n", "column Smiling is '', expected 0 or 1 (or -1 or 1)"),
         ("file,Smiling\n,1\n", "line 2: empty file name"),
+        # CelebA's -1/1 is read as 0/1, but one table holding both 0 and -1 is not guessed at
+        (
+            "file,Smiling,Hat\na/img_000.jpg,-1,1\nb/img_001.jpg,1,0\n",
+            "line 3: column Hat is 0, but line 2 has -1: expected 0/1 or -1/1 in every column, not both",
+        ),
         # a split column not named with --split-column: said so
         (
             "file,fold\na/img_000.jpg,train\n",
-            "column fold is 'train', expected 0 or 1 (a column of splits? pass --split-column fold)",
+            "column fold is 'train', expected 0 or 1 (or -1 or 1) (a column of splits? pass --split-column fold)",
         ),
     ],
 )

@@ -5,9 +5,9 @@
         file,Smiling,Eyeglasses[,split]
         a/0001.jpg,1,0[,train]
 
-The file column is the first of `file`, `filename`, `image`, `path` in the header (file names are
-relative to ROOT, or absolute paths inside ROOT); the optional split column holds train / val /
-test; every other column is a 0/1 attribute. Without a split column, a seeded random
+The file column is the first of `file`, `filename`, `file_name`, `image`, `path`, `image_id` in the
+header (file names are relative to ROOT, or absolute paths inside ROOT); the optional split column
+holds train / val / test; every other column is a 0/1 attribute. Without a split column, a seeded random
 `test_fraction` of the rows is test and the rest train, each split in table order. Only the table
 is parsed and each folder listed once.
 Columns are separated by commas, or by semicolons or tabs where the header holds no comma (what
@@ -45,9 +45,10 @@ from toolkit.data.sources import (
 from toolkit.errors import UserError, cut
 from toolkit.images import readable_extensions
 
-FILE_COLUMNS = ("file", "filename", "image", "path")
+# file_name: Hugging Face datasets' imagefolder metadata.csv; image_id: Kaggle's tables (CelebA's CSVs)
+FILE_COLUMNS = ("file", "filename", "file_name", "image", "path", "image_id")
 SPLITS = ("train", "val", "test")
-_VALUE = {"0": 0, "1": 1}
+_VALUE = {"0": 0, "1": 1, "-1": 0}  # 0/1, or -1/1 as CelebA's tables write them; never both in one table
 
 
 def read_folder(
@@ -120,6 +121,7 @@ def _read_table(
             splits: list[str] = []
             seen: dict[str, int] = {}
             values = bytearray()  # one byte per value, row after row: a single matrix at the end
+            absent: dict[str, int] = {}  # "0" or "-1" -> the first line using it for an absent attribute
             for row in reader:
                 number = reader.line_num
                 if not any(cell.strip() for cell in row):
@@ -131,14 +133,23 @@ def _read_table(
                     raise UserError(f"{table} line {number}: {cut(name)} already listed on line {seen[name]}")
                 seen[name] = number
                 for column in attribute_columns:
-                    value = _VALUE.get(row[column].strip())
+                    text = row[column].strip()
+                    value = _VALUE.get(text)
                     if value is None:
                         hint = ""
-                        if split_index is None and row[column].strip() in SPLITS:
+                        if split_index is None and text in SPLITS:
                             hint = f" (a column of splits? pass --split-column {header[column]})"
                         raise UserError(
                             f"{table} line {number}: column {cut(header[column])} is {cut(row[column])!r}, "
-                            f"expected 0 or 1{hint}"
+                            f"expected 0 or 1 (or -1 or 1){hint}"
+                        )
+                    if text != "1":
+                        absent.setdefault(text, number)
+                    if len(absent) == 2:
+                        other = "0" if text == "-1" else "-1"
+                        raise UserError(
+                            f"{table} line {number}: column {cut(header[column])} is {text}, but line {absent[other]} "
+                            f"has {other}: expected 0/1 or -1/1 in every column, not both"
                         )
                     values.append(value)
                 if split_index is not None:
