@@ -186,7 +186,7 @@ def shards_folder(
     attributes: Optional[Path] = typer.Option(
         None,
         "--attributes",
-        help="CSV: a file column (file/filename/file_name/image/path/image_id) and one 0/1 column per attribute. Without it, each "
+        help="CSV: a file column (file/filename/file_name/image/path/image_id) and one 0/1 (or -1/1) column per attribute. Without it, each "
         "folder in --root is a class (ROOT/cat/*.jpg, or ROOT/train/cat/*.jpg and ROOT/test/cat/*.jpg).",
     ),
     out: Path = typer.Option(..., "--out", callback=_output_folder),

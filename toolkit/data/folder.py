@@ -7,7 +7,7 @@
 
 The file column is the first of `file`, `filename`, `file_name`, `image`, `path`, `image_id` in the
 header (file names are relative to ROOT, or absolute paths inside ROOT); the optional split column
-holds train / val / test; every other column is a 0/1 attribute. Without a split column, a seeded random
+holds train / val / test; every other column is a 0/1 (or -1/1) attribute. Without a split column, a seeded random
 `test_fraction` of the rows is test and the rest train, each split in table order. Only the table
 is parsed and each folder listed once.
 Columns are separated by commas, or by semicolons or tabs where the header holds no comma (what
