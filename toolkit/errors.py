@@ -22,7 +22,15 @@ def printable(text: str, keep=str.isprintable) -> str:
     """`text` (a file's or a table's, not ours) as one line of characters that print, the others as
     Python escapes (\\n, \\x1b, \\u65e5): a newline would forge a line, an escape sequence restyle the
     terminal. `keep`: which characters stay as they are."""
-    return "".join(c if keep(c) else c.encode("unicode_escape", "backslashreplace").decode("ascii") for c in text)
+    return "".join(c if keep(c) else _escape(c) for c in text)
+
+
+def _escape(char: str) -> str:
+    if (
+        "\udc80" <= char <= "\udcff"
+    ):  # a file name's byte that is not UTF-8 (os.fsdecode's escape): \xff, as ls shows it
+        return f"\\x{ord(char) - 0xDC00:02x}"
+    return char.encode("unicode_escape", "backslashreplace").decode("ascii")
 
 
 def cut(text: str, limit: int = 80) -> str:

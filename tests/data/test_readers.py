@@ -761,3 +761,25 @@ def test_class_folders_follow_links_once(tmp_path):
     (made["root"] / "dog" / "loop").symlink_to(made["root"] / "dog")  # a link back up: read once, no hang
     table = read_class_folders(made["root"], test_fraction=0.5)
     assert table.attributes == ["cat", "dog"] and sum(len(r) for r in table.splits.values()) == 4
+
+
+def test_file_and_folder_names_that_are_not_utf8_build_or_are_refused_in_one_line(tmp_path):
+    """Linux allows any bytes in a name; Python hands them over as surrogate escapes, which no manifest,
+    tar member name or export can hold (a UnicodeEncodeError traceback in the build)."""
+    from toolkit.data.build import ImageSpec, build_shards
+
+    root = Path(os.fsdecode(os.fsencode(tmp_path) + b"/set\xff"))  # the data set's own folder
+    made = make_class_folders(root, {"cat": 3, "dog": 2})
+    write_jpeg(Path(os.fsdecode(os.fsencode(root) + b"/dog/\xfe.jpg")), 8, 8, np.random.default_rng(0))
+    (root / "labels.csv").write_text("file,a\n" + "".join(f"{f},{k % 2}\n" for k, f in enumerate(made["files"])))
+    for table in (
+        read_class_folders(root, test_fraction=0.4),
+        read_folder(root, root / "labels.csv", test_fraction=0.4),
+    ):
+        out = tmp_path / table.source.split(":")[0]
+        built = build_shards(table, out, ImageSpec.parse("8"), workers=1, progress=False)
+        assert built["train"]["source"] in ("classes:set\\xff", "folder:set\\xff")  # shown as ls shows it
+    keys = {r.key for rs in read_class_folders(root).splits.values() for r in rs}
+    assert "dog___xfe" in keys  # the byte as text in the key
+    Path(os.fsdecode(os.fsencode(root) + b"/caf\xe9")).mkdir()
+    raises(["class folder name(s) caf\\xe9 are not UTF-8 text"], read_class_folders, root)

@@ -44,6 +44,7 @@ from toolkit.data.sources import (
 )
 from toolkit.errors import UserError, cut
 from toolkit.images import readable_extensions
+from toolkit.paths import is_utf8, shown
 
 # file_name: Hugging Face datasets' imagefolder metadata.csv; image_id: Kaggle's tables (CelebA's CSVs)
 FILE_COLUMNS = ("file", "filename", "file_name", "image", "path", "image_id")
@@ -79,7 +80,7 @@ def read_folder(
         splits[split_of[index]].append(Record(key=key, path=root / name, attributes=matrix[index]))
     # only the splits that have rows: a data set need not have a val split
     splits = {split: records for split, records in splits.items() if records}
-    return SourceTable(source=f"folder:{root.name}", attributes=names, splits=splits)
+    return SourceTable(source=f"folder:{shown(root.name)}", attributes=names, splits=splits)
 
 
 def _read_table(
@@ -269,6 +270,12 @@ def read_class_folders(root: str | Path, test_fraction: float | None = None, see
             f"{where}: expected one folder per class (cat/, dog/, ...), found none; "
             "for images with 0/1 attributes, give their CSV table with --attributes"
         )
+    untyped = [shown(name) for name in classes if not is_utf8(name)]
+    if untyped:  # a class name is an attribute name: in every manifest, export and command line
+        raise UserError(
+            f"{where}: class folder name(s) {first_few(untyped)} are not UTF-8 text; rename them "
+            "(each class name becomes an attribute name)"
+        )
     empty = [name for name in classes if not by_split["train"].get(name)]
     if empty:
         raise UserError(
@@ -301,7 +308,7 @@ def read_class_folders(root: str | Path, test_fraction: float | None = None, see
             f"(first: {first_few(left_out)})"
         )
     splits = {split: records for split, records in splits.items() if records}
-    return SourceTable(source=f"classes:{root.name}", attributes=classes, splits=splits, warnings=warnings)
+    return SourceTable(source=f"classes:{shown(root.name)}", attributes=classes, splits=splits, warnings=warnings)
 
 
 def _hidden(name: str) -> bool:

@@ -41,10 +41,21 @@ class SourceTable:
 def safe_key(relative_path: str) -> str:
     """A dot-free, slash-free WebDataset key from a relative file path: '001.Black_footed/x.jpg' -> '001_Black_footed__x'.
 
-    Also backslash- and control-character-free and never empty ('.jpg' -> '_'), as the shard writer requires."""
+    Also backslash- and control-character-free, UTF-8 text (a file name's bytes that are not UTF-8
+    become '_xNN') and never empty ('.jpg' -> '_'), as the shard writer requires."""
     stem = relative_path.rsplit(".", 1)[0] if "." in relative_path.rsplit("/", 1)[-1] else relative_path
     key = stem.replace("/", "__").replace(".", "_")
-    return "".join("_" if char == "\\" or char < " " or char == "\x7f" else char for char in key) or "_"
+    if key.isprintable() and "\\" not in key:  # nearly every key: nothing to replace
+        return key or "_"
+    return "".join(_key_char(char) for char in key) or "_"
+
+
+def _key_char(char: str) -> str:
+    if char == "\\" or char < " " or char == "\x7f":
+        return "_"
+    if "\udc80" <= char <= "\udcff":  # a byte of a file name that is not UTF-8 (os.fsdecode's escape): '_xff'
+        return f"_x{ord(char) - 0xDC00:02x}"
+    return char
 
 
 def inside_path(text: str) -> str | None:
