@@ -14,7 +14,7 @@ import sys
 CWD_GONE = "the current folder no longer exists (deleted?); cd to an existing folder and run again"
 
 # Said on stderr, once, when stdout's reader goes away, by a command whose work outlives its log
-# (train); the others (sample, inspect, ...) end quietly, as `yes | head` does.
+# (train, sweep); the others (sample, inspect, ...) end quietly, as `yes | head` does.
 _going_on: str | None = None
 
 

@@ -48,6 +48,7 @@ from toolkit.classifier import RELIABLE_BALANCED, check_image_size, columns_for,
 from toolkit.config import TrainConfig, load_config, parse_overrides
 from toolkit.data.stream import is_url, read_manifest
 from toolkit.devices import resolve_device
+from toolkit.entry import when_stdout_closes
 from toolkit.errors import UserError, one_line, printable
 from toolkit.evaluate import CONTROL_CONDITIONS, DIVERSITY_CONDITIONS, DIVERSITY_SAMPLES, evaluate_run, find_classifier
 from toolkit.formats import CLASSIFIER_WEIGHTS, CONFIG, MANIFEST, METRICS, RECIPE, WEIGHTS
@@ -613,6 +614,9 @@ def run_sweep(
     started = time.perf_counter()
     launcher_prefix(launcher)  # an unparsable --launcher stops here too
     runs, out, overrides = plan(args, out)  # argument mistakes stop here, before torch is even imported
+    # `cvae-tk sweep ... | head -1`: hours of runs must not end with their log's reader; the training
+    # children write into our pipe, never into the closed one, so the notice is ours to give
+    when_stdout_closes(f"the sweep goes on: its runs, then table1.md, the figures and sweep.json in {out}")
 
     config = runs[0].config
     read_manifest(config.data.shards, "train")  # the shards must be there before anything starts

@@ -76,6 +76,35 @@ def test_training_goes_on_when_the_reader_of_its_output_goes_away(how, digits_sh
         ) in text
 
 
+def test_a_sweep_goes_on_when_the_reader_of_its_output_goes_away(digits_shards, tmp_path):
+    # It went on, but without a word: `cvae-tk sweep ... | head -1` looked like a sweep that ended,
+    # hours before its table was written (its training children write into its pipe, not the closed one).
+    out, log = tmp_path / "sweep", tmp_path / "stderr.txt"
+    tiny = ["max_steps=4", "batch_size=16", "sample_every=1000", "checkpoint_every=100000", "data.num_workers=0"]
+    with open(log, "wb") as err:
+        process = subprocess.Popen(
+            [*CLI, "sweep", "recipe=digits", "betas=[0.5]", f"data.shards={digits_shards}", *tiny]
+            + ["--out", str(out), "--device", "cpu"],
+            cwd=tmp_path,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=err,
+        )
+        first = process.stdout.readline()
+        process.stdout.close()  # the reader goes away, as `| head -1` does after its line
+        assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert first.startswith(b"sweep: digits")
+    assert (out / "beta-0.5" / "model.safetensors").is_file()
+    assert {"table1.md", "sweep.json", "figure3.png"} <= {path.name for path in out.iterdir()}
+    text = log.read_text()
+    assert "Traceback" not in text and "BrokenPipeError" not in text and "Exception ignored" not in text
+    assert text.count("stdout was closed") == 1
+    assert (
+        "cvae-tk: stdout was closed (broken pipe); the sweep goes on: its runs, then table1.md, the figures "
+        f"and sweep.json in {out}\n"
+    ) in text
+
+
 @pytest.mark.parametrize("command", ["recipes", "inspect", "sample"])
 def test_a_short_command_whose_reader_is_gone_does_its_work_and_ends_quietly(command, tiny_onnx, tmp_path):
     # (exit 1 and no word: click's handling of EPIPE; `sample` wrote its grid, then failed to say so)
