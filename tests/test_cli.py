@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -140,6 +141,7 @@ def test_inspect_an_export(tmp_path, exported, trained_run):
     assert fields["cvae_tk.format"] == "sampler/1"
     assert fields["attributes"].startswith("10 (digit_0, digit_1,")
     assert fields["weights_sha256"] == hashlib.sha256((trained_run / "model.safetensors").read_bytes()).hexdigest()
+    assert fields["run_id"] == json.loads((trained_run / "config.json").read_text())["extra"]["run_id"]
     assert fields["inputs"] == '["attributes", "noise"]'
     assert fields["input attributes"] == "float32 [batch, 10]"
     assert fields["input noise"] == "float32 [batch, 16]"

@@ -89,6 +89,7 @@ def test_metadata_contract(proto):
     assert meta["step"] == "60"
     assert meta["toolkit_version"] == toolkit.__version__
     assert meta["arch"] == "paper"
+    assert re.fullmatch(r"[0-9a-f]{32}", meta["run_id"])  # the run's identity: no path (exports are shared)
     assert all(isinstance(value, str) for value in meta.values())
 
 
@@ -423,6 +424,76 @@ def test_default_export_names_of_the_variants(tmp_path):
     assert default_path(tmp_path / "digits") == Path("export/digits.onnx")
     assert default_path(tmp_path / "digits", fp16=True, uint8=True) == Path("export/digits-fp16-uint8.onnx")
     assert default_path(tmp_path / "digits", temperature_input=True) == Path("export/digits-temperature.onnx")
+
+
+def _copy_run(trained_run, folder: Path, run_id: str | None, step: int) -> Path:
+    """A copy of the trained run, as another run (`run_id`; None: one from before run identities)."""
+    shutil.copytree(trained_run, folder, ignore=shutil.ignore_patterns("checkpoints", "logs", "samples"))
+    config = json.loads((folder / "config.json").read_text())
+    config["extra"].pop("run_id", None)
+    config["extra"].update({"step": step, **({"run_id": run_id} if run_id else {})})
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_default_export_never_replaces_one_of_another_run_of_the_same_folder_name(
+    trained_run, tmp_path, monkeypatch, capsys
+):
+    # runs/a/digits and runs/b/digits both export to export/digits.onnx: the second replaced the
+    # first's model silently
+    from tests.faults.test_user_mistakes import assert_one_line
+    from tests.test_edit import cli
+    from toolkit.export import export_onnx
+    from toolkit.sessions import file_metadata
+
+    monkeypatch.chdir(tmp_path)
+    a = _copy_run(trained_run, tmp_path / "a" / "digits", "a" * 32, 5)
+    b = _copy_run(trained_run, tmp_path / "b" / "digits", "b" * 32, 9)
+    old = _copy_run(trained_run, tmp_path / "old" / "digits", None, 3)
+    default, encoder = Path("export/digits.onnx"), Path("export/digits-encoder.onnx")
+
+    def run_of(path: Path) -> str | None:
+        return file_metadata(path).get("run_id")
+
+    export_onnx(a, encoder=True)
+    assert run_of(default) == run_of(encoder) == "a" * 32
+    export_onnx(a, encoder=True)  # the same run again (after more training, say): replaced as before
+    kept = default.read_bytes()
+    with pytest.raises(UserError) as caught:
+        export_onnx(b)
+    assert str(caught.value) == (
+        "export/digits.onnx holds the export of another run of the same folder name (recipe digits, step 5, "
+        f"run aaaaaaaa), not of {b} (recipe digits, step 9, run bbbbbbbb): pass --out to write this one "
+        "elsewhere (--out export/digits.onnx replaces that one)"
+    )
+    assert default.read_bytes() == kept
+    # the command: one line, before the export's work; a run from before identities is not the file's run either
+    assert_one_line(cli(["export", "--onnx", b], monkeypatch, capsys, tmp_path), "not of", "pass --out")
+    assert_one_line(
+        cli(["export", "--onnx", old], monkeypatch, capsys, tmp_path), f"not of {old} (recipe digits, step 3)"
+    )
+    assert default.read_bytes() == kept
+    # a variant's name, and the encoder beside a decoder of this run
+    export_onnx(a, fp16=True)
+    with pytest.raises(UserError, match="export/digits-fp16.onnx holds the export of another run"):
+        export_onnx(b, fp16=True)
+    export_onnx(b, default)  # --out: what the user named is replaced
+    assert run_of(default) == "b" * 32
+    with pytest.raises(UserError, match="export/digits-encoder.onnx holds .* replaces that one"):
+        export_onnx(b, encoder=True)
+    assert run_of(encoder) == "a" * 32
+    export_onnx(b, default, encoder=True)
+    assert run_of(encoder) == "b" * 32
+    # a file that records no run (an older export) tells nothing: replaced as before
+    export_onnx(old, default)
+    assert run_of(default) is None
+    export_onnx(a)
+    assert run_of(default) == "a" * 32
+    # --int8's file beside the default name (its metadata is the fp32 file's, run_id included)
+    export_onnx(b, default)
+    shutil.copyfile(tmp_path / "export" / "digits-fp16.onnx", tmp_path / "export" / "digits-int8.onnx")  # a's
+    result = cli(["export", "--onnx", b, "--int8"], monkeypatch, capsys, tmp_path)
+    assert_one_line(result, "export/digits-int8.onnx holds the export of another run", "--out export/digits.onnx")
 
 
 def test_opset_older_than_18_is_refused(tiny_runs, tmp_path):

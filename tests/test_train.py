@@ -130,6 +130,25 @@ def test_checkpoints_are_limited_and_only_complete_ones_are_resumed(digits_shard
         find_checkpoint(run, str(folder / "checkpoint-10"))
 
 
+def test_a_run_keeps_its_identity_through_resumes_and_another_run_gets_its_own(digits_shards, tmp_path):
+    # (what tells an export of this run from one of another run of the same folder name: toolkit.export)
+    def identity(run_dir, step=None):
+        state = run_dir / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json"
+        return json.loads(state.read_text())["run_id"] if step else read_spec(run_dir).extra["run_id"]
+
+    run = train(quick(digits_shards, tmp_path / "run", "max_steps=2", "checkpoint_every=2"))
+    first = identity(run)
+    assert re.fullmatch(r"[0-9a-f]{32}", first) and identity(run, 2) == first
+    train(quick(digits_shards, run, "max_steps=4", "checkpoint_every=2", "resume=latest"))
+    assert identity(run) == identity(run, 4) == first  # more training: the same run
+    forked = train(
+        quick(digits_shards, tmp_path / "fork", "max_steps=6", f"resume={run / 'checkpoints' / 'checkpoint-4'}")
+    )
+    assert identity(forked) not in (first, None)  # fine-tuned in another folder: another run
+    train(quick(digits_shards, run, "max_steps=2", "checkpoint_every=2", "overwrite=true"))
+    assert identity(run) not in (first, identity(forked))  # replaced: another run
+
+
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(digits_shards, tmp_path, monkeypatch):
     import toolkit.train as trainer
 

@@ -288,7 +288,7 @@ def export(
     out: Optional[Path] = typer.Option(
         None,
         "--out",
-        help="Output file (default export/<run name>.onnx, with -fp16 / -uint8 / -temperature for the variants).",
+        help="Output file (default export/<run name>.onnx, with -fp16 / -uint8 / -temperature for the variants; a default name holding another run's export is refused).",
     ),
     opset: int = typer.Option(18, "--opset", help="ONNX opset (18 or newer)."),
     fp16: bool = typer.Option(
@@ -319,6 +319,7 @@ def export(
         PARITY_BATCHES,
         PARITY_TEMPERATURE,
         PARITY_TOLERANCE,
+        check_default_outputs,
         default_path,
         export_onnx,
         parity_limit,
@@ -326,6 +327,7 @@ def export(
 
     if not onnx:
         raise UserError("only --onnx export exists")
+    named = out is not None
     out = check_output(out or default_path(run_dir, fp16, uint8, temperature_input))  # before the minutes of tracing
     if classifier is not None and not int8:
         raise UserError(
@@ -335,8 +337,16 @@ def export(
         from toolkit import quantize
 
         int8_out = quantize.check_request(run_dir, out, fp16, classifier)
+        if not named:  # the decoder's first (export_onnx checks it and the encoder's too)
+            check_default_outputs(run_dir, [out, int8_out])
     exported = export_onnx(
-        run_dir, out, opset, fp16=fp16, uint8=uint8, temperature_input=temperature_input, encoder=encoder
+        run_dir,
+        out if named else None,
+        opset,
+        fp16=fp16,
+        uint8=uint8,
+        temperature_input=temperature_input,
+        encoder=encoder,
     )
     path, error = exported
     limit, measure = parity_limit(fp16, uint8)

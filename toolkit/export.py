@@ -18,7 +18,8 @@ JSON where noted):
     cvae_tk.format = "sampler/1", attributes (JSON list), latent_dim, image_size (JSON [H, W]),
     value_range (JSON [0, 1]), recipe, step, beta, arch, prior (standard | learned), toolkit_version,
     precision (fp32 | fp16), output (float32_nchw | uint8_nhwc), inputs (JSON list of input names, in
-    order), weights_sha256 (of the run's model.safetensors bytes), opset.
+    order), weights_sha256 (of the run's model.safetensors bytes), opset, and run_id (the run's random
+    identity, 32 hex digits, kept by every resume of it; absent for a run trained before identities).
 
 Parity with the fp32 PyTorch model is checked on ONNX Runtime's CPU provider at batch sizes 1, 3 and
 17 (and at temperatures 1 and 0.7 when the graph takes one) before the file is written: it goes to a
@@ -38,6 +39,12 @@ inputs ["images", "attributes"], outputs (JSON list), and preprocessing (JSON: c
 of RUN/recipe.yaml). Parity as the decoder's fp32 check (every output, < 1e-4, batches 1, 3, 17).
 Both files are made and checked before either is written, so a failing encoder leaves the old
 files as they were.
+
+The default names (`default_path`, and the encoder and int8 files beside it) belong to the run of a
+folder name, but two runs may share one (runs/a/digits, runs/b/digits): a default name that holds an
+export of another run (its run_id) is refused before any work (`check_default_outputs`), so that one
+run's model is never lost to the other's. The same run exported again replaces its files, as an
+older export without a run_id is replaced; --out replaces whatever it names.
 
 Every file is one that generic ONNX tools take: no stale shape entries (graph.value_info) for the
 weights, which onnxruntime.quantization's quantize_dynamic tripped over, and ModelProto.model_version
@@ -74,12 +81,14 @@ from toolkit.contract import (
     preprocessing_dict,
 )
 from toolkit.data.stream import read_manifest
-from toolkit.errors import UserError, one_line
+from toolkit.errors import UserError, cut, one_line, printable
 from toolkit.evaluate import run_shards
+from toolkit.formats import RUN_ID
 from toolkit.images import to_uint8
 from toolkit.inspection import check_contract
-from toolkit.model import CONFIG, CVAE, WEIGHTS, PaperEncoder, load_model
+from toolkit.model import CONFIG, CVAE, WEIGHTS, PaperEncoder, load_model, read_spec
 from toolkit.paths import as_path
+from toolkit.sessions import file_metadata
 
 OPSET = 18
 MIN_OPSET = 18  # torch's exporter writes opset 18+; its down-conversion breaks graphs (e.g. Split)
@@ -194,6 +203,7 @@ def metadata(
     (default: that of `model`'s weights as save_model writes them)."""
     spec = model.spec
     extra = spec.extra or {}
+    run = {RUN_ID: str(extra[RUN_ID])} if extra.get(RUN_ID) else {}  # a run from before identities has none
     return {
         "cvae_tk.format": FORMAT,
         "attributes": json.dumps(list(spec.attributes)),
@@ -211,6 +221,7 @@ def metadata(
         "inputs": json.dumps(input_names(temperature_input)),
         "weights_sha256": weights if weights is not None else weights_sha256(model),
         "opset": str(opset),
+        **run,
     }
 
 
@@ -505,6 +516,35 @@ def default_path(
     return Path("export") / ("-".join([Path(run_dir).resolve().name, *tags]) + ".onnx")
 
 
+def _provenance(recipe, step, run_id) -> str:
+    """'recipe digits, step 60, run 1a2b3c4d': a run in a message (the file's text shown as text)."""
+    words = [f"recipe {printable(cut(str(recipe), 40))}", f"step {printable(cut(str(step), 20))}"]
+    return ", ".join(words + ([f"run {printable(str(run_id)[:8])}"] if run_id else []))
+
+
+def check_default_outputs(run_dir: str | Path, paths) -> None:
+    """Refuse to write the export of `run_dir` to default names (`paths`, the decoder's first) where
+    one holds an export of another run: its metadata's run_id is not this run's (config.json's). Not
+    an export, an export without a run_id (older) or one of this run: replaced, as before. Reads only
+    the files' metadata."""
+    paths, ours = [Path(path) for path in paths], None
+    for path in paths:
+        meta = file_metadata(path) if path.is_file() else {}  # is_file: opening a pipe would wait
+        theirs = meta.get(RUN_ID)
+        if not theirs:
+            continue
+        if ours is None:
+            ours = read_spec(run_dir).extra or {}  # config.json's faults are said as load_model says them
+        if theirs == ours.get(RUN_ID):
+            continue
+        this = _provenance(ours.get("recipe", "?"), ours.get("step", "?"), ours.get(RUN_ID))
+        raise UserError(
+            f"{path} holds the export of another run of the same folder name "
+            f"({_provenance(meta.get('recipe', '?'), meta.get('step', '?'), theirs)}), not of {run_dir} ({this}): "
+            f"pass --out to write this one elsewhere (--out {paths[0]} replaces that one)"
+        )
+
+
 def _sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
@@ -523,13 +563,15 @@ def export_onnx(
     encoder: bool = False,
     shards: str | Path | None = None,
 ) -> Exported:
-    """Export `run_dir` to `out` (default `default_path`); returns (path written, parity error, in
-    the units of `parity_limit`), with `encoder` also the encoder (`encoder_beside(out)`; see Exported).
+    """Export `run_dir` to `out` (default `default_path`, refused where it holds another run's export:
+    `check_default_outputs`); returns (path written, parity error, in the units of `parity_limit`),
+    with `encoder` also the encoder (`encoder_beside(out)`; see Exported).
     `shards`: where the encoder's preprocessing is read (default the run's data.shards)."""
     run_dir = as_path(run_dir, "export_onnx(run_dir): expected the run folder")
+    named = bool(out)
     out = (
         as_path(out, "export_onnx(out=): expected the .onnx file to write")
-        if out
+        if named
         else default_path(run_dir, fp16, uint8, temperature_input)
     )
     check_opset(opset)  # user mistakes first, before the minutes a large model takes
@@ -537,6 +579,8 @@ def export_onnx(
     encoder_out = encoder_beside(out) if encoder else None
     if encoder_out is not None:
         check_out(encoder_out)
+    if not named:  # a name the user gave replaces what is there; a default one never another run's export
+        check_default_outputs(run_dir, [out, encoder_out] if encoder_out else [out])
     # the files the model is built from, hashed before and after loading: a training that finishes
     # meanwhile replaces both (the step and provenance in the metadata come from config.json)
     read = [Path(run_dir) / WEIGHTS, Path(run_dir) / CONFIG]

@@ -20,6 +20,10 @@ CHECKPOINTS = "checkpoints"  # checkpoint-<step>/ folders (Accelerate's save_sta
 LOGS = "logs"  # TensorBoard
 SEEN = "seen"  # data.record_keys: rank-<r>.txt, the sample keys each rank trained on
 LOCK = ".lock"  # {"pid", "host", "started"} of the training that writes the folder
+# A run's random identity (hex), made when it first trains and kept by every resume of it: in each
+# checkpoint's trainer_state.json, config.json's `extra` and its exports' metadata, so that an export
+# tells which run it is of without a path (toolkit.export.check_default_outputs). Older runs have none.
+RUN_ID = "run_id"
 # What a training run (and `cvae-tk eval`) writes into its folder: overwrite=true removes these, nothing else.
 RUN_FILES = (WEIGHTS, CONFIG, RECIPE, SAMPLES_GRID, METRICS, CHECKPOINTS, SAMPLES, LOGS, SEEN)
 

@@ -5,8 +5,9 @@ keeps a second training out, and the fingerprint that ties a checkpoint to its s
     RUN/checkpoints/checkpoint-<step>/ complete once trainer_state.json is in it
     RUN/model.safetensors, config.json, recipe.yaml, samples.png, samples/, logs/, metrics.json, seen/
 
-`toolkit.train` takes the lock, claims the folder (`claim_run_dir`) and writes the checkpoints;
-the sweep and the export read checkpoints through `find_checkpoint`.
+`toolkit.train` takes the lock, claims the folder (`claim_run_dir`), gives the run its identity
+(`run_identity`) and writes the checkpoints; the sweep and the export read checkpoints through
+`find_checkpoint`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import re
 import shutil
 import sys
+import uuid
 from pathlib import Path
 
 from tqdm import tqdm
@@ -24,7 +26,7 @@ from tqdm import tqdm
 from toolkit.config import TrainConfig
 from toolkit.data.stream import is_url, read_manifest
 from toolkit.errors import UserError, one_line
-from toolkit.formats import CHECKPOINTS, LOCK, RECIPE, RUN_FILES  # noqa: F401 (CHECKPOINTS, RUN_FILES: re-exported)
+from toolkit.formats import CHECKPOINTS, LOCK, RECIPE, RUN_FILES, RUN_ID  # noqa: F401 (CHECKPOINTS, RUN_FILES: re-exported)
 from toolkit.ownership import FolderLock
 
 TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its presence marks it complete
@@ -65,6 +67,17 @@ def read_trainer_state(path: Path) -> dict:
         if not isinstance(record, dict) or not isinstance(record.get("tars") or {}, dict):
             raise UserError(f"{file}: its record of the {split!r} split is not one that a save writes")
     return state
+
+
+def run_identity(run_dir: Path, resume_from: Path | None) -> str:
+    """The identity (formats.RUN_ID) of the run training into `run_dir`: that of the checkpoint of
+    this folder it continues, else a new one (a new run, one overwrite=true replaced, one resumed
+    from another folder's checkpoint: two folders, two runs; a checkpoint from before identities)."""
+    if resume_from is not None and resume_from.resolve().parent.parent == run_dir.resolve():
+        found = read_trainer_state(resume_from).get(RUN_ID)
+        if isinstance(found, str) and re.fullmatch(r"[0-9a-f]{32}", found):
+            return found
+    return uuid.uuid4().hex
 
 
 def find_checkpoint(run_dir: Path, resume: str) -> Path | None:

@@ -64,7 +64,7 @@ from toolkit.entry import begin, when_stdout_closes
 from toolkit.errors import UserError, one_line
 from toolkit.evaluate import reconstruction_metrics
 from toolkit.figures import split_classes
-from toolkit.formats import CONFIG, LOGS, RECIPE, SAMPLES, SAMPLES_GRID, SEEN, WEIGHTS
+from toolkit.formats import CONFIG, LOGS, RECIPE, RUN_ID, SAMPLES, SAMPLES_GRID, SEEN, WEIGHTS
 from toolkit.loss import cvae_loss
 from toolkit.memory import available_bytes
 from toolkit.model import CVAE, ModelSpec, arch_options, expected_shapes, save_model
@@ -80,6 +80,7 @@ from toolkit.run_folder import (  # noqa: F401  (CHECKPOINTS, LOCK, ...: the nam
     find_checkpoint,
     fingerprint_difference,
     read_trainer_state,
+    run_identity,
     shards_fingerprint,
 )
 from toolkit.safe_load import safetensors_shapes, verify_checkpoint
@@ -283,9 +284,11 @@ def save_checkpoint(
     limit: int,
     data_order: dict | None = None,
     shards: dict | None = None,
+    run_id: str | None = None,
 ) -> Path:
     """save_state into checkpoint-<step>.tmp, mark it complete, then rename: a save cut short never
-    replaces (or looks like) a good checkpoint. Keeps the newest `limit`."""
+    replaces (or looks like) a good checkpoint. Keeps the newest `limit`. `run_id`: the run's
+    identity (run_folder.run_identity), which a resume of it keeps."""
     folder = run_dir / CHECKPOINTS
     final, partial = folder / f"checkpoint-{step}", folder / f"checkpoint-{step}.tmp"
     if accelerator.is_main_process:
@@ -304,6 +307,7 @@ def save_checkpoint(
             "data_order": data_order or {},
             "shards": shards or {},
             "toolkit_version": toolkit.__version__,
+            **({RUN_ID: run_id} if run_id else {}),
         }
         try:
             (partial / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
@@ -626,6 +630,7 @@ class Trainer:
         self.fingerprint = shards_fingerprint(config.data.shards, self.manifests)
         if self.resume_from is not None:  # on every rank: a refusal must stop them all
             self._check_resume(self.resume_from)
+        self.run_id = run_identity(run_dir, self.resume_from)  # the main process's is the one written
         _on_main(accelerator, lambda: claim_run_dir(config, run_dir, self.resume_from))
         self.stream = BatchStream(
             config, accelerator.process_index, accelerator.num_processes, self.manifests["train"], accelerator.device
@@ -820,7 +825,7 @@ class Trainer:
                 if self.bad_streak == 0 and (step % config.checkpoint_every == 0 or step == config.max_steps):
                     save_checkpoint(
                         accelerator, self.run_dir, step, self.spec, config.checkpoints_total_limit,
-                        self.data_order, self.fingerprint,
+                        self.data_order, self.fingerprint, self.run_id,
                     )  # fmt: skip
                     self.last_saved = step
         except RuntimeError as error:
@@ -937,6 +942,7 @@ class Trainer:
                 "step": step,
                 "beta": config.beta,
                 "toolkit_version": toolkit.__version__,
+                RUN_ID: self.run_id,
                 **{k.replace("test/", "test_"): round(v, 4) for k, v in metrics.items()},
             }
             try:
