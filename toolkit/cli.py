@@ -120,7 +120,7 @@ def shards_celeba(
     root: Path = typer.Option(
         ...,
         "--root",
-        help="The CelebA folder: img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt (or Kaggle's .csv copies).",
+        help="The CelebA folder: img_align_celeba/, list_attr_celeba.txt, list_eval_partition.txt (also as the Drive folder's Anno/, Eval/, Img/, the PNG copy, Kaggle's .csv).",
     ),
     out: Path = typer.Option(Path("shards/celeba"), "--out", callback=_output_folder),
     size: str = typer.Option(

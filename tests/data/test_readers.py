@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fixtures import delete_line, make_celeba, make_class_folders, make_cub, make_folder, replace_line, write_jpeg
+from PIL import Image
 
 from toolkit.data.build import require_train_and_test
 from toolkit.data.celeba import read_celeba
@@ -144,6 +145,42 @@ def test_celeba_official_tables_with_nested_image_folder(tmp_path, celeba):
     # an image in the outer folder as well: the outer folder is the image folder, the others unlisted
     write_jpeg(celeba["images"] / "000001.jpg", 178, 218, np.random.default_rng(1))
     raises(["line 4", "11 listed image(s) not found", str(celeba["images"])], read_celeba, celeba["root"])
+
+
+def test_celeba_google_drive_folder_reads_as_the_flat_layout(tmp_path):
+    # the official Drive folder: Anno/, Eval/, Img/ (img_align_celeba.zip unzipped in Img/)
+    flat = read_celeba(make_celeba(tmp_path / "flat")["root"])
+    drive = make_celeba(tmp_path / "drive")
+    root = drive["root"]
+    (root / "Anno").mkdir()
+    (root / "Eval").mkdir()
+    (root / "Img").mkdir()
+    drive["attr_file"].rename(root / "Anno" / "list_attr_celeba.txt")
+    drive["partition_file"].rename(root / "Eval" / "list_eval_partition.txt")
+    drive["images"].rename(root / "Img" / "img_align_celeba")
+    table = read_celeba(root)
+    assert table_contents(table) == table_contents(flat)
+    assert {r.path.parent for rs in table.splits.values() for r in rs} == {root / "Img" / "img_align_celeba"}
+
+
+def test_celeba_png_copy_is_read_where_no_jpeg_folder_is(tmp_path):
+    # Img/img_align_celeba_png.7z: the same faces as 000001.png, while the tables name 000001.jpg
+    flat = read_celeba(make_celeba(tmp_path / "flat")["root"])
+    png = make_celeba(tmp_path / "png")
+    folder = png["root"] / "img_align_celeba_png"
+    folder.mkdir()
+    for name in png["files"]:
+        Image.open(png["images"] / name).save(folder / name.replace(".jpg", ".png"))
+        (png["images"] / name).unlink()
+    png["images"].rmdir()
+    table = read_celeba(png["root"])
+    assert [(k, a, v) for k, _, a, v in table_contents(table)[1]["train"]] == [
+        (k, a, v) for k, _, a, v in table_contents(flat)[1]["train"]
+    ]
+    paths = [r.path for rs in table.splits.values() for r in rs]
+    assert all(p.parent == folder and p.suffix == ".png" and p.is_file() for p in paths) and len(paths) == 12
+    (folder / "000003.png").unlink()
+    raises(["line 5", "1 listed image(s) not found", "000003.png"], read_celeba, png["root"])
 
 
 def test_celeba_official_tables_are_read_before_kaggles(tmp_path, celeba):

@@ -1,16 +1,21 @@
-"""CelebA in its official layout, or Kaggle's copy of it -> a SourceTable (its binary attributes,
-the official train/val/test split).
+"""CelebA as it is distributed -> a SourceTable (its binary attributes, the official train/val/test split).
 
     ROOT/img_align_celeba/000001.jpg ...
     ROOT/list_attr_celeba.txt      line 1: the image count; line 2: the attribute names; then
                                    `<file> v1 ... vA` with values -1 or 1, columns separated by one or more spaces
     ROOT/list_eval_partition.txt   `<file> 0|1|2` (train, val, test)
 
-Kaggle's copy (jessicali9530/celeba-dataset) holds the same tables as CSV files, read in their place
-when the .txt is absent: list_attr_celeba.csv (a header `image_id,<names>`, then `<file>,v1,...,vA`)
-and list_eval_partition.csv (`image_id,partition`, then `<file>,0|1|2`). Its zip, like unzipping the
-official img_align_celeba.zip into a folder of that name, nests the images one level deeper:
-img_align_celeba/img_align_celeba/ is taken when the outer folder holds no image.
+That flat layout is torchvision's (its ROOT/celeba/) and the usual one. The copies people have are
+read as they unpack, each file looked for in these places, the first found taken:
+- the official Google Drive folder: Anno/list_attr_celeba.txt, Eval/list_eval_partition.txt and
+  Img/img_align_celeba/ (from Img/img_align_celeba.zip);
+- its lossless copy, img_align_celeba_png/ (from Img/img_align_celeba_png.7z), taken where no JPEG
+  folder is: 000001.png for the tables' 000001.jpg;
+- Kaggle's (jessicali9530/celeba-dataset): the tables as CSV files, list_attr_celeba.csv (a header
+  `image_id,<names>`, then `<file>,v1,...,vA`) and list_eval_partition.csv (`image_id,partition`, then
+  `<file>,0|1|2`);
+- an image folder nested in one of its name (Kaggle's zip, or `unzip img_align_celeba.zip -d
+  img_align_celeba`): img_align_celeba/img_align_celeba/, taken when the outer folder holds no image.
 
 Only the text files are parsed and the image folder is listed once; no image is decoded.
 Keys are the file stems ("000001"); every split keeps the order of the attribute table.
@@ -30,8 +35,11 @@ from toolkit.errors import UserError, cut
 IMAGES = "img_align_celeba"
 ATTRIBUTES = "list_attr_celeba.txt"
 PARTITION = "list_eval_partition.txt"
-KAGGLE_ATTRIBUTES = "list_attr_celeba.csv"  # Kaggle's copy: the same tables as CSV
-KAGGLE_PARTITION = "list_eval_partition.csv"
+PNG_IMAGES = "img_align_celeba_png"  # the lossless copy: the same stems, .png
+# Where each is looked for, in order (see the module's docstring): flat, the Drive folder's, Kaggle's
+IMAGE_FOLDERS = (IMAGES, f"Img/{IMAGES}", PNG_IMAGES, f"Img/{PNG_IMAGES}")
+ATTRIBUTE_TABLES = (ATTRIBUTES, f"Anno/{ATTRIBUTES}", "list_attr_celeba.csv")
+PARTITION_TABLES = (PARTITION, f"Eval/{PARTITION}", "list_eval_partition.csv")
 SPLITS = {"0": "train", "1": "val", "2": "test"}
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 _VALUE = {"-1": 0, "1": 1}
@@ -44,11 +52,13 @@ def read_celeba(root: str | Path) -> SourceTable:
         raise UserError(
             f"CelebA root {root} is not a folder (expected one holding {IMAGES}/, {ATTRIBUTES} and {PARTITION})"
         )
-    images_dir = root / IMAGES
-    if not images_dir.is_dir():
-        raise UserError(f"CelebA: expected the image folder {images_dir}{_torchvision_hint(root)}")
-    attr_file = _table(root, ATTRIBUTES, KAGGLE_ATTRIBUTES)
-    partition_file = _table(root, PARTITION, KAGGLE_PARTITION)
+    images_dir = _first(root, IMAGE_FOLDERS, Path.is_dir)
+    if images_dir is None:
+        raise UserError(
+            f"CelebA: expected the image folder {root / IMAGES} (or Img/{IMAGES}, or the PNG copy {PNG_IMAGES})"
+            + _torchvision_hint(root)
+        )
+    attr_file, partition_file = (_table(root, places) for places in (ATTRIBUTE_TABLES, PARTITION_TABLES))
 
     names, files, lines, matrix = _read_attributes(attr_file)
     split_of = _read_partition(partition_file, set(files), attr_file.name)
@@ -57,9 +67,12 @@ def read_celeba(root: str | Path) -> SourceTable:
     # means the text files and the folder come from different copies.
     # One listing of the folder; "._x.jpg" macOS debris is skipped.
     on_disk = file_names(images_dir, _is_image)
-    if not on_disk and (images_dir / IMAGES).is_dir():  # Kaggle's zip: img_align_celeba/img_align_celeba/
-        images_dir = images_dir / IMAGES
+    if not on_disk and (images_dir / images_dir.name).is_dir():  # Kaggle's zip: img_align_celeba/img_align_celeba/
+        images_dir = images_dir / images_dir.name
         on_disk = file_names(images_dir, _is_image)
+    if images_dir.name == PNG_IMAGES:  # the tables name the JPEGs: 000001.jpg is 000001.png here
+        files = [name.rsplit(".", 1)[0] + ".png" for name in files]
+        split_of = {name.rsplit(".", 1)[0] + ".png": split for name, split in split_of.items()}
     absent = [(line, name) for name, line in zip(files, lines) if name not in on_disk]
     if absent:
         names_absent = [name for _, name in absent]
@@ -95,12 +108,16 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTS) and not name.startswith(".")
 
 
-def _table(root: Path, official: str, kaggle: str) -> Path:
-    """ROOT/`official` (the .txt), else Kaggle's ROOT/`kaggle` (the .csv)."""
-    for path in (root / official, root / kaggle):
-        if path.is_file():
-            return path
-    raise UserError(f"CelebA: expected the file {root / official} (or Kaggle's {kaggle} beside it)")
+def _first(root: Path, places: tuple[str, ...], found) -> Path | None:
+    return next((root / place for place in places if found(root / place)), None)
+
+
+def _table(root: Path, places: tuple[str, ...]) -> Path:
+    """The first of ROOT/`places` that is a file: the official name, the Drive folder's, Kaggle's CSV."""
+    path = _first(root, places, Path.is_file)
+    if path is None:
+        raise UserError(f"CelebA: expected the file {root / places[0]} (or {' or '.join(places[1:])} in {root})")
+    return path
 
 
 def _torchvision_hint(root: Path) -> str:
