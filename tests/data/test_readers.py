@@ -820,3 +820,18 @@ def test_file_and_folder_names_that_are_not_utf8_build_or_are_refused_in_one_lin
     assert "dog___xfe" in keys  # the byte as text in the key
     Path(os.fsdecode(os.fsencode(root) + b"/caf\xe9")).mkdir()
     raises(["class folder name(s) caf\\xe9 are not UTF-8 text"], read_class_folders, root)
+
+
+def test_a_class_folder_that_cannot_be_listed_is_one_line_not_missing_images(tmp_path, monkeypatch):
+    """os.walk passes over a folder it cannot list (no permission, a disk error): its images were left
+    out without a word. Tests run as root, whom permissions do not stop, so the listing fails here."""
+    made = make_class_folders(tmp_path / "pets", {"cat": 2, "dog": 5})
+    scandir, locked = os.scandir, str(made["root"] / "dog" / "extra")
+
+    def failing_scandir(path="."):
+        if os.fspath(path) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", failing_scandir)
+    raises([f"cannot list the folder {locked}: Permission denied"], read_class_folders, made["root"])

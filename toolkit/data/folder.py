@@ -338,7 +338,7 @@ def _images_below(root: Path, relative: str, left_out: list[str]) -> list[str]:
     visible files are added to `left_out`. Links to folders are followed, each real folder once."""
     found: list[str] = []
     seen: set[str] = set()
-    for folder, subfolders, files in os.walk(root / relative, followlinks=True):
+    for folder, subfolders, files in os.walk(root / relative, onerror=_cannot_list, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:  # a link back up the tree
             subfolders[:] = []
@@ -352,6 +352,11 @@ def _images_below(root: Path, relative: str, left_out: list[str]) -> list[str]:
             elif not _hidden(name):
                 left_out.append(f"{inside}/{name}")
     return found
+
+
+def _cannot_list(error: OSError) -> None:
+    """os.walk passes over a folder it cannot list: its images would be missing without a word."""
+    raise UserError(f"cannot list the folder {error.filename}: {error.strerror or error}")
 
 
 def _split_each_class(
