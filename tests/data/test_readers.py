@@ -800,6 +800,37 @@ def test_class_folders_follow_links_once(tmp_path):
     assert table.attributes == ["cat", "dog"] and sum(len(r) for r in table.splits.values()) == 4
 
 
+def test_an_image_reached_by_links_is_read_once_and_never_in_two_classes_or_splits(tmp_path):
+    """A link back above its class folder (cat/up -> ..) made every other class's images cat's too; the
+    same folder or file under two class folders (or in train/ and test/) was two samples of two
+    classes (or one in both splits) without a word."""
+    made = make_class_folders(tmp_path / "pets", {"cat": 2, "dog": 3})
+    root = made["root"]
+    (root / "cat" / "up").symlink_to("..")
+    (root / "dog" / "again.jpg").symlink_to("img_000.jpg")  # a second name in its own class: read once
+    table = read_class_folders(root, test_fraction=0.0)
+    read = sorted(r.path.relative_to(root).as_posix() for r in table.splits["train"])
+    assert read == sorted(["dog/again.jpg", *(f for f in made["files"] if f != "dog/img_000.jpg")])
+    (root / "dog" / "same.jpg").symlink_to(root / "cat" / "img_000.jpg")
+    raises(
+        ["cat/img_000.jpg and dog/same.jpg are the same file (a link)", "in cat/ and dog/ at once"],
+        read_class_folders,
+        root,
+    )
+    (root / "dog" / "same.jpg").unlink()
+    (root / "kitty").symlink_to("cat")
+    raises(["cat and kitty are the same folder (a link)"], read_class_folders, root)
+    split = tmp_path / "split"
+    make_class_folders(split / "train", {"cat": 2, "dog": 2})
+    (split / "test").mkdir()
+    (split / "test" / "cat").symlink_to(split / "train" / "cat")
+    raises(
+        ["test/cat and train/cat are the same folder", "in test/cat/ and train/cat/ at once"],
+        read_class_folders,
+        split,
+    )
+
+
 def test_file_and_folder_names_that_are_not_utf8_build_or_are_refused_in_one_line(tmp_path):
     """Linux allows any bytes in a name; Python hands them over as surrogate escapes, which no manifest,
     tar member name or export can hold (a UnicodeEncodeError traceback in the build)."""

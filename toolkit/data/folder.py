@@ -234,6 +234,7 @@ def read_class_folders(root: str | Path, test_fraction: float | None = None, see
     top = _folders(root)
     split_of_folder = {name: SPLIT_FOLDERS.get(name.lower()) for name in top}
     left_out: list[str] = []  # files that are not images Pillow opens, relative to root
+    owners: dict[str, tuple[str, str]] = {}  # every real folder and image read -> (its class folder, its path)
     if top and all(split_of_folder.values()) and "train" in split_of_folder.values():
         given = [option for option, value in (("test_fraction", test_fraction), ("seed", seed)) if value is not None]
         if given:
@@ -255,14 +256,14 @@ def read_class_folders(root: str | Path, test_fraction: float | None = None, see
                     f"{root / named['train']}; expected the training classes only (a class never trained on cannot be drawn)"
                 )
         by_split = {
-            split: {name: _images_below(root, f"{named[split]}/{name}", left_out) for name in found[split]}
+            split: {name: _images_below(root, f"{named[split]}/{name}", left_out, owners) for name in found[split]}
             for split in named
         }
         homes = [root / folder for folder in named.values()]
         where = f"{root / named['train']}"
     else:
         classes = top
-        by_class = {name: _images_below(root, name, left_out) for name in classes}
+        by_class = {name: _images_below(root, name, left_out, owners) for name in classes}
         by_split = _split_each_class(by_class, 0.1 if test_fraction is None else test_fraction, seed or 0)
         homes, where = [root], f"{root}"
     if not classes:
@@ -333,30 +334,53 @@ def _is_folder(entry: os.DirEntry) -> bool:
         return False
 
 
-def _images_below(root: Path, relative: str, left_out: list[str]) -> list[str]:
+def _images_below(root: Path, relative: str, left_out: list[str], owners: dict[str, tuple[str, str]]) -> list[str]:
     """The images anywhere below root/relative, as sorted '/'-separated paths relative to root; other
-    visible files are added to `left_out`. Links to folders are followed, each real folder once."""
+    visible files are added to `left_out`. Links are followed, each real folder and file once: one
+    reached again from this class is passed over (a link back up the tree, a second name), one that
+    another class or split reached (`owners`: real path -> (class folder, path), shared by the calls)
+    is refused, as its images would be two classes' or in two splits."""
     found: list[str] = []
-    seen: set[str] = set()
-    for folder, subfolders, files in os.walk(root / relative, onerror=_cannot_list, followlinks=True):
+    top = os.path.realpath(root / relative)
+
+    def claim(real: str, inside: str, what: str) -> bool:
+        """True the first time `real` is reached; False when this class reached it already."""
+        owner, first = owners.setdefault(real, (relative, inside))
+        if owner == relative:
+            return first == inside
+        raise UserError(
+            f"{root}: {cut(first)} and {cut(inside)} are the same {what} (a link), so the same images would be "
+            f"in {cut(owner)}/ and {cut(relative)}/ at once; remove one of them"
+        )
+
+    stack = [(os.fspath(root / relative), relative)]  # a stack, not recursion: any depth of folders
+    while stack:
+        folder, inside = stack.pop()
         real = os.path.realpath(folder)
-        if real in seen:  # a link back up the tree
-            subfolders[:] = []
+        if inside != relative and (top + os.sep).startswith(real.rstrip(os.sep) + os.sep):
+            continue  # a link to this class folder or above it: the other classes would be read as this one
+        if not claim(real, inside, "folder"):
             continue
-        seen.add(real)
-        subfolders[:] = sorted(name for name in subfolders if not _hidden(name))
-        inside = Path(folder).relative_to(root).as_posix()
-        for name in sorted(files):
-            if _is_image(name):
-                found.append(f"{inside}/{name}")
-            elif not _hidden(name):
-                left_out.append(f"{inside}/{name}")
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as error:  # os.walk would pass over it: its images missing without a word
+            raise UserError(f"cannot list the folder {error.filename or folder}: {error.strerror or error}") from None
+        subfolders = []
+        for entry in entries:
+            if _hidden(entry.name):
+                continue
+            if _is_folder(entry):
+                subfolders.append((entry.path, f"{inside}/{entry.name}"))
+            elif not _is_image(entry.name):
+                left_out.append(f"{inside}/{entry.name}")
+            else:
+                path = f"{inside}/{entry.name}"
+                real_file = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real, entry.name)
+                if claim(real_file, path, "file"):
+                    found.append(path)
+        stack += reversed(subfolders)  # depth first, in name order, as os.walk went
     return found
-
-
-def _cannot_list(error: OSError) -> None:
-    """os.walk passes over a folder it cannot list: its images would be missing without a word."""
-    raise UserError(f"cannot list the folder {error.filename}: {error.strerror or error}")
 
 
 def _split_each_class(
