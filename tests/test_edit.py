@@ -162,6 +162,19 @@ def test_predicted_attributes(model, three, tmp_path):
     }
 
 
+def test_attribute_names_holding_an_equals_sign_can_be_set():
+    """A class folder may be named 'a=b' (and a table's column so); `--attr a=b=1` was refused as not
+    NAME=0 or NAME=1, so that class could not be drawn, edited or interpolated."""
+    from toolkit.cli import _parse_attr
+
+    given = ["a=b=1", "c,d=0", "with space = 1"]
+    expected = {"a=b": 1, "c,d": 0, "with space": 1}
+    assert parse_assignments(given, "--set") == expected and _parse_attr(given) == expected
+    for parse in (lambda items: parse_assignments(items, "--attr"), _parse_attr):
+        with pytest.raises(UserError, match=r"--attr expects NAME=0 or NAME=1, got 'a=b'"):
+            parse(["a=b"])
+
+
 def test_api_errors(model, tmp_path):
     with pytest.raises(UserError, match=r"unknown attribute 'digt_3': did you mean digit_3"):
         attribute_vector(DIGITS, {"digt_3": 1})

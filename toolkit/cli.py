@@ -383,7 +383,7 @@ def inspect_model(model: Path = typer.Argument(..., help="An ONNX file written b
 def _parse_attr(items: List[str]) -> dict:
     mapping = {}
     for item in items:
-        name, sep, value = item.partition("=")
+        name, sep, value = item.rpartition("=")  # the last '=': a class folder's name may hold one ('a=b=1')
         if not sep or value.strip() not in ("0", "1"):
             raise UserError(f"--attr expects NAME=0 or NAME=1, got '{item}'")
         if mapping.get(name.strip(), int(value)) != int(value):  # which one was meant cannot be told

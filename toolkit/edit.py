@@ -66,7 +66,7 @@ def parse_assignments(items: Sequence[str], option: str) -> dict[str, int]:
     """['digit_3=1', 'digit_8=0'] -> {'digit_3': 1, 'digit_8': 0}; anything but NAME=0|1 is a UserError."""
     mapping: dict[str, int] = {}
     for item in items:
-        name, sep, value = item.partition("=")
+        name, sep, value = item.rpartition("=")  # the last '=': a class folder's name may hold one ('a=b=1')
         if not sep or not name.strip() or value.strip() not in ("0", "1"):
             raise UserError(f"{option} expects NAME=0 or NAME=1, got '{item}'")
         if mapping.get(name.strip(), int(value)) != int(value):  # which one was meant cannot be told
