@@ -800,6 +800,35 @@ def test_class_folders_follow_links_once(tmp_path):
     assert table.attributes == ["cat", "dog"] and sum(len(r) for r in table.splits.values()) == 4
 
 
+def test_a_layout_that_is_neither_classes_nor_splits_is_refused_not_read_as_classes(tmp_path):
+    """train/ and test/ beside a class folder were read as three classes (cat, test, train), and a zip's
+    folder around the classes (flowers/flowers/cat/) as one class of every image, without a word."""
+    mixed = tmp_path / "mixed"
+    make_class_folders(mixed, {"cat": 2})
+    make_class_folders(mixed / "train", {"cat": 2})
+    make_class_folders(mixed / "TEST", {"cat": 1})
+    raises(
+        ["holds the split folders TEST, train and the folder(s) cat", "expected split folders only"],
+        read_class_folders,
+        mixed,
+    )
+    vehicles = make_class_folders(tmp_path / "vehicles", {"bus": 2, "train": 2})["root"]  # a class may be named train
+    assert read_class_folders(vehicles).attributes == ["bus", "train"]
+    wrapped = tmp_path / "download"
+    make_class_folders(wrapped / "flowers", {"daisy": 2, "rose": 2})
+    raises(
+        [
+            "the only class folder, flowers/, holds no image but the folders daisy, rose",
+            f"pass --root {wrapped / 'flowers'}",
+        ],
+        read_class_folders,
+        wrapped,
+    )
+    assert read_class_folders(wrapped / "flowers").attributes == ["daisy", "rose"]
+    make_class_folders(tmp_path / "one", {"cat": 6})  # one class, images in a sub-folder too: read
+    assert read_class_folders(tmp_path / "one").attributes == ["cat"]
+
+
 def test_an_image_reached_by_links_is_read_once_and_never_in_two_classes_or_splits(tmp_path):
     """A link back above its class folder (cat/up -> ..) made every other class's images cat's too; the
     same folder or file under two class folders (or in train/ and test/) was two samples of two

@@ -233,6 +233,13 @@ def read_class_folders(root: str | Path, test_fraction: float | None = None, see
         raise UserError(f"test_fraction is {test_fraction}, expected a number in [0, 1)")
     top = _folders(root)
     split_of_folder = {name: SPLIT_FOLDERS.get(name.lower()) for name in top}
+    splits_named = sorted(name for name in top if split_of_folder[name])
+    others = [name for name in top if not split_of_folder[name]]
+    if len(splits_named) >= 2 and others:  # ImageFolder would make train and test classes ('train' alone may be one)
+        raise UserError(
+            f"{root}: holds the split folders {', '.join(splits_named)} and the folder(s) {first_few(others)}; "
+            "expected split folders only (train/cat/, test/cat/) or class folders only (cat/, dog/)"
+        )
     left_out: list[str] = []  # files that are not images Pillow opens, relative to root
     owners: dict[str, tuple[str, str]] = {}  # every real folder and image read -> (its class folder, its path)
     if top and all(split_of_folder.values()) and "train" in split_of_folder.values():
@@ -277,6 +284,14 @@ def read_class_folders(root: str | Path, test_fraction: float | None = None, see
             f"{where}: class folder name(s) {first_few(untyped)} are not UTF-8 text; rename them "
             "(each class name becomes an attribute name)"
         )
+    if len(classes) == 1:  # a zip's folder around the classes (flowers/flowers/cat/): one class of them all
+        only = Path(where) / classes[0]
+        inner = _folders(only)
+        if len(inner) >= 2 and not file_names(only, _is_image):
+            raise UserError(
+                f"{where}: the only class folder, {cut(classes[0])}/, holds no image but the folders {first_few(inner)}: "
+                f"if they are the classes, pass --root {only}"
+            )
     empty = [name for name in classes if not by_split["train"].get(name)]
     if empty:
         raise UserError(
