@@ -134,6 +134,20 @@ def test_celeba_kaggle_copy_reads_as_the_official_one(tmp_path, crlf):
     assert kaggle["images"] == kaggle["root"] / "img_align_celeba" / "img_align_celeba"
 
 
+@pytest.mark.parametrize("separator", [";", "\t"])
+def test_celeba_kaggle_tables_saved_by_a_spreadsheet_read_as_the_official_ones(tmp_path, separator):
+    """Kaggle's CSVs saved again by a spreadsheet in a locale whose "CSV" separates with ';' (or as
+    tab-separated text), with its BOM, CRLF and quotes: 'expected the header image_id,<attribute names>'
+    (the folder reader's tables already took them)."""
+    official = read_celeba(make_celeba(tmp_path / "official")["root"])
+    kaggle = make_celeba(tmp_path / "kaggle", kaggle=True)
+    for table in (kaggle["attr_file"], kaggle["partition_file"]):
+        rows = [line.split(",") for line in table.read_text().splitlines()]
+        text = "\r\n".join(separator.join(f'"{cell}"' for cell in row) for row in rows) + "\r\n"
+        table.write_bytes(("\ufeff" + text).encode())
+    assert table_contents(read_celeba(kaggle["root"])) == table_contents(official)
+
+
 def test_celeba_official_tables_with_nested_image_folder(tmp_path, celeba):
     # `unzip img_align_celeba.zip -d img_align_celeba`: the images one folder deeper, as in Kaggle's zip
     nested = celeba["images"] / "img_align_celeba"

@@ -13,7 +13,7 @@ read as they unpack, each file looked for in these places, the first found taken
   folder is: 000001.png for the tables' 000001.jpg;
 - Kaggle's (jessicali9530/celeba-dataset): the tables as CSV files, list_attr_celeba.csv (a header
   `image_id,<names>`, then `<file>,v1,...,vA`) and list_eval_partition.csv (`image_id,partition`, then
-  `<file>,0|1|2`);
+  `<file>,0|1|2`); also saved again by a spreadsheet, with ';' or tabs for the commas;
 - an image folder nested in one of its name (Kaggle's zip, or `unzip img_align_celeba.zip -d
   img_align_celeba`): img_align_celeba/img_align_celeba/, taken when the outer folder holds no image.
 

@@ -36,6 +36,7 @@ from toolkit.data.sources import (
     Record,
     SourceTable,
     case_hint,
+    delimiter,
     file_names,
     first_few,
     inside_path,
@@ -89,7 +90,7 @@ def _read_table(
     """Attribute names, normalized file names, their line numbers, the uint8 matrix, and the splits if given."""
     try:
         with open(table, newline="", encoding="utf-8-sig") as stream:  # -sig: Excel's byte-order mark
-            reader = csv.reader(stream, delimiter=_delimiter(stream))
+            reader = csv.reader(stream, delimiter=delimiter(stream))
             header = [cell.strip() for cell in next(reader, [])]
             if not any(header):
                 raise UserError(f"{table} line 1: expected a header row (a file column and attribute columns)")
@@ -169,18 +170,6 @@ def _read_table(
         raise UserError(f"{table}: not a readable CSV file ({error})") from None
     matrix = np.frombuffer(values, dtype=np.uint8).reshape(len(files), len(names))
     return names, files, lines, matrix, (splits if split_index is not None else None)
-
-
-def _delimiter(stream) -> str:
-    """',' unless the header line has none and holds ';' or a tab (a header needs two columns, so
-    no comma-separated reading of such a header could be right)."""
-    header = stream.readline()
-    stream.seek(0)
-    if "," not in header:
-        for other in (";", "\t"):
-            if other in header:
-                return other
-    return ","
 
 
 def _normalize(cell: str, table: Path, number: int, root: Path) -> str:

@@ -80,12 +80,25 @@ def text_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
         raise UserError(f"{path}: expected a text file ({error.reason})") from None
 
 
+def delimiter(stream) -> str:
+    """',' unless the header line has none and holds ';' or a tab (a header needs two columns, so
+    no comma-separated reading of such a header could be right): what spreadsheets in many locales
+    save as "CSV"."""
+    header = stream.readline()
+    stream.seek(0)
+    if "," not in header:
+        for other in (";", "\t"):
+            if other in header:
+                return other
+    return ","
+
+
 def csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
-    """(line number, fields) of every non-blank row of a comma-separated file, each field stripped of
-    surrounding spaces; a BOM and CRLF are fine."""
+    """(line number, fields) of every non-blank row of a CSV file (commas, or `delimiter`'s semicolons
+    or tabs), each field stripped of surrounding spaces; a BOM and CRLF are fine."""
     try:
         with open(path, encoding="utf-8-sig", newline="") as stream:
-            reader = csv.reader(stream)
+            reader = csv.reader(stream, delimiter=delimiter(stream))
             for fields in reader:
                 fields = [field.strip() for field in fields]
                 if any(fields):
