@@ -177,6 +177,21 @@ def test_celeba_google_drive_folder_reads_as_the_flat_layout(tmp_path):
     assert {r.path.parent for rs in table.splits.values() for r in rs} == {root / "Img" / "img_align_celeba"}
 
 
+def test_celeba_png_copy_holding_jpegs_too_is_one_line_saying_so(tmp_path):
+    """JPEGs in the PNG copy's folder were 'image(s) have no row in list_attr_celeba.txt (first:
+    000001.jpg)', naming a file the table lists."""
+    png = make_celeba(tmp_path / "png", n=4)
+    folder = png["root"] / "img_align_celeba_png"
+    png["images"].rename(folder)
+    for name in png["files"]:
+        Image.open(folder / name).save(folder / name.replace(".jpg", ".png"))
+    raises(
+        [f"{folder}: 4 image(s) are not PNG files (first: 000001.jpg", f"move the JPEGs to {png['images']}"],
+        read_celeba,
+        png["root"],
+    )
+
+
 def test_celeba_png_copy_is_read_where_no_jpeg_folder_is(tmp_path):
     # Img/img_align_celeba_png.7z: the same faces as 000001.png, while the tables name 000001.jpg
     flat = read_celeba(make_celeba(tmp_path / "flat")["root"])

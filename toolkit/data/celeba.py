@@ -71,6 +71,12 @@ def read_celeba(root: str | Path) -> SourceTable:
         images_dir = images_dir / images_dir.name
         on_disk = file_names(images_dir, _is_image)
     if images_dir.name == PNG_IMAGES:  # the tables name the JPEGs: 000001.jpg is 000001.png here
+        others = sorted(name for name in on_disk if not name.lower().endswith(".png"))
+        if others:  # else '000001.jpg has no row', which the table lists
+            raise UserError(
+                f"{images_dir}: {len(others)} image(s) are not PNG files (first: {first_few(others)}); the PNG copy "
+                f"holds only 000001.png for the tables' 000001.jpg: move the JPEGs to {root / IMAGES}"
+            )
         files = [name.rsplit(".", 1)[0] + ".png" for name in files]
         split_of = {name.rsplit(".", 1)[0] + ".png": split for name, split in split_of.items()}
     absent = [(line, name) for name, line in zip(files, lines) if name not in on_disk]
