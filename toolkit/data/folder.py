@@ -21,7 +21,7 @@ attribute (a one-hot condition, like CUB's species):
     ROOT/train/cat/0001.jpg  ROOT/test/cat/0101.jpg ...    when ROOT's folders are train[/val]/test
 
 Hidden names (`.ipynb_checkpoints`, `.DS_Store`) and `__MACOSX` are passed over; other files that are
-not images Pillow opens are left out and said.
+named as no image format Pillow opens (by extension) are left out and said.
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ def read_class_folders(root: str | Path, test_fraction: float | None = None, see
             f"{root}: holds the split folders {', '.join(splits_named)} and the folder(s) {first_few(others)}; "
             "expected split folders only (train/cat/, test/cat/) or class folders only (cat/, dog/)"
         )
-    left_out: list[str] = []  # files that are not images Pillow opens, relative to root
+    left_out: list[str] = []  # files named as no image Pillow opens (by extension), relative to root
     owners: dict[str, tuple[str, str]] = {}  # every real folder and image read -> (its class folder, its path)
     if top and all(split_of_folder.values()) and "train" in split_of_folder.values():
         given = [option for option, value in (("test_fraction", test_fraction), ("seed", seed)) if value is not None]
@@ -284,7 +284,7 @@ def read_class_folders(root: str | Path, test_fraction: float | None = None, see
     empty = [name for name in classes if not by_split["train"].get(name)]
     if empty:
         raise UserError(
-            f"{where}: class folder(s) {first_few(empty)} hold no image Pillow opens; add images or remove them"
+            f"{where}: class folder(s) {first_few(empty)} hold no image (no file named .jpg, .png, .webp or another extension Pillow opens); add images or remove them"
         )
 
     splits: dict[str, list[Record]] = {split: [] for split in SPLITS}
@@ -309,7 +309,7 @@ def read_class_folders(root: str | Path, test_fraction: float | None = None, see
         )
     if left_out:
         warnings.append(
-            f"{len(left_out)} file(s) in the class folders are not images Pillow opens and were left out "
+            f"{len(left_out)} file(s) in the class folders have no extension of an image format Pillow opens and were left out "
             f"(first: {first_few(left_out)})"
         )
     splits = {split: records for split, records in splits.items() if records}
