@@ -320,22 +320,26 @@ def attribute_control(
 # --- one run ---------------------------------------------------------------------------------------
 
 
-def run_shards(run_dir: str | Path) -> str:
-    """The shards a run was trained on: data.shards of RUN/recipe.yaml."""
+def run_shards(run_dir: str | Path, option: str | None = None) -> str:
+    """The shards a run was trained on: data.shards of RUN/recipe.yaml. `option`: the command's own
+    option naming other shards (eval's --shards), offered in the errors; export and edit have none."""
+    offer = f"; pass {option}" if option else ""
     path = Path(run_dir) / RECIPE
     if not path.is_file():
-        raise UserError(f"{run_dir} has no recipe.yaml to find its shards in; pass --shards")
+        raise UserError(f"{run_dir} has no recipe.yaml to find its shards in{offer}")
     try:
         shards = OmegaConf.select(OmegaConf.load(path), "data.shards")
     except Exception as error:
         raise UserError(f"{path} is not readable: {one_line(error)}") from None
     if not shards:
-        raise UserError(f"{path} names no data.shards; pass --shards")
+        raise UserError(f"{path} names no data.shards{offer}")
     shards = str(shards)
     if not is_url(shards) and not Path(shards).is_dir():
+        relative = not Path(shards).is_absolute()
         raise UserError(
             f"the shards {run_dir} was trained on (data.shards={shards} in {path}) are not there"
-            f"{' (a relative path is taken from the current folder)' if not Path(shards).is_absolute() else ''}; pass --shards"
+            f"{' (a relative path is taken from the current folder: run this from the folder training ran in)' if relative else ''}"
+            f"{offer}"
         )
     return shards
 
@@ -388,7 +392,7 @@ def evaluate_run(
     if shards:
         shards = str(shards)
     else:  # the run's own: measuring on shards rebuilt since would report on other data under its name
-        shards = run_shards(run_dir)
+        shards = run_shards(run_dir, "--shards")
         differs = trained_shards_difference(run_dir, shards)
         if differs:
             raise UserError(

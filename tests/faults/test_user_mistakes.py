@@ -5,6 +5,7 @@ hostile new user makes, each tried through `toolkit.cli.main` as `cvae-tk` runs 
 from __future__ import annotations
 
 import errno
+import shutil
 import sys
 
 import pytest
@@ -143,7 +144,6 @@ MISTAKES = {
         ["no-such-launcher", "no program"],
     ),
     "unknown-option": (sample("MODEL", "--gird", "g.png"), ["--gird"]),
-    "unknown-command": (["smaple"], ["smaple"]),
 }
 
 
@@ -221,3 +221,17 @@ def test_an_empty_argument_is_refused_not_read_as_the_current_folder(args, after
     the current folder, or a folder be taken for the input."""
     assert_one_line(cli(args, monkeypatch, capsys, tmp_path), f"an empty argument{after}: expected a value")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_shards_not_found_offer_only_an_option_the_command_has(tiny_onnx, place, monkeypatch, capsys):
+    """A run's data.shards, relative, read from another folder: export --encoder / --int8 and edit said
+    "pass --shards", an option only eval has."""
+    run = place / "run"
+    shutil.copytree(tiny_onnx.parent / "run", run)
+    (run / "recipe.yaml").write_text("data:\n  shards: shards/gone\n")
+    for args in (["export", "run", "--encoder", "--out", "x.onnx"], ["export", "run", "--int8", "--out", "x.onnx"]):
+        line = assert_one_line(cli(args, monkeypatch, capsys, place), "data.shards=shards/gone", "from the folder")
+        assert "--shards" not in line, line
+    code, _, err = cli(["edit", "run", "photo.png", "--attr", "a=1", "--set", "b=1"], monkeypatch, capsys, place)
+    assert code == 0 and "data.shards=shards/gone" in err and "--shards" not in err, err
+    assert_one_line(cli(["eval", "run"], monkeypatch, capsys, place), "data.shards=shards/gone", "pass --shards")
