@@ -603,8 +603,9 @@ def classifier_train(
     from toolkit.config import load_config
     from toolkit.devices import resolve_device
 
-    _refuse_unread_keys(list(ctx.args))
-    config = load_config(list(ctx.args))
+    args = _key_values(ctx)
+    _refuse_unread_keys(args)
+    config = load_config(args)
     if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise UserError(f"--lr must be a finite number > 0, got {lr}")
     out = check_output(out or Path("runs") / f"{config.recipe}-classifier", folder=True)
@@ -841,7 +842,7 @@ def sweep_command(
 
     names = [name.strip() for name in figure5_attributes.split(",") if name.strip()] if figure5_attributes else None
     run_sweep(
-        list(ctx.args),
+        _key_values(ctx),
         out=out,
         classifier=classifier,
         launcher=launcher,
@@ -905,6 +906,22 @@ def web_command(
     finally:
         if server is not None:
             server.server_close()
+
+
+def _key_values(ctx: typer.Context) -> List[str]:
+    """The `key=value` arguments of a command that has options too: ignore_unknown_options passes a
+    misspelt option (--step for --steps) on to them, where it read as a bad key; refused as click
+    refuses one, with the options it resembles (one that resembles none is left to the keys' message)."""
+    import difflib
+
+    clicks = sys.modules[typer.BadParameter.__module__]
+    options = [name for param in ctx.command.params for name in param.opts if name.startswith("--")]
+    for arg in ctx.args:
+        name = arg.partition("=")[0]
+        close = difflib.get_close_matches(name, options) if arg.startswith("-") else []
+        if close:
+            raise clicks.NoSuchOption(name, possibilities=close, ctx=ctx)
+    return list(ctx.args)
 
 
 def _refuse_empty_arguments(args: list[str]) -> None:

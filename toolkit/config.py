@@ -162,6 +162,10 @@ def parse_overrides(args: list[str]) -> tuple[str | None, list[str]]:
     recipe, dotlist = None, []
     for arg in args:
         key, sep, value = arg.partition("=")
+        bare = arg.lstrip("-")
+        if bare != arg and bare.partition("=")[0].strip():  # `--max_steps 3`, as other tools take options
+            written = bare if "=" in bare else f"{bare}=VALUE"
+            raise UserError(f"expected key=value, got '{arg}': a key is written without dashes, as {written}")
         if not sep or not key.strip():
             raise UserError(f"expected key=value, got '{arg}'")
         if key == "recipe":

@@ -144,6 +144,25 @@ MISTAKES = {
         ["no-such-launcher", "no program"],
     ),
     "unknown-option": (sample("MODEL", "--gird", "g.png"), ["--gird"]),
+    # commands taking options and key=value alike: a misspelt option read as a bad key ("expected key=value")
+    "classifier-misspelt-option": (
+        ["classifier", "train", "recipe=digits", "data.shards=SHARDS", "--step", "1"],
+        ["No such option: --step (Possible options: --steps)", "cvae-tk classifier train --help"],
+    ),
+    "sweep-misspelt-option": (
+        ["sweep", "recipe=digits", "data.shards=SHARDS", "--clasifier", "adir"],
+        ["No such option: --clasifier (Possible options: --classifier)"],
+    ),
+    # a recipe key typed as an option, as other tools take them
+    "train-key-as-option": (
+        ["train", "recipe=digits", "data.shards=SHARDS", "--max_steps", "3"],
+        ["'--max_steps': a key is written without dashes, as max_steps=VALUE"],
+    ),
+    "train-key-as-option-with-value": (
+        ["train", "recipe=digits", "data.shards=SHARDS", "--max_steps=3"],
+        ["as max_steps=3"],
+    ),
+    "unknown-command": (["smaple"], ["smaple"]),
 }
 
 
