@@ -529,6 +529,7 @@ def test_fp16_on_a_cpu_is_refused_and_said_when_it_comes_from_accelerate(digits_
     )
     assert launched.returncode == 0, launched.stderr[-3000:]
     assert launched.stderr.count("warning: fp16 (from accelerate launch or its config) does nothing on cpu") == 1
+    assert "precision no," in launched.stdout, launched.stdout  # the banner said fp16 right after the warning
 
 
 def test_a_test_split_of_another_size_or_attributes_is_refused_before_step_one(digits_shards, tmp_path):

@@ -562,6 +562,13 @@ def train(config: TrainConfig) -> Path:
             run_dir.rmdir()  # refused before anything was written: leave no empty folder behind
 
 
+def effective_precision(accelerator: Accelerator) -> str:
+    """The precision the steps run in: Accelerate keeps reporting fp16 where it runs fp32 (a CPU)."""
+    return (
+        "no" if accelerator.mixed_precision == "fp16" and not accelerator.native_amp else accelerator.mixed_precision
+    )
+
+
 def _check_precision(config: TrainConfig, accelerator: Accelerator) -> None:
     """Accelerate quietly runs fp32 where it cannot autocast to fp16 (on a CPU): refuse the setting
     that would do nothing, or say it once when it came from `accelerate launch` / its config."""
@@ -651,7 +658,7 @@ class Trainer:
             print(
                 f"training {spec.arch} CVAE ({spec.prior} prior) on {config.data.shards} ({self.stream.train_count} train images, "
                 f"{spec.image_size[0]}x{spec.image_size[1]}, {spec.num_attributes} attributes) on {accelerator.device}, "
-                f"precision {accelerator.mixed_precision}, {accelerator.num_processes} process(es)"
+                f"precision {effective_precision(accelerator)}, {accelerator.num_processes} process(es)"
                 + (f"; resuming from {self.resume_from} (step {self.start_step})" if self.resume_from else "")
                 # say it: a mistyped run_dir would otherwise start afresh without a word
                 + (f"; resume=latest: no checkpoint in {run_dir / CHECKPOINTS} yet, starting at step 0"
