@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import re
 import selectors
 import shutil
 import subprocess
@@ -314,6 +315,10 @@ def test_missing_onnxruntime_web_is_one_error_naming_both_places(digits_export, 
         and "setup-js.sh" in message
     )
     assert not (tmp_path / "page").exists()  # refused before anything was written
+    # run from the project folder the two places are one ("neither X holds ...")
+    monkeypatch.setattr(web_build, "ort_dist_candidates", lambda: places[:1])
+    with pytest.raises(UserError, match=re.escape(f"not found: no ort.webgpu.min.mjs in {places[0]}; run")):
+        build_page(digits_export, tmp_path / "page")
     (tmp_path / "partial").mkdir()
     (tmp_path / "partial" / web_build.ORT_FILES[0]).write_text("")
     with pytest.raises(UserError, match=r"--ort-dist .*partial lacks ort-wasm-simd-threaded\.asyncify\.mjs"):

@@ -80,7 +80,7 @@ def find_ort_dist(ort_dist: str | Path | None = None) -> Path:
         if all((folder / name).is_file() for name in ORT_FILES):
             return folder
     raise UserError(
-        f"onnxruntime-web not found: neither {' nor '.join(map(str, places))} holds {ORT_FILES[0]}; "
+        f"onnxruntime-web not found: no {ORT_FILES[0]} in {' or '.join(map(str, places))}; "
         f"run `bash scripts/setup-js.sh` (npm ci) or pass --ort-dist DIR (onnxruntime-web's dist/ folder)"
     )
 
