@@ -90,8 +90,11 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if checkpoint_step(path) is None:
+        # a folder that is not there is most often a typo of latest, or a checkpoint's name without its run
+        missing = "" if path.exists() else " (no such folder)"
         raise UserError(
-            f"resume={resume} is not a complete checkpoint: expected a checkpoint-<step> folder holding {TRAINER_STATE}"
+            f"resume={resume} is not a complete checkpoint{missing}: expected latest, or the path of a "
+            f"checkpoint-<step> folder holding {TRAINER_STATE}, such as {run_dir / CHECKPOINTS}/checkpoint-<step>"
         )
     return path
 
