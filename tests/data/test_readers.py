@@ -771,6 +771,21 @@ def test_split_folders_give_each_images_split(tmp_path, names):
     raises(["seed does nothing here"], read_class_folders, root, seed=1)
 
 
+@pytest.mark.parametrize("held_out", ["val", "valid"])
+def test_split_folders_without_test_take_a_share_of_each_training_class(tmp_path, held_out):
+    # ImageNet's train/ + val/ (Kaggle's train/ + valid/): no test/, so test is carved from train, per class
+    root = tmp_path / "data"
+    make_class_folders(root / "train", {"cat": 4, "dog": 6})
+    make_class_folders(root / held_out, {"cat": 1, "dog": 1})
+    table = read_class_folders(root)
+    assert {split: len(records) for split, records in table.splits.items()} == {"train": 8, "val": 2, "test": 2}
+    assert all(r.key.startswith("train__") for r in table.splits["test"])  # from train/, one of each class
+    assert sorted(table.attributes[int(r.attributes.argmax())] for r in table.splits["test"]) == ["cat", "dog"]
+    again = read_class_folders(root, test_fraction=0.5, seed=1)
+    assert {split: len(records) for split, records in again.splits.items()} == {"train": 5, "val": 2, "test": 5}
+    assert read_class_folders(root, test_fraction=0.0).splits.keys() == {"train", "val"}  # refused by the build
+
+
 def test_split_folders_must_hold_the_training_classes(tmp_path):
     root = tmp_path / "data"
     make_class_folders(root / "train", {"cat": 2})

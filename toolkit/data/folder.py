@@ -214,7 +214,9 @@ SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "
 def read_class_folders(root: str | Path, test_fraction: float | None = None, seed: int | None = None) -> SourceTable:
     """One folder per class under `root`, or under root/train and root/test (and root/val) -> a
     one-hot table. `test_fraction` (default 0.1) and `seed` (default 0) split each class at random
-    when the folders give no split; where they do, setting either is refused (it would do nothing)."""
+    when the folders give no split, and take the test split from train/ where there are split
+    folders but no test/ (ImageNet's train/ + val/); where test/ is, setting either is refused (it
+    would do nothing)."""
     root = Path(os.path.abspath(root))
     if not root.is_dir():
         raise UserError(f"image folder {root} is not a folder")
@@ -232,16 +234,16 @@ def read_class_folders(root: str | Path, test_fraction: float | None = None, see
     left_out: list[str] = []  # files named as no image Pillow opens (by extension), relative to root
     owners: dict[str, tuple[str, str]] = {}  # every real folder and image read -> (its class folder, its path)
     if top and all(split_of_folder.values()) and "train" in split_of_folder.values():
-        given = [option for option, value in (("test_fraction", test_fraction), ("seed", seed)) if value is not None]
-        if given:
-            raise UserError(
-                f"{given[0]} does nothing here: the folders {', '.join(top)} in {root} give each image's split"
-            )
         named: dict[str, str] = {}
         for folder, split in split_of_folder.items():
             if split in named:
                 raise UserError(f"{root}: both {named[split]}/ and {folder}/ hold the {split} split; expected one")
             named[split] = folder
+        given = [option for option, value in (("test_fraction", test_fraction), ("seed", seed)) if value is not None]
+        if given and "test" in named:  # without a test/ folder (ImageNet's train/ + val/) they carve one from train
+            raise UserError(
+                f"{given[0]} does nothing here: the folders {', '.join(top)} in {root} give each image's split"
+            )
         classes = _folders(root / named["train"])
         found = {split: _folders(root / folder) for split, folder in named.items()}
         for split, names in found.items():
@@ -255,6 +257,10 @@ def read_class_folders(root: str | Path, test_fraction: float | None = None, see
             split: {name: _images_below(root, f"{named[split]}/{name}", left_out, owners) for name in found[split]}
             for split in named
         }
+        if "test" not in named:  # as without split folders: a random share of each training class is test
+            by_split.update(
+                _split_each_class(by_split["train"], 0.1 if test_fraction is None else test_fraction, seed or 0)
+            )
         homes = [root / folder for folder in named.values()]
         where = f"{root / named['train']}"
     else:
