@@ -206,3 +206,19 @@ def test_node_refuses_a_file_that_is_not_a_sampler(trained_run, tmp_path):
     result = run_node(trained_run / "config.json", cwd=tmp_path)
     assert result.returncode == 2
     assert "config.json is not an ONNX file" in result.stderr, result.stderr
+
+
+def test_node_without_onnxruntime_node_says_what_to_install(exported, tmp_path):
+    """The script copied where no node_modules is above it (an application's folder before npm install):
+    a static import failed before any line ran, with Node's stack trace."""
+    script = tmp_path / "app" / "sample.mjs"
+    script.parent.mkdir()
+    shutil.copy(SCRIPT, script)
+    result = subprocess.run(
+        [NODE, str(script), str(exported), "digit_3=1"], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert result.returncode == 2 and not list(tmp_path.glob("**/*.png"))
+    assert result.stderr.strip() == (
+        "sample.mjs: onnxruntime-node is not installed where this script can import it: "
+        "npm install onnxruntime-node (in cvae-tk: bash scripts/setup-js.sh)"
+    )

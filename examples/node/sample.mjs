@@ -18,9 +18,20 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import zlib from 'node:zlib';
-import ort from 'onnxruntime-node';
 
 class UsageError extends Error {}
+
+// onnxruntime-node is imported when the model is run, not at the top: without it installed, a static
+// import fails before any line runs, with Node's stack trace instead of what to install.
+async function importOrt() {
+  try {
+    return (await import('onnxruntime-node')).default;
+  } catch (error) {
+    if (error.code !== 'ERR_MODULE_NOT_FOUND') throw error;
+    throw new UsageError('onnxruntime-node is not installed where this script can import it: '
+      + 'npm install onnxruntime-node (in cvae-tk: bash scripts/setup-js.sh)');
+  }
+}
 
 // ---- the export's metadata_props, straight from the protobuf ----------------------------------
 
@@ -331,6 +342,7 @@ async function main(argv) {
     for (let i = 0; i < noise.length; i++) noise[i] *= t;
   }
 
+  const ort = await importOrt();
   const rows = new Float32Array(n * attributes.length);  // the same condition for every image
   for (let i = 0; i < n; i++) rows.set(attributes, i * attributes.length);
   const feed = {
