@@ -210,7 +210,8 @@ def shards_folder(
     overwrite: bool = OVERWRITE,
 ) -> None:
     """Your own images: plus a CSV attribute table, or one folder per class (torchvision's ImageFolder layout)."""
-    from toolkit.data.folder import read_class_folders, read_folder
+    from toolkit.data.classes import read_class_folders
+    from toolkit.data.folder import read_folder
 
     if split_column is not None:  # the column gives every row's split: a random split's settings do nothing
         if attributes is None:

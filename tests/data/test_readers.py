@@ -13,8 +13,9 @@ from PIL import Image
 
 from toolkit.data.build import require_train_and_test
 from toolkit.data.celeba import read_celeba
+from toolkit.data.classes import read_class_folders
 from toolkit.data.cub import read_cub
-from toolkit.data.folder import read_class_folders, read_folder
+from toolkit.data.folder import read_folder
 from toolkit.data.sources import safe_key
 from toolkit.errors import UserError
 

@@ -18,6 +18,8 @@ import numpy as np
 
 from toolkit.errors import UserError, cut
 
+SPLITS = ("train", "val", "test")  # the splits a reader may give (train and test are required)
+
 
 @dataclass
 class Record:
@@ -172,3 +174,13 @@ def first_few(names: Sequence[str], shown: int = 5) -> str:
     """The first `shown` names, comma-separated, then 'and N more' for the rest: for error messages."""
     more = len(names) - shown
     return ", ".join(cut(name) for name in names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
+def random_split(n: int, test_fraction: float, rng: np.random.Generator) -> list[str]:
+    """round(test_fraction * n) rows test (at least 1 when n >= 2 and the fraction > 0; never all), the rest train."""
+    n_test = round(test_fraction * n)
+    if n >= 2 and test_fraction > 0:
+        n_test = max(n_test, 1)
+    n_test = min(n_test, max(n - 1, 0))  # keep at least one training row
+    test = set(rng.permutation(n)[:n_test].tolist())
+    return ["test" if index in test else "train" for index in range(n)]

@@ -1,0 +1,221 @@
+"""One folder per class (torchvision's ImageFolder layout), no table -> a SourceTable: each folder in
+ROOT is a class, its name an attribute, and every image below it (sub-folders included) carries that
+one attribute (a one-hot condition, like CUB's species):
+
+    ROOT/cat/0001.jpg  ROOT/dog/x/0002.png ...             a seeded random test_fraction of each class is test
+    ROOT/train/cat/0001.jpg  ROOT/test/cat/0101.jpg ...    when ROOT's folders are train[/val]/test
+
+Hidden names (`.ipynb_checkpoints`, `.DS_Store`) and `__MACOSX` are passed over; other files named
+as no image format Pillow opens (by extension) are left out and said. Each real folder and image is
+read once, however many links lead to it; one that two classes or splits reach is refused.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.data.sources import SPLITS, Record, SourceTable, file_names, first_few, random_split, safe_key
+from toolkit.errors import UserError, cut
+from toolkit.images import readable_extensions
+from toolkit.paths import is_utf8, shown
+
+# Folder names that mean a split, not a class (Kaggle's copies often say valid or validation).
+SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+def read_class_folders(root: str | Path, test_fraction: float | None = None, seed: int | None = None) -> SourceTable:
+    """One folder per class under `root`, or under root/train and root/test (and root/val) -> a
+    one-hot table. `test_fraction` (default 0.1) and `seed` (default 0) split each class at random
+    when the folders give no split, and take the test split from train/ where there are split
+    folders but no test/ (ImageNet's train/ + val/); where test/ is, setting either is refused (it
+    would do nothing)."""
+    root = Path(os.path.abspath(root))
+    if not root.is_dir():
+        raise UserError(f"image folder {root} is not a folder")
+    if test_fraction is not None and not 0.0 <= test_fraction < 1.0:
+        raise UserError(f"test_fraction is {test_fraction}, expected a number in [0, 1)")
+    top = _folders(root)
+    split_of_folder = {name: SPLIT_FOLDERS.get(name.lower()) for name in top}
+    splits_named = sorted(name for name in top if split_of_folder[name])
+    others = [name for name in top if not split_of_folder[name]]
+    if len(splits_named) >= 2 and others:  # ImageFolder would make train and test classes ('train' alone may be one)
+        raise UserError(
+            f"{root}: holds the split folders {', '.join(splits_named)} and the folder(s) {first_few(others)}; "
+            "expected split folders only (train/cat/, test/cat/) or class folders only (cat/, dog/)"
+        )
+    left_out: list[str] = []  # files named as no image Pillow opens (by extension), relative to root
+    owners: dict[str, tuple[str, str]] = {}  # every real folder and image read -> (its class folder, its path)
+    if top and all(split_of_folder.values()) and "train" in split_of_folder.values():
+        named: dict[str, str] = {}
+        for folder, split in split_of_folder.items():
+            if split in named:
+                raise UserError(f"{root}: both {named[split]}/ and {folder}/ hold the {split} split; expected one")
+            named[split] = folder
+        given = [option for option, value in (("test_fraction", test_fraction), ("seed", seed)) if value is not None]
+        if given and "test" in named:  # without a test/ folder (ImageNet's train/ + val/) they carve one from train
+            raise UserError(
+                f"{given[0]} does nothing here: the folders {', '.join(top)} in {root} give each image's split"
+            )
+        classes = _folders(root / named["train"])
+        found = {split: _folders(root / folder) for split, folder in named.items()}
+        for split, names in found.items():
+            strangers = [name for name in names if name not in classes]
+            if strangers:
+                raise UserError(
+                    f"{root / named[split]}: class folder(s) {first_few(strangers)} have no folder in "
+                    f"{root / named['train']}; expected the training classes only (a class never trained on cannot be drawn)"
+                )
+        by_split = {
+            split: {name: _images_below(root, f"{named[split]}/{name}", left_out, owners) for name in found[split]}
+            for split in named
+        }
+        if "test" not in named:  # as without split folders: a random share of each training class is test
+            by_split.update(
+                _split_each_class(by_split["train"], 0.1 if test_fraction is None else test_fraction, seed or 0)
+            )
+        homes = [root / folder for folder in named.values()]
+        where = f"{root / named['train']}"
+    else:
+        classes = top
+        by_class = {name: _images_below(root, name, left_out, owners) for name in classes}
+        by_split = _split_each_class(by_class, 0.1 if test_fraction is None else test_fraction, seed or 0)
+        homes, where = [root], f"{root}"
+    if not classes:
+        raise UserError(
+            f"{where}: expected one folder per class (cat/, dog/, ...), found none; "
+            "for images with 0/1 attributes, give their CSV table with --attributes"
+        )
+    untyped = [shown(name) for name in classes if not is_utf8(name)]
+    if untyped:  # a class name is an attribute name: in every manifest, export and command line
+        raise UserError(
+            f"{where}: class folder name(s) {first_few(untyped)} are not UTF-8 text; rename them "
+            "(each class name becomes an attribute name)"
+        )
+    if len(classes) == 1:  # a zip's folder around the classes (flowers/flowers/cat/): one class of them all
+        only = Path(where) / classes[0]
+        inner = _folders(only)
+        if len(inner) >= 2 and not file_names(only, _is_image):
+            raise UserError(
+                f"{where}: the only class folder, {cut(classes[0])}/, holds no image but the folders {first_few(inner)}: "
+                f"if they are the classes, pass --root {only}"
+            )
+    empty = [name for name in classes if not by_split["train"].get(name)]
+    if empty:
+        raise UserError(
+            f"{where}: class folder(s) {first_few(empty)} hold no image (no file named .jpg, .png, .webp or another extension Pillow opens); add images or remove them"
+        )
+
+    splits: dict[str, list[Record]] = {split: [] for split in SPLITS}
+    keys: dict[str, str] = {}
+    for split, by_class in by_split.items():
+        for index, name in enumerate(classes):
+            attributes = np.zeros(len(classes), dtype=np.uint8)
+            attributes[index] = 1
+            for relative in by_class.get(name, []):
+                key = safe_key(relative)
+                if key in keys:  # 'cat/x.jpg' and 'cat/x.png', 'a.b/x.jpg' and 'a_b/x.jpg'
+                    raise UserError(
+                        f"{root}: {cut(relative)} gives the sample key {cut(key)!r}, as {cut(keys[key])} does; rename one of them"
+                    )
+                keys[key] = relative
+                splits[split].append(Record(key=key, path=root / relative, attributes=attributes))
+    warnings = []
+    loose = [f"{home.name}/{name}" for home in homes for name in sorted(file_names(home)) if _is_image(name)]
+    if loose:
+        warnings.append(
+            f"{len(loose)} image(s) lie beside the class folders, in no class, and were left out (first: {first_few(loose)})"
+        )
+    if left_out:
+        warnings.append(
+            f"{len(left_out)} file(s) in the class folders have no extension of an image format Pillow opens and were left out "
+            f"(first: {first_few(left_out)})"
+        )
+    splits = {split: records for split, records in splits.items() if records}
+    return SourceTable(source=f"classes:{shown(root.name)}", attributes=classes, splits=splits, warnings=warnings)
+
+
+def _hidden(name: str) -> bool:
+    """Names a file manager, a notebook or a zip leaves behind: .DS_Store, .ipynb_checkpoints, __MACOSX."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _is_image(name: str) -> bool:
+    return not _hidden(name) and os.path.splitext(name)[1].lower() in readable_extensions()
+
+
+def _folders(folder: Path) -> list[str]:
+    """The visible folders (or links to folders) directly in `folder`, sorted (as ImageFolder sorts its classes)."""
+    with os.scandir(folder) as entries:
+        return sorted(entry.name for entry in entries if not _hidden(entry.name) and _is_folder(entry))
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link that loops
+        return False
+
+
+def _images_below(root: Path, relative: str, left_out: list[str], owners: dict[str, tuple[str, str]]) -> list[str]:
+    """The images anywhere below root/relative, as sorted '/'-separated paths relative to root; other
+    visible files are added to `left_out`. Links are followed, each real folder and file once: one
+    reached again from this class is passed over (a link back up the tree, a second name), one that
+    another class or split reached (`owners`: real path -> (class folder, path), shared by the calls)
+    is refused, as its images would be two classes' or in two splits."""
+    found: list[str] = []
+    top = os.path.realpath(root / relative)
+
+    def claim(real: str, inside: str, what: str) -> bool:
+        """True the first time `real` is reached; False when this class reached it already."""
+        owner, first = owners.setdefault(real, (relative, inside))
+        if owner == relative:
+            return first == inside
+        raise UserError(
+            f"{root}: {cut(first)} and {cut(inside)} are the same {what} (a link), so the same images would be "
+            f"in {cut(owner)}/ and {cut(relative)}/ at once; remove one of them"
+        )
+
+    stack = [(os.fspath(root / relative), relative)]  # a stack, not recursion: any depth of folders
+    while stack:
+        folder, inside = stack.pop()
+        real = os.path.realpath(folder)
+        if inside != relative and (top + os.sep).startswith(real.rstrip(os.sep) + os.sep):
+            continue  # a link to this class folder or above it: the other classes would be read as this one
+        if not claim(real, inside, "folder"):
+            continue
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as error:  # os.walk would pass over it: its images missing without a word
+            raise UserError(f"cannot list the folder {error.filename or folder}: {error.strerror or error}") from None
+        subfolders = []
+        for entry in entries:
+            if _hidden(entry.name):
+                continue
+            if _is_folder(entry):
+                subfolders.append((entry.path, f"{inside}/{entry.name}"))
+            elif not _is_image(entry.name):
+                left_out.append(f"{inside}/{entry.name}")
+            else:
+                path = f"{inside}/{entry.name}"
+                real_file = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real, entry.name)
+                if claim(real_file, path, "file"):
+                    found.append(path)
+        stack += reversed(subfolders)  # depth first, in name order, as os.walk went
+    return found
+
+
+def _split_each_class(
+    by_class: dict[str, list[str]], test_fraction: float, seed: int
+) -> dict[str, dict[str, list[str]]]:
+    """split -> class -> images: each class split at random on its own, so every class is in train and,
+    with two images or more, in test."""
+    rng = np.random.default_rng(seed)
+    by_split: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}}
+    for name, images in by_class.items():
+        for image, split in zip(images, random_split(len(images), test_fraction, rng)):
+            by_split[split].setdefault(name, []).append(image)
+    return by_split
