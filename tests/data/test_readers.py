@@ -857,6 +857,10 @@ def test_a_layout_that_is_neither_classes_nor_splits_is_refused_not_read_as_clas
         read_class_folders,
         mixed,
     )
+    held_out = tmp_path / "held_out"  # val/ and test/ without train/ were read as the classes test and val
+    make_class_folders(held_out / "val", {"cat": 2})
+    make_class_folders(held_out / "test", {"cat": 2})
+    raises(["holds the split folders test, val but no train/"], read_class_folders, held_out)
     vehicles = make_class_folders(tmp_path / "vehicles", {"bus": 2, "train": 2})["root"]  # a class may be named train
     assert read_class_folders(vehicles).attributes == ["bus", "train"]
     wrapped = tmp_path / "download"

@@ -46,6 +46,11 @@ def read_class_folders(root: str | Path, test_fraction: float | None = None, see
             f"{root}: holds the split folders {', '.join(splits_named)} and the folder(s) {first_few(others)}; "
             "expected split folders only (train/cat/, test/cat/) or class folders only (cat/, dog/)"
         )
+    if len(splits_named) >= 2 and "train" not in split_of_folder.values():  # val/ + test/ are not two classes
+        raise UserError(
+            f"{root}: holds the split folders {', '.join(splits_named)} but no train/; expected train/cat/ "
+            "beside them (the training images), or class folders only (cat/, dog/)"
+        )
     left_out: list[str] = []  # files named as no image Pillow opens (by extension), relative to root
     owners: dict[str, tuple[str, str]] = {}  # every real folder and image read -> (its class folder, its path)
     if top and all(split_of_folder.values()) and "train" in split_of_folder.values():
