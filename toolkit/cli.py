@@ -558,7 +558,7 @@ def _refuse_unread_keys(args: List[str]) -> None:
     """A `key=value` the classifier does not read (lr=0.5 used to be accepted, and 1e-3 used) is refused."""
     for arg in args:
         key = arg.partition("=")[0].strip()
-        if "=" in arg and key not in CLASSIFIER_KEYS:
+        if "=" in arg and key not in CLASSIFIER_KEYS and not arg.startswith("-"):  # --seed=1: load_config says it
             option = CLASSIFIER_OPTIONS.get(key)
             raise UserError(
                 f"classifier train does not read the recipe key '{key}' ({arg}): "
@@ -912,14 +912,19 @@ def web_command(
 def _key_values(ctx: typer.Context) -> List[str]:
     """The `key=value` arguments of a command that has options too: ignore_unknown_options passes a
     misspelt option (--step for --steps) on to them, where it read as a bad key; refused as click
-    refuses one, with the options it resembles (one that resembles none is left to the keys' message)."""
+    refuses one, with the options it resembles. A recipe key with dashes (--seed 1, which resembles
+    --steps) and one that resembles no option are left to the keys' message: write seed=VALUE."""
     import difflib
+
+    from toolkit.config import recipe_keys
 
     clicks = sys.modules[typer.BadParameter.__module__]
     options = [name for param in ctx.command.params for name in param.opts if name.startswith("--")]
+    keys = set(recipe_keys())
     for arg in ctx.args:
         name = arg.partition("=")[0]
-        close = difflib.get_close_matches(name, options) if arg.startswith("-") else []
+        is_option = arg.startswith("-") and name.lstrip("-") not in keys
+        close = difflib.get_close_matches(name, options) if is_option else []
         if close:
             raise clicks.NoSuchOption(name, possibilities=close, ctx=ctx)
     return list(ctx.args)

@@ -127,6 +127,11 @@ def _all_keys(node: DictConfig | dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def recipe_keys() -> list[str]:
+    """Every key a recipe or a `key=value` argument may set ('max_steps', 'data.shards', ...)."""
+    return _all_keys(OmegaConf.structured(TrainConfig))
+
+
 def _explain(error: OmegaConfBaseException, source: str, schema: DictConfig, key: str | None = None) -> UserError:
     """`key`: the key as typed, for errors that do not name one (OmegaConf leaves full_key empty for some)."""
     key = getattr(error, "full_key", None) or key or "?"

@@ -162,6 +162,16 @@ MISTAKES = {
         ["train", "recipe=digits", "data.shards=SHARDS", "--max_steps=3"],
         ["as max_steps=3"],
     ),
+    # a key classifier train reads, with dashes: was 'No such option: --seed (Possible options: --steps)'
+    # and "does not read the recipe key '--data.shards'"
+    "classifier-key-as-option": (
+        ["classifier", "train", "recipe=digits", "data.shards=SHARDS", "--seed", "1"],
+        ["'--seed': a key is written without dashes, as seed=VALUE"],
+    ),
+    "classifier-key-as-option-with-value": (
+        ["classifier", "train", "recipe=digits", "--data.shards=SHARDS"],
+        ["a key is written without dashes, as data.shards="],
+    ),
     "unknown-command": (["smaple"], ["smaple"]),
 }
 
