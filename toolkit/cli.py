@@ -555,11 +555,14 @@ CLASSIFIER_OPTIONS = {"lr": "--lr", "max_steps": "--steps", "model.width": "--wi
 
 
 def _refuse_unread_keys(args: List[str]) -> None:
-    """A `key=value` the classifier does not read (lr=0.5 used to be accepted, and 1e-3 used) is refused."""
+    """A `key=value` the classifier does not read (lr=0.5 used to be accepted, and 1e-3 used) is refused;
+    a key it takes as an option names the option, with dashes too (--max_steps 3: use --steps)."""
     for arg in args:
-        key = arg.partition("=")[0].strip()
-        if "=" in arg and key not in CLASSIFIER_KEYS and not arg.startswith("-"):  # --seed=1: load_config says it
-            option = CLASSIFIER_OPTIONS.get(key)
+        written = arg.partition("=")[0].strip()
+        key = written.lstrip("-")
+        option = CLASSIFIER_OPTIONS.get(key)
+        # other keys with dashes (--seed=1) are load_config's: 'a key is written without dashes'
+        if option or ("=" in arg and key == written and key not in CLASSIFIER_KEYS):
             raise UserError(
                 f"classifier train does not read the recipe key '{key}' ({arg}): "
                 + (f"use {option}; " if option else "")

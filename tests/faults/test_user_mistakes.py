@@ -172,6 +172,10 @@ MISTAKES = {
         ["classifier", "train", "recipe=digits", "--data.shards=SHARDS"],
         ["a key is written without dashes, as data.shards="],
     ),
+    "classifier-option-as-key-with-dashes": (
+        ["classifier", "train", "recipe=digits", "data.shards=SHARDS", "--max_steps", "3"],
+        ["does not read the recipe key 'max_steps' (--max_steps): use --steps"],
+    ),
     "unknown-command": (["smaple"], ["smaple"]),
 }
 
