@@ -14,6 +14,7 @@ from PIL import Image
 
 from tests.test_cli import assert_user_error, run_cli
 from toolkit.classifier import AttributeClassifier, save_classifier
+from toolkit.cli import _assignments  # the one parser of sample's, edit's and interpolate's NAME=0|1
 from toolkit.data.stream import eval_batches
 from toolkit.edit import (
     attribute_vector,
@@ -23,7 +24,6 @@ from toolkit.edit import (
     interpolate_images,
     load_image,
     load_run_model,
-    parse_assignments,
     predict_attributes,
 )
 from toolkit.errors import UserError
@@ -165,14 +165,11 @@ def test_predicted_attributes(model, three, tmp_path):
 def test_attribute_names_holding_an_equals_sign_can_be_set():
     """A class folder may be named 'a=b' (and a table's column so); `--attr a=b=1` was refused as not
     NAME=0 or NAME=1, so that class could not be drawn, edited or interpolated."""
-    from toolkit.cli import _parse_attr
-
     given = ["a=b=1", "c,d=0", "with space = 1"]
-    expected = {"a=b": 1, "c,d": 0, "with space": 1}
-    assert parse_assignments(given, "--set") == expected and _parse_attr(given) == expected
-    for parse in (lambda items: parse_assignments(items, "--attr"), _parse_attr):
-        with pytest.raises(UserError, match=r"--attr expects NAME=0 or NAME=1, got 'a=b'"):
-            parse(["a=b"])
+    assert _assignments(given, "--set") == {"a=b": 1, "c,d": 0, "with space": 1}
+    for wrong in (["a=b"], ["=1"]):
+        with pytest.raises(UserError, match=r"--attr expects NAME=0 or NAME=1, got '"):
+            _assignments(wrong, "--attr")
 
 
 def test_api_errors(model, tmp_path):
@@ -183,7 +180,7 @@ def test_api_errors(model, tmp_path):
     with pytest.raises(UserError, match=r"'digit_3' must be 0 or 1, got 2"):
         attribute_vector(DIGITS, {"digit_3": 2})
     with pytest.raises(UserError, match=r"--set expects NAME=0 or NAME=1, got 'digit_3=yes'"):
-        parse_assignments(["digit_3=yes"], "--set")
+        _assignments(["digit_3=yes"], "--set")
     with pytest.raises(UserError, match=r"has 3 values, the model 10"):
         attribute_vector(DIGITS, [1, 0, 0])
     with pytest.raises(UserError, match=r"steps must be an integer >= 2"):

@@ -381,15 +381,16 @@ def inspect_model(model: Path = typer.Argument(..., help="An ONNX file written b
         typer.echo(line)
 
 
-def _parse_attr(items: List[str]) -> dict:
-    mapping = {}
+def _assignments(items: List[str], option: str) -> dict[str, int]:
+    """--attr / --set / --from-attr / --to-attr: ['digit_3=1', 'digit_8=0'] -> {'digit_3': 1, 'digit_8': 0}; anything but NAME=0|1 is a UserError."""
+    mapping: dict[str, int] = {}
     for item in items:
         name, sep, value = item.rpartition("=")  # the last '=': a class folder's name may hold one ('a=b=1')
-        if not sep or value.strip() not in ("0", "1"):
-            raise UserError(f"--attr expects NAME=0 or NAME=1, got '{item}'")
+        if not sep or not name.strip() or value.strip() not in ("0", "1"):
+            raise UserError(f"{option} expects NAME=0 or NAME=1, got '{item}'")
         if mapping.get(name.strip(), int(value)) != int(value):  # which one was meant cannot be told
             raise UserError(
-                f"--attr sets {name.strip()} twice, to {mapping[name.strip()]} and to {int(value)}: give it once"
+                f"{option} sets {name.strip()} twice, to {mapping[name.strip()]} and to {int(value)}: give it once"
             )
         mapping[name.strip()] = int(value)
     return mapping
@@ -455,7 +456,7 @@ def sample(
             raise UserError("--each-attribute and --attr exclude each other")
         conditions = np.eye(len(sampler.attributes), dtype=np.float32)
     else:
-        conditions = sampler.conditions(_parse_attr(attr))
+        conditions = sampler.conditions(_assignments(attr, "--attr"))
     if grid is not None:  # the images, the grid array and its PIL copy are in memory at once
         height, width = sampler.image_size
         check_fits(
@@ -677,14 +678,13 @@ def edit_command(
         edit_image,
         load_image,
         load_run_model,
-        parse_assignments,
         read_run_spec,
         run_crop,
         save_image,
         side_by_side,
     )
 
-    changes, given = parse_assignments(set_, "--set"), parse_assignments(attr, "--attr")
+    changes, given = _assignments(set_, "--set"), _assignments(attr, "--attr")
     if not changes:
         raise UserError("say what to change: --set NAME=0|1 (repeat for several)")
     if given and classifier is not None:
@@ -752,13 +752,12 @@ def interpolate_command(
         interpolate_images,
         load_image,
         load_run_model,
-        parse_assignments,
         read_run_spec,
         run_crop,
         save_strip,
     )
 
-    start, end = parse_assignments(from_attr, "--from-attr"), parse_assignments(to_attr, "--to-attr")
+    start, end = _assignments(from_attr, "--from-attr"), _assignments(to_attr, "--to-attr")
     check_steps(steps)
     with_images = from_image is not None or to_image is not None
     if with_images:

@@ -62,21 +62,6 @@ def unknown_attribute(name: str, names: Sequence[str]) -> UserError:
     return UserError(f"unknown attribute '{name}': {hint}valid attributes: {', '.join(names)}")
 
 
-def parse_assignments(items: Sequence[str], option: str) -> dict[str, int]:
-    """['digit_3=1', 'digit_8=0'] -> {'digit_3': 1, 'digit_8': 0}; anything but NAME=0|1 is a UserError."""
-    mapping: dict[str, int] = {}
-    for item in items:
-        name, sep, value = item.rpartition("=")  # the last '=': a class folder's name may hold one ('a=b=1')
-        if not sep or not name.strip() or value.strip() not in ("0", "1"):
-            raise UserError(f"{option} expects NAME=0 or NAME=1, got '{item}'")
-        if mapping.get(name.strip(), int(value)) != int(value):  # which one was meant cannot be told
-            raise UserError(
-                f"{option} sets {name.strip()} twice, to {mapping[name.strip()]} and to {int(value)}: give it once"
-            )
-        mapping[name.strip()] = int(value)
-    return mapping
-
-
 def _check_value(name: str, value) -> float:
     if isinstance(value, bool):
         value = int(value)
