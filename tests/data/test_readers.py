@@ -265,6 +265,11 @@ def test_celeba_kaggle_partition_header_is_optional(kaggle):
     part = kaggle["partition_file"]
     delete_line(part, 1)  # no header: the first row is an image's
     assert table_contents(read_celeba(kaggle["root"]))[1]["train"][0][0] == "000001"
+    part.write_text("999999.jpg,0\n" + part.read_text())  # another copy's first row was taken for a header
+    raises(
+        ["list_eval_partition.csv line 1", "999999.jpg", "no row in list_attr_celeba.csv"], read_celeba, kaggle["root"]
+    )
+    delete_line(part, 1)
     replace_line(part, 1, "000001.jpg,7")
     raises(["list_eval_partition.csv line 1", "'7'"], read_celeba, kaggle["root"])
     replace_line(part, 1, "000001.jpg,0")

@@ -196,7 +196,8 @@ def _read_partition(path: Path, listed: set[str], attributes_name: str) -> dict[
     rows = csv_rows(path) if comma else text_rows(path)
     if comma:  # Kaggle's header 'image_id,partition' is skipped; a CSV without one starts with an image
         first = next(rows, None)
-        if first is not None and first[1][0] in listed:
+        # a row of an image or of a partition value is no header: one from another copy is refused below
+        if first is not None and (first[1][0] in listed or first[1][-1] in SPLITS):
             rows = itertools.chain([first], rows)
     for number, fields in rows:
         if len(fields) != 2:
