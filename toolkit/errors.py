@@ -26,9 +26,8 @@ def printable(text: str, keep=str.isprintable) -> str:
 
 
 def _escape(char: str) -> str:
-    if (
-        "\udc80" <= char <= "\udcff"
-    ):  # a file name's byte that is not UTF-8 (os.fsdecode's escape): \xff, as ls shows it
+    # a file name's byte that is not UTF-8 (os.fsdecode's escape): \xff, as ls shows it
+    if "\udc80" <= char <= "\udcff":
         return f"\\x{ord(char) - 0xDC00:02x}"
     return char.encode("unicode_escape", "backslashreplace").decode("ascii")
 
