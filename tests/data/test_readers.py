@@ -773,8 +773,10 @@ def test_split_folders_give_each_images_split(tmp_path, names):
     for name in names:
         split = table.splits[expected[name.lower()]]
         assert len(split) == 5 and all(r.path.is_relative_to(made[name]["root"]) for r in split)
-    raises(["test_fraction does nothing here", "give each image's split"], read_class_folders, root, test_fraction=0.2)
-    raises(["seed does nothing here"], read_class_folders, root, seed=1)
+    raises(
+        ["--test-fraction does nothing here", "give each image's split"], read_class_folders, root, test_fraction=0.2
+    )
+    raises(["--seed does nothing here"], read_class_folders, root, seed=1)
 
 
 @pytest.mark.parametrize("held_out", ["val", "valid"])

@@ -59,7 +59,9 @@ def read_class_folders(root: str | Path, test_fraction: float | None = None, see
             if split in named:
                 raise UserError(f"{root}: both {named[split]}/ and {folder}/ hold the {split} split; expected one")
             named[split] = folder
-        given = [option for option, value in (("test_fraction", test_fraction), ("seed", seed)) if value is not None]
+        given = [
+            option for option, value in (("--test-fraction", test_fraction), ("--seed", seed)) if value is not None
+        ]
         if given and "test" in named:  # without a test/ folder (ImageNet's train/ + val/) they carve one from train
             raise UserError(
                 f"{given[0]} does nothing here: the folders {', '.join(top)} in {root} give each image's split"
