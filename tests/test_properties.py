@@ -700,10 +700,14 @@ def oracle_folder(root: Path, blob: bytes, split_column: str | None):
     the split read_folder drew, checked separately."""
     text = decoded(blob)
     require(text is not None)
+    # the docstring's separator rule: ',' unless the header line has none and holds ';' or a tab
+    first = next((line for line in io.StringIO(text, newline="") if line.strip()), "")
+    separator = next((other for other in ";\t" if "," not in first and other in first), ",")
     try:
-        rows = list(csv.reader(io.StringIO(text, newline="")))
+        rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=separator))
     except csv.Error:
         raise Invalid from None
+    rows = [row for row in rows if any(cell.strip() for cell in row)]  # blank rows, before the header too
     header = [cell.strip() for cell in (rows[0] if rows else [])]
     require(any(header) and "" not in header and unique(header))
     lowered = [cell.lower() for cell in header]

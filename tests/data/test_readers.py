@@ -575,6 +575,16 @@ def test_folder_tables_separated_by_semicolons_or_tabs_read_as_the_comma_one(tmp
         np.testing.assert_array_equal(records[safe_key(file)].attributes, expected)
 
 
+def test_folder_table_is_read_as_the_celeba_csvs_are_blank_lines_before_the_header_included(tmp_path):
+    # one CSV reader (sources.csv_rows) for every table: the header is the first row that is not blank
+    fixture = make_folder(tmp_path, n=2)
+    fixture["table"].write_text("\n  \nfile ; Smiling\n a/img_000.jpg ; 1 \nb/img_001.jpg;x\n")
+    raises(["labels.csv line 5: column Smiling is 'x'"], read_folder, fixture["root"], fixture["table"])
+    replace_line(fixture["table"], 5, "b/img_001.jpg;0")
+    records = by_key(read_folder(fixture["root"], fixture["table"], test_fraction=0.5))
+    assert {key: r.attributes.tolist() for key, r in records.items()} == {"a__img_000": [1], "b__img_001": [0]}
+
+
 def test_folder_table_of_minus_one_and_one_reads_as_zero_and_one(tmp_path):
     fixture = make_folder(tmp_path, n=4)
     fixture["table"].write_text(

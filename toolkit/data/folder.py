@@ -17,7 +17,6 @@ spreadsheets in many locales save as "CSV").
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from toolkit.data.sources import (
     Record,
     SourceTable,
     case_hint,
-    delimiter,
+    csv_rows,
     first_few,
     inside_path,
     missing_files,
@@ -78,86 +77,77 @@ def _read_table(
     table: Path, split_column: str | None, root: Path
 ) -> tuple[list[str], list[str], list[int], np.ndarray, list[str] | None]:
     """Attribute names, normalized file names, their line numbers, the uint8 matrix, and the splits if given."""
-    try:
-        with open(table, newline="", encoding="utf-8-sig") as stream:  # -sig: Excel's byte-order mark
-            reader = csv.reader(stream, delimiter=delimiter(stream))
-            header = [cell.strip() for cell in next(reader, [])]
-            if not any(header):
-                raise UserError(f"{table} line 1: expected a header row (a file column and attribute columns)")
-            if "" in header:
-                raise UserError(f"{table} line 1: column {header.index('') + 1} has no name")
-            if len(set(header)) != len(header):
-                repeated = sorted({cell for cell in header if header.count(cell) > 1})
-                raise UserError(f"{table} line 1: column name(s) repeated: {first_few(repeated)}")
-            lowered = [cell.lower() for cell in header]
-            file_column = next((lowered.index(name) for name in FILE_COLUMNS if name in lowered), None)
-            if file_column is None:
-                raise UserError(
-                    f"{table} line 1: expected a file column named one of {', '.join(FILE_COLUMNS)}; "
-                    f"the header is {cut(', '.join(header))}"
-                )
-            split_index = None
-            if split_column is not None:
-                if split_column not in header or header.index(split_column) == file_column:
-                    raise UserError(
-                        f"{table} line 1: no split column {split_column!r}; the header is {cut(', '.join(header))}"
-                    )
-                split_index = header.index(split_column)
-            attribute_columns = [i for i in range(len(header)) if i not in (file_column, split_index)]
-            if not attribute_columns:
-                raise UserError(f"{table} line 1: expected at least one 0/1 attribute column besides the file column")
-            names = [header[i] for i in attribute_columns]
+    rows = csv_rows(table)  # the first non-blank row is the header
+    number, header = next(rows, (1, []))
+    if not header:
+        raise UserError(f"{table} line {number}: expected a header row (a file column and attribute columns)")
+    if "" in header:
+        raise UserError(f"{table} line {number}: column {header.index('') + 1} has no name")
+    if len(set(header)) != len(header):
+        repeated = sorted({cell for cell in header if header.count(cell) > 1})
+        raise UserError(f"{table} line {number}: column name(s) repeated: {first_few(repeated)}")
+    lowered = [cell.lower() for cell in header]
+    file_column = next((lowered.index(name) for name in FILE_COLUMNS if name in lowered), None)
+    if file_column is None:
+        raise UserError(
+            f"{table} line {number}: expected a file column named one of {', '.join(FILE_COLUMNS)}; "
+            f"the header is {cut(', '.join(header))}"
+        )
+    split_index = None
+    if split_column is not None:
+        if split_column not in header or header.index(split_column) == file_column:
+            raise UserError(
+                f"{table} line {number}: no split column {split_column!r}; the header is {cut(', '.join(header))}"
+            )
+        split_index = header.index(split_column)
+    attribute_columns = [i for i in range(len(header)) if i not in (file_column, split_index)]
+    if not attribute_columns:
+        raise UserError(f"{table} line {number}: expected at least one 0/1 attribute column besides the file column")
+    names = [header[i] for i in attribute_columns]
 
-            files: list[str] = []
-            lines: list[int] = []
-            splits: list[str] = []
-            seen: dict[str, int] = {}
-            values = bytearray()  # one byte per value, row after row: a single matrix at the end
-            absent: dict[str, int] = {}  # "0" or "-1" -> the first line using it for an absent attribute
-            for row in reader:
-                number = reader.line_num
-                if not any(cell.strip() for cell in row):
-                    continue
-                if len(row) != len(header):
-                    raise UserError(f"{table} line {number}: {len(row)} column(s), the header has {len(header)}")
-                name = _normalize(row[file_column], table, number, root)
-                if name in seen:
-                    raise UserError(f"{table} line {number}: {cut(name)} already listed on line {seen[name]}")
-                seen[name] = number
-                for column in attribute_columns:
-                    text = row[column].strip()
-                    value = _VALUE.get(text)
-                    if value is None:
-                        hint = ""
-                        if split_index is None and text in SPLITS:
-                            hint = f" (a column of splits? pass --split-column {header[column]})"
-                        raise UserError(
-                            f"{table} line {number}: column {cut(header[column])} is {cut(row[column])!r}, "
-                            f"expected 0 or 1 (or -1 or 1){hint}"
-                        )
-                    if text != "1":
-                        absent.setdefault(text, number)
-                    if len(absent) == 2:
-                        other = "0" if text == "-1" else "-1"
-                        raise UserError(
-                            f"{table} line {number}: column {cut(header[column])} is {text}, but line {absent[other]} "
-                            f"has {other}: expected 0/1 or -1/1 in every column, not both"
-                        )
-                    values.append(value)
-                if split_index is not None:
-                    split = row[split_index].strip()
-                    if split not in SPLITS:
-                        raise UserError(
-                            f"{table} line {number}: column {cut(header[split_index])} is {cut(row[split_index])!r}, "
-                            f"expected one of {', '.join(SPLITS)}"
-                        )
-                    splits.append(split)
-                files.append(name)
-                lines.append(number)
-    except UnicodeDecodeError as error:
-        raise UserError(f"{table}: expected a UTF-8 CSV file ({error.reason})") from None
-    except csv.Error as error:
-        raise UserError(f"{table}: not a readable CSV file ({error})") from None
+    files: list[str] = []
+    lines: list[int] = []
+    splits: list[str] = []
+    seen: dict[str, int] = {}
+    values = bytearray()  # one byte per value, row after row: a single matrix at the end
+    absent: dict[str, int] = {}  # "0" or "-1" -> the first line using it for an absent attribute
+    for number, row in rows:
+        if len(row) != len(header):
+            raise UserError(f"{table} line {number}: {len(row)} column(s), the header has {len(header)}")
+        name = _normalize(row[file_column], table, number, root)
+        if name in seen:
+            raise UserError(f"{table} line {number}: {cut(name)} already listed on line {seen[name]}")
+        seen[name] = number
+        for column in attribute_columns:
+            text = row[column]
+            value = _VALUE.get(text)
+            if value is None:
+                hint = ""
+                if split_index is None and text in SPLITS:
+                    hint = f" (a column of splits? pass --split-column {header[column]})"
+                raise UserError(
+                    f"{table} line {number}: column {cut(header[column])} is {cut(text)!r}, "
+                    f"expected 0 or 1 (or -1 or 1){hint}"
+                )
+            if text != "1":
+                absent.setdefault(text, number)
+            if len(absent) == 2:
+                other = "0" if text == "-1" else "-1"
+                raise UserError(
+                    f"{table} line {number}: column {cut(header[column])} is {text}, but line {absent[other]} "
+                    f"has {other}: expected 0/1 or -1/1 in every column, not both"
+                )
+            values.append(value)
+        if split_index is not None:
+            split = row[split_index]
+            if split not in SPLITS:
+                raise UserError(
+                    f"{table} line {number}: column {cut(header[split_index])} is {cut(split)!r}, "
+                    f"expected one of {', '.join(SPLITS)}"
+                )
+            splits.append(split)
+        files.append(name)
+        lines.append(number)
     matrix = np.frombuffer(values, dtype=np.uint8).reshape(len(files), len(names))
     return names, files, lines, matrix, (splits if split_index is not None else None)
 

@@ -87,6 +87,8 @@ def delimiter(stream) -> str:
     no comma-separated reading of such a header could be right): what spreadsheets in many locales
     save as "CSV"."""
     header = stream.readline()
+    while header and not header.strip():  # blank lines before the header
+        header = stream.readline()
     stream.seek(0)
     if "," not in header:
         for other in (";", "\t"):
