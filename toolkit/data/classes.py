@@ -37,6 +37,35 @@ def read_class_folders(root: str | Path, test_fraction: float | None = None, see
         raise UserError(f"image folder {root} is not a folder")
     if test_fraction is not None and not 0.0 <= test_fraction < 1.0:
         raise UserError(f"test_fraction is {test_fraction}, expected a number in [0, 1)")
+    split_folders = _split_folders(root)
+    walk = _Walk(root)
+    if split_folders:
+        classes, by_split, homes = _read_split_folders(walk, split_folders, test_fraction, seed)
+        where = root / split_folders["train"]
+    else:
+        classes = _folders(root)
+        by_class = {name: walk.images_below(name) for name in classes}
+        by_split = _split_each_class(by_class, 0.1 if test_fraction is None else test_fraction, seed or 0)
+        homes, where = [root], root
+    _check_classes(where, classes, by_split)
+    splits = _records(root, classes, by_split)
+    warnings = []
+    loose = [f"{home.name}/{name}" for home in homes for name in sorted(file_names(home)) if _is_image(name)]
+    if loose:
+        warnings.append(
+            f"{len(loose)} image(s) lie beside the class folders, in no class, and were left out (first: {first_few(loose)})"
+        )
+    if walk.left_out:
+        warnings.append(
+            f"{len(walk.left_out)} file(s) in the class folders have no extension of an image format Pillow opens and "
+            f"were left out (first: {first_few(walk.left_out)})"
+        )
+    return SourceTable(source=f"classes:{shown(root.name)}", attributes=classes, splits=splits, warnings=warnings)
+
+
+def _split_folders(root: Path) -> dict[str, str]:
+    """split -> its folder in `root` where root's folders are split folders (train/, test/, ...), else {}
+    (class folders); a mix of the two is refused."""
     top = _folders(root)
     split_of_folder = {name: SPLIT_FOLDERS.get(name.lower()) for name in top}
     splits_named = sorted(name for name in top if split_of_folder[name])
@@ -51,45 +80,46 @@ def read_class_folders(root: str | Path, test_fraction: float | None = None, see
             f"{root}: holds the split folders {', '.join(splits_named)} but no train/; expected train/cat/ "
             "beside them (the training images), or class folders only (cat/, dog/)"
         )
-    left_out: list[str] = []  # files named as no image Pillow opens (by extension), relative to root
-    owners: dict[str, tuple[str, str]] = {}  # every real folder and image read -> (its class folder, its path)
-    if top and all(split_of_folder.values()) and "train" in split_of_folder.values():
-        named: dict[str, str] = {}
-        for folder, split in split_of_folder.items():
-            if split in named:
-                raise UserError(f"{root}: both {named[split]}/ and {folder}/ hold the {split} split; expected one")
-            named[split] = folder
-        given = [
-            option for option, value in (("--test-fraction", test_fraction), ("--seed", seed)) if value is not None
-        ]
-        if given and "test" in named:  # without a test/ folder (ImageNet's train/ + val/) they carve one from train
+    if not (top and all(split_of_folder.values()) and "train" in split_of_folder.values()):
+        return {}
+    named: dict[str, str] = {}
+    for folder, split in split_of_folder.items():
+        if split in named:
+            raise UserError(f"{root}: both {named[split]}/ and {folder}/ hold the {split} split; expected one")
+        named[split] = folder
+    return named
+
+
+def _read_split_folders(
+    walk: _Walk, named: dict[str, str], test_fraction: float | None, seed: int | None
+) -> tuple[list[str], dict[str, dict[str, list[str]]], list[Path]]:
+    """The classes (train/'s folders), split -> class -> images, and the split folders."""
+    root = walk.root
+    given = [option for option, value in (("--test-fraction", test_fraction), ("--seed", seed)) if value is not None]
+    if given and "test" in named:  # without a test/ folder (ImageNet's train/ + val/) they carve one from train
+        raise UserError(
+            f"{given[0]} does nothing here: the folders {', '.join(sorted(named.values()))} in {root} give each "
+            "image's split"
+        )
+    classes = _folders(root / named["train"])
+    found = {split: _folders(root / folder) for split, folder in named.items()}
+    for split, names in found.items():
+        strangers = [name for name in names if name not in classes]
+        if strangers:
             raise UserError(
-                f"{given[0]} does nothing here: the folders {', '.join(top)} in {root} give each image's split"
+                f"{root / named[split]}: class folder(s) {first_few(strangers)} have no folder in "
+                f"{root / named['train']}; expected the training classes only (a class never trained on cannot be drawn)"
             )
-        classes = _folders(root / named["train"])
-        found = {split: _folders(root / folder) for split, folder in named.items()}
-        for split, names in found.items():
-            strangers = [name for name in names if name not in classes]
-            if strangers:
-                raise UserError(
-                    f"{root / named[split]}: class folder(s) {first_few(strangers)} have no folder in "
-                    f"{root / named['train']}; expected the training classes only (a class never trained on cannot be drawn)"
-                )
-        by_split = {
-            split: {name: _images_below(root, f"{named[split]}/{name}", left_out, owners) for name in found[split]}
-            for split in named
-        }
-        if "test" not in named:  # as without split folders: a random share of each training class is test
-            by_split.update(
-                _split_each_class(by_split["train"], 0.1 if test_fraction is None else test_fraction, seed or 0)
-            )
-        homes = [root / folder for folder in named.values()]
-        where = f"{root / named['train']}"
-    else:
-        classes = top
-        by_class = {name: _images_below(root, name, left_out, owners) for name in classes}
-        by_split = _split_each_class(by_class, 0.1 if test_fraction is None else test_fraction, seed or 0)
-        homes, where = [root], f"{root}"
+    by_split = {split: {name: walk.images_below(f"{named[split]}/{name}") for name in found[split]} for split in named}
+    if "test" not in named:  # as without split folders: a random share of each training class is test
+        by_split.update(
+            _split_each_class(by_split["train"], 0.1 if test_fraction is None else test_fraction, seed or 0)
+        )
+    return classes, by_split, [root / folder for folder in named.values()]
+
+
+def _check_classes(where: Path, classes: list[str], by_split: dict[str, dict[str, list[str]]]) -> None:
+    """Classes that can be attributes: some, named in UTF-8, not a zip's wrapper folder, each with training images."""
     if not classes:
         raise UserError(
             f"{where}: expected one folder per class (cat/, dog/, ...), found none; "
@@ -102,7 +132,7 @@ def read_class_folders(root: str | Path, test_fraction: float | None = None, see
             "(each class name becomes an attribute name)"
         )
     if len(classes) == 1:  # a zip's folder around the classes (flowers/flowers/cat/): one class of them all
-        only = Path(where) / classes[0]
+        only = where / classes[0]
         inner = _folders(only)
         if len(inner) >= 2 and not file_names(only, _is_image):
             raise UserError(
@@ -112,9 +142,13 @@ def read_class_folders(root: str | Path, test_fraction: float | None = None, see
     empty = [name for name in classes if not by_split["train"].get(name)]
     if empty:
         raise UserError(
-            f"{where}: class folder(s) {first_few(empty)} hold no image (no file named .jpg, .png, .webp or another extension Pillow opens); add images or remove them"
+            f"{where}: class folder(s) {first_few(empty)} hold no image (no file named .jpg, .png, .webp or another "
+            "extension Pillow opens); add images or remove them"
         )
 
+
+def _records(root: Path, classes: list[str], by_split: dict[str, dict[str, list[str]]]) -> dict[str, list[Record]]:
+    """split -> records, one-hot over `classes`, in class then path order; only the splits that have images."""
     splits: dict[str, list[Record]] = {split: [] for split in SPLITS}
     keys: dict[str, str] = {}
     for split, by_class in by_split.items():
@@ -125,23 +159,12 @@ def read_class_folders(root: str | Path, test_fraction: float | None = None, see
                 key = safe_key(relative)
                 if key in keys:  # 'cat/x.jpg' and 'cat/x.png', 'a.b/x.jpg' and 'a_b/x.jpg'
                     raise UserError(
-                        f"{root}: {cut(relative)} gives the sample key {cut(key)!r}, as {cut(keys[key])} does; rename one of them"
+                        f"{root}: {cut(relative)} gives the sample key {cut(key)!r}, as {cut(keys[key])} does; "
+                        "rename one of them"
                     )
                 keys[key] = relative
                 splits[split].append(Record(key=key, path=root / relative, attributes=attributes))
-    warnings = []
-    loose = [f"{home.name}/{name}" for home in homes for name in sorted(file_names(home)) if _is_image(name)]
-    if loose:
-        warnings.append(
-            f"{len(loose)} image(s) lie beside the class folders, in no class, and were left out (first: {first_few(loose)})"
-        )
-    if left_out:
-        warnings.append(
-            f"{len(left_out)} file(s) in the class folders have no extension of an image format Pillow opens and were left out "
-            f"(first: {first_few(left_out)})"
-        )
-    splits = {split: records for split, records in splits.items() if records}
-    return SourceTable(source=f"classes:{shown(root.name)}", attributes=classes, splits=splits, warnings=warnings)
+    return {split: records for split, records in splits.items() if records}
 
 
 def _hidden(name: str) -> bool:
@@ -166,53 +189,62 @@ def _is_folder(entry: os.DirEntry) -> bool:
         return False
 
 
-def _images_below(root: Path, relative: str, left_out: list[str], owners: dict[str, tuple[str, str]]) -> list[str]:
-    """The images anywhere below root/relative, as sorted '/'-separated paths relative to root; other
-    visible files are added to `left_out`. Links are followed, each real folder and file once: one
-    reached again from this class is passed over (a link back up the tree, a second name), one that
-    another class or split reached (`owners`: real path -> (class folder, path), shared by the calls)
-    is refused, as its images would be two classes' or in two splits."""
-    found: list[str] = []
-    top = os.path.realpath(root / relative)
+class _Walk:
+    """The images of the class folders under `root`, each real folder and image read once across them
+    all: `left_out` gathers the files named as no image, `owners` who reached each real path first."""
 
-    def claim(real: str, inside: str, what: str) -> bool:
+    def __init__(self, root: Path):
+        self.root = root
+        self.left_out: list[str] = []  # relative to root
+        self.owners: dict[str, tuple[str, str]] = {}  # real path -> (its class folder, the path it was reached by)
+
+    def images_below(self, relative: str) -> list[str]:
+        """The images anywhere below root/relative, as sorted '/'-separated paths relative to root; other
+        visible files go to `left_out`. Links are followed, each real folder and file once: one reached
+        again from this class is passed over (a link back up the tree, a second name), one that another
+        class or split reached is refused, as its images would be two classes' or in two splits."""
+        root, found = self.root, []
+        top = os.path.realpath(root / relative)
+        stack = [(os.fspath(root / relative), relative)]  # a stack, not recursion: any depth of folders
+        while stack:
+            folder, inside = stack.pop()
+            real = os.path.realpath(folder)
+            if inside != relative and (top + os.sep).startswith(real.rstrip(os.sep) + os.sep):
+                continue  # a link to this class folder or above it: the other classes would be read as this one
+            if not self._claim(real, relative, inside, "folder"):
+                continue
+            try:
+                with os.scandir(folder) as listing:
+                    entries = sorted(listing, key=lambda entry: entry.name)
+            except OSError as error:  # os.walk would pass over it: its images missing without a word
+                raise UserError(
+                    f"cannot list the folder {error.filename or folder}: {error.strerror or error}"
+                ) from None
+            subfolders = []
+            for entry in entries:
+                if _hidden(entry.name):
+                    continue
+                path = f"{inside}/{entry.name}"
+                if _is_folder(entry):
+                    subfolders.append((entry.path, path))
+                elif not _is_image(entry.name):
+                    self.left_out.append(path)
+                else:
+                    real_file = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real, entry.name)
+                    if self._claim(real_file, relative, path, "file"):
+                        found.append(path)
+            stack += reversed(subfolders)  # depth first, in name order, as os.walk went
+        return found
+
+    def _claim(self, real: str, relative: str, inside: str, what: str) -> bool:
         """True the first time `real` is reached; False when this class reached it already."""
-        owner, first = owners.setdefault(real, (relative, inside))
+        owner, first = self.owners.setdefault(real, (relative, inside))
         if owner == relative:
             return first == inside
         raise UserError(
-            f"{root}: {cut(first)} and {cut(inside)} are the same {what} (a link), so the same images would be "
-            f"in {cut(owner)}/ and {cut(relative)}/ at once; remove one of them"
+            f"{self.root}: {cut(first)} and {cut(inside)} are the same {what} (a link), so the same images would "
+            f"be in {cut(owner)}/ and {cut(relative)}/ at once; remove one of them"
         )
-
-    stack = [(os.fspath(root / relative), relative)]  # a stack, not recursion: any depth of folders
-    while stack:
-        folder, inside = stack.pop()
-        real = os.path.realpath(folder)
-        if inside != relative and (top + os.sep).startswith(real.rstrip(os.sep) + os.sep):
-            continue  # a link to this class folder or above it: the other classes would be read as this one
-        if not claim(real, inside, "folder"):
-            continue
-        try:
-            with os.scandir(folder) as listing:
-                entries = sorted(listing, key=lambda entry: entry.name)
-        except OSError as error:  # os.walk would pass over it: its images missing without a word
-            raise UserError(f"cannot list the folder {error.filename or folder}: {error.strerror or error}") from None
-        subfolders = []
-        for entry in entries:
-            if _hidden(entry.name):
-                continue
-            if _is_folder(entry):
-                subfolders.append((entry.path, f"{inside}/{entry.name}"))
-            elif not _is_image(entry.name):
-                left_out.append(f"{inside}/{entry.name}")
-            else:
-                path = f"{inside}/{entry.name}"
-                real_file = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real, entry.name)
-                if claim(real_file, path, "file"):
-                    found.append(path)
-        stack += reversed(subfolders)  # depth first, in name order, as os.walk went
-    return found
 
 
 def _split_each_class(
