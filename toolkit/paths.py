@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from toolkit.errors import UserError
+from toolkit.errors import UserError, printable
 
 
 def is_utf8(path: str | os.PathLike) -> bool:
@@ -27,8 +27,9 @@ def is_utf8(path: str | os.PathLike) -> bool:
 
 
 def shown(path: str | os.PathLike) -> str:
-    """`path` as printable text: its bytes that are not UTF-8 as \\xNN (not as lone surrogates)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """`path` as printable text: its bytes that are not UTF-8 as \\xNN (not as lone surrogates), control
+    characters escaped (errors.printable, as every error line is shown)."""
+    return printable(os.fsdecode(path))
 
 
 def library_name(path: str | os.PathLike, library: str) -> str:

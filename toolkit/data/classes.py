@@ -37,13 +37,14 @@ def read_class_folders(root: str | Path, test_fraction: float | None = None, see
         raise UserError(f"image folder {root} is not a folder")
     if test_fraction is not None and not 0.0 <= test_fraction < 1.0:
         raise UserError(f"test_fraction is {test_fraction}, expected a number in [0, 1)")
-    split_folders = _split_folders(root)
+    top = _folders(root)
+    split_folders = _split_folders(root, top)
     walk = _Walk(root)
     if split_folders:
         classes, by_split, homes = _read_split_folders(walk, split_folders, test_fraction, seed)
         where = root / split_folders["train"]
     else:
-        classes = _folders(root)
+        classes = top
         by_class = {name: walk.images_below(name) for name in classes}
         by_split = _split_each_class(by_class, 0.1 if test_fraction is None else test_fraction, seed or 0)
         homes, where = [root], root
@@ -63,10 +64,9 @@ def read_class_folders(root: str | Path, test_fraction: float | None = None, see
     return SourceTable(source=f"classes:{shown(root.name)}", attributes=classes, splits=splits, warnings=warnings)
 
 
-def _split_folders(root: Path) -> dict[str, str]:
-    """split -> its folder in `root` where root's folders are split folders (train/, test/, ...), else {}
+def _split_folders(root: Path, top: list[str]) -> dict[str, str]:
+    """split -> its folder where root's folders (`top`) are split folders (train/, test/, ...), else {}
     (class folders); a mix of the two is refused."""
-    top = _folders(root)
     split_of_folder = {name: SPLIT_FOLDERS.get(name.lower()) for name in top}
     splits_named = sorted(name for name in top if split_of_folder[name])
     others = [name for name in top if not split_of_folder[name]]

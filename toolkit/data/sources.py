@@ -82,7 +82,7 @@ def text_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
         raise UserError(f"{path}: expected a text file ({error.reason})") from None
 
 
-def delimiter(stream) -> str:
+def _delimiter(stream) -> str:
     """',' unless the header line has none and holds ';' or a tab (a header needs two columns, so
     no comma-separated reading of such a header could be right): what spreadsheets in many locales
     save as "CSV"."""
@@ -98,11 +98,11 @@ def delimiter(stream) -> str:
 
 
 def csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
-    """(line number, fields) of every non-blank row of a CSV file (commas, or `delimiter`'s semicolons
+    """(line number, fields) of every non-blank row of a CSV file (commas, or `_delimiter`'s semicolons
     or tabs), each field stripped of surrounding spaces; a BOM and CRLF are fine."""
     try:
         with open(path, encoding="utf-8-sig", newline="") as stream:
-            reader = csv.reader(stream, delimiter=delimiter(stream))
+            reader = csv.reader(stream, delimiter=_delimiter(stream))
             for fields in reader:
                 fields = [field.strip() for field in fields]
                 if any(fields):
