@@ -203,6 +203,11 @@ def test_inspect_prints_a_files_own_text_as_one_plain_line_each(tmp_path, tiny_o
     assert "\x1b" not in result.stdout and "\r" not in result.stdout
     assert f"description: {'A' * 300}... (1,000,000 characters)" in lines
     assert len(result.stdout) < 10_000
+    from toolkit.inspection import inspect_onnx
+
+    odd = tmp_path / os.fsdecode(b"caf\xe9.onnx")  # a file name that is not UTF-8: its byte as ls shows it
+    odd.write_bytes((tmp_path / "hostile.json").read_bytes())
+    assert inspect_onnx(odd)[0] == f"file: {tmp_path}/caf\\xe9.onnx"
 
 
 def test_inspect_refuses_a_file_beyond_protobufs_limit_before_reading_it(tmp_path):

@@ -20,7 +20,6 @@ from toolkit.contract import (
     read_encoder_contract,
 )
 from toolkit.errors import UserError, one_line, printable
-from toolkit.paths import shown
 
 SHOWN_ATTRIBUTES = 5  # names listed after the attributes count
 MAX_PROTOBUF = 2**31 - 1  # bytes: the most a protobuf message, so an ONNX file, can hold
@@ -148,7 +147,7 @@ def inspect_onnx(path: str | os.PathLike) -> list[str]:
     opsets = {entry.domain or "ai.onnx": entry.version for entry in proto.opset_import}
     others = "".join(f", {domain} {version}" for domain, version in sorted(opsets.items()) if domain != "ai.onnx")
     lines = [
-        f"file: {shown(path)}",
+        f"file: {path}",  # printable below: bytes that are not UTF-8 as \\xNN
         f"file size: {_size(path.stat().st_size)}",
         f"graph opset: {opsets.get('ai.onnx', '?')}{others}",
         f"producer: {' '.join(filter(None, (proto.producer_name, proto.producer_version))) or '?'}",
