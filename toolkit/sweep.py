@@ -233,11 +233,9 @@ def decide(run_dir: Path, config) -> tuple[str, str]:
     if not (run_dir / RECIPE).is_file():
         return "train", "new run"
     differ = config_differences(run_dir, config)
-    if not set(differ) <= RESUMABLE_KEYS:
-        changed = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in list(differ.items())[:4])
-        raise UserError(
-            f"{run_dir} holds a run with other settings ({changed}); delete it or sweep into another --out"
-        )
+    other = other_settings(differ)
+    if other:
+        raise UserError(f"{run_dir} holds a run with other settings ({other}); delete it or sweep into another --out")
     check_trained_shards(run_dir, config.data.shards)
     changed = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in differ.items())
     if (run_dir / WEIGHTS).is_file() and "max_steps" not in differ:  # logging or workers change no step taken
@@ -254,6 +252,14 @@ def decide(run_dir: Path, config) -> tuple[str, str]:
             f"delete the folder or sweep into another --out"
         )
     return "resume", f"continued from step {step} ({changed})"
+
+
+def other_settings(differ: dict[str, tuple]) -> str | None:
+    """The first few of config_differences' keys that make another experiment, as the refusals name
+    them ("lr: 0.001 there, 0.01 now"); None when they differ only in RESUMABLE_KEYS."""
+    if set(differ) <= RESUMABLE_KEYS:
+        return None
+    return "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in list(differ.items())[:4])
 
 
 def check_trained_shards(run_dir: Path, shards: str) -> None:
@@ -311,8 +317,8 @@ def check_one_experiment(out: Path, runs: list[Run]) -> None:
         if other.name in ours or not (other / RECIPE).is_file():
             continue
         differ = {k: v for k, v in config_differences(other, runs[0].config).items() if k != "beta"}
-        if not set(differ) <= RESUMABLE_KEYS:
-            changed = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in list(differ.items())[:4])
+        changed = other_settings(differ)
+        if changed:
             raise UserError(
                 f"--out {out} holds the runs of a sweep with other settings ({other.name}: {changed}): "
                 "its table and figures would be replaced by this one's; choose another --out"
