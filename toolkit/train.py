@@ -572,7 +572,7 @@ def effective_precision(accelerator: Accelerator) -> str:
 def _check_precision(config: TrainConfig, accelerator: Accelerator) -> None:
     """Accelerate quietly runs fp32 where it cannot autocast to fp16 (on a CPU): refuse the setting
     that would do nothing, or say it once when it came from `accelerate launch` / its config."""
-    if accelerator.mixed_precision != "fp16" or accelerator.native_amp:
+    if effective_precision(accelerator) == accelerator.mixed_precision:
         return
     message = (
         f"mixed_precision=fp16 does nothing on {accelerator.device.type}: Accelerate runs fp32 there "
