@@ -141,6 +141,10 @@ def test_a_run_keeps_its_identity_through_resumes_and_another_run_gets_its_own(d
     assert re.fullmatch(r"[0-9a-f]{32}", first) and identity(run, 2) == first
     train(quick(digits_shards, run, "max_steps=4", "checkpoint_every=2", "resume=latest"))
     assert identity(run) == identity(run, 4) == first  # more training: the same run
+    # resume=PATH of one of this folder's checkpoints (through `..`: compared resolved) is this run too
+    checkpoint_4 = run / "checkpoints" / ".." / "checkpoints" / "checkpoint-4"
+    train(quick(digits_shards, run, "max_steps=6", "checkpoint_every=2", f"resume={checkpoint_4}"))
+    assert identity(run) == identity(run, 6) == first
     forked = train(
         quick(digits_shards, tmp_path / "fork", "max_steps=6", f"resume={run / 'checkpoints' / 'checkpoint-4'}")
     )
