@@ -648,34 +648,26 @@ def test_the_server_answers_only_the_pages_own_files(tiny_onnx, tmp_path, capfd)
     (out / "style.css").unlink()
     (out / "style.css").symlink_to(outside / "secret.txt")  # a page file that leads out
     server = serve(out, 0)
+    served = ("/", "/index.html", "/index.html?v=2", "/app.js", "/model.json", "/tiny.onnx", "/ort/ort.webgpu.min.mjs")
+    refused = (
+        "/notes.txt",
+        "/other.onnx",
+        "/home/secret.txt",
+        "/home/",
+        "/ort/",
+        "/ort/secret.txt",
+        "/style.css",
+        "/.cvae-tk-web",
+        "/../private/secret.txt",
+        "/%2e%2e/private/secret.txt",
+        "/%2E%2E%2Fprivate%2Fsecret.txt",
+        "/index.html/",
+    )
     try:
-        for path in (
-            "/",
-            "/index.html",
-            "/index.html?v=2",
-            "/app.js",
-            "/model.json",
-            "/tiny.onnx",
-            "/ort/ort.webgpu.min.mjs",
-        ):
-            assert _status(server, path) == 200, path
-            assert _status(server, path, "HEAD") == 200, path
-        for path in (
-            "/notes.txt",
-            "/other.onnx",
-            "/home/secret.txt",
-            "/home/",
-            "/ort/",
-            "/ort/secret.txt",
-            "/style.css",
-            "/.cvae-tk-web",
-            "/../private/secret.txt",
-            "/%2e%2e/private/secret.txt",
-            "/%2E%2E%2Fprivate%2Fsecret.txt",
-            "/index.html/",
-        ):
-            assert _status(server, path) == 404, path
-            assert _status(server, path, "HEAD") == 404, path
+        for status, paths in ((200, served), (404, refused)):
+            for path in paths:
+                assert _status(server, path) == status, path
+                assert _status(server, path, "HEAD") == status, path
         assert _status(server, "/", "OPTIONS") == 501 and _status(server, "/index.html", "POST") == 501
     finally:
         server.shutdown()
