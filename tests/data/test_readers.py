@@ -575,6 +575,34 @@ def test_folder_tables_separated_by_semicolons_or_tabs_read_as_the_comma_one(tmp
         np.testing.assert_array_equal(records[safe_key(file)].attributes, expected)
 
 
+@pytest.mark.parametrize(
+    "header, row",
+    [
+        ('file;"Smiling, open";Hat', "{};1;0"),  # a spreadsheet's ';' CSV quotes a name holding a comma
+        ("file;Smiling, open;Hat", "{};1;0"),  # ... or, as Python's and LibreOffice's ';' writers, does not
+        ('file\t"Smiling, open"\tHat', "{}\t1\t0"),
+        ('"file";"Smiling, open";"Hat"', '"{}";"1";"0"'),  # every cell quoted
+    ],
+)
+def test_folder_table_separated_by_semicolons_with_a_comma_in_a_header_name(tmp_path, header, row):
+    """The header's comma decided ',' although it was inside a name: the header was one column too
+    many or few and the table refused ('expected a file column named ...')."""
+    fixture = make_folder(tmp_path, n=2)
+    rows = [row.format(file) for file in fixture["files"]]
+    fixture["table"].write_text("\n".join([header, *rows]) + "\n")
+    table = read_folder(fixture["root"], fixture["table"], test_fraction=0.5)
+    assert table.attributes == ["Smiling, open", "Hat"]
+    assert [r.attributes.tolist() for r in by_key(table).values()] == [[1, 0], [1, 0]]
+
+
+def test_folder_table_with_a_comma_and_semicolons_in_its_header_names_stays_comma_separated(tmp_path):
+    # names holding ';' in a comma table: the comma is the separator, as the rows agree
+    fixture = make_folder(tmp_path, n=2)
+    rows = [f"{file},1,0" for file in fixture["files"]]
+    fixture["table"].write_text("\n".join(["file,a;b;c,d;e", *rows]) + "\n")
+    assert read_folder(fixture["root"], fixture["table"], test_fraction=0.5).attributes == ["a;b;c", "d;e"]
+
+
 def test_folder_table_is_read_as_the_celeba_csvs_are_blank_lines_before_the_header_included(tmp_path):
     # one CSV reader (sources.csv_rows) for every table: the header is the first row that is not blank
     fixture = make_folder(tmp_path, n=2)

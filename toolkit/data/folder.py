@@ -11,8 +11,9 @@ header (file names are relative to ROOT, or absolute paths inside ROOT); the opt
 holds train / val / test; every other column is a 0/1 (or -1/1) attribute. Without a split column,
 a seeded random `test_fraction` of the rows is test and the rest train, each split in table order.
 Only the table is parsed and each folder listed once.
-Columns are separated by commas, or by semicolons or tabs where the header holds no comma (what
-spreadsheets in many locales save as "CSV").
+Columns are separated by commas, or by semicolons or tabs where the header holds no comma outside
+its quoted names (what spreadsheets in many locales save as "CSV"), or where only they give the first
+row as many columns as the header ('file;Smiling, open' with the row 'a.jpg;1').
 """
 
 from __future__ import annotations

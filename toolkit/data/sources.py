@@ -10,6 +10,7 @@ import csv
 import errno
 import os
 import posixpath
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -82,19 +83,39 @@ def text_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
         raise UserError(f"{path}: expected a text file ({error.reason})") from None
 
 
+_SEPARATORS = (",", ";", "\t")
+_QUOTED = re.compile(r'"[^"]*(?:"|$)')  # a quoted cell ('""' inside one reads as two of them: the same)
+
+
 def _delimiter(stream) -> str:
-    """',' unless the header line has none and holds ';' or a tab (a header needs two columns, so
-    no comma-separated reading of such a header could be right): what spreadsheets in many locales
-    save as "CSV"."""
-    header = stream.readline()
-    while header and not header.strip():  # blank lines before the header
-        header = stream.readline()
+    """The column separator, read from the header and the first row after it: ',' unless the header holds
+    no comma outside its quoted cells and holds ';' or a tab (what spreadsheets in many locales save as
+    "CSV": 'file;"a,b"' is two columns); and where that separator gives the first row another number of
+    columns than the header, the other one that gives both the same number, two or more (a ';' table
+    whose header names hold commas, which ';' writers leave unquoted: 'file;Smiling, mouth open')."""
+    lines = []
+    for line in stream:
+        if line.strip():  # blank lines before the header, and between it and the first row
+            lines.append(line)
+            if len(lines) == 2:
+                break
     stream.seek(0)
-    if "," not in header:
-        for other in (";", "\t"):
-            if other in header:
-                return other
-    return ","
+    if not lines:
+        return ","
+    outside = _QUOTED.sub("", lines[0])
+    chosen = next((other for other in _SEPARATORS[1:] if "," not in outside and other in outside), ",")
+    if len(lines) == 1:
+        return chosen
+
+    def columns(line: str, separator: str) -> int:
+        return len(next(csv.reader([line.rstrip("\r\n")], delimiter=separator), []))
+
+    def fits(separator: str) -> bool:
+        return columns(lines[0], separator) >= 2 and columns(lines[0], separator) == columns(lines[1], separator)
+
+    if fits(chosen):
+        return chosen
+    return next((other for other in _SEPARATORS if other != chosen and other in lines[0] and fits(other)), chosen)
 
 
 def csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
