@@ -512,6 +512,40 @@ def test_a_link_loop_in_the_image_folder_is_ignored_unless_listed_and_then_named
         read_folder(fixture["root"], fixture["table"], test_fraction=0.2)
 
 
+@pytest.mark.parametrize(
+    "make, rows",
+    [
+        # a second name for a listed file, beside it or in another folder
+        (lambda r: (r / "a/alias.jpg").symlink_to("img_000.jpg"), ["a/img_000.jpg", "a/alias.jpg"]),
+        (lambda r: (r / "b/alias.jpg").symlink_to("../a/img_000.jpg"), ["b/alias.jpg", "a/img_000.jpg"]),
+        # a folder link: every image in it is listed twice
+        (lambda r: (r / "c").symlink_to("a"), ["a/img_000.jpg", "c/img_000.jpg"]),
+        (lambda r: (r / "a/up").symlink_to(".."), ["a/img_000.jpg", "a/up/a/img_000.jpg"]),
+        # two links to one file outside the image folder
+        (
+            lambda r: [(r / name).symlink_to(r.parent / "labels.csv") for name in ("x.jpg", "y.jpg")],
+            ["x.jpg", "y.jpg"],
+        ),
+    ],
+)
+def test_one_image_listed_on_two_rows_through_a_symbolic_link_is_refused(tmp_path, make, rows):
+    """Two rows naming one file through a link were two samples of one image (maybe with two attribute
+    vectors, maybe one in train and one in test) without a word, as two spellings of one name are not."""
+    fixture = make_folder(tmp_path, n=4)
+    make(fixture["root"])
+    fixture["table"].write_text("file,Smiling\n" + "".join(f"{row},1\n" for row in ["b/img_001.jpg", *rows]))
+    raises(
+        ["labels.csv line 4:", f"{rows[1]} is the file {rows[0]} of line 3", "(a symbolic link)"],
+        read_folder,
+        fixture["root"],
+        fixture["table"],
+    )
+    # each name alone is read: a link is a file like any other
+    for row in rows:
+        fixture["table"].write_text(f"file,Smiling\nb/img_001.jpg,1\n{row},0\n")
+        assert len(by_key(read_folder(fixture["root"], fixture["table"], test_fraction=0.5))) == 2
+
+
 def test_folder_split_column(tmp_path):
     fixture = make_folder(tmp_path, n=7, split_column=True)
     table = read_folder(fixture["root"], fixture["table"], split_column="split")

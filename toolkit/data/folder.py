@@ -10,7 +10,8 @@ The file column is the first of `file`, `filename`, `file_name`, `image`, `path`
 header (file names are relative to ROOT, or absolute paths inside ROOT); the optional split column
 holds train / val / test; every other column is a 0/1 (or -1/1) attribute. Without a split column,
 a seeded random `test_fraction` of the rows is test and the rest train, each split in table order.
-Only the table is parsed and each folder listed once.
+Only the table is parsed and each folder listed once. Two rows naming one file (through a symbolic
+link) are refused, as one name listed twice is; hard links are not told (a stat per image).
 Columns are separated by commas, or by semicolons or tabs where the header holds no comma outside
 its quoted names (what spreadsheets in many locales save as "CSV"), or where only they give the first
 row as many columns as the header ('file;Smiling, open' with the row 'a.jpg;1').
@@ -34,6 +35,7 @@ from toolkit.data.sources import (
     missing_files,
     random_split,
     safe_key,
+    same_files,
 )
 from toolkit.errors import UserError, cut
 from toolkit.paths import shown
@@ -168,11 +170,20 @@ def _normalize(cell: str, table: Path, number: int, root: Path) -> str:
 
 
 def _check_images(root: Path, table: Path, files: list[str], lines: list[int]) -> None:
-    """Every row's image must exist: one directory listing per folder, no stat per image."""
-    indices = missing_files(root, files)
+    """Every row's image must exist, and be another file than every other row's: one directory listing
+    per folder, no stat per image (a realpath for each name reached through a symbolic link)."""
+    links: dict[str, set[str]] = {}
+    indices = missing_files(root, files, links)
     if indices:
         missing = [f"{cut(files[i])} (line {lines[i]})" for i in indices]
         raise UserError(
             f"{table}: {len(missing)} listed image(s) not found under {root} (first: {first_few(missing)})"
             + case_hint(root, [files[i] for i in indices])
+        )
+    twins = same_files(root, files, links)
+    if twins is not None:  # two samples of one image, maybe one in train and one in test
+        first, second = twins
+        raise UserError(
+            f"{table} line {lines[second]}: {cut(files[second])} is the file {cut(files[first])} of line "
+            f"{lines[first]} under another name (a symbolic link); expected each image on one row"
         )

@@ -134,30 +134,38 @@ def csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
         raise UserError(f"{path}: not a readable CSV file ({error})") from None
 
 
-def file_names(folder: Path, keep: Callable[[str], bool] | None = None) -> set[str]:
-    """Names of the regular files directly inside `folder` (one os.scandir), those `keep` accepts if given."""
+def file_names(folder: Path, keep: Callable[[str], bool] | None = None, links: set[str] | None = None) -> set[str]:
+    """Names of the regular files directly inside `folder` (one os.scandir), those `keep` accepts if given;
+    `links` (if given) gathers those of them that are symbolic links (the listing tells, no stat)."""
     with os.scandir(folder) as entries:
-        return {entry.name for entry in entries if (keep is None or keep(entry.name)) and _is_file(entry)}
+        names = {entry.name for entry in entries if (keep is None or keep(entry.name)) and _is_file(entry, links)}
+    return names
 
 
-def _is_file(entry: os.DirEntry) -> bool:
+def _is_file(entry: os.DirEntry, links: set[str] | None = None) -> bool:
     """A regular file, or a link to one; a link that loops (ELOOP) or cannot be followed is not one
     (listed in a table, it is then reported as that one missing file; unlisted, it is ignored)."""
     try:
-        return entry.is_file()
+        if not entry.is_file():
+            return False
+        if links is not None and entry.is_symlink():
+            links.add(entry.name)
+        return True
     except OSError:
         return False
 
 
-def missing_files(root: Path, relative_paths: Sequence[str]) -> list[int]:
-    """Indices of the '/'-separated `relative_paths` with no file under `root`: one listing per folder, no stat per file."""
+def missing_files(root: Path, relative_paths: Sequence[str], links: dict[str, set[str]] | None = None) -> list[int]:
+    """Indices of the '/'-separated `relative_paths` with no file under `root`: one listing per folder, no
+    stat per file. `links`, if given, gets folder -> the names in it that are symbolic links (for `same_files`)."""
     folders: dict[str, set[str]] = {}
     missing: list[int] = []
     for index, relpath in enumerate(relative_paths):
         folder, _, name = relpath.rpartition("/")
         if folder not in folders:
+            found = links.setdefault(folder, set()) if links is not None else None
             try:
-                folders[folder] = file_names(root / folder)
+                folders[folder] = file_names(root / folder, links=found)
             except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL byte in the name
                 folders[folder] = set()
             except OSError as error:  # a name no file system takes is missing; an unreadable folder is not
@@ -167,6 +175,35 @@ def missing_files(root: Path, relative_paths: Sequence[str]) -> list[int]:
         if name not in folders[folder]:
             missing.append(index)
     return missing
+
+
+def same_files(root: Path, relative_paths: Sequence[str], links: dict[str, set[str]]) -> tuple[int, int] | None:
+    """The indices (first, second) of two of the distinct '/'-separated `relative_paths` (each a file under
+    `root`, `links` as `missing_files` gave them) that are one file reached through symbolic links, else
+    None. Only paths through a link cost anything: one realpath per folder, and one per such path."""
+    real_root = os.path.realpath(root)
+    real_folders: dict[str, str] = {}
+    reals: dict[str, int] = {}  # real path -> index, of the paths through a link
+    index_of: dict[str, int] | None = None
+    for index, relpath in enumerate(relative_paths):
+        folder, _, name = relpath.rpartition("/")
+        real_folder = real_folders.get(folder)
+        if real_folder is None:
+            real_folder = real_folders[folder] = os.path.realpath(root / folder)
+        if name not in links.get(folder, ()) and real_folder == os.path.join(real_root, folder).rstrip(os.sep):
+            continue  # no link on its way: no other path (distinct, normalized) is this file but through one
+        real = os.path.realpath(os.path.join(real_folder, name))
+        if real in reals:
+            return reals[real], index
+        reals[real] = index
+        inside = os.path.relpath(real, real_root).replace(os.sep, "/")
+        if inside != ".." and not inside.startswith("../"):
+            if index_of is None:
+                index_of = {other: at for at, other in enumerate(relative_paths)}
+            twin = index_of.get(inside)
+            if twin is not None and twin != index:
+                return min(twin, index), max(twin, index)
+    return None
 
 
 def case_hint(root: Path, missing: Sequence[str]) -> str:
