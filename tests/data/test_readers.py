@@ -546,6 +546,32 @@ def test_one_image_listed_on_two_rows_through_a_symbolic_link_is_refused(tmp_pat
         assert len(by_key(read_folder(fixture["root"], fixture["table"], test_fraction=0.5))) == 2
 
 
+def test_a_listed_name_kept_on_disk_in_another_unicode_normalization_is_read_as_on_disk(tmp_path):
+    """'é' typed in a table (one code point) and 'e' + a combining accent on disk (as macOS writes names and
+    its zips keep them) are the same text: the image was 'not found' under a name that looked the same."""
+    import unicodedata
+
+    nfc, nfd = (unicodedata.normalize(form, "Café/élan.jpg") for form in ("NFC", "NFD"))
+    fixture = make_folder(tmp_path, n=2)
+    root = fixture["root"]
+    (root / nfd.split("/")[0]).mkdir()
+    shutil.copy(root / "a/img_000.jpg", root / nfd)
+    shutil.copy(root / "a/img_000.jpg", root / unicodedata.normalize("NFD", "naïve.jpg"))
+    rows = ["b/img_001.jpg,0", f"{nfc},1", f"{unicodedata.normalize('NFC', 'naïve.jpg')},1"]
+    fixture["table"].write_text("file,Smiling\n" + "\n".join(rows) + "\n")
+    records = by_key(read_folder(root, fixture["table"], test_fraction=0.5))
+    assert sorted(str(r.path.relative_to(root)) for r in records.values()) == sorted(
+        ["b/img_001.jpg", nfd, unicodedata.normalize("NFD", "naïve.jpg")]
+    )
+    # both spellings on two rows: one image twice
+    fixture["table"].write_text(f"file,Smiling\n{nfd},0\n{nfc},1\n")
+    raises(["labels.csv line 3:", "of line 2", "another Unicode normalization"], read_folder, root, fixture["table"])
+    # two files whose names differ only so: each row reads its own
+    (root / nfc.split("/")[0]).mkdir()
+    shutil.copy(root / "a/img_000.jpg", root / nfc)
+    assert len(by_key(read_folder(root, fixture["table"], test_fraction=0.5))) == 2
+
+
 def test_folder_split_column(tmp_path):
     fixture = make_folder(tmp_path, n=7, split_column=True)
     table = read_folder(fixture["root"], fixture["table"], split_column="split")

@@ -12,6 +12,8 @@ holds train / val / test; every other column is a 0/1 (or -1/1) attribute. Witho
 a seeded random `test_fraction` of the rows is test and the rest train, each split in table order.
 Only the table is parsed and each folder listed once. Two rows naming one file (through a symbolic
 link) are refused, as one name listed twice is; hard links are not told (a stat per image).
+A name not found as written but found in the other Unicode normalization ('é' as one code point,
+or as 'e' + a combining accent, as macOS writes names) is read as it is on disk.
 Columns are separated by commas, or by semicolons or tabs where the header holds no comma outside
 its quoted names (what spreadsheets in many locales save as "CSV"), or where only they give the first
 row as many columns as the header ('file;Smiling, open' with the row 'a.jpg;1').
@@ -36,6 +38,7 @@ from toolkit.data.sources import (
     random_split,
     safe_key,
     same_files,
+    unicode_twins,
 )
 from toolkit.errors import UserError, cut
 from toolkit.paths import shown
@@ -174,6 +177,20 @@ def _check_images(root: Path, table: Path, files: list[str], lines: list[int]) -
     per folder, no stat per image (a realpath for each name reached through a symbolic link)."""
     links: dict[str, set[str]] = {}
     indices = missing_files(root, files, links)
+    spelled = unicode_twins(root, [files[i] for i in indices]) if indices else []
+    if any(spelled):  # a name typed in one Unicode normalization, kept on disk in the other: read as on disk
+        listed = dict(zip(files, lines))
+        for index, on_disk in zip(indices, spelled):
+            if on_disk is not None:
+                if on_disk in listed:
+                    raise UserError(
+                        f"{table} line {lines[index]}: {cut(files[index])} is the file {cut(on_disk)} of line "
+                        f"{listed[on_disk]} (its name in another Unicode normalization); expected each image on one row"
+                    )
+                listed[on_disk] = lines[index]
+                files[index] = on_disk
+        links = {}
+        indices = missing_files(root, files, links)
     if indices:
         missing = [f"{cut(files[i])} (line {lines[i]})" for i in indices]
         raise UserError(

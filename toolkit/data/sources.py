@@ -11,6 +11,7 @@ import errno
 import os
 import posixpath
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -204,6 +205,38 @@ def same_files(root: Path, relative_paths: Sequence[str], links: dict[str, set[s
             if twin is not None and twin != index:
                 return min(twin, index), max(twin, index)
     return None
+
+
+def unicode_twins(root: Path, relative_paths: Sequence[str]) -> list[str | None]:
+    """For listed files not found under `root`: each one's spelling on disk where that differs only in
+    Unicode normalization (a name typed as 'é' and kept on disk as 'e' + a combining accent, as macOS
+    writes names and its zips keep them: the same text, which no one can see), else None. Folder by
+    folder down the path, one listing each; only for the names not found."""
+    listings: dict[str, dict[str, list[str]]] = {}
+
+    def twin(folder: str, name: str) -> str | None:
+        if folder not in listings:
+            listings[folder] = {}
+            try:
+                with os.scandir(root / folder) as entries:
+                    for entry in entries:
+                        listings[folder].setdefault(unicodedata.normalize("NFC", entry.name), []).append(entry.name)
+            except (OSError, ValueError):
+                pass
+        found = listings[folder].get(unicodedata.normalize("NFC", name), [])
+        return name if name in found else (found[0] if len(found) == 1 else None)
+
+    spelled: list[str | None] = []
+    for relpath in relative_paths:
+        folder = ""
+        for part in relpath.split("/"):
+            on_disk = twin(folder, part)
+            if on_disk is None:
+                folder = None
+                break
+            folder = posixpath.join(folder, on_disk)
+        spelled.append(folder if folder is not None and folder != relpath else None)
+    return spelled
 
 
 def case_hint(root: Path, missing: Sequence[str]) -> str:
