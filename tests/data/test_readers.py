@@ -826,6 +826,30 @@ def test_folder_absolute_paths_inside_the_root_read_as_relative_ones(tmp_path):
     raises([f"line 4: {fixture['files'][0]} already listed on line 2"], read_folder, root, fixture["table"])
 
 
+@pytest.mark.parametrize("linked", ["root", "table"])
+def test_folder_absolute_paths_inside_the_root_through_a_link_read_as_relative_ones(tmp_path, linked):
+    """--root given through a link (/home/me/photos -> /gpfs/me/photos) and the table written with real
+    paths (Path.resolve()), or the reverse: each path was refused as 'not a path inside the image
+    folder' although it named a file inside it."""
+    fixture = make_folder(tmp_path, n=4)
+    real = fixture["root"]
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home/photos").symlink_to(real)
+    given, written = (tmp_path / "home/photos", real) if linked == "root" else (real, tmp_path / "home/photos")
+    rows = fixture["table"].read_text().splitlines()
+    rows[1:] = [f"{written}/{row}" for row in rows[1:]]
+    fixture["table"].write_text("\n".join(rows) + "\n")
+    records = by_key(read_folder(given, fixture["table"], test_fraction=0.25))
+    assert sorted(records) == sorted(safe_key(file) for file in fixture["files"])
+    # a path outside the root stays refused, a link to it or not; and one written both ways is one image
+    (tmp_path / "home/elsewhere").symlink_to(tmp_path)
+    for outside in (f"{tmp_path}/labels.csv", f"{tmp_path}/home/elsewhere/labels.csv", "/nul\x00.jpg"):
+        replace_line(fixture["table"], 4, f"{outside},1,0")
+        raises(["labels.csv line 4", "is not a path inside the image folder"], read_folder, given, fixture["table"])
+    replace_line(fixture["table"], 4, f"{given}/{fixture['files'][0]},1,0")
+    raises([f"line 4: {fixture['files'][0]} already listed on line 2"], read_folder, given, fixture["table"])
+
+
 # ----------------------------------------------------------------------------------------------- class folders
 
 

@@ -115,12 +115,13 @@ def _read_table(
     lines: list[int] = []
     splits: list[str] = []
     seen: dict[str, int] = {}
+    inside = _Inside(root)
     values = bytearray()  # one byte per value, row after row: a single matrix at the end
     absent: dict[str, int] = {}  # "0" or "-1" -> the first line using it for an absent attribute
     for number, row in rows:
         if len(row) != len(header):
             raise UserError(f"{table} line {number}: {len(row)} column(s), the header has {len(header)}")
-        name = _normalize(row[file_column], table, number, root)
+        name = _normalize(row[file_column], table, number, inside)
         if name in seen:
             raise UserError(f"{table} line {number}: {cut(name)} already listed on line {seen[name]}")
         seen[name] = number
@@ -158,18 +159,44 @@ def _read_table(
     return names, files, lines, matrix, (splits if split_index is not None else None)
 
 
-def _normalize(cell: str, table: Path, number: int, root: Path) -> str:
+def _normalize(cell: str, table: Path, number: int, inside: _Inside) -> str:
     """A file name relative to ROOT, with '/' separators (a table written on Windows may use '\\'); an
     absolute path inside ROOT (a table made with `find "$PWD"/...`) is made relative to it."""
     text = cell.strip()
     if not text:
         raise UserError(f"{table} line {number}: empty file name")
-    if os.path.isabs(text):
-        text = os.path.relpath(text, root)  # by the names alone: '../..' for a path outside ROOT
-    name = inside_path(text)
+    name = inside.relative(text) if os.path.isabs(text) else inside_path(text)
     if name is None:
         raise UserError(f"{table} line {number}: {cut(cell.strip())!r} is not a path inside the image folder")
     return name
+
+
+class _Inside:
+    """Absolute paths of a table made relative to ROOT: by the names alone, or, where a symbolic link
+    hides that one is inside (ROOT given as /home/me/photos, a link to /gpfs/me/photos, and the table
+    written with Path.resolve(); or the reverse), by the real paths: ROOT's, and each folder's of such
+    a path (one realpath per folder, only for paths the names alone put outside)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.real_root: str | None = None
+        self.real_folders: dict[str, str] = {}
+
+    def relative(self, text: str) -> str | None:
+        name = inside_path(os.path.relpath(text, self.root))  # by the names alone: '../..' for one outside ROOT
+        if name is not None:
+            return name
+        if self.real_root is None:
+            self.real_root = os.path.realpath(self.root)
+        folder, base = os.path.split(os.path.normpath(text))
+        real_folder = self.real_folders.get(folder)
+        if real_folder is None:
+            try:
+                real_folder = os.path.realpath(folder)
+            except (OSError, ValueError):  # ValueError: a NUL byte in the name
+                real_folder = folder
+            self.real_folders[folder] = real_folder
+        return inside_path(os.path.relpath(os.path.join(real_folder, base), self.real_root))
 
 
 def _check_images(root: Path, table: Path, files: list[str], lines: list[int]) -> None:
