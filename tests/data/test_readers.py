@@ -655,6 +655,21 @@ def test_folder_table_separated_by_semicolons_with_a_comma_in_a_header_name(tmp_
     assert [r.attributes.tolist() for r in by_key(table).values()] == [[1, 0], [1, 0]]
 
 
+@pytest.mark.parametrize("separator", [";", ",", "\t", "|"])
+def test_folder_table_beginning_with_excels_sep_line_reads_it_as_the_separator(tmp_path, separator):
+    """'sep=;' on the first line (written for Excel, which reads it as the separator) was read as the
+    header: refused as 'column 2 has no name' or as having no file column."""
+    fixture = make_folder(tmp_path, n=2)
+    rows = [separator.join([file, "1", "0"]) for file in fixture["files"]]
+    header = separator.join(["file", '"Smiling, open"', "Hat"])
+    fixture["table"].write_text("\n".join([f"sep={separator}", header, *rows]) + "\n")
+    table = read_folder(fixture["root"], fixture["table"], test_fraction=0.5)
+    assert table.attributes == ["Smiling, open", "Hat"]
+    assert [r.attributes.tolist() for r in by_key(table).values()] == [[1, 0], [1, 0]]
+    fixture["table"].write_text(f"sep={separator}\n" + "\n".join(rows) + "\n")  # line numbers stay the file's
+    raises(["labels.csv line 2: expected a file column"], read_folder, fixture["root"], fixture["table"])
+
+
 def test_folder_table_with_a_comma_and_semicolons_in_its_header_names_stays_comma_separated(tmp_path):
     # names holding ';' in a comma table: the comma is the separator, as the rows agree
     fixture = make_folder(tmp_path, n=2)

@@ -85,6 +85,7 @@ def text_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
 
 
 _SEPARATORS = (",", ";", "\t")
+_DECLARED = re.compile(r"sep=([,;\t|])", re.IGNORECASE)  # 'sep=;': Excel reads it as the separator, not a row
 _QUOTED = re.compile(r'"[^"]*(?:"|$)')  # a quoted cell ('""' inside one reads as two of them: the same)
 
 
@@ -103,6 +104,9 @@ def _delimiter(stream) -> str:
     stream.seek(0)
     if not lines:
         return ","
+    declared = _DECLARED.fullmatch(lines[0].strip(" \r\n"))
+    if declared:  # Excel's own line naming the separator, before the header
+        return declared[1]
     outside = _QUOTED.sub("", lines[0])
     chosen = next((other for other in _SEPARATORS[1:] if "," not in outside and other in outside), ",")
     if len(lines) == 1:
@@ -121,13 +125,20 @@ def _delimiter(stream) -> str:
 
 def csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
     """(line number, fields) of every non-blank row of a CSV file (commas, or `_delimiter`'s semicolons
-    or tabs), each field stripped of surrounding spaces; a BOM and CRLF are fine."""
+    or tabs, or what a first line 'sep=;' names, as Excel reads it), each field stripped of surrounding
+    spaces; a BOM and CRLF are fine."""
     try:
         with open(path, encoding="utf-8-sig", newline="") as stream:
-            reader = csv.reader(stream, delimiter=_delimiter(stream))
+            delimiter = _delimiter(stream)
+            reader = csv.reader(stream, delimiter=delimiter)
+            declared = None  # the 'sep=' line, if the file begins with one: not the header
             for fields in reader:
                 fields = [field.strip() for field in fields]
                 if any(fields):
+                    if declared is None:
+                        declared = _DECLARED.fullmatch(delimiter.join(fields)) is not None
+                        if declared:
+                            continue
                     yield reader.line_num, fields
     except UnicodeDecodeError as error:
         raise UserError(f"{path}: expected a UTF-8 CSV file ({error.reason})") from None
