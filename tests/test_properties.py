@@ -700,14 +700,33 @@ def oracle_folder(root: Path, blob: bytes, split_column: str | None):
     the split read_folder drew, checked separately."""
     text = decoded(blob)
     require(text is not None)
-    # the docstring's separator rule: ',' unless the header line has none and holds ';' or a tab
-    first = next((line for line in io.StringIO(text, newline="") if line.strip()), "")
-    separator = next((other for other in ";\t" if "," not in first and other in first), ",")
+    # the docstring's separator rule: a first line 'sep=X' names it (and is no row); else ',' unless the
+    # header holds no comma outside its quoted names and holds ';' or a tab; and where that separator
+    # gives the first row another column count than the header, the other that gives both one count (>= 2)
+    lines = [line for line in io.StringIO(text, newline="") if line.strip()][:2]
+    declared = re.fullmatch(r"sep=([,;\t|])", lines[0].strip(" \r\n"), re.IGNORECASE) if lines else None
+    if declared:
+        separator = declared[1]
+    else:
+        outside = re.sub(r'"[^"]*(?:"|$)', "", lines[0] if lines else "")
+        separator = next((other for other in ";\t" if "," not in outside and other in outside), ",")
+
+        def fits(other: str) -> bool:
+            try:
+                counts = [len(next(csv.reader([line.rstrip("\r\n")], delimiter=other), [])) for line in lines]
+            except csv.Error:  # a field beyond csv's size limit: the reader says so
+                raise Invalid from None
+            return counts[0] >= 2 and counts[0] == counts[1]
+
+        if len(lines) == 2 and not fits(separator):
+            separator = next((o for o in ",;\t" if o != separator and o in lines[0] and fits(o)), separator)
     try:
         rows = list(csv.reader(io.StringIO(text, newline=""), delimiter=separator))
     except csv.Error:
         raise Invalid from None
     rows = [row for row in rows if any(cell.strip() for cell in row)]  # blank rows, before the header too
+    if declared:
+        rows = rows[1:]
     header = [cell.strip() for cell in (rows[0] if rows else [])]
     require(any(header) and "" not in header and unique(header))
     lowered = [cell.lower() for cell in header]
