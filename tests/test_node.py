@@ -192,6 +192,8 @@ def test_node_same_seed_same_png_other_seed_other_png(exported, tmp_path):
         (["--seed", "-1"], "--seed must be an integer >= 0"),
         (["--noise", "rows.json"], "--noise rows.json: expected a JSON array of rows of 16 finite numbers"),
         (["--out", "x.jpg"], "--out must name a .png file"),
+        # which one was meant cannot be told (the last one won, exit 0); cvae-tk sample --attr refuses it too
+        (["digit_3=1", "digit_3=0"], "digit_3 is set twice, to 1 and to 0: give it once"),
     ],
 )
 def test_node_user_mistakes_are_one_line(exported, tmp_path, args, message):
@@ -200,6 +202,77 @@ def test_node_user_mistakes_are_one_line(exported, tmp_path, args, message):
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_node_more_images_than_memory_holds_are_refused_before_any_work(exported, tmp_path):
+    """-n beyond what memory holds: the whole batch went to ONNX Runtime at once (at -n 2000000 it
+    failed to allocate a 131 GB buffer, exit 1; at -n 200000000 the kernel's OOM killer ended node).
+    Refused in one line before the noise is drawn (4 GiB is the most a Node.js buffer holds here)."""
+    result = run_node(exported, "digit_3=1", "-n", 2_000_000, "--seed", 0, "--out", "big.png", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert (
+        result.stderr.strip().startswith("sample.mjs: -n 2000000: ") and "ask for fewer images (-n)" in result.stderr
+    )
+    assert len(result.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
+
+
+def test_node_runs_more_images_than_one_batch_in_batches_as_the_sampler(exported, tmp_path):
+    """ONNX Runtime runs 256 images at a time (toolkit.sampler's default batch_size), so its buffers
+    stay bounded; the images of 300 rows of noise are still the Sampler's."""
+    noise = np.random.default_rng(4).standard_normal((300, LATENT_DIM), dtype=np.float32)
+    result = run_node(
+        exported,
+        "digit_6=1",
+        "--noise",
+        write_noise(tmp_path / "noise.json", noise),
+        "--raw",
+        "out.f32",
+        "--out",
+        "sixes.png",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "float32 [300,3,32,32]" in result.stdout
+    expected = Sampler(exported, device="cpu").run(condition("digit_6", 300), noise)
+    floats = np.fromfile(tmp_path / "out.f32", np.float32).reshape(expected.shape)
+    assert np.abs(floats - expected).max() <= 1e-5
+    pixels = np.asarray(Image.open(tmp_path / "sixes.png")).astype(int)
+    assert np.abs(pixels - image_grid(to_uint8(expected), columns=8).astype(int)).max() <= 1
+
+
+def test_node_outputs_that_are_inputs_or_links_or_in_no_folder(exported, tmp_path):
+    """--raw onto the export replaced the model with the output tensor; --out and --raw of one file
+    left only the PNG; an output name that is a link was replaced by a plain file (cvae-tk writes
+    through links, toolkit/atomic.py); a missing folder or a file as the folder failed after the
+    sampling, the latter with exit 1 and Node's `ENOTDIR: ... lstat` of the temporary file. Each is one
+    line before any work, nothing written; a link to a file is written through and kept."""
+    model = tmp_path / "digits.onnx"
+    shutil.copy(exported, model)
+    (tmp_path / "alias.onnx").symlink_to(model)
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    original = model.read_bytes()
+    mistakes = [
+        (["--raw", "digits.onnx"], "cannot write --raw digits.onnx: it is digits.onnx, the export this command reads"),
+        (["--raw", "alias.onnx"], "cannot write --raw alias.onnx: it is digits.onnx, the export this command reads"),
+        (["--raw", "./x.png", "--out", "x.png"], "--out x.png and --raw ./x.png are one file"),
+        (["--out", "nowhere/x.png"], "cannot write --out nowhere/x.png: the folder nowhere does not exist"),
+        (["--out", "afile/x.png"], "cannot write --out afile/x.png: afile is a file, not a folder"),
+        (["--out", "dangling.png"], "cannot write --out dangling.png: it is a link to"),
+    ]
+    for args, message in mistakes:
+        before = sorted(path.name for path in tmp_path.iterdir())
+        result = run_node("digits.onnx", "digit_3=1", "--seed", 0, *args, cwd=tmp_path)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert sorted(path.name for path in tmp_path.iterdir()) == before, args
+        assert model.read_bytes() == original and (tmp_path / "afile").read_text() == "mine"
+
+    (tmp_path / "target.png").write_bytes(b"old")
+    (tmp_path / "link.png").symlink_to(tmp_path / "target.png")
+    result = run_node("digits.onnx", "digit_3=1", "--seed", 0, "--out", "link.png", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "link.png").is_symlink() and (tmp_path / "target.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_node_refuses_a_file_that_is_not_a_sampler(trained_run, tmp_path):

@@ -15,7 +15,9 @@
 // does not expose an ONNX file's metadata_props, but they are a top-level field of the file's protobuf,
 // which a 30-line reader finds (readMetadata below), so any export works alone, with no sidecar file.
 
+import { constants as bufferConstants } from 'node:buffer';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import zlib from 'node:zlib';
 
@@ -159,26 +161,29 @@ function roundHalfEven(x) {
   return r - x === 0.5 && r % 2 !== 0 ? r - 1 : r;
 }
 
-// The model's output as uint8 [n, H, W, 3], exactly as toolkit.sampler makes it from a float export:
-// round(clip(x, 0, 1) * 255) in float32 (Math.fround of the product is the float32 product).
-function toPixels(tensor, spec, n) {
+// The model's output for `rows` images as uint8 [rows, H, W, 3], written into `pixels` from image
+// `first` on, exactly as toolkit.sampler makes it from a float export: round(clip(x, 0, 1) * 255) in
+// float32 (Math.fround of the product is the float32 product).
+function toPixels(tensor, spec, rows, pixels, first) {
   const { height, width } = spec;
-  const expected = spec.output === 'uint8_nhwc' ? [n, height, width, 3] : [n, 3, height, width];
+  const expected = spec.output === 'uint8_nhwc' ? [rows, height, width, 3] : [rows, 3, height, width];
   if (tensor.dims.join() !== expected.join()) {
     throw new Error(`the model returned images of shape [${tensor.dims}], its metadata says [${expected}]`);
   }
-  if (spec.output === 'uint8_nhwc') return Uint8Array.from(tensor.data);
-  const pixels = new Uint8Array(n * height * width * 3);
   const plane = height * width;
-  for (let image = 0; image < n; image++) {
+  if (spec.output === 'uint8_nhwc') {
+    pixels.set(tensor.data, first * plane * 3);
+    return;
+  }
+  for (let image = 0; image < rows; image++) {
+    const to = (first + image) * plane;
     for (let c = 0; c < 3; c++) {
       for (let p = 0; p < plane; p++) {
         const x = Math.min(Math.max(tensor.data[(image * 3 + c) * plane + p], 0), 1);
-        pixels[(image * plane + p) * 3 + c] = roundHalfEven(Math.fround(x * 255));
+        pixels[(to + p) * 3 + c] = roundHalfEven(Math.fround(x * 255));
       }
     }
   }
-  return pixels;
 }
 
 // As toolkit.sampler.image_grid: `columns` per row, 2 white pixels around and between the images.
@@ -240,14 +245,132 @@ function encodePng({ data, width, height }) {
 }
 
 // Written beside the target, then renamed: a failed run never leaves half a file under its name.
-function writeAtomic(file, bytes) {
+// `file` is the output's target (outputTarget): a link's, not the link itself.
+function writeAtomic(file, bytes, name = file) {
   const temporary = path.join(path.dirname(file), `.${path.basename(file)}.${process.pid}.tmp`);
   try {
     fs.writeFileSync(temporary, bytes);
     fs.renameSync(temporary, file);
   } catch (error) {
-    fs.rmSync(temporary, { force: true });
-    throw new UsageError(`cannot write ${file}: ${error.code ?? error.message}`);
+    try {
+      fs.rmSync(temporary, { force: true });
+    } catch {
+      // nothing was created there
+    }
+    throw new UsageError(`cannot write ${name}: ${error.code ?? error.message}`);
+  }
+}
+
+// The file an output name will replace, checked before any work, as cvae-tk checks its outputs
+// (toolkit/atomic.py): a name that is a link is written through it, as the shell's `>` does (the
+// target replaced, the link kept; renaming onto the link would replace the link itself); a link to
+// nothing and a folder are refused.
+function outputTarget(file, flag) {
+  const folder = path.dirname(path.resolve(file));
+  let folderStat;
+  try {
+    folderStat = fs.statSync(folder);
+  } catch (error) {
+    const why = error.code === 'ENOENT' ? `the folder ${path.dirname(file)} does not exist` : error.code;
+    throw new UsageError(`cannot write ${flag} ${file}: ${why}`);
+  }
+  if (!folderStat.isDirectory()) throw new UsageError(`cannot write ${flag} ${file}: ${path.dirname(file)} is a file, not a folder`);
+  let stat;
+  try {
+    stat = fs.lstatSync(file);
+  } catch (error) {
+    if (error.code === 'ENOENT') return path.resolve(file);  // a new file
+    throw new UsageError(`cannot write ${flag} ${file}: ${error.code}`);
+  }
+  let target = path.resolve(file);
+  if (stat.isSymbolicLink()) {
+    try {
+      target = fs.realpathSync(file);
+    } catch {
+      throw new UsageError(`cannot write ${flag} ${file}: it is a link to ${fs.readlinkSync(file)}, which does not exist; create it or remove the link`);
+    }
+  }
+  if (fs.statSync(target).isDirectory()) throw new UsageError(`cannot write ${flag} ${file}: it is a folder, expected a file name`);
+  return target;
+}
+
+// Whether two names are one file: the same inode (through links and hard links), or, for names
+// that do not exist yet, the same path once their folders' links are resolved.
+function sameFile(a, b) {
+  const statOf = (file) => {
+    try {
+      return fs.statSync(file);
+    } catch {
+      return null;
+    }
+  };
+  const [sa, sb] = [statOf(a), statOf(b)];
+  if (sa && sb) return sa.dev === sb.dev && sa.ino === sb.ino;
+  if (sa || sb) return false;
+  const canonical = (file) => {
+    try {
+      return path.join(fs.realpathSync(path.dirname(path.resolve(file))), path.basename(file));
+    } catch {
+      return path.resolve(file);
+    }
+  };
+  return canonical(a) === canonical(b);
+}
+
+// ---- memory ------------------------------------------------------------------------------------
+
+const BATCH = 256;  // images per session.run, as toolkit.sampler's default batch_size: ONNX Runtime's buffers stay bounded
+
+// What this process may still allocate: the machine's available memory, or a container's room
+// (cgroup v2 or v1) when that is less (as toolkit/memory.py).
+function availableBytes() {
+  let available = os.freemem();  // MemAvailable on Linux
+  for (const [limitFile, usageFile] of [
+    ['/sys/fs/cgroup/memory.max', '/sys/fs/cgroup/memory.current'],
+    ['/sys/fs/cgroup/memory/memory.limit_in_bytes', '/sys/fs/cgroup/memory/memory.usage_in_bytes'],
+  ]) {
+    try {
+      const limit = fs.readFileSync(limitFile, 'utf8').trim();
+      const usage = Number(fs.readFileSync(usageFile, 'utf8').trim());
+      if (/^\d+$/.test(limit) && Number(limit) < 2 ** 60) available = Math.min(available, Math.max(Number(limit) - usage, 0));
+      break;
+    } catch {
+      // no such cgroup file: the next kind, or the machine's figure
+    }
+  }
+  return available;
+}
+
+const gib = (bytes) => (bytes >= 2 ** 30 / 10 ? `${(bytes / 2 ** 30).toFixed(1)} GiB` : `${(bytes / 2 ** 20).toFixed(1)} MiB`);
+
+// n images, their grid and its PNG are held at once (and the output tensor with --raw): refused
+// before anything is allocated when they would not fit (the kernel's OOM killer ended the process
+// at -n 200000000; at 2000000 ONNX Runtime failed to allocate a 131 GB buffer), or when one of them
+// is more than a Node.js buffer holds.
+function checkMemory(spec, n, columns, raw, source) {
+  const { height, width, latentDim, attributes } = spec;
+  const values = height * width * 3;
+  const gridWidth = columns * (width + 2) + 2;
+  const gridHeight = Math.ceil(n / columns) * (height + 2) + 2;
+  const buffers = {
+    'the pixels': n * values,
+    'the grid': gridWidth * gridHeight * 3,
+    "the grid's PNG data": (gridWidth * 3 + 1) * gridHeight,
+    'the output tensor (--raw)': raw ? n * values * (spec.output === 'uint8_nhwc' ? 1 : 4) : 0,
+  };
+  const what = `${n} image(s) of ${width}x${height}`;
+  for (const [name, bytes] of Object.entries(buffers)) {
+    if (bytes > bufferConstants.MAX_LENGTH) {
+      throw new UsageError(`${source.flag}: ${name} of ${what} would be ${gib(bytes)}, more than a Node.js buffer holds (${gib(bufferConstants.MAX_LENGTH)}): ${source.advice}`);
+    }
+  }
+  const needed = Object.values(buffers).reduce((a, b) => a + b)
+    + buffers["the grid's PNG data"]  // its compressed copy
+    + n * 4 * (latentDim + attributes.length)  // the noise and the attribute rows
+    + Math.min(n, BATCH) * values * 5;  // one batch in flight
+  const available = availableBytes();
+  if (needed > available) {
+    throw new UsageError(`${source.flag}: ${what} need ${gib(needed)} of memory, but only ${gib(available)} is available: ${source.advice}`);
   }
 }
 
@@ -285,7 +408,12 @@ function parseArgs(argv) {
     else {
       const match = /^(.+)=([01])$/.exec(arg);
       if (!match) throw new UsageError(`expected an attribute as NAME=0 or NAME=1, got ${arg}`);
-      args.conditions.push([match[1], Number(match[2])]);
+      const [name, value] = [match[1], Number(match[2])];
+      const earlier = args.conditions.find(([given]) => given === name);
+      if (earlier && earlier[1] !== value) {  // which one was meant cannot be told (cvae-tk sample --attr refuses it too)
+        throw new UsageError(`${name} is set twice, to ${earlier[1]} and to ${value}: give it once`);
+      }
+      if (!earlier) args.conditions.push([name, value]);
     }
   }
   return args;
@@ -302,6 +430,23 @@ async function main(argv) {
   }
   if (args.model === undefined) throw new UsageError(`name the export to sample\n${HELP}`);
   if (!args.out.toLowerCase().endsWith('.png')) throw new UsageError(`--out must name a .png file, got ${args.out}`);
+  // The outputs, before any work: a link is written through; an output that is an input (the
+  // export, the --noise file: --raw export/digits.onnx replaced the model with the tensor) or
+  // the other output is refused.
+  const outputs = [['--out', args.out]];
+  if (args.raw !== undefined) outputs.push(['--raw', args.raw]);
+  const inputs = [['the export', args.model], ['--noise', args.noise]].filter(([, file]) => file !== undefined);
+  for (const [flag, file] of outputs) {
+    for (const [what, input] of inputs) {
+      if (sameFile(file, input)) {
+        throw new UsageError(`cannot write ${flag} ${file}: it is ${input}, ${what} this command reads; write it to another file`);
+      }
+    }
+  }
+  if (args.raw !== undefined && sameFile(args.out, args.raw)) {
+    throw new UsageError(`--out ${args.out} and --raw ${args.raw} are one file: give them different names`);
+  }
+  const targets = Object.fromEntries(outputs.map(([flag, file]) => [flag, outputTarget(file, flag)]));
   let bytes;
   try {
     bytes = fs.readFileSync(args.model);
@@ -332,6 +477,13 @@ async function main(argv) {
     if (args.n !== undefined && args.n !== n) throw new UsageError(`-n ${args.n} but --noise ${args.noise} has ${n} rows`);
   } else {
     n = args.n ?? 8;
+  }
+  const columns = Math.min(args.columns ?? 8, n);
+  const source = args.noise !== undefined
+    ? { flag: `--noise ${args.noise}`, advice: 'give fewer rows of noise' }
+    : { flag: `-n ${n}`, advice: 'ask for fewer images (-n)' };
+  checkMemory(spec, n, columns, args.raw !== undefined, source);  // before the noise is drawn
+  if (noise === undefined) {
     seed = args.seed ?? Math.floor(Math.random() * 2 ** 32);
     noise = normalNoise(n * spec.latentDim, seed);
   }
@@ -343,29 +495,35 @@ async function main(argv) {
   }
 
   const ort = await importOrt();
-  const rows = new Float32Array(n * attributes.length);  // the same condition for every image
-  for (let i = 0; i < n; i++) rows.set(attributes, i * attributes.length);
-  const feed = {
-    attributes: new ort.Tensor('float32', rows, [n, attributes.length]),
-    noise: new ort.Tensor('float32', noise, [n, spec.latentDim]),
-  };
-  if (spec.temperatureInput) feed.temperature = new ort.Tensor('float32', Float32Array.of(temperature), [1]);
-
   const session = await ort.InferenceSession.create(bytes, { executionProviders: ['cpu'] });
-  const { images } = await session.run(feed);
-  const pixels = toPixels(images, spec, n);
-  const columns = Math.min(args.columns ?? 8, n);
+  const pixels = new Uint8Array(n * spec.height * spec.width * 3);
+  const values = spec.height * spec.width * 3;
+  const raw = args.raw === undefined ? null : spec.output === 'uint8_nhwc' ? new Uint8Array(n * values) : new Float32Array(n * values);
+  let type;
+  let dims;
+  for (let first = 0; first < n; first += BATCH) {  // batch by batch, as toolkit.sampler runs it
+    const rows = Math.min(BATCH, n - first);
+    const conditions = new Float32Array(rows * attributes.length);  // the same condition for every image
+    for (let i = 0; i < rows; i++) conditions.set(attributes, i * attributes.length);
+    const feed = {
+      attributes: new ort.Tensor('float32', conditions, [rows, attributes.length]),
+      noise: new ort.Tensor('float32', noise.subarray(first * spec.latentDim, (first + rows) * spec.latentDim), [rows, spec.latentDim]),
+    };
+    if (spec.temperatureInput) feed.temperature = new ort.Tensor('float32', Float32Array.of(temperature), [1]);
+    const { images } = await session.run(feed);
+    toPixels(images, spec, rows, pixels, first);
+    if (raw !== null) raw.set(images.data, first * values);
+    type = images.type;
+    dims = [n, ...images.dims.slice(1)];
+  }
   const picture = grid(pixels, n, spec.height, spec.width, columns);
 
-  if (args.raw !== undefined) {
-    const data = images.data;
-    writeAtomic(args.raw, Buffer.from(data.buffer, data.byteOffset, data.byteLength));
-  }
-  writeAtomic(args.out, encodePng(picture));
+  if (raw !== null) writeAtomic(targets['--raw'], Buffer.from(raw.buffer, raw.byteOffset, raw.byteLength), args.raw);
+  writeAtomic(targets['--out'], encodePng(picture), args.out);
   const how = seed === null ? `noise from ${args.noise}` : `seed ${seed}`;
   console.log(`wrote ${args.out}: ${n} image(s) of ${spec.width}x${spec.height} in ${Math.ceil(n / columns)} row(s) x ${columns} `
     + `(${picture.width}x${picture.height} pixels; ${how}, temperature ${temperature})`);
-  if (args.raw !== undefined) console.log(`wrote ${args.raw}: the output tensor, ${images.type} [${images.dims}]`);
+  if (args.raw !== undefined) console.log(`wrote ${args.raw}: the output tensor, ${type} [${dims}]`);
 }
 
 main(process.argv.slice(2)).catch((error) => {
