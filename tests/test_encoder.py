@@ -400,6 +400,56 @@ def test_the_encoder_is_found_beside_the_decoder_or_given(pair, tmp_path, digits
         Sampler(pair.encoder, device="cpu")
 
 
+def test_an_int8_file_finds_the_encoder_of_the_fp32_export_it_was_quantized_from(pair, tmp_path, digits):
+    """`cvae-tk export --int8 --encoder --out x.onnx` writes x.onnx, x-encoder.onnx and x-int8.onnx:
+    the int8 file (the CPU serving file) found no encoder (it looked for x-int8-encoder.onnx), so
+    Sampler.edit failed and `cvae-tk web` built a page without photo editing. It takes the fp32
+    file's, of the same weights; one of other weights is still refused."""
+    import shutil
+
+    from toolkit.sampler import Sampler
+    from toolkit.web.build import model_manifest
+
+    int8 = edited_copy(pair[0], tmp_path / "x-int8.onnx", {"precision": "int8"})
+    shutil.copy(pair.encoder, tmp_path / "x-encoder.onnx")
+    sampler = Sampler(int8, device="cpu")
+    assert sampler.encoder_path == tmp_path / "x-encoder.onnx"
+    expected = Sampler(pair[0], device="cpu").encode(digits[0][0], digits[1][0])
+    assert np.array_equal(sampler.encode(digits[0][0], digits[1][0]), expected)
+    assert model_manifest(int8)["encoder"]["file"] == "x-encoder.onnx"
+    edited_copy(pair.encoder, tmp_path / "x-encoder.onnx", {"weights_sha256": "0" * 64})
+    with pytest.raises(UserError, match="not the encoder of .*different weights"):
+        Sampler(int8, device="cpu").encode(digits[0][0], digits[1][0])
+    # an fp32 file is never paired with another file's encoder
+    fp32 = tmp_path / "y.onnx"
+    shutil.copy(pair[0], fp32)
+    edited_copy(pair[0], tmp_path / "y-int8.onnx", {"precision": "int8"})
+    shutil.copy(pair.encoder, tmp_path / "y-int8-encoder.onnx")
+    with pytest.raises(UserError, match=r"\(y-encoder.onnx\), which is not there"):
+        Sampler(fp32, device="cpu").encode(digits[0][0], digits[1][0])
+
+
+@pytest.mark.parametrize(
+    "name, changes, command",
+    [
+        ("d.onnx", {}, "--out {folder}/d.onnx --encoder`"),
+        ("d-fp16.onnx", {"precision": "fp16"}, "--out {folder}/d-fp16.onnx --fp16 --encoder`"),
+        ("d-int8.onnx", {"precision": "int8"}, "--out {folder}/d.onnx --int8 --encoder`"),
+        ("mine.onnx", {"precision": "int8"}, "--int8 --encoder` (its fp32 export's encoder: pass encoder=PATH)"),
+    ],
+)
+def test_the_advice_for_a_missing_encoder_exports_the_same_variant(pair, tmp_path, digits, name, changes, command):
+    """'export it with `cvae-tk export --onnx RUN --out d-fp16.onnx --encoder`': followed, that replaced
+    the fp16 (uint8, temperature, int8) file with a plain fp32 one. The command now has the file's
+    variant flags, and for an int8 file names the fp32 export it is quantized from."""
+    from toolkit.sampler import Sampler
+
+    path = edited_copy(pair[0], tmp_path / name, changes)
+    with pytest.raises(UserError) as caught:
+        Sampler(path, device="cpu").encode(digits[0][0], digits[1][0])
+    assert command.format(folder=tmp_path) in str(caught.value), str(caught.value)
+
+
 def test_an_encoder_of_other_weights_is_refused(pair, tmp_path):
     from toolkit.sampler import Sampler
 

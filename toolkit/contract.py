@@ -367,6 +367,45 @@ def encoder_beside(decoder) -> Path:
     return decoder.with_name(f"{decoder.stem}-encoder{decoder.suffix}")
 
 
+INT8_SUFFIX = "-int8"  # `cvae-tk export --int8` writes OUT-int8.onnx beside the fp32 OUT.onnx (toolkit.quantize)
+
+
+def _int8_source(decoder, contract: Contract) -> Path | None:
+    """The fp32 export OUT.onnx an int8 file OUT-int8.onnx was quantized from (by its name), else None."""
+    decoder = Path(decoder)
+    if contract.precision != "int8" or not decoder.stem.endswith(INT8_SUFFIX) or decoder.stem == INT8_SUFFIX:
+        return None
+    return decoder.with_name(decoder.stem[: -len(INT8_SUFFIX)] + decoder.suffix)
+
+
+def find_encoder(decoder, contract: Contract) -> Path:
+    """Where the Sampler and `cvae-tk web` find a decoder's encoder: OUT-encoder.onnx beside it; for
+    an int8 file OUT-int8.onnx, which has no encoder of its own (`cvae-tk export --int8 --encoder`
+    writes OUT.onnx, OUT-encoder.onnx and OUT-int8.onnx), also the fp32 export's OUT-encoder.onnx
+    (check_pair still requires the same weights). The first that exists, else OUT-encoder.onnx."""
+    names = [encoder_beside(decoder)]
+    source = _int8_source(decoder, contract)
+    if source is not None:
+        names.append(encoder_beside(source))
+    return next((name for name in names if name.is_file()), names[0])
+
+
+def export_command(decoder, contract: Contract) -> str:
+    """The `cvae-tk export` command that writes `decoder` again, as it is (its variant flags), with its
+    encoder: advice that names only `--out decoder --encoder` would replace an fp16, uint8,
+    temperature or int8 file with a plain fp32 one."""
+    source = _int8_source(decoder, contract)
+    if contract.precision == "int8" and source is None:  # renamed: which fp32 file it came from is not known
+        return "`cvae-tk export --onnx RUN --int8 --encoder` (its fp32 export's encoder: pass encoder=PATH)"
+    flags = [
+        *(["--fp16"] if contract.precision == "fp16" else []),
+        *(["--uint8"] if contract.uint8 else []),
+        *(["--temperature-input"] if contract.temperature_input else []),
+        *(["--int8"] if source is not None else []),
+    ]
+    return f"`cvae-tk export --onnx RUN --out {source or decoder} {' '.join([*flags, '--encoder'])}`"
+
+
 def check_pair(decoder_path, decoder: Contract, encoder_path, encoder: EncoderContract) -> None:
     """Refuse an encoder that is not this decoder's: other attributes, latent_dim, image_size or
     prior, or other weights (weights_sha256, when both record it)."""
@@ -383,5 +422,5 @@ def check_pair(decoder_path, decoder: Contract, encoder_path, encoder: EncoderCo
         raise UserError(
             f"{encoder_path} is not the encoder of {decoder_path}: they were exported from different weights "
             f"(weights_sha256 {encoder.weights_sha256[:12]}... vs {weights[:12]}...); export both again with "
-            f"`cvae-tk export --onnx RUN --out {decoder_path} --encoder`"
+            f"{export_command(decoder_path, decoder)}"
         )

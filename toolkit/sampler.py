@@ -70,7 +70,8 @@ from toolkit.contract import (  # noqa: F401 (FORMAT, MAX_SIDE, MAX_WIDTH, Tenso
     Tensor,
     check_model_file,
     check_pair,
-    encoder_beside,
+    export_command,
+    find_encoder,
     read_contract,
     read_encoder_contract,
 )
@@ -155,7 +156,7 @@ class Sampler:
             check_model_file(self.encoder_path, "encoder")
             self._encoder()
         else:
-            self.encoder_path = encoder_beside(path)
+            self.encoder_path = find_encoder(path, self.contract)
 
     # -- lifetime: close, `with`, pickling ---------------------------------------------------------
 
@@ -442,7 +443,7 @@ class Sampler:
             if not path.is_file():
                 raise UserError(
                     f"editing needs the encoder beside {self.path} ({path.name}), which is not there: export it with "
-                    f"`cvae-tk export --onnx RUN --out {self.path} --encoder`, or pass encoder=PATH"
+                    f"{export_command(self.path, self.contract)}, or pass encoder=PATH"
                 )
             device = "cuda" if self._device == "cuda" else "cpu"
             session = open_session(path, device, session_plan(path, device))

@@ -31,7 +31,7 @@ from urllib.parse import unquote, urlsplit
 
 import toolkit
 from toolkit.atomic import atomic_path, check_output, write_text
-from toolkit.contract import Contract, EncoderContract, check_model_file, check_pair, encoder_beside
+from toolkit.contract import Contract, EncoderContract, check_model_file, check_pair, find_encoder
 from toolkit.errors import UserError
 from toolkit.inspection import load_checked
 from toolkit.ownership import FolderLock, claim_folder
@@ -112,7 +112,7 @@ def model_manifest(export: Path, ort_version: str | None = None) -> dict:
     decoder, decoder_contract = read_model(export)
     if isinstance(decoder_contract, EncoderContract):
         raise UserError(f"{export} is an encoder: give the decoder (the sampler OUT.onnx beside it)")
-    encoder_file = encoder_beside(export)
+    encoder_file = find_encoder(export, decoder_contract)
     encoder = None
     if encoder_file.is_file():  # as the Sampler checks it: the same names, sizes, prior and weights
         encoder, encoder_contract = read_model(encoder_file)
@@ -160,7 +160,7 @@ def build_page(export: str | Path, out: str | Path, ort_dist: str | Path | None 
         )
     dist = find_ort_dist(ort_dist)
     manifest = model_manifest(export, _ort_version(dist))
-    models = [export] + ([encoder_beside(export)] if manifest["encoder"] else [])
+    models = [export] + ([export.with_name(manifest["encoder"]["file"])] if manifest["encoder"] else [])
     names = [*PAGE_FILES, MANIFEST, *(f"ort/{name}" for name in ORT_FILES), *(model.name for model in models)]
     claim_folder(out, names, OWNER, earlier=_earlier_page)  # never the user's own site's index.html
     # two builds at once would pair one's model.json with the other's models, or remove them
