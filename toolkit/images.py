@@ -147,6 +147,8 @@ def _eight_bit(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
 def _split_alpha(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
     """(colour in its own space: L, RGB, CMYK, ...; alpha, or None without transparency)."""
     alpha = None
+    if image.mode == "La":  # premultiplied grey: Pillow converts it to LA (un-premultiplied) only
+        image = image.convert("LA")
     if image.mode in _ALPHA_MODES or "transparency" in image.info:
         rgba = image.convert("RGBA")  # applies tRNS and palette alpha; un-premultiplies RGBa
         alpha = rgba.getchannel("A")

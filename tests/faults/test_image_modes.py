@@ -525,3 +525,22 @@ def test_original_size_shards_show_rotated_and_transparent_files_as_a_viewer_doe
         clear = np.asarray(Image.open(io.BytesIO(tar.extractfile("clear.png").read())).convert("RGB"))
     assert_looks_like(turned, np.rot90(tall, -1))
     assert np.array_equal(clear, np.full_like(tall, 255))
+
+
+def test_every_mode_pillow_holds_in_memory_is_shown(tmp_path):
+    # The Sampler takes PIL images a program made, in modes no file gives: premultiplied grey (La) has
+    # no direct convert to L or RGB in Pillow (it was refused), and must read as its un-premultiplied LA
+    from toolkit.images import as_viewed
+
+    grey = np.full((8, 8), 100, np.uint8)
+    alpha = np.full((8, 8), 128, np.uint8)
+    alpha[0], alpha[1] = 255, 0
+    straight = Image.fromarray(np.dstack([grey, alpha]), "LA")
+    shown = np.asarray(as_viewed(straight.convert("La")))
+    assert np.array_equal(shown, np.asarray(as_viewed(straight)))
+    assert shown[0, 0].tolist() == [100] * 3 and shown[1, 0].tolist() == [255] * 3  # opaque; clear: white
+    modes = ["1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "F"]
+    modes += ["I;16", "I;16L", "I;16B", "I;16N"]
+    for mode in modes:
+        image = as_viewed(Image.new(mode, (5, 3)))
+        assert (image.mode, image.size) == ("RGB", (5, 3)), mode
