@@ -258,3 +258,29 @@ def test_a_recipe_yaml_a_run_saved_keeps_the_recipes_name(tmp_path):
     (tmp_path / "mine.yaml").write_text("max_steps: 3\n")  # a recipe that does not name itself: its file's name
     config = load_config([f"recipe={tmp_path / 'mine.yaml'}"])
     assert (config.recipe, config.run_dir) == ("mine", "runs/mine")
+
+
+@pytest.mark.parametrize(
+    "resume",
+    [
+        "latest",
+        "{run}/checkpoints/checkpoint-3",
+        "{run}/../run/checkpoints/./checkpoint-3/",  # the same checkpoint however it is spelt
+    ],
+)
+def test_overwrite_and_a_resume_of_the_same_run_are_refused_as_a_contradiction(tmp_path, resume):
+    """overwrite=true replaces the run that run_dir holds, resume= continues it: which was meant cannot
+    be told (it continued a run with a checkpoint and replaced one without, silently either way)."""
+    run = tmp_path / "run"
+    with pytest.raises(UserError) as caught:
+        load_config(["recipe=digits", f"run_dir={run}", "overwrite=true", f"resume={resume.format(run=run)}"])
+    assert "overwrite=true and resume=" in str(caught.value) and "contradict" in str(caught.value)
+    assert str(run) in str(caught.value)
+
+
+def test_overwrite_with_a_checkpoint_of_another_folder_forks_into_run_dir(tmp_path):
+    """A checkpoint of another folder starts a new run from it: replacing run_dir's run is consistent."""
+    other = tmp_path / "other" / "checkpoints" / "checkpoint-3"
+    config = load_config(["recipe=digits", f"run_dir={tmp_path / 'run'}", "overwrite=true", f"resume={other}"])
+    assert config.overwrite and config.resume == str(other)
+    assert load_config(["recipe=digits", "resume=latest", "overwrite=false"]).resume == "latest"

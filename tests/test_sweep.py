@@ -213,6 +213,8 @@ def test_betas_parse_as_a_yaml_list():
         ("beta=0.5", "set by the sweep"),
         ("run_dir=x", "--out"),
         ("max_steps=-1", "max_steps"),
+        # every run it trains gets resume=latest, which overwrite=true contradicts: each child refused it
+        ("overwrite=true", "overwrite=true .on the command line. does not apply to a sweep"),
     ],
 )
 def test_bad_overrides_fail_before_any_run_folder_exists(arg, words, digits_shards, tmp_path, monkeypatch):

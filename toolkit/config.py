@@ -356,6 +356,27 @@ def validate(config: TrainConfig) -> None:
     check(config.model.width > 0, "model.width", "a positive integer")
     check(config.model.levels > 0, "model.levels", "a positive integer")
     check(config.model.embed_dim > 0, "model.embed_dim", "a positive integer")
+    if config.overwrite and continues_run_dir(config.resume, config.run_dir):
+        # which was meant cannot be told: a job script passing both replaced a run without a
+        # checkpoint and continued one with a checkpoint, silently either way
+        raise UserError(
+            f"overwrite=true and resume={config.resume} contradict each other: overwrite=true replaces the run in "
+            f"run_dir={config.run_dir} (its checkpoints too), resume={config.resume} continues it; give one of them"
+        )
+
+
+def continues_run_dir(resume: str, run_dir: str | Path) -> bool:
+    """Whether resume= continues the run that run_dir holds: latest, or a checkpoint inside run_dir
+    (`run_dir/checkpoints/checkpoint-<step>`, however the path is spelt). A checkpoint of another
+    folder starts a new run from it (a fork)."""
+    if resume == "latest":
+        return True
+    if not resume:
+        return False
+    try:
+        return Path(resume).resolve().parent.parent == Path(run_dir).resolve()
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a loop of links: not a checkpoint of run_dir
+        return False
 
 
 def _leaves(config, prefix: str = ""):

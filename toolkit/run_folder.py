@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from toolkit.config import TrainConfig
+from toolkit.config import TrainConfig, continues_run_dir
 from toolkit.data.stream import is_url, read_manifest
 from toolkit.errors import UserError, one_line
 from toolkit.formats import CHECKPOINTS, LOCK, RECIPE, RUN_FILES, RUN_ID  # noqa: F401 (CHECKPOINTS, RUN_FILES: re-exported)
@@ -73,7 +73,7 @@ def run_identity(run_dir: Path, resume_from: Path | None) -> str:
     """The identity (formats.RUN_ID) of the run training into `run_dir`: that of the checkpoint of
     this folder it continues, else a new one (a new run, one overwrite=true replaced, one resumed
     from another folder's checkpoint: two folders, two runs; a checkpoint from before identities)."""
-    if resume_from is not None and resume_from.resolve().parent.parent == run_dir.resolve():
+    if resume_from is not None and continues_run_dir(str(resume_from), run_dir):
         found = read_trainer_state(resume_from).get(RUN_ID)
         if isinstance(found, str) and re.fullmatch(r"[0-9a-f]{32}", found):
             return found
@@ -213,7 +213,7 @@ def claim_run_dir(config: TrainConfig, run_dir: Path, resume_from: Path | None) 
         return
     entries = [p for p in run_dir.iterdir() if p.name != LOCK]
     ours, foreign = [p for p in entries if _own_file(p.name)], [p for p in entries if not _own_file(p.name)]
-    if resume_from is not None and resume_from.resolve().parent.parent == run_dir.resolve():
+    if resume_from is not None and continues_run_dir(str(resume_from), run_dir):
         return  # continuing this folder's run: _check_resume has compared the model and shards
     if foreign:
         raise UserError(

@@ -293,7 +293,16 @@ def plan(args: list[str], out: str | Path | None = None) -> tuple[list[Run], Pat
     decide each run's action, before anything is written. Returns (runs, out, overrides)."""
     betas, rest = split_arguments(list(args))
     recipe, overrides = parse_overrides(rest)  # rejects arguments that are not key=value
-    recipe_stem = load_config(rest).recipe  # no recipe, unknown keys, bad values: stop here
+    base = load_config(rest)  # no recipe, unknown keys, bad values: stop here
+    recipe_stem = base.recipe
+    if base.overwrite:  # each run it trains gets resume=latest, which overwrite=true contradicts
+        where = (
+            "on the command line" if any(a.partition("=")[0].strip() == "overwrite" for a in rest) else "in the recipe"
+        )
+        raise UserError(
+            f"overwrite=true ({where}) does not apply to a sweep: it reuses finished runs of the same settings and "
+            "resumes the others; to train a run again, delete its OUT/beta-<b> folder, or sweep into another --out"
+        )
     out = Path(out) if out else Path("runs") / f"sweep-{recipe_stem}"
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
