@@ -573,3 +573,30 @@ def test_a_training_process_does_not_outlive_the_sweep_that_started_it(tmp_path,
     except psutil.TimeoutExpired:
         training.kill()
         pytest.fail("the training process outlived the sweep")
+
+
+def test_figure5_attributes_take_a_name_that_holds_a_comma_as_that_name():
+    """Class folders and CSV headers may be named 'c,d': a value that is an attribute's name is that
+    attribute (it was split into 'c' and 'd', so the class could not be chosen); any other value is a
+    comma-separated list, and the option may be repeated, one name each."""
+    names = ["a", "c,d", "e f", "c"]
+    assert sweep.figure5_names(["c,d"], names, "s") == ["c,d"]
+    assert sweep.figure5_names(["a,e f", "c"], names, "s") == ["a", "e f", "c"]
+    assert sweep.figure5_names(["a", "c,d", "a"], names, "s") == ["a", "c,d"]  # each once, in the order given
+    assert sweep.figure5_names(None, names, "s") is None and sweep.figure5_names([], names, "s") is None
+    for values, words in ((["a,x"], "'x'"), (["d"], "'d'"), ([","], "names no attribute")):
+        with pytest.raises(UserError, match=words):
+            sweep.figure5_names(values, names, "s")
+
+
+def test_the_cli_hands_each_figure5_attributes_value_to_the_sweep_as_given(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from toolkit.cli import app
+
+    seen = {}
+    monkeypatch.setattr(sweep, "run_sweep", lambda args, **options: seen.update(options))
+    command = ["sweep", "recipe=digits", "--figure5-attributes", "c,d", "--figure5-attributes", "a,b"]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.output
+    assert seen["figure5_attributes"] == ["c,d", "a,b"]  # resolved against the data's names by figure5_names

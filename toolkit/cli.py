@@ -828,10 +828,11 @@ def sweep_command(
     figure5_beta: Optional[float] = typer.Option(
         None, "--figure5-beta", help="The model of Figure 5 (default: the highest beta)."
     ),
-    figure5_attributes: Optional[str] = typer.Option(
-        None,
+    figure5_attributes: List[str] = typer.Option(
+        [],
         "--figure5-attributes",
-        help="Comma-separated attributes Figure 5 changes (default: all if <= 16, else the 16 closest to 50% frequent).",
+        help="Attributes Figure 5 changes: A,B,C, or repeated once per name; a value that is one attribute's name "
+        "(a class named 'c,d') is that attribute (default: all if <= 16, else the 16 closest to 50% frequent).",
     ),
 ) -> None:
     """The paper's study: cvae-tk sweep recipe=NAME betas=[0.25,0.5,0.75,0.9] [key=value ...].
@@ -843,7 +844,6 @@ def sweep_command(
     """
     from toolkit.sweep import run_sweep
 
-    names = [name.strip() for name in figure5_attributes.split(",") if name.strip()] if figure5_attributes else None
     run_sweep(
         _key_values(ctx),
         out=out,
@@ -851,7 +851,7 @@ def sweep_command(
         launcher=launcher,
         device=device,
         figure5_beta=figure5_beta,
-        figure5_attributes=names,
+        figure5_attributes=figure5_attributes or None,
         log=typer.echo,
     )
 

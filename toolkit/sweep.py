@@ -49,7 +49,7 @@ from toolkit.config import TrainConfig, load_config, parse_overrides
 from toolkit.data.stream import is_url, read_manifest
 from toolkit.devices import resolve_device
 from toolkit.entry import when_stdout_closes
-from toolkit.errors import UserError, one_line, printable
+from toolkit.errors import UserError, cut, one_line, printable
 from toolkit.evaluate import CONTROL_CONDITIONS, DIVERSITY_CONDITIONS, DIVERSITY_SAMPLES, evaluate_run, find_classifier
 from toolkit.formats import CLASSIFIER_WEIGHTS, CONFIG, MANIFEST, METRICS, RECIPE, WEIGHTS
 from toolkit.model import load_model, read_spec
@@ -642,10 +642,7 @@ def run_sweep(
     edit_beta = max(betas) if figure5_beta is None else float(figure5_beta)
     if edit_beta not in betas:
         raise UserError(f"--figure5-beta {edit_beta:g} is not one of the betas ({', '.join(f'{b:g}' for b in betas)})")
-    if figure5_attributes:
-        unknown = [name for name in figure5_attributes if name not in manifest["attributes"]]
-        if unknown:
-            raise UserError(f"--figure5-attributes: unknown attribute(s) {', '.join(unknown)} in {config.data.shards}")
+    figure5_attributes = figure5_names(figure5_attributes, list(manifest["attributes"]), config.data.shards)
     with FolderLock(out, "sweep", "--out", "runs, tables and figures"):
         log(
             f"sweep: {config.recipe}, betas {', '.join(f'{b:g}' for b in betas)} -> {out} "
@@ -695,6 +692,30 @@ def run_sweep(
     log(table_markdown(rows).rstrip())
     log(f"sweep: wrote {', '.join(str(out / name) for name in OUTPUTS)} in {result['seconds']:.0f} s")
     return result
+
+
+def figure5_names(values: list[str] | None, attributes: list[str], shards: str) -> list[str] | None:
+    """--figure5-attributes' values -> the attribute names Figure 5 changes (None: its default), each
+    once, in the order given. A value that is the name of an attribute is that attribute, whatever it
+    holds (class folders may be named 'c,d'); any other is a comma-separated list of names (A,B,C).
+    Anything that names no attribute is a UserError."""
+    if not values:
+        return None
+    names, unknown = [], []
+    for value in values:
+        parts = [value] if value in attributes else [part.strip() for part in value.split(",") if part.strip()]
+        if not parts:
+            raise UserError(f"--figure5-attributes {value!r} names no attribute: expected a name, or A,B,C")
+        names += [part for part in parts if part in attributes and part not in names]
+        unknown += [part for part in parts if part not in attributes]
+    if unknown:
+        shown = ", ".join(repr(cut(printable(name))) for name in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise UserError(
+            f"--figure5-attributes: unknown attribute(s) {shown} in {shards}: expected names of its attributes "
+            f"({', '.join(cut(printable(name)) for name in attributes[:8])}{', ...' if len(attributes) > 8 else ''}), "
+            "one per value or A,B,C"
+        )
+    return names
 
 
 def draw_figures(runs: list[Run], paths: dict, shards: str, device: str, edit_beta: float, edit_attributes) -> dict:
