@@ -250,7 +250,18 @@ def test_a_checkpoint_edited_by_hand_is_refused_before_any_step(checkpointed, di
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("damage", ["optimizer.bin cut short", "trainer_state.json edited"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "optimizer.bin cut short",
+        "trainer_state.json edited",
+        # copied in part: the weights' loss was said as a missing pytorch_model.bin (a name no save writes),
+        # the RNG states' was not said at all (Accelerate resumed without them: no longer exact)
+        "model.safetensors missing",
+        "random_states_0.pkl missing",
+        "custom_checkpoint_0.pkl missing",
+    ],
+)
 def test_resume_latest_of_a_damaged_checkpoint_names_the_previous_one_that_passes(
     checkpointed, digits_shards, tmp_path, damage
 ):
@@ -260,11 +271,15 @@ def test_resume_latest_of_a_damaged_checkpoint_names_the_previous_one_that_passe
     if damage.startswith("optimizer"):
         with open(newest / "optimizer.bin", "r+b") as stream:
             stream.truncate(1000)
+    elif damage.endswith("missing"):
+        (newest / damage.split()[0]).unlink()
     else:
         _edit_state(newest, lambda s: s.update(step="4"))
     with pytest.raises(UserError) as caught:
         train(quick(digits_shards, run_dir, "max_steps=6", "resume=latest"))
     assert str(newest) in str(caught.value)
+    if damage.endswith("missing"):
+        assert f"it lacks {damage.split()[0]}, which every save writes" in str(caught.value)
     assert f"the previous checkpoint {previous} passes these checks: continue from it with resume={previous}" in str(
         caught.value
     )

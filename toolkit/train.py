@@ -43,6 +43,7 @@ from itertools import islice
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils.constants import OPTIMIZER_NAME, RNG_STATE_NAME, SAFE_WEIGHTS_NAME
 from torchvision.utils import make_grid
 from torchvision.utils import save_image as _save_png
 from tqdm.auto import tqdm
@@ -357,6 +358,14 @@ def _check_resume(
             raise UserError(
                 f"cannot resume from {path}: its model has {key}={saved[key]!r}, the recipe and shards give {now!r}"
             )
+    missing = _missing_files(path, state)
+    if (
+        missing
+    ):  # Accelerate named another file (pytorch_model.bin) for the weights, and skipped the RNG states silently
+        raise UserError(
+            f"cannot resume from {path}: it lacks {', '.join(missing)}, which every save writes (a checkpoint copied "
+            "or synced in part?); restore the checkpoint whole, or resume another one"
+        )
     _check_checkpoint_weights(path, spec)
     verify_checkpoint(path)  # accelerate unpickles custom_checkpoint_*.pkl: only files that load as plain data
     found = fingerprint_difference(state.get("shards", {}), shards or {})  # older checkpoints record none
@@ -377,6 +386,22 @@ def _check_resume(
             "differs from the run that wrote the checkpoint, so it will not match an uninterrupted run",
             file=sys.stderr,
         )
+
+
+def _missing_files(path: Path, state: dict) -> list[str]:
+    """The files that save_checkpoint's save_state writes into every checkpoint (the weights, the
+    optimizer, the LR schedule, the RNG states of each process of the run that saved it) and that
+    `path` lacks. Without the RNG states Accelerate resumes anyway, so the run silently no longer
+    continues as the interrupted one would have."""
+    processes = state.get("data_order", {}).get("processes")
+    count = processes if type(processes) is int and 1 <= processes <= 1 << 16 else 1
+    needed = [
+        SAFE_WEIGHTS_NAME,
+        f"{OPTIMIZER_NAME}.bin",
+        "custom_checkpoint_0.pkl",  # the LR scheduler (register_for_checkpointing)
+        *(f"{RNG_STATE_NAME}_{rank}.pkl" for rank in range(count)),
+    ]
+    return [name for name in needed if not (path / name).is_file()]
 
 
 def _check_checkpoint_weights(path: Path, spec: ModelSpec) -> None:
