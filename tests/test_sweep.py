@@ -600,3 +600,31 @@ def test_the_cli_hands_each_figure5_attributes_value_to_the_sweep_as_given(monke
     result = CliRunner().invoke(app, command)
     assert result.exit_code == 0, result.output
     assert seen["figure5_attributes"] == ["c,d", "a,b"]  # resolved against the data's names by figure5_names
+
+
+@pytest.mark.parametrize(
+    "held, words",
+    [
+        ({"notes.txt": "mine"}, "holds files that are not a cvae-tk run's (notes.txt)"),
+        ({"samples.png": ""}, "a run's files (samples.png) without its recipe.yaml"),
+        (None, "is a file, expected a folder"),
+    ],
+)
+def test_a_beta_folder_its_training_would_refuse_is_refused_before_any_beta_trains(
+    held, words, digits_shards, tmp_path, monkeypatch
+):
+    """The training process of beta=0.9 refused its folder only after beta=0.5 had trained (hours);
+    the plan now asks each folder what training would, without changing it."""
+    folder = tmp_path / "out" / "beta-0.9"
+    folder.parent.mkdir(parents=True)
+    folder.write_text("mine") if held is None else folder.mkdir()
+    for name, text in (held or {}).items():
+        (folder / name).write_text(text)
+    monkeypatch.setattr(sweep, "stream_process", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(UserError) as caught:
+        run_sweep(sweep_args(digits_shards), out=tmp_path / "out", log=lambda _: None)
+    assert words in str(caught.value) and "sweep into another --out" in str(caught.value)
+    assert "overwrite=true" not in str(caught.value)  # a sweep does not take it
+    if held is not None:
+        assert sorted(p.name for p in folder.iterdir()) == sorted(held)
+    assert not (tmp_path / "out" / "beta-0.5").exists()

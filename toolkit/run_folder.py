@@ -204,12 +204,19 @@ def _names(paths: list[Path], n: int = 4) -> str:
     return shown + (f" and {len(paths) - n} more" if len(paths) > n else "")
 
 
-def claim_run_dir(config: TrainConfig, run_dir: Path, resume_from: Path | None) -> None:
+def claim_run_dir(config: TrainConfig, run_dir: Path, resume_from: Path | None, remedy: str | None = None) -> None:
     """A run folder belongs to one run. Refuse to train into one that holds another run (a model,
     checkpoints, or a recipe.yaml with other settings) unless resume= continues it or overwrite=true
     replaces it (removing that run's files first, and only those); refuse a folder holding files that
-    are not a run's. The same run killed before its first checkpoint starts again (nothing of it is kept)."""
+    are not a run's. The same run killed before its first checkpoint starts again (nothing of it is kept).
+    With overwrite=false nothing is changed: a check (the sweep's, before any run trains). `remedy`:
+    what a refusal tells to do instead of the training command line's options."""
     if not run_dir.is_dir():
+        if os.path.lexists(run_dir):  # a file, or a link to nothing: training cannot make the folder there
+            raise UserError(
+                f"run_dir={run_dir} is a file, expected a folder (or a path that does not exist yet): "
+                + (remedy or "choose another run_dir")
+            )
         return
     entries = [p for p in run_dir.iterdir() if p.name != LOCK]
     ours, foreign = [p for p in entries if _own_file(p.name)], [p for p in entries if not _own_file(p.name)]
@@ -219,7 +226,7 @@ def claim_run_dir(config: TrainConfig, run_dir: Path, resume_from: Path | None) 
         raise UserError(
             f"run_dir={run_dir} holds files that are not a cvae-tk run's ({_names(foreign)}): "
             + ("overwrite=true replaces only a run's own files; " if config.overwrite else "")
-            + "move them away or choose another run_dir"
+            + (remedy or "move them away or choose another run_dir")
         )
     if not ours:
         return
@@ -255,8 +262,11 @@ def claim_run_dir(config: TrainConfig, run_dir: Path, resume_from: Path | None) 
         how = "run_dir"
     raise UserError(
         f"{how}={run_dir} already holds {' and '.join(held)}: "
-        + ("continue it with resume=latest, " if checkpoints and not config.resume else "")
-        + "replace it with overwrite=true (its checkpoints, model, samples and logs are removed), or choose another run_dir"
+        + (
+            remedy
+            or ("continue it with resume=latest, " if checkpoints and not config.resume else "")
+            + "replace it with overwrite=true (its checkpoints, model, samples and logs are removed), or choose another run_dir"
+        )
     )
 
 

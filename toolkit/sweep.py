@@ -10,7 +10,8 @@ model.safetensors exists and whose recipe.yaml equals what the sweep would train
 loader workers aside) is reused; any other is (re)started with resume=latest, so an interrupted
 sweep continues where it stopped. Refused before anything trains rather than mixed in: a run folder
 holding a run with other settings, a run trained on other shards than data.shards holds now (its
-newest checkpoint's fingerprint), and an OUT holding the runs of a sweep with other settings. OUT
+newest checkpoint's fingerprint), a run folder its training process would refuse (the user's
+files in it), and an OUT holding the runs of a sweep with other settings. OUT
 is locked (OUT/.lock) while a sweep writes it.
 
 OUT then holds table1.md / table1.csv (Table 1: MSE per image and per pixel, KL per image, plus
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -54,7 +56,7 @@ from toolkit.evaluate import CONTROL_CONDITIONS, DIVERSITY_CONDITIONS, DIVERSITY
 from toolkit.formats import CLASSIFIER_WEIGHTS, CONFIG, MANIFEST, METRICS, RECIPE, WEIGHTS
 from toolkit.model import load_model, read_spec
 from toolkit.ownership import FolderLock, claim_folder
-from toolkit.run_folder import checkpoint_step, find_checkpoint, trained_shards_difference
+from toolkit.run_folder import checkpoint_step, claim_run_dir, find_checkpoint, trained_shards_difference
 
 PAPER_BETAS = (0.25, 0.5, 0.75, 0.9)
 SHELL_CUT = (
@@ -313,6 +315,13 @@ def plan(args: list[str], out: str | Path | None = None) -> tuple[list[Run], Pat
         run_args = [f"recipe={recipe}", *overrides, f"beta={beta:g}", f"run_dir={run_dir}"]
         config = load_config(run_args)
         action, reason = decide(run_dir, config)
+        if action != "reuse":  # what its training process would refuse, refused before any beta trains
+            claim_run_dir(  # a check only: overwrite is refused above, so nothing is removed
+                dataclasses.replace(config, resume="latest", overwrite=False),
+                run_dir,
+                find_checkpoint(run_dir, "latest"),
+                remedy="move away what it holds, or sweep into another --out",
+            )
         runs.append(Run(beta, run_dir, config, run_args, action, reason))
     check_one_experiment(out, runs)
     return runs, out, overrides
