@@ -244,8 +244,11 @@ def claim_run_dir(config: TrainConfig, run_dir: Path, resume_from: Path | None, 
         held.append(f"{len(checkpoints)} checkpoint(s), the newest {checkpoints[-1].name}")
     if not held:
         differ = _differences(run_dir, config)
-        if differ is None:
-            held.append(f"a run's files ({_names(ours)}) without its recipe.yaml")
+        if differ is None:  # the line named a recipe.yaml that is there as missing
+            readable = (
+                "whose recipe.yaml cannot be read" if os.path.lexists(run_dir / RECIPE) else "without its recipe.yaml"
+            )
+            held.append(f"a run's files ({_names(ours)}) {readable}")
         elif differ:
             held.append(
                 "a run with other settings ("

@@ -105,6 +105,21 @@ def test_the_same_run_killed_before_its_first_checkpoint_starts_again(digits_sha
     assert (run_dir / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("recipe", ["max_steps: [", "- a list\n", "\xff\xfe", None])
+def test_a_run_folder_whose_recipe_yaml_cannot_be_read_is_said_so(digits_shards, tmp_path, recipe):
+    """It was said to be 'without its recipe.yaml' while naming that very file."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    if recipe is None:
+        (run_dir / "recipe.yaml").mkdir()
+    else:
+        (run_dir / "recipe.yaml").write_bytes(recipe.encode("latin-1"))
+    with pytest.raises(UserError) as caught:
+        train(config(digits_shards, run_dir))
+    assert "a run's files (recipe.yaml) whose recipe.yaml cannot be read" in str(caught.value)
+    assert "without its recipe.yaml" not in str(caught.value) and (run_dir / "recipe.yaml").exists()
+
+
 def wait_for(path, process, timeout=120):
     deadline = time.monotonic() + timeout
     while not path.exists():
