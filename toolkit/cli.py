@@ -277,9 +277,14 @@ def train(ctx: typer.Context) -> None:
     `accelerate launch toolkit/train.py recipe=...`.
     """
     from toolkit.config import load_config
+    from toolkit.train import stop_on_interrupt
     from toolkit.train import train as run_training
 
-    run_training(load_config(list(ctx.args)))
+    config = load_config(list(ctx.args))
+    try:
+        run_training(config)
+    except KeyboardInterrupt:  # one line naming the checkpoint to continue from, as toolkit/train.py says it
+        stop_on_interrupt(config)
 
 
 @app.command()

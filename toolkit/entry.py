@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import sys
 
 CWD_GONE = "the current folder no longer exists (deleted?); cd to an existing folder and run again"
@@ -80,3 +81,25 @@ def guard_output() -> None:
                 write_through=stream.write_through,
             ),
         )
+
+
+INTERRUPTED_EXIT = 130  # as a shell reports a command that Ctrl-C stopped (128 + SIGINT)
+
+
+def _interrupted_early(signum, frame) -> None:
+    if os.environ.get("RANK", "0") == "0":  # `accelerate launch`: every rank gets the Ctrl-C; one says it
+        print("error: interrupted (Ctrl-C) before the run began: nothing was written", file=sys.stderr, flush=True)
+    os._exit(INTERRUPTED_EXIT)
+
+
+def quiet_interrupt() -> None:
+    """Until usual_interrupt(): a Ctrl-C ends the process at once with one line (exit 130), not a
+    traceback from inside an import. Left alone where SIGINT is ignored (started with `&`, nohup)."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupted_early)
+
+
+def usual_interrupt() -> None:
+    """Undo quiet_interrupt(): a Ctrl-C raises KeyboardInterrupt again."""
+    if signal.getsignal(signal.SIGINT) is _interrupted_early:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -29,6 +29,9 @@ if __name__ == "__main__":
     from toolkit.entry import begin
 
     begin()  # before torch's import, which a deleted current folder kills (`accelerate launch` runs this)
+    from toolkit.entry import quiet_interrupt
+
+    quiet_interrupt()  # a Ctrl-C during the seconds of torch's import: one line, no traceback
 
 import dataclasses
 import errno
@@ -61,7 +64,7 @@ from toolkit.data.stream import (
     worker_died,
 )
 from toolkit.devices import check_accelerate_env
-from toolkit.entry import begin, when_stdout_closes
+from toolkit.entry import INTERRUPTED_EXIT, begin, usual_interrupt, when_stdout_closes
 from toolkit.errors import UserError, one_line
 from toolkit.evaluate import reconstruction_metrics
 from toolkit.figures import split_classes
@@ -992,11 +995,41 @@ class Trainer:
         return run_dir
 
 
+def interrupted(config: TrainConfig | None) -> str:
+    """What a Ctrl-C (SIGINT) left, in one line: the run folder's lock is released, the save under way
+    (if any) is not a checkpoint, the last complete one is: continue from it."""
+    if config is None:
+        return "interrupted (Ctrl-C) before the run began: nothing was written"
+    run_dir = Path(config.run_dir)
+    try:
+        last = find_checkpoint(run_dir, "latest")
+    except (OSError, UserError):
+        last = None
+    return "interrupted (Ctrl-C): stopped, not saved; " + (
+        f"the last complete checkpoint is {last}: continue with resume=latest"
+        if last
+        else f"there is no checkpoint in {run_dir / CHECKPOINTS} yet: run it again"
+    )
+
+
+def stop_on_interrupt(config: TrainConfig | None) -> None:
+    """Say `interrupted(config)` once (on the main process of several: every rank gets the Ctrl-C)
+    and exit 130, instead of a traceback per process."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {interrupted(config)}", file=sys.stderr)
+    raise SystemExit(INTERRUPTED_EXIT) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     begin()  # for callers that import this module and call main
+    usual_interrupt()  # from here on a Ctrl-C is a KeyboardInterrupt, which says what the run left
     args = sys.argv[1:] if argv is None else argv
+    config = None
     try:
-        train(load_config(args))
+        config = load_config(args)
+        train(config)
+    except KeyboardInterrupt:
+        stop_on_interrupt(config)
     except UserError as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from toolkit.train import CHECKPOINTS, TRAINER_STATE, find_checkpoint
+from toolkit.train import CHECKPOINTS, LOCK, TRAINER_STATE, find_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # one thread: the same arithmetic in every run
@@ -156,3 +156,40 @@ def test_sigkill_while_a_checkpoint_is_written_keeps_the_previous_one(digits_sha
     assert not partial.exists()  # the next save of step 10 replaced the leftover
     assert_no_pickable_broken_checkpoint(run_dir)
     assert_same_weights(reference(), run_dir)
+
+
+@pytest.mark.parametrize("entry", ["toolkit/train.py", "cvae-tk train"])
+def test_ctrl_c_is_one_line_naming_the_checkpoint_to_continue_from(digits_shards, tmp_path, entry):
+    """Ctrl-C of `python toolkit/train.py` (and so of `accelerate launch`, one per rank) was a 20-line
+    KeyboardInterrupt traceback, `cvae-tk train` said `aborted`: neither said what the run had kept.
+    Also during the seconds of torch's import, before the run began."""
+    run_dir = tmp_path / "run"
+    args = command(digits_shards, run_dir, "max_steps=100000", "checkpoint_every=2")
+    if entry == "cvae-tk train":
+        args[1:2] = ["-m", "toolkit.cli", "train"]
+
+    def terminal(arguments):  # as a terminal starts it: SIGINT not ignored (pytest may run in the background)
+        return subprocess.Popen(
+            arguments, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
+
+    process = terminal(args)
+    wait_for(lambda: find_checkpoint(run_dir, "latest") is not None, process)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in err, err[-3000:]
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    last = find_checkpoint(run_dir, "latest")
+    assert f"interrupted (Ctrl-C): stopped, not saved; the last complete checkpoint is {last}" in line
+    assert "continue with resume=latest" in line and not (run_dir / LOCK).exists()
+
+    early = terminal(command(digits_shards, tmp_path / "early"))
+    time.sleep(1.0)  # most likely inside torch's import (seconds); on a fast machine perhaps past it
+    early.send_signal(signal.SIGINT)
+    _, err = early.communicate(timeout=120)
+    assert early.returncode == 130 and "Traceback" not in err, err[-3000:]
+    said = err.strip().splitlines()[-1]
+    assert said.startswith("error: interrupted (Ctrl-C)"), err[-3000:]
+    if said.endswith("before the run began: nothing was written"):
+        assert not (tmp_path / "early").exists()
