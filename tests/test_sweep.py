@@ -522,8 +522,8 @@ def test_an_interrupted_sweep_lets_its_training_process_stop_by_itself(tmp_path)
 
     child = (
         "import os, time\n"
-        "print('ready', os.getpid(), flush=True)\n"
-        "try:\n"
+        "try:\n"  # ready only once the Ctrl-C would be caught: it came between the print and the try
+        "    print('ready', os.getpid(), flush=True)\n"
         "    time.sleep(60)\n"
         "except KeyboardInterrupt:\n"
         f"    time.sleep(0.5); open({str(tmp_path / 'released')!r}, 'w').close()\n"
