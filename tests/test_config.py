@@ -284,3 +284,18 @@ def test_overwrite_with_a_checkpoint_of_another_folder_forks_into_run_dir(tmp_pa
     config = load_config(["recipe=digits", f"run_dir={tmp_path / 'run'}", "overwrite=true", f"resume={other}"])
     assert config.overwrite and config.resume == str(other)
     assert load_config(["recipe=digits", "resume=latest", "overwrite=false"]).resume == "latest"
+
+
+@pytest.mark.parametrize("key", ["overwrite", "data.record_keys"])
+@pytest.mark.parametrize("value", ["2", "-1", "10"])
+def test_a_number_other_than_0_or_1_is_not_taken_for_true(tmp_path, key, value):
+    """OmegaConf read any integer as true: overwrite=-1 (off, in some tools' habit) replaced the run."""
+    with pytest.raises(UserError, match=f"'{key}' in the command line: expected true or false, got {value}"):
+        load_config(["recipe=digits", f"{key}={value}"])
+    section, _, name = key.rpartition(".")
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(f"{section}:\n  {name}: {value}\n" if section else f"{name}: {value}\n")
+    with pytest.raises(UserError, match=f"'{key}' in recipe {recipe}: expected true or false"):
+        load_config([f"recipe={recipe}"])
+    assert load_config(["recipe=digits", f"{key}=1"]) != load_config(["recipe=digits", f"{key}=0"])
+    assert load_config(["recipe=digits", f"{key}=yes"]) == load_config(["recipe=digits", f"{key}=true"])

@@ -188,6 +188,7 @@ def load_config(args: list[str], default_recipe: str | None = None) -> TrainConf
     schema = OmegaConf.structured(TrainConfig)
     path = find_recipe(recipe)
     from_file = _read_recipe(path, schema)
+    _refuse_numbers_as_bools(from_file, f"recipe {path}", schema)
     config = _merge(schema, from_file, f"recipe {path}", schema)
     given = {f"in recipe {path}": _all_keys(from_file)}  # the keys set explicitly, and where
     for item in dotlist:
@@ -207,6 +208,7 @@ def load_config(args: list[str], default_recipe: str | None = None) -> TrainConf
         except Exception as error:  # OmegaConf and YAML errors alike
             raise UserError(f"bad override '{item}': {one_line(error)}") from None
         # one override at a time, so an error the merge does not attribute still names its key
+        _refuse_numbers_as_bools(single, "the command line", schema)
         config = _merge(config, single, "the command line", schema, key)
         given.setdefault("on the command line", []).append(key)
     try:  # reading a value resolves its ${...} interpolation, which may fail
@@ -228,6 +230,20 @@ def load_config(args: list[str], default_recipe: str | None = None) -> TrainConf
     validate(result)
     _refuse_ignored_keys(result, given)
     return result
+
+
+def _refuse_numbers_as_bools(node: DictConfig, source: str, schema: DictConfig) -> None:
+    """OmegaConf takes any integer for a true/false key (overwrite=2, overwrite=-1: true, the run
+    replaced): only 0 and 1 mean false and true."""
+    tree = OmegaConf.to_container(node, resolve=False)
+    for key in _all_keys(schema):
+        if not isinstance(OmegaConf.select(schema, key), bool):
+            continue
+        value = tree
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value not in (0, 1):
+            raise UserError(f"bad value for config key '{key}' in {source}: expected true or false, got {value}")
 
 
 def _read_recipe(path: Path, schema: DictConfig) -> DictConfig:
