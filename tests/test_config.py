@@ -299,3 +299,22 @@ def test_a_number_other_than_0_or_1_is_not_taken_for_true(tmp_path, key, value):
         load_config([f"recipe={recipe}"])
     assert load_config(["recipe=digits", f"{key}=1"]) != load_config(["recipe=digits", f"{key}=0"])
     assert load_config(["recipe=digits", f"{key}=yes"]) == load_config(["recipe=digits", f"{key}=true"])
+
+
+@pytest.mark.parametrize(
+    "key, written, read",
+    [("max_steps", "0100", "64"), ("seed", "0123", "83"), ("max_steps", "1:30", "90"), ("lr", "1:30", "90")],
+)
+def test_a_number_yaml_would_read_otherwise_than_it_looks_is_refused(tmp_path, key, written, read):
+    """YAML 1.1 (OmegaConf's reading) takes a leading 0 as octal and colons as base 60: seed=0123 trained
+    with seed 83, max_steps=1:30 ran 90 steps, silently."""
+    with pytest.raises(UserError, match=f"'{key}' in the command line: '{written}' would be read as {read} "):
+        load_config(["recipe=digits", f"{key}={written}"])
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(f"{key}: {written}\n")
+    with pytest.raises(UserError, match=f"'{key}' in recipe {recipe}: '{written}' would be read as {read} "):
+        load_config([f"recipe={recipe}"])
+    recipe.write_text(f"run_dir: {written}\n")  # text keys take the text as written
+    assert load_config([f"recipe={recipe}"]).run_dir == written
+    config = load_config(["recipe=digits", "max_steps=100", "seed=0", "lr=010.5", "batch_size=0x10"])
+    assert (config.max_steps, config.seed, config.lr, config.batch_size) == (100, 0, 10.5, 16)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
@@ -209,6 +210,7 @@ def load_config(args: list[str], default_recipe: str | None = None) -> TrainConf
             raise UserError(f"bad override '{item}': {one_line(error)}") from None
         # one override at a time, so an error the merge does not attribute still names its key
         _refuse_numbers_as_bools(single, "the command line", schema)
+        _refuse_misread_number(key, value, "the command line", schema)
         config = _merge(config, single, "the command line", schema, key)
         given.setdefault("on the command line", []).append(key)
     try:  # reading a value resolves its ${...} interpolation, which may fail
@@ -230,6 +232,28 @@ def load_config(args: list[str], default_recipe: str | None = None) -> TrainConf
     validate(result)
     _refuse_ignored_keys(result, given)
     return result
+
+
+# numbers YAML 1.1 (OmegaConf's reading) takes otherwise than they look: 0100 is octal 64, 1:30 base 60 (90)
+MISREAD_NUMBER = re.compile(r"[-+]?(0[0-9_]+|[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?)")
+
+
+def _refuse_misread_number(key: str, written: str, source: str, schema: DictConfig) -> None:
+    """A number key written with a leading zero (seed=0123, max_steps=0100) or colons (max_steps=1:30)
+    was taken silently as YAML 1.1 reads it (83, 64, 90): refuse it, naming what it would have been."""
+    try:
+        expected = OmegaConf.select(schema, key, default=None)
+    except Exception:  # a key OmegaConf cannot parse: the merge names it
+        return
+    if isinstance(expected, bool) or not isinstance(expected, (int, float)):
+        return
+    text = written.strip()
+    if MISREAD_NUMBER.fullmatch(text):
+        why = "colons as base 60" if ":" in text else "a leading 0 as octal"
+        raise UserError(
+            f"bad value for config key '{key}' in {source}: '{text}' would be read as {yaml.safe_load(text)!r} "
+            f"(YAML takes {why}); write the number in decimal without leading zeros"
+        )
 
 
 def _refuse_numbers_as_bools(node: DictConfig, source: str, schema: DictConfig) -> None:
@@ -259,6 +283,9 @@ def _read_recipe(path: Path, schema: DictConfig) -> DictConfig:
         raise UserError(f"could not read recipe {path}: {error.strerror or error}") from None
     except Exception as error:  # YAML syntax errors come in many types; bytes that are not UTF-8
         raise UserError(f"recipe {path} is not valid YAML: {one_line(error)}") from None
+    if loaded is not None:
+        for key, written in _plain_scalars(yaml.compose(text, Loader=yaml.SafeLoader)).items():
+            _refuse_misread_number(key, written, f"recipe {path}", schema)
     if shape is None:
         raise UserError(
             f"recipe {path} is empty: expected a mapping of config keys, such as `max_steps: 1000` (see `cvae-tk recipes`)"
