@@ -703,13 +703,15 @@ def run_sweep(
     return result
 
 
-def figure5_names(values: list[str] | None, attributes: list[str], shards: str) -> list[str] | None:
+def figure5_names(values: list[str] | str | None, attributes: list[str], shards: str) -> list[str] | None:
     """--figure5-attributes' values -> the attribute names Figure 5 changes (None: its default), each
     once, in the order given. A value that is the name of an attribute is that attribute, whatever it
     holds (class folders may be named 'c,d'); any other is a comma-separated list of names (A,B,C).
     Anything that names no attribute is a UserError."""
     if not values:
         return None
+    if isinstance(values, str):  # run_sweep(figure5_attributes="Smiling,Male"): one value, not its letters
+        values = [values]
     names, unknown = [], []
     for value in values:
         parts = [value] if value in attributes else [part.strip() for part in value.split(",") if part.strip()]
