@@ -546,6 +546,36 @@ def test_one_image_listed_on_two_rows_through_a_symbolic_link_is_refused(tmp_pat
         assert len(by_key(read_folder(fixture["root"], fixture["table"], test_fraction=0.5))) == 2
 
 
+def test_images_in_a_linked_folder_cost_no_realpath_each(tmp_path, monkeypatch):
+    """img_align_celeba kept on another disk and linked into --root: every image went through a
+    realpath of its own (a stat per part of its path: 1.2 million for CelebA, minutes on NFS) to
+    look for a second name of it. The folder's real path is taken once; only names that are links
+    themselves are resolved."""
+    import toolkit.data.sources as sources
+
+    (tmp_path / "disk/img").mkdir(parents=True)
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root/img").symlink_to(tmp_path / "disk/img")
+    names = [f"img/{i:04d}.jpg" for i in range(300)]
+    for name in names:
+        (tmp_path / "root" / name).touch()
+    (tmp_path / "root/img/alias.jpg").symlink_to("0007.jpg")
+    table = tmp_path / "labels.csv"
+    table.write_text("file,Smiling\n" + "".join(f"{name},1\n" for name in names))
+    calls = []
+    realpath = os.path.realpath
+    monkeypatch.setattr(sources.os.path, "realpath", lambda *a, **k: calls.append(a) or realpath(*a, **k))
+    assert len(by_key(read_folder(tmp_path / "root", table, test_fraction=0.5))) == 300
+    assert len(calls) <= 5, len(calls)
+    table.write_text(table.read_text() + "img/alias.jpg,0\n")  # still told
+    raises(
+        ["labels.csv line 302: img/alias.jpg is the file img/0007.jpg of line 9"],
+        read_folder,
+        tmp_path / "root",
+        table,
+    )
+
+
 def test_a_listed_name_kept_on_disk_in_another_unicode_normalization_is_read_as_on_disk(tmp_path):
     """'é' typed in a table (one code point) and 'e' + a combining accent on disk (as macOS writes names and
     its zips keep them) are the same text: the image was 'not found' under a name that looked the same."""

@@ -192,30 +192,51 @@ def missing_files(root: Path, relative_paths: Sequence[str], links: dict[str, se
 def same_files(root: Path, relative_paths: Sequence[str], links: dict[str, set[str]]) -> tuple[int, int] | None:
     """The indices (first, second) of two of the distinct '/'-separated `relative_paths` (each a file under
     `root`, `links` as `missing_files` gave them) that are one file reached through symbolic links, else
-    None. Only paths through a link cost anything: one realpath per folder, and one per such path."""
+    None. One realpath per folder, and one per name that is itself a link: an image in a folder reached
+    through a link (img_align_celeba -> a folder on another disk) is that folder's real path + its name,
+    no realpath (a stat per part of the path) per image."""
     real_root = os.path.realpath(root)
-    real_folders: dict[str, str] = {}
+    folders: dict[str, tuple[str, bool, str | None]] = {}  # folder -> (real path, through a link, inside ROOT as)
     reals: dict[str, int] = {}  # real path -> index, of the paths through a link
     index_of: dict[str, int] | None = None
     for index, relpath in enumerate(relative_paths):
         folder, _, name = relpath.rpartition("/")
-        real_folder = real_folders.get(folder)
-        if real_folder is None:
-            real_folder = real_folders[folder] = os.path.realpath(root / folder)
-        if name not in links.get(folder, ()) and real_folder == os.path.join(real_root, folder).rstrip(os.sep):
+        known = folders.get(folder)
+        if known is None:
+            real_folder = os.path.realpath(root / folder)
+            known = folders[folder] = (
+                real_folder,
+                real_folder != os.path.join(real_root, folder).rstrip(os.sep),
+                _inside(real_folder, real_root),
+            )
+        real_folder, linked_folder, folder_inside = known
+        linked_name = name in links.get(folder, ())
+        if not linked_name and not linked_folder:
             continue  # no link on its way: no other path (distinct, normalized) is this file but through one
-        real = os.path.realpath(os.path.join(real_folder, name))
+        if linked_name:
+            real = os.path.realpath(os.path.join(real_folder, name))
+            inside = _inside(real, real_root)
+        else:  # the folder's real path, and a name that is no link: the file's real path
+            real = os.path.join(real_folder, name)
+            inside = None if folder_inside is None else posixpath.join(folder_inside, name)
         if real in reals:
             return reals[real], index
         reals[real] = index
-        inside = os.path.relpath(real, real_root).replace(os.sep, "/")
-        if inside != ".." and not inside.startswith("../"):
+        if inside is not None:
             if index_of is None:
                 index_of = {other: at for at, other in enumerate(relative_paths)}
             twin = index_of.get(inside)
             if twin is not None and twin != index:
                 return min(twin, index), max(twin, index)
     return None
+
+
+def _inside(real: str, real_root: str) -> str | None:
+    """A real path as '/'-separated and relative to the real ROOT ('' for ROOT itself), or None outside it."""
+    inside = os.path.relpath(real, real_root).replace(os.sep, "/")
+    if inside == ".." or inside.startswith("../"):
+        return None
+    return "" if inside == "." else inside
 
 
 def unicode_twins(root: Path, relative_paths: Sequence[str]) -> list[str | None]:
