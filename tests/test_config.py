@@ -278,6 +278,24 @@ def test_overwrite_and_a_resume_of_the_same_run_are_refused_as_a_contradiction(t
     assert str(run) in str(caught.value)
 
 
+def test_overwrite_against_a_resume_from_the_recipe_file_says_where_that_resume_is(tmp_path):
+    """A run's saved recipe.yaml records resume=latest when the run was resumed: `recipe=RUN/recipe.yaml
+    overwrite=true`, to train it again, was told to 'give one of them' where only one was typed."""
+    run = tmp_path / "run"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"recipe: digits\nrun_dir: {run}\nresume: latest\n")
+    with pytest.raises(UserError) as caught:
+        load_config([f"recipe={recipe}", "overwrite=true"])
+    assert f"(resume=latest is in recipe {recipe}: resume= on the command line clears it)" in str(caught.value)
+    assert load_config([f"recipe={recipe}", "overwrite=true", "resume="]).overwrite
+    recipe.write_text(f"recipe: digits\nrun_dir: {run}\noverwrite: true\n")
+    with pytest.raises(UserError) as caught:
+        load_config([f"recipe={recipe}", "resume=latest"])
+    assert "(overwrite=true is in recipe" in str(caught.value) and "overwrite=false on the command line" in str(
+        caught.value
+    )
+
+
 def test_overwrite_with_a_checkpoint_of_another_folder_forks_into_run_dir(tmp_path):
     """A checkpoint of another folder starts a new run from it: replacing run_dir's run is consistent."""
     other = tmp_path / "other" / "checkpoints" / "checkpoint-3"

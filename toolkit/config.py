@@ -229,7 +229,7 @@ def load_config(args: list[str], default_recipe: str | None = None) -> TrainConf
         holder = getattr(result, section) if section else result
         if getattr(holder, name).startswith("~"):
             setattr(holder, name, os.path.expanduser(getattr(holder, name)))
-    validate(result)
+    validate(result, given)
     _refuse_ignored_keys(result, given)
     return result
 
@@ -349,7 +349,9 @@ def _refuse_ignored_keys(config: TrainConfig, given: dict[str, list[str]]) -> No
                 )
 
 
-def validate(config: TrainConfig) -> None:
+def validate(config: TrainConfig, given: dict[str, list[str]] | None = None) -> None:
+    """Refuse values no training takes. `given`: where keys were set (load_config's), for the lines."""
+
     def check(ok: bool, key: str, expected: str) -> None:
         if not ok:
             raise UserError(f"bad value for config key '{key}': expected {expected}")
@@ -405,7 +407,20 @@ def validate(config: TrainConfig) -> None:
         raise UserError(
             f"overwrite=true and resume={config.resume} contradict each other: overwrite=true replaces the run in "
             f"run_dir={config.run_dir} (its checkpoints too), resume={config.resume} continues it; give one of them"
+            + _from_recipe_only(config, given or {})
         )
+
+
+def _from_recipe_only(config: TrainConfig, given: dict[str, list[str]]) -> str:
+    """Where one of overwrite / resume was set only by the recipe file (a run's saved recipe.yaml records
+    resume=latest when it was resumed: `recipe=RUN/recipe.yaml overwrite=true` to train it again), how to
+    clear it there: the user typed only the other."""
+    typed = set(given.get("on the command line", []))
+    for key, value, clear in (("resume", config.resume, "resume="), ("overwrite", "true", "overwrite=false")):
+        source = next((where for where, keys in given.items() if key in keys), None)
+        if key not in typed and source is not None:
+            return f" ({key}={value} is {source}: {clear} on the command line clears it)"
+    return ""
 
 
 def continues_run_dir(resume: str, run_dir: str | Path) -> bool:
