@@ -583,6 +583,7 @@ def test_figure5_attributes_take_a_name_that_holds_a_comma_as_that_name():
     assert sweep.figure5_names(["c,d"], names, "s") == ["c,d"]
     assert sweep.figure5_names(["a,e f", "c"], names, "s") == ["a", "e f", "c"]
     assert sweep.figure5_names(["a", "c,d", "a"], names, "s") == ["a", "c,d"]  # each once, in the order given
+    assert sweep.figure5_names(["a,c,a,c"], names, "s") == ["a", "c"]  # within one value too
     assert sweep.figure5_names(None, names, "s") is None and sweep.figure5_names([], names, "s") is None
     assert sweep.figure5_names("a,c", names, "s") == ["a", "c"]  # a text from Python: one value, not its letters
     for values, words in ((["a,x"], "'x'"), (["d"], "'d'"), ([","], "names no attribute")):

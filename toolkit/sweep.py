@@ -717,7 +717,7 @@ def figure5_names(values: list[str] | str | None, attributes: list[str], shards:
         parts = [value] if value in attributes else [part.strip() for part in value.split(",") if part.strip()]
         if not parts:
             raise UserError(f"--figure5-attributes {value!r} names no attribute: expected a name, or A,B,C")
-        names += [part for part in parts if part in attributes and part not in names]
+        names += [part for at, part in enumerate(parts) if part in attributes and part not in names + parts[:at]]
         unknown += [part for part in parts if part not in attributes]
     if unknown:
         shown = ", ".join(repr(cut(printable(name))) for name in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
