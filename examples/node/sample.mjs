@@ -324,7 +324,15 @@ const BATCH = 256;  // images per session.run, as toolkit.sampler's default batc
 // What this process may still allocate: the machine's available memory, or a container's room
 // (cgroup v2 or v1) when that is less (as toolkit/memory.py).
 function availableBytes() {
-  let available = os.freemem();  // MemAvailable on Linux
+  // MemAvailable on Linux, read directly: os.freemem() gives it only from Node 20 on (MemFree before,
+  // which a large page cache makes small)
+  let available = os.freemem();
+  try {
+    const line = fs.readFileSync('/proc/meminfo', 'utf8').match(/^MemAvailable:\s+(\d+) kB$/m);
+    if (line) available = Number(line[1]) * 1024;
+  } catch {
+    // not Linux: os.freemem() is the best guess
+  }
   for (const [limitFile, usageFile] of [
     ['/sys/fs/cgroup/memory.max', '/sys/fs/cgroup/memory.current'],
     ['/sys/fs/cgroup/memory/memory.limit_in_bytes', '/sys/fs/cgroup/memory/memory.usage_in_bytes'],
