@@ -633,6 +633,29 @@ def test_folder_bad_rows(tmp_path, line, text, expected):
     raises([expected], read_folder, fixture["root"], fixture["table"], split_column="split")
 
 
+def test_folder_split_column_naming_an_attribute_column_says_so(tmp_path):
+    """--split-column Smiling (a 0/1 column) was answered about the real split column ('column split is
+    'train', expected 0 or 1'): the split column is checked first, and said to hold an attribute's 0/1."""
+    fixture = make_folder(tmp_path, n=7, split_column=True)
+    raises(
+        [
+            "labels.csv line 2: column Smiling is '",
+            "expected one of train, val, test in the split column (it holds 0/1 values: an attribute column?)",
+            "; column split holds '",
+            "pass --split-column split",
+        ],
+        read_folder,
+        fixture["root"],
+        fixture["table"],
+        split_column="Smiling",
+    )
+    # without a column of splits: no hint naming one
+    plain = make_folder(tmp_path / "plain", n=7)
+    with pytest.raises(UserError) as caught:
+        read_folder(plain["root"], plain["table"], split_column="Eyeglasses")
+    assert "attribute column?)" in str(caught.value) and "pass --split-column" not in str(caught.value)
+
+
 def test_folder_missing_things(tmp_path):
     fixture = make_folder(tmp_path, n=7)
     raises(

@@ -125,6 +125,11 @@ def _read_table(
         if name in seen:
             raise UserError(f"{table} line {number}: {cut(name)} already listed on line {seen[name]}")
         seen[name] = number
+        if split_index is not None:  # before the attributes: a wrong split column is said as that
+            split = row[split_index]
+            if split not in SPLITS:
+                raise UserError(_not_a_split(table, number, header, row, split_index, file_column))
+            splits.append(split)
         for column in attribute_columns:
             text = row[column]
             value = _VALUE.get(text)
@@ -145,18 +150,29 @@ def _read_table(
                     f"has {other}: expected 0/1 or -1/1 in every column, not both"
                 )
             values.append(value)
-        if split_index is not None:
-            split = row[split_index]
-            if split not in SPLITS:
-                raise UserError(
-                    f"{table} line {number}: column {cut(header[split_index])} is {cut(split)!r}, "
-                    f"expected one of {', '.join(SPLITS)}"
-                )
-            splits.append(split)
         files.append(name)
         lines.append(number)
     matrix = np.frombuffer(values, dtype=np.uint8).reshape(len(files), len(names))
     return names, files, lines, matrix, (splits if split_index is not None else None)
+
+
+def _not_a_split(
+    table: Path, number: int, header: list[str], row: list[str], split_index: int, file_column: int
+) -> str:
+    """The line for a row whose split column holds no split name: that it is the split column, that its
+    0/1 is an attribute's (--split-column naming an attribute column), and which column holds split names."""
+    split = row[split_index]
+    what = "it holds 0/1 values: an attribute column?" if split in _VALUE else "the --split-column"
+    other = next((i for i, text in enumerate(row) if text in SPLITS and i not in (split_index, file_column)), None)
+    hint = (
+        ""
+        if other is None
+        else f"; column {cut(header[other])} holds {row[other]!r}: pass --split-column {cut(header[other])}"
+    )
+    return (
+        f"{table} line {number}: column {cut(header[split_index])} is {cut(split)!r}, expected one of "
+        f"{', '.join(SPLITS)} in the split column ({what}){hint}"
+    )
 
 
 def _normalize(cell: str, table: Path, number: int, inside: _Inside) -> str:
