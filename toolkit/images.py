@@ -24,7 +24,7 @@ Pillow's `Image.open(path).convert("RGB")` is not that picture for many real fil
 - **Several frames** (animated GIF, WebP, APNG, multi-page TIFF): the first frame, as a static
   view (a thumbnail, a print) shows it.
 - Every container Pillow opens (PNG, JPEG, GIF, BMP, TIFF, WebP, PPM/PGM, ICO, TGA, AVIF, ...).
-- **Unreadable files** (truncated, corrupt, not an image, a FIFO or device instead of a file, a
+- **Unreadable files** (empty, truncated, corrupt, not an image, a FIFO or device instead of a file, a
   decompression bomb beyond Pillow's limit of 2 x `Image.MAX_IMAGE_PIXELS` pixels) raise
   `ImageError` (a ValueError) with one line saying why; the header is read before any pixel.
 
@@ -91,12 +91,15 @@ def open_file(path: str | Path) -> Image.Image:
     """Image.open(path), header only (pixels are decoded later, so `draft()` can still reduce a JPEG).
     Refuses what is not a regular file (a FIFO would block forever) and decompression bombs."""
     try:
-        mode = os.stat(path).st_mode
+        info = os.stat(path)
     except OSError as error:
         raise ImageError(_reason(error)) from None
+    mode = info.st_mode
     if not stat.S_ISREG(mode):
         kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
         raise ImageError(f"not a regular file ({kind})")
+    if info.st_size == 0:  # an interrupted copy or download: Pillow would say "cannot identify the image format"
+        raise ImageError("empty file (0 bytes), expected an image file")
     try:
         with warnings.catch_warnings():
             # Between Pillow's warning (MAX_IMAGE_PIXELS) and error (twice that) lie real photos

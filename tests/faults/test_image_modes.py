@@ -434,6 +434,7 @@ def test_unreadable_files_are_one_line_naming_the_file(tmp_path):
     # A header that declares 60000 x 60000 pixels (a decompression bomb) over a few bytes of data
     (tmp_path / "bomb.png").write_bytes(png_bytes(np.zeros((1, 1), np.uint8), 8, 0, declared=(60000, 60000)))
     (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "empty.jpg").write_bytes(b"")  # an interrupted copy: was 'cannot identify the image format'
     os.mkfifo(tmp_path / "pipe.png")  # opening it to read would wait for a writer forever
     (tmp_path / "folder.png").mkdir()
     reasons = {
@@ -441,6 +442,7 @@ def test_unreadable_files_are_one_line_naming_the_file(tmp_path):
         "cut.png": "",
         "bomb.png": "decompression bomb",
         "notes.png": "cannot identify",
+        "empty.jpg": "empty file (0 bytes), expected an image file",
         "pipe.png": "not a regular file (a FIFO)",
     }
     for name, reason in reasons.items():
