@@ -994,6 +994,41 @@ def test_split_folders_must_hold_the_training_classes(tmp_path):
     raises(["both val/ and valid/ hold the val split"], read_class_folders, root)
 
 
+def test_class_folders_named_in_two_unicode_normalizations_are_one_class(tmp_path):
+    """train/Café (é one code point) and test/Café (e + a combining accent, as macOS writes names) were
+    'class folder(s) Café have no folder in train/': a class is its name as a text (NFC)."""
+    import unicodedata
+
+    nfc, nfd = (unicodedata.normalize(form, "Café") for form in ("NFC", "NFD"))
+    root = tmp_path / "data"
+    make_class_folders(root / "train", {nfc: 2, "dog": 2})
+    make_class_folders(root / "test", {nfd: 1, "dog": 1})
+    table = read_class_folders(root)
+    assert table.attributes == [nfc, "dog"]  # train/'s spelling
+    assert sorted(table.attributes[int(r.attributes.argmax())] for r in table.splits["test"]) == [nfc, "dog"]
+    assert any(r.path.parent.name == nfd for r in table.splits["test"])  # read where it is on disk
+    # both spellings in test/: one class, the images of both
+    make_class_folders(root / "test", {nfc: 1}, seed=5)
+    assert (
+        sum(table.attributes[int(r.attributes.argmax())] == nfc for r in read_class_folders(root).splits["test"]) == 2
+    )
+    # two classes of one name, in train/ or without split folders: refused, not two classes no one can tell apart
+    make_class_folders(root / "train", {nfd: 1})
+    raises([str(root / "train"), "two Unicode normalizations", "one folder per class"], read_class_folders, root)
+    # a table's columns likewise: two attributes of one name
+    photos = make_folder(tmp_path / "table", n=4)
+    photos["table"].write_text(f"file,{nfc},{nfd}\na/img_000.jpg,1,0\nb/img_001.jpg,0,1\n")
+    raises(
+        ["labels.csv line 1: column name(s) repeated (one name in two Unicode normalizations)"],
+        read_folder,
+        photos["root"],
+        photos["table"],
+    )
+    flat = tmp_path / "flat"
+    make_class_folders(flat, {nfc: 1, nfd: 1, "dog": 1})
+    raises([str(flat), f"{nfc!r}", "two Unicode normalizations"], read_class_folders, flat)
+
+
 def test_class_folder_debris_is_passed_over_and_what_is_left_out_is_said(tmp_path):
     made = make_class_folders(tmp_path / "pets", {"cat": 2, "dog": 2})
     root = made["root"]

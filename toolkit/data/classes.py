@@ -13,6 +13,7 @@ read once, however many links lead to it; one that two classes or splits reach i
 from __future__ import annotations
 
 import os
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,7 @@ def read_class_folders(root: str | Path, test_fraction: float | None = None, see
         where = root / split_folders["train"]
     else:
         classes = top
+        _refuse_twins(root, classes)
         by_class = {name: walk.images_below(name) for name in classes}
         by_split = _split_each_class(by_class, 0.1 if test_fraction is None else test_fraction, seed or 0)
         homes, where = [root], root
@@ -102,15 +104,22 @@ def _read_split_folders(
             "image's split"
         )
     classes = _folders(root / named["train"])
+    _refuse_twins(root / named["train"], classes)
+    # a class is its name as a text: test/'s 'Café' is train/'s 'Café' also where one of them spells 'é' as 'e' + a
+    # combining accent (macOS writes names so, and its zips keep them; another system's copy of the same folder may not)
+    class_of = {_text(name): name for name in classes}
     found = {split: _folders(root / folder) for split, folder in named.items()}
+    by_split: dict[str, dict[str, list[str]]] = {}
     for split, names in found.items():
-        strangers = [name for name in names if name not in classes]
+        strangers = [name for name in names if _text(name) not in class_of]
         if strangers:
             raise UserError(
                 f"{root / named[split]}: class folder(s) {first_few(strangers)} have no folder in "
                 f"{root / named['train']}; expected the training classes only (a class never trained on cannot be drawn)"
             )
-    by_split = {split: {name: walk.images_below(f"{named[split]}/{name}") for name in found[split]} for split in named}
+        by_class = by_split[split] = {}
+        for name in names:  # both spellings of one class in one split folder: its images are that class's
+            by_class.setdefault(class_of[_text(name)], []).extend(walk.images_below(f"{named[split]}/{name}"))
     if "test" not in named:  # as without split folders: a random share of each training class is test
         by_split.update(
             _split_each_class(by_split["train"], 0.1 if test_fraction is None else test_fraction, seed or 0)
@@ -145,6 +154,25 @@ def _check_classes(where: Path, classes: list[str], by_split: dict[str, dict[str
             f"{where}: class folder(s) {first_few(empty)} hold no image (no file named .jpg, .png, .webp or another "
             "extension Pillow opens); add images or remove them"
         )
+
+
+def _text(name: str) -> str:
+    """A folder name as the text it shows (NFC): 'é' one code point or 'e' + a combining accent alike."""
+    return unicodedata.normalize("NFC", name)
+
+
+def _refuse_twins(where: Path, classes: list[str]) -> None:
+    """Two class folders whose names differ only in Unicode normalization look the same everywhere (a
+    listing, --attr, a figure's labels): two classes no one could tell apart or name."""
+    seen: dict[str, str] = {}
+    for name in classes:
+        other = seen.setdefault(_text(name), name)
+        if other != name:
+            raise UserError(
+                f"{where}: the class folders {cut(other)!r} and {cut(name)!r} have one name, written in two Unicode "
+                "normalizations (an accent as one character or as a combining one); expected one folder per class: "
+                "move the images of one into the other"
+            )
 
 
 def _records(root: Path, classes: list[str], by_split: dict[str, dict[str, list[str]]]) -> dict[str, list[Record]]:

@@ -22,6 +22,7 @@ row as many columns as the header ('file;Smiling, open' with the row 'a.jpg;1').
 from __future__ import annotations
 
 import os
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -89,9 +90,11 @@ def _read_table(
         raise UserError(f"{table} line {number}: expected a header row (a file column and attribute columns)")
     if "" in header:
         raise UserError(f"{table} line {number}: column {header.index('') + 1} has no name")
-    if len(set(header)) != len(header):
-        repeated = sorted({cell for cell in header if header.count(cell) > 1})
-        raise UserError(f"{table} line {number}: column name(s) repeated: {first_few(repeated)}")
+    texts = [unicodedata.normalize("NFC", cell) for cell in header]  # 'é' as one code point or two: one name
+    if len(set(texts)) != len(texts):
+        repeated = sorted({cell for cell, text in zip(header, texts) if texts.count(text) > 1})
+        twins = " (one name in two Unicode normalizations)" if len(set(header)) == len(header) else ""
+        raise UserError(f"{table} line {number}: column name(s) repeated{twins}: {first_few(repeated)}")
     lowered = [cell.lower() for cell in header]
     file_column = next((lowered.index(name) for name in FILE_COLUMNS if name in lowered), None)
     if file_column is None:
