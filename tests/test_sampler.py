@@ -587,3 +587,19 @@ def test_a_with_block_closes_the_sampler_also_on_an_error(tiny_onnx):
         with Sampler(tiny_onnx, device="cpu") as failing:
             raise KeyError("the caller's own error passes through")
     assert failing.closed
+
+
+def test_attribute_names_match_in_either_unicode_normalization(tiny_onnx):
+    """'é' typed as 'e' + a combining accent (macOS) against an export whose name is one code point was
+    'unknown attribute': names are matched as the text they show (NFC), in every call that takes them."""
+    import unicodedata
+
+    nfc, nfd = (unicodedata.normalize(form, "é") for form in ("NFC", "NFD"))
+    with Sampler(tiny_onnx, device="cpu") as sampler:
+        assert nfc in sampler.attributes and nfd not in sampler.attributes
+        assert np.array_equal(sampler.conditions({nfd: 1}), sampler.conditions({nfc: 1}))
+        assert sampler.conditions({nfd: 1})[0, sampler.attributes.index(nfc)] == 1
+        assert np.array_equal(sampler.sample({nfd: 1}, n=2, seed=0), sampler.sample({nfc: 1}, n=2, seed=0))
+        assert sampler.conditions({nfc: 1, nfd: 1}).sum() == 1  # the same name twice, one value: fine
+        with pytest.raises(UserError, match="given as 1 and as 0 .* another Unicode normalization"):
+            sampler.conditions({nfc: 1, nfd: 0})

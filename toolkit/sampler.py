@@ -56,6 +56,8 @@ from __future__ import annotations
 import difflib
 import os
 import threading
+import unicodedata
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -106,6 +108,22 @@ def _declared(values) -> list[Tensor]:
         kind = value.type[len("tensor(") : -1] if value.type.startswith("tensor(") else value.type
         tensors.append(Tensor(value.name, names.get(kind, kind), tuple(value.shape)))
     return tensors
+
+
+def _text(name: str) -> str:
+    """An attribute name as the text it shows (NFC): 'é' typed as one code point or as 'e' + a combining
+    accent (macOS keyboards and file names) is one name; every name a caller gives is matched so."""
+    return unicodedata.normalize("NFC", name)
+
+
+def _attribute_index(names: Sequence[str]) -> dict[str, int]:
+    """NFC name -> column, for matching the names callers give (`_text`). An export holding two names of one
+    NFC text (a table read before such columns were refused) keeps each one's own spelling for both."""
+    texts = [_text(name) for name in names]
+    counts = Counter(texts)
+    index = {text: i for i, text in enumerate(texts) if counts[text] == 1}
+    index.update({name: i for i, name in enumerate(names) if counts[texts[i]] > 1})
+    return index
 
 
 class Sampler:
@@ -211,7 +229,7 @@ class Sampler:
         self.latent_dim = contract.latent_dim
         self.image_size: tuple[int, int] = contract.image_size
         self.metadata = dict(meta)
-        self._index = {name: i for i, name in enumerate(self.attributes)}
+        self._index = _attribute_index(self.attributes)
         self._temperature_input = contract.temperature_input
         self._uint8_output = contract.uint8
         self._check_batch_size()
@@ -298,14 +316,22 @@ class Sampler:
 
     def _from_mapping(self, mapping: Mapping, base: np.ndarray | None = None) -> np.ndarray:
         row = np.zeros(len(self.attributes), dtype=np.float32) if base is None else base.copy()
+        given: dict[int, tuple[str, object]] = {}  # attribute index -> (the name as given, its value)
         for name, value in mapping.items():
-            if name not in self._index:
+            index = self._index.get(name, self._index.get(_text(name))) if isinstance(name, str) else None
+            if index is None:
                 raise self._unknown(str(name))
             if isinstance(value, (bool, np.bool_)):
                 value = int(value)
             if not isinstance(value, (int, float, np.integer, np.floating)) or value not in (0, 1):
                 raise UserError(f"attribute '{name}' must be 0 or 1, got {value!r}")
-            row[self._index[name]] = value
+            earlier = given.setdefault(index, (name, value))
+            if earlier[1] != value:  # 'é' typed as one code point and as 'e' + an accent: one attribute
+                raise UserError(
+                    f"attribute '{name}' is given as {earlier[1]!r} and as {value!r} (as '{earlier[0]}', the same name "
+                    "in another Unicode normalization): expected one value"
+                )
+            row[index] = value
         return row
 
     def conditions(self, attributes, base=None) -> np.ndarray:
