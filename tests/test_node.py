@@ -295,3 +295,60 @@ def test_node_without_onnxruntime_node_says_what_to_install(exported, tmp_path):
         "sample.mjs: onnxruntime-node is not installed where this script can import it: "
         "npm install onnxruntime-node (in cvae-tk: bash scripts/setup-js.sh)"
     )
+
+
+def test_node_nan_pixels_and_noise_beyond_float32_are_refused_as_the_sampler_refuses_them(tiny_onnx, tmp_path):
+    """A graph returning NaN gave pixel 0 (black) without a word, where toolkit.sampler refuses it; noise
+    finite as a double but infinite as the float32 the model takes (1e300) was fed to it. One line each,
+    nothing written."""
+    too_big = write_noise(tmp_path / "big.json", np.full((2, 4), 3e38, np.float32))  # finite: the graph makes NaN
+    result = run_node(tiny_onnx, "--noise", too_big, "--out", "x.png", "--raw", "x.raw", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip() == (
+        f"sample.mjs: {tiny_onnx}: the graph returned NaN or infinite pixels "
+        "(broken weights, or inputs far outside the prior's range?)"
+    )
+    with (
+        Sampler(tiny_onnx, device="cpu") as sampler,
+        pytest.raises(Exception, match="returned NaN or infinite pixels"),
+    ):
+        sampler.run(np.zeros((2, 5), np.float32), np.full((2, 4), 3e38, np.float32))
+    (tmp_path / "inf.json").write_text("[[1e300, 0, 0, 0]]")
+    result = run_node(tiny_onnx, "--noise", "inf.json", "--out", "x.png", cwd=tmp_path)
+    assert result.returncode == 2 and "as float32, which ends at 3.4e38" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("x.*"))
+
+
+def test_node_attribute_names_match_in_either_unicode_normalization(tiny_onnx, tmp_path):
+    """'é=1' typed as 'e' + a combining accent against an export's 'é' of one code point was 'unknown attribute'."""
+    import unicodedata
+
+    nfc, nfd = (unicodedata.normalize(form, "é") for form in ("NFC", "NFD"))
+    for name in (nfc, nfd):
+        result = run_node(tiny_onnx, f"{name}=1", "-n", 2, "--seed", 0, "--raw", f"{len(name)}.raw", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    assert (tmp_path / "1.raw").read_bytes() == (tmp_path / "2.raw").read_bytes()
+    result = run_node(tiny_onnx, f"{nfc}=1", f"{nfd}=0", cwd=tmp_path)
+    assert result.returncode == 2 and "is set twice, to 1 and to 0" in result.stderr, result.stderr
+
+
+def test_node_writes_both_outputs_or_neither(tiny_onnx, tmp_path):
+    """--raw was written before --out: where writing --out then failed, the raw tensor stayed without its
+    PNG. Both are written beside their names first, then renamed; a failure leaves neither. And a --out
+    name of 250 bytes (legal) failed: its temporary name passed the 255 a name may have."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True, check=False).returncode != 0:
+        pytest.skip("chattr +i is not available here (a folder no write can enter, even as root)")
+    try:
+        result = run_node(tiny_onnx, "-n", 2, "--seed", 0, "--out", "locked/x.png", "--raw", "x.raw", cwd=tmp_path)
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == "sample.mjs: cannot write locked/x.png: EPERM; x.raw not written either"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["locked"] and not list(locked.iterdir())
+    long = "x" * 246 + ".png"
+    result = run_node(tiny_onnx, "-n", 2, "--seed", 0, "--out", long, "--raw", "x.raw", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["locked", long, "x.raw"])

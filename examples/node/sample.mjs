@@ -110,7 +110,7 @@ function contract(metadata, file) {
     throw new UsageError(`${file}: metadata attributes / latent_dim / image_size are not as sampler/1 says`);
   }
   if (output !== 'float32_nchw' && output !== 'uint8_nhwc') throw new UsageError(`${file}: unknown output layout ${output}`);
-  return { attributes, latentDim, height, width, temperatureInput: inputs.includes('temperature'), output };
+  return { file, attributes, latentDim, height, width, temperatureInput: inputs.includes('temperature'), output };
 }
 
 // ---- noise: a seeded PRNG and Box-Muller ------------------------------------------------------
@@ -148,8 +148,12 @@ function noiseFromFile(file, latentDim) {
     throw new UsageError(`--noise ${file}: ${error.code === 'ENOENT' ? 'no such file' : 'not valid JSON'}`);
   }
   const ok = Array.isArray(rows) && rows.length >= 1 && rows.every(
-    (row) => Array.isArray(row) && row.length === latentDim && row.every((x) => typeof x === 'number' && Number.isFinite(x)));
-  if (!ok) throw new UsageError(`--noise ${file}: expected a JSON array of rows of ${latentDim} finite numbers (the latent size)`);
+    // finite as float32, which the model takes (1e300 is infinite there), as toolkit.sampler checks its noise
+    (row) => Array.isArray(row) && row.length === latentDim && row.every((x) => typeof x === 'number' && Number.isFinite(Math.fround(x))));
+  if (!ok) {
+    throw new UsageError(`--noise ${file}: expected a JSON array of rows of ${latentDim} finite numbers (the latent size; `
+      + 'as float32, which ends at 3.4e38)');
+  }
   return { n: rows.length, noise: Float32Array.from(rows.flat()) };
 }
 
@@ -174,6 +178,24 @@ function toPixels(tensor, spec, rows, pixels, first) {
   if (spec.output === 'uint8_nhwc') {
     pixels.set(tensor.data, first * plane * 3);
     return;
+  }
+  // As toolkit.sampler checks every batch: NaN (which clipping made pixel 0, black, without a word) and
+  // values outside the metadata's value_range [0, 1] are the file's fault, refused in one line.
+  let low = Infinity;
+  let high = -Infinity;
+  for (const x of tensor.data) {
+    if (x < low) low = x;
+    if (x > high) high = x;
+    if (Number.isNaN(x)) {  // as np.min and np.max give it
+      low = NaN;
+      break;
+    }
+  }
+  if (!(Number.isFinite(low) && Number.isFinite(high))) {
+    throw new Error(`${spec.file}: the graph returned NaN or infinite pixels (broken weights, or inputs far outside the prior's range?)`);
+  }
+  if (low < -1e-3 || high > 1 + 1e-3) {
+    throw new Error(`${spec.file}: the graph's images range from ${low.toPrecision(3)} to ${high.toPrecision(3)}, but its metadata's value_range is [0, 1]`);
   }
   for (let image = 0; image < rows; image++) {
     const to = (first + image) * plane;
@@ -244,20 +266,50 @@ function encodePng({ data, width, height }) {
   ]);
 }
 
-// Written beside the target, then renamed: a failed run never leaves half a file under its name.
-// `file` is the output's target (outputTarget): a link's, not the link itself.
-function writeAtomic(file, bytes, name = file) {
-  const temporary = path.join(path.dirname(file), `.${path.basename(file)}.${process.pid}.tmp`);
-  try {
-    fs.writeFileSync(temporary, bytes);
-    fs.renameSync(temporary, file);
-  } catch (error) {
-    try {
-      fs.rmSync(temporary, { force: true });
-    } catch {
-      // nothing was created there
+// `.<name>.<pid>.tmp` beside `file`, <name> cut (by UTF-8 bytes, whole characters) where the whole would
+// pass the 255 bytes a file name may have: a final name of 250 bytes is legal (toolkit/atomic.py cuts so too).
+function temporaryBeside(file) {
+  const suffix = `.${process.pid}.tmp`;
+  let name = path.basename(file);
+  while (Buffer.byteLength(`.${name}${suffix}`) > 255) name = Array.from(name).slice(0, -1).join('');
+  return path.join(path.dirname(file), `.${name}${suffix}`);
+}
+
+// Both outputs or neither: each written beside its target, then (every write done) renamed onto it;
+// a failed write removes the temporaries and leaves the targets as they were, and a failed rename
+// removes what the earlier ones put in place, so --raw never stays without the --out PNG it came
+// with. `outputs` are [target (outputTarget's: a link's, not the link itself), bytes, name] each.
+function writeOutputs(outputs) {
+  const staged = [];
+  const renamed = [];
+  const cleanUp = (files) => {
+    for (const file of files) {
+      try {
+        fs.rmSync(file, { force: true });
+      } catch {
+        // nothing was created there
+      }
     }
-    throw new UsageError(`cannot write ${name}: ${error.code ?? error.message}`);
+  };
+  let current;
+  try {
+    for (const [target, bytes, name] of outputs) {
+      current = name;
+      const temporary = temporaryBeside(target);
+      staged.push(temporary);
+      fs.writeFileSync(temporary, bytes);
+    }
+    for (const [index, [target, , name]] of outputs.entries()) {
+      current = name;
+      fs.renameSync(staged[index], target);
+      renamed.push(target);
+    }
+  } catch (error) {
+    cleanUp(staged);
+    cleanUp(renamed);
+    const others = outputs.map(([, , name]) => name).filter((name) => name !== current);
+    const kept = others.length ? `; ${others.join(', ')} not written either` : '';
+    throw new UsageError(`cannot write ${current}: ${error.code ?? error.message}${kept}`);
   }
 }
 
@@ -417,7 +469,7 @@ function parseArgs(argv) {
       const match = /^(.+)=([01])$/.exec(arg);
       if (!match) throw new UsageError(`expected an attribute as NAME=0 or NAME=1, got ${arg}`);
       const [name, value] = [match[1], Number(match[2])];
-      const earlier = args.conditions.find(([given]) => given === name);
+      const earlier = args.conditions.find(([given]) => given.normalize('NFC') === name.normalize('NFC'));
       if (earlier && earlier[1] !== value) {  // which one was meant cannot be told (cvae-tk sample --attr refuses it too)
         throw new UsageError(`${name} is set twice, to ${earlier[1]} and to ${value}: give it once`);
       }
@@ -425,6 +477,16 @@ function parseArgs(argv) {
     }
   }
   return args;
+}
+
+// The column of an attribute name as typed: the name itself, or the one name that is the same text in
+// Unicode's NFC ('é' typed as 'e' + a combining accent, as macOS keyboards give it), as toolkit.sampler matches.
+function attributeIndex(names, name) {
+  const exact = names.indexOf(name);
+  if (exact >= 0) return exact;
+  const text = name.normalize('NFC');
+  const found = names.flatMap((other, index) => (other.normalize('NFC') === text ? [index] : []));
+  return found.length === 1 ? found[0] : -1;
 }
 
 const HELP = `usage: node sample.mjs EXPORT.onnx [NAME=0|1 ...] [-n N] [--seed S] [--temperature T]
@@ -471,7 +533,7 @@ async function main(argv) {
 
   const attributes = new Float32Array(spec.attributes.length);
   for (const [name, value] of args.conditions) {
-    const index = spec.attributes.indexOf(name);
+    const index = attributeIndex(spec.attributes, name);
     if (index < 0) throw new UsageError(`unknown attribute '${name}': valid attributes: ${spec.attributes.join(', ')}`);
     attributes[index] = value;
   }
@@ -526,8 +588,9 @@ async function main(argv) {
   }
   const picture = grid(pixels, n, spec.height, spec.width, columns);
 
-  if (raw !== null) writeAtomic(targets['--raw'], Buffer.from(raw.buffer, raw.byteOffset, raw.byteLength), args.raw);
-  writeAtomic(targets['--out'], encodePng(picture), args.out);
+  const written = [[targets['--out'], encodePng(picture), args.out]];
+  if (raw !== null) written.push([targets['--raw'], Buffer.from(raw.buffer, raw.byteOffset, raw.byteLength), args.raw]);
+  writeOutputs(written);
   const how = seed === null ? `noise from ${args.noise}` : `seed ${seed}`;
   console.log(`wrote ${args.out}: ${n} image(s) of ${spec.width}x${spec.height} in ${Math.ceil(n / columns)} row(s) x ${columns} `
     + `(${picture.width}x${picture.height} pixels; ${how}, temperature ${temperature})`);
