@@ -427,6 +427,10 @@ def test_an_int8_file_finds_the_encoder_of_the_fp32_export_it_was_quantized_from
     shutil.copy(pair.encoder, tmp_path / "y-int8-encoder.onnx")
     with pytest.raises(UserError, match=r"\(y-encoder.onnx\), which is not there"):
         Sampler(fp32, device="cpu").encode(digits[0][0], digits[1][0])
+    # an int8 file without either encoder: both names it looked for (was only z-int8-encoder.onnx)
+    edited_copy(pair[0], tmp_path / "z-int8.onnx", {"precision": "int8"})
+    with pytest.raises(UserError, match=r"\(z-int8-encoder.onnx or z-encoder.onnx\), neither of which is there"):
+        Sampler(tmp_path / "z-int8.onnx", device="cpu").encode(digits[0][0], digits[1][0])
 
 
 @pytest.mark.parametrize(

@@ -233,6 +233,23 @@ def test_bad_device_and_batch_size(exported):
         Sampler(exported, batch_size=0)
 
 
+@pytest.mark.parametrize(
+    "option, value",
+    [("io_binding", "yes"), ("io_binding", "no"), ("io_binding", 1), ("cuda_graph", "no"), ("cuda_graph", None)],
+)
+def test_switches_that_are_not_bools_are_refused(tiny_onnx, option, value):
+    """Sampler(io_binding="yes") was taken as True (and "no", truthy too, as well): a switch is a bool."""
+    with pytest.raises(UserError) as caught:
+        Sampler(tiny_onnx, device="cpu", **{option: value})
+    unset = " or None (the device chooses)" if option == "io_binding" else ""
+    assert str(caught.value) == f"{option} must be True or False{unset}, got {value!r}"
+
+
+def test_switches_take_bools_of_numpy_too(tiny_onnx):
+    with Sampler(tiny_onnx, device="cpu", io_binding=np.bool_(False), cuda_graph=np.False_) as sampler:
+        assert sampler.io_binding is False and sampler.cuda_graph is False
+
+
 def _onnxruntime_really_uses_cuda(path: Path) -> bool:
     import onnxruntime as ort
 

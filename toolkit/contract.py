@@ -383,11 +383,18 @@ def find_encoder(decoder, contract: Contract) -> Path:
     an int8 file OUT-int8.onnx, which has no encoder of its own (`cvae-tk export --int8 --encoder`
     writes OUT.onnx, OUT-encoder.onnx and OUT-int8.onnx), also the fp32 export's OUT-encoder.onnx
     (check_pair still requires the same weights). The first that exists, else OUT-encoder.onnx."""
+    names = encoder_candidates(decoder, contract)
+    return next((name for name in names if name.is_file()), names[0])
+
+
+def encoder_candidates(decoder, contract: Contract) -> list[Path]:
+    """The names find_encoder looks for, in its order: OUT-encoder.onnx, and for an int8 OUT-int8.onnx
+    also OUT-encoder.onnx of its fp32 export (an error for a missing encoder names them all)."""
     names = [encoder_beside(decoder)]
     source = _int8_source(decoder, contract)
     if source is not None:
         names.append(encoder_beside(source))
-    return next((name for name in names if name.is_file()), names[0])
+    return names
 
 
 def export_command(decoder, contract: Contract) -> str:

@@ -72,6 +72,7 @@ from toolkit.contract import (  # noqa: F401 (FORMAT, MAX_SIDE, MAX_WIDTH, Tenso
     Tensor,
     check_model_file,
     check_pair,
+    encoder_candidates,
     export_command,
     find_encoder,
     read_contract,
@@ -143,6 +144,15 @@ class Sampler:
             raise UserError(f"device must be {', '.join(DEVICES[:-1])} or {DEVICES[-1]}, got {device!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise UserError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        # a switch must be a bool: 'no' (or 'false', 0.0 from a config file) is true to Python and would turn it on
+        for option, value, unset in (
+            ("io_binding", io_binding, " or None (the device chooses)"),
+            ("cuda_graph", cuda_graph, ""),
+        ):
+            if not (isinstance(value, (bool, np.bool_)) or (unset and value is None)):
+                raise UserError(f"{option} must be True or False{unset}, got {value!r}")
+        io_binding = None if io_binding is None else bool(io_binding)
+        cuda_graph = bool(cuda_graph)
         if cuda_graph and device in ("cpu", "tensorrt"):
             raise UserError(
                 "cuda_graph=True needs device='cuda' (or 'auto' on a machine with a GPU)"
@@ -467,8 +477,13 @@ class Sampler:
                 return self._encoder_session
             path = self.encoder_path
             if not path.is_file():
+                looked = (
+                    [path] if self._arguments["encoder"] is not None else encoder_candidates(self.path, self.contract)
+                )
+                names = " or ".join(name.name for name in looked)
+                there = "which is not there" if len(looked) == 1 else "neither of which is there"
                 raise UserError(
-                    f"editing needs the encoder beside {self.path} ({path.name}), which is not there: export it with "
+                    f"editing needs the encoder beside {self.path} ({names}), {there}: export it with "
                     f"{export_command(self.path, self.contract)}, or pass encoder=PATH"
                 )
             device = "cuda" if self._device == "cuda" else "cpu"
