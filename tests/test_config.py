@@ -319,6 +319,47 @@ def test_a_number_other_than_0_or_1_is_not_taken_for_true(tmp_path, key, value):
     assert load_config(["recipe=digits", f"{key}=yes"]) == load_config(["recipe=digits", f"{key}=true"])
 
 
+@pytest.mark.parametrize("key", ["overwrite", "data.record_keys"])
+@pytest.mark.parametrize(
+    "written, shown",
+    [
+        ("${max_steps}", "which is 1000"),
+        ("${oc.decode:'2'}", "which is 2"),
+        ("${oc.env:CVAE_TK_TEST_FLAG}", "which is '-1'"),
+    ],
+)
+def test_a_number_reached_through_interpolation_is_not_taken_for_true(tmp_path, monkeypatch, key, written, shown):
+    """overwrite=${max_steps} (or an environment variable holding -1) was converted only once resolved,
+    past the check of the values as written: any integer became true and replaced the run."""
+    monkeypatch.setenv("CVAE_TK_TEST_FLAG", "-1")
+    with pytest.raises(UserError) as caught:
+        load_config(["recipe=digits", f"{key}={written}"])
+    assert f"'{key}' on the command line: expected true or false, got {written}, {shown}" in str(caught.value)
+    section, _, name = key.rpartition(".")
+    recipe = tmp_path / "mine.yaml"
+    line = f'{name}: "{written}"\n'
+    recipe.write_text("recipe: digits\n" + (f"{section}:\n  {line}" if section else line))
+    with pytest.raises(UserError, match=f"'{key}' in recipe {recipe}: expected true or false"):
+        load_config([f"recipe={recipe}"])
+    monkeypatch.setenv("CVAE_TK_TEST_FLAG", "1")
+    assert load_config(["recipe=digits", f"{key}=${{oc.env:CVAE_TK_TEST_FLAG}}"]) == load_config(
+        ["recipe=digits", f"{key}=true"]
+    )
+    assert load_config(["recipe=digits", f"{key}=${{seed}}"]) == load_config(["recipe=digits", f"{key}=false"])
+
+
+@pytest.mark.parametrize("value", ["2", "-1"])
+def test_a_quoted_number_other_than_0_or_1_is_not_taken_for_true(tmp_path, value):
+    """A quoted "2" is a text, which OmegaConf also read as an integer and took as true."""
+    with pytest.raises(UserError, match=f"'overwrite' in the command line: expected true or false, got {value}"):
+        load_config(["recipe=digits", f"overwrite='{value}'"])
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(f'overwrite: "{value}"\n')
+    with pytest.raises(UserError, match=f"'overwrite' in recipe {recipe}: expected true or false"):
+        load_config([f"recipe={recipe}"])
+    assert load_config(["recipe=digits", "overwrite='1'"]).overwrite
+
+
 @pytest.mark.parametrize(
     "key, written, read",
     [("max_steps", "0100", "64"), ("seed", "0123", "83"), ("max_steps", "1:30", "90"), ("lr", "1:30", "90")],

@@ -218,6 +218,7 @@ def load_config(args: list[str], default_recipe: str | None = None) -> TrainConf
         config.recipe = config.recipe or path.stem
         if not config.run_dir:
             config.run_dir = f"runs/{config.recipe}"
+        _refuse_interpolated_numbers_as_bools(config, given, schema)
         result: TrainConfig = OmegaConf.to_object(config)
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None) or "?"
@@ -256,18 +257,62 @@ def _refuse_misread_number(key: str, written: str, source: str, schema: DictConf
         )
 
 
+def _as_bool_number(value) -> int | None:
+    """The integer OmegaConf reads a true/false key's value as: an int, or a text int() parses
+    ('2', ' -1', as a quoted YAML value or a resolver's text gives it); None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            return None
+    return None
+
+
 def _refuse_numbers_as_bools(node: DictConfig, source: str, schema: DictConfig) -> None:
-    """OmegaConf takes any integer for a true/false key (overwrite=2, overwrite=-1: true, the run
-    replaced): only 0 and 1 mean false and true."""
+    """OmegaConf takes any integer for a true/false key (overwrite=2, overwrite=-1, overwrite: "2": true,
+    the run replaced): only 0 and 1 mean false and true."""
     tree = OmegaConf.to_container(node, resolve=False)
-    for key in _all_keys(schema):
-        if not isinstance(OmegaConf.select(schema, key), bool):
-            continue
+    for key in _bool_keys(schema):
         value = tree
         for part in key.split("."):
             value = value.get(part) if isinstance(value, dict) else None
-        if isinstance(value, int) and not isinstance(value, bool) and value not in (0, 1):
+        number = _as_bool_number(value)
+        if number is not None and number not in (0, 1):
             raise UserError(f"bad value for config key '{key}' in {source}: expected true or false, got {value}")
+
+
+def _refuse_interpolated_numbers_as_bools(config: DictConfig, given: dict[str, list[str]], schema: DictConfig) -> None:
+    """A true/false key given as ${...} (overwrite=${max_steps}, ${oc.env:VAR}, ${oc.decode:...}) is
+    converted once resolved, any integer to true, unseen by the check of the values as written: resolve
+    it on an untyped copy, which keeps the value it stands for, and apply the same rule."""
+    untyped = None
+    for key in _bool_keys(schema):
+        section, _, name = key.rpartition(".")
+        if not OmegaConf.is_interpolation(OmegaConf.select(config, section) if section else config, name):
+            continue
+        if untyped is None:
+            untyped = OmegaConf.create(OmegaConf.to_container(config, resolve=False))
+        try:
+            value = OmegaConf.select(untyped, key, throw_on_missing=True)
+        except Exception:  # one that cannot resolve (a missing key, a loop) is named when the config is read
+            continue
+        number = _as_bool_number(value)
+        if number is not None and number not in (0, 1):
+            written = OmegaConf.to_container(config, resolve=False)
+            for part in key.split("."):
+                written = written[part]
+            source = next((where for where, keys in reversed(given.items()) if key in keys), "in the recipe")
+            raise UserError(
+                f"bad value for config key '{key}' {source}: expected true or false, got {written}, which is {value!r}"
+            )
+
+
+def _bool_keys(schema: DictConfig) -> list[str]:
+    return [key for key in _all_keys(schema) if isinstance(OmegaConf.select(schema, key), bool)]
 
 
 def _read_recipe(path: Path, schema: DictConfig) -> DictConfig:
