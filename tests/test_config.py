@@ -98,9 +98,11 @@ def test_bad_model_values_name_the_key(arg, words):
         ("cub-species", "cub-species64"),
     ],
 )
-def test_every_shipped_recipe_loads(name, shards):
+def test_every_shipped_recipe_loads(monkeypatch, name, shards):
+    import toolkit.config
     from toolkit.config import available_recipes
 
+    monkeypatch.setattr(toolkit.config, "usable_cpus", lambda: 1)  # its data.num_workers, on a one-CPU machine too
     assert name in available_recipes()
     config = load_config([f"recipe={name}"])
     assert config.recipe == name and config.data.shards == f"shards/{shards}"
@@ -377,3 +379,22 @@ def test_a_number_yaml_would_read_otherwise_than_it_looks_is_refused(tmp_path, k
     assert load_config([f"recipe={recipe}"]).run_dir == written
     config = load_config(["recipe=digits", "max_steps=100", "seed=0", "lr=010.5", "batch_size=0x10"])
     assert (config.max_steps, config.seed, config.lr, config.batch_size) == (100, 0, 10.5, 16)
+
+
+@pytest.mark.parametrize("sampling", ["resampled", "epochs"])
+@pytest.mark.parametrize("cpus, most", [(1, 16), (2, 16), (8, 32)])
+def test_more_loader_workers_than_the_cpus_can_serve_are_refused(monkeypatch, sampling, cpus, most):
+    """data.sampling=resampled bounds data.num_workers by nothing (epochs by the shard count, which a
+    large dataset makes large too): num_workers=100000 started that many loader processes per rank."""
+    import toolkit.config
+
+    monkeypatch.setattr(toolkit.config, "usable_cpus", lambda: cpus)
+    args = ["recipe=digits", f"data.sampling={sampling}"]
+    assert load_config([*args, f"data.num_workers={most}"]).data.num_workers == most
+    for workers in (most + 1, 100000):
+        with pytest.raises(UserError) as caught:
+            load_config([*args, f"data.num_workers={workers}"])
+        line = str(caught.value)
+        assert "\n" not in line and "'data.num_workers'" in line
+        assert f"at most {most} loader processes per rank" in line and f"of the {cpus} this process may use" in line
+        assert f"got {workers}" in line

@@ -394,6 +394,21 @@ def _refuse_ignored_keys(config: TrainConfig, given: dict[str, list[str]]) -> No
                 )
 
 
+# data.num_workers: loader processes per rank decode on the machine's CPUs; beyond a few per CPU they only
+# compete for them, and a huge value (sampling=resampled, which no shard count bounds) started that many
+# processes. The floor keeps every shipped recipe valid on a one-CPU machine.
+WORKERS_PER_CPU = 4
+MIN_WORKER_LIMIT = 16
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (taskset, a Slurm allocation), else the machine's."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except (AttributeError, OSError):  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def validate(config: TrainConfig, given: dict[str, list[str]] | None = None) -> None:
     """Refuse values no training takes. `given`: where keys were set (load_config's), for the lines."""
 
@@ -434,6 +449,15 @@ def validate(config: TrainConfig, given: dict[str, list[str]] | None = None) -> 
     check(0 < config.dist_timeout_s < 10**7, "dist_timeout_s", "a number of seconds > 0 (and below 10**7)")
     check(config.data.sampling in SAMPLINGS, "data.sampling", " | ".join(SAMPLINGS))
     check(config.data.num_workers >= 0, "data.num_workers", "an integer >= 0")
+    cpus = usable_cpus()
+    most = max(WORKERS_PER_CPU * cpus, MIN_WORKER_LIMIT)
+    check(
+        config.data.num_workers <= most,
+        "data.num_workers",
+        f"at most {most} loader processes per rank ({WORKERS_PER_CPU} per CPU of the {cpus} this process may use), "
+        f"got {config.data.num_workers}: each worker is a process of its own, decoding on those CPUs and holding "
+        "its own memory; more only compete for them",
+    )
     check(config.data.shuffle_buffer >= 1, "data.shuffle_buffer", "an integer >= 1")
     check(
         0.0 <= config.data.max_skipped_fraction <= 1.0,
