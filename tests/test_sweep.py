@@ -610,6 +610,7 @@ def test_the_cli_hands_each_figure5_attributes_value_to_the_sweep_as_given(monke
         ({"notes.txt": "mine"}, "holds files that are not a cvae-tk run's (notes.txt)"),
         ({"samples.png": ""}, "a run's files (samples.png) without its recipe.yaml"),
         (None, "is a file, expected a folder"),
+        ("link", "is a symbolic link to "),
     ],
 )
 def test_a_beta_folder_its_training_would_refuse_is_refused_before_any_beta_trains(
@@ -619,14 +620,20 @@ def test_a_beta_folder_its_training_would_refuse_is_refused_before_any_beta_trai
     the plan now asks each folder what training would, without changing it."""
     folder = tmp_path / "out" / "beta-0.9"
     folder.parent.mkdir(parents=True)
-    folder.write_text("mine") if held is None else folder.mkdir()
-    for name, text in (held or {}).items():
+    if held == "link":  # a link to a folder that is not there (a disk not mounted): was 'is a file'
+        folder.symlink_to(tmp_path / "gone")
+    else:
+        folder.write_text("mine") if held is None else folder.mkdir()
+    for name, text in (held if isinstance(held, dict) else {}).items():
         (folder / name).write_text(text)
     monkeypatch.setattr(sweep, "stream_process", lambda *a, **k: pytest.fail("training started"))
     with pytest.raises(UserError) as caught:
         run_sweep(sweep_args(digits_shards), out=tmp_path / "out", log=lambda _: None)
     assert words in str(caught.value) and "sweep into another --out" in str(caught.value)
     assert "overwrite=true" not in str(caught.value)  # a sweep does not take it
-    if held is not None:
+    if isinstance(held, dict):
         assert sorted(p.name for p in folder.iterdir()) == sorted(held)
+    if held == "link":
+        assert "gone, which does not exist" in str(caught.value) and "is a file" not in str(caught.value)
+        assert folder.is_symlink() and not (tmp_path / "gone").exists()
     assert not (tmp_path / "out" / "beta-0.5").exists()

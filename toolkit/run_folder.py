@@ -12,11 +12,13 @@ keeps a second training out, and the fingerprint that ties a checkpoint to its s
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 import sys
 import uuid
 from pathlib import Path
@@ -204,6 +206,52 @@ def _names(paths: list[Path], n: int = 4) -> str:
     return shown + (f" and {len(paths) - n} more" if len(paths) > n else "")
 
 
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISREG, "a file"),
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a device"),
+        (stat.S_ISBLK, "a device"),
+    ):
+        if test(mode):
+            return name
+    return "not a folder"
+
+
+def non_folder(path: Path) -> str | None:
+    """What stands at `path` where a folder is wanted ('is a file', 'is a symbolic link to X, which does
+    not exist'), or None where there is a folder (a link to one too) or nothing."""
+    try:
+        info = os.lstat(path)
+    except (OSError, ValueError):  # nothing there (or a name the system refuses: creating it says why)
+        return None
+    if stat.S_ISDIR(info.st_mode):
+        return None
+    if not stat.S_ISLNK(info.st_mode):
+        return f"is {_kind(info.st_mode)}"
+    try:
+        target = os.readlink(path)
+        reached = os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "is a symbolic link that leads back to itself (a loop of links)"
+        return f"is a symbolic link to {target}, which does not exist (a disk not mounted, a folder moved?)"
+    if stat.S_ISDIR(reached.st_mode):
+        return None
+    return f"is a symbolic link to {_kind(reached.st_mode)} ({target})"
+
+
+def refuse_non_folder(run_dir: Path, remedy: str | None = None) -> None:
+    """A UserError naming what stands at run_dir, where that is no folder training can write into."""
+    what = non_folder(run_dir)
+    if what is not None:
+        raise UserError(
+            f"run_dir={run_dir} {what}, expected a folder (or a path that does not exist yet): "
+            + (remedy or "choose another run_dir")
+        )
+
+
 def claim_run_dir(config: TrainConfig, run_dir: Path, resume_from: Path | None, remedy: str | None = None) -> None:
     """A run folder belongs to one run. Refuse to train into one that holds another run (a model,
     checkpoints, or a recipe.yaml with other settings) unless resume= continues it or overwrite=true
@@ -212,11 +260,7 @@ def claim_run_dir(config: TrainConfig, run_dir: Path, resume_from: Path | None, 
     With overwrite=false nothing is changed: a check (the sweep's, before any run trains). `remedy`:
     what a refusal tells to do instead of the training command line's options."""
     if not run_dir.is_dir():
-        if os.path.lexists(run_dir):  # a file, or a link to nothing: training cannot make the folder there
-            raise UserError(
-                f"run_dir={run_dir} is a file, expected a folder (or a path that does not exist yet): "
-                + (remedy or "choose another run_dir")
-            )
+        refuse_non_folder(run_dir, remedy)
         return
     entries = [p for p in run_dir.iterdir() if p.name != LOCK]
     ours, foreign = [p for p in entries if _own_file(p.name)], [p for p in entries if not _own_file(p.name)]

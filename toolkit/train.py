@@ -84,6 +84,7 @@ from toolkit.run_folder import (  # noqa: F401  (CHECKPOINTS, LOCK, ...: the nam
     find_checkpoint,
     fingerprint_difference,
     read_trainer_state,
+    refuse_non_folder,
     run_identity,
     shards_fingerprint,
 )
@@ -566,8 +567,7 @@ def train(config: TrainConfig) -> Path:
         where = f"mixed_precision={config.mixed_precision}" if config.mixed_precision != "auto" else "Accelerate"
         raise UserError(f"{where}: {one_line(error)}") from None
     _check_precision(config, accelerator)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"run_dir={run_dir} is a file, expected a folder (or a path that does not exist yet)")
+    refuse_non_folder(run_dir)  # a file, a link to nothing: the folder cannot be made there
     lock = RunLock(run_dir)
     created = not run_dir.exists()
 

@@ -93,6 +93,37 @@ def test_files_that_are_not_a_runs_are_refused_and_never_removed(digits_shards, 
     assert not (tmp_path / LOCK).exists()
 
 
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda path, tmp: path.write_text("mine"), "is a file, expected a folder"),
+        (lambda path, tmp: path.symlink_to(tmp / "gone"), "is a symbolic link to {tmp}/gone, which does not exist"),
+        (lambda path, tmp: path.symlink_to(path), "is a symbolic link that leads back to itself"),
+        (
+            lambda path, tmp: ((tmp / "f").write_text("x"), path.symlink_to(tmp / "f")),
+            "is a symbolic link to a file ({tmp}/f)",
+        ),
+        (lambda path, tmp: os.mkfifo(path), "is a named pipe, expected a folder"),
+    ],
+)
+def test_a_run_dir_that_is_no_folder_is_said_for_what_it_is(digits_shards, tmp_path, make, words):
+    """A run_dir that is a link to nothing (a disk not mounted) was reported as 'is a file' by the
+    sweep's check, and by train as 'cannot create run_dir: File exists'; nothing there is changed."""
+    from toolkit.run_folder import claim_run_dir
+
+    run_dir = tmp_path / "run"
+    make(run_dir, tmp_path)
+    words = words.format(tmp=tmp_path)
+    for attempt in (
+        lambda: train(config(digits_shards, run_dir)),
+        lambda: claim_run_dir(config(digits_shards, run_dir, "resume=latest"), run_dir, None),
+    ):
+        with pytest.raises(UserError) as caught:
+            attempt()
+        assert words in str(caught.value) and "\n" not in str(caught.value), caught.value
+    assert os.path.lexists(run_dir) and not (tmp_path / "gone").exists()
+
+
 def test_the_same_run_killed_before_its_first_checkpoint_starts_again(digits_shards, tmp_path):
     run_dir = tmp_path / "run"
     train(config(digits_shards, run_dir, "checkpoint_every=1000", "max_steps=1"))
