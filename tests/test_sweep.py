@@ -171,7 +171,8 @@ def test_an_interrupted_run_resumes_and_other_settings_are_refused(swept, digits
     (out / "beta-0.5" / "model.safetensors").unlink()  # as if killed before the end
     commands = []
 
-    def fake_training(command, write=None):  # the trainer's resume itself is tested in test_train.py
+    def fake_training(command, write=None, env=None):  # the trainer's resume itself is tested in test_train.py
+        assert env == {"CVAE_TK_SWEEP": "1"}  # its advice on stopping: run the sweep again
         commands.append(command)
         shutil.copy(swept[0] / "beta-0.5" / "model.safetensors", out / "beta-0.5" / "model.safetensors")
         return 0, ""
@@ -637,3 +638,67 @@ def test_a_beta_folder_its_training_would_refuse_is_refused_before_any_beta_trai
         assert "gone, which does not exist" in str(caught.value) and "is a file" not in str(caught.value)
         assert folder.is_symlink() and not (tmp_path / "gone").exists()
     assert not (tmp_path / "out" / "beta-0.5").exists()
+
+
+def test_an_interrupted_training_process_of_a_sweep_says_to_run_the_sweep_again(digits_shards, tmp_path):
+    """A sweep's training process, interrupted, said 'continue with resume=latest' (a training command
+    the user never typed); the sweep passes resume=latest to each beta when its own command runs again.
+    The training process is now told it is a sweep's, and what it says while stopping reaches the terminal."""
+    import os
+    import signal
+
+    from toolkit.entry import IN_SWEEP, SWEEP_AGAIN
+    from toolkit.train import interrupted
+
+    config = load_config(["recipe=digits", f"run_dir={tmp_path / 'run'}"])
+    assert "resume=latest" in interrupted(config) or "run it again" in interrupted(config)
+    os.environ[IN_SWEEP] = "1"
+    try:
+        line = interrupted(config)
+    finally:
+        del os.environ[IN_SWEEP]
+    assert SWEEP_AGAIN in line and "resume=latest" not in line.replace(SWEEP_AGAIN, "")
+
+    child = (
+        "import os, sys, time\n"
+        "try:\n"
+        "    print('ready', os.getpid(), flush=True)\n"
+        "    time.sleep(60)\n"
+        "except KeyboardInterrupt:\n"
+        f"    time.sleep(0.3); print('stopped in a sweep:', os.environ.get({IN_SWEEP!r}), flush=True)\n"
+    )
+    seen = []
+
+    def terminal(text):  # Ctrl-C: SIGINT to the child, KeyboardInterrupt in the sweep
+        seen.append(text)
+        words = "".join(seen).split()
+        if len(words) == 2 and "".join(seen).endswith("\n"):
+            os.kill(int(words[1]), signal.SIGINT)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep.stream_process([sys.executable, "-c", child], write=terminal, env={IN_SWEEP: "1"})
+    assert "stopped in a sweep: 1" in "".join(seen)
+
+    # train_runs starts every training process so (a launcher standing in for one, stopped by a Ctrl-C)
+    launcher = tmp_path / "launcher"
+    launcher.write_text(f'#!/bin/sh\necho "error: interrupted; in a sweep: ${IN_SWEEP}"\nexit 130\n')
+    launcher.chmod(0o755)
+    with pytest.raises(UserError, match="in a sweep: 1"):
+        run_sweep(sweep_args(digits_shards, betas="[0.75]"), out=tmp_path / "out", launcher=str(launcher), log=print)
+
+
+def test_ctrl_c_in_a_sweep_is_one_line_saying_to_run_it_again(monkeypatch):
+    """cvae-tk sweep interrupted said only 'aborted' (exit 1)."""
+    from typer.testing import CliRunner
+
+    from toolkit.cli import app
+    from toolkit.entry import SWEEP_AGAIN
+
+    def interrupted(args, **options):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "run_sweep", interrupted)
+    result = CliRunner().invoke(app, ["sweep", "recipe=digits"])
+    assert result.exit_code == 130, result.output
+    assert result.output.strip() == f"error: the sweep was interrupted (Ctrl-C): {SWEEP_AGAIN}"

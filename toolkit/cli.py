@@ -847,18 +847,23 @@ def sweep_command(
     table1.csv, figure3.png (samples), figure4.png (reconstructions), figure5.png (attribute
     changes), loss_curves.png and sweep.json.
     """
+    from toolkit.entry import INTERRUPTED_EXIT, SWEEP_AGAIN
     from toolkit.sweep import run_sweep
 
-    run_sweep(
-        _key_values(ctx),
-        out=out,
-        classifier=classifier,
-        launcher=launcher,
-        device=device,
-        figure5_beta=figure5_beta,
-        figure5_attributes=figure5_attributes or None,
-        log=typer.echo,
-    )
+    try:
+        run_sweep(
+            _key_values(ctx),
+            out=out,
+            classifier=classifier,
+            launcher=launcher,
+            device=device,
+            figure5_beta=figure5_beta,
+            figure5_attributes=figure5_attributes or None,
+            log=typer.echo,
+        )
+    except KeyboardInterrupt:  # one line saying how to go on (was 'aborted'): the training process said what it kept
+        typer.echo(f"error: the sweep was interrupted (Ctrl-C): {SWEEP_AGAIN}", err=True)
+        raise SystemExit(INTERRUPTED_EXIT) from None
 
 
 def _os_error_line(error: OSError) -> str:

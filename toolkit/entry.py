@@ -85,6 +85,20 @@ def guard_output() -> None:
 
 INTERRUPTED_EXIT = 130  # as a shell reports a command that Ctrl-C stopped (128 + SIGINT)
 
+# Set by `cvae-tk sweep` for the training processes it starts: they are continued by running the sweep
+# again (which passes resume=latest to each beta), not by a training command line the user never typed.
+IN_SWEEP = "CVAE_TK_SWEEP"
+SWEEP_AGAIN = (
+    "run the same cvae-tk sweep command again, which reuses the finished betas and resumes the others "
+    "from their last checkpoints"
+)
+
+
+def resume_advice(usual: str) -> str:
+    """How to continue a stopped training: `usual` ('continue with resume=latest', 'run it again'), or,
+    in a sweep's training process, the sweep's command again."""
+    return SWEEP_AGAIN if os.environ.get(IN_SWEEP) == "1" else usual
+
 
 def _interrupted_early(signum, frame) -> None:
     if os.environ.get("RANK", "0") == "0":  # `accelerate launch`: every rank gets the Ctrl-C; one says it

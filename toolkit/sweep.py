@@ -50,7 +50,7 @@ from toolkit.classifier import RELIABLE_BALANCED, check_image_size, columns_for,
 from toolkit.config import TrainConfig, load_config, parse_overrides
 from toolkit.data.stream import is_url, read_manifest
 from toolkit.devices import resolve_device
-from toolkit.entry import when_stdout_closes
+from toolkit.entry import IN_SWEEP, when_stdout_closes
 from toolkit.errors import UserError, cut, one_line, printable
 from toolkit.evaluate import CONTROL_CONDITIONS, DIVERSITY_CONDITIONS, DIVERSITY_SAMPLES, evaluate_run, find_classifier
 from toolkit.formats import CLASSIFIER_WEIGHTS, CONFIG, MANIFEST, METRICS, RECIPE, WEIGHTS
@@ -393,11 +393,11 @@ def _die_with_parent(parent: int):
     return arm
 
 
-def stream_process(command: list[str], write=None) -> tuple[int, str]:
+def stream_process(command: list[str], write=None, env: dict | None = None) -> tuple[int, str]:
     """Run `command`, copying its stdout and stderr to ours as they come (progress bars too);
-    returns (exit code, the last few KB of its output)."""
+    returns (exit code, the last few KB of its output). `env`: variables set for it besides ours."""
     write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     try:
         process = subprocess.Popen(
             command,
@@ -423,6 +423,14 @@ def stream_process(command: list[str], write=None) -> tuple[int, str]:
             except subprocess.TimeoutExpired:  # a killed child keeps its last complete checkpoint
                 process.kill()
                 process.wait()
+            # what it said while stopping (which checkpoint it left) was not read yet: copy it
+            # without waiting for loader workers that may still hold the pipe open
+            os.set_blocking(process.stdout.fileno(), False)
+            try:
+                while chunk := os.read(process.stdout.fileno(), 8192):
+                    write(decoder.decode(chunk))
+            except OSError:  # BlockingIOError: nothing more now
+                pass
         process.stdout.close()
 
 
@@ -441,7 +449,7 @@ def train_runs(runs: list[Run], launcher: str | None, log) -> None:
         log(f"sweep: beta={run.beta:g}: {run.action} ({run.reason}) -> {run.run_dir}")
         log("$ " + shlex.join(command))
         start = time.perf_counter()
-        code, output = stream_process(command)
+        code, output = stream_process(command, env={IN_SWEEP: "1"})  # its advice: run the sweep again
         run.seconds = round(time.perf_counter() - start, 1)
         if code != 0:
             raise UserError(

@@ -64,7 +64,7 @@ from toolkit.data.stream import (
     worker_died,
 )
 from toolkit.devices import check_accelerate_env
-from toolkit.entry import INTERRUPTED_EXIT, begin, usual_interrupt, when_stdout_closes
+from toolkit.entry import INTERRUPTED_EXIT, begin, resume_advice, usual_interrupt, when_stdout_closes
 from toolkit.errors import UserError, one_line
 from toolkit.evaluate import reconstruction_metrics
 from toolkit.figures import split_classes
@@ -334,7 +334,8 @@ def _save_failed(run_dir: Path, partial: Path, error: OSError, remove: bool) -> 
     return TrainingStopped(
         f"could not write the checkpoint {partial}: {error.strerror or error}{f' ({code})' if code else ''}; "
         + (f"the last complete checkpoint is {last}, " if last else "there is no complete checkpoint yet, ")
-        + "free some space (or lower checkpoints_total_limit) and run again with resume=latest"
+        + "free some space (or lower checkpoints_total_limit) and "
+        + resume_advice("run again with resume=latest")
     )
 
 
@@ -873,9 +874,9 @@ class Trainer:
                 f"a data loader worker died during step {self.step_done + 1} ({one_line(error).rstrip('. ')}; the kernel's out-of-memory killer "
                 "does this when memory runs out: lower data.num_workers, data.shuffle_buffer or batch_size); stopped, not saved; "
                 + (
-                    f"the last good checkpoint is {last}: continue with resume=latest"
+                    f"the last good checkpoint is {last}: {resume_advice('continue with resume=latest')}"
                     if last
-                    else "there is no checkpoint yet: run it again"
+                    else f"there is no checkpoint yet: {resume_advice('run it again')}"
                 )
             ) from None
         finally:
@@ -947,9 +948,10 @@ class Trainer:
         return TrainingStopped(
             f"could not write the final model {error.filename or weights}: {describe_os_error(error)}; "
             + (
-                f"the last complete checkpoint is {last}: free some space and run again with resume=latest, which writes them"
+                f"the last complete checkpoint is {last}: free some space and "
+                + resume_advice("run again with resume=latest, which writes them")
                 if last
-                else "there is no complete checkpoint: free some space and run again"
+                else "there is no complete checkpoint: free some space and " + resume_advice("run again")
             )
         )
 
@@ -1006,9 +1008,9 @@ def interrupted(config: TrainConfig | None) -> str:
     except (OSError, UserError):
         last = None
     return "interrupted (Ctrl-C): stopped, not saved; " + (
-        f"the last complete checkpoint is {last}: continue with resume=latest"
+        f"the last complete checkpoint is {last}: {resume_advice('continue with resume=latest')}"
         if last
-        else f"there is no checkpoint in {run_dir / CHECKPOINTS} yet: run it again"
+        else f"there is no checkpoint in {run_dir / CHECKPOINTS} yet: {resume_advice('run it again')}"
     )
 
 
