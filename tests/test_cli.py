@@ -236,3 +236,31 @@ def test_the_cli_opts_out_of_onnx_runtime_telemetry_unless_told_otherwise():
         run_env = env if given is None else {**env, "ORT_DISABLE_TELEMETRY": given}
         done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=run_env, timeout=120)
         assert done.returncode == 0 and done.stdout.strip() == expected, done.stderr
+
+
+def test_ctrl_c_while_the_training_config_loads_is_one_line(tmp_path):
+    """cvae-tk train read its config outside the Ctrl-C handling: a Ctrl-C then (a slow recipe file on
+    a network disk, torch's import after it) ended in 'aborted', exit 1, not saying what was kept."""
+    import signal
+
+    child = (
+        "import sys, time\n"
+        "import toolkit.config\n"
+        "def slow(args, default_recipe=None):\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(60)\n"
+        "toolkit.config.load_config = slow\n"
+        "from toolkit.cli import main\n"
+        "sys.argv = ['cvae-tk', 'train', 'recipe=digits']\n"
+        "main()\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    process = subprocess.Popen(
+        [sys.executable, "-c", child], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert process.stdout.readline().strip() == "ready"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert stderr.strip() == "error: interrupted (Ctrl-C) before the run began: nothing was written"
+    assert list(tmp_path.iterdir()) == []

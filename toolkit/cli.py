@@ -276,12 +276,21 @@ def train(ctx: typer.Context) -> None:
     model.width, model.levels, model.embed_dim (resnet only). For several GPUs use
     `accelerate launch toolkit/train.py recipe=...`.
     """
-    from toolkit.config import load_config
-    from toolkit.train import stop_on_interrupt
-    from toolkit.train import train as run_training
+    from toolkit.entry import quiet_interrupt, usual_interrupt
 
-    config = load_config(list(ctx.args))
+    # a Ctrl-C while the config loads or torch imports: one line, nothing written (was 'aborted', exit 1)
+    quiet_interrupt()
     try:
+        from toolkit.config import load_config
+
+        config = load_config(list(ctx.args))  # a mistake in it is said before torch's import
+        from toolkit.train import stop_on_interrupt
+        from toolkit.train import train as run_training
+    except BaseException:
+        usual_interrupt()
+        raise
+    try:
+        usual_interrupt()  # from here a Ctrl-C is a KeyboardInterrupt, which says what the run kept
         run_training(config)
     except KeyboardInterrupt:  # one line naming the checkpoint to continue from, as toolkit/train.py says it
         stop_on_interrupt(config)

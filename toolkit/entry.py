@@ -110,7 +110,10 @@ def quiet_interrupt() -> None:
     """Until usual_interrupt(): a Ctrl-C ends the process at once with one line (exit 130), not a
     traceback from inside an import. Left alone where SIGINT is ignored (started with `&`, nohup)."""
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _interrupted_early)
+        try:
+            signal.signal(signal.SIGINT, _interrupted_early)
+        except ValueError:  # not the main thread (a program calling the CLI from one): Ctrl-C is not ours
+            pass
 
 
 def usual_interrupt() -> None:
