@@ -27,7 +27,7 @@ from fixtures import make_celeba, make_cub, make_folder, replace_line
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from toolkit.config import TrainConfig, load_config
+from toolkit.config import MIN_WORKER_LIMIT, WORKERS_PER_CPU, TrainConfig, load_config, usable_cpus
 from toolkit.data.celeba import read_celeba
 from toolkit.data.cub import read_cub
 from toolkit.data.folder import FILE_COLUMNS, read_folder
@@ -924,7 +924,7 @@ INT_KEYS = {
     "max_bad_steps": (1, None),
     "checkpoint_every": (1, None),
     "checkpoints_total_limit": (1, None),
-    "data.num_workers": (0, None),
+    "data.num_workers": (0, max(WORKERS_PER_CPU * usable_cpus(), MIN_WORKER_LIMIT)),  # as many as the CPUs feed
     "data.shuffle_buffer": (1, None),
     "model.latent_dim": (1, None),
     "model.width": (1, None),
