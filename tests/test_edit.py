@@ -531,3 +531,46 @@ def test_names_that_are_not_utf8_are_printed_as_their_bytes(trained_run, three, 
     )
     assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr
     assert b"wrote caf\xe9-edit.png (100x40: original | edit)" in result.stdout
+
+
+def test_attribute_names_match_in_either_unicode_normalization(tmp_path, monkeypatch, capsys):
+    """'é' typed as 'e' + a combining accent (macOS) against a run whose name is one code point was
+    'unknown attribute' for edit and interpolate from a run folder (the ONNX Sampler matched it): names
+    are matched as the text they show (NFC), and messages spell them as the model does."""
+    import unicodedata
+
+    from toolkit.edit import model_names
+    from toolkit.model import CVAE, ModelSpec, save_model
+
+    nfc, nfd = (unicodedata.normalize(form, "é") for form in ("NFC", "NFD"))
+    names = ["a", "b", nfc]
+    assert model_names(names, {nfd: 1, "a": 0}) == {nfc: 1, "a": 0}
+    assert torch.equal(attribute_vector(names, {"a": 1}, {nfd: 1}), torch.tensor([1.0, 0.0, 1.0]))
+    with pytest.raises(UserError, match="given as 1 and as 0 .* another Unicode normalization"):
+        model_names(names, {nfc: 1, nfd: 0})
+    torch.manual_seed(0)
+    model = CVAE(ModelSpec(attributes=names, image_size=(8, 8), latent_dim=4)).eval()
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    photo.save(tmp_path / "photo.png")
+    assert (
+        edit_image(model, photo, {nfd: 1}, {"a": 1}).tobytes()
+        == edit_image(model, photo, {nfc: 1}, {"a": 1}).tobytes()
+    )
+    frames = interpolate_attributes(model, {nfd: 1}, {"a": 1}, steps=2, seed=0)
+    assert frames[0].tobytes() == interpolate_attributes(model, {nfc: 1}, {"a": 1}, steps=2, seed=0)[0].tobytes()
+
+    save_model(model, tmp_path / "run")
+    code, out, err = cli(
+        ["edit", "run", "photo.png", "--attr", f"{nfd}=1", "--set", f"{nfd}=0", "--out", "pair.png"],
+        monkeypatch,
+        capsys,
+        tmp_path,
+    )
+    assert code == 0 and f"changes: {nfc} 1 -> 0" in out, err
+    code, out, err = cli(
+        ["interpolate", "run", "--from-attr", f"{nfd}=1", "--to-attr", "a=1", "--steps", "2", "--out", "strip.png"],
+        monkeypatch,
+        capsys,
+        tmp_path,
+    )
+    assert code == 0 and f"from: {nfc}  to: a" in out, err

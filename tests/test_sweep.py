@@ -592,6 +592,27 @@ def test_figure5_attributes_take_a_name_that_holds_a_comma_as_that_name():
             sweep.figure5_names(values, names, "s")
 
 
+def test_figure5_names_match_in_either_unicode_normalization_and_keep_the_models_spelling():
+    """'é' typed as 'e' + a combining accent (macOS) against data whose name is one code point was 'unknown
+    attribute' for --figure5-attributes and Figure 5's `only` (the ONNX Sampler matched it): names are
+    matched as the text they show (NFC), once each, and labelled as the model spells them."""
+    import unicodedata
+
+    import torch
+
+    from toolkit.figures import attribute_rows
+
+    nfc, nfd = (unicodedata.normalize(form, "é") for form in ("NFC", "NFD"))
+    names = ["a", "c,d", nfc]
+    assert sweep.figure5_names([nfd], names, "s") == [nfc]
+    assert sweep.figure5_names([f"a,{nfd}", nfc], names, "s") == ["a", nfc]
+    vectors, labels, mode = attribute_rows(torch.tensor([1.0, 1.0, 0.0]), names, [nfd, "a", nfc])  # multi-hot
+    assert mode == "toggle attribute" and labels == ["base: a, c,d", f"+ {nfc}", "- a"]
+    assert vectors[1].tolist() == [1.0, 1.0, 1.0]
+    _, labels, mode = attribute_rows(torch.tensor([1.0, 0.0, 0.0]), ["a", "b", nfc], [nfd, nfc])  # one-hot
+    assert mode == "switch class" and labels == ["base: a", f"-> {nfc}"]
+
+
 def test_the_cli_hands_each_figure5_attributes_value_to_the_sweep_as_given(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 

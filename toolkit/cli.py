@@ -684,7 +684,6 @@ def edit_command(
     """Edit a real image: encode it with its attributes, decode with --set applied, write original | edit."""
     from toolkit.edit import (
         ImageAttributes,
-        attribute_vector,
         check_output,
         check_pair,
         crop_box,
@@ -692,6 +691,7 @@ def edit_command(
         edit_image,
         load_image,
         load_run_model,
+        model_names,
         read_run_spec,
         run_crop,
         save_image,
@@ -707,7 +707,9 @@ def edit_command(
     check_output(out, inputs=[image])  # --out photo.png would replace the photo with the pair
     spec = read_run_spec(run_dir)  # names are checked before any image or weights are read
     names = list(spec.attributes)
-    attribute_vector(names, given, changes)  # unknown names and values fail before any classifier is looked for
+    # the model's spelling of each name ('é' may be typed in either Unicode normalization); unknown names
+    # and values fail before any classifier is looked for
+    given, changes = model_names(names, given), model_names(names, changes)
     if given:
         same = [f"{name}={value}" for name, value in changes.items() if given.get(name, 0) == value]
         if same:
@@ -766,6 +768,7 @@ def interpolate_command(
         interpolate_images,
         load_image,
         load_run_model,
+        model_names,
         read_run_spec,
         run_crop,
         save_strip,
@@ -792,7 +795,8 @@ def interpolate_command(
     check_output(out, inputs=[from_image, to_image])
     spec = read_run_spec(run_dir)  # names and sizes are checked before any image or weights are read
     names = list(spec.attributes)
-    ya, yb = attribute_vector(names, start), attribute_vector(names, end)  # unknown names fail first
+    start, end = model_names(names, start), model_names(names, end)  # unknown names fail first; the model's spelling
+    ya, yb = attribute_vector(names, start), attribute_vector(names, end)
     check_steps(steps, spec.image_size)  # the frames must fit in memory
     check_strip(out, steps, spec.image_size)  # the strip's format must hold it (WebP: 16,383 pixels wide)
     same_ends = "every frame would be the same image; change one end"

@@ -43,7 +43,7 @@ from toolkit.classifier import check_image_size, columns_for, load_classifier
 from toolkit.devices import resolve_device
 from toolkit.errors import UserError, check_seed
 from toolkit.evaluate import find_classifier
-from toolkit.formats import RECIPE
+from toolkit.formats import RECIPE, attribute_column, attribute_index
 from toolkit.images import ImageError, centre_crop, open_image, to_uint8
 from toolkit.memory import check_fits
 from toolkit.model import ModelSpec, load_model, read_spec
@@ -70,19 +70,40 @@ def _check_value(name: str, value) -> float:
     return float(value)
 
 
+def model_names(names: Sequence[str], mapping: Mapping[str, int]) -> dict[str, int]:
+    """{name as given: 0 | 1} -> {the model's name: 0 | 1}: a name matches in either Unicode normalization
+    ('é' as one code point or as 'e' + a combining accent, toolkit.formats.attribute_column), and is then
+    spelled as the model spells it. Unknown names and values other than 0/1 are UserErrors, and so is one
+    attribute given twice (two spellings) with two values."""
+    names, index = list(names), attribute_index(names)
+    result: dict[str, int] = {}
+    spelled: dict[str, str] = {}  # the model's name -> the name as first given
+    for name, value in mapping.items():
+        column = attribute_column(index, name)
+        if column is None:
+            raise unknown_attribute(str(name), names)
+        value, own = int(_check_value(name, value)), names[column]
+        if result.setdefault(own, value) != value:
+            raise UserError(
+                f"attribute '{name}' is given as {result[own]} and as {value} (as '{spelled[own]}', the same name "
+                "in another Unicode normalization): expected one value"
+            )
+        spelled.setdefault(own, name)
+    return result
+
+
 def attribute_vector(
     names: Sequence[str], attributes: AttributeLike, changes: Mapping[str, int] | None = None
 ) -> torch.Tensor:
     """A float32 0/1 vector [A] from a mapping (unnamed attributes 0) or a vector [A], with `changes`
-    (a mapping) applied on top. Unknown names and values other than 0/1 are UserErrors."""
+    (a mapping) applied on top. Names are matched as `model_names` does; unknown names and values other
+    than 0/1 are UserErrors."""
     names = list(names)
-    index = {name: i for i, name in enumerate(names)}
+    column = {name: i for i, name in enumerate(names)}
     if isinstance(attributes, Mapping):
         vector = torch.zeros(len(names))
-        for name, value in attributes.items():
-            if name not in index:
-                raise unknown_attribute(str(name), names)
-            vector[index[name]] = _check_value(name, value)
+        for name, value in model_names(names, attributes).items():
+            vector[column[name]] = value
     else:
         vector = torch.as_tensor(np.asarray(attributes, dtype=np.float32)).flatten().clone()
         if vector.numel() != len(names):
@@ -91,10 +112,8 @@ def attribute_vector(
             )
         if not bool(((vector == 0) | (vector == 1)).all()):
             raise UserError("attribute vector values must be 0 or 1")
-    for name, value in (changes or {}).items():
-        if name not in index:
-            raise unknown_attribute(str(name), names)
-        vector[index[name]] = _check_value(name, value)
+    for name, value in model_names(names, changes or {}).items():
+        vector[column[name]] = value
     return vector
 
 

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 from toolkit.atomic import atomic_path
 from toolkit.data.stream import eval_batches
 from toolkit.errors import UserError, cut, printable
-from toolkit.formats import LOGS
+from toolkit.formats import LOGS, attribute_column, attribute_index
 from toolkit.images import to_uint8
 
 PAD = 2
@@ -210,12 +210,15 @@ def attribute_rows(
     CUB: common parts and colours rather than one-in-200 species bits), in the data's order.
     Returns (vectors [R, A], labels, mode)."""
     base = base.float()
-    if only:
-        unknown = [name for name in only if name not in names]
+    if only:  # matched in either Unicode normalization, then spelled (and labelled) as the model spells them
+        index = attribute_index(names)
+        columns = [attribute_column(index, name) for name in only]
+        unknown = [name for name, column in zip(only, columns) if column is None]
         if unknown:
             raise UserError(
                 f"Figure 5: unknown attribute(s) {', '.join(unknown)}; the model has {', '.join(names[:8])}{'...' if len(names) > 8 else ''}"
             )
+        only = list(dict.fromkeys(names[column] for column in columns))
     if is_one_hot(base[None]) and (len(names) <= ONE_HOT_LIMIT or classes is not None):
         active = int(base.argmax())
         vectors, labels = [base], [f"base: {names[active]}"]

@@ -7,6 +7,10 @@ Import the name, never retype the string: a renamed file then changes everywhere
 
 from __future__ import annotations
 
+import unicodedata
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
 from toolkit.errors import UserError
 
 # --- a run folder (runs/NAME/), written by toolkit/train.py --------------------------------------
@@ -50,3 +54,26 @@ def check_choice(value: str, choices, key: str) -> None:
     """Refuse a value that is not one of `choices` (ARCHS, PRIORS), naming the recipe key."""
     if value not in choices:
         raise UserError(f"unknown {key} '{value}': expected {' | '.join(choices)}")
+
+
+# --- attribute names (class folders, a table's columns): matched as the text they show -------------
+def attribute_text(name: str) -> str:
+    """An attribute name as the text it shows (NFC): 'é' typed as one code point or as 'e' + a combining
+    accent (macOS keyboards and file names) is one name; every name a caller gives is matched so."""
+    return unicodedata.normalize("NFC", name)
+
+
+def attribute_index(names: Sequence[str]) -> dict[str, int]:
+    """NFC name -> column, for `attribute_column`. A model holding two names of one NFC text (a table
+    read before such columns were refused) keeps exact matching for those two."""
+    texts = [attribute_text(name) for name in names]
+    counts = Counter(texts)
+    index = {text: i for i, text in enumerate(texts) if counts[text] == 1}
+    index.update({name: i for i, name in enumerate(names) if counts[texts[i]] > 1})
+    return index
+
+
+def attribute_column(index: Mapping[str, int], name) -> int | None:
+    """The column of `attribute_index(names)` that a name given by a caller selects, in either Unicode
+    normalization (None: no attribute); report it as names[column], the model's own spelling."""
+    return index.get(name, index.get(attribute_text(name))) if isinstance(name, str) else None

@@ -56,8 +56,6 @@ from __future__ import annotations
 import difflib
 import os
 import threading
-import unicodedata
-from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -79,6 +77,7 @@ from toolkit.contract import (  # noqa: F401 (FORMAT, MAX_SIDE, MAX_WIDTH, Tenso
     read_encoder_contract,
 )
 from toolkit.errors import UserError
+from toolkit.formats import attribute_column, attribute_index
 from toolkit.images import ImageError, as_viewed, centre_crop, to_uint8
 from toolkit.memory import check_fits, gib
 from toolkit.paths import as_path
@@ -109,22 +108,6 @@ def _declared(values) -> list[Tensor]:
         kind = value.type[len("tensor(") : -1] if value.type.startswith("tensor(") else value.type
         tensors.append(Tensor(value.name, names.get(kind, kind), tuple(value.shape)))
     return tensors
-
-
-def _text(name: str) -> str:
-    """An attribute name as the text it shows (NFC): 'é' typed as one code point or as 'e' + a combining
-    accent (macOS keyboards and file names) is one name; every name a caller gives is matched so."""
-    return unicodedata.normalize("NFC", name)
-
-
-def _attribute_index(names: Sequence[str]) -> dict[str, int]:
-    """NFC name -> column, for matching the names callers give (`_text`). An export holding two names of one
-    NFC text (a table read before such columns were refused) keeps each one's own spelling for both."""
-    texts = [_text(name) for name in names]
-    counts = Counter(texts)
-    index = {text: i for i, text in enumerate(texts) if counts[text] == 1}
-    index.update({name: i for i, name in enumerate(names) if counts[texts[i]] > 1})
-    return index
 
 
 class Sampler:
@@ -239,7 +222,7 @@ class Sampler:
         self.latent_dim = contract.latent_dim
         self.image_size: tuple[int, int] = contract.image_size
         self.metadata = dict(meta)
-        self._index = _attribute_index(self.attributes)
+        self._index = attribute_index(self.attributes)
         self._temperature_input = contract.temperature_input
         self._uint8_output = contract.uint8
         self._check_batch_size()
@@ -328,7 +311,7 @@ class Sampler:
         row = np.zeros(len(self.attributes), dtype=np.float32) if base is None else base.copy()
         given: dict[int, tuple[str, object]] = {}  # attribute index -> (the name as given, its value)
         for name, value in mapping.items():
-            index = self._index.get(name, self._index.get(_text(name))) if isinstance(name, str) else None
+            index = attribute_column(self._index, name)
             if index is None:
                 raise self._unknown(str(name))
             if isinstance(value, (bool, np.bool_)):

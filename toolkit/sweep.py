@@ -53,7 +53,16 @@ from toolkit.devices import resolve_device
 from toolkit.entry import IN_SWEEP, when_stdout_closes
 from toolkit.errors import UserError, cut, one_line, printable
 from toolkit.evaluate import CONTROL_CONDITIONS, DIVERSITY_CONDITIONS, DIVERSITY_SAMPLES, evaluate_run, find_classifier
-from toolkit.formats import CLASSIFIER_WEIGHTS, CONFIG, MANIFEST, METRICS, RECIPE, WEIGHTS
+from toolkit.formats import (
+    CLASSIFIER_WEIGHTS,
+    CONFIG,
+    MANIFEST,
+    METRICS,
+    RECIPE,
+    WEIGHTS,
+    attribute_column,
+    attribute_index,
+)
 from toolkit.model import load_model, read_spec
 from toolkit.ownership import FolderLock, claim_folder
 from toolkit.run_folder import checkpoint_step, claim_run_dir, find_checkpoint, trained_shards_difference
@@ -715,18 +724,28 @@ def figure5_names(values: list[str] | str | None, attributes: list[str], shards:
     """--figure5-attributes' values -> the attribute names Figure 5 changes (None: its default), each
     once, in the order given. A value that is the name of an attribute is that attribute, whatever it
     holds (class folders may be named 'c,d'); any other is a comma-separated list of names (A,B,C).
+    A name matches in either Unicode normalization and is returned as `attributes` spell it.
     Anything that names no attribute is a UserError."""
     if not values:
         return None
     if isinstance(values, str):  # run_sweep(figure5_attributes="Smiling,Male"): one value, not its letters
         values = [values]
+    index = attribute_index(attributes)  # a name given in either Unicode normalization: the data's spelling
     names, unknown = [], []
     for value in values:
-        parts = [value] if value in attributes else [part.strip() for part in value.split(",") if part.strip()]
+        parts = (
+            [value]
+            if attribute_column(index, value) is not None
+            else [p.strip() for p in value.split(",") if p.strip()]
+        )
         if not parts:
             raise UserError(f"--figure5-attributes {value!r} names no attribute: expected a name, or A,B,C")
-        names += [part for at, part in enumerate(parts) if part in attributes and part not in names + parts[:at]]
-        unknown += [part for part in parts if part not in attributes]
+        for part in parts:
+            column = attribute_column(index, part)
+            if column is None:
+                unknown.append(part)
+            elif attributes[column] not in names:
+                names.append(attributes[column])
     if unknown:
         shown = ", ".join(repr(cut(printable(name))) for name in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         raise UserError(

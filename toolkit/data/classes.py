@@ -13,13 +13,13 @@ read once, however many links lead to it; one that two classes or splits reach i
 from __future__ import annotations
 
 import os
-import unicodedata
 from pathlib import Path
 
 import numpy as np
 
 from toolkit.data.sources import SPLITS, Record, SourceTable, file_names, first_few, random_split, safe_key
 from toolkit.errors import UserError, cut
+from toolkit.formats import attribute_text  # a folder name as the text it shows (NFC)
 from toolkit.images import readable_extensions
 from toolkit.paths import is_utf8, shown
 
@@ -107,11 +107,11 @@ def _read_split_folders(
     _refuse_twins(root / named["train"], classes)
     # a class is its name as a text: test/'s 'Café' is train/'s 'Café' also where one of them spells 'é' as 'e' + a
     # combining accent (macOS writes names so, and its zips keep them; another system's copy of the same folder may not)
-    class_of = {_text(name): name for name in classes}
+    class_of = {attribute_text(name): name for name in classes}
     found = {split: _folders(root / folder) for split, folder in named.items()}
     by_split: dict[str, dict[str, list[str]]] = {}
     for split, names in found.items():
-        strangers = [name for name in names if _text(name) not in class_of]
+        strangers = [name for name in names if attribute_text(name) not in class_of]
         if strangers:
             raise UserError(
                 f"{root / named[split]}: class folder(s) {first_few(strangers)} have no folder in "
@@ -119,7 +119,7 @@ def _read_split_folders(
             )
         by_class = by_split[split] = {}
         for name in names:  # both spellings of one class in one split folder: its images are that class's
-            by_class.setdefault(class_of[_text(name)], []).extend(walk.images_below(f"{named[split]}/{name}"))
+            by_class.setdefault(class_of[attribute_text(name)], []).extend(walk.images_below(f"{named[split]}/{name}"))
     if "test" not in named:  # as without split folders: a random share of each training class is test
         by_split.update(
             _split_each_class(by_split["train"], 0.1 if test_fraction is None else test_fraction, seed or 0)
@@ -156,17 +156,12 @@ def _check_classes(where: Path, classes: list[str], by_split: dict[str, dict[str
         )
 
 
-def _text(name: str) -> str:
-    """A folder name as the text it shows (NFC): 'é' one code point or 'e' + a combining accent alike."""
-    return unicodedata.normalize("NFC", name)
-
-
 def _refuse_twins(where: Path, classes: list[str]) -> None:
     """Two class folders whose names differ only in Unicode normalization look the same everywhere (a
     listing, --attr, a figure's labels): two classes no one could tell apart or name."""
     seen: dict[str, str] = {}
     for name in classes:
-        other = seen.setdefault(_text(name), name)
+        other = seen.setdefault(attribute_text(name), name)
         if other != name:
             raise UserError(
                 f"{where}: the class folders {cut(other)!r} and {cut(name)!r} have one name, written in two Unicode "

@@ -22,7 +22,6 @@ row as many columns as the header ('file;Smiling, open' with the row 'a.jpg;1').
 from __future__ import annotations
 
 import os
-import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +41,7 @@ from toolkit.data.sources import (
     unicode_twins,
 )
 from toolkit.errors import UserError, cut
+from toolkit.formats import attribute_text
 from toolkit.paths import shown
 
 # file_name: Hugging Face datasets' imagefolder metadata.csv; image_id: Kaggle's tables (CelebA's CSVs)
@@ -90,7 +90,7 @@ def _read_table(
         raise UserError(f"{table} line {number}: expected a header row (a file column and attribute columns)")
     if "" in header:
         raise UserError(f"{table} line {number}: column {header.index('') + 1} has no name")
-    texts = [unicodedata.normalize("NFC", cell) for cell in header]  # 'é' as one code point or two: one name
+    texts = [attribute_text(cell) for cell in header]  # 'é' as one code point or two: one name
     if len(set(texts)) != len(texts):
         repeated = sorted({cell for cell, text in zip(header, texts) if texts.count(text) > 1})
         twins = " (one name in two Unicode normalizations)" if len(set(header)) == len(header) else ""
