@@ -89,9 +89,10 @@ _DECLARED = re.compile(r"sep=([,;\t|])", re.IGNORECASE)  # 'sep=;': Excel reads 
 _QUOTED = re.compile(r'"[^"]*(?:"|$)')  # a quoted cell ('""' inside one reads as two of them: the same)
 
 
-def _delimiter(stream) -> str:
-    """The column separator, read from the header and the first row after it: ',' unless the header holds
-    no comma outside its quoted cells and holds ';' or a tab (what spreadsheets in many locales save as
+def _delimiter(stream) -> tuple[str, bool]:
+    """(the column separator, whether the file begins with Excel's 'sep=X' line naming it, to be skipped).
+    The separator is read from the header and the first row after it: ',' unless the header holds no
+    comma outside its quoted cells and holds ';' or a tab (what spreadsheets in many locales save as
     "CSV": 'file;"a,b"' is two columns); and where that separator gives the first row another number of
     columns than the header, the other one that gives both the same number, two or more (a ';' table
     whose header names hold commas, which ';' writers leave unquoted: 'file;Smiling, mouth open')."""
@@ -103,14 +104,14 @@ def _delimiter(stream) -> str:
                 break
     stream.seek(0)
     if not lines:
-        return ","
+        return ",", False
     declared = _DECLARED.fullmatch(lines[0].strip(" \r\n"))
     if declared:  # Excel's own line naming the separator, before the header
-        return declared[1]
+        return declared[1], True
     outside = _QUOTED.sub("", lines[0])
     chosen = next((other for other in _SEPARATORS[1:] if "," not in outside and other in outside), ",")
     if len(lines) == 1:
-        return chosen
+        return chosen, False
 
     def columns(line: str, separator: str) -> int:
         return len(next(csv.reader([line.rstrip("\r\n")], delimiter=separator), []))
@@ -118,9 +119,11 @@ def _delimiter(stream) -> str:
     def fits(separator: str) -> bool:
         return columns(lines[0], separator) >= 2 and columns(lines[0], separator) == columns(lines[1], separator)
 
-    if fits(chosen):
-        return chosen
-    return next((other for other in _SEPARATORS if other != chosen and other in lines[0] and fits(other)), chosen)
+    if not fits(chosen):
+        chosen = next(
+            (other for other in _SEPARATORS if other != chosen and other in lines[0] and fits(other)), chosen
+        )
+    return chosen, False
 
 
 def csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
@@ -129,16 +132,14 @@ def csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
     spaces; a BOM and CRLF are fine."""
     try:
         with open(path, encoding="utf-8-sig", newline="") as stream:
-            delimiter = _delimiter(stream)
+            delimiter, skip = _delimiter(stream)  # skip: the 'sep=' line, if the file begins with one
             reader = csv.reader(stream, delimiter=delimiter)
-            declared = None  # the 'sep=' line, if the file begins with one: not the header
             for fields in reader:
                 fields = [field.strip() for field in fields]
                 if any(fields):
-                    if declared is None:
-                        declared = _DECLARED.fullmatch(delimiter.join(fields)) is not None
-                        if declared:
-                            continue
+                    if skip:
+                        skip = False
+                        continue
                     yield reader.line_num, fields
     except UnicodeDecodeError as error:
         raise UserError(f"{path}: expected a UTF-8 CSV file ({error.reason})") from None
@@ -150,8 +151,7 @@ def file_names(folder: Path, keep: Callable[[str], bool] | None = None, links: s
     """Names of the regular files directly inside `folder` (one os.scandir), those `keep` accepts if given;
     `links` (if given) gathers those of them that are symbolic links (the listing tells, no stat)."""
     with os.scandir(folder) as entries:
-        names = {entry.name for entry in entries if (keep is None or keep(entry.name)) and _is_file(entry, links)}
-    return names
+        return {entry.name for entry in entries if (keep is None or keep(entry.name)) and _is_file(entry, links)}
 
 
 def _is_file(entry: os.DirEntry, links: set[str] | None = None) -> bool:
