@@ -11,7 +11,6 @@ import errno
 import os
 import posixpath
 import re
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -19,6 +18,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from toolkit.errors import UserError, cut
+from toolkit.formats import attribute_text  # NFC: the one normalization names are matched in
 
 SPLITS = ("train", "val", "test")  # the splits a reader may give (train and test are required)
 
@@ -252,10 +252,10 @@ def unicode_twins(root: Path, relative_paths: Sequence[str]) -> list[str | None]
             try:
                 with os.scandir(root / folder) as entries:
                     for entry in entries:
-                        listings[folder].setdefault(unicodedata.normalize("NFC", entry.name), []).append(entry.name)
+                        listings[folder].setdefault(attribute_text(entry.name), []).append(entry.name)
             except (OSError, ValueError):
                 pass
-        found = listings[folder].get(unicodedata.normalize("NFC", name), [])
+        found = listings[folder].get(attribute_text(name), [])
         return name if name in found else (found[0] if len(found) == 1 else None)
 
     spelled: list[str | None] = []
