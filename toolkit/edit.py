@@ -43,7 +43,7 @@ from toolkit.classifier import check_image_size, columns_for, load_classifier
 from toolkit.devices import resolve_device
 from toolkit.errors import UserError, check_seed
 from toolkit.evaluate import find_classifier
-from toolkit.formats import RECIPE, attribute_column, attribute_index
+from toolkit.formats import RECIPE, attribute_columns, attribute_index
 from toolkit.images import ImageError, centre_crop, open_image, to_uint8
 from toolkit.memory import check_fits
 from toolkit.model import ModelSpec, load_model, read_spec
@@ -75,21 +75,14 @@ def model_names(names: Sequence[str], mapping: Mapping[str, int]) -> dict[str, i
     ('é' as one code point or as 'e' + a combining accent, toolkit.formats.attribute_column), and is then
     spelled as the model spells it. Unknown names and values other than 0/1 are UserErrors, and so is one
     attribute given twice (two spellings) with two values."""
-    names, index = list(names), attribute_index(names)
-    result: dict[str, int] = {}
-    spelled: dict[str, str] = {}  # the model's name -> the name as first given
-    for name, value in mapping.items():
-        column = attribute_column(index, name)
-        if column is None:
-            raise unknown_attribute(str(name), names)
-        value, own = int(_check_value(name, value)), names[column]
-        if result.setdefault(own, value) != value:
-            raise UserError(
-                f"attribute '{name}' is given as {result[own]} and as {value} (as '{spelled[own]}', the same name "
-                "in another Unicode normalization): expected one value"
-            )
-        spelled.setdefault(own, name)
-    return result
+    names = list(names)
+    columns = attribute_columns(
+        attribute_index(names),
+        mapping,
+        lambda name: unknown_attribute(str(name), names),
+        lambda name, value: int(_check_value(name, value)),
+    )
+    return {names[column]: value for column, value in columns.items()}
 
 
 def attribute_vector(

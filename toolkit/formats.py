@@ -77,3 +77,23 @@ def attribute_column(index: Mapping[str, int], name) -> int | None:
     """The column of `attribute_index(names)` that a name given by a caller selects, in either Unicode
     normalization (None: no attribute); report it as names[column], the model's own spelling."""
     return index.get(name, index.get(attribute_text(name))) if isinstance(name, str) else None
+
+
+def attribute_columns(index: Mapping[str, int], mapping: Mapping, unknown, check) -> dict[int, object]:
+    """{name as given: value} -> {column of `attribute_index`: value}, each name matched by
+    `attribute_column` (`unknown(name)`: the error for one that selects none) and each value passed
+    through `check(name, value)`; one attribute given twice (two spellings) with two values is a UserError."""
+    columns: dict[int, object] = {}
+    spelled: dict[int, str] = {}  # column -> the name as first given
+    for name, value in mapping.items():
+        column = attribute_column(index, name)
+        if column is None:
+            raise unknown(name)
+        value = check(name, value)
+        if columns.setdefault(column, value) != value:
+            raise UserError(
+                f"attribute '{name}' is given as {columns[column]!r} and as {value!r} (as '{spelled[column]}', the "
+                "same name in another Unicode normalization): expected one value"
+            )
+        spelled.setdefault(column, name)
+    return columns

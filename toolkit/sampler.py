@@ -77,7 +77,7 @@ from toolkit.contract import (  # noqa: F401 (FORMAT, MAX_SIDE, MAX_WIDTH, Tenso
     read_encoder_contract,
 )
 from toolkit.errors import UserError
-from toolkit.formats import attribute_column, attribute_index
+from toolkit.formats import attribute_columns, attribute_index
 from toolkit.images import ImageError, as_viewed, centre_crop, to_uint8
 from toolkit.memory import check_fits, gib
 from toolkit.paths import as_path
@@ -108,6 +108,14 @@ def _declared(values) -> list[Tensor]:
         kind = value.type[len("tensor(") : -1] if value.type.startswith("tensor(") else value.type
         tensors.append(Tensor(value.name, names.get(kind, kind), tuple(value.shape)))
     return tensors
+
+
+def _attribute_value(name, value):
+    if isinstance(value, (bool, np.bool_)):
+        value = int(value)
+    if not isinstance(value, (int, float, np.integer, np.floating)) or value not in (0, 1):
+        raise UserError(f"attribute '{name}' must be 0 or 1, got {value!r}")
+    return value
 
 
 class Sampler:
@@ -309,21 +317,9 @@ class Sampler:
 
     def _from_mapping(self, mapping: Mapping, base: np.ndarray | None = None) -> np.ndarray:
         row = np.zeros(len(self.attributes), dtype=np.float32) if base is None else base.copy()
-        given: dict[int, tuple[str, object]] = {}  # attribute index -> (the name as given, its value)
-        for name, value in mapping.items():
-            index = attribute_column(self._index, name)
-            if index is None:
-                raise self._unknown(str(name))
-            if isinstance(value, (bool, np.bool_)):
-                value = int(value)
-            if not isinstance(value, (int, float, np.integer, np.floating)) or value not in (0, 1):
-                raise UserError(f"attribute '{name}' must be 0 or 1, got {value!r}")
-            earlier = given.setdefault(index, (name, value))
-            if earlier[1] != value:  # 'é' typed as one code point and as 'e' + an accent: one attribute
-                raise UserError(
-                    f"attribute '{name}' is given as {earlier[1]!r} and as {value!r} (as '{earlier[0]}', the same name "
-                    "in another Unicode normalization): expected one value"
-                )
+        for index, value in attribute_columns(
+            self._index, mapping, lambda name: self._unknown(str(name)), _attribute_value
+        ).items():
             row[index] = value
         return row
 
