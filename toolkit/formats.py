@@ -76,7 +76,10 @@ def attribute_index(names: Sequence[str]) -> dict[str, int]:
 def attribute_column(index: Mapping[str, int], name) -> int | None:
     """The column of `attribute_index(names)` that a name given by a caller selects, in either Unicode
     normalization (None: no attribute); report it as names[column], the model's own spelling."""
-    return index.get(name, index.get(attribute_text(name))) if isinstance(name, str) else None
+    if not isinstance(name, str):
+        return None
+    column = index.get(name)  # most names are given as spelled: normalize only those that miss
+    return column if column is not None else index.get(attribute_text(name))
 
 
 def attribute_columns(index: Mapping[str, int], mapping: Mapping, unknown, check) -> dict[int, object]:
