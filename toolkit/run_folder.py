@@ -232,6 +232,9 @@ def non_folder(path: Path) -> str | None:
         return f"is {_kind(info.st_mode)}"
     try:
         target = os.readlink(path)
+    except OSError:  # removed since lstat: nothing there
+        return None
+    try:
         reached = os.stat(path)
     except OSError as error:
         if error.errno == errno.ELOOP:
