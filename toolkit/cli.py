@@ -24,7 +24,22 @@ from toolkit.atomic import check_output  # noqa: E402
 from toolkit.entry import begin  # noqa: E402
 from toolkit.errors import UserError, check_seed, one_line  # noqa: E402
 
+
+class Interrupted(Exception):
+    """A Ctrl-C inside a command, carried past typer (which ends the process silently with 130, or says
+    'aborted' with exit 1 in older versions) to main(), which says what the command left."""
+
+
+class _Commands(typer.core.TyperGroup):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted from None
+
+
 app = typer.Typer(
+    cls=_Commands,
     help="Train attribute-conditioned image generators (Conditional VAEs) and ship them as ONNX samplers.",
     no_args_is_help=True,
     add_completion=False,
@@ -55,6 +70,15 @@ OVERWRITE = typer.Option(
 )
 
 
+def _a_ctrl_c_leaves_a_build(out: Path) -> None:
+    from toolkit.entry import on_interrupt
+
+    on_interrupt(
+        f"the build is not finished; a split of {out} without its manifest.json is not usable: "
+        "run the same command again"
+    )
+
+
 @shards_app.command("digits")
 def shards_digits(
     out: Path = typer.Option(
@@ -69,6 +93,7 @@ def shards_digits(
     """The embedded demo set: scikit-learn's 1,797 handwritten digits, one-hot digit_0 ... digit_9."""
     from toolkit.data.digits import write_digits
 
+    _a_ctrl_c_leaves_a_build(out)
     for split, manifest in write_digits(out, size, shard_size or 100, overwrite).items():
         typer.echo(f"{split}: {manifest['count']} images in {len(manifest['shards'])} shard(s) -> {out / split}")
 
@@ -103,6 +128,7 @@ def _build(
     from toolkit.data.build import ImageSpec, build_shards, constant_attributes, require_train_and_test
 
     spec = ImageSpec.parse(size, crop)
+    _a_ctrl_c_leaves_a_build(out)
     table = read()
     require_train_and_test(table)
     for split, manifest in build_shards(table, out, spec, workers, shard_size, strict, overwrite).items():
@@ -985,6 +1011,11 @@ def main() -> None:
     except typer.Abort:
         print("aborted", file=sys.stderr)
         code = 1
+    except Interrupted:
+        from toolkit.entry import INTERRUPTED_EXIT, interrupted_line
+
+        print(f"error: {interrupted_line()}", file=sys.stderr)
+        code = INTERRUPTED_EXIT
     except UserError as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         code = 2

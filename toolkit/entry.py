@@ -94,6 +94,23 @@ SWEEP_AGAIN = (
 )
 
 
+# What a Ctrl-C leaves, said by `cvae-tk` after "interrupted (Ctrl-C): ": every output goes through
+# toolkit/atomic.py, so a file is either whole or not there. A command whose work leaves more than
+# that to say (a shard build without its manifests) says so where its work begins; train and sweep
+# say their own line (the checkpoint to continue from).
+_interrupt_note = "stopped; no file was left half-written (each is written whole or not at all)"
+
+
+def on_interrupt(note: str) -> None:
+    """From here on, a Ctrl-C of this command is said as `interrupted (Ctrl-C): <note>`."""
+    global _interrupt_note
+    _interrupt_note = note
+
+
+def interrupted_line() -> str:
+    return f"interrupted (Ctrl-C): {_interrupt_note}"
+
+
 def resume_advice(usual: str) -> str:
     """How to continue a stopped training: `usual` ('continue with resume=latest', 'run it again'), or,
     in a sweep's training process, the sweep's command again."""

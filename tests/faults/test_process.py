@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -223,3 +224,73 @@ def test_a_gradient_accumulation_variable_that_would_override_the_recipe_is_refu
         UserError, match=r"ACCELERATE_GRADIENT_ACCUMULATION_STEPS=2 would override the recipe's grad_accum=1"
     ):
         check_accelerate_env(1, {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2"})
+
+
+# --- Ctrl-C ---------------------------------------------------------------------------------------
+
+# The real CLI, with the rename that ends an output's write paused (its temporary written, not yet
+# under its final name) until the test's Ctrl-C: the interrupt lands mid-write, on a chosen output.
+PAUSED_WRITE = """
+import os, sys, time
+import toolkit.atomic as atomic
+real_replace, seen = os.replace, []
+
+def replace(source, target):
+    seen.append(target)
+    if len(seen) == int(os.environ["PAUSE_AT"]):
+        print("PAUSED", flush=True)
+        time.sleep(60)
+    real_replace(source, target)
+
+atomic.os.replace = replace
+from toolkit.cli import main
+sys.argv = ["cvae-tk", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize(
+    "command, pause_at, said",
+    [
+        (["export", "--onnx", "{run}", "--out", "out/x.onnx"], 1, "stopped; no file was left half-written"),
+        (["sample", "{onnx}", "-n", "3", "--out-dir", "out"], 2, "stopped; no file was left half-written"),
+        (["shards", "digits", "--out", "out", "--shard-size", "500"], 2, "the build is not finished"),
+    ],
+    ids=["export", "sample", "shards"],
+)
+def test_ctrl_c_is_one_line_saying_what_was_left_and_no_file_is_half_written(
+    command, pause_at, said, trained_run, exported, tmp_path
+):
+    # typer 0.29 turns a Ctrl-C into a silent exit 130 (older versions: 'aborted', exit 1): the user
+    # was not told whether the shards or the export they interrupted can be used.
+    script = tmp_path / "paused.py"
+    script.write_text(PAUSED_WRITE)
+    (tmp_path / "out").mkdir()
+    arguments = [part.format(run=trained_run, onnx=exported) for part in command]
+    process = subprocess.Popen(
+        [sys.executable, str(script), *arguments],
+        cwd=tmp_path,
+        env={**ENV, "PAUSE_AT": str(pause_at)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # as a terminal starts it: SIGINT not ignored (pytest may run in the background)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        line = process.stdout.readline()
+        while line and not line.startswith("PAUSED"):
+            line = process.stdout.readline()
+        assert line.startswith("PAUSED"), process.communicate(timeout=60)[1][-3000:]
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # (a progress bar may come first)
+    assert last.startswith(f"error: interrupted (Ctrl-C): {said}"), err[-3000:]
+    written = sorted(path.relative_to(tmp_path / "out").as_posix() for path in (tmp_path / "out").rglob("*"))
+    assert not [name for name in written if name.endswith(".tmp")], written  # the paused write was removed
+    finished = [name for name in written if (tmp_path / "out" / name).is_file()]
+    assert len(finished) == pause_at - 1, written  # the outputs before it are there, whole
