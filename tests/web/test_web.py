@@ -468,10 +468,16 @@ def test_download_is_the_grid_as_png(studio, sampler, tmp_path):
 
 @needs_browser
 def test_a_dropped_photo_is_encoded_and_edited_as_the_python_sampler_does(studio, sampler, tmp_path):
+    edit_a_dropped_photo(studio, sampler, tmp_path)
+
+
+def edit_a_dropped_photo(studio: Driver, sampler: Sampler, folder: Path, levels: int = 1) -> None:
+    """Drop a real test-split digit on the open page: prepared exactly, encoded as `sampler.encode`,
+    its reconstruction and an edit within `levels` grey levels of `sampler.edit`."""
     from toolkit.data.digits import digit_samples
 
     sample = next(digit_samples("test", 32))  # a real test-split digit, at the model's size (crop null)
-    photo_path = tmp_path / "photo.png"
+    photo_path = folder / "photo.png"
     photo_path.write_bytes(sample.image)
     photo = np.asarray(Image.open(io.BytesIO(sample.image)).convert("RGB"))
     digit = f"digit_{int(np.argmax(sample.attributes))}"
@@ -487,15 +493,156 @@ def test_a_dropped_photo_is_encoded_and_edited_as_the_python_sampler_does(studio
     assert np.abs(np.asarray(state["photo"]["z"], np.float32) - z).max() < 1e-5
     tiles = grid_tiles(studio, 3, sampler.image_size)
     assert np.array_equal(tiles[0], photo)
-    assert np.abs(tiles[1].astype(int) - sampler.edit(photo, {digit: 1}).astype(int)).max() <= 1  # the reconstruction
+    reconstruction = sampler.edit(photo, {digit: 1})
+    assert np.abs(tiles[1].astype(int) - reconstruction.astype(int)).max() <= levels
     studio("uncheck", selector=f"input[name={digit}]")
     studio("check", selector=f"input[name={other}]")
     edited = grid_tiles(studio, 3, sampler.image_size)
     expected = sampler.edit(photo, {digit: 1}, {digit: 0, other: 1})
-    assert np.abs(edited[2].astype(int) - expected.astype(int)).max() <= 1
+    assert np.abs(edited[2].astype(int) - expected.astype(int)).max() <= levels
     assert np.array_equal(edited[1], tiles[1]) and not np.array_equal(edited[2], tiles[2])
     studio("click", selector="#clear-photo")
     assert studio.eval("(async () => { await cvae.idle(); return cvae.state().photo; })()") is None
+
+
+# --- the export variants: fp16, uint8 output, temperature input, int8 -----------------------------------
+
+# What `cvae-tk export` makes besides the plain fp32 file, each page driven as the fp32 one is. Two
+# fp32 files (fp16 arithmetic keeps float32 inputs and outputs; uint8 [B, H, W, 3] output with a
+# `temperature` input) and the int8 (QDQ) files quantized from the plain export and from that one:
+# both output types, all three precisions, both ways of applying the temperature. Each has an
+# encoder (an int8 file edits with its fp32 file's).
+VARIANTS = {  # name: (export_onnx options or the fp32 file it is quantized from, its model.json facts)
+    "fp16": (dict(fp16=True), dict(precision="fp16", output="float32_nchw", temperature_input=False)),
+    "uint8-temperature": (
+        dict(uint8=True, temperature_input=True),
+        dict(precision="fp32", output="uint8_nhwc", temperature_input=True),
+    ),
+    "int8": ("digits", dict(precision="int8", output="float32_nchw", temperature_input=False)),
+    "uint8-temperature-int8": (
+        "digits-uint8-temperature",
+        dict(precision="int8", output="uint8_nhwc", temperature_input=True),
+    ),
+}
+# The page's raw float output against ONNX Runtime's in Python on the same file, as tight for every
+# precision as for fp32 (measured: 1.5e-7 for fp16 and int8, on wasm): onnxruntime-web's wasm backend
+# is ONNX Runtime's CPU kernels built for wasm. The CPU provider runs most of an fp16 graph's ops in
+# float32 between casts, in both; the int8 file's products are exact integers (7-bit weights: no
+# saturation on any x86 kernel, see toolkit/quantize.py) requantized by the same float arithmetic.
+# (WebGPU would compute fp16 in fp16: not driven here, headless Chromium has no adapter.)
+RAW_TOLERANCE = 1e-5
+# The grid's pixels against the Sampler's, in grey levels: 1 (a value on a rounding edge), for all.
+LEVELS = 1
+
+
+@pytest.fixture(scope="module")
+def variant_exports(trained_run, digits_export, tmp_path_factory) -> dict[str, Path]:
+    """The session's run exported as each of VARIANTS, with the encoder, by the exporter and quantizer
+    `cvae-tk export --fp16 / --uint8 / --temperature-input / --int8 --encoder` call."""
+    from toolkit.export import export_onnx
+    from toolkit.quantize import quantize_export
+
+    folder = tmp_path_factory.mktemp("web-variants")
+    for name in ("digits.onnx", "digits-encoder.onnx"):  # the plain export, which --int8 quantizes
+        shutil.copyfile(digits_export.with_name(name), folder / name)
+    paths = {}
+    for name, (made, _) in VARIANTS.items():
+        if isinstance(made, dict):
+            paths[name] = export_onnx(trained_run, folder / f"digits-{name}.onnx", encoder=True, **made)[0]
+        else:  # OUT-int8.onnx beside OUT.onnx, whose encoder it edits with
+            paths[name] = quantize_export(trained_run, folder / f"{made}.onnx")[0]
+            assert paths[name].name == f"digits-{name}.onnx"
+    return paths
+
+
+@pytest.fixture(scope="module")
+def variant_pages(variant_exports, tmp_path_factory) -> dict[str, str]:
+    """Each variant's page, served: its address."""
+    if MISSING:
+        pytest.skip(f"browser test: {MISSING}")
+    servers = {
+        name: serve(build_page(path, tmp_path_factory.mktemp(f"web-{name}") / "page"), 0)
+        for name, path in variant_exports.items()
+    }
+    yield {name: url(server) for name, server in servers.items()}
+    for server in servers.values():
+        server.shutdown()
+        server.server_close()
+
+
+def as_pixels(output: np.ndarray) -> np.ndarray:
+    """A Sampler.run output (float32 [B, 3, H, W] or uint8 [B, H, W, 3]) as uint8 [B, H, W, 3]."""
+    return output if output.dtype == np.uint8 else to_uint8(output)
+
+
+def levels_apart(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+@needs_browser
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_export_variants_page_samples_toggles_and_edits_as_the_python_sampler(
+    variant, browser, variant_exports, variant_pages, tmp_path
+):
+    """The fp32 tests above, on the page of each variant: the grid against Sampler.run on the same
+    noise and temperature, the raw output against ONNX Runtime in Python, an attribute toggled, the
+    temperature control, a dropped photo edited."""
+    facts = VARIANTS[variant][1]
+    sampler = Sampler(variant_exports[variant], device="cpu")
+    opened = browser("open", url=variant_pages[variant])
+    assert opened["errors"] == [], opened["errors"]
+    model = browser.eval("cvae.model")
+    shown = {key: model[key] for key in ("output", "temperature_input")}
+    assert {"precision": model["decoder"]["metadata"]["precision"], **shown} == facts
+    source = VARIANTS[variant][0]  # an int8 file edits with the encoder of the fp32 file it was quantized from
+    assert model["encoder"]["file"] == f"{source if isinstance(source, str) else f'digits-{variant}'}-encoder.onnx"
+    info = browser.eval("document.querySelector('#model-info').textContent")
+    assert facts["precision"] in info, info  # the page says which file it runs
+    assert ("uint8 output" in info) == (facts["output"] == "uint8_nhwc"), info
+    assert ("temperature input" in info) == facts["temperature_input"], info
+    size = sampler.image_size
+
+    # the grid, on given noise at temperature 0.7: the graph's own input, or the noise scaled
+    browser("check", selector="input[name=digit_3]")
+    set_range(browser, "#temperature", 0.7)
+    noise = np.random.default_rng(1).standard_normal((5, sampler.latent_dim), dtype=np.float32)
+    browser.eval(f"cvae.setNoise({json.dumps(noise.tolist())})")
+    threes = np.repeat(one_hot(sampler, "digit_3")[None], 5, axis=0)
+    expected = sampler.run(threes, noise, temperature=0.7)
+    got = grid_tiles(browser, 5, size)
+    assert levels_apart(got, as_pixels(expected)) <= LEVELS
+    raw = browser.eval(
+        f"cvae.run({{attributes: {json.dumps(threes.tolist())}, noise: {json.dumps(noise.tolist())}, temperature: 0.7}})"
+    )
+    if facts["output"] == "uint8_nhwc":
+        assert levels_apart(np.asarray(raw).reshape(expected.shape), expected) <= LEVELS
+    else:
+        error = float(np.abs(np.asarray(raw, np.float32).reshape(expected.shape) - expected).max())
+        assert error < RAW_TOLERANCE, f"{variant}: raw float output {error:.2e} from ONNX Runtime in Python"
+
+    # another attribute: another grid, the Sampler's
+    browser("uncheck", selector="input[name=digit_3]")
+    browser("check", selector="input[name=digit_7]")
+    sevens = grid_tiles(browser, 5, size)
+    changed = np.abs(got.astype(int) - sevens.astype(int)) > 8
+    assert changed.mean() > 0.05, f"only {changed.mean():.1%} of the pixels changed"
+    sevens_attributes = np.repeat(one_hot(sampler, "digit_7")[None], 5, axis=0)
+    assert levels_apart(sevens, as_pixels(sampler.run(sevens_attributes, noise, temperature=0.7))) <= LEVELS
+
+    # the temperature: 0 is the prior mean (one image for every noise), 2 the Sampler's at 2
+    set_range(browser, "#temperature", 0)
+    flat = grid_tiles(browser, 5, size)
+    assert browser.eval("cvae.state().temperature") == 0
+    assert all(np.array_equal(tile, flat[0]) for tile in flat)
+    assert levels_apart(flat, as_pixels(sampler.run(sevens_attributes, noise, temperature=0))) <= LEVELS
+    set_range(browser, "#temperature", 2)
+    hot = grid_tiles(browser, 5, size)
+    assert levels_apart(hot, as_pixels(sampler.run(sevens_attributes, noise, temperature=2))) <= LEVELS
+    assert not np.array_equal(hot, sevens)
+    browser("uncheck", selector="input[name=digit_7]")
+    set_range(browser, "#temperature", 1)
+
+    edit_a_dropped_photo(browser, sampler, tmp_path, LEVELS)
 
 
 # --- many attributes (CUB-sized) -------------------------------------------------------------------------

@@ -475,7 +475,10 @@ async function start() {
   $('#model-name').textContent = model.name;
   $('#model-info').textContent = [
     `${model.attributes.length} attributes`, `${model.image_size[0]}x${model.image_size[1]}`, `z ${model.latent_dim}`,
-    `${model.prior} prior`, meta.arch, meta.step && `step ${meta.step}`, model.encoder ? 'with encoder' : 'no encoder',
+    `${model.prior} prior`, meta.arch, meta.step && `step ${meta.step}`,
+    // which variant of the export runs: its precision, and what its graph does other than the plain one
+    meta.precision || 'fp32', model.output === 'uint8_nhwc' && 'uint8 output', model.temperature_input && 'temperature input',
+    model.encoder ? 'with encoder' : 'no encoder',
   ].filter(Boolean).join(' · ');
   $('#backend').textContent = backend;
   state.attributes = new Float32Array(model.attributes.length);
