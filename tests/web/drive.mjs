@@ -16,7 +16,7 @@ const executablePath = process.env.CHROMIUM || '/usr/bin/chromium';
 const browser = await chromium.launch({
   executablePath,
   args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-    '--disable-component-update', '--disable-sync'],
+    '--disable-component-update', '--disable-sync', ...(process.env.CHROMIUM_ARGS || '').split(' ').filter(Boolean)],
 });  // playwright gives the browser a new, empty profile (user data dir) of its own
 let context = null, page = null, requests = [], errors = [];
 

@@ -62,7 +62,7 @@ needs_ort_web = pytest.mark.skipif(
 class Driver:
     """tests/web/drive.mjs: one Chromium for the module, a JSON command a line."""
 
-    def __init__(self):
+    def __init__(self, chromium_args: tuple[str, ...] = ()):
         self.process = subprocess.Popen(
             ["node", str(DRIVER)],
             stdin=subprocess.PIPE,
@@ -70,7 +70,7 @@ class Driver:
             stderr=subprocess.PIPE,
             text=True,
             cwd=ROOT,
-            env=dict(os.environ, CHROMIUM=CHROMIUM),
+            env=dict(os.environ, CHROMIUM=CHROMIUM, CHROMIUM_ARGS=" ".join(chromium_args)),
         )
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.process.stdout, selectors.EVENT_READ)
@@ -643,6 +643,55 @@ def test_every_export_variants_page_samples_toggles_and_edits_as_the_python_samp
     set_range(browser, "#temperature", 1)
 
     edit_a_dropped_photo(browser, sampler, tmp_path, LEVELS)
+
+
+# WebGPU without a GPU: Chromium's SwiftShader adapter (Vulkan on the CPU), as a browser whose GPU
+# lacks 'shader-f16' (SwiftShader has none), where the page must not open an fp16 export on WebGPU.
+WEBGPU_ARGS = ("--enable-unsafe-webgpu", "--enable-unsafe-swiftshader")
+
+
+@pytest.fixture(scope="module")
+def webgpu_browser():
+    if MISSING:
+        pytest.skip(f"browser test: {MISSING}")
+    driver = Driver(WEBGPU_ARGS)
+    yield driver
+    driver.close()
+
+
+@needs_browser
+# SwiftShader compiles every kernel on the CPU (~10 s a page): fp32, fp16 (the fallback) and the
+# int8 file with uint8 output and a temperature input (the other variants' graphs are parts of these)
+@pytest.mark.parametrize("variant", ["fp32", "fp16", "uint8-temperature-int8"])
+def test_on_webgpu_every_variant_runs_there_or_on_wasm_and_matches_the_python_sampler(
+    variant, webgpu_browser, request
+):
+    """The page chooses WebGPU where the browser gives an adapter. An fp16 export on an adapter
+    without 'shader-f16' opened there and failed at its first run (the page showed only an error);
+    now it runs on wasm. The others run on WebGPU, their grids within LEVELS of the Sampler."""
+    if variant == "fp32":
+        path, address = request.getfixturevalue("digits_export"), url(request.getfixturevalue("server"))
+    else:
+        path, address = (request.getfixturevalue(name)[variant] for name in ("variant_exports", "variant_pages"))
+    opened = webgpu_browser("open", url=address)
+    adapter = webgpu_browser.eval(
+        "(async () => { const a = navigator.gpu && await navigator.gpu.requestAdapter();"
+        " return a && {f16: a.features.has('shader-f16')}; })()"
+    )
+    if adapter is None:
+        pytest.skip(f"this Chromium gives no WebGPU adapter with {' '.join(WEBGPU_ARGS)}")
+    assert opened["errors"] == [], opened["errors"]
+    fp16 = variant.startswith("fp16")
+    assert opened["backend"] == ("wasm" if fp16 and not adapter["f16"] else "webgpu")
+    assert webgpu_browser.eval("document.querySelector('#backend').textContent") == opened["backend"]
+    sampler = Sampler(path, device="cpu")
+    webgpu_browser("check", selector="input[name=digit_3]")
+    set_range(webgpu_browser, "#temperature", 0.7)
+    noise = np.random.default_rng(2).standard_normal((5, sampler.latent_dim), dtype=np.float32)
+    webgpu_browser.eval(f"cvae.setNoise({json.dumps(noise.tolist())})")
+    threes = np.repeat(one_hot(sampler, "digit_3")[None], 5, axis=0)
+    expected = as_pixels(sampler.run(threes, noise, temperature=0.7))
+    assert levels_apart(grid_tiles(webgpu_browser, 5, sampler.image_size), expected) <= LEVELS
 
 
 # --- many attributes (CUB-sized) -------------------------------------------------------------------------

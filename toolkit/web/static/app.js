@@ -1,7 +1,7 @@
 // cvae-tk studio: the exported sampler (and its encoder, if any) run in the browser by onnxruntime-web.
 // Static files only: model.json (the export's metadata, written by `cvae-tk web`), the .onnx
-// files and ort/ lie beside this page. WebGPU where the browser has an adapter, else wasm (CPU);
-// `?backend=wasm` forces wasm.
+// files and ort/ lie beside this page. WebGPU where the browser has an adapter that runs the model
+// (see chooseBackend, openModels), else wasm (CPU); `?backend=wasm` forces wasm.
 //
 // Noise: xoshiro128**, its four words seeded by MurmurHash3's fmix32 of a Weyl sequence from the
 // seed (state += 0x9e3779b9), turned into standard normals by
@@ -91,24 +91,61 @@ function exclusive(job) {
   return result;
 }
 
+// WebGPU where the browser gives an adapter that can run the model, else wasm (the CPU). An fp16
+// export needs the adapter's 'shader-f16' feature: without it onnxruntime-web opens the session but
+// fails its first run ("Cast requires f16 but the device does not support it").
 async function chooseBackend() {
   if (params.get('backend') === 'wasm' || !navigator.gpu) return 'wasm';
   try {
-    return (await navigator.gpu.requestAdapter()) ? 'webgpu' : 'wasm';
+    const adapter = await navigator.gpu.requestAdapter();
+    if (!adapter) return 'wasm';
+    if (model.decoder.metadata.precision === 'fp16' && !adapter.features.has('shader-f16')) {
+      console.warn('this WebGPU adapter has no shader-f16, which the fp16 export needs: using wasm');
+      return 'wasm';
+    }
+    return 'webgpu';
   } catch {
     return 'wasm';
   }
 }
 
-async function openSession(file) {
-  try {
-    return await ort.InferenceSession.create(file, { executionProviders: [backend] });
-  } catch (error) {
-    if (backend === 'wasm') throw error;
-    console.warn(`WebGPU failed (${error.message}): using wasm`);
-    backend = 'wasm';
-    return ort.InferenceSession.create(file, { executionProviders: ['wasm'] });
+// One run on inputs of the session's own shapes (zeros): a kernel the WebGPU device cannot run fails
+// here, at the first run (opening the session does not find it), not in front of the user.
+async function probe(session, file) {
+  const [H, W] = model.image_size, A = model.attributes.length, Z = model.latent_dim;
+  const shapes = file === model.decoder.file
+    ? { attributes: [1, A], noise: [1, Z], temperature: [1] }
+    : { images: [1, 3, H, W], attributes: [1, A] };
+  const feeds = {};
+  for (const name of session.inputNames) {
+    const shape = shapes[name];
+    feeds[name] = new ort.Tensor('float32', new Float32Array(shape.reduce((a, b) => a * b, 1)), shape);
   }
+  await session.run(feeds);
+}
+
+// The decoder's and encoder's sessions on `backend`; on WebGPU each is probed, and anything WebGPU
+// cannot do (opening or running a model) falls back to wasm for both, so the footer says the truth.
+async function openModels() {
+  const files = [model.decoder.file, ...(model.encoder ? [model.encoder.file] : [])];
+  const open = async (provider, check) => {
+    const sessions = [];
+    for (const file of files) {
+      const session = await ort.InferenceSession.create(file, { executionProviders: [provider], logSeverityLevel: 3 });
+      if (check) await probe(session, file);
+      sessions.push(session);
+    }
+    return sessions;
+  };
+  if (backend === 'webgpu') {
+    try {
+      return await open('webgpu', true);
+    } catch (error) {
+      console.warn(`WebGPU cannot run this model here (${error.message}): using wasm`);
+      backend = 'wasm';
+    }
+  }
+  return open('wasm', false);
 }
 
 // The decoder's raw output for `rows` conditions: Float32Array [B, 3, H, W] (float32_nchw) or
@@ -469,8 +506,10 @@ async function start() {
   backend = await chooseBackend();
   ort = await import('./ort/ort.webgpu.min.mjs');
   ort.env.wasm.numThreads = self.crossOriginIsolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1;
-  decoder = await openSession(model.decoder.file);
-  encoder = model.encoder ? await openSession(model.encoder.file) : null;
+  // errors only (here and each session's logSeverityLevel): onnxruntime's warnings (which nodes it
+  // placed on the CPU) say nothing a user can act on
+  ort.env.logLevel = 'error';
+  [decoder, encoder = null] = await openModels();
   const meta = model.decoder.metadata;
   $('#model-name').textContent = model.name;
   $('#model-info').textContent = [
