@@ -45,7 +45,13 @@ from itertools import islice
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import (
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    broadcast_object_list,
+    gather_object,
+    set_seed,
+)
 from accelerate.utils.constants import OPTIMIZER_NAME, RNG_STATE_NAME, SAFE_WEIGHTS_NAME
 from torchvision.utils import make_grid
 from torchvision.utils import save_image as _save_png
@@ -198,6 +204,8 @@ class BatchStream:
             )
         # unreadable samples of all segments; checked by the loop, summed over the ranks (`skipped`)
         self.skips = Skips("train", data.shards, self.train_count, data.max_skipped_fraction, check=False)
+        # this rank's counts that a run resuming after the batch last yielded starts from (`batches`)
+        self.resume_counts = skip_counts(self.skips)
         # one reader for every segment: its loader workers are started once (at the first read)
         self.reader = (
             ResampledStream(
@@ -252,17 +260,74 @@ class BatchStream:
         self.reader.close()
 
     def batches(self, start: int):
-        """Yield (segment, last of its segment, batch) from micro-batch index `start` on, forever."""
+        """Yield (segment, last of its segment, batch) from micro-batch index `start` on, forever.
+
+        Keeps `resume_counts`: the skip counts a run resumed after the batch last yielded starts
+        from. A resume inside a segment reads it again from its start (counting its skips again),
+        so these are the counts at the segment's start; after its last batch, the counts then."""
         segment, offset = 0, start
         while offset >= self.length(segment):
             offset -= self.length(segment)
             segment += 1
         while True:
             length = self.length(segment)
+            self.resume_counts = skip_counts(self.skips)
             for index, batch in enumerate(self._segment(segment)):
                 if index >= offset:
+                    if index == length - 1:
+                        self.resume_counts = skip_counts(self.skips)
                     yield segment, index == length - 1, batch
             segment, offset = segment + 1, 0
+
+
+# --- skipped samples across resumes ---------------------------------------------------------------
+
+SKIP_COUNTS = ("samples_read", "lost_in_shards", "undecodable")  # the Skips counters a checkpoint keeps
+
+
+def skip_counts(skips: Skips) -> dict:
+    """One rank's skip counts as trainer_state.json records them (plain JSON)."""
+    return {
+        **{key: int(getattr(skips, key)) for key in SKIP_COUNTS},
+        "by_shard": {url: [int(lost), str(reason)] for url, (lost, reason) in skips.by_shard.items()},
+    }
+
+
+def saved_skips(state: dict, path: Path) -> list[dict]:
+    """The `skips` record of a checkpoint's trainer_state.json (`state`): one entry per rank of the
+    run that saved it, checked; [] for an older checkpoint, which has none (its run starts at zero)."""
+    saved = state.get("skips", [])
+
+    def count(value) -> bool:
+        return type(value) is int and value >= 0
+
+    if not isinstance(saved, list) or not all(
+        isinstance(entry, dict)
+        and all(count(entry.get(key)) for key in SKIP_COUNTS)
+        and isinstance(entry.get("by_shard"), dict)
+        and all(
+            isinstance(v, list) and len(v) == 2 and count(v[0]) and isinstance(v[1], str)
+            for v in entry["by_shard"].values()
+        )
+        for entry in saved
+    ):
+        raise UserError(
+            f"{path / TRAINER_STATE}: its 'skips' record is not one that a save writes (a list of each rank's "
+            "counts of skipped samples); resume another checkpoint, or delete the record to count from zero"
+        )
+    return saved
+
+
+def restore_skips(skips: Skips, saved: list[dict], rank: int, world: int) -> None:
+    """Add rank `rank`'s share of a checkpoint's `saved` counts (`saved_skips`) to `skips`: its own
+    entry when as many ranks saved as run now; else rank 0 takes them all (the bound and the log
+    use the sums over the ranks, which stay the same)."""
+    entries = [saved[rank]] if len(saved) == world else saved if rank == 0 else []
+    for entry in entries:
+        for key in SKIP_COUNTS:
+            setattr(skips, key, getattr(skips, key) + entry[key])
+        for url, (lost, reason) in entry["by_shard"].items():
+            skips.by_shard.setdefault(url, [0, reason])[0] += lost
 
 
 # --- checkpoints -----------------------------------------------------------------------------
@@ -290,10 +355,13 @@ def save_checkpoint(
     data_order: dict | None = None,
     shards: dict | None = None,
     run_id: str | None = None,
+    skips: dict | None = None,
 ) -> Path:
     """save_state into checkpoint-<step>.tmp, mark it complete, then rename: a save cut short never
     replaces (or looks like) a good checkpoint. Keeps the newest `limit`. `run_id`: the run's
-    identity (run_folder.run_identity), which a resume of it keeps."""
+    identity (run_folder.run_identity), which a resume of it keeps. `skips`: this rank's skip
+    counts to resume from (`BatchStream.resume_counts`), recorded for every rank."""
+    skips_by_rank = gather_object([skips]) if skips is not None else None  # a collective: on every rank
     folder = run_dir / CHECKPOINTS
     final, partial = folder / f"checkpoint-{step}", folder / f"checkpoint-{step}.tmp"
     if accelerator.is_main_process:
@@ -313,6 +381,7 @@ def save_checkpoint(
             "shards": shards or {},
             "toolkit_version": toolkit.__version__,
             **({RUN_ID: run_id} if run_id else {}),
+            **({"skips": skips_by_rank} if skips_by_rank is not None else {}),
         }
         try:
             (partial / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
@@ -357,6 +426,7 @@ def _check_resume(
     """Refuse a checkpoint that cannot continue this run (another model or other shards, a record or
     a file that is not what a save wrote) before anything is loaded; warn of another data order."""
     state = read_trainer_state(path)
+    saved_skips(state, path)  # restored by the trainer once its reader is set up
     saved = state.get("model", {})
     for key, now in _identity(spec).items():
         if key in saved and saved[key] != now:
@@ -671,6 +741,9 @@ class Trainer:
         self.stream = BatchStream(
             config, accelerator.process_index, accelerator.num_processes, self.manifests["train"], accelerator.device
         )
+        if self.resume_from is not None:  # what the run skipped before: the bound and the log go on from it
+            saved = saved_skips(read_trainer_state(self.resume_from), self.resume_from)
+            restore_skips(self.stream.skips, saved, accelerator.process_index, accelerator.num_processes)
         check_memory(config, spec, accelerator.device)
         self._setup_model()
         self._setup_grids()
@@ -861,7 +934,7 @@ class Trainer:
                 if self.bad_streak == 0 and (step % config.checkpoint_every == 0 or step == config.max_steps):
                     save_checkpoint(
                         accelerator, self.run_dir, step, self.spec, config.checkpoints_total_limit,
-                        self.data_order, self.fingerprint, self.run_id,
+                        self.data_order, self.fingerprint, self.run_id, stream.resume_counts,
                     )  # fmt: skip
                     self.last_saved = step
         except RuntimeError as error:

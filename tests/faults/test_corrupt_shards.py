@@ -4,6 +4,7 @@ exactly, and stops with one clear message once the skipped fraction passes
 `data.max_skipped_fraction`; evaluation counts the same way."""
 
 import io
+import json
 import shutil
 import tarfile
 from itertools import islice
@@ -20,7 +21,7 @@ from toolkit.errors import UserError
 from toolkit.evaluate import reconstruction_metrics
 from toolkit.figures import read_scalars
 from toolkit.model import CVAE, load_model
-from toolkit.train import BatchStream, TrainingStopped, main, train
+from toolkit.train import BatchStream, Skips, TrainingStopped, main, restore_skips, skip_counts, train
 
 SIZE = 8  # the digits at their own 8x8: a step takes milliseconds
 TRAIN, TRAIN_SHARD, TEST_SHARD = 400, 100, 50  # 4 train shards of 100; the 179 test images in shards of 50
@@ -126,6 +127,73 @@ def test_a_cut_tar_and_a_corrupt_image_are_skipped_counted_and_reported(shards, 
     resumed = train(config(shards, tmp_path / "resumed", *common, "checkpoint_every=7", "resume=latest"))
     a, b = load_file(str(run / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+def skipped_logged(run) -> list[tuple[int, int]]:
+    return [
+        (step, int(value)) for step, value in read_scalars(run, ("train/skipped_samples",))["train/skipped_samples"]
+    ]
+
+
+def trainer_state(run, step) -> dict:
+    return json.loads((run / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").read_text())
+
+
+@pytest.mark.parametrize("stop", [7, 10])  # inside the second epoch's reading; at the end of the first (10 batches)
+def test_a_resumed_run_counts_on_from_what_it_skipped_before(shards, tmp_path, stop):
+    damage_train(shards)
+    common = ["data.num_workers=0", "max_steps=20"]
+    straight = train(config(shards, tmp_path / "straight", *common))
+    train(config(shards, tmp_path / "resumed", "data.num_workers=0", f"max_steps={stop}", f"checkpoint_every={stop}"))
+    resumed = train(config(shards, tmp_path / "resumed", *common, "resume=latest"))
+    # the log and the counts the bound is checked against go on as the uninterrupted run's
+    assert skipped_logged(resumed) == skipped_logged(straight) and skipped_logged(straight)[-1] == (20, 6)
+    assert trainer_state(resumed, 20)["skips"] == trainer_state(straight, 20)["skips"]
+    [counts] = trainer_state(straight, 20)["skips"]
+    assert counts["lost_in_shards"] + counts["undecodable"] == 6 and sorted(counts["by_shard"]) == [
+        str(shards / "train" / f"train-00000{n}.tar") for n in (1, 2)
+    ]
+
+
+def test_a_checkpoint_without_skip_counts_resumes_counting_from_zero(shards, tmp_path):
+    damage_train(shards)
+    run = tmp_path / "run"
+    train(config(shards, run, "data.num_workers=0", "max_steps=10", "checkpoint_every=10"))
+    record = run / "checkpoints" / "checkpoint-10" / "trainer_state.json"
+    state = json.loads(record.read_text())
+    assert sum(c["lost_in_shards"] + c["undecodable"] for c in state["skips"]) == 3  # the first epoch's
+    record.write_text(json.dumps({**state, "skips": [{"samples_read": -1}]}))  # edited by hand: refused, naming it
+    with pytest.raises(UserError, match="its 'skips' record is not one that a save writes"):
+        train(config(shards, run, "data.num_workers=0", "max_steps=20", "resume=latest"))
+
+    del state["skips"]
+    record.write_text(json.dumps(state))  # as an older toolkit wrote it
+    train(config(shards, run, "data.num_workers=0", "max_steps=20", "resume=latest"))
+    assert skipped_logged(run)[-1] == (20, 3)  # the second epoch's only, as before the counts were kept
+
+
+def test_each_rank_resumes_its_own_counts_and_another_number_of_ranks_the_same_sums(shards):
+    def counts(read, lost, undecodable, shard):
+        return {
+            "samples_read": read,
+            "lost_in_shards": lost,
+            "undecodable": undecodable,
+            "by_shard": {shard: [lost + undecodable, "why"]},
+        }
+
+    saved = [counts(100, 2, 0, "a.tar"), counts(120, 0, 1, "b.tar")]  # two ranks saved
+
+    def restored(rank, world):
+        skips = Skips("train", "shards", 400, check=False)
+        restore_skips(skips, saved, rank, world)
+        return skip_counts(skips)
+
+    assert [restored(rank, 2) for rank in (0, 1)] == saved  # the same ranks: each its own
+    alone = restored(0, 1)  # one rank now: it takes the sums (what the bound and the log use)
+    assert (alone["samples_read"], alone["lost_in_shards"], alone["undecodable"]) == (220, 2, 1)
+    assert alone["by_shard"] == {"a.tar": [2, "why"], "b.tar": [1, "why"]}
+    four = [restored(rank, 4) for rank in range(4)]  # more ranks: rank 0 the sums, the others none
+    assert four[0] == alone and all(c == skip_counts(Skips("train", "shards", 400)) for c in four[1:])
 
 
 def test_past_the_bound_training_stops_with_one_clear_message(shards, tmp_path):
