@@ -22,7 +22,7 @@ import typer  # noqa: E402
 
 from toolkit.atomic import check_output  # noqa: E402
 from toolkit.entry import begin  # noqa: E402
-from toolkit.errors import UserError, check_seed, one_line  # noqa: E402
+from toolkit.errors import UserError, check_int, check_seed, one_line  # noqa: E402
 
 
 class Interrupted(Exception):
@@ -58,6 +58,17 @@ def _seed(value: Optional[int]) -> Optional[int]:
     return value if value is None else check_seed(value, "--seed")
 
 
+def _count(low: int = 1):
+    """The callback of every count option (--steps, -n, --workers, --shard-size): an integer in
+    [low, 2**63), the range config.validate gives every integer key (max_steps: [1, 2**63)); one
+    line naming the option and the range. (A huge --steps was accepted, and ran for ever.)"""
+
+    def check(param: typer.CallbackParam, value: Optional[int]) -> Optional[int]:
+        return value if value is None else check_int(value, param.opts[0], low)
+
+    return check
+
+
 def _output_folder(value: Optional[Path]) -> Optional[Path]:
     """A folder to write into: not a file, and writable (checked while the options are read, before any work)."""
     return value if value is None else check_output(value, folder=True)
@@ -86,7 +97,7 @@ def shards_digits(
     ),
     size: int = typer.Option(32, "--size", min=8, max=512, help="Side of the square images (the source is 8x8)."),
     shard_size: Optional[int] = typer.Option(
-        None, "--shard-size", min=1, help="Samples per tar shard (default: 100).", show_default=False
+        None, "--shard-size", callback=_count(1), help="Samples per tar shard (default: 100).", show_default=False
     ),
     overwrite: bool = OVERWRITE,
 ) -> None:
@@ -103,11 +114,11 @@ SIZE = typer.Option("64", "--size", help="N (N x N), HxW (e.g. 218x178) or origi
 CROP = typer.Option(
     None, "--crop", help="center:N - a centred N x N square before resizing (CelebA faces: center:148)."
 )
-WORKERS = typer.Option(0, "--workers", min=0, help="Worker processes (0: every core).")
+WORKERS = typer.Option(0, "--workers", callback=_count(0), help="Worker processes (0: every core).")
 SHARD_SIZE = typer.Option(
     None,
     "--shard-size",
-    min=1,
+    callback=_count(1),
     show_default=False,
     help="Samples per tar shard (default: about 256 shards per split, 100 to 1,000 samples each, so many loader workers read in parallel).",
 )
@@ -459,7 +470,7 @@ def sample(
     each_attribute: bool = typer.Option(
         False, "--each-attribute", help="One row per attribute, that attribute alone set."
     ),
-    n: int = typer.Option(8, "-n", help="Images per condition."),
+    n: int = typer.Option(8, "-n", callback=_count(1), help="Images per condition."),
     seed: Optional[int] = typer.Option(None, "--seed", callback=_seed, help="Noise seed (same seed, same images)."),
     temperature: float = typer.Option(1.0, "--temperature", help="Scale of the prior's spread (0: its mean)."),
     grid: Optional[Path] = typer.Option(
@@ -488,8 +499,6 @@ def sample(
     if out_dir is not None:
         check_output(out_dir, folder=True)
         _check_no_earlier_images(out_dir)
-    if isinstance(n, bool) or n < 1:
-        raise UserError(f"-n must be an integer >= 1, got {n}")
     sampler = Sampler(model, device=device)
     if each_attribute:
         if attr:
@@ -614,7 +623,7 @@ def _refuse_unread_keys(args: List[str]) -> None:
 @classifier_app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def classifier_train(
     ctx: typer.Context,
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimiser steps (default 2000)."),
+    steps: Optional[int] = typer.Option(None, "--steps", callback=_count(1), help="Optimiser steps (default 2000)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate (default 1e-3)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default runs/<recipe>-classifier)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
@@ -772,7 +781,7 @@ def interpolate_command(
         [], "--to-attr", help="NAME=0|1, repeatable: the last attribute set; with images, the last image's attributes."
     ),
     classifier: Optional[Path] = EDIT_CLASSIFIER,
-    steps: int = typer.Option(8, "--steps", help="Frames, both ends included (>= 2)."),
+    steps: int = typer.Option(8, "--steps", callback=_count(2), help="Frames, both ends included (>= 2)."),
     seed: Optional[int] = typer.Option(
         None, "--seed", callback=_seed, help="Seed of the prior noise (attribute interpolation).  [default: 0]"
     ),

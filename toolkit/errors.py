@@ -38,11 +38,18 @@ def cut(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-MAX_SEED = 2**63 - 1  # what torch's and numpy's generators both take as they are
+MAX_INT = 2**63 - 1  # torch and numpy take 64-bit integers: config.validate bounds every integer key so
+MAX_SEED = MAX_INT  # what torch's and numpy's generators both take as they are
+
+
+def check_int(value, option: str, low: int = 0) -> int:
+    """An integer in [low, 2**63): the range of every integer setting (config.validate; max_steps is
+    [1, 2**63)). A count beyond it was a traceback deep in torch or numpy, or a loop that ran for ever."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= MAX_INT:
+        raise UserError(f"{option} must be an integer in [{low}, 2**63), got {value!r}")
+    return int(value)
 
 
 def check_seed(seed, option: str = "seed") -> int:
     """An integer in [0, 2**63): torch wraps a negative seed silently and overflows on a huge one."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
-        raise UserError(f"{option} must be an integer in [0, 2**63), got {seed!r}")
-    return int(seed)
+    return check_int(seed, option, 0)

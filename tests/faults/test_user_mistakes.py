@@ -91,11 +91,27 @@ MISTAKES = {
     "inspect-a-folder": (["inspect", "adir"], ["adir is a folder", "expected an ONNX file"]),
     "sample-a-device": (sample("/dev/null", "--grid", "g.png"), ["/dev/null is not a regular file"]),
     # sizes: below the minimum, or beyond the memory of any machine
-    "n-zero": (sample("MODEL", "-n", "0", "--grid", "g.png"), ["-n", ">= 1", "0"]),
-    "n-negative": (sample("MODEL", "-n", "-1", "--grid", "g.png"), ["-n", ">= 1"]),
+    "n-zero": (sample("MODEL", "-n", "0", "--grid", "g.png"), ["-n must be an integer in [1, 2**63), got 0"]),
+    "n-negative": (sample("MODEL", "-n", "-1", "--grid", "g.png"), ["-n", "[1, 2**63)"]),
+    "n-beyond-2**63": (sample("MODEL", "-n", str(2**63), "--out-dir", "new"), ["-n", "[1, 2**63)", str(2**63)]),
     "n-beyond-memory": (sample("MODEL", "-n", str(10**12), "--grid", "g.png"), ["memory", "available"]),
     "n-not-a-number": (sample("MODEL", "-n", "abc", "--grid", "g.png"), ["-n", "integer", "cvae-tk sample --help"]),
-    "steps-one": (interpolate("RUN", "--steps", "1"), ["--steps", ">= 2"]),
+    "steps-one": (interpolate("RUN", "--steps", "1"), ["--steps must be an integer in [2, 2**63), got 1"]),
+    "steps-beyond-2**63": (interpolate("RUN", "--steps", str(10**21)), ["--steps", "[2, 2**63)", str(10**21)]),
+    # a count beyond what torch and numpy take (config.validate's bound of every integer key): was accepted
+    # (classifier train then ran for ever)
+    "classifier-steps-huge": (
+        ["classifier", "train", "recipe=digits", "data.shards=SHARDS", "--steps", str(10**21)],
+        ["--steps must be an integer in [1, 2**63), got " + str(10**21)],
+    ),
+    "shard-size-huge": (
+        ["shards", "digits", "--out", "o", "--shard-size", str(10**21)],
+        ["--shard-size must be an integer in [1, 2**63)"],
+    ),
+    "workers-negative": (
+        ["shards", "folder", "--root", ".", "--attributes", "afile", "--out", "o", "--workers", "-1"],
+        ["--workers must be an integer in [0, 2**63), got -1"],
+    ),
     "steps-beyond-memory": (interpolate("RUN", "--steps", str(10**12)), ["--steps", "memory", "available"]),
     # numbers out of range
     "temperature-nan": (sample("MODEL", "--temperature", "nan", "--grid", "g.png"), ["temperature", "nan"]),
@@ -178,6 +194,36 @@ MISTAKES = {
     ),
     "unknown-command": (["smaple"], ["smaple"]),
 }
+
+
+def _cli_options(annotations):
+    """(command words, option) for every option of `cvae-tk` whose annotation is one of `annotations`."""
+    import typer
+
+    from toolkit.cli import app
+
+    def walk(command, words):
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from walk(sub, [*words, name])
+        for param in getattr(command, "params", []) if not hasattr(command, "commands") else []:
+            if param.param_type_name == "option" and param.type_descriptor.annotation in annotations:
+                yield words, param
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+def test_every_integer_option_refuses_what_torch_and_numpy_cannot_take_naming_itself(monkeypatch, capsys, tmp_path):
+    from typing import Optional
+
+    options = _cli_options((int, Optional[int]))
+    assert len(options) >= 10  # the walk finds them
+    for words, option in options:
+        if option.opts == ["--opset"]:
+            continue  # export's check_opset: 18 to the installed onnx's newest, before any work
+        name = option.opts[0]
+        line = assert_one_line(cli([*words, name, str(2**63), "x"], monkeypatch, capsys, tmp_path), name)
+        # the range said: ours, or typer's for an option with a max of its own (--size, --port)
+        assert f"2**63), got {2**63}" in line or "less than or equal to" in line, line
 
 
 @pytest.mark.parametrize("name", list(MISTAKES))
