@@ -363,6 +363,27 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def file_name(text: str | Path, option: str = "") -> Path:
+    """`text`, a file to write, as a Path; refused (one line, naming `option`) when it ends as a folder
+    does (`out.png/`, `out.png/.`): Path drops that ending, so the file would be written all the same,
+    though the user meant a folder or mistyped. A Path (a default) is taken as it is."""
+    if isinstance(text, Path):
+        return text
+    separators = tuple({"/", os.sep, os.altsep or "/"})
+    last = re.split("|".join(map(re.escape, separators)), text)[-1]
+    if last not in ("", ".", "..") or not text.strip():  # (an empty name: check_output's line)
+        return Path(text)
+    name = text.rstrip("".join(separators))
+    while name.endswith(tuple(s + "." for s in separators)):  # out.png/./ -> out.png
+        name = name[:-1].rstrip("".join(separators))
+    name = "" if last == ".." or name == "." else name
+    ending = "/" if text.endswith(separators) else ("/" if text != last else "") + last
+    raise UserError(
+        f"{(option + ' ') if option else ''}{text}: names a folder (ends with {ending}); "
+        f"expected {f'a file such as {name}' if name else 'a file name'}"
+    )
+
+
 def check_output(path: str | Path, folder: bool = False, needed_bytes: int = 1, inputs=()) -> Path:
     """Refuse, before any work, an output that cannot be written: a file name that is a folder (or,
     with folder=True, a folder that is a file), a parent that is a file, a folder that is read-only
@@ -373,7 +394,7 @@ def check_output(path: str | Path, folder: bool = False, needed_bytes: int = 1, 
     writes through it). Returns `path`."""
     if str(path) == "" or str(path).isspace():  # Path("") is ".": an unset shell variable would mean here
         raise UserError(f"expected {'a folder' if folder else 'a file name'} to write, got an empty value")
-    given = path = Path(path)
+    given = path = Path(path) if folder else file_name(path)  # a str's trailing / is still there to see
     if not folder and _is_link(path) and path.exists():
         path = through_link(path)
     for source in inputs:

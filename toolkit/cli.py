@@ -20,7 +20,7 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 import typer  # noqa: E402
 
-from toolkit.atomic import check_output  # noqa: E402
+from toolkit.atomic import check_output, file_name  # noqa: E402
 from toolkit.entry import begin  # noqa: E402
 from toolkit.errors import UserError, check_int, check_seed, one_line  # noqa: E402
 
@@ -72,6 +72,13 @@ def _count(low: int = 1):
 def _output_folder(value: Optional[Path]) -> Optional[Path]:
     """A folder to write into: not a file, and writable (checked while the options are read, before any work)."""
     return value if value is None else check_output(value, folder=True)
+
+
+def output_file(default, option: str, **options):
+    """The option naming a file to write (--grid, --out of export, edit, interpolate): its text is
+    read here, before typer's Path drops a trailing / (`--grid out.png/` means a folder, or is a
+    typo; it wrote the file out.png), and refused in one line (atomic.file_name)."""
+    return typer.Option(default, option, parser=partial(file_name, option=option), metavar="<path>", **options)
 
 
 OVERWRITE = typer.Option(
@@ -337,7 +344,7 @@ def train(ctx: typer.Context) -> None:
 def export(
     run_dir: Path = typer.Argument(..., help="A run folder written by `cvae-tk train`."),
     onnx: bool = typer.Option(True, "--onnx", help="Export to ONNX (the only format so far)."),
-    out: Optional[Path] = typer.Option(
+    out: Optional[Path] = output_file(
         None,
         "--out",
         help="Output file (default export/<run name>.onnx, with -fp16 / -uint8 / -temperature for the variants; a default name holding another run's export is refused).",
@@ -473,7 +480,7 @@ def sample(
     n: int = typer.Option(8, "-n", callback=_count(1), help="Images per condition."),
     seed: Optional[int] = typer.Option(None, "--seed", callback=_seed, help="Noise seed (same seed, same images)."),
     temperature: float = typer.Option(1.0, "--temperature", help="Scale of the prior's spread (0: its mean)."),
-    grid: Optional[Path] = typer.Option(
+    grid: Optional[Path] = output_file(
         None,
         "--grid",
         help="Write one grid image, one row per condition (the format from the extension: .png, .jpg, .webp...).",
@@ -711,7 +718,7 @@ def edit_command(
         help="NAME=0|1: the image's attributes, the full set (unnamed are 0); default: the classifier's prediction.",
     ),
     classifier: Optional[Path] = EDIT_CLASSIFIER,
-    out: Optional[Path] = typer.Option(
+    out: Optional[Path] = output_file(
         None, "--out", help="Output image: original | edit side by side (default <image stem>-edit.png here)."
     ),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
@@ -785,7 +792,7 @@ def interpolate_command(
     seed: Optional[int] = typer.Option(
         None, "--seed", callback=_seed, help="Seed of the prior noise (attribute interpolation).  [default: 0]"
     ),
-    out: Path = typer.Option(
+    out: Path = output_file(
         Path("interpolation.png"), "--out", help="Output image: one horizontal strip of the frames."
     ),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -80,6 +81,24 @@ MISTAKES = {
     "classifier-out-is-a-file": (
         ["classifier", "train", "recipe=digits", "data.shards=SHARDS", "--steps", "1", "--out", "afile"],
         ["afile", "expected a folder"],
+    ),
+    # a file name ending as a folder's (typer's Path dropped the / and wrote the file)
+    "grid-trailing-slash": (
+        sample("MODEL", "--grid", "out.png/"),
+        ["--grid out.png/: names a folder (ends with /); expected a file such as out.png"],
+    ),
+    "grid-trailing-dot": (sample("MODEL", "--grid", "out.png/."), ["--grid out.png/.: names a folder (ends with /.)"]),
+    "export-out-trailing-slash": (
+        ["export", "RUN", "--out", "export/x.onnx/"],
+        ["--out export/x.onnx/: names a folder (ends with /); expected a file such as export/x.onnx"],
+    ),
+    "edit-out-trailing-slash": (
+        ["edit", "RUN", "photo.png", "--attr", "a=1", "--set", "b=1", "--out", "adir/e.png/"],
+        ["--out adir/e.png/: names a folder"],
+    ),
+    "interpolate-out-trailing-slash": (
+        interpolate("RUN", "--out", "strip.png//"),
+        ["--out strip.png//: names a folder"],
     ),
     # an attribute set twice to different values (the last one won, silently)
     "attr-twice": (sample("MODEL", "--attr", "a=0", "--grid", "g.png"), ["--attr sets a twice, to 1 and to 0"]),
@@ -224,6 +243,29 @@ def test_every_integer_option_refuses_what_torch_and_numpy_cannot_take_naming_it
         line = assert_one_line(cli([*words, name, str(2**63), "x"], monkeypatch, capsys, tmp_path), name)
         # the range said: ours, or typer's for an option with a max of its own (--size, --port)
         assert f"2**63), got {2**63}" in line or "less than or equal to" in line, line
+
+
+def test_every_option_naming_a_file_to_write_refuses_a_trailing_slash(monkeypatch, capsys, tmp_path):
+    """--grid and each --out/... that is a file: read before typer's Path drops the /."""
+    from typing import Optional
+
+    from toolkit.atomic import file_name
+
+    paths = _cli_options((Path, Optional[Path]))
+    files = [(w, p) for w, p in paths if getattr(p.type_descriptor.parameter_info.parser, "func", None) is file_name]
+    # every Path option is one of these: a new one is sorted into them here (a file to write: cli.output_file)
+    written = {"edit --out", "export --out", "interpolate --out", "sample --grid"}
+    folders = {"sample --out-dir", "sweep --out", "web --out", "classifier train --out"}
+    folders |= {f"shards {name} --out" for name in ("digits", "celeba", "cub", "folder")}
+    read = {f"{c} --classifier" for c in ("export", "eval", "edit", "interpolate", "sweep")} | {
+        "interpolate --from-image", "interpolate --to-image", "web --ort-dist", "shards folder --attributes",
+    } | {f"shards {name} --root" for name in ("celeba", "cub", "folder")}  # fmt: skip
+    assert {" ".join([*w, p.opts[0]]) for w, p in files} == written
+    assert sorted(" ".join([*w, p.opts[0]]) for w, p in paths) == sorted(written | folders | read)
+    for words, option in files:
+        name = option.opts[0]
+        line = assert_one_line(cli([*words, name, "x.png/", "x"], monkeypatch, capsys, tmp_path), name)
+        assert line == f"error: {name} x.png/: names a folder (ends with /); expected a file such as x.png"
 
 
 @pytest.mark.parametrize("name", list(MISTAKES))
