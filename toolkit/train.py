@@ -367,12 +367,13 @@ def save_checkpoint(
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
+    failure = None
     try:
         with os_errors(partial):  # safetensors and torch.save report a full disk in their own exceptions
             accelerator.save_state(str(partial))
     except OSError as error:  # e.g. a full disk: say so in one line, and which checkpoint is still good
-        raise _save_failed(run_dir, partial, error, accelerator.is_main_process) from error
-    accelerator.wait_for_everyone()
+        failure = error
+    _stop_together(accelerator, run_dir, partial, failure)
     if accelerator.is_main_process:
         state = {
             "step": step,
@@ -385,23 +386,44 @@ def save_checkpoint(
         }
         try:
             (partial / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
         except OSError as error:
-            raise _save_failed(run_dir, partial, error, True) from error
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
-        for old in complete_checkpoints(run_dir)[:-limit]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+            failure = error
+        else:
+            for old in complete_checkpoints(run_dir)[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    _stop_together(accelerator, run_dir, partial, failure)
     return final
 
 
-def _save_failed(run_dir: Path, partial: Path, error: OSError, remove: bool) -> TrainingStopped:
+def _stop_together(accelerator: Accelerator, run_dir: Path, partial: Path, failure: OSError | None) -> None:
+    """The barrier of a save, which is also where the processes learn whether every one of them wrote
+    its part: if one could not (its disk filled), they all stop with a line, instead of the others
+    waiting at the next barrier until the launcher or dist_timeout_s stops them."""
+    failed = gather_object([failure is not None]) if accelerator.num_processes > 1 else [failure is not None]
+    if failure is not None:
+        raise _save_failed(run_dir, partial, failure, accelerator.is_main_process) from failure
+    if any(failed):
+        ranks = ", ".join(str(rank) for rank, failed_there in enumerate(failed) if failed_there)
+        raise _save_failed(
+            run_dir, partial, None, accelerator.is_main_process, f"process {ranks} failed (its line says why)"
+        )
+
+
+def _save_failed(
+    run_dir: Path, partial: Path, error: OSError | None, remove: bool, elsewhere: str | None = None
+) -> TrainingStopped:
     if remove:  # the part written would only hold the space a full disk lacks
         shutil.rmtree(partial, ignore_errors=True)
     last = find_checkpoint(run_dir, "latest")
-    code = errno.errorcode.get(error.errno, "") if error.errno else ""
+    if error is None:
+        why = elsewhere
+    else:
+        code = errno.errorcode.get(error.errno, "") if error.errno else ""
+        why = f"{error.strerror or error}{f' ({code})' if code else ''}"
     return TrainingStopped(
-        f"could not write the checkpoint {partial}: {error.strerror or error}{f' ({code})' if code else ''}; "
+        f"could not write the checkpoint {partial}: {why}; "
         + (f"the last complete checkpoint is {last}, " if last else "there is no complete checkpoint yet, ")
         + "free some space (or lower checkpoints_total_limit) and "
         + resume_advice("run again with resume=latest")

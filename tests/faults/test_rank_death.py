@@ -208,3 +208,76 @@ def test_a_frozen_rank_stops_the_other_after_dist_timeout_s(digits_shards, tmp_p
     # the timeout, not a dead socket, ended it (the wait may have begun just before the freeze)
     assert 10 < took < 15 + 30, took
     print(f"rank 0 stopped {took:.1f} s after rank 1 froze (dist_timeout_s=15)")
+
+
+# Training, with the save of checkpoint-4 failing on one rank as a full disk fails it (the ranks of a
+# run on several machines write to several disks): `save_state` raises ENOSPC there.
+FAILING_SAVE = """
+import errno, os, sys
+import accelerate
+
+real_save_state = accelerate.Accelerator.save_state
+
+def save_state(self, output_dir=None, **kwargs):
+    if output_dir.endswith("checkpoint-4.tmp") and self.process_index == int(os.environ["FAIL_RANK"]):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real_save_state(self, output_dir, **kwargs)
+
+accelerate.Accelerator.save_state = save_state
+from toolkit.train import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_checkpoint_that_one_rank_cannot_write_stops_every_rank_with_a_line(digits_shards, tmp_path, victim):
+    """The rank whose save failed stopped with its line; the others went on to the save's barrier,
+    where gloo's 'Connection closed by peer' traceback ended them once that rank's process was gone
+    (NCCL: a wait until the launcher or dist_timeout_s stops them)."""
+    script = tmp_path / "failing_save.py"
+    script.write_text(FAILING_SAVE)
+    run_dir = tmp_path / "run"
+    port, processes = free_port(), []
+    for rank in (0, 1):
+        env = {
+            **ENV,
+            "PYTHONPATH": str(ROOT),
+            "FAIL_RANK": str(victim),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+        arguments = train_args(digits_shards, run_dir, "max_steps=100000", "dist_timeout_s=300")[1:]
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, str(script), *arguments],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    try:
+        wait_for_first_checkpoint(run_dir, processes)
+        started = time.monotonic()
+        results = [wait_for_exit(process, started) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.communicate()
+    partial = run_dir / CHECKPOINTS / "checkpoint-4.tmp"
+    for rank, (code, err, _) in enumerate(results):
+        assert code == 2, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+        line = err.strip().splitlines()[-1]
+        assert line.startswith(f"error: could not write the checkpoint {partial}: "), line
+        expected = "No space left on device (ENOSPC)" if rank == victim else f"process {victim} failed"
+        assert expected in line, line
+        assert f"the last complete checkpoint is {run_dir / CHECKPOINTS / 'checkpoint-2'}" in line, line
+    assert not partial.exists()  # removed by rank 0, whichever rank failed
+    assert find_checkpoint(run_dir, "latest") == run_dir / CHECKPOINTS / "checkpoint-2"
