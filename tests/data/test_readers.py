@@ -546,6 +546,84 @@ def test_one_image_listed_on_two_rows_through_a_symbolic_link_is_refused(tmp_pat
         assert len(by_key(read_folder(fixture["root"], fixture["table"], test_fraction=0.5))) == 2
 
 
+@pytest.mark.parametrize(
+    "make, rows, kind",
+    [
+        # a second name beside it, in another folder, in a folder reached through a link
+        (lambda r: os.link(r / "a/img_000.jpg", r / "a/alias.jpg"), ["a/img_000.jpg", "a/alias.jpg"], "a hard link"),
+        (lambda r: os.link(r / "a/img_000.jpg", r / "b/alias.jpg"), ["b/alias.jpg", "a/img_000.jpg"], "a hard link"),
+        (
+            lambda r: [os.link(r / "a/img_000.jpg", r / "b/alias.jpg"), (r / "c").symlink_to("b")],
+            ["a/img_000.jpg", "c/alias.jpg"],
+            "links, symbolic and hard",
+        ),
+        # a symbolic link to a hard link's second name
+        (
+            lambda r: [os.link(r / "a/img_000.jpg", r / "b/alias.jpg"), (r / "x.jpg").symlink_to("b/alias.jpg")],
+            ["x.jpg", "a/img_000.jpg"],
+            "links, symbolic and hard",
+        ),
+    ],
+)
+def test_one_image_listed_on_two_rows_through_a_hard_link_is_refused(tmp_path, make, rows, kind):
+    """Two names of one file made with `ln` (no -s) were two samples of one image, as symbolic links were
+    before: one inode, told by the listing's inode numbers (no stat per image)."""
+    fixture = make_folder(tmp_path, n=4)
+    make(fixture["root"])
+    fixture["table"].write_text("file,Smiling\n" + "".join(f"{row},1\n" for row in ["b/img_001.jpg", *rows]))
+    raises(
+        ["labels.csv line 4:", f"{rows[1]} is the file {rows[0]} of line 3 under another name ({kind})"],
+        read_folder,
+        fixture["root"],
+        fixture["table"],
+    )
+    for row in rows:  # each name alone is read
+        fixture["table"].write_text(f"file,Smiling\nb/img_001.jpg,1\n{row},0\n")
+        assert len(by_key(read_folder(fixture["root"], fixture["table"], test_fraction=0.5))) == 2
+
+
+def test_a_listing_that_numbers_files_otherwise_than_stat_costs_a_stat_each_and_refuses_nothing(tmp_path, monkeypatch):
+    """Some FUSE file systems give every entry of a listing one inode number (libfuse without use_ino):
+    taken as is, every image would be 'the same file'. One stat per folder compares the listing's number
+    with stat's; where they differ, each file is stat'd, and two names alike are confirmed by a stat."""
+    import toolkit.data.sources as sources
+
+    fixture = make_folder(tmp_path, n=6)
+    real_scandir = os.scandir
+
+    class Lying:
+        def __init__(self, entry):
+            self.entry = entry
+
+        def __getattr__(self, name):
+            return getattr(self.entry, name)
+
+        def inode(self):
+            return 0xFFFFFFFF
+
+    class Listing:
+        def __init__(self, path):
+            self.listing = real_scandir(path)
+
+        def __enter__(self):
+            return (Lying(entry) for entry in self.listing)
+
+        def __exit__(self, *exc):
+            self.listing.close()
+
+    monkeypatch.setattr(sources.os, "scandir", Listing)
+    assert len(by_key(read_folder(fixture["root"], fixture["table"], test_fraction=0.5))) == 6
+    os.link(fixture["root"] / "a/img_000.jpg", fixture["root"] / "b/alias.jpg")
+    with fixture["table"].open("a") as stream:
+        stream.write("b/alias.jpg,1,0\n")
+    raises(
+        ["line 8: b/alias.jpg is the file a/img_000.jpg of line 2", "(a hard link)"],
+        read_folder,
+        fixture["root"],
+        fixture["table"],
+    )
+
+
 def test_images_in_a_linked_folder_cost_no_realpath_each(tmp_path, monkeypatch):
     """img_align_celeba kept on another disk and linked into --root: every image went through a
     realpath of its own (a stat per part of its path: 1.2 million for CelebA, minutes on NFS) to
@@ -562,11 +640,13 @@ def test_images_in_a_linked_folder_cost_no_realpath_each(tmp_path, monkeypatch):
     (tmp_path / "root/img/alias.jpg").symlink_to("0007.jpg")
     table = tmp_path / "labels.csv"
     table.write_text("file,Smiling\n" + "".join(f"{name},1\n" for name in names))
-    calls = []
-    realpath = os.path.realpath
+    calls, stats = [], []
+    realpath, stat = os.path.realpath, os.stat
     monkeypatch.setattr(sources.os.path, "realpath", lambda *a, **k: calls.append(a) or realpath(*a, **k))
+    monkeypatch.setattr(sources.os, "stat", lambda *a, **k: stats.append(a) or stat(*a, **k))
     assert len(by_key(read_folder(tmp_path / "root", table, test_fraction=0.5))) == 300
     assert len(calls) <= 5, len(calls)
+    assert len(stats) <= 10, len(stats)  # nor a stat each, to tell hard links (the listing's inode numbers)
     table.write_text(table.read_text() + "img/alias.jpg,0\n")  # still told
     raises(
         ["labels.csv line 302: img/alias.jpg is the file img/0007.jpg of line 9"],

@@ -11,7 +11,7 @@ header (file names are relative to ROOT, or absolute paths inside ROOT); the opt
 holds train / val / test; every other column is a 0/1 (or -1/1) attribute. Without a split column,
 a seeded random `test_fraction` of the rows is test and the rest train, each split in table order.
 Only the table is parsed and each folder listed once. Two rows naming one file (through a symbolic
-link) are refused, as one name listed twice is; hard links are not told (a stat per image).
+link or a hard link) are refused, as one name listed twice is.
 A name not found as written but found in the other Unicode normalization ('é' as one code point,
 or as 'e' + a combining accent, as macOS writes names) is read as it is on disk.
 Columns are separated by commas, or by semicolons or tabs where the header holds no comma outside
@@ -28,16 +28,16 @@ import numpy as np
 
 from toolkit.data.sources import (
     SPLITS,
+    Listing,
     Record,
     SourceTable,
     case_hint,
     csv_rows,
     first_few,
     inside_path,
-    missing_files,
+    link_kind,
     random_split,
     safe_key,
-    same_files,
     unicode_twins,
 )
 from toolkit.errors import UserError, cut
@@ -219,10 +219,10 @@ class _Inside:
 
 
 def _check_images(root: Path, table: Path, files: list[str], lines: list[int]) -> None:
-    """Every row's image must exist, and be another file than every other row's: one directory listing
-    per folder, no stat per image (a realpath for each name reached through a symbolic link)."""
-    links: dict[str, set[str]] = {}
-    indices = missing_files(root, files, links)
+    """Every row's image must exist, and be another file than every other row's (not a second name of it,
+    a symbolic or a hard link): one directory listing per folder, no stat per image (`Listing`)."""
+    listing = Listing(root, identify=True)
+    indices = listing.missing(files)
     spelled = unicode_twins(root, [files[i] for i in indices]) if indices else []
     if any(spelled):  # a name typed in one Unicode normalization, kept on disk in the other: read as on disk
         listed = dict(zip(files, lines))
@@ -235,18 +235,18 @@ def _check_images(root: Path, table: Path, files: list[str], lines: list[int]) -
                     )
                 listed[on_disk] = lines[index]
                 files[index] = on_disk
-        links = {}
-        indices = missing_files(root, files, links)
+        indices = listing.missing(files, indices)  # only the renamed are looked up again, in the listings made
     if indices:
         missing = [f"{cut(files[i])} (line {lines[i]})" for i in indices]
         raise UserError(
             f"{table}: {len(missing)} listed image(s) not found under {root} (first: {first_few(missing)})"
             + case_hint(root, [files[i] for i in indices])
         )
-    twins = same_files(root, files, links)
+    twins = listing.same_files(files)
     if twins is not None:  # two samples of one image, maybe one in train and one in test
         first, second = twins
         raise UserError(
             f"{table} line {lines[second]}: {cut(files[second])} is the file {cut(files[first])} of line "
-            f"{lines[first]} under another name (a symbolic link); expected each image on one row"
+            f"{lines[first]} under another name ({link_kind(root, files[first], files[second])}); expected each "
+            "image on one row"
         )
