@@ -1221,6 +1221,32 @@ def test_an_image_reached_by_links_is_read_once_and_never_in_two_classes_or_spli
     )
 
 
+def test_an_image_with_two_hard_links_is_read_once_and_never_in_two_classes_or_splits(tmp_path):
+    """Two names of one file made with `ln` (no -s) were two samples, in two classes or in train and test,
+    as symbolic links were before: one inode, told by the listing's inode numbers (no stat per image)."""
+    made = make_class_folders(tmp_path / "pets", {"cat": 2, "dog": 3})
+    root = made["root"]
+    os.link(root / "dog" / "img_000.jpg", root / "dog" / "again.jpg")  # a second name in its own class: read once
+    table = read_class_folders(root, test_fraction=0.0)
+    read = sorted(r.path.relative_to(root).as_posix() for r in table.splits["train"])
+    assert read == sorted(["dog/again.jpg", *(f for f in made["files"] if f != "dog/img_000.jpg")])
+    os.link(root / "cat" / "img_000.jpg", root / "dog" / "same.jpg")
+    raises(
+        ["cat/img_000.jpg and dog/same.jpg are the same file (a link)", "in cat/ and dog/ at once"],
+        read_class_folders,
+        root,
+    )
+    split = tmp_path / "split"
+    make_class_folders(split / "train", {"cat": 2, "dog": 2})
+    (split / "test" / "cat").mkdir(parents=True)
+    os.link(split / "train" / "cat" / "img_000.jpg", split / "test" / "cat" / "x.jpg")
+    raises(
+        ["test/cat/x.jpg and train/cat/img_000.jpg are the same file", "in test/cat/ and train/cat/ at once"],
+        read_class_folders,
+        split,
+    )
+
+
 def test_file_and_folder_names_that_are_not_utf8_build_or_are_refused_in_one_line(tmp_path):
     """Linux allows any bytes in a name; Python hands them over as surrogate escapes, which no manifest,
     tar member name or export can hold (a UnicodeEncodeError traceback in the build)."""

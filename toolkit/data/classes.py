@@ -17,7 +17,17 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.data.sources import SPLITS, Record, SourceTable, file_names, first_few, random_split, safe_key
+from toolkit.data.sources import (
+    SPLITS,
+    Identities,
+    Record,
+    SourceTable,
+    file_names,
+    first_few,
+    random_split,
+    safe_key,
+    same_file,
+)
 from toolkit.errors import UserError, cut
 from toolkit.formats import attribute_text  # a folder name as the text it shows (NFC)
 from toolkit.images import readable_extensions
@@ -50,6 +60,7 @@ def read_class_folders(root: str | Path, test_fraction: float | None = None, see
         by_class = {name: walk.images_below(name) for name in classes}
         by_split = _split_each_class(by_class, 0.1 if test_fraction is None else test_fraction, seed or 0)
         homes, where = [root], root
+    walk.done()
     _check_classes(where, classes, by_split)
     splits = _records(root, classes, by_split)
     warnings = []
@@ -214,12 +225,16 @@ def _is_folder(entry: os.DirEntry) -> bool:
 
 class _Walk:
     """The images of the class folders under `root`, each real folder and image read once across them
-    all: `left_out` gathers the files named as no image, `owners` who reached each real path first."""
+    all: `left_out` gathers the files named as no image, `owners` the path that reached each folder and
+    file first, by its identity (`Identities`: a symbolic link and a hard link lead to one; no stat per
+    image); the class folder that path starts with owns it."""
 
     def __init__(self, root: Path):
         self.root = root
         self.left_out: list[str] = []  # relative to root
-        self.owners: dict[str, tuple[str, str]] = {}  # real path -> (its class folder, the path it was reached by)
+        self.classes: list[str] = []  # the class folders walked, relative to root
+        self.owners: dict[int, str] = {}  # identity -> the path (the one in the images found) that reached it first
+        self.home: int | None = None  # Identities' home device
 
     def images_below(self, relative: str) -> list[str]:
         """The images anywhere below root/relative, as sorted '/'-separated paths relative to root; other
@@ -227,6 +242,7 @@ class _Walk:
         again from this class is passed over (a link back up the tree, a second name), one that another
         class or split reached is refused, as its images would be two classes' or in two splits."""
         root, found = self.root, []
+        self.classes.append(relative)
         top = os.path.realpath(root / relative)
         stack = [(os.fspath(root / relative), relative)]  # a stack, not recursion: any depth of folders
         while stack:
@@ -234,9 +250,11 @@ class _Walk:
             real = os.path.realpath(folder)
             if inside != relative and (top + os.sep).startswith(real.rstrip(os.sep) + os.sep):
                 continue  # a link to this class folder or above it: the other classes would be read as this one
-            if not self._claim(real, relative, inside, "folder"):
-                continue
             try:
+                identities = Identities(folder, self.home)
+                self.home = identities.home
+                if not self._claim(identities.folder, relative, inside, "folder"):
+                    continue
                 with os.scandir(folder) as listing:
                     entries = sorted(listing, key=lambda entry: entry.name)
             except OSError as error:  # os.walk would pass over it: its images missing without a word
@@ -252,22 +270,30 @@ class _Walk:
                     subfolders.append((entry.path, path))
                 elif not _is_image(entry.name):
                     self.left_out.append(path)
-                else:
-                    real_file = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real, entry.name)
-                    if self._claim(real_file, relative, path, "file"):
-                        found.append(path)
+                elif self._claim(identities.of(entry), relative, path, "file"):
+                    found.append(path)
             stack += reversed(subfolders)  # depth first, in name order, as os.walk went
         return found
 
-    def _claim(self, real: str, relative: str, inside: str, what: str) -> bool:
-        """True the first time `real` is reached; False when this class reached it already."""
-        owner, first = self.owners.setdefault(real, (relative, inside))
-        if owner == relative:
-            return first == inside
+    def _claim(self, identity: int | None, relative: str, inside: str, what: str) -> bool:
+        """True the first time a folder or file is reached (or where it cannot be told); False when this
+        class reached it already under another name. Two identities alike are confirmed by a stat of both."""
+        if identity is None:
+            return True
+        first = self.owners.setdefault(identity, inside)
+        if first is inside or not same_file(self.root / first, self.root / inside):
+            return True
+        if first == relative or first.startswith(relative + "/"):
+            return False
+        owner = next(name for name in self.classes if first == name or first.startswith(name + "/"))
         raise UserError(
             f"{self.root}: {cut(first)} and {cut(inside)} are the same {what} (a link), so the same images would "
             f"be in {cut(owner)}/ and {cut(relative)}/ at once; remove one of them"
         )
+
+    def done(self) -> None:
+        """Let go of `owners` (an entry per image) once every class is walked, before the records are made."""
+        self.owners = {}
 
 
 def _split_each_class(
