@@ -209,6 +209,9 @@ def test_celeba_png_copy_is_read_where_no_jpeg_folder_is(tmp_path):
     ]
     paths = [r.path for rs in table.splits.values() for r in rs]
     assert all(p.parent == folder and p.suffix == ".png" and p.is_file() for p in paths) and len(paths) == 12
+    # a row missing from the partition file is named as that file (and the tables) name it
+    delete_line(png["root"] / "list_eval_partition.txt", 3)
+    raises(["list_eval_partition.txt: 1 image(s) have no row (first: 000003.jpg)"], read_celeba, png["root"])
     (folder / "000003.png").unlink()
     raises(["line 5", "1 listed image(s) not found", "000003.png"], read_celeba, png["root"])
 

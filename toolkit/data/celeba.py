@@ -66,6 +66,7 @@ def read_celeba(root: str | Path) -> SourceTable:
     # Both directions: a row without its image would fail in the build, an image without a row
     # means the text files and the folder come from different copies.
     # One listing of the folder; "._x.jpg" macOS debris is skipped.
+    table_names = files  # as both tables write them; `files` as on disk
     on_disk = file_names(images_dir, _is_image)
     if not on_disk and (images_dir / images_dir.name).is_dir():  # Kaggle's zip: img_align_celeba/img_align_celeba/
         images_dir = images_dir / images_dir.name
@@ -77,8 +78,7 @@ def read_celeba(root: str | Path) -> SourceTable:
                 f"{images_dir}: {len(others)} image(s) are not PNG files (first: {first_few(others)}); the PNG copy "
                 f"holds only 000001.png for the tables' 000001.jpg: move the JPEGs to {root / IMAGES}"
             )
-        files = [name.rsplit(".", 1)[0] + ".png" for name in files]
-        split_of = {name.rsplit(".", 1)[0] + ".png": split for name, split in split_of.items()}
+        files = [name.rsplit(".", 1)[0] + ".png" for name in table_names]  # split_of keeps the tables' names
     absent = [(line, name) for name, line in zip(files, lines) if name not in on_disk]
     if absent:
         names_absent = [name for _, name in absent]
@@ -92,7 +92,7 @@ def read_celeba(root: str | Path) -> SourceTable:
         raise UserError(
             f"{images_dir}: {len(unlisted)} image(s) have no row in {attr_file} (first: {first_few(unlisted)})"
         )
-    unsplit = [name for name in files if name not in split_of]
+    unsplit = [name for name in table_names if name not in split_of]
     if unsplit:
         raise UserError(f"{partition_file}: {len(unsplit)} image(s) have no row (first: {first_few(unsplit)})")
 
@@ -106,7 +106,7 @@ def read_celeba(root: str | Path) -> SourceTable:
                 f"{cut(files[keys[key]])} on line {lines[keys[key]]} does; rename one of the images"
             )
         keys[key] = index
-        splits[split_of[name]].append(Record(key=key, path=images_dir / name, attributes=matrix[index]))
+        splits[split_of[table_names[index]]].append(Record(key=key, path=images_dir / name, attributes=matrix[index]))
     return SourceTable(source="celeba", attributes=names, splits=splits)
 
 
