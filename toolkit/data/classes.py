@@ -7,7 +7,8 @@ one attribute (a one-hot condition, like CUB's species):
 
 Hidden names (`.ipynb_checkpoints`, `.DS_Store`) and `__MACOSX` are passed over; other files named
 as no image format Pillow opens (by extension) are left out and said. Each real folder and image is
-read once, however many links lead to it; one that two classes or splits reach is refused.
+read once, however many links (symbolic or hard) lead to it; one that two classes or splits reach is
+refused.
 """
 
 from __future__ import annotations
