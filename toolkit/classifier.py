@@ -31,6 +31,7 @@ from toolkit.data.stream import EpochStream, eval_batches, read_manifest, worker
 from toolkit.errors import UserError, one_line
 from toolkit.formats import CLASSIFIER_CONFIG as CONFIG
 from toolkit.formats import CLASSIFIER_WEIGHTS as WEIGHTS
+from toolkit.formats import is_debris
 from toolkit.ownership import FolderLock
 from toolkit.safe_load import read_safetensors
 
@@ -303,11 +304,14 @@ def train_classifier(
 def check_classifier_folder(out_dir: Path) -> None:
     """--out is a classifier's own: new, empty or holding a classifier. Another command's folder (a
     run's model and checkpoints, shards, a sweep's tables) or the user's files would get a classifier
-    mixed in, and a classifier.json that is not ours would be replaced. Hidden files are left alone."""
+    mixed in, and a classifier.json that is not ours would be replaced. Hidden files and a file manager's
+    (Thumbs.db) are left alone."""
     if not out_dir.is_dir():
         return
     others = sorted(
-        p.name for p in out_dir.iterdir() if not p.name.startswith(".") and p.name not in (WEIGHTS, CONFIG)
+        p.name
+        for p in out_dir.iterdir()
+        if not (p.name.startswith(".") or is_debris(p.name)) and p.name not in (WEIGHTS, CONFIG)
     )
     if others:
         shown = ", ".join(others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else "")

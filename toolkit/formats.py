@@ -39,6 +39,18 @@ CLASSIFIER_CONFIG = "classifier.json"
 MANIFEST = "manifest.json"  # one per split, written last: a split is complete only once it exists
 FIELDS = ("png", "jpg", "attr.npy")  # the tar members of a sample: <key>.png or <key>.jpg, <key>.attr.npy
 
+# --- any output folder ---------------------------------------------------------------------------
+# What a file manager, a notebook or an archive leaves in a folder someone looked at (Finder's
+# .DS_Store and ._ files, Windows' Thumbs.db and desktop.ini, Jupyter's .ipynb_checkpoints, a Mac
+# zip's __MACOSX): not the user's work, so a run or shard folder holding it is still the toolkit's
+# (Finder writes .DS_Store again as soon as the folder is shown). Never deleted either.
+DEBRIS = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", ".ipynb_checkpoints", "__MACOSX"})
+
+
+def is_debris(name: str) -> bool:
+    return name in DEBRIS or name.startswith("._")  # ._name: macOS's AppleDouble copy of name's metadata
+
+
 # --- model choices ---------------------------------------------------------------------------------
 PRIORS = ("standard", "learned")  # N(0, I), the paper's | p(z | attributes), an MLP
 # The hyper-parameters each arch takes, with their defaults (ModelConfig's are these). A model's

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from toolkit.config import TrainConfig, continues_run_dir
 from toolkit.data.stream import is_url, read_manifest
 from toolkit.errors import UserError, one_line
-from toolkit.formats import CHECKPOINTS, LOCK, RECIPE, RUN_FILES, RUN_ID  # noqa: F401 (CHECKPOINTS, RUN_FILES: re-exported)
+from toolkit.formats import CHECKPOINTS, LOCK, RECIPE, RUN_FILES, RUN_ID, is_debris  # noqa: F401 (CHECKPOINTS, RUN_FILES: re-exported)
 from toolkit.ownership import FolderLock
 
 TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its presence marks it complete
@@ -265,7 +265,7 @@ def claim_run_dir(config: TrainConfig, run_dir: Path, resume_from: Path | None, 
     if not run_dir.is_dir():
         refuse_non_folder(run_dir, remedy)
         return
-    entries = [p for p in run_dir.iterdir() if p.name != LOCK]
+    entries = [p for p in run_dir.iterdir() if p.name != LOCK and not is_debris(p.name)]  # .DS_Store: kept
     ours, foreign = [p for p in entries if _own_file(p.name)], [p for p in entries if not _own_file(p.name)]
     if resume_from is not None and continues_run_dir(str(resume_from), run_dir):
         return  # continuing this folder's run: _check_resume has compared the model and shards

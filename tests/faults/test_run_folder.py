@@ -66,6 +66,21 @@ def test_another_run_is_refused_unless_resumed_or_replaced(digits_shards, tmp_pa
     assert json.loads((run_dir / "config.json").read_text())["extra"]["step"] == 1
 
 
+def test_a_file_managers_debris_neither_refuses_the_run_folder_nor_is_deleted(digits_shards, tmp_path):
+    """A run folder a Mac user had looked at in Finder (.DS_Store, written again at once if deleted)
+    was refused as 'holds files that are not a cvae-tk run's', also with overwrite=true."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".DS_Store").write_bytes(b"\0")
+    (run_dir / "Thumbs.db").write_bytes(b"\0")
+    train(config(digits_shards, run_dir, "max_steps=2"))
+    (run_dir / CHECKPOINTS / ".DS_Store").write_bytes(b"\0")
+    train(config(digits_shards, run_dir, "max_steps=3", "resume=latest"))
+    train(config(digits_shards, run_dir, "max_steps=1", "overwrite=true"))
+    assert (run_dir / ".DS_Store").is_file() and (run_dir / "Thumbs.db").is_file()
+    assert json.loads((run_dir / "config.json").read_text())["extra"]["step"] == 1
+
+
 def test_a_checkpoint_of_another_folder_does_not_open_an_occupied_one(digits_shards, tmp_path):
     train(config(digits_shards, tmp_path / "a"))
     train(config(digits_shards, tmp_path / "b"))

@@ -115,6 +115,27 @@ def test_a_folder_holding_other_files_is_refused_even_with_overwrite(tmp_path, s
         assert files(out) == before
 
 
+def test_a_file_managers_debris_neither_refuses_the_folder_nor_is_deleted(tmp_path):
+    """Finder writes .DS_Store (and ._ files) into every folder it shows, at once again if deleted: a
+    shard folder a Mac user had looked at was refused as 'holds files that are not shards'."""
+    out = tmp_path / "out"
+    build_shards(table(tmp_path, ("train", "val", "test")), out, SPEC, workers=1, shard_size=2, progress=False)
+    debris = [".DS_Store", "train/.DS_Store", "train/._train-000000.tar", "Thumbs.db", ".ipynb_checkpoints/x"]
+    for name in [*debris, "val/.DS_Store"]:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(b"\0")
+    build_shards(
+        table(tmp_path, ("train", "test")), out, ImageSpec.parse("12"), workers=1, overwrite=True, progress=False
+    )
+    for name in debris:
+        assert (out / name).is_file(), name  # never deleted
+    assert not (out / "val").exists()  # the old split went, with the .DS_Store beside its shards
+    assert json.loads((out / "train" / "manifest.json").read_text())["image_size"] == [12, 12]
+    build_shards(
+        table(tmp_path, ("train", "test")), out, ImageSpec.parse("12"), workers=1, progress=False
+    )  # same build
+
+
 def test_a_damaged_or_foreign_manifest_counts_as_another_build(tmp_path):
     out = tmp_path / "out"
     build_shards(table(tmp_path), out, SPEC, workers=1, progress=False)

@@ -30,7 +30,7 @@ from toolkit.data.sources import (
     same_file,
 )
 from toolkit.errors import UserError, cut
-from toolkit.formats import attribute_text  # a folder name as the text it shows (NFC)
+from toolkit.formats import attribute_text, is_debris  # a folder name as the text it shows (NFC)
 from toolkit.images import readable_extensions
 from toolkit.paths import is_utf8, shown
 
@@ -203,8 +203,8 @@ def _records(root: Path, classes: list[str], by_split: dict[str, dict[str, list[
 
 
 def _hidden(name: str) -> bool:
-    """Names a file manager, a notebook or a zip leaves behind: .DS_Store, .ipynb_checkpoints, __MACOSX."""
-    return name.startswith(".") or name == "__MACOSX"
+    """Hidden names, and what a file manager, a notebook or a zip leaves behind (.DS_Store, Thumbs.db, __MACOSX)."""
+    return name.startswith(".") or is_debris(name)
 
 
 def _is_image(name: str) -> bool:

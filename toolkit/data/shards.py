@@ -29,6 +29,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tarfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -39,7 +40,7 @@ import numpy as np
 
 from toolkit.atomic import write_text
 from toolkit.errors import UserError
-from toolkit.formats import LOCK, MANIFEST  # noqa: F401 (MANIFEST: re-exported)
+from toolkit.formats import LOCK, MANIFEST, is_debris  # noqa: F401 (MANIFEST: re-exported)
 from toolkit.ownership import FolderLock
 
 # Fixed member time (2000-01-01) so rebuilds are byte-identical. An int: a float mtime makes
@@ -249,11 +250,13 @@ def _split_folders(out: Path) -> dict[str, list[str]]:
         for entry in sorted(entries, key=lambda e: e.name):
             if entry.name == LOCK and entry.is_file(follow_symlinks=False):
                 continue  # the build's own lock (`output_lock`)
+            if is_debris(entry.name):
+                continue  # a file manager's (.DS_Store): kept, and no reason to refuse the folder
             if not (entry.is_dir(follow_symlinks=False) and SPLIT_NAME.fullmatch(entry.name)):
                 foreign.append(entry.name)
                 continue
             with os.scandir(entry.path) as inner:
-                files = {e.name: e.is_file(follow_symlinks=False) for e in inner}
+                files = {e.name: e.is_file(follow_symlinks=False) for e in inner if not is_debris(e.name)}
             strays = [name for name, is_file in files.items() if not (is_file and _is_shard_file(entry.name, name))]
             if strays:
                 foreign += [f"{entry.name}/{name}" for name in sorted(strays)]
@@ -305,5 +308,10 @@ def prepare_output(out: str | Path, splits: Iterable[str], build: dict, overwrit
         for name in names:
             if name == MANIFEST or split not in wanted:
                 (folder / name).unlink(missing_ok=True)
-        if split not in wanted:
+        if split not in wanted:  # with the .DS_Store a file manager left beside those shards
+            for debris in filter(is_debris, os.listdir(folder)):
+                if (folder / debris).is_dir() and not (folder / debris).is_symlink():
+                    shutil.rmtree(folder / debris)
+                else:
+                    (folder / debris).unlink()
             folder.rmdir()
