@@ -38,6 +38,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import time
 from datetime import timedelta
@@ -612,6 +613,30 @@ def check_memory(config: TrainConfig, spec: ModelSpec, device: torch.device) -> 
     )
 
 
+# What a collective raises on a rank whose peer went away: gloo's socket closed or reset (the peer's
+# process ended), NCCL's remote error, a timeout waiting for a frozen peer (dist_timeout_s), or
+# torch's network and store errors (the rendezvous store's host gone). Not NCCL's errors in general:
+# a CUDA fault of this rank is this rank's.
+_PEER_LOST = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "remote process exited",
+    "Timed out",
+)
+
+
+def peer_lost(error: BaseException) -> bool:
+    network_errors = tuple(
+        getattr(torch.distributed, name)
+        for name in ("DistNetworkError", "DistStoreError")
+        if hasattr(torch.distributed, name)
+    )
+    return isinstance(error, network_errors) or (
+        isinstance(error, RuntimeError) and any(words in str(error) for words in _PEER_LOST)
+    )
+
+
 def _on_main(accelerator: Accelerator, action) -> None:
     """Run `action` on the main process only; a UserError it raises is raised on every rank, so a
     refusal stops them all at once instead of leaving the others waiting at a collective."""
@@ -960,14 +985,24 @@ class Trainer:
                     )  # fmt: skip
                     self.last_saved = step
         except RuntimeError as error:
-            if not worker_died(error):
+            if worker_died(error):
+                # PyTorch raises this wherever the main process is when the worker dies (the kernel's OOM
+                # killer sends SIGKILL): the step under way is lost, the checkpoints before it are complete.
+                what = (
+                    f"a data loader worker died during step {self.step_done + 1} ({one_line(error).rstrip('. ')}; the kernel's "
+                    "out-of-memory killer does this when memory runs out: lower data.num_workers, data.shuffle_buffer or batch_size)"
+                )
+            elif peer_lost(error):  # another rank stopped (its own line says why) or its machine was lost
+                cause = re.sub(r"^\[[^\]]*\.cc:\d+\]\s*", "", one_line(error)).split(". This is typically")[0]
+                what = (
+                    f"another process of this run stopped or was lost during step {self.step_done + 1} "
+                    f"({cause[:200].rstrip('. ')}); its own output says why (a process the kernel killed says nothing)"
+                )
+            else:
                 raise
-            # PyTorch raises this wherever the main process is when the worker dies (the kernel's OOM
-            # killer sends SIGKILL): the step under way is lost, the checkpoints before it are complete.
             last = find_checkpoint(self.run_dir, "latest")
             raise TrainingStopped(
-                f"a data loader worker died during step {self.step_done + 1} ({one_line(error).rstrip('. ')}; the kernel's out-of-memory killer "
-                "does this when memory runs out: lower data.num_workers, data.shuffle_buffer or batch_size); stopped, not saved; "
+                f"{what}; stopped, not saved; "
                 + (
                     f"the last good checkpoint is {last}: {resume_advice('continue with resume=latest')}"
                     if last
