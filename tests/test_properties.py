@@ -1272,3 +1272,174 @@ def test_sampler_text_in_an_array_and_absurd_n_give_a_user_error(sampler):
     for n in (2**40, np.int64(2**62)):  # numpy's would wrap around in the size check
         with pytest.raises(UserError, match="GiB"):
             sampler.sample({"a": 1}, n=n, seed=0)
+
+
+# --- the shard builder's --size and --crop ------------------------------------------------------
+
+SIDE_MAX = 65_500  # the largest JPEG side: what `--size` documents (README.md, the error message)
+DIGITS_LIKE = [
+    "\u0661\u0662",
+    "\u00b2",
+    "\u2460",
+    "\uff11\uff16",
+    "\u0967",
+    "\U0001d7dc",
+    "\u00bd",
+]  # int() takes some
+SPEC_PIECES = [
+    "original",
+    "ORIGINAL",
+    "Original",
+    "orig",
+    "x",
+    "X",
+    "\u00d7",  # the multiplication sign
+    "\u0445",  # Cyrillic x
+    "*",
+    ",",
+    "center",
+    "CENTER",
+    "centre",
+    ":",
+    " ",
+    "\t",
+    "\n",
+    "\u00a0",
+    "\u3000",
+    "+",
+    "-",
+    "_",
+    ".",
+    "e",
+    "0",
+    "00",
+    "4",
+    "3",
+    "16",
+    "64",
+    "148",
+    "218",
+    "65500",
+    "65501",
+    "99999999999",
+    "9" * 5000,
+    *DIGITS_LIKE,
+]
+SPEC_TEXT = st.one_of(
+    st.text(max_size=12),
+    st.lists(st.sampled_from(SPEC_PIECES), max_size=6).map("".join),
+    st.builds(
+        lambda a, sep, b, pad: f"{pad}{a}{sep}{b}{pad}",
+        st.integers(0, 70_000).map(str),
+        st.sampled_from(["x", "X", " x ", "\tx", "\u00d7", "*", "xx", ""]),
+        st.integers(0, 70_000).map(str),
+        st.sampled_from(["", " ", "\t", "\n", "\u00a0"]),
+    ),
+)
+CROP_TEXT = st.one_of(
+    st.none(),
+    st.builds(
+        lambda kind, colon, n: f"{kind}{colon}{n}",
+        st.sampled_from(["center", "CENTER", "Center", " center", "centre", "middle", ""]),
+        st.sampled_from([":", " : ", "", "::", "="]),
+        st.one_of(st.integers(-5, 70_000).map(str), st.sampled_from(DIGITS_LIKE + ["", "+8", "1_0", "9" * 5000])),
+    ),
+    SPEC_TEXT,
+)
+
+
+def value_of(digits: str) -> int:
+    """The number a run of digits 0-9 writes; any beyond 10 digits as 10**10 (int() refuses 4,300)."""
+    return int(digits) if len(digits.lstrip("0")) <= 10 else 10**10
+
+
+def oracle_size(text: str):
+    """The documented grammar of --size ('N (N x N), HxW (e.g. 218x178) or original', sides from 4 to
+    65,500): (H, W), None for original, or Invalid. Written from the documentation: numbers in the
+    digits 0-9 only (no sign, '_' or other scripts' digits); 'x' and 'original' in either case;
+    blanks around the whole and around the 'x' ignored."""
+    ascii_blank = " \t"
+    text = text.strip()
+    if text.lower() == "original" and text.isascii():
+        return None
+    head, x, tail = text.lower().partition("x") if text.isascii() else (text, "", "")
+    parts = [head.strip(ascii_blank), tail.strip(ascii_blank)] if x else [head, head]
+    require(all(part and part.isascii() and part.isdigit() for part in parts))
+    sides = [value_of(part) for part in parts]
+    require(all(4 <= side <= SIDE_MAX for side in sides))
+    return (sides[0], sides[1])
+
+
+def oracle_crop(text: str | None):
+    """--crop 'center:N - a centred N x N square': N from 1 (a crop no image is larger than is
+    refused at once: beyond the largest side), None for no --crop, or Invalid."""
+    if text is None:
+        return None
+    kind, colon, value = text.strip().partition(":")
+    require(colon == ":" and kind.strip(" \t").lower() == "center" and kind.isascii())
+    value = value.strip(" \t")
+    require(value.isascii() and value.isdigit())
+    require(1 <= value_of(value) <= SIDE_MAX)
+    return value_of(value)
+
+
+@budget(400)
+@given(SPEC_TEXT, CROP_TEXT)
+def test_size_and_crop_give_the_documented_spec_or_one_user_error_quoting_them(size, crop):
+    from toolkit.data.build import ImageSpec
+    from toolkit.errors import cut, printable
+
+    try:
+        expected = (oracle_size(size), oracle_crop(crop))
+        require(not (expected[0] is None and expected[1] is not None))  # a crop re-encodes: not with original
+    except Invalid:
+        expected = None
+    try:
+        spec = ImageSpec.parse(size, crop)
+    except UserError as error:
+        assert expected is None, f"refused {size!r} {crop!r}: {error}"
+        message = str(error)
+        assert "\n" not in message
+        try:
+            oracle_size(size)
+        except Invalid:
+            assert f"--size '{printable(cut(size))}'" in message  # the text at fault, as typed
+        else:
+            try:
+                oracle_crop(crop)
+            except Invalid:
+                assert f"--crop '{printable(cut(crop))}'" in message
+            else:
+                assert "--crop needs a --size other than original" in message
+        return
+    assert expected is not None, f"accepted {size!r} {crop!r} as {spec}"
+    assert (spec.size, spec.crop) == expected
+    assert spec.size is None or all(type(side) is int for side in spec.size)
+
+
+@pytest.mark.parametrize(
+    "size, crop, words",
+    [
+        ("+64", None, "--size '+64'"),  # int() took signs, '_' and other scripts' digits as 64
+        ("6_4", None, "--size '6_4'"),
+        ("\u0666\u0664", None, "--size '\u0666\u0664'"),
+        ("64", "center:\u00b2", "--crop 'center:\u00b2'"),  # str.isdigit() passed it, int() raised ValueError
+        ("64", "center:" + "9" * 5000, "--crop 'center:999"),  # int() refuses 4,300 digits: ValueError
+        ("64", "", "--crop ''"),  # an empty --crop (an unset shell variable) was no crop at all
+        ("64", "center:99999", "N from 1 to 65,500"),
+    ],
+)
+def test_size_and_crop_texts_that_used_to_pass_or_crash_give_one_user_error(size, crop, words):
+    from toolkit.data.build import ImageSpec
+
+    with pytest.raises(UserError) as caught:
+        ImageSpec.parse(size, crop)
+    assert words in str(caught.value)
+
+
+def test_size_and_crop_accept_the_documented_spellings():
+    from toolkit.data.build import ImageSpec
+
+    assert ImageSpec.parse(" 218X178 ").size == (218, 178) and ImageSpec.parse("64 x 32").size == (64, 32)
+    assert ImageSpec.parse("Original").size is None and ImageSpec.parse("0064").size == (64, 64)
+    assert ImageSpec.parse("64", " CENTER:148 ").crop == 148 and ImageSpec.parse("64", None).crop is None

@@ -39,6 +39,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import signal
 import threading
 import time
@@ -58,12 +59,24 @@ from toolkit.atomic import check_output as check_writable
 from toolkit.atomic import describe_os_error
 from toolkit.data.shards import EncodedSample, Sample, output_lock, prepare_output, serialize, write_split
 from toolkit.data.sources import Record, SourceTable, first_few
-from toolkit.errors import UserError
+from toolkit.errors import UserError, cut, printable
 from toolkit.images import original_bytes, readable_extensions
 from toolkit.memory import check_fits, gib
 
 # The largest side libjpeg (so Pillow) writes: every re-encoded image is a JPEG.
 MAX_SIDE = 65_500
+
+
+# What ImageSpec.parse reads (ASCII only: re.IGNORECASE alone would also take the Kelvin sign for 'k').
+_SIZE = re.compile(r"([0-9]+)(?:[ \t]*x[ \t]*([0-9]+))?", re.ASCII | re.IGNORECASE)
+_CROP = re.compile(r"center[ \t]*:[ \t]*([0-9]+)", re.ASCII | re.IGNORECASE)
+
+
+def _number(digits: str | None) -> int | None:
+    """The value of a run of digits 0-9, None when it is beyond any side (int() refuses 4,300 digits)."""
+    if digits is None or len(digits.lstrip("0")) > 9:
+        return None
+    return int(digits)
 
 
 @dataclass(frozen=True)
@@ -76,27 +89,32 @@ class ImageSpec:
 
     @staticmethod
     def parse(size: str, crop: str | None = None) -> "ImageSpec":
-        text = size.strip().lower()
-        if text == "original":
+        """`--size` and `--crop` as documented: `original`, `N` (N x N) or `HxW`, sides from 4 to
+        MAX_SIDE; `center:N`, N from 1 to MAX_SIDE. Numbers are written with the digits 0-9 (no sign,
+        no '_', no other script's digits, all of which int() takes: '+64' and '6_4' are 64);
+        'x', 'original' and 'center' in either case; blanks around the text and around 'x' or ':'
+        are ignored. Anything else is one UserError quoting the text."""
+        text = size.strip()
+        if text.isascii() and text.lower() == "original":
             parsed = None
         else:
-            try:
-                parts = [int(p) for p in text.split("x")] if "x" in text else [int(text)] * 2
-            except ValueError:
-                parsed = None
-                parts = []
-            if len(parts) != 2 or min(parts) < 4 or max(parts) > MAX_SIDE:
+            found = _SIZE.fullmatch(text)
+            sides = [_number(found[1]), _number(found[2] or found[1])] if found else []
+            if not sides or not all(side is not None and 4 <= side <= MAX_SIDE for side in sides):
                 raise UserError(
-                    f"--size '{size}': expected N (N x N), HxW (e.g. 218x178) or original, "
-                    f"sides from 4 to {MAX_SIDE:,} (the largest JPEG)"
+                    f"--size '{printable(cut(size))}': expected N (N x N), HxW (e.g. 218x178) or original, "
+                    f"sides from 4 to {MAX_SIDE:,} (the largest JPEG) in the digits 0-9"
                 )
-            parsed = (parts[0], parts[1])
+            parsed = (sides[0], sides[1])
         side = None
-        if crop:
-            kind, _, value = crop.partition(":")
-            if kind != "center" or not value.isdigit() or int(value) < 1:
-                raise UserError(f"--crop '{crop}': expected center:N (a centred N x N square, e.g. center:148)")
-            side = int(value)
+        if crop is not None:
+            found = _CROP.fullmatch(crop.strip())
+            side = _number(found[1]) if found else None
+            if side is None or not 1 <= side <= MAX_SIDE:
+                raise UserError(
+                    f"--crop '{printable(cut(crop))}': expected center:N (a centred N x N square, e.g. center:148), "
+                    f"N from 1 to {MAX_SIDE:,} in the digits 0-9"
+                )
         if parsed is None and side is not None:
             raise UserError("--crop needs a --size other than original (cropping re-encodes the image)")
         return ImageSpec(parsed, side)
