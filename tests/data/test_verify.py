@@ -233,3 +233,25 @@ def test_a_split_name_that_is_not_one_is_refused_and_nothing_outside_the_shards_
     for read in (read_manifest, attribute_vectors, lambda s, x: verify_shards(s, [x])):
         with pytest.raises(UserError, match=r"split name .*: expected a split of the shards, such as train or test"):
             read(shards, split)
+
+
+def test_a_split_built_empty_is_verified_not_refused(tmp_path):
+    # CelebA's reader hands over a val split, empty for a subset without val rows; the build writes its
+    # manifest (no shards), and `shards verify` refused the whole folder: "lists no shards: the val split is empty"
+    from PIL import Image
+
+    from toolkit.data.build import ImageSpec, build_shards
+    from toolkit.data.sources import Record, SourceTable
+
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "a.png")
+    record = Record("a", tmp_path / "a.png", np.array([1], np.uint8))
+    table = SourceTable(
+        "celeba", ["x"], {"train": [record], "val": [], "test": [Record("b", record.path, record.attributes)]}
+    )
+    out = tmp_path / "shards"
+    assert build_shards(table, out, ImageSpec.parse("8"), workers=1, progress=False)["val"]["count"] == 0
+    reports = verify_shards(out)
+    assert [(r.split, r.shards, r.samples, r.bytes, r.damaged) for r in reports][2] == ("val", 0, 0, 0, ())
+    assert all(not r.damaged for r in reports)
+    with pytest.raises(UserError, match="the val split is empty"):  # the readers still say so
+        eval_batches(out, "val")

@@ -103,9 +103,11 @@ def open_shard(url: str):
     return wds.gopen(url, "rb") if is_url(url) else open(url, "rb")
 
 
-def read_manifest(shards: str | Path, split: str) -> dict:
+def read_manifest(shards: str | Path, split: str, empty_ok: bool = False) -> dict:
     """The split's manifest.json, from a folder or from beside shards at a URL (`pipe:...`, `http://...`),
-    checked for the shape `cvae-tk shards` writes (a UserError naming the manifest otherwise)."""
+    checked for the shape `cvae-tk shards` writes (a UserError naming the manifest otherwise).
+    `empty_ok`: a split without samples (a build writes one for a table's empty split, e.g. CelebA's
+    val of a subset without val rows) is a manifest too, not a UserError (for `shards verify`)."""
     location = split_file(shards, split, MANIFEST)
     if is_url(shards):
         try:
@@ -130,11 +132,11 @@ def read_manifest(shards: str | Path, split: str) -> dict:
         raise UserError(
             f"{location} is not a JSON manifest ({one_line(error)}); rebuild the shards with `cvae-tk shards`"
         ) from None
-    check_manifest(manifest, location, split)
+    check_manifest(manifest, location, split, empty_ok)
     return manifest
 
 
-def check_manifest(manifest, location: str, split: str) -> None:
+def check_manifest(manifest, location: str, split: str, empty_ok: bool = False) -> None:
     """What the readers rely on: a UserError naming the manifest and the field otherwise (a damaged or
     hand-edited manifest would else fail later as a KeyError or TypeError, or read wrong counts)."""
 
@@ -156,7 +158,7 @@ def check_manifest(manifest, location: str, split: str) -> None:
         raise bad("'attributes' names an attribute twice")
     if not isinstance(manifest["shards"], dict):
         raise bad("'shards' must map shard file names to sample counts")
-    if not manifest["shards"]:
+    if not manifest["shards"] and not empty_ok:
         raise UserError(f"{location} lists no shards: the {split} split is empty")
     for name, value in manifest["shards"].items():
         if not _SHARD_NAME.fullmatch(name):

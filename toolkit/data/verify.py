@@ -128,8 +128,9 @@ def _check_tar(shards: str | Path, split: str, name: str, recorded: dict, progre
 
 def _recorded(shards: str | Path, split: str) -> tuple[dict, dict[str, dict]]:
     """(manifest, its `files`) of a split: a UserError when the manifest is missing, malformed or
-    records no checksums (nothing to compare with)."""
-    manifest = read_manifest(shards, split)
+    records no checksums (nothing to compare with). A split without samples is one without tars:
+    nothing in it can be damaged (readers refuse to read it, as empty, not verify)."""
+    manifest = read_manifest(shards, split, empty_ok=True)
     return manifest, recorded_files(manifest, split_file(shards, split, MANIFEST))
 
 
