@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import codecs
 import csv
+import hashlib
 import io
 import math
 import os
 import posixpath
 import re
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from conftest import TINY_ATTRIBUTES
 from fixtures import make_celeba, make_cub, make_folder, replace_line
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from toolkit.config import MIN_WORKER_LIMIT, WORKERS_PER_CPU, TrainConfig, load_config, usable_cpus
 from toolkit.data.celeba import read_celeba
@@ -1443,3 +1446,209 @@ def test_size_and_crop_accept_the_documented_spellings():
     assert ImageSpec.parse(" 218X178 ").size == (218, 178) and ImageSpec.parse("64 x 32").size == (64, 32)
     assert ImageSpec.parse("Original").size is None and ImageSpec.parse("0064").size == (64, 64)
     assert ImageSpec.parse("64", " CENTER:148 ").crop == 148 and ImageSpec.parse("64", None).crop is None
+
+
+# --- shards: what the writer writes, the readers read back ------------------------------------
+
+# A relative image path as a reader sees it (any character a file name holds: blanks, controls,
+# dots, non-UTF-8 bytes as os.fsdecode escapes them); its key is the readers' safe_key of it.
+PATH_PART = st.one_of(
+    st.text(
+        st.characters(codec="utf-8", exclude_characters="/\x00")
+        | st.sampled_from([".", " ", "\\", "\n", "\x7f", "\x85", "\u2028", "\udcff"]),
+        min_size=1,
+        max_size=6,
+    ),
+    st.sampled_from(["__key__", "__url__", "attr", "png", "_", "-", "A", "a"]),
+)
+RELATIVE_PATH = st.builds(
+    lambda parts, ext: "/".join(parts) + ext,
+    st.lists(PATH_PART, min_size=1, max_size=3),
+    st.sampled_from([".jpg", ".png", ".JPG", "", ".tar", ".attr.npy"]),
+)
+SPLIT = st.one_of(st.sampled_from(["train", "test", "val"]), st.from_regex(r"[A-Za-z0-9_-]{1,6}", fullmatch=True))
+MODES = {"png": ["RGB", "L", "P", "1", "RGBA", "LA"], "jpg": ["RGB", "L"], "bmp": ["RGB", "L"]}
+
+
+def smooth_pixels(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """RGBA uint8 [H, W, 4]: a blend of four random corner colours plus a little noise (JPEG keeps
+    such images within a few levels, as it does photos), with a random alpha."""
+    corners = rng.integers(0, 256, (2, 2, 4)).astype(np.float64)
+    y = np.linspace(0, 1, height)[:, None, None]
+    x = np.linspace(0, 1, width)[None, :, None]
+    blend = (corners[0, 0] * (1 - y) + corners[1, 0] * y) * (1 - x) + (corners[0, 1] * (1 - y) + corners[1, 1] * y) * x
+    return np.clip(blend + rng.normal(0, 3, blend.shape), 0, 255).astype(np.uint8)
+
+
+@st.composite
+def shard_builds(draw):
+    """A source table of small images on disk (as a reader would hand over; a split may be empty)
+    and the build's options."""
+    stored = draw(st.sampled_from(["original", "resized", "cropped"]))
+    attributes = draw(st.lists(field(6), min_size=1, max_size=5, unique=True))
+    splits = draw(st.lists(SPLIT, min_size=1, max_size=3, unique=True))
+    paths = draw(st.lists(RELATIVE_PATH, min_size=1, max_size=8, unique_by=safe_key))
+    samples = {split: [] for split in splits}
+    for relative in paths:
+        kind = draw(st.sampled_from(["png", "jpg"] if stored == "original" else ["png", "jpg", "bmp"]))
+        samples[draw(st.sampled_from(splits))].append(
+            dict(
+                key=safe_key(relative),
+                kind=kind,
+                mode=draw(st.sampled_from(MODES[kind])),
+                size=(draw(st.integers(1, 16)), draw(st.integers(1, 16))),  # (H, W)
+                seed=draw(st.integers(0, 2**32 - 1)),
+                attributes=draw(st.lists(st.integers(0, 1), min_size=len(attributes), max_size=len(attributes))),
+            )
+        )
+    size = None if stored == "original" else (draw(st.integers(4, 16)), draw(st.integers(4, 16)))
+    smallest = min((min(s["size"]) for items in samples.values() for s in items), default=16)
+    crop = draw(st.integers(1, smallest)) if stored == "cropped" else None
+    shard_size = draw(st.integers(1, 4))
+    return attributes, samples, size, crop, shard_size
+
+
+def write_image(path: Path, sample: dict) -> np.ndarray:
+    """Write a sample's image file; returns the RGB pixels a viewer shows for it (on white)."""
+    height, width = sample["size"]
+    rgba = smooth_pixels(np.random.default_rng(sample["seed"]), height, width)
+    mode = sample["mode"]
+    if mode in ("RGBA", "LA"):
+        image = Image.fromarray(rgba, "RGBA").convert(mode)
+    elif mode == "P":
+        image = Image.fromarray(rgba[..., :3], "RGB").quantize(8)
+    else:
+        image = Image.fromarray(rgba[..., :3], "RGB").convert(mode)
+    image.save(path, format={"jpg": "JPEG", "png": "PNG", "bmp": "BMP"}[sample["kind"]], quality=90)
+    with Image.open(path) as written:  # the file's own pixels (a JPEG's, after its loss)
+        shown = np.asarray(written.convert("RGBA" if "A" in mode else "RGB"), np.float64)
+    if "A" in mode:  # transparency shown on white, as a browser does
+        alpha = shown[..., 3:] / 255
+        shown = shown[..., :3] * alpha + 255 * (1 - alpha)
+    return shown
+
+
+def tar_members(path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(member.name, tar.extractfile(member).read()) for member in tar.getmembers()]
+
+
+def pil_rgb(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def as_bytes(images) -> np.ndarray:
+    """The readers' float [B, 3, H, W] in [0, 1] as the uint8 [B, H, W, 3] they were (x / 255 exactly)."""
+    return np.round(images.numpy() * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+@budget(150)
+@given(shard_builds(), st.integers(1, 3), st.integers(1, 8))
+def test_shards_read_back_every_sample_once_with_its_key_attributes_and_pixels(build, batch_size, shuffle_buffer):
+    from toolkit.data.build import ImageSpec, build_shards
+    from toolkit.data.sources import Record, SourceTable
+    from toolkit.data.stream import EpochStream, attribute_vectors, eval_batches, read_manifest
+    from toolkit.data.verify import verify_shards
+
+    attributes, samples, size, crop, shard_size = build
+    spec = ImageSpec(size, crop)
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        shown, records = {}, {}
+        for split, items in samples.items():
+            records[split] = []
+            for index, sample in enumerate(items):
+                path = root / "images" / f"{split}-{index}.{sample['kind']}"
+                path.parent.mkdir(exist_ok=True)
+                shown[sample["key"]] = write_image(path, sample)
+                records[split].append(Record(sample["key"], path, np.array(sample["attributes"], np.uint8)))
+        table = SourceTable("folder:property", attributes, records)
+        out = root / "shards"
+        manifests = build_shards(table, out, spec, workers=1, shard_size=shard_size, progress=False)
+        assert set(manifests) == set(samples)
+
+        for split, items in samples.items():
+            keys = [s["key"] for s in items]
+            manifest = manifests[split]
+            assert manifest == read_manifest(out, split, empty_ok=True)
+            assert manifest["attributes"] == attributes and manifest["count"] == len(items)
+            assert manifest["skipped"] == {"count": 0, "samples": []}
+            names = [f"{split}-{i:06d}.tar" for i in range(-(-len(items) // shard_size))]
+            assert list(manifest["shards"]) == names == sorted(p.name for p in (out / split).glob("*.tar"))
+            assert list(manifest["shards"].values()) == [
+                len(keys[i : i + shard_size]) for i in range(0, len(keys), shard_size)
+            ]
+
+            # the tars, read with tarfile alone: the recorded bytes and sha256, two members per sample in order
+            stored = {}
+            for name in names:
+                blob = (out / split / name).read_bytes()
+                assert manifest["files"][name] == {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+                members = tar_members(out / split / name)
+                for (attr_name, attr), (image_name, image) in zip(members[::2], members[1::2]):
+                    key, _, field = image_name.rpartition(".")
+                    assert attr_name == f"{key}.attr.npy" and field in ("png", "jpg")
+                    stored[key] = (field, np.load(io.BytesIO(attr), allow_pickle=False), image)
+                assert len(members) == 2 * manifest["shards"][name]
+            assert list(stored) == keys  # every sample once, in the table's order
+            sizes = set()
+            for sample in items:
+                field, vector, image = stored[sample["key"]]
+                assert vector.dtype == np.uint8 and vector.tolist() == sample["attributes"]
+                pixels = pil_rgb(image)
+                sizes.add(pixels.shape[:2])
+                if size is None:  # --size original: PNG stays PNG (its pixels exactly), JPEG its own bytes
+                    assert field == sample["kind"]
+                    if field == "jpg":
+                        assert image == records[split][items.index(sample)].path.read_bytes()
+                    assert pixels.shape[:2] == sample["size"]
+                    assert np.abs(pixels - shown[sample["key"]]).max() <= (1 if "A" in sample["mode"] else 0)
+                else:  # re-encoded: a JPEG of the spec's size, close to the source's resized (crop) pixels
+                    assert field == "jpg" and pixels.shape[:2] == size
+                    height, width = sample["size"]
+                    box = (0, 0, width, height)
+                    if crop is not None:
+                        box = ((width - crop) / 2, (height - crop) / 2, (width + crop) / 2, (height + crop) / 2)
+                    source = Image.fromarray(np.round(shown[sample["key"]]).astype(np.uint8))
+                    want = np.asarray(source.resize((size[1], size[0]), Image.BILINEAR, box=box), np.float64)
+                    # brightness: JPEG's 4:2:0 colour planes blur a 2-pixel source's edge, not its luma
+                    luma = np.array([0.299, 0.587, 0.114])
+                    assert np.abs((pixels - want) @ luma).mean() <= 4, "not the source's pixels"
+            assert manifest["image_size"] == (list(size) if size else (list(sizes.pop()) if len(sizes) == 1 else None))
+
+            if not items:  # a table's empty split (CelebA's val of a subset without val rows): built, refused as empty
+                with pytest.raises(UserError, match=f"the {split} split is empty"):
+                    eval_batches(out, split)
+                continue
+            expected = np.stack([pil_rgb(stored[k][2]) for k in keys]) if len(sizes) <= 1 or size else None
+            wanted_attributes = np.array([s["attributes"] for s in items], np.float32)
+            # eval_batches: every sample once, in order (one at a time where sizes vary)
+            batches = list(eval_batches(out, split, batch_size=batch_size if expected is not None else 1))
+            got_attributes = np.concatenate([a.numpy() for _, a in batches])
+            np.testing.assert_array_equal(got_attributes, wanted_attributes)
+            for i, key in enumerate(keys):
+                images = batches[i // batch_size][0] if expected is not None else batches[i][0]
+                np.testing.assert_array_equal(
+                    as_bytes(images)[i % batch_size if expected is not None else 0], pil_rgb(stored[key][2])
+                )
+            np.testing.assert_array_equal(attribute_vectors(out, split), wanted_attributes.astype(np.uint8))
+            # one epoch of the trainer's reader, one sample per batch: every key once, shuffled
+            stream = EpochStream(
+                out, split, batch_size=1, with_keys=True, shuffle_buffer=shuffle_buffer, persistent=False
+            )
+            seen = {}
+            for images, vectors, batch_keys in stream.epoch(0):
+                assert batch_keys[0] not in seen
+                seen[batch_keys[0]] = (as_bytes(images)[0], vectors[0].numpy())
+            assert sorted(seen) == sorted(keys)
+            for sample in items:
+                pixels, vector = seen[sample["key"]]
+                np.testing.assert_array_equal(pixels, pil_rgb(stored[sample["key"]][2]))
+                assert vector.tolist() == sample["attributes"]
+
+        # `cvae-tk shards verify`: every split, every tar as built
+        reports = verify_shards(out)
+        assert {r.split: (r.shards, r.samples, r.damaged) for r in reports} == {
+            split: (len(manifests[split]["shards"]), len(items), ()) for split, items in samples.items()
+        }
