@@ -250,7 +250,9 @@ def test_absurd_sizes_are_refused_before_any_work(table, tmp_path, monkeypatch):
 
 def test_a_crop_larger_than_the_images_is_refused_before_any_work_or_skipped_per_image(table, tmp_path, monkeypatch):
 
-    with pytest.raises(UserError, match=r"--crop center:200 is larger than the images .*000.jpg, is 178x218"):
+    with pytest.raises(
+        UserError, match=r"--crop center:200 is larger than the images .*000.jpg, is 178 wide x 218 high"
+    ):
         build_shards(table, tmp_path / "out", ImageSpec.parse("32", "center:200"), workers=1, progress=False)
     assert not (tmp_path / "out").exists()
     # images of mixed sizes: the ones the crop does not fit are skipped, saying so
@@ -258,7 +260,7 @@ def test_a_crop_larger_than_the_images_is_refused_before_any_work_or_skipped_per
     manifests = build_shards(table, tmp_path / "out", ImageSpec.parse("32", "center:148"), workers=1, progress=False)
     skipped = manifests["train"]["skipped"]["samples"]
     assert [s["key"] for s in skipped] == ["003"]
-    assert "--crop center:148 does not fit the image (100x90)" in skipped[0]["reason"]
+    assert "--crop center:148 does not fit the image (100 wide x 90 high)" in skipped[0]["reason"]
 
 
 def test_a_key_given_twice_is_refused_before_anything_is_written(table, tmp_path):

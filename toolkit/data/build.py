@@ -387,13 +387,14 @@ def _options(table: SourceTable, spec: ImageSpec, shard_size: int | None) -> dic
 
 
 def _shown(path: Path) -> str:
-    """'WxH' of an image as a viewer shows it (header only), or '' when it does not open."""
+    """'W wide x H high' of an image as a viewer shows it (header only), or '' when it does not open:
+    spelt out, since --size takes HxW (CelebA's 218x178) and PIL's WxH would read as the other way."""
     try:
         with images.open_file(path) as image:
             width, height = images.shown_size(image)
     except (ValueError, OSError):
         return ""
-    return f"{width}x{height}"
+    return f"{width} wide x {height} high"
 
 
 def require_train_and_test(table: SourceTable) -> None:
@@ -452,7 +453,7 @@ def check_inputs(table: SourceTable, spec: ImageSpec, workers: int) -> None:
     if spec.crop is not None:
         for split, records in table.splits.items():
             shown = _shown(records[0].path) if records else ""
-            if shown and spec.crop > min(int(side) for side in shown.split("x")):
+            if shown and spec.crop > min(int(side) for side in shown.split() if side.isdigit()):
                 raise UserError(
                     f"--crop center:{spec.crop} is larger than the images ({split}'s first, "
                     f"{records[0].path.name}, is {shown}); expected a side no larger than the image's"
