@@ -264,3 +264,15 @@ def test_ctrl_c_while_the_training_config_loads_is_one_line(tmp_path):
     assert process.returncode == 130, stderr
     assert stderr.strip() == "error: interrupted (Ctrl-C) before the run began: nothing was written"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["sample"], ["edit"], ["interpolate"], ["sweep"], ["shards", "verify"]],
+)
+def test_repeatable_options_show_what_to_type_in_help(command, tmp_path):
+    """typer renders a List[str] option as `--attr <list[str]>`, which reads as a Python list: each
+    names its value (NAME=0|1, A,B,..., SPLIT) instead."""
+    result = run_cli([*command, "--help"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "list[" not in result.stdout, result.stdout

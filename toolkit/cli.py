@@ -277,7 +277,10 @@ def shards_folder(
 def shards_verify(
     shards: str = typer.Argument(..., help="A folder written by `cvae-tk shards` (or a pipe:/http URL of one)."),
     splits: Optional[List[str]] = typer.Option(
-        None, "--split", help="A split to check (repeatable; default: every split folder, train and test for a URL)."
+        None,
+        "--split",
+        metavar="SPLIT",
+        help="A split to check (repeatable; default: every split folder, train and test for a URL).",
     ),
 ) -> None:
     """Read every tar whole and compare its size and sha256 with what its build recorded in the manifest
@@ -473,7 +476,9 @@ def _check_no_earlier_images(out_dir: Path) -> None:
 @app.command()
 def sample(
     model: Path = typer.Argument(..., help="An ONNX file written by `cvae-tk export`."),
-    attr: List[str] = typer.Option([], "--attr", help="NAME=0|1; repeat for several; unnamed attributes are 0."),
+    attr: List[str] = typer.Option(
+        [], "--attr", metavar="NAME=0|1", help="Repeat for several; unnamed attributes are 0."
+    ),
     each_attribute: bool = typer.Option(
         False, "--each-attribute", help="One row per attribute, that attribute alone set."
     ),
@@ -711,11 +716,12 @@ EDIT_CLASSIFIER = typer.Option(
 def edit_command(
     run_dir: Path = typer.Argument(..., help="A run folder written by `cvae-tk train`."),
     image: Path = typer.Argument(..., help="The image to edit (any format PIL reads, any size)."),
-    set_: List[str] = typer.Option([], "--set", help="NAME=0|1: the change; repeat for several."),
+    set_: List[str] = typer.Option([], "--set", metavar="NAME=0|1", help="The change; repeat for several."),
     attr: List[str] = typer.Option(
         [],
         "--attr",
-        help="NAME=0|1: the image's attributes, the full set (unnamed are 0); default: the classifier's prediction.",
+        metavar="NAME=0|1",
+        help="The image's attributes, the full set (unnamed are 0); default: the classifier's prediction.",
     ),
     classifier: Optional[Path] = EDIT_CLASSIFIER,
     out: Optional[Path] = output_file(
@@ -782,10 +788,14 @@ def interpolate_command(
     from_attr: List[str] = typer.Option(
         [],
         "--from-attr",
-        help="NAME=0|1, repeatable: the first attribute set (unnamed 0); with images, the first image's attributes.",
+        metavar="NAME=0|1",
+        help="Repeatable: the first attribute set (unnamed 0); with images, the first image's attributes.",
     ),
     to_attr: List[str] = typer.Option(
-        [], "--to-attr", help="NAME=0|1, repeatable: the last attribute set; with images, the last image's attributes."
+        [],
+        "--to-attr",
+        metavar="NAME=0|1",
+        help="Repeatable: the last attribute set; with images, the last image's attributes.",
     ),
     classifier: Optional[Path] = EDIT_CLASSIFIER,
     steps: int = typer.Option(8, "--steps", callback=_count(2), help="Frames, both ends included (>= 2)."),
@@ -891,6 +901,7 @@ def sweep_command(
     figure5_attributes: List[str] = typer.Option(
         [],
         "--figure5-attributes",
+        metavar="A,B,...",
         help="Attributes Figure 5 changes: A,B,C, or repeated once per name; a value that is one attribute's name "
         "(a class named 'c,d') is that attribute (default: all if <= 16, else the 16 closest to 50% frequent).",
     ),
