@@ -260,7 +260,8 @@ def open_session(path: Path, device: str, plan: SessionPlan) -> ort.InferenceSes
     provider = {"cuda": CUDA, "tensorrt": TENSORRT}.get(device)
     if provider is not None and not cuda_device_present():  # before ONNX Runtime prints its own errors
         raise UserError(
-            f"device='{device}' needs an NVIDIA GPU, and this machine has none; use device='cpu' or 'auto'"
+            f"device='{device}' needs an NVIDIA GPU, and this machine has none; use device='cpu' or 'auto' "
+            "(--device cpu on the command line)"
         )
     if provider is not None and provider not in ort.get_available_providers():
         raise UserError(
