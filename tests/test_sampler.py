@@ -620,3 +620,16 @@ def test_attribute_names_match_in_either_unicode_normalization(tiny_onnx):
         assert sampler.conditions({nfc: 1, nfd: 1}).sum() == 1  # the same name twice, one value: fine
         with pytest.raises(UserError, match="given as 1 and as 0 .* another Unicode normalization"):
             sampler.conditions({nfc: 1, nfd: 0})
+
+
+def test_a_run_folder_given_for_an_export_says_to_export_it(tmp_path):
+    """`cvae-tk sample runs/digits` (the run, not its export): the refusal names the command that makes the file."""
+    run = tmp_path / "digits"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    with pytest.raises(
+        UserError, match=r"is a folder: .*it is a run: export it with `cvae-tk export --onnx .*digits`"
+    ):
+        Sampler(run)
+    with pytest.raises(UserError, match=r"is a folder: expected an ONNX file written by `cvae-tk export`$"):
+        Sampler(tmp_path)

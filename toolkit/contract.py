@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from toolkit.errors import UserError
-from toolkit.formats import PRIORS  # noqa: F401 (re-exported)
+from toolkit.formats import (
+    CONFIG,
+    PRIORS,  # noqa: F401 (re-exported)
+)
 
 FORMAT = "sampler/1"
 ENCODER_FORMAT = "encoder/1"
@@ -111,7 +114,8 @@ def check_model_file(path: Path, what: str = "model") -> None:
     if not path.exists():
         raise UserError(f"{what} file not found: {path}")
     kind = "a folder" if path.is_dir() else "not a regular file (a device, a pipe or a socket)"
-    raise UserError(f"{path} is {kind}: expected an ONNX file written by `cvae-tk export`")
+    hint = f"; it is a run: export it with `cvae-tk export --onnx {path}`" if (path / CONFIG).is_file() else ""
+    raise UserError(f"{path} is {kind}: expected an ONNX file written by `cvae-tk export`{hint}")
 
 
 def _json(meta: Mapping[str, str], key: str, path):
