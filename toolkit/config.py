@@ -23,8 +23,13 @@ from toolkit.errors import UserError, one_line
 from toolkit.formats import ARCH_OPTIONS, ARCHS, PRIORS
 from toolkit.paths import is_utf8, shown
 
-# Recipes ship beside the package (repo root / recipes); a recipe in the current folder wins.
-PACKAGED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+# The recipes: the repository's recipes/ (a source tree, an editable install), which a wheel or a plain
+# `pip install .` carries as toolkit/recipes (pyproject.toml); a recipe in the current folder wins.
+_PACKAGE = Path(__file__).resolve().parent
+PACKAGED_RECIPES = next(
+    (folder for folder in (_PACKAGE / "recipes", _PACKAGE.parent / "recipes") if folder.is_dir()),
+    _PACKAGE.parent / "recipes",
+)
 
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 OPTIMIZERS = ("adam", "adamw")
