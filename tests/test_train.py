@@ -181,7 +181,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(dig
         # a typo of latest, and a checkpoint named without its run: said to be missing, the forms offered
         (["resume=lastest"], ["(no such folder): expected latest, or the path of a checkpoint-<step> folder"]),
         (["resume=checkpoint-2"], ["(no such folder)", "such as", "checkpoints/checkpoint-<step>"]),
-        (["batch_size=5000"], ["cannot fill one batch", "5000"]),
+        (["batch_size=5000"], ["cannot fill one batch", "5000", "lower batch_size"]),
     ],
 )
 def test_bad_input_is_refused_before_any_step(digits_shards, tmp_path, extra, words):

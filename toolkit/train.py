@@ -243,9 +243,14 @@ class BatchStream:
                     f"{data.shards} has {shards} train shard(s) for {world} rank(s) x {workers} worker(s): "
                     "rebuild with a smaller --shard-size, or use data.sampling=resampled"
                 )
+            # each rank, and each loader worker in it, fills its own batches from its own shards
+            parts = [f"{world} processes"] * (world > 1) + [f"{workers} loader workers"] * (workers > 1)
             raise UserError(
-                f"{data.shards} train split ({self.train_count} samples) cannot fill one batch of "
-                f"{config.batch_size} per rank for {world} rank(s) x {workers} worker(s)"
+                f"{data.shards} train split ({self.train_count} samples) cannot fill one batch of {config.batch_size}"
+                + (f" in each of {' x '.join(parts)}" if parts else "")
+                + "; lower batch_size"
+                + (" or data.num_workers" if workers > 1 else "")
+                + (" or the number of processes" if world > 1 else "")
             )
 
     def length(self, segment: int) -> int:
