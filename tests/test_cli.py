@@ -276,3 +276,14 @@ def test_repeatable_options_show_what_to_type_in_help(command, tmp_path):
     result = run_cli([*command, "--help"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert "list[" not in result.stdout, result.stdout
+
+
+def test_version_is_the_packages_and_help_lists_every_command(tmp_path):
+    import toolkit
+
+    done = run_cli(["--version"], cwd=tmp_path)
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"cvae-tk {toolkit.__version__}\n", "")
+    shown = run_cli(["--help"], cwd=tmp_path)
+    assert shown.returncode == 0 and "--version" in shown.stdout
+    for command in ("train", "export", "sample", "eval", "sweep", "web", "shards", "classifier"):
+        assert f"  {command} " in shown.stdout, command

@@ -53,6 +53,23 @@ shards_app = typer.Typer(
 app.add_typer(shards_app, name="shards")
 
 
+def _version(shown: bool) -> None:
+    if shown:
+        import toolkit
+
+        typer.echo(f"cvae-tk {toolkit.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
+    ),
+) -> None:
+    """Train attribute-conditioned image generators (Conditional VAEs) and ship them as ONNX samplers."""
+
+
 def _seed(value: Optional[int]) -> Optional[int]:
     """Every --seed: an integer in [0, 2**63) (torch wraps negative seeds silently, overflows on huge ones)."""
     return value if value is None else check_seed(value, "--seed")
