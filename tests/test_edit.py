@@ -342,7 +342,7 @@ def test_cli_error_as_a_user_sees_it(trained_run, three, tmp_path):
         ),
         (
             ["interpolate", "{run}", "--from-attr", "digit_1=1", "--to-attr", "digit_7=1", "--steps", "1"],
-            "--steps must be an integer >= 2",
+            "--steps must be an integer in [2, 2**63)",
         ),
         (["interpolate", "{run}", "--from-attr", "digit_1=1", "--to-attr", "dgit_7=1"], "did you mean digit_7"),
         (["interpolate", "{run}", "--from-image", "{image}"], "needs both --from-image and --to-image"),
@@ -420,7 +420,11 @@ def test_edit_and_interpolate_see_the_crop_the_shards_were_built_with(tmp_path, 
     code, out, err = cli(
         ["edit", run, "small.png", "--attr", "a0=1", "--set", "a1=1", "--out", "e.png"], monkeypatch, capsys, tmp_path
     )
-    assert code == 2 and err.count("\n") == 1 and "the image is 40x16, smaller than the centre crop of 20" in err
+    assert (
+        code == 2
+        and err.count("\n") == 1
+        and "the image is 40 wide x 16 high, smaller than the centre crop of 20" in err
+    )
     assert not (tmp_path / "e.png").exists()
     monkeypatch.undo()
 
@@ -509,7 +513,7 @@ def test_an_edit_beyond_the_memory_available_is_refused_before_the_model_loads(
     code, out, err = cli(
         ["edit", trained_run, three, "--attr", "digit_3=1", "--set", "digit_8=1"], monkeypatch, capsys, tmp_path
     )
-    assert code == 2 and "editing a 50x40 image needs" in err and "give a smaller image" in err, err
+    assert code == 2 and "editing an image 50 wide x 40 high needs" in err and "give a smaller image" in err, err
     assert not list(tmp_path.iterdir())
 
 

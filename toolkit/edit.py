@@ -41,7 +41,7 @@ from toolkit.atomic import check_writable_size, image_format
 from toolkit.atomic import save_image as save_atomically
 from toolkit.classifier import check_image_size, columns_for, load_classifier
 from toolkit.devices import resolve_device
-from toolkit.errors import UserError, check_seed
+from toolkit.errors import UserError, check_seed, dimensions
 from toolkit.evaluate import find_classifier
 from toolkit.formats import RECIPE, attribute_columns, attribute_index
 from toolkit.images import ImageError, centre_crop, open_image, to_uint8
@@ -137,7 +137,7 @@ def crop_box(image: Image.Image, crop: int | None) -> tuple[float, float, float,
         return box
     if crop > min(image.size):
         raise UserError(
-            f"the image is {image.width}x{image.height}, smaller than the centre crop of {crop} the model's shards "
+            f"the image is {dimensions(image.width, image.height)}, smaller than the centre crop of {crop} the model's shards "
             f"were made with: give a photo framed as the data set's (at least {crop}x{crop})"
         )
     return centre_crop(box, crop)
@@ -175,7 +175,7 @@ def check_strip(path: str | Path, steps: int, image_size: Sequence[int], option:
     """A UserError, before any frame is decoded, unless `path`'s format holds the strip of `steps`
     frames of (H, W) (WebP: 16,383 pixels per side, JPEG: 65,500)."""
     width, height = strip_size(steps, image_size)
-    frame = f"{int(image_size[1])}x{int(image_size[0])}"
+    frame = dimensions(int(image_size[1]), int(image_size[0]))
     check_writable_size(path, width, height, f"a strip of {steps} frames of {frame}", "fewer --steps", option=option)
 
 
@@ -195,11 +195,11 @@ EDIT_COPIES = 6
 def check_pair(path: str | Path, image: Image.Image, option: str = "--out") -> None:
     """A UserError, before the model is loaded, unless `path`'s format holds side_by_side's pair for
     `image` and the memory available holds the edit's images."""
-    what = f"the original | edit pair ({image.width}x{image.height} each)"
+    what = f"the original | edit pair ({dimensions(image.width, image.height)} each)"
     check_writable_size(path, 2 * image.width, image.height, what, "a smaller image", option=option)
     check_fits(
         EDIT_COPIES * 3 * image.width * image.height,
-        f"editing a {image.width}x{image.height} image",
+        f"editing an image {dimensions(image.width, image.height)}",
         "give a smaller image",
     )
 
@@ -317,7 +317,9 @@ def check_steps(steps: int, image_size: Sequence[int] | None = None) -> None:
         frame = height * width * 3  # uint8 RGB
         # the frames as images, the strip they are pasted into, and one decoded batch in float32
         needed = 2 * int(steps) * frame + DECODE_BATCH * frame * 4
-        check_fits(needed, f"--steps {steps} (a strip of {steps} frames of {width}x{height})", "use fewer --steps")
+        check_fits(
+            needed, f"--steps {steps} (a strip of {steps} frames of {dimensions(width, height)})", "use fewer --steps"
+        )
 
 
 def _decode_frames(

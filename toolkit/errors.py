@@ -53,3 +53,9 @@ def check_int(value, option: str, low: int = 0) -> int:
 def check_seed(seed, option: str = "seed") -> int:
     """An integer in [0, 2**63): torch wraps a negative seed silently and overflows on a huge one."""
     return check_int(seed, option, 0)
+
+
+def dimensions(width: int, height: int) -> str:
+    """An image's size in a message: '178 wide x 218 high', spelt out, since --size takes HxW (CelebA's
+    218x178) and PIL's WxH would read as the other way round."""
+    return f"{width} wide x {height} high"

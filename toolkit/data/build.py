@@ -59,7 +59,7 @@ from toolkit.atomic import check_output as check_writable
 from toolkit.atomic import describe_os_error
 from toolkit.data.shards import EncodedSample, Sample, output_lock, prepare_output, serialize, write_split
 from toolkit.data.sources import Record, SourceTable, first_few
-from toolkit.errors import UserError, cut, printable
+from toolkit.errors import UserError, cut, dimensions, printable
 from toolkit.images import original_bytes, readable_extensions
 from toolkit.memory import check_fits, gib
 
@@ -387,14 +387,13 @@ def _options(table: SourceTable, spec: ImageSpec, shard_size: int | None) -> dic
 
 
 def _shown(path: Path) -> str:
-    """'W wide x H high' of an image as a viewer shows it (header only), or '' when it does not open:
-    spelt out, since --size takes HxW (CelebA's 218x178) and PIL's WxH would read as the other way."""
+    """The size of an image as a viewer shows it (header only; `errors.dimensions`), or '' when it does not open."""
     try:
         with images.open_file(path) as image:
             width, height = images.shown_size(image)
     except (ValueError, OSError):
         return ""
-    return f"{width} wide x {height} high"
+    return dimensions(width, height)
 
 
 def require_train_and_test(table: SourceTable) -> None:
