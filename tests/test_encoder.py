@@ -396,8 +396,9 @@ def test_the_encoder_is_found_beside_the_decoder_or_given(pair, tmp_path, digits
     assert np.array_equal(given, Sampler(pair[0], device="cpu").encode(digits[0][0], digits[1][0]))
     with pytest.raises(UserError, match="encoder file not found"):
         Sampler(lone, device="cpu", encoder=tmp_path / "nothing.onnx")
-    with pytest.raises(UserError, match="is a cvae-tk encoder .*not a sampler"):
+    with pytest.raises(UserError, match="is a cvae-tk encoder .*not a sampler") as refused:
         Sampler(pair.encoder, device="cpu")
+    assert f"open the decoder beside it, {pair[0]} (`cvae-tk sample {pair[0]}`" in str(refused.value)
 
 
 def test_an_int8_file_finds_the_encoder_of_the_fp32_export_it_was_quantized_from(pair, tmp_path, digits):

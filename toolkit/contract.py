@@ -140,9 +140,13 @@ def _check_format(meta: Mapping[str, str], path, expected: str = FORMAT) -> None
         raise UserError(f"{path} is an ONNX model but not a cvae-tk {kind} export (no cvae_tk.format metadata)")
     if found in (FORMAT, ENCODER_FORMAT):  # the other file of an export
         if expected == FORMAT:
+            name = Path(path).name
+            decoder = Path(path).with_name(
+                name[: -len("-encoder.onnx")] + ".onnx" if name.endswith("-encoder.onnx") else "OUT.onnx"
+            )
             raise UserError(
-                f"{path} is a cvae-tk encoder ({found}), not a sampler: open the decoder OUT.onnx beside it "
-                f"(Sampler(OUT.onnx) finds OUT-encoder.onnx itself, or pass encoder=)"
+                f"{path} is a cvae-tk encoder ({found}), not a sampler: open the decoder beside it, {decoder} "
+                f"(`cvae-tk sample {decoder}`, or Sampler('{decoder}'), which finds the encoder itself)"
             )
         raise UserError(
             f"{path} is a cvae-tk sampler ({found}), not an encoder: `cvae-tk export --onnx RUN --encoder` writes one"
