@@ -192,9 +192,11 @@ def _encode_image(record: Record, spec: ImageSpec) -> Sample | Skipped:
         if spec.crop is not None and (
             min(box[:2]) < -0.5 or box[2] > image.width + 0.5 or box[3] > image.height + 0.5
         ):
+            shown = _shown_size(record.path)  # (`image` may be a reduced decode)
             return Skipped(
                 record.key,
-                f"{record.path.name}: --crop center:{spec.crop} does not fit the image ({_shown(record.path)})",
+                f"{record.path.name}: --crop center:{spec.crop} does not fit the image"
+                + (f" ({dimensions(*shown)})" if shown else ""),
             )
         if spec.size is None:  # bounding box only: keep its pixels
             image = image.crop(tuple(round(v) for v in box))
@@ -386,14 +388,13 @@ def _options(table: SourceTable, spec: ImageSpec, shard_size: int | None) -> dic
     return json.loads(json.dumps(options))
 
 
-def _shown(path: Path) -> str:
-    """The size of an image as a viewer shows it (header only; `errors.dimensions`), or '' when it does not open."""
+def _shown_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) of an image as a viewer shows it (header only), or None when it does not open."""
     try:
         with images.open_file(path) as image:
-            width, height = images.shown_size(image)
+            return images.shown_size(image)
     except (ValueError, OSError):
-        return ""
-    return dimensions(width, height)
+        return None
 
 
 def require_train_and_test(table: SourceTable) -> None:
@@ -451,11 +452,11 @@ def check_inputs(table: SourceTable, spec: ImageSpec, workers: int) -> None:
         )
     if spec.crop is not None:
         for split, records in table.splits.items():
-            shown = _shown(records[0].path) if records else ""
-            if shown and spec.crop > min(int(side) for side in shown.split() if side.isdigit()):
+            shown = _shown_size(records[0].path) if records else None
+            if shown and spec.crop > min(shown):
                 raise UserError(
                     f"--crop center:{spec.crop} is larger than the images ({split}'s first, "
-                    f"{records[0].path.name}, is {shown}); expected a side no larger than the image's"
+                    f"{records[0].path.name}, is {dimensions(*shown)}); expected a side no larger than the image's"
                 )
     chunk = _chunk_size(spec)
     pixels = 3 * spec.size[0] * spec.size[1] if spec.size is not None else 0
