@@ -658,3 +658,18 @@ def test_derived_seeds_are_the_released_formulas():
         derive_seed(seed, worker_part(rank, worker)) for seed in range(3) for rank in range(8) for worker in range(16)
     }
     assert len(seeds) == 3 * 8 * 16
+
+
+def test_a_single_process_runs_own_timeout_is_not_called_another_process_stopping(
+    digits_shards, tmp_path, monkeypatch
+):
+    """`peer_lost` reads words a RuntimeError of this process can hold too ('Timed out', 'Broken pipe'):
+    with no other process, such an error is not said to be another process's, it keeps its traceback."""
+    from toolkit import train as train_module
+
+    def timing_out(self, *args, **kwargs):
+        raise RuntimeError("Timed out waiting for the camera")  # words peer_lost looks for
+
+    monkeypatch.setattr(train_module.Trainer, "step", timing_out)
+    with pytest.raises(RuntimeError, match="Timed out waiting for the camera"):
+        train(quick(digits_shards, tmp_path / "run", "max_steps=2"))

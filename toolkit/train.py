@@ -997,7 +997,7 @@ class Trainer:
                     f"a data loader worker died during step {self.step_done + 1} ({one_line(error).rstrip('. ')}; the kernel's "
                     "out-of-memory killer does this when memory runs out: lower data.num_workers, data.shuffle_buffer or batch_size)"
                 )
-            elif peer_lost(error):  # another rank stopped (its own line says why) or its machine was lost
+            elif accelerator.num_processes > 1 and peer_lost(error):  # another rank stopped or was lost
                 cause = re.sub(r"^\[[^\]]*\.cc:\d+\]\s*", "", one_line(error)).split(". This is typically")[0]
                 what = (
                     f"another process of this run stopped or was lost during step {self.step_done + 1} "
