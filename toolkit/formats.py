@@ -43,7 +43,8 @@ FIELDS = ("png", "jpg", "attr.npy")  # the tar members of a sample: <key>.png or
 # What a file manager, a notebook or an archive leaves in a folder someone looked at (Finder's
 # .DS_Store and ._ files, Windows' Thumbs.db and desktop.ini, Jupyter's .ipynb_checkpoints, a Mac
 # zip's __MACOSX): not the user's work, so a run or shard folder holding it is still the toolkit's
-# (Finder writes .DS_Store again as soon as the folder is shown). Never deleted either.
+# (Finder writes .DS_Store again as soon as the folder is shown). Never deleted, but with a stale split
+# folder a shard build removes (shards.prepare_output).
 DEBRIS = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", ".ipynb_checkpoints", "__MACOSX"})
 
 

@@ -281,8 +281,9 @@ def prepare_output(out: str | Path, splits: Iterable[str], build: dict, overwrit
     """Make `out` ready for a build of `splits` whose options are `build` (each manifest's "build").
 
     Refused, before anything is touched: `out` is a file, or holds anything that is not shards
-    (even with overwrite: only shards are ever deleted), or holds a split that another build
-    finished (a manifest with other options, or one that does not parse), unless overwrite.
+    (even with overwrite: only shards are ever deleted, and a file manager's debris with a split
+    folder deleted), or holds a split that another build finished (a manifest with other options,
+    or one that does not parse), unless overwrite.
     Then every old manifest is removed (no split looks finished until this build rewrites it) and
     the split folders this build does not write are deleted, so no older split is left beside
     the new ones; stale tars inside the kept splits go when `write_split` finishes each."""
