@@ -287,3 +287,27 @@ def test_version_is_the_packages_and_help_lists_every_command(tmp_path):
     assert shown.returncode == 0 and "--version" in shown.stdout
     for command in ("train", "export", "sample", "eval", "sweep", "web", "shards", "classifier"):
         assert f"  {command} " in shown.stdout, command
+
+
+def test_a_ctrl_c_says_its_own_commands_note_not_an_earlier_commands(tmp_path, monkeypatch, capsys):
+    """Commands run one after another in one process (a script, the tests): a Ctrl-C of `shards verify`
+    after a shard build said the build's 'the build is not finished'."""
+    import toolkit.data.verify as verify
+    from toolkit import cli
+    from toolkit.entry import on_interrupt
+
+    on_interrupt("the build is not finished")  # what an earlier shard build in this process left set
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(verify, "verify_shards", interrupted)
+    monkeypatch.setattr(sys, "argv", ["cvae-tk", "shards", "verify", str(tmp_path)])
+    with pytest.raises(SystemExit) as stopped:
+        cli.main()
+    assert stopped.value.code == 130
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        said
+        == "error: interrupted (Ctrl-C): stopped; no file was left half-written (each is written whole or not at all)"
+    )

@@ -32,6 +32,9 @@ class Interrupted(Exception):
 
 class _Commands(typer.core.TyperGroup):
     def invoke(self, ctx):
+        from toolkit.entry import on_interrupt
+
+        on_interrupt()  # not an earlier command's note, where several run in one process (tests, scripts)
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:

@@ -98,11 +98,13 @@ SWEEP_AGAIN = (
 # toolkit/atomic.py, so a file is either whole or not there. A command whose work leaves more than
 # that to say (a shard build without its manifests) says so where its work begins; train and sweep
 # say their own line (the checkpoint to continue from).
-_interrupt_note = "stopped; no file was left half-written (each is written whole or not at all)"
+_USUAL_NOTE = "stopped; no file was left half-written (each is written whole or not at all)"
+_interrupt_note = _USUAL_NOTE
 
 
-def on_interrupt(note: str) -> None:
-    """From here on, a Ctrl-C of this command is said as `interrupted (Ctrl-C): <note>`."""
+def on_interrupt(note: str = _USUAL_NOTE) -> None:
+    """From here on, a Ctrl-C of this command is said as `interrupted (Ctrl-C): <note>`; no note: the
+    usual one, which each command starts with (cli._Commands)."""
     global _interrupt_note
     _interrupt_note = note
 
