@@ -78,12 +78,17 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def start_by_hand(shards, run_dir, *extra):
-    """Two ranks started one by one with the env:// variables, no launcher watching them."""
+def start_by_hand(shards, run_dir, *extra, script=None, env=()):
+    """Two ranks started one by one with the env:// variables, no launcher watching them; `script`
+    runs in place of toolkit/train.py (with its arguments), `env` is added to each rank's."""
     port, processes = free_port(), []
+    arguments = train_args(shards, run_dir, "max_steps=100000", *extra)
+    if script is not None:
+        arguments[0] = str(script)
     for rank in (0, 1):
-        env = {
+        rank_env = {
             **ENV,
+            **dict(env),
             "RANK": str(rank),
             "LOCAL_RANK": str(rank),
             "WORLD_SIZE": "2",
@@ -93,9 +98,9 @@ def start_by_hand(shards, run_dir, *extra):
         }
         processes.append(
             subprocess.Popen(
-                [sys.executable, *train_args(shards, run_dir, "max_steps=100000", *extra)],
+                [sys.executable, *arguments],
                 cwd=run_dir.parent,
-                env=env,
+                env=rank_env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -236,36 +241,16 @@ main(sys.argv[1:])
 
 @pytest.mark.parametrize("victim", [0, 1])
 def test_a_checkpoint_that_one_rank_cannot_write_stops_every_rank_with_a_line(digits_shards, tmp_path, victim):
-    """The rank whose save failed stopped with its line; the others went on to the save's barrier,
-    where gloo's 'Connection closed by peer' traceback ended them once that rank's process was gone
-    (NCCL: a wait until the launcher or dist_timeout_s stops them)."""
+    """Every rank stops with the save's line, the failed rank's naming its error, the others naming it.
+    Was: only the rank whose save failed said so; the others went on to the save's barrier, where
+    gloo's 'Connection closed by peer' traceback ended them once that rank's process was gone (NCCL:
+    a wait until the launcher or dist_timeout_s stops them)."""
     script = tmp_path / "failing_save.py"
     script.write_text(FAILING_SAVE)
     run_dir = tmp_path / "run"
-    port, processes = free_port(), []
-    for rank in (0, 1):
-        env = {
-            **ENV,
-            "PYTHONPATH": str(ROOT),
-            "FAIL_RANK": str(victim),
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": "2",
-            "LOCAL_WORLD_SIZE": "2",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
-        arguments = train_args(digits_shards, run_dir, "max_steps=100000", "dist_timeout_s=300")[1:]
-        processes.append(
-            subprocess.Popen(
-                [sys.executable, str(script), *arguments],
-                cwd=tmp_path,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
+    processes = start_by_hand(
+        digits_shards, run_dir, "dist_timeout_s=300", script=script, env={"FAIL_RANK": str(victim)}
+    )
     try:
         wait_for_first_checkpoint(run_dir, processes)
         started = time.monotonic()
