@@ -311,3 +311,22 @@ def test_a_ctrl_c_says_its_own_commands_note_not_an_earlier_commands(tmp_path, m
         said
         == "error: interrupted (Ctrl-C): stopped; no file was left half-written (each is written whole or not at all)"
     )
+
+
+def test_ctrl_c_while_the_options_are_read_is_the_same_one_line(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C in an option's check (before the command runs, outside `_Commands.invoke`) was typer's
+    silent exit 130."""
+    import toolkit.cli as cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "check_output", interrupted)
+    monkeypatch.setattr(sys, "argv", ["cvae-tk", "sample", str(tmp_path / "x.onnx"), "--out-dir", str(tmp_path / "d")])
+    with pytest.raises(SystemExit) as ended:
+        cli.main()
+    assert ended.value.code == 130
+    assert (
+        capsys.readouterr().err
+        == "error: interrupted (Ctrl-C): stopped; no file was left half-written (each is written whole or not at all)\n"
+    )

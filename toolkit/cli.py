@@ -21,7 +21,7 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import typer  # noqa: E402
 
 from toolkit.atomic import check_output, file_name  # noqa: E402
-from toolkit.entry import begin  # noqa: E402
+from toolkit.entry import INTERRUPTED_EXIT, begin, interrupted_line  # noqa: E402
 from toolkit.errors import UserError, check_int, check_seed, one_line  # noqa: E402
 
 
@@ -933,7 +933,7 @@ def sweep_command(
     table1.csv, figure3.png (samples), figure4.png (reconstructions), figure5.png (attribute
     changes), loss_curves.png and sweep.json.
     """
-    from toolkit.entry import INTERRUPTED_EXIT, SWEEP_AGAIN
+    from toolkit.entry import SWEEP_AGAIN
     from toolkit.sweep import run_sweep
 
     try:
@@ -1048,6 +1048,8 @@ def main() -> None:
     try:
         _refuse_empty_arguments(sys.argv[1:])
         code = app(standalone_mode=False)
+        if code == INTERRUPTED_EXIT:  # typer's silent exit for a Ctrl-C outside a command (while it read the options)
+            raise Interrupted
     except no_args_is_help as error:
         error.show()  # the help text, as `cvae-tk` alone has always printed
         code = error.exit_code
@@ -1059,8 +1061,6 @@ def main() -> None:
         print("aborted", file=sys.stderr)
         code = 1
     except Interrupted:
-        from toolkit.entry import INTERRUPTED_EXIT, interrupted_line
-
         print(f"error: {interrupted_line()}", file=sys.stderr)
         code = INTERRUPTED_EXIT
     except UserError as error:
