@@ -130,12 +130,17 @@ async function openModels() {
   const files = [model.decoder.file, ...(model.encoder ? [model.encoder.file] : [])];
   const open = async (provider, check) => {
     const sessions = [];
-    for (const file of files) {
-      const session = await ort.InferenceSession.create(file, { executionProviders: [provider], logSeverityLevel: 3 });
-      if (check) await probe(session, file);
-      sessions.push(session);
+    try {
+      for (const file of files) {
+        sessions.push(await ort.InferenceSession.create(file, { executionProviders: [provider], logSeverityLevel: 3 }));
+        if (check) await probe(sessions.at(-1), file);
+      }
+      return sessions;
+    } catch (error) {
+      // the GPU memory of those opened (the decoder's, when the encoder fails): wasm opens them again
+      await Promise.allSettled(sessions.map((session) => session.release()));
+      throw error;
     }
-    return sessions;
   };
   if (backend === 'webgpu') {
     try {
