@@ -395,14 +395,21 @@ def test_the_page_runs_on_wasm_and_loads_nothing_from_outside(studio, server):
     assert studio("visible", selector="#attributes .toggle") == 10 and studio("visible", selector="#filter") == 0
 
 
+def show_threes(page, sampler, seed: int):
+    """digit_3 ticked, temperature 0.7 and five rows of given noise on `page`: (the conditions, the
+    noise, the Sampler's output for them), which the grid must show."""
+    page("check", selector="input[name=digit_3]")
+    set_range(page, "#temperature", 0.7)
+    noise = np.random.default_rng(seed).standard_normal((5, sampler.latent_dim), dtype=np.float32)
+    page.eval(f"cvae.setNoise({json.dumps(noise.tolist())})")
+    threes = np.repeat(one_hot(sampler, "digit_3")[None], 5, axis=0)
+    return threes, noise, sampler.run(threes, noise, temperature=0.7)
+
+
 @needs_browser
 def test_grid_pixels_match_the_python_sampler_on_the_same_noise(studio, sampler):
-    studio("check", selector="input[name=digit_3]")
-    set_range(studio, "#temperature", 0.7)
-    noise = np.random.default_rng(1).standard_normal((5, sampler.latent_dim), dtype=np.float32)
-    studio.eval(f"cvae.setNoise({json.dumps(noise.tolist())})")
-    attributes = np.repeat(one_hot(sampler, "digit_3")[None], 5, axis=0)
-    expected = to_uint8(sampler.run(attributes, noise, temperature=0.7))
+    attributes, noise, output = show_threes(studio, sampler, seed=1)
+    expected = to_uint8(output)
     got = grid_tiles(studio, 5, sampler.image_size)
     assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
     # the raw float output of the decoder in the browser, against ONNX Runtime in Python
@@ -603,12 +610,7 @@ def test_every_export_variants_page_samples_toggles_and_edits_as_the_python_samp
     size = sampler.image_size
 
     # the grid, on given noise at temperature 0.7: the graph's own input, or the noise scaled
-    browser("check", selector="input[name=digit_3]")
-    set_range(browser, "#temperature", 0.7)
-    noise = np.random.default_rng(1).standard_normal((5, sampler.latent_dim), dtype=np.float32)
-    browser.eval(f"cvae.setNoise({json.dumps(noise.tolist())})")
-    threes = np.repeat(one_hot(sampler, "digit_3")[None], 5, axis=0)
-    expected = sampler.run(threes, noise, temperature=0.7)
+    threes, noise, expected = show_threes(browser, sampler, seed=1)
     got = grid_tiles(browser, 5, size)
     assert levels_apart(got, as_pixels(expected)) <= LEVELS
     raw = browser.eval(
@@ -685,12 +687,8 @@ def test_on_webgpu_every_variant_runs_there_or_on_wasm_and_matches_the_python_sa
     assert opened["backend"] == ("wasm" if fp16 and not adapter["f16"] else "webgpu")
     assert webgpu_browser.eval("document.querySelector('#backend').textContent") == opened["backend"]
     sampler = Sampler(path, device="cpu")
-    webgpu_browser("check", selector="input[name=digit_3]")
-    set_range(webgpu_browser, "#temperature", 0.7)
-    noise = np.random.default_rng(2).standard_normal((5, sampler.latent_dim), dtype=np.float32)
-    webgpu_browser.eval(f"cvae.setNoise({json.dumps(noise.tolist())})")
-    threes = np.repeat(one_hot(sampler, "digit_3")[None], 5, axis=0)
-    expected = as_pixels(sampler.run(threes, noise, temperature=0.7))
+    _, _, output = show_threes(webgpu_browser, sampler, seed=2)
+    expected = as_pixels(output)
     assert levels_apart(grid_tiles(webgpu_browser, 5, sampler.image_size), expected) <= LEVELS
 
 
