@@ -587,9 +587,9 @@ def test_each_manifest_is_read_once_before_step_one(digits_shards, tmp_path, mon
     reads, steps = [], []
     real_check, real_step = stream.check_manifest, train_module.Trainer.step
 
-    def counting(manifest, location, split):
+    def counting(manifest, location, split, *args, **kwargs):
         reads.append((split, len(steps)))
-        return real_check(manifest, location, split)
+        return real_check(manifest, location, split, *args, **kwargs)
 
     def stepping(self, *args, **kwargs):
         steps.append(1)
