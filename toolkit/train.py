@@ -450,11 +450,12 @@ def _identity(spec: ModelSpec) -> dict:
 
 def _check_resume(
     path: Path, spec: ModelSpec, data_order: dict, warn: bool = True, shards: dict | None = None, where: str = ""
-) -> None:
+) -> list[dict]:
     """Refuse a checkpoint that cannot continue this run (another model or other shards, a record or
-    a file that is not what a save wrote) before anything is loaded; warn of another data order."""
+    a file that is not what a save wrote) before anything is loaded; warn of another data order.
+    Returns its skip counts (`saved_skips`), which the trainer restores once its reader is set up."""
     state = read_trainer_state(path)
-    saved_skips(state, path)  # restored by the trainer once its reader is set up
+    skips = saved_skips(state, path)
     saved = state.get("model", {})
     for key, now in _identity(spec).items():
         if key in saved and saved[key] != now:
@@ -489,6 +490,7 @@ def _check_resume(
             "differs from the run that wrote the checkpoint, so it will not match an uninterrupted run",
             file=sys.stderr,
         )
+    return skips
 
 
 def _missing_files(path: Path, state: dict) -> list[str]:
@@ -786,16 +788,16 @@ class Trainer:
         self.resume_from = find_checkpoint(run_dir, config.resume)
         self.data_order = _data_order(config, accelerator.num_processes)
         self.fingerprint = shards_fingerprint(config.data.shards, self.manifests)
+        skipped_before = []
         if self.resume_from is not None:  # on every rank: a refusal must stop them all
-            self._check_resume(self.resume_from)
+            skipped_before = self._check_resume(self.resume_from)
         self.run_id = run_identity(run_dir, self.resume_from)  # the main process's is the one written
         _on_main(accelerator, lambda: claim_run_dir(config, run_dir, self.resume_from))
         self.stream = BatchStream(
             config, accelerator.process_index, accelerator.num_processes, self.manifests["train"], accelerator.device
         )
-        if self.resume_from is not None:  # what the run skipped before: the bound and the log go on from it
-            saved = saved_skips(read_trainer_state(self.resume_from), self.resume_from)
-            restore_skips(self.stream.skips, saved, accelerator.process_index, accelerator.num_processes)
+        # what the run skipped before: the bound and the log go on from it
+        restore_skips(self.stream.skips, skipped_before, accelerator.process_index, accelerator.num_processes)
         check_memory(config, spec, accelerator.device)
         self._setup_model()
         self._setup_grids()
@@ -823,7 +825,7 @@ class Trainer:
             (run_dir / SEEN).mkdir(parents=True, exist_ok=True)
             self.seen_file = open(run_dir / SEEN / f"rank-{accelerator.process_index}.txt", "a")
 
-    def _check_resume(self, path: Path) -> None:
+    def _check_resume(self, path: Path) -> list[dict]:
         """_check_resume for this run; when resume=latest picked a checkpoint that fails, the line
         also names an older one that passes (a checkpoint damaged since it was saved)."""
         config, step = self.config, checkpoint_step(path)
@@ -833,11 +835,11 @@ class Trainer:
                 f"raise max_steps to {step} or more, or resume an earlier checkpoint"
             )
 
-        def check(checkpoint: Path, warn: bool = False) -> None:
-            _check_resume(checkpoint, self.spec, self.data_order, warn, self.fingerprint, config.data.shards)
+        def check(checkpoint: Path, warn: bool = False) -> list[dict]:
+            return _check_resume(checkpoint, self.spec, self.data_order, warn, self.fingerprint, config.data.shards)
 
         try:
-            check(path, warn=self.accelerator.is_main_process)
+            return check(path, warn=self.accelerator.is_main_process)
         except UserError as error:
             if config.resume != "latest":
                 raise
