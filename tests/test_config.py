@@ -306,17 +306,27 @@ def test_overwrite_with_a_checkpoint_of_another_folder_forks_into_run_dir(tmp_pa
     assert load_config(["recipe=digits", "resume=latest", "overwrite=false"]).resume == "latest"
 
 
+def refused_as_written_and_in_a_recipe(tmp_path, key, written, said, said_of_recipe, yaml=None):
+    """`key=written` on the command line, and `key: yaml` (default: `written`) in a recipe file: each
+    one UserError naming where the value came from, then `said` / `said_of_recipe` (regexes)."""
+    with pytest.raises(UserError, match=f"'{key}' in the command line: {said}"):
+        load_config(["recipe=digits", f"{key}={written}"])
+    section, _, name = key.rpartition(".")
+    line = f"{name}: {written if yaml is None else yaml}\n"
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(f"{section}:\n  {line}" if section else line)
+    with pytest.raises(UserError, match=f"'{key}' in recipe {recipe}: {said_of_recipe}"):
+        load_config([f"recipe={recipe}"])
+    return recipe
+
+
 @pytest.mark.parametrize("key", ["overwrite", "data.record_keys"])
 @pytest.mark.parametrize("value", ["2", "-1", "10"])
 def test_a_number_other_than_0_or_1_is_not_taken_for_true(tmp_path, key, value):
     """OmegaConf read any integer as true: overwrite=-1 (off, in some tools' habit) replaced the run."""
-    with pytest.raises(UserError, match=f"'{key}' in the command line: expected true or false, got {value}"):
-        load_config(["recipe=digits", f"{key}={value}"])
-    section, _, name = key.rpartition(".")
-    recipe = tmp_path / "mine.yaml"
-    recipe.write_text(f"{section}:\n  {name}: {value}\n" if section else f"{name}: {value}\n")
-    with pytest.raises(UserError, match=f"'{key}' in recipe {recipe}: expected true or false"):
-        load_config([f"recipe={recipe}"])
+    refused_as_written_and_in_a_recipe(
+        tmp_path, key, value, f"expected true or false, got {value}", "expected true or false"
+    )
     assert load_config(["recipe=digits", f"{key}=1"]) != load_config(["recipe=digits", f"{key}=0"])
     assert load_config(["recipe=digits", f"{key}=yes"]) == load_config(["recipe=digits", f"{key}=true"])
 
@@ -353,12 +363,10 @@ def test_a_number_reached_through_interpolation_is_not_taken_for_true(tmp_path, 
 @pytest.mark.parametrize("value", ["2", "-1"])
 def test_a_quoted_number_other_than_0_or_1_is_not_taken_for_true(tmp_path, value):
     """A quoted "2" is a text, which OmegaConf also read as an integer and took as true."""
-    with pytest.raises(UserError, match=f"'overwrite' in the command line: expected true or false, got {value}"):
-        load_config(["recipe=digits", f"overwrite='{value}'"])
-    recipe = tmp_path / "mine.yaml"
-    recipe.write_text(f'overwrite: "{value}"\n')
-    with pytest.raises(UserError, match=f"'overwrite' in recipe {recipe}: expected true or false"):
-        load_config([f"recipe={recipe}"])
+    refused_as_written_and_in_a_recipe(
+        tmp_path, "overwrite", f"'{value}'", f"expected true or false, got {value}", "expected true or false",
+        yaml=f'"{value}"',
+    )  # fmt: skip
     assert load_config(["recipe=digits", "overwrite='1'"]).overwrite
 
 
@@ -369,12 +377,8 @@ def test_a_quoted_number_other_than_0_or_1_is_not_taken_for_true(tmp_path, value
 def test_a_number_yaml_would_read_otherwise_than_it_looks_is_refused(tmp_path, key, written, read):
     """YAML 1.1 (OmegaConf's reading) takes a leading 0 as octal and colons as base 60: seed=0123 trained
     with seed 83, max_steps=1:30 ran 90 steps, silently."""
-    with pytest.raises(UserError, match=f"'{key}' in the command line: '{written}' would be read as {read} "):
-        load_config(["recipe=digits", f"{key}={written}"])
-    recipe = tmp_path / "mine.yaml"
-    recipe.write_text(f"{key}: {written}\n")
-    with pytest.raises(UserError, match=f"'{key}' in recipe {recipe}: '{written}' would be read as {read} "):
-        load_config([f"recipe={recipe}"])
+    said = f"'{written}' would be read as {read} "
+    recipe = refused_as_written_and_in_a_recipe(tmp_path, key, written, said, said)
     recipe.write_text(f"run_dir: {written}\n")  # text keys take the text as written
     assert load_config([f"recipe={recipe}"]).run_dir == written
     config = load_config(["recipe=digits", "max_steps=100", "seed=0", "lr=010.5", "batch_size=0x10"])
