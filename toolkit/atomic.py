@@ -369,18 +369,14 @@ def file_name(text: str | Path, option: str = "") -> Path:
     though the user meant a folder or mistyped. A Path (a default) is taken as it is."""
     if isinstance(text, Path):
         return text
-    separators = tuple({"/", os.sep, os.altsep or "/"})
-    last = re.split("|".join(map(re.escape, separators)), text)[-1]
+    last = re.split(r"[\\/]" if os.altsep else "/", text)[-1]
     if last not in ("", ".", "..") or not text.strip():  # (an empty name: check_output's line)
         return Path(text)
-    name = text.rstrip("".join(separators))
-    while name.endswith(tuple(s + "." for s in separators)):  # out.png/./ -> out.png
-        name = name[:-1].rstrip("".join(separators))
-    name = "" if last == ".." or name == "." else name
-    ending = "/" if text.endswith(separators) else ("/" if text != last else "") + last
+    ending = "/" if last == "" else ("/" + last if text != last else last)
+    name = str(Path(text))  # what Path makes of it: out.png/./ -> out.png
+    suggestion = f"a file such as {name}" if Path(name).name not in ("", ".", "..") else "a file name"
     raise UserError(
-        f"{(option + ' ') if option else ''}{text}: names a folder (ends with {ending}); "
-        f"expected {f'a file such as {name}' if name else 'a file name'}"
+        f"{(option + ' ') if option else ''}{text}: names a folder (ends with {ending}); expected {suggestion}"
     )
 
 
