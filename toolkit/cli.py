@@ -21,7 +21,7 @@ os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import typer  # noqa: E402
 
 from toolkit.atomic import check_output, file_name  # noqa: E402
-from toolkit.entry import INTERRUPTED_EXIT, begin, interrupted_line  # noqa: E402
+from toolkit.entry import INTERRUPTED_EXIT, begin, interrupted_line, on_interrupt  # noqa: E402
 from toolkit.errors import UserError, check_int, check_seed, one_line  # noqa: E402
 
 
@@ -32,8 +32,6 @@ class Interrupted(Exception):
 
 class _Commands(typer.core.TyperGroup):
     def invoke(self, ctx):
-        from toolkit.entry import on_interrupt
-
         on_interrupt()  # not an earlier command's note, where several run in one process (tests, scripts)
         try:
             return super().invoke(ctx)
@@ -109,8 +107,6 @@ OVERWRITE = typer.Option(
 
 
 def _a_ctrl_c_leaves_a_build(out: Path) -> None:
-    from toolkit.entry import on_interrupt
-
     on_interrupt(
         f"the build is not finished; a split of {out} without its manifest.json is not usable: "
         "run the same command again"

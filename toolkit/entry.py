@@ -119,9 +119,12 @@ def resume_advice(usual: str) -> str:
     return SWEEP_AGAIN if os.environ.get(IN_SWEEP) == "1" else usual
 
 
+BEFORE_THE_RUN = "interrupted (Ctrl-C) before the run began: nothing was written"  # train's line then
+
+
 def _interrupted_early(signum, frame) -> None:
     if os.environ.get("RANK", "0") == "0":  # `accelerate launch`: every rank gets the Ctrl-C; one says it
-        print("error: interrupted (Ctrl-C) before the run began: nothing was written", file=sys.stderr, flush=True)
+        print(f"error: {BEFORE_THE_RUN}", file=sys.stderr, flush=True)
     os._exit(INTERRUPTED_EXIT)
 
 

@@ -71,7 +71,14 @@ from toolkit.data.stream import (
     worker_died,
 )
 from toolkit.devices import check_accelerate_env
-from toolkit.entry import INTERRUPTED_EXIT, begin, resume_advice, usual_interrupt, when_stdout_closes
+from toolkit.entry import (
+    BEFORE_THE_RUN,
+    INTERRUPTED_EXIT,
+    begin,
+    resume_advice,
+    usual_interrupt,
+    when_stdout_closes,
+)
 from toolkit.errors import UserError, one_line
 from toolkit.evaluate import reconstruction_metrics
 from toolkit.figures import split_classes
@@ -1138,7 +1145,7 @@ def interrupted(config: TrainConfig | None) -> str:
     """What a Ctrl-C (SIGINT) left, in one line: the run folder's lock is released, the save under way
     (if any) is not a checkpoint, the last complete one is: continue from it."""
     if config is None:
-        return "interrupted (Ctrl-C) before the run began: nothing was written"
+        return BEFORE_THE_RUN
     run_dir = Path(config.run_dir)
     try:
         last = find_checkpoint(run_dir, "latest")
