@@ -716,6 +716,13 @@ def train(config: TrainConfig) -> Path:
         trainer.setup()
         trainer.train()
         return trainer.finish()
+    except BaseException:
+        # A stop of a multi-process run: end the process group now, in order. Left to the interpreter's
+        # exit, its threads were sometimes destroyed unjoined: 'terminate called without an active
+        # exception', SIGABRT, after the stop's own line.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        raise
     finally:
         lock.release()
         if accelerator.is_main_process and created and run_dir.is_dir() and not any(run_dir.iterdir()):
